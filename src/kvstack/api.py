@@ -1,0 +1,284 @@
+"""The two-line API: ``make_cache(model, spec)``, then ``model.generate(..., past_key_values=cache)``.
+
+Also :func:`prefill` (chunked prompt reading, so dynamic methods hold their budget while the prompt
+streams in) and :func:`generate` (greedy decoding with timings and the cache's accounting), which the
+CLI, the bench and the examples use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+
+from kvstack import attention
+from kvstack.cache.cache import KVStackCache
+from kvstack.methods.base import Method
+from kvstack.spec import parse
+
+DEFAULT_CHUNK = 512  # prefill chunk for methods that evict while the prompt streams in
+
+
+class InputError(ValueError):
+    """Bad input (prompt, model): the message is one line naming the problem and the valid choices."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """A model's attention shape, read from its config and checked against its modules."""
+
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_context: int | None
+    rope_inv_freq: torch.Tensor | None
+
+
+def model_geometry(model: torch.nn.Module) -> Geometry:
+    """Read the attention geometry; raise :class:`InputError` for a model kvstack cannot drive."""
+    attention_modules = [
+        m for m in model.modules()
+        if hasattr(m, "layer_idx") and all(hasattr(m, p) for p in ("q_proj", "k_proj", "v_proj"))
+    ]
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    if not attention_modules or config is None or not hasattr(config, "num_attention_heads"):
+        raise InputError(
+            f"{type(model).__name__} has no attention layers kvstack recognises (modules with q_proj/k_proj/v_proj "
+            "and layer_idx); supported: Llama, Qwen2, Mistral and other HF decoder-only models built like them"
+        )
+    num_q_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_q_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_q_heads
+    inv_freq = None
+    for module in model.modules():
+        freq = getattr(module, "inv_freq", None)
+        if isinstance(freq, torch.Tensor) and float(getattr(module, "attention_scaling", 1.0)) == 1.0:
+            inv_freq = freq.detach().float().cpu()
+            break
+    return Geometry(
+        num_layers=len(attention_modules),
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        max_context=getattr(config, "max_position_embeddings", None),
+        rope_inv_freq=inv_freq,
+    )
+
+
+def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int = 0) -> KVStackCache:
+    """Build a cache applying ``spec`` to ``model`` and select kvstack's attention function on the model.
+
+    Parameters
+    ----------
+    model:
+        A HuggingFace causal LM (Llama, Qwen2, Mistral ...).
+    spec:
+        A method spec such as ``"snapkv(ratio=0.5)"`` (see ``kvstack methods``) or a parsed method.
+    seed:
+        Seed for methods that draw random numbers.
+
+    Examples
+    --------
+    >>> cache = kvstack.make_cache(model, "streamingllm(budget=512)")
+    >>> out = model.generate(ids, past_key_values=cache, max_new_tokens=32)
+    """
+    method = parse(spec)
+    geometry = model_geometry(model)
+    if method.uses_cache_positions() and geometry.rope_inv_freq is None:
+        raise InputError("positions='cache' needs a model with plain RoPE (inv_freq, no attention scaling)")
+    attention.register()
+    if getattr(model.config, "_attn_implementation", None) != attention.ATTENTION_NAME:
+        model.set_attn_implementation(attention.ATTENTION_NAME)
+    return KVStackCache(
+        method,
+        num_layers=geometry.num_layers,
+        num_q_heads=geometry.num_q_heads,
+        num_kv_heads=geometry.num_kv_heads,
+        rope_inv_freq=geometry.rope_inv_freq,
+        seed=seed,
+    )
+
+
+def check_prompt(input_ids: torch.Tensor, model: torch.nn.Module, extra_tokens: int = 0) -> None:
+    """Refuse an empty prompt, or one longer than the model's context (counting ``extra_tokens`` to generate)."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise InputError("the prompt is empty; give at least one token of text")
+    limit = model_geometry(model).max_context
+    if limit is not None and input_ids.shape[1] + extra_tokens > limit:
+        raise InputError(
+            f"the prompt has {input_ids.shape[1]} tokens (+{extra_tokens} to generate), more than the model's "
+            f"context of {limit}; shorten it or lower --max-new-tokens"
+        )
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """RoPE positions for a left-padded batch, as transformers' ``generate`` assigns them."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)
+
+
+def chunk_bounds(length: int, chunk_size: int | None, last_at_least: int) -> list[tuple[int, int]]:
+    """Split ``range(length)`` into chunks; the last one is merged upward to hold ``last_at_least`` tokens."""
+    if chunk_size is None or chunk_size >= length:
+        return [(0, length)]
+    bounds = [(start, min(start + chunk_size, length)) for start in range(0, length, chunk_size)]
+    while len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < last_at_least:
+        (start, _), (_, stop) = bounds[-2], bounds[-1]
+        bounds[-2:] = [(start, stop)]
+    return bounds
+
+
+@torch.no_grad()
+def prefill(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    cache: KVStackCache,
+    attention_mask: torch.Tensor | None = None,
+    chunk_size: int | str | None = "auto",
+) -> torch.Tensor:
+    """Read a prompt into ``cache``, in chunks when the method evicts while reading.
+
+    Parameters
+    ----------
+    input_ids:
+        ``[B, T]`` prompt tokens (left-padded for B > 1, with ``attention_mask``).
+    attention_mask:
+        ``[B, T]`` 1 for tokens, 0 for padding.
+    chunk_size:
+        Tokens per forward. ``"auto"``: 512 for dynamic methods (the cache never exceeds budget + one
+        chunk), the whole prompt otherwise. None: one forward.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, V]`` logits of the last prompt position.
+    """
+    check_prompt(input_ids, model)
+    if chunk_size == "auto":
+        chunk_size = DEFAULT_CHUNK if cache.method.dynamic else None
+    if chunk_size is not None and chunk_size < 1:
+        raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
+    length = input_ids.shape[1]
+    positions = positions_from_mask(attention_mask) if attention_mask is not None else None
+    cache.begin_prompt(length)
+    bounds = chunk_bounds(length, chunk_size, cache.method.window_queries())
+    logits = None
+    try:
+        for index, (start, stop) in enumerate(bounds):
+            cache.more_prompt_follows = index < len(bounds) - 1
+            kwargs: dict[str, Any] = {}
+            if attention_mask is not None:
+                kwargs["attention_mask"] = attention_mask[:, :stop]
+                kwargs["position_ids"] = positions[:, start:stop]
+            out = model(input_ids=input_ids[:, start:stop], past_key_values=cache, use_cache=True,
+                        logits_to_keep=1, **kwargs)
+            logits = out.logits[:, -1]
+    finally:
+        cache.more_prompt_follows = False
+    cache.end_prompt()
+    return logits
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """One greedy generation with its timings and the cache's accounting."""
+
+    text: str
+    new_token_ids: list[int]
+    prompt_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    cache: dict[str, float]
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens generated after the first, per second of decoding."""
+        steps = max(len(self.new_token_ids) - 1, 0)
+        return steps / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+    def summary_line(self) -> str:
+        """``kept 512/8192 tokens | 11.8/188.7 MB | prefill 14520 ms | decode 12.3 tok/s``."""
+        c = self.cache
+        return (
+            f"kept {c['tokens_kept']:.0f}/{c['tokens_seen']:.0f} tokens | "
+            f"{c['kv_bytes'] / 1e6:.2f}/{c['full_kv_bytes'] / 1e6:.2f} MB held/full | "
+            f"prefill {self.prefill_seconds * 1000:.0f} ms | decode {self.decode_tokens_per_second:.2f} tok/s"
+        )
+
+
+def encode_prompt(tokenizer: Any, prompt: str, chat: bool = True) -> torch.Tensor:
+    """Tokenise ``prompt`` (through the chat template when the tokenizer has one and ``chat``): ``[1, T]``."""
+    if not prompt or not prompt.strip():
+        raise InputError("the prompt is empty; give some text with --prompt or --prompt-file")
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    return ids
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt: str | torch.Tensor,
+    method: str | Method = "full",
+    *,
+    max_new_tokens: int = 64,
+    chunk_size: int | str | None = "auto",
+    chat: bool = True,
+    seed: int = 0,
+) -> GenerationResult:
+    """Greedy generation with ``method`` applied; times prefill and decoding separately.
+
+    Parameters
+    ----------
+    prompt:
+        Text (chat-templated when ``chat``) or ``[1, T]`` token ids.
+    max_new_tokens:
+        Upper bound on generated tokens; generation stops early at the end-of-sequence token.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    ids = prompt if isinstance(prompt, torch.Tensor) else encode_prompt(tokenizer, prompt, chat)
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    check_prompt(ids, model, extra_tokens=max_new_tokens)
+    cache = make_cache(model, method, seed=seed)
+    eos = set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
+
+    start = time.perf_counter()
+    logits = prefill(model, ids, cache, chunk_size=chunk_size)
+    token = logits.argmax(dim=-1, keepdim=True)
+    prefill_seconds = time.perf_counter() - start
+
+    generated = [int(token)]
+    start = time.perf_counter()
+    while len(generated) < max_new_tokens and generated[-1] not in eos:
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+        generated.append(int(token))
+    decode_seconds = time.perf_counter() - start
+    text = tokenizer.decode(generated, skip_special_tokens=True) if tokenizer is not None else ""
+    return GenerationResult(
+        text=text,
+        new_token_ids=generated,
+        prompt_tokens=ids.shape[1],
+        prefill_seconds=prefill_seconds,
+        decode_seconds=decode_seconds,
+        cache=cache.summary(),
+    )
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [int(value)]

@@ -1,0 +1,58 @@
+"""The attention function kvstack registers with transformers' ``AttentionInterface``.
+
+A kvstack cache layer stores the new chunk in ``update`` and marks itself pending; the attention
+function, which the model calls right after, hands the queries to that layer, which computes attention
+over the entries it keeps (collecting the statistics its method needs) and then evicts. With any other
+cache the function is exactly transformers' SDPA attention.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+if TYPE_CHECKING:
+    from kvstack.cache.layer import KVStackLayer
+
+ATTENTION_NAME = "kvstack"
+_pending = threading.local()
+
+
+def set_pending(layer: KVStackLayer) -> None:
+    """Called by a layer's ``update``: its attention is the next one to run on this thread."""
+    _pending.layer = layer
+
+
+def kvstack_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention for one layer. ``query`` ``[B, Hq, q, D]``; returns ``([B, q, Hq, D], None)``."""
+    layer = getattr(_pending, "layer", None)
+    if layer is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    _pending.layer = None
+    if layer.layer_idx != getattr(module, "layer_idx", layer.layer_idx):
+        raise RuntimeError(f"kvstack: cache layer {layer.layer_idx} updated but attention ran for {module.layer_idx}")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    return layer.attend(query, attention_mask, kwargs.get("position_ids"), scaling), None
+
+
+def register() -> None:
+    """Register the attention function and its mask builder (idempotent)."""
+    AttentionInterface.register(ATTENTION_NAME, kvstack_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)

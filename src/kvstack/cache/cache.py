@@ -1,0 +1,109 @@
+"""``KVStackCache``: a transformers ``Cache`` of :class:`KVStackLayer` driven by one method."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache
+
+from kvstack.cache.layer import KVStackLayer
+from kvstack.methods.base import Method
+
+
+class KVStackCache(Cache):
+    """A cache that holds exactly what ``method`` keeps, and says how many bytes that is.
+
+    Create it with :func:`kvstack.make_cache`, then pass it to ``model.generate(past_key_values=...)``
+    or to a forward loop.
+
+    Parameters
+    ----------
+    method:
+        A parsed method (see :func:`kvstack.spec.parse`).
+    num_layers, num_q_heads, num_kv_heads:
+        The model's attention geometry.
+    rope_inv_freq:
+        ``[D/2]`` RoPE inverse frequencies (needed only for in-cache position re-assignment).
+    seed:
+        Seed of the generator random methods draw from.
+    """
+
+    def __init__(
+        self,
+        method: Method,
+        *,
+        num_layers: int,
+        num_q_heads: int,
+        num_kv_heads: int,
+        rope_inv_freq: torch.Tensor | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.method = method
+        self.num_layers = num_layers
+        self.group_size = num_q_heads // num_kv_heads
+        self.rope_inv_freq = rope_inv_freq
+        self.generator = torch.Generator().manual_seed(seed)
+        self.context_length: int | None = None
+        self.more_prompt_follows = False
+        super().__init__(layers=[KVStackLayer(self, i) for i in range(num_layers)])
+
+    # ------------------------------------------------------------------ prompt bookkeeping
+    def begin_prompt(self, prompt_length: int) -> None:
+        """Declare the prompt length before a chunked prefill, so ratio budgets refer to the whole prompt."""
+        self.context_length = prompt_length
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        if self.context_length is None:
+            self.context_length = key_states.shape[2]  # a single-forward prefill: the prompt is this forward
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def end_prompt(self) -> None:
+        """Release spare capacity once the prompt has been read (called by :func:`kvstack.prefill`)."""
+        for layer in self.layers:
+            layer.shrink_to_fit()
+
+    # ------------------------------------------------------------------ accounting
+    def kv_bytes(self) -> int:
+        """Bytes of every tensor the cache holds: keys, values, positions, method state, bookkeeping."""
+        return sum(layer.kv_bytes() for layer in self.layers)
+
+    def full_kv_bytes(self) -> int:
+        """Bytes an uncompressed cache (transformers' ``DynamicCache``) of the same tokens would hold."""
+        return sum(layer.full_kv_bytes() for layer in self.layers)
+
+    def kept_entries(self) -> int:
+        """Entries held, summed over layers, sequences and KV heads."""
+        return sum(layer.kept_entries() for layer in self.layers)
+
+    def tokens_seen(self) -> int:
+        """Tokens the cache has been given (logical length, padding included)."""
+        return self.layers[0].seen if self.layers else 0
+
+    def tokens_kept(self) -> float:
+        """Average entries held per (layer, sequence, KV head): the effective context length."""
+        layer = self.layers[0]
+        if not layer.is_initialized:
+            return 0.0
+        return self.kept_entries() / (self.num_layers * layer.batch * layer.heads)
+
+    def theoretical_kv_bytes(self) -> int:
+        """Bytes of the kept keys and values alone: ``entries * D * 2 * element size`` (no metadata)."""
+        total = 0
+        for layer in self.layers:
+            if layer.is_initialized:
+                element = torch.empty((), dtype=layer.dtype).element_size()
+                total += layer.kept_entries() * layer.head_dim * 2 * element
+        return total
+
+    def summary(self) -> dict[str, float]:
+        """Numbers for reports: tokens kept / seen, bytes held / full, compression ratio."""
+        full = self.full_kv_bytes()
+        held = self.kv_bytes()
+        return {
+            "tokens_kept": self.tokens_kept(),
+            "tokens_seen": self.tokens_seen(),
+            "kv_bytes": held,
+            "full_kv_bytes": full,
+            "compression_ratio": 1.0 - held / full if full else 0.0,
+        }

@@ -1,0 +1,612 @@
+"""One model layer's KV storage, driven by a method: holds exactly what the method keeps.
+
+Storage is per KV head, never repeated per query head. Two layouts:
+
+* uniform: ``keys``/``values`` ``[B, H, capacity, D]`` with ``length`` live slots (same count for every
+  head; which token sits in a slot may differ per head). Per-slot metadata: ``positions``
+  ``[B, H, capacity]`` int32 (true RoPE positions, ``-1`` = padding) and the method's state tensors.
+* ragged (head-wise budgets, Ada-KV): one ``[n_bh, D]`` tensor per (sequence, head), each exactly as
+  long as that head's budget plus growth slack. No padding, no masks.
+
+Evicted entries are gone from memory: eviction either moves a kept entry into the freed slot (one entry
+per step while decoding) or gathers the kept entries into new, smaller tensors.
+
+Logical and physical lengths are kept apart: ``seen`` (tokens the sequence has had, which sets the next
+RoPE position) versus ``length`` (entries held).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import CacheLayerMixin
+
+from kvstack.methods.allocation import headwise_counts
+from kvstack.methods.base import (
+    STAT_BELOW_MEAN,
+    STAT_COLSUM,
+    STAT_LAST,
+    STAT_WINDOW,
+    AttentionStats,
+    LayerView,
+)
+
+if TYPE_CHECKING:
+    from kvstack.cache.cache import KVStackCache
+
+QUERY_BLOCK = 256  # queries per block when attention weights are materialised
+
+
+def growth_slack(length: int) -> int:
+    """Spare slots added when a buffer grows: about 1.6%, so reallocation is rare and bytes stay honest."""
+    return max(1, length // 64)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """RoPE helper in transformers' layout (first half / second half of the head dimension)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_shift(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate RoPE-encoded vectors by ``delta`` more positions (rotations compose: R(a)R(b) = R(a+b)).
+
+    Parameters
+    ----------
+    x:
+        ``[..., N, D]`` vectors already rotated at their original positions.
+    delta:
+        ``[..., N]`` position shifts (may be negative).
+    inv_freq:
+        ``[D/2]`` the model's RoPE inverse frequencies.
+    """
+    angles = delta.to(torch.float32).unsqueeze(-1) * inv_freq.to(x.device)
+    angles = torch.cat((angles, angles), dim=-1)
+    return (x * angles.cos().to(x.dtype)) + (rotate_half(x) * angles.sin().to(x.dtype))
+
+
+def chunk_masks(attention_mask: torch.Tensor | None, batch: int, q_len: int, device: torch.device) -> tuple:
+    """Split transformers' mask of the new chunk into (causal ``[B, 1, q, q]`` bool or None, valid ``[B, q]``).
+
+    The cache reports mask sizes that cover only the new tokens, so the mask transformers builds is
+    the chunk's causal + padding mask; ``None`` means plain causal without padding.
+    """
+    if attention_mask is None:
+        return None, None
+    mask = attention_mask
+    if mask.dtype != torch.bool:
+        mask = mask == 0  # additive float mask: 0 where attended
+    mask = mask[..., -q_len:, -q_len:]
+    if mask.shape[0] != batch:
+        mask = mask.expand(batch, -1, -1, -1)
+    valid = mask[:, 0, -1, :]  # the last query sees every real token of the chunk
+    return mask, valid
+
+
+class KVStackLayer(CacheLayerMixin):
+    """A ``CacheLayerMixin`` whose contents a kvstack method decides. See the module docstring."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, owner: KVStackCache, layer_idx: int) -> None:
+        super().__init__()
+        self.owner = owner
+        self.layer_idx = layer_idx
+        self.length = 0  # live slots per head (uniform layout)
+        self.seen = 0  # logical tokens seen, padding included
+        self.capacity = 0
+        self.positions: torch.Tensor | None = None
+        self.state: dict[str, torch.Tensor] = {}
+        self.next_position: torch.Tensor | None = None
+        self.compressed = False
+        self.has_padding = False
+        self.ragged: RaggedHeads | None = None
+        self.pending_chunk: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.budget: int | None = None
+
+    # ---------------------------------------------------------------- transformers CacheLayerMixin
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads, _, head_dim = key_states.shape
+        self.batch, self.heads, self.head_dim = batch, heads, head_dim
+        self.keys = key_states.new_empty((batch, heads, 0, head_dim))
+        self.values = value_states.new_empty((batch, heads, 0, value_states.shape[-1]))
+        self.positions = torch.empty((batch, heads, 0), dtype=torch.int32, device=self.device)
+        self.state = {
+            name: torch.empty((batch, heads, 0), dtype=torch.float32, device=self.device)
+            for name in self.owner.method.state_names
+        }
+        self.next_position = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple:
+        """Store the new chunk ``[B, H, q, D]`` and return this layer's keys/values for attention.
+
+        The kvstack attention function, which runs next, finishes the step (masking, statistics,
+        eviction); see :meth:`attend`.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        from kvstack.attention import set_pending
+
+        if self.pending_chunk is not None:
+            raise RuntimeError(
+                "kvstack cache used without the kvstack attention function; create caches with "
+                "kvstack.make_cache(model, spec), which selects it"
+            )
+        q_len = key_states.shape[2]
+        if self.ragged is None:
+            self._append(key_states, value_states)
+        self.pending_chunk = (key_states, value_states)
+        self.seen += q_len
+        set_pending(self)
+        if self.ragged is not None:
+            return key_states, value_states
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """Mask covers only the new chunk (kv_length = q at offset = tokens seen before it).
+
+        The attention function builds the mask of cached entries itself from their stored positions,
+        because after eviction their slots no longer map to positions.
+        """
+        past = self.seen - (query_length if self.pending_chunk is not None else 0)
+        return query_length, past
+
+    def get_seq_length(self) -> int:
+        """Logical length: tokens seen so far (sets the next RoPE position), not entries held."""
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.owner, self.layer_idx)  # type: ignore[misc]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("beam search is not supported by kvstack caches")
+
+    # ---------------------------------------------------------------- storage
+    def _resize(self, capacity: int) -> None:
+        """Reallocate every per-slot tensor to ``capacity`` slots, keeping the live ones."""
+        live = self.length
+
+        def grown(tensor: torch.Tensor) -> torch.Tensor:
+            new = tensor.new_empty((*tensor.shape[:2], capacity, *tensor.shape[3:]))
+            new[:, :, :live] = tensor[:, :, :live]
+            return new
+
+        self.keys, self.values = grown(self.keys), grown(self.values)
+        self.positions = grown(self.positions)
+        self.state = {name: grown(t) for name, t in self.state.items()}
+        self.capacity = capacity
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        q_len = key_states.shape[2]
+        needed = self.length + q_len
+        if needed > self.capacity:
+            self._resize(needed + growth_slack(needed))
+        end = self.length + q_len
+        self.keys[:, :, self.length : end] = key_states
+        self.values[:, :, self.length : end] = value_states
+        for tensor in self.state.values():
+            tensor[:, :, self.length : end] = 0.0
+        self.length = end
+
+    def shrink_to_fit(self) -> None:
+        """Release spare capacity beyond the growth slack (after a prompt, when chunks stop arriving)."""
+        if self.ragged is None and self.capacity > self.length + growth_slack(self.length) + 1:
+            self._resize(self.length + 1 + growth_slack(self.length))
+
+    def kv_bytes(self) -> int:
+        """Bytes of every tensor this layer holds: payload, positions, method state, bookkeeping."""
+        if not self.is_initialized:
+            return 0
+        if self.ragged is not None:
+            return self.ragged.nbytes() + self.next_position.nbytes
+        tensors = [self.keys, self.values, self.positions, self.next_position, *self.state.values()]
+        return sum(t.nbytes for t in tensors)
+
+    def kept_entries(self) -> int:
+        """Entries held, summed over sequences and KV heads."""
+        if not self.is_initialized:
+            return 0
+        if self.ragged is not None:
+            return sum(self.ragged.lengths)
+        return self.length * self.batch * self.heads
+
+    def full_kv_bytes(self) -> int:
+        """What an uncompressed cache of the same tokens would hold (keys + values, no metadata)."""
+        if not self.is_initialized:
+            return 0
+        element = self.keys.element_size()
+        return self.seen * self.batch * self.heads * self.head_dim * 2 * element
+
+    def head_lengths(self) -> torch.Tensor:
+        """``[B, H]`` entries kept by each head."""
+        if self.ragged is not None:
+            return torch.tensor(self.ragged.lengths).view(self.batch, self.heads)
+        return torch.full((self.batch, self.heads), self.length)
+
+    def kept_positions(self) -> list[list[torch.Tensor]]:
+        """Sorted true positions kept by each (sequence, head), for inspection and tests."""
+        if self.ragged is not None:
+            return [
+                [self.ragged.positions[b * self.heads + h][: self.ragged.lengths[b * self.heads + h]].sort().values
+                 for h in range(self.heads)]
+                for b in range(self.batch)
+            ]
+        live = self.positions[:, :, : self.length]
+        return [[live[b, h].sort().values for h in range(self.heads)] for b in range(self.batch)]
+
+    # ---------------------------------------------------------------- the step
+    def attend(
+        self,
+        query: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        scaling: float,
+    ) -> torch.Tensor:
+        """Finish one forward step of this layer: attention over the kept entries, then eviction.
+
+        Parameters
+        ----------
+        query:
+            ``[B, Hq, q, D]`` queries, RoPE applied at their true positions.
+        attention_mask:
+            transformers' mask for the new chunk (``[B, 1, q, q]`` bool/float) or None (causal, no padding).
+        position_ids:
+            ``[B or 1, q]`` true positions of the new tokens (None: consecutive after ``seen``).
+        scaling:
+            Softmax scale, usually ``D ** -0.5``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``[B, q, Hq, D]`` attention output, as transformers' attention functions return it.
+        """
+        assert self.pending_chunk is not None
+        new_keys, new_values = self.pending_chunk
+        self.pending_chunk = None
+        batch, _, q_len, _ = query.shape
+        causal, valid = chunk_masks(attention_mask, batch, q_len, query.device)
+        if position_ids is None:
+            position_ids = torch.arange(self.seen - q_len, self.seen, device=query.device).unsqueeze(0)
+        new_positions = position_ids.to(torch.int32).expand(batch, -1)
+        if valid is not None:
+            new_positions = new_positions.masked_fill(~valid, -1)
+            if not bool(valid.all()):
+                self.has_padding = True
+        self.next_position = torch.maximum(self.next_position, new_positions.max(dim=-1).values.long() + 1)
+
+        if self.ragged is not None:
+            self.ragged.append(new_keys, new_values, new_positions)
+            return self.ragged.attend(query, causal, scaling)
+
+        start = self.length - q_len
+        self.positions[:, :, start : self.length] = new_positions.unsqueeze(1)
+        method = self.owner.method
+        compress_now = self._compression_due(q_len)
+        accumulates = method.dynamic or bool(method.state_names)
+        needs = set(method.needs) - {STAT_WINDOW} if accumulates else set()
+        if compress_now:
+            needs |= set(method.needs)
+
+        keys, values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
+        if method.uses_cache_positions():
+            keys, query = self._cache_position_view(keys, query, q_len)
+        past_valid = (self.positions[:, :, :start] >= 0) if self.has_padding else None
+        output, stats = attention_with_stats(
+            query, keys, values, causal, past_valid, scaling, needs, method.window_queries()
+        )
+        if method.state_names:
+            method.observe(self._view(stats, budget=0))
+        if compress_now:
+            self._compress(stats)
+        return output
+
+    def _compression_due(self, q_len: int) -> bool:
+        method = self.owner.method
+        if not method.compresses():
+            return False
+        if method.dynamic:
+            return True
+        return not self.compressed and not self.owner.more_prompt_follows and (q_len > 1 or self.seen == q_len)
+
+    def _view(self, stats: AttentionStats, budget: int) -> LayerView:
+        live = self.length
+        return LayerView(
+            keys=self.keys[:, :, :live],
+            values=self.values[:, :, :live],
+            positions=self.positions[:, :, :live],
+            next_position=self.next_position,
+            state={name: t[:, :, :live] for name, t in self.state.items()},
+            stats=stats,
+            layer_idx=self.layer_idx,
+            num_layers=self.owner.num_layers,
+            generator=self.owner.generator,
+            group_size=self.owner.group_size,
+            budget=budget,
+        )
+
+    def _cache_position_view(self, keys: torch.Tensor, query: torch.Tensor, q_len: int) -> tuple:
+        """Re-assign RoPE positions by cache slot order (StreamingLLM's in-cache positions)."""
+        inv_freq = self.owner.rope_inv_freq
+        positions = self.positions[:, :, : self.length].long()
+        rank = positions.argsort(dim=-1).argsort(dim=-1)  # slot order by true position
+        keys = rope_shift(keys, rank - positions, inv_freq)
+        query_pos = positions[:, :1, -q_len:]  # [B, 1, q]: the chunk sits in the last q slots, all heads
+        query_rank = rank[:, :1, -q_len:]
+        query = rope_shift(query, (query_rank - query_pos).expand(-1, query.shape[1], -1), inv_freq)
+        return keys, query
+
+    def _compress(self, stats: AttentionStats) -> None:
+        """Evict down to this layer's budget (the caller decided it is due)."""
+        method = self.owner.method
+        context = self.owner.context_length or self.seen
+        budget = method.layer_budget(context, self.layer_idx, self.owner.num_layers)
+        self.budget = budget
+        self.compressed = True
+        if budget is None or (self.length <= budget and not method.headwise):
+            return
+        view = self._view(stats, budget=budget)
+        scores = method.score(view).float()
+        protect = method.protect(view)
+        if protect is not None:
+            scores = scores.masked_fill(protect, float("inf"))
+        scores = scores.masked_fill(view.positions < 0, float("-inf"))
+        if method.headwise:
+            self._to_ragged(scores, budget, method.floor)
+            return
+        drop = self.length - budget
+        if drop == 1:
+            self._replace_slot(scores.argmin(dim=-1))
+        else:
+            keep = scores.topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values
+            self._gather(keep)
+
+    def _replace_slot(self, evicted: torch.Tensor) -> None:
+        """Evict one entry per head (``evicted`` ``[B, H]`` slot indices) by moving the last slot into it."""
+        last = self.length - 1
+        index = evicted.unsqueeze(-1)  # [B, H, 1]
+        for tensor in (self.keys, self.values):
+            src = tensor[:, :, last : last + 1]
+            tensor.scatter_(2, index.unsqueeze(-1).expand(-1, -1, 1, tensor.shape[-1]), src.clone())
+        for tensor in (self.positions, *self.state.values()):
+            tensor.scatter_(2, index, tensor[:, :, last : last + 1].clone())
+        self.length = last
+
+    def _gather(self, keep: torch.Tensor) -> None:
+        """Keep only the slots ``keep`` ``[B, H, n]`` (sorted), in new tensors; the old ones are freed."""
+        kept = keep.shape[-1]
+        capacity = kept + growth_slack(kept)
+
+        def take(tensor: torch.Tensor) -> torch.Tensor:
+            live = tensor[:, :, : self.length]
+            index = keep if tensor.dim() == 3 else keep.unsqueeze(-1).expand(-1, -1, -1, tensor.shape[-1])
+            new = tensor.new_empty((*tensor.shape[:2], capacity, *tensor.shape[3:]))
+            new[:, :, :kept] = live.gather(2, index)
+            return new
+
+        self.keys, self.values = take(self.keys), take(self.values)
+        self.positions = take(self.positions)
+        self.state = {name: take(t) for name, t in self.state.items()}
+        self.capacity = capacity
+        self.length = kept
+
+    def _to_ragged(self, scores: torch.Tensor, budget: int, floor: float) -> None:
+        """Head-wise allocation (Ada-KV): per sequence, heads share ``H * budget`` entries."""
+        ragged = RaggedHeads(self.batch, self.heads, self.head_dim, self.keys.dtype, self.keys.device)
+        live = self.length
+        for b in range(self.batch):
+            keep = headwise_counts(scores[b], budget, floor)  # [H, L]
+            for h in range(self.heads):
+                index = keep[h].nonzero().squeeze(-1)
+                ragged.set_head(
+                    b, h, self.keys[b, h, :live][index], self.values[b, h, :live][index],
+                    self.positions[b, h, :live][index],
+                )
+        self.ragged = ragged
+        self.keys = self.keys.new_empty((self.batch, self.heads, 0, self.head_dim))
+        self.values = self.values.new_empty((self.batch, self.heads, 0, self.head_dim))
+        self.positions = self.positions.new_empty((self.batch, self.heads, 0))
+        self.state = {}
+        self.length = 0
+        self.capacity = 0
+
+
+class RaggedHeads:
+    """Variable-length storage: one ``[capacity_i, D]`` keys/values tensor per (sequence, KV head)."""
+
+    def __init__(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.batch, self.heads, self.head_dim = batch, heads, head_dim
+        count = batch * heads
+        self.keys: list[torch.Tensor] = [torch.empty((0, head_dim), dtype=dtype, device=device)] * count
+        self.values: list[torch.Tensor] = list(self.keys)
+        self.positions: list[torch.Tensor] = [torch.empty(0, dtype=torch.int32, device=device)] * count
+        self.lengths: list[int] = [0] * count
+
+    def set_head(self, b: int, h: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Store exactly these entries (``[n, D]``, ``[n, D]``, ``[n]``) for one head."""
+        i = b * self.heads + h
+        self.keys[i], self.values[i], self.positions[i] = keys.clone(), values.clone(), positions.clone()
+        self.lengths[i] = keys.shape[0]
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for group in (self.keys, self.values, self.positions) for t in group)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Append ``[B, H, q, D]`` new entries (``positions`` ``[B, q]``) to every head."""
+        q_len = keys.shape[2]
+        for b in range(self.batch):
+            for h in range(self.heads):
+                i = b * self.heads + h
+                length = self.lengths[i]
+                needed = length + q_len
+                if needed > self.keys[i].shape[0]:
+                    capacity = needed + growth_slack(needed)
+                    for store in (self.keys, self.values, self.positions):
+                        old = store[i]
+                        new = old.new_empty((capacity, *old.shape[1:]))
+                        new[:length] = old[:length]
+                        store[i] = new
+                self.keys[i][length:needed] = keys[b, h]
+                self.values[i][length:needed] = values[b, h]
+                self.positions[i][length:needed] = positions[b]
+                self.lengths[i] = needed
+
+    def attend(self, query: torch.Tensor, causal: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """Attention of ``[B, Hq, q, D]`` queries over each head's own entries; returns ``[B, q, Hq, D]``."""
+        _, num_q_heads, q_len, _ = query.shape
+        group = num_q_heads // self.heads
+        out = torch.empty_like(query)
+        for b in range(self.batch):
+            for h in range(self.heads):
+                i = b * self.heads + h
+                length = self.lengths[i]
+                keys, values = self.keys[i][:length], self.values[i][:length]
+                q = query[b, h * group : (h + 1) * group]  # [G, q, D]
+                past = length - q_len
+                mask = (self.positions[i][:length] >= 0).view(1, 1, length).expand(1, q_len, length).clone()
+                tail = causal[b, 0] if causal is not None else torch.ones(q_len, q_len, dtype=torch.bool).tril()
+                mask[:, :, past:] &= tail.to(mask.device)
+                out[b, h * group : (h + 1) * group] = F.scaled_dot_product_attention(
+                    q, keys.unsqueeze(0).expand(group, -1, -1), values.unsqueeze(0).expand(group, -1, -1),
+                    attn_mask=mask, scale=scaling,
+                )
+        return out.transpose(1, 2)
+
+
+def attention_with_stats(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    causal: torch.Tensor | None,
+    past_valid: torch.Tensor | None,
+    scaling: float,
+    needs: set[str],
+    window: int,
+) -> tuple[torch.Tensor, AttentionStats]:
+    """Grouped-query attention over ``L = past + q`` entries, collecting the statistics methods need.
+
+    Parameters
+    ----------
+    query:
+        ``[B, Hq, q, D]``.
+    keys, values:
+        ``[B, H, L, D]`` (the last ``q`` entries are the new chunk).
+    causal:
+        ``[B, 1, q, q]`` bool mask of the chunk (None: lower-triangular, no padding).
+    past_valid:
+        ``[B, H, past]`` bool, False for cached padding (None: all valid).
+    needs:
+        Subset of ``{"window", "colsum", "below_mean", "last"}``.
+    window:
+        Trailing queries whose weights the ``window`` statistic returns.
+
+    Returns
+    -------
+    tuple
+        ``[B, q, Hq, D]`` output and the :class:`AttentionStats`.
+    """
+    batch, num_q_heads, q_len, head_dim = query.shape
+    heads, length = keys.shape[1], keys.shape[2]
+    group = num_q_heads // heads
+    past = length - q_len
+    stats = AttentionStats()
+    eager = bool(needs & {STAT_COLSUM, STAT_BELOW_MEAN}) or (STAT_LAST in needs and q_len == 1)
+
+    def block_mask(start: int, stop: int) -> torch.Tensor | None:
+        """``[B or 1, H or 1, rows, L]`` bool for queries ``start:stop``; None when nothing is masked."""
+        rows = stop - start
+        if causal is None and past_valid is None and q_len == 1:
+            return None
+        if causal is None:
+            tail = torch.ones(rows, q_len, dtype=torch.bool, device=query.device).tril(start).view(1, 1, rows, q_len)
+        else:
+            tail = causal[:, :, start:stop]
+        if past_valid is None:
+            past_part = torch.ones(1, 1, rows, past, dtype=torch.bool, device=query.device)
+        else:
+            past_part = past_valid.unsqueeze(2).expand(-1, -1, rows, -1)
+        shape = (max(tail.shape[0], past_part.shape[0]), past_part.shape[1], rows)
+        return torch.cat((past_part.expand(*shape, past), tail.expand(*shape, q_len)), dim=-1)
+
+    if not eager:
+        if causal is None and past_valid is None and (q_len == 1 or past == 0):
+            output = F.scaled_dot_product_attention(
+                query, keys, values, is_causal=q_len > 1, scale=scaling, enable_gqa=group > 1
+            )
+        else:
+            mask = block_mask(0, q_len)
+            if mask is not None and mask.shape[1] > 1:  # per-KV-head mask -> per query head
+                mask = mask.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(mask.shape[0], -1, q_len, length)
+            output = F.scaled_dot_product_attention(
+                query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=group > 1
+            )
+        wanted = []
+        if STAT_WINDOW in needs and window > 0:
+            wanted.append(min(window, q_len))
+        if STAT_LAST in needs:
+            wanted.append(1)
+        if wanted:
+            rows = max(wanted)
+            weights = _weights(query[:, :, q_len - rows :], keys, block_mask(q_len - rows, q_len), scaling)
+            if STAT_WINDOW in needs:
+                stats.window = weights[:, :, rows - min(window, q_len):]
+            if STAT_LAST in needs:
+                stats.last = weights[:, :, -1]
+        return output.transpose(1, 2), stats
+
+    # Eager, block by block over queries: weights are materialised one block at a time.
+    output = torch.empty_like(query)
+    colsum = torch.zeros(batch, heads, length, dtype=torch.float32, device=query.device)
+    below = torch.zeros_like(colsum) if STAT_BELOW_MEAN in needs else None
+    seen_by = torch.zeros_like(colsum) if STAT_BELOW_MEAN in needs else None
+    window_parts = []
+    for start in range(0, q_len, QUERY_BLOCK):
+        stop = min(start + QUERY_BLOCK, q_len)
+        mask = block_mask(start, stop)
+        weights = _weights(query[:, :, start:stop], keys, mask, scaling)  # [B, Hq, rows, L] float32
+        rows = stop - start
+        grouped = weights.view(batch, heads, group, rows, length)
+        out = torch.matmul(grouped.to(values.dtype), values.unsqueeze(2))  # [B, H, G, rows, D]
+        output[:, :, start:stop] = out.reshape(batch, num_q_heads, rows, head_dim)
+        colsum += grouped.sum(dim=(2, 3))
+        if below is not None:
+            if mask is None:
+                visible = torch.ones_like(grouped, dtype=torch.bool)
+            else:
+                visible = mask.unsqueeze(2).expand_as(grouped)
+            count = visible.sum(dim=-1, keepdim=True).clamp(min=1)
+            below += ((grouped < 1.0 / count) & visible).sum(dim=(2, 3)).float()
+            seen_by += visible.sum(dim=(2, 3)).float()
+        if STAT_WINDOW in needs and stop > q_len - window:
+            window_parts.append(weights[:, :, max(start, q_len - window) - start :])
+        if STAT_LAST in needs and stop == q_len:
+            stats.last = weights[:, :, -1]
+    stats.colsum = colsum
+    stats.below_mean, stats.queries_seen = below, seen_by
+    if window_parts:
+        stats.window = torch.cat(window_parts, dim=2)
+    return output.transpose(1, 2), stats
+
+
+def _weights(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """Softmax weights ``[B, Hq, rows, L]`` (float32) of ``[B, Hq, rows, D]`` queries over ``[B, H, L, D]`` keys."""
+    batch, num_q_heads, rows, head_dim = query.shape
+    heads = keys.shape[1]
+    group = num_q_heads // heads
+    grouped = query.reshape(batch, heads, group * rows, head_dim)
+    logits = torch.matmul(grouped, keys.transpose(-1, -2)).float() * scaling  # [B, H, G*rows, L]
+    logits = logits.view(batch, heads, group, rows, -1)
+    if mask is not None:
+        logits = logits.masked_fill(~mask.unsqueeze(2), float("-inf"))
+    weights = torch.softmax(logits, dim=-1)
+    return weights.view(batch, num_q_heads, rows, -1)
+

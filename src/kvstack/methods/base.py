@@ -1,0 +1,254 @@
+"""What every method is: a small dataclass the cache layer consults.
+
+A method answers *which entries to keep* (``score`` + ``protect`` + ``layer_budget``); the cache layer
+(``kvstack.cache.layer``) owns storage and performs the eviction, so any method works with any storage.
+
+Shapes used throughout: ``B`` batch, ``H`` KV heads, ``Hq`` query heads (``Hq = H * G``), ``L`` cached
+entries in a layer, ``D`` head dimension. Scores are per KV head: query-head statistics are aggregated
+over the ``G`` query heads of each KV group before they reach a method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import torch
+
+from kvstack.spec import MethodInfo, SpecError
+
+# The statistics a method can ask the attention function to collect (see AttentionStats).
+STAT_WINDOW = "window"  # softmax weights of the last `window` queries of the prompt
+STAT_COLSUM = "colsum"  # attention each entry received, summed over this forward's queries
+STAT_BELOW_MEAN = "below_mean"  # how many (query, head) pairs gave an entry less than the mean weight
+STAT_LAST = "last"  # softmax weights of this forward's last query
+
+
+class BudgetError(SpecError):
+    """A budget that cannot hold what the method always keeps (sinks, windows)."""
+
+
+@dataclasses.dataclass
+class AttentionStats:
+    """Statistics of one forward's attention over a layer's entries (cached + new), all per KV head.
+
+    Attributes
+    ----------
+    window:
+        ``[B, Hq, W, L]`` softmax weights of the last ``W`` queries (only at the end of a prompt).
+    colsum:
+        ``[B, H, L]`` attention received by each entry, summed over queries and over the query heads
+        of each KV group.
+    below_mean:
+        ``[B, H, L]`` number of (query, query-head) pairs whose weight on the entry is below
+        ``1 / visible entries``.
+    queries_seen:
+        ``[B, H, L]`` number of (query, query-head) pairs that could see each entry in this forward.
+    last:
+        ``[B, Hq, L]`` softmax weights of the last query.
+    """
+
+    window: torch.Tensor | None = None
+    colsum: torch.Tensor | None = None
+    below_mean: torch.Tensor | None = None
+    queries_seen: torch.Tensor | None = None
+    last: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class LayerView:
+    """What a method sees of one layer when it scores.
+
+    Attributes
+    ----------
+    keys, values:
+        ``[B, H, L, D]`` cached entries (keys after RoPE at their true positions).
+    positions:
+        ``[B, H, L]`` int32 true positions; ``-1`` marks padding.
+    next_position:
+        ``[B]`` the position the next token of each sequence will take.
+    state:
+        Per-entry method state, each ``[B, H, L]`` float32 (e.g. H2O's accumulated attention).
+    stats:
+        Attention statistics of the forward that just ran.
+    layer_idx, num_layers:
+        Where this layer sits in the model.
+    generator:
+        The cache's seeded random generator.
+    group_size:
+        ``G = Hq / H``.
+    budget:
+        Entries this layer keeps per KV head after the eviction under way.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    next_position: torch.Tensor
+    state: dict[str, torch.Tensor]
+    stats: AttentionStats
+    layer_idx: int
+    num_layers: int
+    generator: torch.Generator
+    group_size: int
+    budget: int
+
+
+@dataclasses.dataclass
+class Method:
+    """Base class of every method. Subclasses are dataclasses registered with ``kvstack.spec.register``.
+
+    Class attributes a subclass sets
+    --------------------------------
+    needs:
+        Which ``STAT_*`` statistics the attention function must collect for it.
+    dynamic:
+        True when the method holds its budget at every forward (prefill chunks and decoding, permanent
+        eviction); False when it compresses once, when the prompt has been read.
+    state_names:
+        Names of per-entry float32 state tensors the layer keeps aligned with the entries.
+    headwise:
+        True when heads of one layer may keep different numbers of entries (variable-length storage).
+    """
+
+    spec_name: ClassVar[str]
+    info: ClassVar[MethodInfo]
+    needs: ClassVar[frozenset[str]] = frozenset()
+    dynamic: ClassVar[bool] = False
+    state_names: ClassVar[tuple[str, ...]] = ()
+    headwise: ClassVar[bool] = False
+
+    # -- budget -------------------------------------------------------------------------------------
+    def compresses(self) -> bool:
+        """False for methods that keep everything (``full``)."""
+        return True
+
+    def min_budget(self) -> int:
+        """Entries the method always keeps (sinks + windows); a smaller budget is an error."""
+        return 0
+
+    def window_queries(self) -> int:
+        """How many trailing prompt queries the ``window`` statistic needs (SnapKV's observation window)."""
+        return 0
+
+    def layer_budget(self, context_length: int, layer_idx: int, num_layers: int) -> int | None:
+        """Entries this layer keeps (per KV head, on average for head-wise methods); None keeps all."""
+        return None
+
+    # -- selection ----------------------------------------------------------------------------------
+    def protect(self, view: LayerView) -> torch.Tensor | None:
+        """``[B, H, L]`` bool of entries that are always kept (sinks, recent windows), or None."""
+        return None
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        """``[B, H, L]`` importance of each entry; the highest-scored entries are kept."""
+        raise NotImplementedError
+
+    def observe(self, view: LayerView) -> None:
+        """Update per-entry state (``view.state``) from ``view.stats`` after each forward."""
+
+    def uses_cache_positions(self) -> bool:
+        """True when RoPE positions are re-assigned by slot inside the cache (StreamingLLM's option)."""
+        return False
+
+    def label(self) -> str:
+        """The canonical spec string of this method with its parameters."""
+        fields = [f for f in dataclasses.fields(self) if f.init]
+        parts = []
+        for field in fields:
+            value = getattr(self, field.name)
+            if field.name == "inner":
+                parts.insert(0, value.label())
+            elif value != field.default:
+                parts.append(f"{field.name}={value!r}")
+        return f"{self.spec_name}({', '.join(parts)})" if parts else self.spec_name
+
+
+def _check_non_negative_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{name} must be an integer, got {value!r}")
+    if value < 0:
+        raise SpecError(f"{name} must be >= 0, got {value}")
+
+
+def check_sizes(**sizes: Any) -> None:
+    """Validate named sizes: each a non-negative integer (or None)."""
+    for name, value in sizes.items():
+        if value is not None:
+            _check_non_negative_int(name, value)
+
+
+@dataclasses.dataclass
+class BudgetedMethod(Method):
+    """A method with a budget: ``ratio`` (fraction of the context evicted) or ``budget`` (tokens kept).
+
+    ``ratio`` is the compression ratio, in ``[0, 1)``: ``ratio=0.75`` keeps a quarter of the context
+    (``round(0.25 * context_length)`` entries per head). ``budget`` is an absolute count of kept entries
+    per KV head. Exactly one of the two is given.
+    """
+
+    ratio: float | None = None
+    budget: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.ratio is None) == (self.budget is None):
+            raise SpecError(f"{self.spec_name} needs exactly one of ratio=R (0 <= R < 1) or budget=N tokens")
+        if self.ratio is not None:
+            if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
+                raise SpecError(f"ratio must be a number in [0, 1), got {self.ratio!r}")
+            if not 0.0 <= float(self.ratio) < 1.0 or math.isnan(self.ratio):
+                raise SpecError(f"ratio must be in [0, 1) (the fraction of tokens evicted), got {self.ratio}")
+        if self.budget is not None:
+            check_sizes(budget=self.budget)
+            if self.budget < self.min_budget():
+                raise BudgetError(
+                    f"{self.spec_name}: budget {self.budget} is smaller than the {self.min_budget()} entries it "
+                    f"always keeps ({self.kept_parts()}); use budget >= {self.min_budget()}"
+                )
+
+    def kept_parts(self) -> str:
+        """Human description of what ``min_budget`` is made of."""
+        return "nothing"
+
+    def base_budget(self, context_length: int) -> int:
+        """Entries kept per KV head for a context of ``context_length`` tokens."""
+        if self.budget is not None:
+            return self.budget
+        kept = round((1.0 - float(self.ratio)) * context_length)  # type: ignore[arg-type]
+        if kept < self.min_budget() and context_length > self.min_budget():
+            raise BudgetError(
+                f"{self.label()} keeps {kept} of {context_length} tokens, fewer than the {self.min_budget()} it "
+                f"always keeps ({self.kept_parts()}); lower the ratio or the window"
+            )
+        return max(kept, min(self.min_budget(), context_length))
+
+    def layer_budget(self, context_length: int, layer_idx: int, num_layers: int) -> int | None:
+        return self.base_budget(context_length)
+
+
+def recent_mask(view: LayerView, count: int) -> torch.Tensor:
+    """``[B, H, L]`` True for the ``count`` most recent positions of each sequence."""
+    if count <= 0:
+        return torch.zeros_like(view.positions, dtype=torch.bool)
+    return view.positions >= (view.next_position.view(-1, 1, 1) - count)
+
+
+def sink_mask(view: LayerView, count: int) -> torch.Tensor:
+    """``[B, H, L]`` True for the first ``count`` positions (attention sinks)."""
+    return (view.positions >= 0) & (view.positions < count)
+
+
+def group_mean(weights: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Average query-head statistics over each KV group: ``[B, Hq, ...]`` -> ``[B, H, ...]``."""
+    batch, num_q_heads = weights.shape[:2]
+    return weights.view(batch, num_kv_heads, num_q_heads // num_kv_heads, *weights.shape[2:]).mean(dim=2)
+
+
+def compose(methods: list[Any], spec: str) -> Any:
+    """Combine ``selection + codec`` terms. No codec family is registered yet, so this always refuses."""
+    names = ", ".join(getattr(m, "spec_name", "?") for m in methods)
+    raise SpecError(
+        f"cannot compose {names} in {spec!r}: '+' joins one selection method with one codec, and no codecs "
+        "are available in this version; use a single method"
+    )
