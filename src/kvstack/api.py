@@ -15,13 +15,14 @@ import torch
 
 from kvstack import attention
 from kvstack.cache.cache import KVStackCache
+from kvstack.errors import KVStackError
 from kvstack.methods.base import Method
 from kvstack.spec import parse
 
 DEFAULT_CHUNK = 512  # prefill chunk for methods that evict while the prompt streams in
 
 
-class InputError(ValueError):
+class InputError(KVStackError):
     """Bad input (prompt, model): the message is one line naming the problem and the valid choices."""
 
 

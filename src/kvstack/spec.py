@@ -20,10 +20,12 @@ import difflib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from kvstack.errors import KVStackError
+
 __all__ = ["MethodInfo", "SpecError", "describe", "list_methods", "parse", "register", "registry"]
 
 
-class SpecError(ValueError):
+class SpecError(KVStackError):
     """A method spec that cannot be parsed or validated; the message is one line naming the fix."""
 
 

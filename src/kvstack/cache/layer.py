@@ -535,7 +535,12 @@ def attention_with_stats(
         else:
             past_part = past_valid.unsqueeze(2).expand(-1, -1, rows, -1)
         shape = (max(tail.shape[0], past_part.shape[0]), past_part.shape[1], rows)
-        return torch.cat((past_part.expand(*shape, past), tail.expand(*shape, q_len)), dim=-1)
+        mask = torch.cat((past_part.expand(*shape, past), tail.expand(*shape, q_len)), dim=-1)
+        if causal is not None or past_valid is not None:
+            # A padding query may see nothing; let it see everything (its output is never used) so that
+            # no NaN reaches the padding token's hidden state and, through its cached values, real rows.
+            mask = mask | ~mask.any(dim=-1, keepdim=True)
+        return mask
 
     if not eager:
         if causal is None and past_valid is None and (q_len == 1 or past == 0):

@@ -37,12 +37,17 @@ def pool_along_positions(scores: torch.Tensor, positions: torch.Tensor, kernel: 
         return scores
     order = positions.argsort(dim=-1)
     ordered = scores.gather(-1, order)
+    valid = (positions.gather(-1, order) >= 0).to(scores.dtype)  # padding takes no part in a neighbourhood
     batch, heads, length = ordered.shape
     flat = ordered.reshape(batch * heads, 1, length)
+    flat_valid = valid.reshape(batch * heads, 1, length)
     if mode == "max":
+        flat = flat.masked_fill(flat_valid == 0, float("-inf"))
         pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
     else:
-        pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+        total = F.avg_pool1d(flat * flat_valid, kernel, stride=1, padding=kernel // 2)
+        count = F.avg_pool1d(flat_valid, kernel, stride=1, padding=kernel // 2)
+        pooled = total / count.clamp(min=1e-12)
     pooled = pooled[..., :length].reshape(batch, heads, length)
     return torch.empty_like(scores).scatter_(-1, order, pooled)
 

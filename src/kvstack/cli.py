@@ -1,0 +1,123 @@
+"""``kvstack`` command line: thin sub-commands over the library.
+
+Usage errors (unknown method or parameter, bad budget, empty or over-long prompt, unknown model) print
+one line on stderr and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kvstack.errors import KVStackError
+
+USAGE_ERROR = 2
+
+
+class UsageError(KVStackError):
+    """A command-line mistake: reported in one line, exit status 2."""
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise UsageError(f"--prompt-file {path}: no such file")
+        return path.read_text(encoding="utf-8")
+    return args.prompt
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """Print every method with its category, parameters and description."""
+    from kvstack.spec import describe, list_methods
+
+    if args.json:
+        rows = [
+            {"name": i.name, "category": i.category, "parameters": i.parameters, "description": i.description}
+            for i in list_methods()
+        ]
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        print(describe())
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate a completion with a method applied, then one summary line."""
+    from kvstack.spec import parse
+
+    parse(args.method)  # fail on a bad spec before loading the model
+    prompt = _read_prompt(args)
+    if not prompt.strip():
+        raise UsageError("the prompt is empty; give some text with --prompt or --prompt-file")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+
+    import torch
+
+    from kvstack.api import generate
+    from kvstack.models import load_model
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model, device=args.device)
+    chunk = "auto" if args.chunk_size is None else (None if args.chunk_size == 0 else args.chunk_size)
+    result = generate(
+        model, tokenizer, prompt, args.method, max_new_tokens=args.max_new_tokens, chunk_size=chunk,
+        chat=not args.no_chat, seed=args.seed,
+    )
+    print(result.text)
+    print(f"[{args.method}] {result.summary_line()}", file=sys.stderr if args.summary_stderr else sys.stdout)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    parser = argparse.ArgumentParser(prog="kvstack", description="KV-cache management for LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    methods = sub.add_parser("methods", help="list every method with its category and parameters")
+    methods.add_argument("--json", action="store_true", help="machine-readable output")
+    methods.set_defaults(func=cmd_methods)
+
+    gen = sub.add_parser("generate", help="generate with a KV-cache method applied")
+    gen.add_argument("--model", default="smollm2-135m", help="model name or local HF directory")
+    gen.add_argument("--method", default="full", help="method spec, e.g. 'snapkv(ratio=0.5)'")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text")
+    source.add_argument("--prompt-file", help="file holding the prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--chunk-size", type=int, default=None,
+                     help="prefill chunk (default: 512 for dynamic methods, one forward otherwise; 0: one forward)")
+    gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--summary-stderr", action="store_true", help="print the summary line on stderr")
+    gen.set_defaults(func=cmd_generate)
+
+    try:
+        from kvstack.bench.cli import add_bench_parser
+    except ImportError:
+        pass
+    else:
+        add_bench_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``kvstack`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (KVStackError, UsageError) as err:
+        print(f"kvstack: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("kvstack: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
