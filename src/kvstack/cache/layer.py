@@ -568,6 +568,9 @@ def attention_with_stats(
                 stats.last = weights[:, :, -1]
         return output.transpose(1, 2), stats
 
+    if q_len > 1 and query.device.type == "cpu":
+        return _flash_attention_with_column_stats(query, keys, values, block_mask, scaling, needs, window)
+
     # Eager, block by block over queries: weights are materialised one block at a time.
     output = torch.empty_like(query)
     colsum = torch.zeros(batch, heads, length, dtype=torch.float32, device=query.device)
@@ -597,6 +600,67 @@ def attention_with_stats(
             stats.last = weights[:, :, -1]
     stats.colsum = colsum
     stats.below_mean, stats.queries_seen = below, seen_by
+    if window_parts:
+        stats.window = torch.cat(window_parts, dim=2)
+    return output.transpose(1, 2), stats
+
+
+def _flash_attention_with_column_stats(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    block_mask: Any,
+    scaling: float,
+    needs: set[str],
+    window: int,
+) -> tuple[torch.Tensor, AttentionStats]:
+    """Column statistics (H2O's received attention, Scissorhands' below-mean counts) for a multi-token chunk.
+
+    The output and each query's log-sum-exp come from PyTorch's fused CPU flash-attention kernel; the
+    weights are then recomputed block by block as ``exp(q.k * scale - lse)`` only for the keys each
+    block can see (causal trimming), so no softmax pass or second value product is needed.
+    Shapes as in :func:`attention_with_stats`.
+    """
+    batch, num_q_heads, q_len, head_dim = query.shape
+    heads, length = keys.shape[1], keys.shape[2]
+    group = num_q_heads // heads
+    past = length - q_len
+    full_mask = block_mask(0, q_len)  # [B or 1, H or 1, q, L] bool
+    bias = torch.zeros(full_mask.shape, dtype=query.dtype).masked_fill_(~full_mask, float("-inf"))
+    if bias.shape[1] > 1:
+        bias = bias.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(bias.shape[0], num_q_heads, q_len, length)
+    repeated_keys = keys.repeat_interleave(group, dim=1) if group > 1 else keys
+    repeated_values = values.repeat_interleave(group, dim=1) if group > 1 else values
+    output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, repeated_keys, repeated_values, 0.0, False, attn_mask=bias, scale=scaling
+    )
+    del repeated_keys, repeated_values, bias
+    stats = AttentionStats()
+    colsum = torch.zeros(batch, heads, length, dtype=torch.float32, device=query.device)
+    below = torch.zeros_like(colsum) if STAT_BELOW_MEAN in needs else None
+    seen_by = torch.zeros_like(colsum) if STAT_BELOW_MEAN in needs else None
+    window_parts = []
+    for start in range(0, q_len, QUERY_BLOCK):
+        stop = min(start + QUERY_BLOCK, q_len)
+        rows, visible_keys = stop - start, past + stop
+        grouped_q = query[:, :, start:stop].reshape(batch, heads, group * rows, head_dim)
+        weights = torch.matmul(grouped_q, keys[:, :, :visible_keys].transpose(-1, -2)).float()
+        weights = weights.view(batch, heads, group, rows, visible_keys)
+        weights.mul_(scaling).sub_(lse[:, :, start:stop].view(batch, heads, group, rows, 1)).exp_()
+        mask = full_mask[:, :, start:stop, :visible_keys].unsqueeze(2)  # [B|1, H|1, 1, rows, keys]
+        weights.masked_fill_(~mask, 0.0)
+        colsum[:, :, :visible_keys] += weights.sum(dim=(2, 3))
+        if below is not None:
+            visible = mask.expand_as(weights)
+            count = visible.sum(dim=-1, keepdim=True).clamp(min=1)
+            below[:, :, :visible_keys] += ((weights < 1.0 / count) & visible).sum(dim=(2, 3)).float()
+            seen_by[:, :, :visible_keys] += visible.sum(dim=(2, 3)).float()
+        if STAT_WINDOW in needs and stop > q_len - window:
+            part = weights.reshape(batch, num_q_heads, rows, visible_keys)[:, :, max(start, q_len - window) - start :]
+            window_parts.append(F.pad(part, (0, length - visible_keys)))
+        if STAT_LAST in needs and stop == q_len:
+            stats.last = weights.reshape(batch, num_q_heads, rows, visible_keys)[:, :, -1]
+    stats.colsum, stats.below_mean, stats.queries_seen = colsum, below, seen_by
     if window_parts:
         stats.window = torch.cat(window_parts, dim=2)
     return output.transpose(1, 2), stats
