@@ -26,6 +26,7 @@ from transformers import (
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 VOCAB = 128
+torch.set_num_threads(1)  # tiny models: threading costs more than it saves
 ARCHS = ("llama", "qwen2", "mistral")
 
 # Every method in the registry, with a spec string taking a budget (entries kept per KV head).

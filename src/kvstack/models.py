@@ -437,7 +437,8 @@ def _load_default(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokeni
                     model, tokenizer = _load_dir(entry, dtype)
                     _check_config(model)
                 except Exception as err:
-                    reason = f"transformers could not load it: {type(err).__name__}: {err}"
+                    detail = " ".join(str(err).split())[:300]
+                    reason = f"transformers could not load it: {type(err).__name__}: {detail}"
                     raise _CorruptEntryError(reason) from err
                 return model, tokenizer
             except _CorruptEntryError as err:
