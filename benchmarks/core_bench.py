@@ -95,7 +95,7 @@ def decode_ms_per_token(model: torch.nn.Module, spec: str, ids: torch.Tensor, st
 
 
 @torch.no_grad()
-def prefill_seconds(model: torch.nn.Module, spec: str, ids: torch.Tensor, chunk: int | None | str) -> float:
+def prefill_seconds(model: torch.nn.Module, spec: str, ids: torch.Tensor, chunk: int | str | None) -> float:
     """Wall time of reading ``ids`` into a fresh ``spec`` cache (compression included)."""
     cache = kvstack.make_cache(model, spec)
     start = time.perf_counter()
@@ -216,7 +216,8 @@ def main() -> None:
     rounds = 1 if args.quick else args.rounds
     model, _ = kvstack.load_model("smollm2-135m")
     results: dict = {
-        "command": "python " + " ".join(sys.argv), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(sys.argv),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(), "model": "SmolLM2-135M-Instruct",
     }
 

@@ -119,7 +119,8 @@ def test_kvstack_generate_equals_model_generate(llama):
     assert result.new_token_ids == expected
     assert result.prompt_tokens == 20
     assert result.cache["tokens_seen"] == 20 + 7  # the last generated token is never fed back
-    assert result.cache["compression_ratio"] <= 0.0 + 1e-9 or result.cache["kv_bytes"] > 0
+    assert result.cache["kv_bytes"] >= result.cache["full_kv_bytes"]  # full keeps all, plus positions
+    assert result.cache["compression_ratio"] <= 0.0
     assert "kept 27/27 tokens" in result.summary_line()
 
 
@@ -304,3 +305,73 @@ def test_streamingllm_cache_positions_differ_after_eviction():
     b = model(token, past_key_values=by_slot).logits[:, -1]
     assert (a - b).abs().max() > 1e-3
     assert by_slot.layers[0].kept_positions()[0][0].tolist() == original.layers[0].kept_positions()[0][0].tolist()
+
+
+SLOT_ATTENTION = "kvstack_tests_slot_positions"
+_slot_state: dict = {}
+
+
+def _slot_position_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """StreamingLLM's in-cache positions, from its definition: the entries held (plus the new chunk) take
+    RoPE positions 0, 1, 2 ... in order of their true positions, and each query takes its own slot's.
+
+    ``key``/``value`` come from a DynamicCache holding everything at true positions; the held ones are
+    picked out and rotated by (slot - true position) with transformers' own RoPE.
+    """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    held, new = _slot_state["held"][module.layer_idx], _slot_state["new"]
+    rotary = _slot_state["rotary"]
+    live = sorted(held) + new
+    slot = {p: i for i, p in enumerate(live)}
+    index = torch.tensor(live)
+    k, v = key[:, :, index], value[:, :, index]
+    cos, sin = rotary(k, torch.tensor([[slot[p] - p for p in live]]))
+    k, _ = apply_rotary_pos_emb(k, k, cos, sin)
+    cos, sin = rotary(query, torch.tensor([[slot[p] - p for p in new]]))
+    q, _ = apply_rotary_pos_emb(query, query, cos, sin)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1).double(), v.repeat_interleave(group, dim=1).double()
+    logits = (q.double() @ k.transpose(-1, -2)) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
+    visible = torch.tensor([[key_pos <= query_pos for key_pos in live] for query_pos in new])
+    logits = logits.masked_fill(~visible, float("-inf"))
+    out = torch.softmax(logits, dim=-1) @ v
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+LINEAR_ROPE = {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}
+
+
+@pytest.mark.parametrize(
+    ("budget", "sinks", "chunks", "config"),
+    [(16, 4, [(0, 60)], {}), (12, 2, [(0, 20), (20, 40), (40, 50)], {}), (10, 0, [(0, 30)], {}),
+     (16, 4, [(0, 24), (24, 48)], LINEAR_ROPE)],
+)
+def test_streamingllm_cache_positions_follow_the_paper(budget, sinks, chunks, config):
+    AttentionInterface.register(SLOT_ATTENTION, _slot_position_attention)
+    AttentionMaskInterface.register(SLOT_ATTENTION, sdpa_mask)
+    model, ref = build_model("llama", **config), build_model("llama", **config)
+    ref.set_attn_implementation(SLOT_ATTENTION)
+    _slot_state["rotary"] = ref.model.rotary_emb
+    ids = random_ids(chunks[-1][1], seed=15)
+    cache = kvstack.make_cache(model, f"streamingllm(budget={budget}, sinks={sinks}, positions='cache')")
+    ref_cache = DynamicCache(config=ref.config)
+
+    def step(tokens, start, stop):
+        _slot_state["held"] = {
+            i: (layer.kept_positions()[0][0].tolist() if layer.is_initialized else [])
+            for i, layer in enumerate(cache.layers)
+        }
+        _slot_state["new"] = list(range(start, stop))
+        out = model(tokens, past_key_values=cache).logits
+        expected = ref(tokens, past_key_values=ref_cache).logits
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
+        return expected[:, -1].argmax(-1, keepdim=True)
+
+    for start, stop in chunks:
+        token = step(ids[:, start:stop], start, stop)
+    position = chunks[-1][1]
+    for _ in range(8):
+        token = step(token, position, position + 1)
+        position += 1
+    assert cache.layers[0].length == budget

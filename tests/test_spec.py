@@ -66,7 +66,7 @@ def test_error_hierarchy():
         ("tova(budget=8)", "tova", {"budget": 8}),
         ("scissorhands(budget=40, history=16)", "scissorhands", {"budget": 40, "history": 16}),
         ("keynorm(ratio=0)", "keynorm", {"ratio": 0}),
-        ("random(budget=0)", "random", {"budget": 0}),
+        ("random(budget=1)", "random", {"budget": 1}),
         ("pyramidkv(budget=40, beta=10)", "pyramidkv", {"budget": 40, "beta": 10}),
     ],
 )
@@ -297,6 +297,14 @@ def test_make_cache_rejects_gpt2():
     assert "\n" not in str(info.value)
 
 
+def test_cache_positions_need_plain_rope():
+    yarn = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0, "original_max_position_embeddings": 256}
+    model = build_model("llama", rope_parameters=yarn)
+    with pytest.raises(InputError, match="plain RoPE"):
+        kvstack.make_cache(model, "streamingllm(budget=16, positions='cache')")
+    kvstack.make_cache(model, "streamingllm(budget=16)")  # true positions need no re-rotation
+
+
 def test_prefill_rejects_empty_prompt(llama):
     cache = kvstack.make_cache(llama, "full")
     with pytest.raises(InputError, match="empty"):
@@ -437,3 +445,14 @@ def test_describe_lists_every_method():
         assert info.signature() in text
         assert info.description in text
         assert info.category in text
+
+
+@pytest.mark.parametrize("spec", ["h2o(budget=0)", "random(budget=0)", "streamingllm(budget=0, sinks=0)"])
+def test_zero_budget_is_refused(spec):
+    with pytest.raises(kvstack.SpecError, match="budget must be >= 1"):
+        kvstack.parse(spec)
+
+
+def test_unquoted_text_value_names_the_fix():
+    with pytest.raises(kvstack.SpecError, match="quote text values"):
+        kvstack.parse("snapkv(ratio=0.5, pooling=avg)")

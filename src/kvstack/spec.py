@@ -122,6 +122,8 @@ def _literal(node: ast.AST, spec: str) -> Any:
         value = node.operand.value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return -value
+    if isinstance(node, ast.Name) and node.id.lower() not in registry():
+        raise SpecError(f"in {spec!r}: {node.id!r} is not a method; quote text values, e.g. key='{node.id}'")
     if isinstance(node, (ast.Call, ast.Name)):
         return _build(node, spec)
     raise SpecError(f"in {spec!r}: parameter values must be numbers, strings, True/False/None or a method")

@@ -58,6 +58,12 @@ class KVStackCache(Cache):
             self.context_length = key_states.shape[2]  # a single-forward prefill: the prompt is this forward
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    def reset(self) -> None:
+        """Empty every layer and forget the prompt length, so a reused cache starts afresh."""
+        super().reset()
+        self.context_length = None
+        self.more_prompt_follows = False
+
     def end_prompt(self) -> None:
         """Release spare capacity once the prompt has been read (called by :func:`kvstack.prefill`)."""
         for layer in self.layers:

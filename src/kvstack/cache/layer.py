@@ -302,7 +302,7 @@ class KVStackLayer(CacheLayerMixin):
             keys, query = self._cache_position_view(keys, query, q_len)
         past_valid = (self.positions[:, :, :start] >= 0) if self.has_padding else None
         output, stats = attention_with_stats(
-            query, keys, values, causal, past_valid, scaling, needs, method.window_queries()
+            query, keys, values, causal, past_valid, scaling, needs, method.window_queries(), query_valid=valid
         )
         if method.state_names:
             method.observe(self._view(stats, budget=0))
@@ -491,6 +491,7 @@ def attention_with_stats(
     scaling: float,
     needs: set[str],
     window: int,
+    query_valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Grouped-query attention over ``L = past + q`` entries, collecting the statistics methods need.
 
@@ -508,6 +509,8 @@ def attention_with_stats(
         Subset of ``{"window", "colsum", "below_mean", "last"}``.
     window:
         Trailing queries whose weights the ``window`` statistic returns.
+    query_valid:
+        ``[B, q]`` bool, False for padding queries: they contribute to no statistic.
 
     Returns
     -------
@@ -569,7 +572,9 @@ def attention_with_stats(
         return output.transpose(1, 2), stats
 
     if q_len > 1 and query.device.type == "cpu":
-        return _flash_attention_with_column_stats(query, keys, values, block_mask, scaling, needs, window)
+        return _flash_attention_with_column_stats(
+            query, keys, values, block_mask, scaling, needs, window, query_valid
+        )
 
     # Eager, block by block over queries: weights are materialised one block at a time.
     output = torch.empty_like(query)
@@ -585,12 +590,12 @@ def attention_with_stats(
         grouped = weights.view(batch, heads, group, rows, length)
         out = torch.matmul(grouped.to(values.dtype), values.unsqueeze(2))  # [B, H, G, rows, D]
         output[:, :, start:stop] = out.reshape(batch, num_q_heads, rows, head_dim)
+        visible = torch.ones_like(grouped, dtype=torch.bool) if mask is None else mask.unsqueeze(2).expand_as(grouped)
+        if query_valid is not None:
+            visible = visible & query_valid[:, start:stop].view(batch, 1, 1, rows, 1)
+            grouped = grouped * visible
         colsum += grouped.sum(dim=(2, 3))
         if below is not None:
-            if mask is None:
-                visible = torch.ones_like(grouped, dtype=torch.bool)
-            else:
-                visible = mask.unsqueeze(2).expand_as(grouped)
             count = visible.sum(dim=-1, keepdim=True).clamp(min=1)
             below += ((grouped < 1.0 / count) & visible).sum(dim=(2, 3)).float()
             seen_by += visible.sum(dim=(2, 3)).float()
@@ -613,6 +618,7 @@ def _flash_attention_with_column_stats(
     scaling: float,
     needs: set[str],
     window: int,
+    query_valid: torch.Tensor | None,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Column statistics (H2O's received attention, Scissorhands' below-mean counts) for a multi-token chunk.
 
@@ -648,6 +654,8 @@ def _flash_attention_with_column_stats(
         weights = weights.view(batch, heads, group, rows, visible_keys)
         weights.mul_(scaling).sub_(lse[:, :, start:stop].view(batch, heads, group, rows, 1)).exp_()
         mask = full_mask[:, :, start:stop, :visible_keys].unsqueeze(2)  # [B|1, H|1, 1, rows, keys]
+        if query_valid is not None:  # padding queries contribute nothing
+            mask = mask & query_valid[:, start:stop].view(batch, 1, 1, rows, 1)
         weights.masked_fill_(~mask, 0.0)
         colsum[:, :, :visible_keys] += weights.sum(dim=(2, 3))
         if below is not None:

@@ -109,8 +109,6 @@ class AdaKV(Method):
     def __post_init__(self) -> None:
         if not isinstance(self.inner, BudgetedMethod):
             raise SpecError("adakv wraps a method with a budget, e.g. adakv(snapkv(ratio=0.5))")
-        if isinstance(self.inner, AdaKV):
-            raise SpecError("adakv cannot wrap adakv")
         if not 0.0 <= self.floor <= 1.0:
             raise SpecError(f"floor must be in [0, 1] (fraction of the per-head budget), got {self.floor}")
         self.needs = self.inner.needs  # type: ignore[misc]

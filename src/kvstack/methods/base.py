@@ -201,6 +201,8 @@ class BudgetedMethod(Method):
                 raise SpecError(f"ratio must be in [0, 1) (the fraction of tokens evicted), got {self.ratio}")
         if self.budget is not None:
             check_sizes(budget=self.budget)
+            if self.budget < 1:
+                raise BudgetError(f"{self.spec_name}: budget must be >= 1 entry per head, got {self.budget}")
             if self.budget < self.min_budget():
                 raise BudgetError(
                     f"{self.spec_name}: budget {self.budget} is smaller than the {self.min_budget()} entries it "

@@ -27,17 +27,22 @@ from kvstack.methods.base import (
 from kvstack.spec import SpecError, register
 
 
-def pool_along_positions(scores: torch.Tensor, positions: torch.Tensor, kernel: int, mode: str) -> torch.Tensor:
+def pool_along_positions(
+    scores: torch.Tensor, positions: torch.Tensor, kernel: int, mode: str, exclude: torch.Tensor | None = None
+) -> torch.Tensor:
     """Smooth ``[B, H, L]`` scores with a 1-D pool of width ``kernel`` over entries ordered by position.
 
     Entries may sit in any slot order inside the cache, so they are sorted by position, pooled
-    (stride 1, same length) and put back.
+    (stride 1, same length) and put back. Padding and ``exclude`` (``[B, H, L]`` bool, e.g. SnapKV's
+    observation window, which is kept anyway) take no part in any neighbourhood; a neighbourhood
+    averages over the entries it has.
     """
     if kernel <= 1:
         return scores
     order = positions.argsort(dim=-1)
     ordered = scores.gather(-1, order)
-    valid = (positions.gather(-1, order) >= 0).to(scores.dtype)  # padding takes no part in a neighbourhood
+    usable = positions >= 0 if exclude is None else (positions >= 0) & ~exclude
+    valid = usable.gather(-1, order).to(scores.dtype)
     batch, heads, length = ordered.shape
     flat = ordered.reshape(batch * heads, 1, length)
     flat_valid = valid.reshape(batch * heads, 1, length)
@@ -97,7 +102,8 @@ class SnapKV(BudgetedMethod):
         weights = view.stats.window  # [B, Hq, W, L]
         assert weights is not None, "snapkv needs the window statistic"
         per_kv_head = group_mean(weights.sum(dim=2), view.keys.shape[1])  # [B, H, L]
-        return pool_along_positions(per_kv_head, view.positions, self.kernel, self.pooling)
+        window = recent_mask(view, self.window)  # pooled over the prefix only, as in the paper's code
+        return pool_along_positions(per_kv_head, view.positions, self.kernel, self.pooling, exclude=window)
 
 
 @register(

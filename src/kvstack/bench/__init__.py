@@ -1,0 +1,41 @@
+"""The evaluation harness every kvstack method is judged with.
+
+From Python::
+
+    from kvstack.bench import BenchConfig, run_bench
+
+    config = BenchConfig(methods=["snapkv(ratio={ratio})", "h2o(ratio={ratio})"], ratios=[0.5, 0.75],
+                         tasks=["passkey", "niah", "perplexity"], lengths=[1024, 2048], samples=3,
+                         out_dir="bench-results")
+    result = run_bench(config)               # loads config.model; or run_bench(config, model, tokenizer)
+    result.records                           # one dict per (model, method, task, length, query mode) cell
+
+From the command line: ``kvstack bench --quick`` (see ``kvstack bench --help``).
+
+A new task is one small class registered with :func:`register_task` (see :mod:`kvstack.bench.tasks`).
+"""
+
+from kvstack.bench.config import QUICK, BenchConfig, BenchError
+from kvstack.bench.runner import BenchResult, expand_methods, plan_cells, read_results, run_bench
+from kvstack.bench.scoring import string_match_all, string_match_part
+from kvstack.bench.tasks import TASKS, Parts, Sample, Task, get_task, make_tasks, register_task
+
+__all__ = [
+    "QUICK",
+    "TASKS",
+    "BenchConfig",
+    "BenchError",
+    "BenchResult",
+    "Parts",
+    "Sample",
+    "Task",
+    "expand_methods",
+    "get_task",
+    "make_tasks",
+    "plan_cells",
+    "read_results",
+    "register_task",
+    "run_bench",
+    "string_match_all",
+    "string_match_part",
+]

@@ -1,0 +1,718 @@
+"""The bench runner: plan cells, skip finished ones, measure the rest, append each to ``results.jsonl``.
+
+A *cell* is one (model, method, task [variant], length, query mode) combination, measured over
+``samples`` samples. Its key is a hash of everything that changes its result (see :func:`cell_config`),
+so a rerun of the same command skips every finished cell, and an interrupted run loses only the cell
+that was under way: each finished cell is appended to ``results.jsonl`` as one JSON line, flushed and
+fsynced before the next starts.
+
+Efficiency: the model is loaded once per run; the samples of a (task, length, query mode) group are
+generated and tokenised once and reused by every method.
+
+Generation cells: :func:`kvstack.api.prefill` reads the prompt (chunked for dynamic methods), the
+first token is the argmax of its last logits, then greedy decoding one token per forward until an
+end-of-sequence token or the task's ``max_new_tokens``. ``prefill_s`` times the prefill,
+``ttft_s`` prefill + first token, ``decode_tokens_per_s`` the tokens after the first over the time
+spent producing them (``tpot_s`` is its inverse). KV bytes come from the cache's own accounting
+(:meth:`kvstack.KVStackCache.summary`) after the prompt (``*_prefill``) and at the end of the cell.
+
+Perplexity cells: see :class:`kvstack.bench.tasks.Perplexity`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import re
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvstack.bench.config import QUERY_MODES, BenchConfig, BenchError
+from kvstack.bench.metrics import PeakMemory, synchronize
+from kvstack.bench.scoring import score as score_text
+from kvstack.bench.tasks import Sample, Task, make_tasks
+from kvstack.spec import parse
+
+__all__ = [
+    "HARNESS_VERSION",
+    "RESULTS_FILE",
+    "BenchResult",
+    "Cell",
+    "MethodRun",
+    "append_result",
+    "cell_config",
+    "cell_key",
+    "expand_methods",
+    "plan_cells",
+    "read_results",
+    "run_bench",
+]
+
+HARNESS_VERSION = 1
+"""Bumped when a change to the harness changes results; part of every cell key."""
+
+RESULTS_FILE = "results.jsonl"
+
+_BARE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Methods
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodRun:
+    """One concrete method of a run.
+
+    Attributes
+    ----------
+    spec:
+        The spec string given to :func:`kvstack.make_cache`.
+    label:
+        Its canonical form (``parse(spec).label()``), used in keys and tables.
+    group:
+        The line it belongs to in plots: the template it came from (``snapkv(ratio={ratio})``) or its label.
+    ratio, budget:
+        The requested compression ratio / budget (None when not set through the bench).
+    dynamic:
+        Whether the method evicts at every forward.
+    """
+
+    spec: str
+    label: str
+    group: str
+    ratio: float | None
+    budget: int | None
+    dynamic: bool
+
+
+def expand_methods(
+    methods: Sequence[str], ratios: Sequence[float] = (), budgets: Sequence[int] = (), baseline: bool = True
+) -> list[MethodRun]:
+    """Turn method templates into concrete methods (see :class:`~kvstack.bench.config.BenchConfig`).
+
+    Raises
+    ------
+    kvstack.SpecError
+        For a spec that does not parse (the message names the valid methods).
+    BenchError
+        For a placeholder with no values to fill it, or an empty method list.
+    """
+    runs: dict[str, MethodRun] = {}
+
+    def add(spec: str, group: str, ratio: float | None, budget: int | None) -> None:
+        method = parse(spec)
+        label = method.label()
+        runs.setdefault(label, MethodRun(spec, label, "full" if label == "full" else group, ratio, budget,
+                                         bool(method.dynamic)))
+
+    templates = [m.strip() for m in methods if m and m.strip()]
+    if not templates:
+        raise BenchError("no methods given; e.g. --methods 'full,snapkv(ratio={ratio})' --ratios 0.5")
+    if baseline and "full" not in templates:
+        templates.insert(0, "full")
+    for template in templates:
+        if _BARE_NAME.match(template) and template.lower() != "full":
+            if not ratios and not budgets:
+                raise BenchError(f"method {template!r} needs --ratios or --budgets (or a full spec like "
+                                 f"'{template}(ratio=0.5)')")
+            for ratio in ratios:
+                add(f"{template}(ratio={ratio})", f"{template}(ratio={{ratio}})", float(ratio), None)
+            for budget in budgets:
+                add(f"{template}(budget={budget})", f"{template}(budget={{budget}})", None, int(budget))
+            continue
+        has_ratio, has_budget = "{ratio}" in template, "{budget}" in template
+        if has_ratio and has_budget:
+            raise BenchError(f"method {template!r} has both {{ratio}} and {{budget}}; use one")
+        if has_ratio:
+            if not ratios:
+                raise BenchError(f"method {template!r} has a {{ratio}} placeholder; give --ratios, e.g. 0.5")
+            for ratio in ratios:
+                add(template.replace("{ratio}", repr(float(ratio))), template, float(ratio), None)
+        elif has_budget:
+            if not budgets:
+                raise BenchError(f"method {template!r} has a {{budget}} placeholder; give --budgets, e.g. 256")
+            for budget in budgets:
+                add(template.replace("{budget}", str(int(budget))), template, None, int(budget))
+        else:
+            method = parse(template)
+            add(template, method.label(), getattr(method, "ratio", None), getattr(method, "budget", None))
+    return list(runs.values())
+
+
+# --------------------------------------------------------------------------------------------------------
+# Cells and their keys
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Cell:
+    """One cell to measure: a task variant at a length and query mode, with one method."""
+
+    task: Task
+    length: int
+    query_mode: str
+    method: MethodRun
+    config: dict[str, Any]
+    key: str
+
+    @property
+    def group(self) -> tuple[str, str, int, str]:
+        """Cells sharing samples: same task variant, length and query mode."""
+        return (self.task.name, self.task.variant, self.length, self.query_mode)
+
+
+def max_new_tokens(task: Task, config: BenchConfig) -> int:
+    """Decode limit of ``task`` in this run (0 for perplexity)."""
+    if task.kind == "perplexity":
+        return 0
+    return int(config.max_new_tokens) if config.max_new_tokens else int(task.max_new_tokens)
+
+
+def cell_config(model_name: str, task: Task, length: int, query_mode: str, method: MethodRun,
+                config: BenchConfig) -> dict[str, Any]:
+    """Everything that determines a cell's result; its hash is the cell key."""
+    perplexity = task.kind == "perplexity"
+    return {
+        "harness_version": HARNESS_VERSION,
+        "model": model_name,
+        "method": method.label,
+        "task": task.name,
+        "task_params": task.params(),
+        "length": int(length),
+        "query_mode": "n/a" if perplexity else query_mode,
+        "chat": None if perplexity else bool(config.chat),
+        "answer_prefix": None if perplexity else bool(config.answer_prefix),
+        "max_new_tokens": max_new_tokens(task, config),
+        "ppl_chunk": int(config.ppl_chunk) if perplexity else None,
+        "samples": int(config.samples),
+        "seed": int(config.seed),
+    }
+
+
+def cell_key(config: dict[str, Any]) -> str:
+    """Stable 20-hex-digit key of a cell configuration (sha256 of its canonical JSON)."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def plan_cells(config: BenchConfig, model_name: str | None = None) -> list[Cell]:
+    """Every cell of ``config``, in run order (task, length, query mode, then method)."""
+    tasks = make_tasks(config.tasks, prose=config.prose, depths=config.depths)
+    methods = expand_methods(config.methods, config.ratios, config.budgets, config.baseline)
+    cells = []
+    for task in tasks:
+        modes = ["n/a"] if task.kind == "perplexity" else list(dict.fromkeys(config.query_modes))
+        for length in config.lengths:
+            for mode in modes:
+                for method in methods:
+                    settings = cell_config(model_name or config.model, task, length, mode, method, config)
+                    cells.append(Cell(task, int(length), mode, method, settings, cell_key(settings)))
+    return cells
+
+
+# --------------------------------------------------------------------------------------------------------
+# results.jsonl
+# --------------------------------------------------------------------------------------------------------
+
+
+def read_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Records of ``results.jsonl`` (a torn last line from an interrupted write is ignored)."""
+    file = Path(path)
+    if not file.exists():
+        return []
+    records = []
+    with open(file, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "key" in record:
+                records.append(record)
+    return records
+
+
+def append_result(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
+    """Append one record as a JSON line, then flush and fsync, so a finished cell survives a crash."""
+    line = json.dumps(record, default=_json_default, allow_nan=True) + "\n"
+    with open(path, "a+b") as fh:
+        fh.seek(0, os.SEEK_END)
+        if fh.tell() > 0:  # a torn line from an interrupted write: start on a fresh line
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                line = "\n" + line
+        fh.write(line.encode("utf-8"))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def ensure_output_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` and check files can be written in it; :class:`BenchError` otherwise."""
+    directory = Path(path).expanduser()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-", delete=True) as fh:
+            fh.write(b"ok")
+            fh.flush()
+        results = directory / RESULTS_FILE
+        if results.exists() and not os.access(results, os.W_OK):
+            raise PermissionError(f"{results} is read-only")
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise BenchError(f"cannot write to output directory {str(directory)!r} ({reason}); "
+                         "choose a writable --out") from None
+    return directory
+
+
+# --------------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------------
+
+
+def validate_config(config: BenchConfig) -> None:
+    """Refuse bad settings before anything runs (BenchError / SpecError, one line each)."""
+    samples = config.samples
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise BenchError(f"samples must be a positive integer, got {samples!r}; e.g. --samples 3")
+    if not config.lengths:
+        raise BenchError("no lengths given; e.g. --lengths 1024,2048")
+    for length in config.lengths:
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise BenchError(f"lengths must be positive integers (tokens), got {length!r}")
+    if not config.tasks:
+        raise BenchError("no tasks given; see kvstack bench --list-tasks")
+    for mode in config.query_modes:
+        if mode not in QUERY_MODES:
+            raise BenchError(f"unknown query mode {mode!r}; choose from {', '.join(QUERY_MODES)}")
+    if not config.query_modes:
+        raise BenchError(f"no query mode given; choose from {', '.join(QUERY_MODES)}")
+    if config.max_new_tokens is not None and (not isinstance(config.max_new_tokens, int)
+                                              or config.max_new_tokens < 1):
+        raise BenchError(f"max_new_tokens must be a positive integer, got {config.max_new_tokens!r}")
+    if not isinstance(config.ppl_chunk, int) or config.ppl_chunk < 1:
+        raise BenchError(f"ppl_chunk must be a positive integer, got {config.ppl_chunk!r}")
+    for ratio in config.ratios:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
+            raise BenchError(f"ratios are fractions evicted, in [0, 1); got {ratio!r}")
+    for budget in config.budgets:
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise BenchError(f"budgets are positive token counts; got {budget!r}")
+
+
+def _check_context(cells: Sequence[Cell], model: torch.nn.Module, config: BenchConfig) -> None:
+    from kvstack.api import model_geometry
+
+    limit = model_geometry(model).max_context
+    if limit is None:
+        return
+    for cell in cells:
+        needed = cell.length + max_new_tokens(cell.task, config)
+        if needed > limit:
+            fitting = limit - max_new_tokens(cell.task, config)
+            raise BenchError(
+                f"length {cell.length} (+{max_new_tokens(cell.task, config)} tokens to generate) is beyond the "
+                f"model's context of {limit} tokens; use lengths <= {fitting}"
+            )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class BenchResult:
+    """What :func:`run_bench` did.
+
+    Attributes
+    ----------
+    out_dir:
+        The output directory.
+    records:
+        Every record now in ``results.jsonl`` (this run's and earlier ones'), one per cell key.
+    ran, skipped:
+        Cells measured by this run / skipped because ``results.jsonl`` already had them.
+    files:
+        Report files written (CSV, Markdown, PNGs).
+    """
+
+    out_dir: Path
+    records: list[dict[str, Any]]
+    ran: int
+    skipped: int
+    files: list[Path]
+
+
+def _sample_rng(seed: int, task: Task, length: int, index: int) -> random.Random:
+    text = f"{seed}|{task.name}|{task.variant}|{length}|{index}"
+    return random.Random(int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big"))
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                  getattr(tokenizer, "eos_token_id", None)):
+        if value is None:
+            continue
+        ids.update(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    return ids
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return statistics.fmean(present) if present else None
+
+
+@torch.no_grad()
+def _generation_sample(model: torch.nn.Module, tokenizer: Any, cell: Cell, sample: Sample, limit: int,
+                       eos: set[int], device: torch.device, seed: int) -> dict[str, Any]:
+    from kvstack.api import make_cache, prefill
+
+    ids = torch.tensor([sample.input_ids], dtype=torch.long, device=device)
+    cache = make_cache(model, cell.method.spec, seed=seed)
+    synchronize(device)
+    start = time.perf_counter()
+    logits = prefill(model, ids, cache)
+    synchronize(device)
+    prefilled = time.perf_counter()
+    token = logits.argmax(dim=-1, keepdim=True)
+    generated = [int(token)]
+    first = time.perf_counter()
+    after_prompt = cache.summary()
+    while len(generated) < limit and generated[-1] not in eos:
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+        generated.append(int(token))
+    synchronize(device)
+    end = time.perf_counter()
+    prediction = tokenizer.decode(generated, skip_special_tokens=True)
+    return {
+        "score": score_text(cell.task.scorer, prediction, sample.answers),
+        "prediction": prediction,
+        "answers": sample.answers,
+        "tokens": len(sample.input_ids),
+        "new_tokens": len(generated),
+        "prefill_s": prefilled - start,
+        "ttft_s": first - start,
+        "decode_s": end - first,
+        "cache_prefill": after_prompt,
+        "cache": cache.summary(),
+        "metadata": sample.metadata,
+    }
+
+
+@torch.no_grad()
+def _perplexity_sample(model: torch.nn.Module, cell: Cell, sample: Sample, chunk: int, device: torch.device,
+                       seed: int) -> dict[str, Any]:
+    from kvstack.api import make_cache, prefill
+
+    ids = torch.tensor([sample.input_ids], dtype=torch.long, device=device)
+    length = ids.shape[1]
+    context = int(sample.metadata.get("context_tokens") or max(1, length // 2))
+    cache = make_cache(model, cell.method.spec, seed=seed)
+    synchronize(device)
+    start = time.perf_counter()
+    last = prefill(model, ids[:, :context], cache)  # [1, V] logits predicting token `context`
+    synchronize(device)
+    prefilled = time.perf_counter()
+    after_prompt = cache.summary()
+    nll = 0.0
+    for begin in range(context, length, chunk):
+        stop = min(begin + chunk, length)
+        out = model(input_ids=ids[:, begin:stop], past_key_values=cache, use_cache=True)
+        logits = torch.cat([last.unsqueeze(1), out.logits[:, :-1]], dim=1).float()  # [1, n, V]
+        targets = ids[:, begin:stop]
+        nll += float(torch.nn.functional.cross_entropy(logits[0], targets[0], reduction="sum"))
+        last = out.logits[:, -1]
+    synchronize(device)
+    end = time.perf_counter()
+    scored = length - context
+    return {
+        "score": math.exp(nll / scored),
+        "nll_sum": nll,
+        "scored_tokens": scored,
+        "tokens": length,
+        "context_tokens": context,
+        "prefill_s": prefilled - start,
+        "stream_s": end - prefilled,
+        "cache_prefill": after_prompt,
+        "cache": cache.summary(),
+        "metadata": sample.metadata,
+    }
+
+
+def _aggregate(cell: Cell, rows: list[dict[str, Any]], memory: PeakMemory, wall: float, model_name: str,
+               device: torch.device, config: BenchConfig) -> dict[str, Any]:
+    task = cell.task
+    perplexity = task.kind == "perplexity"
+    held = sum(r["cache"]["kv_bytes"] for r in rows)
+    full = sum(r["cache"]["full_kv_bytes"] for r in rows)
+    held_prompt = sum(r["cache_prefill"]["kv_bytes"] for r in rows)
+    full_prompt = sum(r["cache_prefill"]["full_kv_bytes"] for r in rows)
+    if perplexity:
+        score = math.exp(sum(r["nll_sum"] for r in rows) / sum(r["scored_tokens"] for r in rows))
+        decode_tokens = decode_time = 0.0
+        stream_tps = sum(r["scored_tokens"] for r in rows) / max(sum(r["stream_s"] for r in rows), 1e-12)
+    else:
+        score = statistics.fmean(r["score"] for r in rows)
+        decode_tokens = float(sum(r["new_tokens"] - 1 for r in rows))
+        decode_time = sum(r["decode_s"] for r in rows)
+        stream_tps = None
+    scores = [r["score"] for r in rows]
+    per_sample = []
+    for index, r in enumerate(rows):
+        entry = {k: v for k, v in r.items() if k not in ("cache", "cache_prefill")}
+        entry["index"] = index
+        entry["kv_bytes"] = r["cache"]["kv_bytes"]
+        entry["compression_ratio"] = r["cache"]["compression_ratio"]
+        per_sample.append(entry)
+    return {
+        "key": cell.key,
+        "harness_version": HARNESS_VERSION,
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": model_name,
+        "method": cell.method.label,
+        "method_spec": cell.method.spec,
+        "method_group": cell.method.group,
+        "dynamic": cell.method.dynamic,
+        "ratio": 0.0 if cell.method.label == "full" else cell.method.ratio,
+        "budget": cell.method.budget,
+        "task": task.name,
+        "variant": task.variant,
+        "depth": getattr(task, "depth", None),
+        "kind": task.kind,
+        "scorer": task.scorer,
+        "length": cell.length,
+        "query_mode": cell.config["query_mode"],
+        "chat": bool(rows[0]["metadata"].get("chat")) if not perplexity else False,
+        "answer_prefix": cell.config["answer_prefix"],
+        "max_new_tokens": cell.config["max_new_tokens"],
+        "samples": len(rows),
+        "seed": config.seed,
+        "score": score,
+        "score_std": statistics.pstdev(scores) if len(scores) > 1 else 0.0,
+        "prompt_tokens": statistics.fmean(r["tokens"] for r in rows),
+        "kv_bytes": held / len(rows),
+        "full_kv_bytes": full / len(rows),
+        "compression_ratio": 1.0 - held / full if full else 0.0,
+        "kv_bytes_prefill": held_prompt / len(rows),
+        "full_kv_bytes_prefill": full_prompt / len(rows),
+        "compression_ratio_prefill": 1.0 - held_prompt / full_prompt if full_prompt else 0.0,
+        "tokens_kept": statistics.fmean(r["cache"]["tokens_kept"] for r in rows),
+        "tokens_seen": statistics.fmean(r["cache"]["tokens_seen"] for r in rows),
+        "peak_rss_bytes": memory.peak_rss,
+        "base_rss_bytes": memory.base_rss,
+        "peak_rss_method": memory.method,
+        "peak_gpu_bytes": memory.peak_gpu,
+        "prefill_s": _mean([r["prefill_s"] for r in rows]),
+        "ttft_s": None if perplexity else _mean([r["ttft_s"] for r in rows]),
+        "decode_tokens_per_s": decode_tokens / decode_time if decode_time > 0 and decode_tokens else None,
+        "tpot_s": decode_time / decode_tokens if decode_tokens else None,
+        "new_tokens": None if perplexity else statistics.fmean(r["new_tokens"] for r in rows),
+        "stream_tokens_per_s": stream_tps,
+        "wall_s": wall,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(terse=True),
+        "config": cell.config,
+        "per_sample": per_sample,
+    }
+
+
+def run_cell(model: torch.nn.Module, tokenizer: Any, cell: Cell, samples: Sequence[Sample], config: BenchConfig,
+             model_name: str) -> dict[str, Any]:
+    """Measure one cell over ``samples`` and return its record (not yet written)."""
+    device = next(model.parameters()).device
+    eos = _eos_ids(model, tokenizer)
+    limit = max_new_tokens(cell.task, config)
+    started = time.perf_counter()
+    rows = []
+    with PeakMemory(device) as memory:
+        for sample in samples:
+            if cell.task.kind == "perplexity":
+                rows.append(_perplexity_sample(model, cell, sample, config.ppl_chunk, device, config.seed))
+            else:
+                rows.append(_generation_sample(model, tokenizer, cell, sample, limit, eos, device, config.seed))
+    return _aggregate(cell, rows, memory, time.perf_counter() - started, model_name, device, config)
+
+
+def _cell_line(record: dict[str, Any]) -> str:
+    variant = f" {record['variant']}" if record["variant"] else ""
+    speed = record.get("decode_tokens_per_s") or record.get("stream_tokens_per_s")
+    return (f"{record['task']}{variant} L={record['length']} {record['method']}: score {record['score']:.2f} | "
+            f"kv {record['kv_bytes'] / 1e6:.2f}/{record['full_kv_bytes'] / 1e6:.2f} MB "
+            f"(cr {record['compression_ratio']:.2f}) | {speed or float('nan'):.1f} tok/s")
+
+
+class _Progress:
+    """A rich progress bar with ETA on stderr, or nothing."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.bar = None
+        if enabled and total:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn("[bold]bench[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("samples"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=False,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("", total=total)
+
+    def describe(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, description=text)
+
+    def advance(self, amount: int) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task, amount)
+
+    def print(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(text, markup=False, highlight=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def run_bench(
+    config: BenchConfig,
+    model: torch.nn.Module | None = None,
+    tokenizer: Any = None,
+    *,
+    on_cell: Callable[[dict[str, Any]], None] | None = None,
+) -> BenchResult:
+    """Run (or resume) a bench and write its reports.
+
+    Parameters
+    ----------
+    config:
+        What to measure and where to write it.
+    model, tokenizer:
+        An already loaded model and tokenizer; when None, ``kvstack.models.load_model(config.model)``
+        loads them (once, and only if some cell is left to run). ``config.model`` names the model in
+        results either way.
+    on_cell:
+        Called with each record right after it is written to ``results.jsonl``.
+
+    Returns
+    -------
+    BenchResult
+
+    Raises
+    ------
+    BenchError, kvstack.SpecError
+        For bad input, before any cell runs: unknown task, zero samples, a length beyond the model's
+        context or too short for a task, an unwritable output directory, a bad method spec.
+    """
+    validate_config(config)
+    cells = plan_cells(config)
+    out_dir = ensure_output_dir(config.out_dir)
+    results_path = out_dir / RESULTS_FILE
+    done = {record["key"] for record in read_results(results_path)}
+    pending = [cell for cell in cells if cell.key not in done]
+    ran = 0
+    if pending:
+        if model is None:
+            from kvstack.models import load_model
+
+            model, tokenizer = load_model(config.model, device=config.device)
+        if tokenizer is None:
+            raise BenchError("run_bench was given a model without its tokenizer; pass tokenizer=...")
+        model.eval()
+        _check_context(cells, model, config)
+        _warm_up(model)
+        groups: dict[tuple[str, str, int, str], list[Cell]] = {}
+        for cell in pending:
+            groups.setdefault(cell.group, []).append(cell)
+        first_samples: dict[tuple[str, str, int, str], Sample] = {}
+        for key, members in groups.items():  # sizing errors (length too short) before anything runs
+            cell = members[0]
+            first_samples[key] = _make_sample(cell, tokenizer, config, 0)
+        progress = _Progress(config.progress, len(pending) * config.samples)
+        try:
+            for key, members in groups.items():
+                first = members[0]
+                samples = [first_samples.pop(key)]
+                samples += [_make_sample(first, tokenizer, config, i) for i in range(1, config.samples)]
+                for cell in members:
+                    variant = f" {cell.task.variant}" if cell.task.variant else ""
+                    progress.describe(f"{cell.task.name}{variant} L={cell.length} {cell.method.label}")
+                    record = run_cell(model, tokenizer, cell, samples, config, config.model)
+                    append_result(results_path, record)
+                    ran += 1
+                    progress.advance(len(samples))
+                    progress.print(_cell_line(record))
+                    if on_cell is not None:
+                        on_cell(record)
+        finally:
+            progress.close()
+    by_key = {record["key"]: record for record in read_results(results_path)}
+    records = list(by_key.values())
+    _write_config(out_dir, config)
+    from kvstack.bench.report import write_reports
+
+    files = write_reports(out_dir, records, plots=config.plots)
+    return BenchResult(out_dir=out_dir, records=records, ran=ran, skipped=len(cells) - len(pending), files=files)
+
+
+@torch.no_grad()
+def _warm_up(model: torch.nn.Module) -> None:
+    """One short prefill and decode step, so the first cell's timings do not pay one-off start-up costs."""
+    from kvstack.api import make_cache, prefill
+
+    device = next(model.parameters()).device
+    vocab = int(getattr(model.config, "vocab_size", 2) or 2)
+    ids = (torch.arange(32, device=device) % max(vocab - 1, 1) + 1).unsqueeze(0)
+    cache = make_cache(model, "full")
+    logits = prefill(model, ids, cache)
+    model(input_ids=logits.argmax(dim=-1, keepdim=True), past_key_values=cache, use_cache=True)
+
+
+def _make_sample(cell: Cell, tokenizer: Any, config: BenchConfig, index: int) -> Sample:
+    rng = _sample_rng(config.seed, cell.task, cell.length, index)
+    mode = "after" if cell.query_mode == "n/a" else cell.query_mode
+    return cell.task.generate(tokenizer, cell.length, rng, mode, chat=config.chat,
+                              answer_prefix=config.answer_prefix)
+
+
+def _write_config(out_dir: Path, config: BenchConfig) -> None:
+    path = out_dir / "last-run-config.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
