@@ -24,7 +24,7 @@ QUICK: dict[str, Any] = {
     "methods": ["full", "streamingllm(ratio={ratio})", "snapkv(ratio={ratio})", "h2o(ratio={ratio})"],
     "ratios": [0.5],
     "budgets": [],
-    "tasks": ["passkey", "niah_single_noise", "vt", "niah", "perplexity"],
+    "tasks": ["passkey", "vt", "niah", "perplexity"],
     "lengths": [512, 1024],
     "samples": 2,
     "depths": [0.0, 0.5, 1.0],

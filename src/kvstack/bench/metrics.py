@@ -1,18 +1,26 @@
 """Measuring a cell honestly: peak process memory over just that cell, and synchronised wall clocks.
 
 Peak memory. ``resource.getrusage().ru_maxrss`` is the peak over the whole process lifetime, so the
-first big cell would hide every later one. Instead, at the start of a cell, :class:`PeakMemory` resets
-the kernel's high-water mark (writing ``5`` to ``/proc/self/clear_refs``, Linux >= 4.0) and reads
-``VmHWM`` from ``/proc/self/status`` at the end: the exact peak resident set size of the process
-during the cell (model weights included, as they are resident). Where that reset is not allowed it
-falls back to sampling ``/proc/self/statm`` every 2 ms in a background thread (may miss a spike
-shorter than that), and without ``/proc`` to ``ru_maxrss`` (process-lifetime peak; flagged as such).
-The record says which was used (``peak_rss_method``). On CUDA, ``torch.cuda.max_memory_allocated``
-is reset and read around the cell too.
+first big cell would hide every later one. Instead, at the start of a cell, :class:`PeakMemory`
+returns memory freed by earlier cells to the operating system where it can (``gc.collect()``, then
+glibc's ``malloc_trim(0)``), resets the kernel's high-water mark (writing ``5`` to
+``/proc/self/clear_refs``, Linux >= 4.0) and at the end reads ``VmHWM`` from ``/proc/self/status``:
+the exact peak resident set size of the process during the cell. That peak includes everything
+resident (model weights, the allocator's retained pages), so records also keep the RSS at the cell's
+start (``base_rss_bytes``) and the difference (``peak_rss_delta_bytes``, what the cell added). The
+bench warms the model up before the first cell so its weights are already resident then.
+
+Where the reset is not allowed it falls back to sampling ``/proc/self/statm`` every 2 ms in a
+background thread (may miss a spike shorter than that), and without ``/proc`` to ``ru_maxrss``
+(process-lifetime peak; flagged as such). The record says which was used (``peak_rss_method``).
+On CUDA, ``torch.cuda.max_memory_allocated`` is reset and read around the cell too.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import resource
 import sys
@@ -22,7 +30,7 @@ from types import TracebackType
 
 import torch
 
-__all__ = ["PeakMemory", "current_rss", "synchronize"]
+__all__ = ["PeakMemory", "current_rss", "release_free_memory", "synchronize"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -45,6 +53,16 @@ def current_rss() -> int | None:
             return int(fh.read().split()[1]) * _PAGE
     except (OSError, ValueError, IndexError):
         return None
+
+
+def release_free_memory() -> bool:
+    """Collect garbage and return free heap pages to the OS (glibc ``malloc_trim``); False where unavailable."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0)) or True
+    except (OSError, AttributeError):
+        return False
 
 
 def _reset_high_water_mark() -> bool:
@@ -88,6 +106,7 @@ class PeakMemory:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sampled = 0
+        self.trimmed = False
 
     def _sample(self) -> None:
         while not self._stop.is_set():
@@ -97,6 +116,7 @@ class PeakMemory:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakMemory:
+        self.trimmed = release_free_memory()
         self.base_rss = current_rss()
         if self.device is not None and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)

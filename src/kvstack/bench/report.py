@@ -32,7 +32,8 @@ CSV_COLUMNS = (
     "model", "task", "variant", "depth", "length", "query_mode", "method", "method_group", "ratio", "budget",
     "dynamic", "samples", "scorer", "score", "score_std", "compression_ratio", "kv_bytes", "full_kv_bytes",
     "compression_ratio_prefill", "kv_bytes_prefill", "full_kv_bytes_prefill", "tokens_kept", "tokens_seen",
-    "prompt_tokens", "peak_rss_bytes", "peak_rss_method", "peak_gpu_bytes", "prefill_s", "ttft_s",
+    "prompt_tokens", "peak_rss_bytes", "base_rss_bytes", "peak_rss_delta_bytes", "peak_rss_method", "peak_gpu_bytes",
+    "prefill_s", "ttft_s",
     "decode_tokens_per_s", "tpot_s", "new_tokens", "stream_tokens_per_s", "wall_s", "chat", "answer_prefix",
     "max_new_tokens", "seed", "device", "torch_threads", "finished_at", "key",
 )
@@ -93,6 +94,12 @@ def write_markdown(path: Path, records: Sequence[dict[str, Any]]) -> Path:
         note = f", mean over {len(variants)} variants" if variants else ""
         lines.append(f"## {task} — {model}, query {mode} ({_direction(scorer)}{note})")
         lines.append("")
+        if rows[0].get("kind") == "perplexity":
+            lines.append("The first half of each excerpt is read as the prompt (dynamic methods evict while it "
+                         "streams in, static ones compress once at its end); the second half is teacher-forced "
+                         "through the same cache and scored. CR is measured at the end, so static methods show "
+                         "about half their ratio.")
+            lines.append("")
         lines.append("| method | CR | " + " | ".join(f"L={length}" for length in lengths) + " |")
         lines.append("| --- | ---: | " + " | ".join("---:" for _ in lengths) + " |")
         by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -108,15 +115,16 @@ def write_markdown(path: Path, records: Sequence[dict[str, Any]]) -> Path:
         lines.append("")
     lines.append("## Every cell")
     lines.append("")
-    lines.append("| task | L | query | method | score | CR | KV MB held / full | peak RSS MB | prefill s | TTFT s | "
-                 "decode tok/s | TPOT ms |")
+    lines.append("| task | L | query | method | score | CR | KV MB held / full | peak RSS MB (+ over cell start) | "
+                 "prefill s | TTFT s | decode tok/s | TPOT ms |")
     lines.append("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in sorted(records, key=_sort_key):
         task = f"{r['task']} {r['variant']}".strip()
         held = f"{_fmt(r['kv_bytes'], 2, 1e-6)} / {_fmt(r['full_kv_bytes'], 2, 1e-6)}"
         lines.append(
             f"| {task} | {r['length']} | {r['query_mode']} | `{r['method']}` | {_fmt(r['score'])} | "
-            f"{_fmt(r['compression_ratio'])} | {held} | {_fmt(r.get('peak_rss_bytes'), 0, 1e-6)} | "
+            f"{_fmt(r['compression_ratio'])} | {held} | {_fmt(r.get('peak_rss_bytes'), 0, 1e-6)} "
+            f"(+{_fmt(r.get('peak_rss_delta_bytes'), 0, 1e-6)}) | "
             f"{_fmt(r.get('prefill_s'), 3)} | {_fmt(r.get('ttft_s'), 3)} | {_fmt(r.get('decode_tokens_per_s'), 1)} | "
             f"{_fmt(r.get('tpot_s'), 1, 1e3)} |"
         )
@@ -206,10 +214,10 @@ def plot_needle_heatmap(path: Path, records: Sequence[dict[str, Any]], task: str
     depths = sorted({float(r["depth"]) for r in cells})
     lengths = sorted({int(r["length"]) for r in cells})
     rows, columns = _grid(len(methods))
-    size = (max(4.0, 1.1 * len(lengths) + 1.8) * columns, (0.45 * len(depths) + 1.8) * rows)
-    fig, axes = plt.subplots(rows, columns, figsize=size, squeeze=False)
+    size = (max(4.2, 1.1 * len(lengths) + 2.2) * columns + 1.0, (0.45 * len(depths) + 2.0) * rows + 0.6)
+    fig, axes = plt.subplots(rows, columns, figsize=size, squeeze=False, layout="constrained")
     image = None
-    for ax, method in zip(axes.flat, methods, strict=False):
+    for index, (ax, method) in enumerate(zip(axes.flat, methods, strict=False)):
         grid = [[math.nan] * len(lengths) for _ in depths]
         for i, depth in enumerate(depths):
             for j, length in enumerate(lengths):
@@ -224,8 +232,10 @@ def plot_needle_heatmap(path: Path, records: Sequence[dict[str, Any]], task: str
                     ax.text(j, i, f"{grid[i][j]:.0f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(lengths)), [str(length) for length in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("needle depth")
+        if index >= len(methods) - columns:
+            ax.set_xlabel("context length (tokens)")
+        if index % columns == 0:
+            ax.set_ylabel("needle depth")
         ax.set_title(method, fontsize=9)
     for ax in list(axes.flat)[len(methods):]:
         ax.axis("off")

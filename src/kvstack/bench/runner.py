@@ -527,6 +527,8 @@ def _aggregate(cell: Cell, rows: list[dict[str, Any]], memory: PeakMemory, wall:
         "tokens_seen": statistics.fmean(r["cache"]["tokens_seen"] for r in rows),
         "peak_rss_bytes": memory.peak_rss,
         "base_rss_bytes": memory.base_rss,
+        "peak_rss_delta_bytes": (memory.peak_rss - memory.base_rss
+                                 if memory.peak_rss is not None and memory.base_rss is not None else None),
         "peak_rss_method": memory.method,
         "peak_gpu_bytes": memory.peak_gpu,
         "prefill_s": _mean([r["prefill_s"] for r in rows]),

@@ -1,0 +1,85 @@
+"""Column statistics of a multi-token chunk (H2O's received attention, Scissorhands' below-mean counts).
+
+The fused path (flash output + recomputed weights) is checked against a float64 softmax computed here
+from the same queries and keys; the bf16 path against the fp32 one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvstack.cache import layer as layer_module
+from kvstack.cache.layer import attention_with_stats
+
+NEEDS = {"colsum", "below_mean"}
+
+
+def reference(query, keys, values, past, q_len, scaling):
+    """float64 softmax attention with a causal tail: output ``[B, q, Hq, D]``, colsum, below-mean, seen."""
+    batch, num_q_heads = query.shape[:2]
+    heads = keys.shape[1]
+    group = num_q_heads // heads
+    length = past + q_len
+    mask = torch.ones(q_len, length, dtype=torch.bool)
+    mask[:, past:] = torch.ones(q_len, q_len, dtype=torch.bool).tril()
+    logits = query.double() @ keys.double().repeat_interleave(group, 1).transpose(-1, -2) * scaling
+    weights = logits.masked_fill(~mask, float("-inf")).softmax(-1)
+    output = (weights @ values.double().repeat_interleave(group, 1)).transpose(1, 2)
+    grouped = weights.view(batch, heads, group, q_len, length)
+    count = mask.sum(-1).view(1, 1, 1, q_len, 1)
+    below = ((grouped < 1.0 / count) & mask).sum(dim=(2, 3)).double()
+    seen = (mask.sum(0) * group).double().expand(batch, heads, length)
+    return output, grouped.sum(dim=(2, 3)), below, seen
+
+
+def random_chunk(seed, batch, heads, group, past, q_len, head_dim=16, scale=2.0):
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, heads * group, q_len, head_dim, generator=generator) * scale
+    keys = torch.randn(batch, heads, past + q_len, head_dim, generator=generator) * scale
+    values = torch.randn(batch, heads, past + q_len, head_dim, generator=generator)
+    return query, keys, values
+
+
+@settings(max_examples=15, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # the env value is the same for every input
+@given(
+    seed=st.integers(0, 10_000), batch=st.integers(1, 2), heads=st.integers(1, 3), group=st.sampled_from([1, 3]),
+    past=st.integers(0, 300), q_len=st.integers(2, 300),
+)
+def test_fused_column_statistics_equal_a_float64_softmax(monkeypatch, seed, batch, heads, group, past, q_len):
+    monkeypatch.setenv(layer_module.STATS_PRECISION_ENV, "fp32")
+    query, keys, values = random_chunk(seed, batch, heads, group, past, q_len)
+    output, stats = attention_with_stats(query, keys, values, None, None, 0.25, NEEDS, 0)
+    ref_out, ref_col, ref_below, ref_seen = reference(query, keys, values, past, q_len, 0.25)
+    torch.testing.assert_close(output.double(), ref_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(stats.colsum.double(), ref_col, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(stats.queries_seen.double(), ref_seen)
+    # Below-mean counts may differ only where a weight sits on the threshold within rounding.
+    assert (stats.below_mean.double() - ref_below).abs().max() <= 2
+
+
+@pytest.mark.parametrize("past, q_len", [(0, 512), (1024, 512)])
+def test_bf16_statistics_track_fp32_and_leave_the_output_exact(monkeypatch, past, q_len):
+    query, keys, values = random_chunk(7, 1, 3, 3, past, q_len, head_dim=64)
+    monkeypatch.setenv(layer_module.STATS_PRECISION_ENV, "fp32")
+    exact_out, exact = attention_with_stats(query, keys, values, None, None, 0.125, NEEDS, 0)
+    monkeypatch.setenv(layer_module.STATS_PRECISION_ENV, "bf16")
+    out, approx = attention_with_stats(query, keys, values, None, None, 0.125, NEEDS, 0)
+    assert torch.equal(out, exact_out)  # the attention output never depends on the statistics' precision
+    assert torch.equal(approx.queries_seen, exact.queries_seen)
+    heavy = exact.colsum > exact.colsum.mean()  # the entries an eviction decision is about
+    relative = ((approx.colsum - exact.colsum).abs() / exact.colsum)[heavy]
+    assert relative.mean() < 0.005 and relative.max() < 0.03, (relative.mean(), relative.max())
+    budget = exact.colsum.shape[-1] // 4
+    top_exact = set(exact.colsum[0, 0].topk(budget).indices.tolist())
+    top_approx = set(approx.colsum[0, 0].topk(budget).indices.tolist())
+    assert len(top_exact & top_approx) >= 0.95 * budget
+
+
+def test_stats_precision_rejects_unknown_values(monkeypatch):
+    monkeypatch.setenv(layer_module.STATS_PRECISION_ENV, "fp8")
+    with pytest.raises(ValueError, match="choose auto, fp32 or bf16"):
+        layer_module.stats_precision()

@@ -1,0 +1,275 @@
+"""The bench runner and ``kvstack bench``: end to end on a tiny model, resumability, bad input, metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from test_bench_helpers import model, prose_file, tiny_llama, tokenizer  # noqa: F401  (pytest fixtures)
+
+import kvstack.models
+from kvstack import SpecError, cli
+from kvstack.bench import BenchConfig, BenchError, expand_methods, plan_cells, read_results, run_bench
+from kvstack.bench.config import split_top_level
+from kvstack.bench.metrics import PeakMemory
+from kvstack.bench.runner import RESULTS_FILE, append_result
+
+PLOTS = ("score_vs_compression.png", "needle_heatmap.png", "kv_bytes_vs_length.png", "decode_speed_vs_length.png")
+
+
+def small_config(out: Path, prose: str, **overrides) -> BenchConfig:
+    values = dict(
+        model="tiny-llama", methods=["streamingllm(ratio={ratio})", "snapkv(ratio={ratio})"], ratios=[0.5],
+        tasks=["passkey", "niah", "perplexity"], depths=[0.0, 1.0], lengths=[160, 320], samples=2, seed=0,
+        max_new_tokens=6, ppl_chunk=64, prose=prose, out_dir=str(out), progress=False, plots=False,
+    )
+    values.update(overrides)
+    return BenchConfig(**values)
+
+
+# ------------------------------------------------------------------------------------------------ methods
+
+
+def test_methods_expand_placeholders_bare_names_and_add_the_full_baseline_once():
+    runs = expand_methods(["snapkv(ratio={ratio})", "h2o", "adakv(snapkv(budget={budget}), floor=0.2)"],
+                          ratios=[0.25, 0.5], budgets=[64])
+    labels = [r.label for r in runs]
+    assert labels == ["full", "snapkv(ratio=0.25)", "snapkv(ratio=0.5)", "h2o(ratio=0.25)", "h2o(ratio=0.5)",
+                      "h2o(budget=64)", "adakv(snapkv(budget=64))"]
+    assert {r.group for r in runs if r.label.startswith("snapkv")} == {"snapkv(ratio={ratio})"}
+    assert runs[1].ratio == 0.25 and runs[-1].budget == 64 and runs[3].dynamic
+    assert [r.label for r in expand_methods(["full", "full"], ratios=[0.5])] == ["full"]
+
+
+def test_method_errors_are_one_line_usage_errors():
+    with pytest.raises(SpecError, match="unknown method 'snapkvv'"):
+        expand_methods(["snapkvv(ratio={ratio})"], ratios=[0.5])
+    with pytest.raises(BenchError, match="give --ratios"):
+        expand_methods(["snapkv(ratio={ratio})"])
+    with pytest.raises(BenchError, match="needs --ratios or --budgets"):
+        expand_methods(["snapkv"])
+
+
+def test_method_lists_split_only_at_top_level_commas():
+    assert split_top_level("full,adakv(snapkv(ratio=0.5), floor=0.2), h2o(ratio={ratio})") == [
+        "full", "adakv(snapkv(ratio=0.5), floor=0.2)", "h2o(ratio={ratio})"]
+
+
+def test_cell_keys_are_stable_and_distinct(tmp_path, prose_file):  # noqa: F811
+    config = small_config(tmp_path, prose_file)
+    cells = plan_cells(config)
+    assert len(cells) == (3 * 2 + 2) * 3  # (passkey + 2 depths) x 2 lengths (+ perplexity x 2) x 3 methods
+    assert len({c.key for c in cells}) == len(cells)
+    assert [c.key for c in plan_cells(small_config(tmp_path / "other", prose_file))] == [c.key for c in cells]
+    assert plan_cells(small_config(tmp_path, prose_file, seed=1))[0].key != cells[0].key
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def test_run_bench_end_to_end_on_a_tiny_model(tmp_path, model, tokenizer, prose_file):  # noqa: F811
+    config = small_config(tmp_path, prose_file, plots=True, query_modes=["after", "both"])
+    result = run_bench(config, model, tokenizer)
+    cells = plan_cells(config)
+    assert result.ran == len(cells) and result.skipped == 0
+    records = read_results(tmp_path / RESULTS_FILE)
+    assert sorted(r["key"] for r in records) == sorted(c.key for c in cells)
+    for r in records:
+        assert r["samples"] == 2 and len(r["per_sample"]) == 2
+        assert r["model"] == "tiny-llama" and r["kv_bytes"] > 0 and r["full_kv_bytes"] > 0
+        assert r["peak_rss_bytes"] and r["prefill_s"] > 0
+        if r["kind"] == "generate":
+            assert 0 <= r["score"] <= 100 and r["ttft_s"] >= r["prefill_s"]
+            assert abs(r["prompt_tokens"] - r["length"]) <= 0.02 * r["length"]
+            assert r["query_mode"] in ("after", "both") and r["chat"] is True
+        else:
+            assert r["score"] > 1 and r["query_mode"] == "n/a"
+        if r["method"] == "snapkv(ratio=0.5)" and r["kind"] == "generate":
+            assert 0.3 < r["compression_ratio_prefill"] < 0.6 and r["kv_bytes"] < 0.7 * r["full_kv_bytes"]
+        if r["method"] == "full":
+            assert r["compression_ratio"] < 0.05
+    assert {r["depth"] for r in records if r["task"] == "niah"} == {0.0, 1.0}
+    for name in ("summary.csv", "results.md", *PLOTS):
+        assert (tmp_path / name).stat().st_size > 0, name
+    with open(tmp_path / "summary.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(cells) and {"score", "compression_ratio", "decode_tokens_per_s"} <= set(rows[0])
+    markdown = (tmp_path / "results.md").read_text()
+    assert "## passkey" in markdown and "`snapkv(ratio=0.5)`" in markdown
+
+
+def test_samples_are_shared_by_every_method_of_a_cell(tmp_path, model, tokenizer, prose_file):  # noqa: F811
+    run_bench(small_config(tmp_path, prose_file, tasks=["passkey"], lengths=[200]), model, tokenizer)
+    records = read_results(tmp_path / RESULTS_FILE)
+    answers = {tuple(tuple(s["answers"]) for s in r["per_sample"]) for r in records}
+    tokens = {tuple(s["tokens"] for s in r["per_sample"]) for r in records}
+    assert len(records) == 3 and len(answers) == 1 and len(tokens) == 1
+
+
+# ------------------------------------------------------------------------------------------------ resuming
+
+
+def test_an_interrupted_run_resumes_without_redoing_finished_cells(tmp_path, model, tokenizer, prose_file):  # noqa: F811
+    config = small_config(tmp_path, prose_file)
+    first: list[str] = []
+
+    def interrupt_after_four(record):
+        first.append(record["key"])
+        if len(first) == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(config, model, tokenizer, on_cell=interrupt_after_four)
+    saved = read_results(tmp_path / RESULTS_FILE)
+    assert [r["key"] for r in saved] == first
+    with open(tmp_path / RESULTS_FILE, "a") as fh:  # a write torn by the interruption
+        fh.write('{"key": "torn-li')
+
+    second: list[str] = []
+    result = run_bench(config, model, tokenizer, on_cell=lambda r: second.append(r["key"]))
+    total = len(plan_cells(config))
+    assert result.skipped == 4 and result.ran == total - 4
+    assert not set(first) & set(second) and len(set(first) | set(second)) == total
+    again = read_results(tmp_path / RESULTS_FILE)
+    assert again[:4] == saved  # finished cells untouched
+    assert len({r["key"] for r in again}) == total
+
+    third = run_bench(config, model, tokenizer, on_cell=lambda r: pytest.fail("nothing left to run"))
+    assert third.ran == 0 and third.skipped == total
+
+
+def test_append_result_starts_a_fresh_line_after_a_torn_one(tmp_path):
+    path = tmp_path / RESULTS_FILE
+    path.write_text('{"key": "a"}\n{"key": "b", "trunc')
+    append_result(path, {"key": "c"})
+    assert [r["key"] for r in read_results(path)] == ["a", "c"]
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.fixture
+def tiny_loader(monkeypatch, model, tokenizer):  # noqa: F811
+    calls = []
+
+    def load(name, device=None):
+        calls.append(name)
+        return model, tokenizer
+
+    monkeypatch.setattr(kvstack.models, "load_model", load)
+    return calls
+
+
+def bench_args(out: Path, prose: str, *extra: str) -> list[str]:
+    return ["bench", "--model", "tiny", "--tasks", "passkey", "--lengths", "160", "--samples", "1",
+            "--methods", "snapkv(ratio={ratio})", "--ratios", "0.5", "--max-new-tokens", "4", "--out", str(out),
+            "--prose-file", prose, "--no-progress", "--no-plots", *extra]
+
+
+def test_cli_bench_runs_end_to_end_and_resumes(tmp_path, tiny_loader, prose_file, capsys):  # noqa: F811
+    assert cli.main(bench_args(tmp_path, prose_file)) == 0
+    out = capsys.readouterr().out
+    assert "2 cells run, 0 already done" in out and tiny_loader == ["tiny"]
+    assert cli.main(bench_args(tmp_path, prose_file)) == 0
+    assert "0 cells run, 2 already done" in capsys.readouterr().out
+    assert tiny_loader == ["tiny"]  # nothing left to run: the model is not even loaded
+    assert cli.main(["bench", "--out", str(tmp_path), "--report-only", "--no-plots"]) == 0
+    assert cli.main(["bench", "--list-tasks"]) == 0
+    listing = capsys.readouterr().out
+    assert "passkey" in listing and "niah_multikey_uuid" in listing
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--tasks", "passkey,nope"], "unknown task 'nope'"),
+        (["--samples", "0"], "samples must be a positive integer"),
+        (["--lengths", "100000"], "beyond the model's context of 2048 tokens"),
+        (["--lengths", "12"], "shorter than its smallest prompt"),
+        (["--ratios", "1.5"], r"ratios are fractions evicted, in \[0, 1\)"),
+        (["--methods", "snapkv(ratio=0.5"], "cannot parse"),
+        (["--query-mode", "before"], "unknown mode 'before'"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_loses_nothing(tmp_path, tiny_loader, prose_file, capsys, extra, message):  # noqa: F811
+    assert cli.main(bench_args(tmp_path, prose_file)) == 0
+    before = (tmp_path / RESULTS_FILE).read_bytes()
+    capsys.readouterr()
+    assert cli.main(bench_args(tmp_path, prose_file, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kvstack: error:") and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert re.search(message, err), err
+    assert (tmp_path / RESULTS_FILE).read_bytes() == before
+
+
+def test_an_unwritable_output_directory_is_refused_before_loading(tmp_path, monkeypatch, prose_file, capsys):  # noqa: F811
+    monkeypatch.setattr(kvstack.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a directory")
+    assert cli.main(bench_args(blocker / "out", prose_file)) == 2
+    err = capsys.readouterr().err
+    assert "cannot write to output directory" in err and "--out" in err
+
+
+def test_errors_before_loading_do_not_load_the_model(tmp_path, monkeypatch, prose_file, capsys):  # noqa: F811
+    monkeypatch.setattr(kvstack.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    assert cli.main(bench_args(tmp_path, prose_file, "--tasks", "bogus")) == 2
+    assert cli.main(bench_args(tmp_path, prose_file, "--samples", "0")) == 2
+    assert "valid tasks" in capsys.readouterr().err
+
+
+def test_python_api_refuses_zero_samples_and_a_model_without_tokenizer(tmp_path, model, prose_file):  # noqa: F811
+    with pytest.raises(BenchError, match="samples must be a positive integer"):
+        run_bench(small_config(tmp_path, prose_file, samples=0), model, None)
+    with pytest.raises(BenchError, match="without its tokenizer"):
+        run_bench(small_config(tmp_path, prose_file), model, None)
+
+
+def test_quick_config_is_small_and_overridable():
+    quick = BenchConfig.quick(samples=1)
+    assert quick.samples == 1 and "passkey" in quick.tasks and "perplexity" in quick.tasks
+    assert {"full", "snapkv(ratio={ratio})", "h2o(ratio={ratio})", "streamingllm(ratio={ratio})"} <= set(quick.methods)
+    assert quick.ratios == [0.5]
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def test_peak_memory_covers_only_the_block():
+    big = torch.ones(40_000_000)  # 160 MB, freed before the block: must not count inside it
+    del big
+    with PeakMemory() as outside:
+        pass
+    with PeakMemory() as inside:
+        block = torch.ones(40_000_000)
+        block += 1
+        del block
+    assert inside.method in ("vmhwm-reset", "sampled-2ms", "ru_maxrss-lifetime")
+    if inside.method == "vmhwm-reset":
+        assert inside.peak_rss - inside.base_rss > 120e6
+        assert outside.peak_rss - outside.base_rss < 60e6
+
+
+def test_report_only_without_results_is_an_error(tmp_path, capsys):
+    assert cli.main(["bench", "--out", str(tmp_path), "--report-only"]) == 2
+    assert "no results" in capsys.readouterr().err
+
+
+def test_results_jsonl_lines_are_plain_json(tmp_path, model, tokenizer, prose_file):  # noqa: F811
+    run_bench(small_config(tmp_path, prose_file, tasks=["perplexity"], lengths=[128]), model, tokenizer)
+    lines = (tmp_path / RESULTS_FILE).read_text().splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        record = json.loads(line)
+        assert record["config"]["ppl_chunk"] == 64 and record["task"] == "perplexity"
+
+
+def test_a_tiny_context_model_is_refused_beyond_its_context(tmp_path, tokenizer, prose_file):  # noqa: F811
+    short = tiny_llama(len(tokenizer), max_context=256)
+    with pytest.raises(BenchError, match="beyond the model's context of 256 tokens; use lengths <= 250"):
+        run_bench(small_config(tmp_path, prose_file, tasks=["passkey"], lengths=[300]), short, tokenizer)
+    assert not (tmp_path / RESULTS_FILE).exists()
