@@ -11,7 +11,8 @@ generated and tokenised once and reused by every method.
 
 Generation cells: :func:`kvstack.api.prefill` reads the prompt (chunked for dynamic methods), the
 first token is the argmax of its last logits, then greedy decoding one token per forward until an
-end-of-sequence token or the task's ``max_new_tokens``. ``prefill_s`` times the prefill,
+end-of-sequence token, the task's ``max_new_tokens``, or a prediction that already holds every
+reference (its substring score is 100 and cannot change; see :func:`score_settled`). ``prefill_s`` times the prefill,
 ``ttft_s`` prefill + first token, ``decode_tokens_per_s`` the tokens after the first over the time
 spent producing them (``tpot_s`` is its inverse). KV bytes come from the cache's own accounting
 (:meth:`kvstack.KVStackCache.summary`) after the prompt (``*_prefill``) and at the end of the cell.
@@ -60,7 +61,7 @@ __all__ = [
     "run_bench",
 ]
 
-HARNESS_VERSION = 1
+HARNESS_VERSION = 2
 """Bumped when a change to the harness changes results; part of every cell key."""
 
 RESULTS_FILE = "results.jsonl"
@@ -383,6 +384,18 @@ def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
     return ids
 
 
+def score_settled(scorer: str, prediction: str, answers: Sequence[str]) -> bool:
+    """True when ``prediction`` already scores 100 with a substring scorer.
+
+    Greedy decoding only appends text, and a reference found in a prefix is found in every extension,
+    so further tokens cannot change the score: decoding stops there (a large saving on the long-answer
+    tasks, e.g. common words, without changing any score).
+    """
+    if scorer not in ("string_match_all", "string_match_part"):
+        return False
+    return score_text(scorer, prediction, answers) >= 100.0
+
+
 def _mean(values: Sequence[float | None]) -> float | None:
     present = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     return statistics.fmean(present) if present else None
@@ -404,15 +417,20 @@ def _generation_sample(model: torch.nn.Module, tokenizer: Any, cell: Cell, sampl
     generated = [int(token)]
     first = time.perf_counter()
     after_prompt = cache.summary()
+    settled = False
     while len(generated) < limit and generated[-1] not in eos:
         out = model(input_ids=token, past_key_values=cache, use_cache=True)
         token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
         generated.append(int(token))
+        if score_settled(cell.task.scorer, tokenizer.decode(generated, skip_special_tokens=True), sample.answers):
+            settled = True
+            break
     synchronize(device)
     end = time.perf_counter()
     prediction = tokenizer.decode(generated, skip_special_tokens=True)
     return {
         "score": score_text(cell.task.scorer, prediction, sample.answers),
+        "stopped_at_full_score": settled,
         "prediction": prediction,
         "answers": sample.answers,
         "tokens": len(sample.input_ids),

@@ -701,6 +701,7 @@ def _flash_attention_with_column_stats(
     seen_by = torch.zeros_like(colsum) if STAT_BELOW_MEAN in needs else None
     window_parts = []
     low_precision = _use_bf16_stats(num_q_heads * min(q_len, QUERY_BLOCK) * length)
+    block = QUERY_BLOCK
     if low_precision:
         lse_high = lse.to(torch.bfloat16)
         lse_low = (lse - lse_high.float()).to(torch.bfloat16)
@@ -708,8 +709,8 @@ def _flash_attention_with_column_stats(
         keys_for_stats = torch.cat((keys.to(torch.bfloat16), ones), dim=-1)  # [B, H, L, D + 2]
     else:
         keys_for_stats = keys
-    for start in range(0, q_len, QUERY_BLOCK):
-        stop = min(start + QUERY_BLOCK, q_len)
+    for start in range(0, q_len, block):
+        stop = min(start + block, q_len)
         rows, visible_keys = stop - start, past + stop
         block_lse = lse[:, :, start:stop]  # [B, Hq, rows]
         scaled_q = query[:, :, start:stop] * scaling

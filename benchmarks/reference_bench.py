@@ -1,0 +1,134 @@
+"""Reference results of the evaluation harness (issue "Evaluation harness") for SmolLM2-135M-Instruct.
+
+Every registered method at compression ratios 0.25, 0.5 and 0.75, plus the full cache, on the whole
+task suite (RULER subset, passkey, the needle grid, long-text perplexity), 20 samples per cell, at the
+lengths given (default 1k and 2k tokens; add 4096 where the full cache still scores).
+
+The run is :func:`kvstack.bench.run_bench`, so it is resumable: finished cells are keyed in
+``results.jsonl`` and skipped, and the same command carries on where an earlier (or interrupted) run
+stopped. ``--max-minutes`` ends the run cleanly after the cell under way, so a long grid can be spread
+over several sessions; ``PROGRESS.md`` says how much of the grid is done.
+
+Usage::
+
+    python benchmarks/reference_bench.py [--lengths 1024,2048] [--max-minutes 90]
+        [--out benchmarks/results/reference]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from kvstack.bench import TASKS, BenchConfig, plan_cells, read_results, run_bench
+from kvstack.spec import list_methods
+
+RATIOS = [0.25, 0.5, 0.75]
+SAMPLES = 20
+
+
+class _Deadline(Exception):
+    """Raised from the per-cell callback when the time budget is spent (the finished cell is saved)."""
+
+
+def reference_methods() -> list[str]:
+    """Every registered method as a ``{ratio}`` template; wrappers wrap SnapKV and H2O."""
+    templates = []
+    for info in list_methods():
+        if info.name == "full":
+            continue
+        if info.wraps:
+            templates += [f"{info.name}(snapkv(ratio={{ratio}}))", f"{info.name}(h2o(ratio={{ratio}}))"]
+        else:
+            templates.append(f"{info.name}(ratio={{ratio}})")
+    return ["full", *templates]
+
+
+def reference_config(lengths: list[int], out_dir: str, samples: int = SAMPLES) -> BenchConfig:
+    """The reference grid."""
+    return BenchConfig(
+        methods=reference_methods(), ratios=list(RATIOS), tasks=sorted(TASKS), lengths=lengths, samples=samples,
+        out_dir=out_dir, progress=sys.stderr.isatty(),
+    )
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_progress(out_dir: Path, config: BenchConfig, command: str, started: str, stopped_early: bool) -> None:
+    """``PROGRESS.md``: the command, machine, and how many cells of the grid are finished, per length."""
+    planned = plan_cells(config)
+    done = {record["key"] for record in read_results(out_dir / "results.jsonl")}
+    lines = [
+        "# Reference results: progress", "",
+        f"- command: `{command}`",
+        f"- last run: started {started}, ended {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}"
+        + (" (stopped at its time budget; run the same command to continue)" if stopped_early else ""),
+        f"- machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), Python {platform.python_version()}",
+        f"- grid: {len(reference_methods())} method templates x ratios {RATIOS} on {len(config.tasks)} tasks, "
+        f"{config.samples} samples per cell", "",
+        "| length | cells done | cells planned |", "| --- | --- | --- |",
+    ]
+    for length in config.lengths:
+        cells = [cell for cell in planned if cell.length == length]
+        finished = sum(cell.key in done for cell in cells)
+        lines.append(f"| {length} | {finished} | {len(cells)} |")
+    tasks_done = sorted({(cell.task.name, cell.task.variant, cell.length) for cell in planned if cell.key in done})
+    lines += ["", "Task cells with at least one method finished: "
+              + (", ".join(f"{t}{' ' + v if v else ''}@{n}" for t, v, n in tasks_done) or "none"), ""]
+    (out_dir / "PROGRESS.md").write_text("\n".join(lines))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="1024,2048", help="comma-separated prompt lengths in tokens")
+    parser.add_argument("--samples", type=int, default=SAMPLES)
+    parser.add_argument("--out", default="benchmarks/results/reference")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop after the cell that ends past this many minutes (resume with the same command)")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    lengths = [int(item) for item in args.lengths.split(",") if item.strip()]
+    config = reference_config(lengths, args.out, args.samples)
+    command = "python " + " ".join(sys.argv)
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
+
+    def on_cell(record: dict) -> None:
+        print(json.dumps({k: record[k] for k in ("task", "variant", "length", "method", "score", "compression_ratio")}),
+              flush=True)
+        if deadline is not None and time.monotonic() > deadline:
+            raise _Deadline
+
+    stopped_early = False
+    try:
+        for length in lengths:  # one length at a time, so a partial run completes the shorter lengths first
+            run_bench(reference_config([length], args.out, args.samples), on_cell=on_cell)
+    except _Deadline:
+        stopped_early = True
+        from kvstack.bench.report import write_reports
+
+        records = list({r["key"]: r for r in read_results(Path(args.out) / "results.jsonl")}.values())
+        write_reports(Path(args.out), records, plots=True)
+    write_progress(Path(args.out), config, command, started, stopped_early)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
