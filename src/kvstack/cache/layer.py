@@ -668,7 +668,9 @@ def _flash_attention_with_column_stats(
     in bfloat16 with ``-lse`` folded into the matrix product as two extra columns (its high and low
     bf16 parts), so the rounded numbers are ``log w <= 0``; the column sums of the heavy entries then
     carry about 0.5% relative error on average (under 3% at worst in the tests), as fp16/bf16 H2O runs
-    on GPUs do. The attention output is always exact.
+    on GPUs do. When only column sums are needed and nothing is padded (H2O), they come instead from
+    one fused flash call on the transposed problem (:func:`_column_sums_by_transposed_flash`), which
+    never materialises a weight. The attention output is always exact.
     Shapes as in :func:`attention_with_stats`.
     """
     batch, num_q_heads, q_len, _ = query.shape
@@ -701,6 +703,9 @@ def _flash_attention_with_column_stats(
     seen_by = torch.zeros_like(colsum) if STAT_BELOW_MEAN in needs else None
     window_parts = []
     low_precision = _use_bf16_stats(num_q_heads * min(q_len, QUERY_BLOCK) * length)
+    if low_precision and not padded and needs <= {STAT_COLSUM}:
+        stats.colsum = _column_sums_by_transposed_flash(query, keys, lse, scaling)
+        return output.transpose(1, 2), stats
     block = QUERY_BLOCK
     if low_precision:
         lse_high = lse.to(torch.bfloat16)
@@ -764,6 +769,46 @@ def _flash_attention_with_column_stats(
     if window_parts:
         stats.window = torch.cat(window_parts, dim=2)
     return output.transpose(1, 2), stats
+
+
+def _column_sums_by_transposed_flash(
+    query: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Causal column sums of the softmax weights, ``[B, H, L]``, with one fused bf16 flash-attention call.
+
+    The attention an entry ``j`` receives is ``sum_i exp(s * q_i.k_j - lse_i)``: the normaliser of a
+    softmax in which ``k_j`` is the query and the ``q_i`` are the keys, with ``-lse_i`` folded into them
+    as two extra bf16 columns (high and low parts, met by two columns of ones on the key side). The
+    flash kernel returns that normaliser's log as its log-sum-exp, so no weight is ever materialised.
+    Reversing both axes turns "query ``i`` sees entry ``j`` iff ``j <= past + i``" into the kernel's
+    top-left causal mask. Inputs are rounded to bf16 (as in fp16/bf16 GPU runs of H2O); the sums are
+    accumulated in fp32 inside the kernel.
+
+    Parameters
+    ----------
+    query:
+        ``[B, Hq, q, D]`` queries of the chunk (the last ``q`` of the ``L`` entries are the chunk itself).
+    keys:
+        ``[B, H, L, D]``.
+    lse:
+        ``[B, Hq, q]`` float32 log-sum-exp of each query's attention (from the forward's flash call).
+    """
+    batch, num_q_heads = query.shape[:2]
+    heads, length = keys.shape[1], keys.shape[2]
+    group = num_q_heads // heads
+    lse_high = lse.to(torch.bfloat16)
+    lse_low = (lse - lse_high.float()).to(torch.bfloat16)
+    ones = keys.new_ones((batch, heads, length, 2))
+    entry_side = torch.cat((keys * scaling, ones), dim=-1).to(torch.bfloat16).flip(2)  # [B, H, L, D + 2]
+    entry_side = entry_side.repeat_interleave(group, dim=1) if group > 1 else entry_side
+    query_side = torch.cat(
+        (query.to(torch.bfloat16), -lse_high.unsqueeze(-1), -lse_low.unsqueeze(-1)), dim=-1
+    ).flip(2)  # [B, Hq, q, D + 2]
+    unused_values = query_side.new_zeros(query_side.shape)
+    _, entry_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        entry_side, query_side, unused_values, 0.0, True, scale=1.0
+    )  # [B, Hq, L] float32
+    return entry_lse.flip(2).exp_().view(batch, heads, group, length).sum(dim=2)
 
 
 @functools.lru_cache(maxsize=16)
