@@ -106,11 +106,14 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results/reference")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop after the cell that ends past this many minutes (resume with the same command)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only rewrite the tables, plots and PROGRESS.md from results.jsonl")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     lengths = [int(item) for item in args.lengths.split(",") if item.strip()]
     config = reference_config(lengths, args.out, args.samples)
-    command = "python " + " ".join(sys.argv)
+    command = (f"python benchmarks/reference_bench.py --lengths {args.lengths} --samples {args.samples} "
+               f"--out {args.out} [--max-minutes M]")  # the command that runs (or continues) this grid
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
 
@@ -121,6 +124,13 @@ def main() -> int:
             raise _DeadlineError
 
     stopped_early = False
+    if args.report_only:
+        from kvstack.bench.report import write_reports
+
+        records = list({r["key"]: r for r in read_results(Path(args.out) / "results.jsonl")}.values())
+        write_reports(Path(args.out), records, plots=True)
+        write_progress(Path(args.out), config, command, started, stopped_early=True)
+        return 0
     try:
         for length in lengths:  # one length at a time, so a partial run completes the shorter lengths first
             run_bench(reference_config([length], args.out, args.samples), on_cell=on_cell)

@@ -273,3 +273,15 @@ def test_a_tiny_context_model_is_refused_beyond_its_context(tmp_path, tokenizer,
     with pytest.raises(BenchError, match="beyond the model's context of 256 tokens; use lengths <= 250"):
         run_bench(small_config(tmp_path, prose_file, tasks=["passkey"], lengths=[300]), short, tokenizer)
     assert not (tmp_path / RESULTS_FILE).exists()
+
+
+def test_decoding_stops_only_once_the_substring_score_cannot_change():
+    from kvstack.bench.runner import score_settled
+
+    assert score_settled("string_match_all", "The keys are 12 and 7", ["12", "7"])
+    assert not score_settled("string_match_all", "The keys are 12 and", ["12", "7"])  # 7 may still come
+    assert score_settled("string_match_part", "maybe 7", ["12", "7"])
+    assert not score_settled("string_match_part", "maybe", ["12", "7"])
+    assert not score_settled("perplexity", "anything", ["x"])  # teacher-forced cells never decode
+    # Appending text never lowers a settled score: every extension still contains the references.
+    assert score_settled("string_match_all", "The keys are 12 and 7, then more text", ["12", "7"])
