@@ -1,4 +1,5 @@
-"""Serving-engine foundations: paged KV block bookkeeping with a hash-chain prefix cache (no tensors)."""
+"""Serving-engine foundations: paged KV block bookkeeping with a hash-chain prefix cache and an iteration-level
+scheduler (continuous batching, chunked prefill, preemption by recompute); no tensors."""
 
 from kvstack.engine.blocks import (
     BlockManager,
@@ -8,5 +9,32 @@ from kvstack.engine.blocks import (
     OutOfBlocksError,
     block_hash,
 )
+from kvstack.engine.scheduler import (
+    DEFAULT_MAX_WAITING_STEPS,
+    SCHEDULING_POLICIES,
+    FinishReason,
+    Request,
+    ScheduledBatch,
+    ScheduledSequence,
+    Scheduler,
+    Sequence,
+    SequenceStatus,
+)
 
-__all__ = ["BlockManager", "BlockPool", "BlockStateError", "CopyOnWrite", "OutOfBlocksError", "block_hash"]
+__all__ = [
+    "DEFAULT_MAX_WAITING_STEPS",
+    "SCHEDULING_POLICIES",
+    "BlockManager",
+    "BlockPool",
+    "BlockStateError",
+    "CopyOnWrite",
+    "FinishReason",
+    "OutOfBlocksError",
+    "Request",
+    "ScheduledBatch",
+    "ScheduledSequence",
+    "Scheduler",
+    "Sequence",
+    "SequenceStatus",
+    "block_hash",
+]

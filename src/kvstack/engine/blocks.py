@@ -658,6 +658,32 @@ class BlockManager:
             raise KVStackError(f"num_tokens must be a non-negative integer, got {num_tokens!r}")
         return -(-num_tokens // self._block_size) <= self._pool.num_available
 
+    def cached_prefix_tokens(self, token_ids: Sequence[int]) -> int:
+        """Prompt tokens :meth:`allocate_prompt` would find cached right now; changes no state or metric.
+
+        Parameters
+        ----------
+        token_ids : sequence of int
+            A prompt (an empty one has no cached prefix).
+
+        Returns
+        -------
+        int
+            A multiple of ``block_size``, always less than ``len(token_ids)`` (0 when prefix caching is off).
+        """
+        tokens = [int(t) for t in token_ids]
+        if not tokens or not self._enable_prefix_caching:
+            return 0
+        size = self._block_size
+        parent: bytes | None = None
+        hits = 0
+        for index in range((len(tokens) - 1) // size):  # the block holding the last token is never a hit
+            parent = block_hash(parent, tokens[index * size : (index + 1) * size], self._namespace)
+            if self._pool.lookup(parent) is None:
+                break
+            hits += 1
+        return hits * size
+
     def metrics(self) -> dict[str, float | int]:
         """Prefix-cache and memory counters.
 
