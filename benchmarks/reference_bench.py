@@ -96,7 +96,53 @@ def write_progress(out_dir: Path, config: BenchConfig, command: str, started: st
     tasks_done = sorted({(cell.task.name, cell.task.variant, cell.length) for cell in planned if cell.key in done})
     lines += ["", "Task cells with at least one method finished: "
               + (", ".join(f"{t}{' ' + v if v else ''}@{n}" for t, v, n in tasks_done) or "none"), ""]
+    records = list({r["key"]: r for r in read_results(out_dir / "results.jsonl")}.values())
+    for length in config.lengths:
+        lines += [f"## Summary at {length} tokens", "", summary_table(records, length), ""]
     (out_dir / "PROGRESS.md").write_text("\n".join(lines))
+
+
+def summary_table(records: list[dict], length: int) -> str:
+    """Markdown: mean score per method template and ratio over the generation tasks every method finished.
+
+    Only task cells (task, variant) that every method of the grid has finished at ``length`` are averaged,
+    so each row is taken over the same work. Perplexity is shown in its own column (lower is better).
+    """
+    methods = {r["method"] for r in records if r["length"] == length}
+    cells: dict[tuple[str, str], dict[str, dict]] = {}
+    for record in records:
+        if record["length"] == length:
+            cells.setdefault((record["task"], record["variant"]), {})[record["method"]] = record
+    complete = sorted(key for key, by_method in cells.items() if set(by_method) == methods and methods)
+    generation = [key for key in complete if key[0] != "perplexity"]
+    if not generation:
+        return f"No task is finished for every method at {length} tokens yet."
+    groups: dict[str, dict[float, str]] = {}
+    for method in methods:
+        record = cells[generation[0]][method]
+        groups.setdefault(record["method_group"], {})[record["ratio"] or 0.0] = method
+    names = ", ".join(f"{t}{' ' + v if v else ''}" for t, v in generation)
+    lines = [f"Mean score over {len(generation)} task cells at {length} tokens ({names}), "
+             f"{cells[generation[0]]['full']['samples']} samples each; perplexity where finished "
+             "(lower is better).", "",
+             "| method | ratio 0.25 | ratio 0.5 | ratio 0.75 | perplexity at 0.25 / 0.5 / 0.75 |",
+             "| --- | ---: | ---: | ---: | --- |"]
+    perplexity = cells.get(("perplexity", ""), {})
+    for group in sorted(groups, key=lambda g: (g != "full", g)):
+        by_ratio = groups[group]
+        row = [f"`{group}`"]
+        ppl = []
+        for ratio in RATIOS:  # the full cache's score is repeated under every ratio, as the baseline
+            method = by_ratio.get(0.0 if group == "full" else ratio)
+            if method is None:
+                row.append("")
+                continue
+            row.append(f"{sum(cells[key][method]['score'] for key in generation) / len(generation):.1f}")
+            if method in perplexity:
+                ppl.append(f"{perplexity[method]['score']:.2f}")
+        row.append(" / ".join(dict.fromkeys(ppl)))  # full: one value
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def main() -> int:
