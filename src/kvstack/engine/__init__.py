@@ -20,6 +20,7 @@ from kvstack.engine.scheduler import (
     Sequence,
     SequenceStatus,
 )
+from kvstack.engine.tiers import DiskTier, HostTier, TieredStore, TierError
 
 __all__ = [
     "DEFAULT_MAX_WAITING_STEPS",
@@ -28,7 +29,9 @@ __all__ = [
     "BlockPool",
     "BlockStateError",
     "CopyOnWrite",
+    "DiskTier",
     "FinishReason",
+    "HostTier",
     "OutOfBlocksError",
     "Request",
     "ScheduledBatch",
@@ -36,5 +39,7 @@ __all__ = [
     "Scheduler",
     "Sequence",
     "SequenceStatus",
+    "TierError",
+    "TieredStore",
     "block_hash",
 ]
