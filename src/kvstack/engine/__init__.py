@@ -1,5 +1,7 @@
-"""Serving-engine foundations: paged KV block bookkeeping with a hash-chain prefix cache and an iteration-level
-scheduler (continuous batching, chunked prefill, preemption by recompute); no tensors."""
+"""Serving-engine foundations: paged KV block bookkeeping with a hash-chain prefix cache, an iteration-level
+scheduler (continuous batching, chunked prefill, preemption by recompute), the paged KV tensor pool with
+attention over block tables, and host/disk tiers for evicted prefix blocks. The runner that drives a model
+through them comes next."""
 
 from kvstack.engine.blocks import (
     BlockManager,
@@ -9,6 +11,7 @@ from kvstack.engine.blocks import (
     OutOfBlocksError,
     block_hash,
 )
+from kvstack.engine.paged import BYTES_PER_MB, PagedKVPool, paged_attention
 from kvstack.engine.scheduler import (
     DEFAULT_MAX_WAITING_STEPS,
     SCHEDULING_POLICIES,
@@ -23,6 +26,7 @@ from kvstack.engine.scheduler import (
 from kvstack.engine.tiers import DiskTier, HostTier, TieredStore, TierError
 
 __all__ = [
+    "BYTES_PER_MB",
     "DEFAULT_MAX_WAITING_STEPS",
     "SCHEDULING_POLICIES",
     "BlockManager",
@@ -33,6 +37,7 @@ __all__ = [
     "FinishReason",
     "HostTier",
     "OutOfBlocksError",
+    "PagedKVPool",
     "Request",
     "ScheduledBatch",
     "ScheduledSequence",
@@ -42,4 +47,5 @@ __all__ = [
     "TierError",
     "TieredStore",
     "block_hash",
+    "paged_attention",
 ]
