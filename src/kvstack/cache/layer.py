@@ -698,24 +698,22 @@ def _flash_attention_with_column_stats(
     )
     del repeated_keys, repeated_values, bias
     stats = AttentionStats()
-    colsum = torch.zeros(batch, heads, length, dtype=torch.float32, device=query.device)
-    below = torch.zeros_like(colsum) if STAT_BELOW_MEAN in needs else None
-    seen_by = torch.zeros_like(colsum) if STAT_BELOW_MEAN in needs else None
-    window_parts = []
     low_precision = _use_bf16_stats(num_q_heads * min(q_len, QUERY_BLOCK) * length)
     if low_precision and not padded and needs <= {STAT_COLSUM}:
         stats.colsum = _column_sums_by_transposed_flash(query, keys, lse, scaling)
         return output.transpose(1, 2), stats
-    block = QUERY_BLOCK
+    colsum = torch.zeros(batch, heads, length, dtype=torch.float32, device=query.device)
+    below = torch.zeros_like(colsum) if STAT_BELOW_MEAN in needs else None
+    seen_by = torch.zeros_like(colsum) if STAT_BELOW_MEAN in needs else None
+    window_parts = []
     if low_precision:
-        lse_high = lse.to(torch.bfloat16)
-        lse_low = (lse - lse_high.float()).to(torch.bfloat16)
+        lse_high, lse_low = _bf16_high_low(lse)
         ones = keys.new_ones((batch, heads, length, 2), dtype=torch.bfloat16)
         keys_for_stats = torch.cat((keys.to(torch.bfloat16), ones), dim=-1)  # [B, H, L, D + 2]
     else:
         keys_for_stats = keys
-    for start in range(0, q_len, block):
-        stop = min(start + block, q_len)
+    for start in range(0, q_len, QUERY_BLOCK):
+        stop = min(start + QUERY_BLOCK, q_len)
         rows, visible_keys = stop - start, past + stop
         block_lse = lse[:, :, start:stop]  # [B, Hq, rows]
         scaled_q = query[:, :, start:stop] * scaling
@@ -796,8 +794,7 @@ def _column_sums_by_transposed_flash(
     batch, num_q_heads = query.shape[:2]
     heads, length = keys.shape[1], keys.shape[2]
     group = num_q_heads // heads
-    lse_high = lse.to(torch.bfloat16)
-    lse_low = (lse - lse_high.float()).to(torch.bfloat16)
+    lse_high, lse_low = _bf16_high_low(lse)
     ones = keys.new_ones((batch, heads, length, 2))
     entry_side = torch.cat((keys * scaling, ones), dim=-1).to(torch.bfloat16).flip(2)  # [B, H, L, D + 2]
     entry_side = entry_side.repeat_interleave(group, dim=1) if group > 1 else entry_side
@@ -809,6 +806,12 @@ def _column_sums_by_transposed_flash(
         entry_side, query_side, unused_values, 0.0, True, scale=1.0
     )  # [B, Hq, L] float32
     return entry_lse.flip(2).exp_().view(batch, heads, group, length).sum(dim=2)
+
+
+def _bf16_high_low(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split float32 ``x`` into two bf16 tensors whose sum carries about 16 significant bits of ``x``."""
+    high = x.to(torch.bfloat16)
+    return high, (x - high.float()).to(torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=16)
