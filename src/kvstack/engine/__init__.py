@@ -1,7 +1,7 @@
 """Serving-engine foundations: paged KV block bookkeeping with a hash-chain prefix cache, an iteration-level
 scheduler (continuous batching, chunked prefill, preemption by recompute), the paged KV tensor pool with
-attention over block tables, and host/disk tiers for evicted prefix blocks. The runner that drives a model
-through them comes next."""
+attention over block tables, host/disk tiers for evicted prefix blocks, and the model runner (one packed forward
+per step over paged KV). The engine loop that ties them together (requests, sampling, streaming) comes next."""
 
 from kvstack.engine.blocks import (
     BlockManager,
@@ -12,6 +12,7 @@ from kvstack.engine.blocks import (
     block_hash,
 )
 from kvstack.engine.paged import BYTES_PER_MB, PagedKVPool, paged_attention
+from kvstack.engine.runner import ATTENTION_NAME, ModelRunner, PagedBatchCache, PagedCacheLayer, SequenceChunk
 from kvstack.engine.scheduler import (
     DEFAULT_MAX_WAITING_STEPS,
     SCHEDULING_POLICIES,
@@ -26,6 +27,7 @@ from kvstack.engine.scheduler import (
 from kvstack.engine.tiers import DiskTier, HostTier, TieredStore, TierError
 
 __all__ = [
+    "ATTENTION_NAME",
     "BYTES_PER_MB",
     "DEFAULT_MAX_WAITING_STEPS",
     "SCHEDULING_POLICIES",
@@ -36,13 +38,17 @@ __all__ = [
     "DiskTier",
     "FinishReason",
     "HostTier",
+    "ModelRunner",
     "OutOfBlocksError",
+    "PagedBatchCache",
+    "PagedCacheLayer",
     "PagedKVPool",
     "Request",
     "ScheduledBatch",
     "ScheduledSequence",
     "Scheduler",
     "Sequence",
+    "SequenceChunk",
     "SequenceStatus",
     "TierError",
     "TieredStore",

@@ -1,0 +1,423 @@
+"""The model runner: one forward pass over a packed batch of sequences whose KV lives in a paged pool.
+
+A step
+------
+The scheduler hands :meth:`ModelRunner.step` a list of :class:`SequenceChunk`: for each scheduled sequence,
+its block table, the position ``start`` of its first new token and the new ``token_ids`` (a whole prompt,
+a chunk of a prompt, or one decode token). Every earlier position's KV is already in the
+:class:`~kvstack.engine.paged.PagedKVPool` through that block table (computed by earlier steps, or shared
+prefix blocks found by :meth:`~kvstack.engine.blocks.BlockManager.allocate_prompt`). One step is:
+
+1. **Pack.** The ``T = sum(q_i)`` new tokens of all chunks are concatenated into one row:
+   ``input_ids [1, T]`` with ``position_ids [1, T]`` holding each chunk's own positions
+   ``start_i .. start_i + q_i - 1``.
+2. **Forward.** The model runs once on that row with a :class:`PagedBatchCache` as ``past_key_values`` and
+   the attention implementation :data:`ATTENTION_NAME` selected (through transformers'
+   ``AttentionInterface`` / ``AttentionMaskInterface``, no monkeypatching). RoPE is applied by the model
+   itself from the explicit positions.
+3. **Write.** In each layer ``l`` the model calls ``cache.update(keys [1, H, T, D], values [1, H, T, D], l)``;
+   :class:`PagedCacheLayer` writes chunk ``i``'s slice ``[H, q_i, D]`` into the pool at its positions
+   (:meth:`PagedKVPool.write`) and marks itself pending on this thread.
+4. **Attend.** The registered attention function, called right after with ``query [1, Hq, T, D]``, takes the
+   pending layer, splits the queries per chunk into ``[Hq, q_i, D]`` and calls
+   :func:`~kvstack.engine.paged.paged_attention` with context lengths ``start_i + q_i``: every chunk
+   attends causally over its own cached prefix and new tokens, never over another chunk. The outputs are
+   concatenated back into ``[1, T, Hq, D]``, the layout transformers' attention functions return.
+5. **Logits.** Only the hidden state of each chunk's last token is projected (``logits_to_keep`` given as
+   the tensor of those indices), so the step returns ``[num_chunks, vocab]``.
+
+Why one packed row
+------------------
+Continuous batching mixes prefill chunks of very different lengths with single-token decodes. Padding them
+into a ``[B, max_q]`` batch wastes compute on padding and needs padding masks; packing them into one
+``[1, T]`` row costs exactly ``T`` tokens in every linear layer (projections, MLP, norms, which are
+position-independent), and the only cross-token operation, attention, is done per sequence by
+:func:`paged_attention` over block tables, so sequences never see each other. The mask transformers would
+build is therefore useless: the registered mask function returns ``None`` and nothing is materialised.
+
+Limitations
+-----------
+* Decoder-only models built like Llama / Qwen2 / Mistral (``q_proj``/``k_proj``/``v_proj`` attention
+  modules calling ``past_key_values.update`` then the attention interface) with full attention: no sliding
+  window, ALiBi, soft-capping, cross-attention or linear-attention layers.
+* Selecting the runner's attention implementation changes the model: run it outside the runner again with
+  :meth:`ModelRunner.restore` (or use another model instance).
+* A step must not hold two chunks of the same sequence, nor two chunks writing the same block (KV of all
+  chunks is written before any chunk attends in a layer). Copy-on-write instructions from the block
+  manager must be applied (:meth:`PagedKVPool.copy_block`) before the step.
+* Attention is :func:`paged_attention`'s reference PyTorch implementation (a Python loop over sequences
+  and blocks), not a fused kernel; the thread-local hand-off means one forward at a time per thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.masking_utils import AttentionMaskInterface
+
+from kvstack.api import model_geometry
+from kvstack.engine.paged import PagedKVPool, paged_attention
+from kvstack.errors import KVStackError
+
+__all__ = [
+    "ATTENTION_NAME",
+    "ModelRunner",
+    "PagedBatchCache",
+    "PagedCacheLayer",
+    "SequenceChunk",
+]
+
+ATTENTION_NAME = "kvstack_paged"
+"""Name under which the runner's attention and mask functions are registered with transformers."""
+
+_pending = threading.local()
+
+
+@dataclass(frozen=True)
+class SequenceChunk:
+    """New tokens of one sequence for one step.
+
+    Parameters
+    ----------
+    block_table : list of int
+        The sequence's block table, covering at least positions ``0 .. start + len(token_ids) - 1``.
+    start : int
+        Position of the first new token; the KV of positions ``0 .. start - 1`` is already in the pool.
+    token_ids : list of int
+        The new tokens (at least one), at positions ``start .. start + len(token_ids) - 1``.
+    """
+
+    block_table: list[int]
+    start: int
+    token_ids: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of new tokens ``q``."""
+        return len(self.token_ids)
+
+    @property
+    def context_len(self) -> int:
+        """Tokens of the sequence stored after this step: ``start + q``."""
+        return self.start + len(self.token_ids)
+
+
+class PagedCacheLayer(CacheLayerMixin):
+    """One layer of a :class:`PagedBatchCache`: writes the step's keys/values into the pool, holds nothing.
+
+    Parameters
+    ----------
+    owner : PagedBatchCache
+        The cache this layer belongs to (it knows the pool and the step's chunks).
+    layer_idx : int
+        Model layer index.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, owner: PagedBatchCache, layer_idx: int) -> None:
+        super().__init__()
+        self.owner = owner
+        self.layer_idx = layer_idx
+        self.pending = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Record dtype and device; nothing is allocated (the pool holds the KV)."""
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write every chunk's new keys/values into the pool and mark this layer pending.
+
+        Parameters
+        ----------
+        key_states, value_states : torch.Tensor
+            ``[1, H, T, D]`` keys (RoPE applied) and values of the step's ``T`` packed tokens.
+
+        Returns
+        -------
+        tuple of torch.Tensor
+            The inputs unchanged; the runner's attention function reads the pool instead.
+
+        Raises
+        ------
+        KVStackError
+            If the shapes do not match the packed batch.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        owner = self.owner
+        if key_states.dim() != 4 or key_states.shape[0] != 1 or key_states.shape[2] != owner.total_tokens:
+            raise KVStackError(
+                f"the paged cache expects keys [1, H, {owner.total_tokens}, D] for the packed batch, "
+                f"got {tuple(key_states.shape)}"
+            )
+        for chunk, offset in zip(owner.chunks, owner.offsets, strict=True):
+            stop = offset + chunk.num_tokens
+            keys, values = key_states[0, :, offset:stop], value_states[0, :, offset:stop]  # [H, q_i, D]
+            owner.pool.write(self.layer_idx, chunk.block_table, chunk.start, keys, values)
+        self.pending = True
+        _pending.layer = self
+        return key_states, value_states
+
+    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention of every chunk's queries over its paged context.
+
+        Parameters
+        ----------
+        query : torch.Tensor
+            ``[1, Hq, T, D]`` queries of the packed tokens (RoPE applied).
+        scaling : float
+            Logit multiplier.
+
+        Returns
+        -------
+        torch.Tensor
+            ``[1, T, Hq, D]`` attention output.
+        """
+        owner = self.owner
+        self.pending = False
+        queries = [  # [Hq, q_i, D] each
+            query[0, :, offset : offset + chunk.num_tokens]
+            for chunk, offset in zip(owner.chunks, owner.offsets, strict=True)
+        ]
+        outputs = paged_attention(
+            queries,
+            owner.pool,
+            self.layer_idx,
+            [chunk.block_table for chunk in owner.chunks],
+            [chunk.context_len for chunk in owner.chunks],
+            scaling,
+        )
+        return torch.cat(outputs, dim=1).transpose(0, 1).unsqueeze(0)  # [Hq, T, D] -> [1, T, Hq, D]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """``(kv_length, kv_offset) = (query_length, 0)``; no mask is built (the mask function returns None)."""
+        return query_length, 0
+
+    def get_seq_length(self) -> int:
+        """0: positions come from the explicit ``position_ids`` of each chunk, not from the cache."""
+        return 0
+
+    def get_max_length(self) -> int:
+        """-1: no maximum of its own (the pool's block count is the limit)."""
+        return -1
+
+    def reset(self) -> None:
+        """Forget a pending attention; the pool is left untouched."""
+        self.pending = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Not supported: beams are separate sequences with their own block tables."""
+        raise NotImplementedError("beam search is not supported by the paged runner; fork sequences instead")
+
+
+class PagedBatchCache(Cache):
+    """The ``past_key_values`` of one packed step: routes each layer's new KV into the pool.
+
+    Parameters
+    ----------
+    pool : PagedKVPool
+        The KV pool.
+    chunks : sequence of SequenceChunk
+        The step's chunks, in packing order.
+
+    Attributes
+    ----------
+    offsets : list of int
+        Index of each chunk's first token in the packed row.
+    total_tokens : int
+        ``T``, the packed row length.
+    """
+
+    def __init__(self, pool: PagedKVPool, chunks: Sequence[SequenceChunk]) -> None:
+        self.pool = pool
+        self.chunks = list(chunks)
+        self.offsets: list[int] = []
+        total = 0
+        for chunk in self.chunks:
+            self.offsets.append(total)
+            total += chunk.num_tokens
+        self.total_tokens = total
+        super().__init__(layers=[PagedCacheLayer(self, index) for index in range(pool.num_layers)])
+
+
+def paged_runner_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The attention function registered as :data:`ATTENTION_NAME`.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The attention module (its ``layer_idx`` is checked against the pending cache layer).
+    query : torch.Tensor
+        ``[1, Hq, T, D]`` packed queries.
+    key, value : torch.Tensor
+        ``[1, H, T, D]``, ignored: the KV is read from the pool.
+    attention_mask : torch.Tensor or None
+        Ignored (None: the runner's mask function builds nothing).
+    scaling : float, optional
+        Logit multiplier (``D ** -0.5`` if None).
+    dropout : float, optional
+        Must be 0 (inference only).
+
+    Returns
+    -------
+    tuple
+        ``([1, T, Hq, D] output, None)``.
+
+    Raises
+    ------
+    KVStackError
+        If the model runs with this implementation but without a :class:`PagedBatchCache`.
+    """
+    layer = getattr(_pending, "layer", None)
+    if layer is None or not layer.pending:
+        raise KVStackError(
+            f"attention {ATTENTION_NAME!r} ran without a paged cache update; run the model through "
+            "ModelRunner.step, or call ModelRunner.restore() before using it directly"
+        )
+    _pending.layer = None
+    module_layer = getattr(module, "layer_idx", layer.layer_idx)
+    if module_layer != layer.layer_idx:
+        raise KVStackError(
+            f"paged cache layer {layer.layer_idx} was updated but attention ran for layer {module_layer}"
+        )
+    if dropout:
+        raise KVStackError(f"the paged runner is inference-only; attention dropout must be 0, got {dropout}")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    return layer.attend(query, scaling), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    """Mask function registered as :data:`ATTENTION_NAME`: the runner masks per sequence itself."""
+    return None
+
+
+def register() -> None:
+    """Register the runner's attention and mask functions with transformers (idempotent)."""
+    AttentionInterface.register(ATTENTION_NAME, paged_runner_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
+
+
+class ModelRunner:
+    """Runs a transformers causal LM one packed step at a time over a paged KV pool.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A HuggingFace decoder-only causal LM (Llama, Qwen2, Mistral ...). Its attention implementation is
+        switched to :data:`ATTENTION_NAME`.
+    pool : PagedKVPool
+        The KV pool; its layers, KV heads and head dim must match the model.
+
+    Raises
+    ------
+    KVStackError
+        If the model is not supported or its geometry does not match the pool.
+    """
+
+    def __init__(self, model: torch.nn.Module, pool: PagedKVPool) -> None:
+        geometry = model_geometry(model)
+        expected = (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
+        got = (pool.num_layers, pool.num_kv_heads, pool.head_dim)
+        if expected != got:
+            raise KVStackError(
+                f"the KV pool does not fit the model: model has (layers, kv_heads, head_dim)={expected}, "
+                f"pool has {got}; build the pool from model_geometry(model)"
+            )
+        self.model = model
+        self.pool = pool
+        self.max_context = geometry.max_context
+        config = getattr(model, "config", None)
+        self.previous_attn_implementation: str | None = getattr(config, "_attn_implementation", None)
+        register()
+        model.set_attn_implementation(ATTENTION_NAME)
+
+    def restore(self) -> None:
+        """Give the model back its previous attention implementation (the runner cannot step after this)."""
+        if self.previous_attn_implementation is not None:
+            self.model.set_attn_implementation(self.previous_attn_implementation)
+
+    def _check(self, batch: Sequence[SequenceChunk]) -> None:
+        if not batch:
+            raise KVStackError("a step needs at least one SequenceChunk")
+        for index, chunk in enumerate(batch):
+            if not isinstance(chunk, SequenceChunk):
+                raise KVStackError(f"batch item {index} must be a SequenceChunk, got {type(chunk).__name__}")
+            if not chunk.token_ids:
+                raise KVStackError(f"chunk {index} has no tokens; give at least one new token per chunk")
+            if isinstance(chunk.start, bool) or not isinstance(chunk.start, int) or chunk.start < 0:
+                raise KVStackError(f"chunk {index} start must be a non-negative integer, got {chunk.start!r}")
+            if self.max_context is not None and chunk.context_len > self.max_context:
+                raise KVStackError(
+                    f"chunk {index} reaches position {chunk.context_len - 1}, past the model's context of "
+                    f"{self.max_context} tokens"
+                )
+
+    def step(self, batch: Sequence[SequenceChunk]) -> torch.Tensor:
+        """Run one packed forward over ``batch`` and write its KV into the pool.
+
+        Parameters
+        ----------
+        batch : sequence of SequenceChunk
+            One chunk per scheduled sequence (distinct sequences); their tables must already cover the new
+            positions.
+
+        Returns
+        -------
+        torch.Tensor
+            ``[num_chunks, vocab]`` logits of each chunk's last token (float, on the model's device).
+
+        Raises
+        ------
+        KVStackError
+            On an empty batch, an empty chunk, a bad start, positions past the model's context or a block
+            table too short.
+        """
+        self._check(batch)
+        device = next(self.model.parameters()).device
+        tokens: list[int] = []
+        positions: list[int] = []
+        last_indices: list[int] = []
+        for chunk in batch:
+            tokens.extend(int(t) for t in chunk.token_ids)
+            positions.extend(range(chunk.start, chunk.context_len))
+            last_indices.append(len(tokens) - 1)
+        input_ids = torch.tensor([tokens], dtype=torch.long, device=device)  # [1, T]
+        position_ids = torch.tensor([positions], dtype=torch.long, device=device)  # [1, T]
+        keep = torch.tensor(last_indices, dtype=torch.long, device=device)  # [num_chunks]
+        cache = PagedBatchCache(self.pool, batch)
+        _pending.layer = None
+        try:
+            with torch.no_grad():
+                output = self.model(
+                    input_ids=input_ids,
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=keep,
+                )
+        finally:
+            _pending.layer = None
+        return output.logits[0]  # [num_chunks, vocab]
