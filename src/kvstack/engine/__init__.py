@@ -1,7 +1,8 @@
 """Serving-engine foundations: paged KV block bookkeeping with a hash-chain prefix cache, an iteration-level
 scheduler (continuous batching, chunked prefill, preemption by recompute), the paged KV tensor pool with
 attention over block tables, host/disk tiers for evicted prefix blocks, and the model runner (one packed forward
-per step over paged KV). The engine loop that ties them together (requests, sampling, streaming) comes next."""
+per step over paged KV). The engine loop (engine.py) ties them together: requests, greedy/top-p sampling,
+per-step outputs."""
 
 from kvstack.engine.blocks import (
     BlockManager,
@@ -11,6 +12,7 @@ from kvstack.engine.blocks import (
     OutOfBlocksError,
     block_hash,
 )
+from kvstack.engine.engine import Engine, RequestOutput, SamplingParams
 from kvstack.engine.paged import BYTES_PER_MB, PagedKVPool, paged_attention
 from kvstack.engine.runner import ATTENTION_NAME, ModelRunner, PagedBatchCache, PagedCacheLayer, SequenceChunk
 from kvstack.engine.scheduler import (
@@ -36,6 +38,7 @@ __all__ = [
     "BlockStateError",
     "CopyOnWrite",
     "DiskTier",
+    "Engine",
     "FinishReason",
     "HostTier",
     "ModelRunner",
@@ -44,6 +47,8 @@ __all__ = [
     "PagedCacheLayer",
     "PagedKVPool",
     "Request",
+    "RequestOutput",
+    "SamplingParams",
     "ScheduledBatch",
     "ScheduledSequence",
     "Scheduler",

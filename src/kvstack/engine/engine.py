@@ -1,0 +1,362 @@
+"""The engine loop: requests in, tokens out, over the paged scheduler, KV pool and model runner.
+
+Each :meth:`Engine.step` asks the :class:`~kvstack.engine.scheduler.Scheduler` for a batch, runs one packed
+forward of the :class:`~kvstack.engine.runner.ModelRunner` over it, samples the next token of every sequence
+whose chunk completed its known tokens (greedy, or temperature + top-p with a per-request seeded generator),
+and reports the tokens back to the scheduler. :meth:`Engine.generate` is the offline loop on top.
+
+Limitations
+-----------
+* ``n > 1`` (parallel sampling) is not supported yet.
+* No streaming iterator: :meth:`Engine.step` returns each step's new tokens, which callers can stream.
+* If the model forward raises, the scheduler's batch stays pending and the engine cannot step further.
+* Finished requests stay in the scheduler (their outputs remain readable through :meth:`Engine.get_output`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Hashable, Sequence
+
+import torch
+
+from kvstack.api import model_geometry
+from kvstack.engine.blocks import BlockManager
+from kvstack.engine.paged import PagedKVPool
+from kvstack.engine.runner import ModelRunner, SequenceChunk
+from kvstack.engine.scheduler import FinishReason, Request, Scheduler
+from kvstack.errors import KVStackError
+
+__all__ = ["Engine", "RequestOutput", "SamplingParams"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one request.
+
+    Parameters
+    ----------
+    max_new_tokens : int, optional
+        Tokens to generate at most (``>= 1``).
+    temperature : float, optional
+        0 for greedy decoding (argmax); otherwise logits are divided by it before sampling.
+    top_p : float, optional
+        Nucleus sampling: sample among the smallest set of tokens whose probability reaches ``top_p``
+        (in ``(0, 1]``; 1 keeps every token). Ignored when greedy.
+    seed : int or None, optional
+        Seed of the request's own generator (reproducible sampling); None draws a random seed.
+    stop_token_ids : sequence of int, optional
+        Sampling one of these finishes the request (the token is kept in the output).
+    n : int, optional
+        Completions per prompt; only 1 is supported yet.
+
+    Raises
+    ------
+    KVStackError
+        On ``max_new_tokens < 1``, a negative temperature, ``top_p`` outside ``(0, 1]`` or ``n != 1``.
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise KVStackError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise KVStackError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not self.temperature >= 0 or self.temperature == float("inf"):
+            raise KVStackError(f"temperature must be a finite number >= 0 (0 for greedy), got {self.temperature!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise KVStackError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise KVStackError(f"seed must be an integer or None, got {self.seed!r}")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise KVStackError(f"n must be an integer >= 1, got {self.n!r}")
+        if self.n > 1:
+            raise KVStackError(f"n={self.n} (parallel sampling) is not supported yet; use n=1")
+        try:
+            stops = tuple(int(t) for t in self.stop_token_ids)
+        except (TypeError, ValueError):
+            raise KVStackError(f"stop_token_ids must be integers, got {self.stop_token_ids!r}") from None
+        object.__setattr__(self, "stop_token_ids", stops)
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request.
+
+    Attributes
+    ----------
+    request_id : hashable
+        The request.
+    new_token_ids : list of int
+        Tokens generated in this step (empty when it finished by abort).
+    finished : bool
+        Whether the request is finished.
+    finish_reason : str or None
+        ``"length"``, ``"eos"`` (a stop token) or ``"aborted"`` once finished, else None.
+    """
+
+    request_id: Hashable
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Greedy argmax, or temperature + top-p sampling with ``generator``."""
+    if params.temperature == 0 or generator is None:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass strictly before each token
+        sorted_probs = torch.where(before < params.top_p, sorted_probs, torch.zeros_like(sorted_probs))
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class Engine:
+    """Paged serving engine: continuous batching, chunked prefill, prefix caching, preemption by recompute.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A HuggingFace decoder-only causal LM; its attention implementation is switched to the runner's.
+    memory_mb : float
+        KV pool budget in MB (2**20 bytes); the pool holds as many blocks as fit.
+    block_size : int, optional
+        Tokens per KV block.
+    max_num_batched_tokens : int, optional
+        Token budget of one step (a longer prompt is prefilled in chunks).
+    max_num_seqs : int, optional
+        Maximum number of running sequences.
+    policy : {"fcfs", "lpm"}, optional
+        Admission order of the scheduler.
+    enable_prefix_caching : bool, optional
+        Reuse the KV of prompt prefixes already in the pool.
+    namespace : str, optional
+        Prefix-cache key space.
+
+    Raises
+    ------
+    KVStackError
+        If the model is unsupported, the budget holds no block, or a limit or the policy is invalid.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        memory_mb: float,
+        block_size: int = 16,
+        max_num_batched_tokens: int = 512,
+        max_num_seqs: int = 64,
+        policy: str = "fcfs",
+        enable_prefix_caching: bool = True,
+        namespace: str = "",
+    ) -> None:
+        geometry = model_geometry(model)
+        parameter = next(model.parameters())
+        self.pool = PagedKVPool.from_budget(
+            memory_mb,
+            geometry.num_layers,
+            geometry.num_kv_heads,
+            geometry.head_dim,
+            block_size=block_size,
+            dtype=parameter.dtype,
+            device=parameter.device,
+        )
+        self.block_manager = BlockManager(
+            self.pool.num_blocks, block_size, namespace=namespace, enable_prefix_caching=enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs,
+            policy=policy,
+        )
+        self.runner = ModelRunner(model, self.pool)
+        self.max_context: int | None = geometry.max_context
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "get_text_config"):
+            config = config.get_text_config()
+        self.vocab_size: int | None = getattr(config, "vocab_size", None)
+        self._params: dict[Hashable, SamplingParams] = {}
+        self._generators: dict[Hashable, torch.Generator | None] = {}
+        self._ids = itertools.count()
+        self._last_step_empty = False
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None) -> int:
+        """Queue one request.
+
+        Parameters
+        ----------
+        prompt_token_ids : sequence of int
+            The prompt (at least one token, each in the model's vocabulary).
+        params : SamplingParams, optional
+            Defaults to ``SamplingParams()``.
+
+        Returns
+        -------
+        int
+            The new request's id.
+
+        Raises
+        ------
+        KVStackError
+            On an empty prompt, a token outside the vocabulary, a prompt (plus ``max_new_tokens``) past the
+            model's context, or a request the whole KV pool cannot hold; nothing is changed.
+        """
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise KVStackError(f"params must be SamplingParams, got {type(params).__name__}")
+        prompt = list(prompt_token_ids)
+        if not prompt:
+            raise KVStackError("the prompt is empty; give at least one token")
+        if self.vocab_size is not None:
+            bad = [t for t in prompt if isinstance(t, int) and not 0 <= t < self.vocab_size]
+            if bad:
+                raise KVStackError(f"prompt token {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if self.max_context is not None:
+            if len(prompt) > self.max_context:
+                raise KVStackError(
+                    f"the prompt has {len(prompt)} tokens, longer than the model's context of {self.max_context}"
+                )
+            if len(prompt) + params.max_new_tokens - 1 > self.max_context:
+                limit = self.max_context - len(prompt) + 1
+                raise KVStackError(
+                    f"{len(prompt)} prompt tokens plus max_new_tokens={params.max_new_tokens} run past the model's "
+                    f"context of {self.max_context}; lower max_new_tokens to at most {limit}"
+                )
+        request_id = next(self._ids)
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=prompt,
+            max_new_tokens=params.max_new_tokens,
+            arrival_time=float(request_id),
+            eos_token_ids=frozenset(params.stop_token_ids),
+        )
+        self.scheduler.add_request(request)
+        generator: torch.Generator | None = None
+        if params.temperature > 0:
+            generator = torch.Generator()
+            if params.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(params.seed)
+        self._params[request_id] = params
+        self._generators[request_id] = generator
+        return request_id
+
+    def abort(self, request_id: Hashable) -> bool:
+        """Abort a request; see :meth:`~kvstack.engine.scheduler.Scheduler.abort`.
+
+        Returns
+        -------
+        bool
+            True if aborted (or will be at the next step's update), False if it had already finished.
+        """
+        return self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        """Whether any request is waiting or running."""
+        return self.scheduler.has_unfinished()
+
+    def get_output(self, request_id: Hashable) -> list[int]:
+        """The tokens generated so far for a request."""
+        return list(self.scheduler.get_sequence(request_id).output_token_ids)
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one packed forward, sample, and report; return each request's new tokens.
+
+        Returns
+        -------
+        list of RequestOutput
+            One per scheduled request whose step produced a token or finished it, in batch order.
+        """
+        batch = self.scheduler.schedule()
+        self._last_step_empty = batch.is_empty
+        if batch.is_empty:
+            return []
+        chunks: list[SequenceChunk] = []
+        completes: list[bool] = []
+        for entry in batch.scheduled:
+            seq = self.scheduler.get_sequence(entry.request_id)
+            start = seq.num_computed_tokens
+            tokens = seq.token_ids[start : start + entry.num_tokens]
+            table = self.block_manager.block_table(entry.request_id)
+            chunks.append(SequenceChunk(list(table), start, tokens))
+            completes.append(start + entry.num_tokens == seq.num_tokens)
+        logits = self.runner.step(chunks)
+        outputs: dict[Hashable, int | None] = {}
+        for row, entry in enumerate(batch.scheduled):
+            rid = entry.request_id
+            if completes[row]:
+                outputs[rid] = _sample(logits[row], self._params[rid], self._generators[rid])
+            else:
+                outputs[rid] = None
+        for copy in self.scheduler.update(outputs):
+            self.pool.copy_block(copy.src_block, copy.dst_block)
+        results: list[RequestOutput] = []
+        for entry in batch.scheduled:
+            rid = entry.request_id
+            seq = self.scheduler.get_sequence(rid)
+            aborted = seq.finish_reason is FinishReason.ABORTED
+            token = outputs[rid]
+            if token is None and not seq.is_finished:
+                continue
+            new = [] if token is None or aborted else [token]
+            reason = seq.finish_reason.value if seq.finish_reason is not None else None
+            results.append(RequestOutput(rid, new, seq.is_finished, reason))
+            if seq.is_finished:
+                self._generators.pop(rid, None)
+        return results
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None) -> list[list[int]]:
+        """Offline generation: queue every prompt, step until they all finish.
+
+        Parameters
+        ----------
+        prompts : sequence of sequence of int
+            The prompts.
+        params : SamplingParams, optional
+            Shared by every prompt (a seed is shared too).
+
+        Returns
+        -------
+        list of list of int
+            Generated tokens of each prompt, in prompt order.
+
+        Raises
+        ------
+        KVStackError
+            If a prompt is invalid; then none of them is queued.
+        """
+        ids: list[int] = []
+        try:
+            for prompt in prompts:
+                ids.append(self.add_request(prompt, params))
+        except KVStackError:
+            for rid in ids:
+                self.scheduler.abort(rid)
+            raise
+        pending = set(ids)
+        while pending:
+            self.step()
+            if self._last_step_empty:  # pragma: no cover - the scheduler always makes progress
+                raise KVStackError("the scheduler made no progress; the engine cannot finish these requests")
+            pending = {rid for rid in pending if not self.scheduler.get_sequence(rid).is_finished}
+        return [self.get_output(rid) for rid in ids]
+
+    def metrics(self) -> dict[str, float | int]:
+        """Scheduler counters plus block-manager metrics (see :meth:`Scheduler.metrics`)."""
+        return self.scheduler.metrics()

@@ -1,0 +1,202 @@
+"""Engine loop: greedy outputs must equal ``model.generate(do_sample=False)`` under every scheduling regime.
+
+References come from a second model instance with identical weights and transformers' default attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from kvstack.engine import BYTES_PER_MB, Engine, SamplingParams
+from kvstack.errors import KVStackError
+
+VOCAB = 200
+BLOCK_SIZE = 4
+MAX_CONTEXT = 64
+# 2 layers x (K, V) x 2 kv heads x 4 tokens x 16 dims x 4 bytes
+BLOCK_BYTES = 2 * 2 * 2 * BLOCK_SIZE * 16 * 4
+
+
+def build_model(seed: int = 0) -> PreTrainedModel:
+    """A tiny random Llama (hidden 64, 4 query heads, 2 KV heads), no EOS so generation never stops early."""
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_CONTEXT,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+        initializer_range=0.1,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def mb(num_blocks: int) -> float:
+    return num_blocks * BLOCK_BYTES / BYTES_PER_MB
+
+
+def prompt_of(length: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (length,), generator=generator).tolist()
+
+
+@pytest.fixture(scope="module")
+def reference() -> PreTrainedModel:
+    return build_model()
+
+
+def reference_generate(reference: PreTrainedModel, prompt: list[int], max_new: int) -> list[int]:
+    input_ids = torch.tensor([prompt])
+    with torch.no_grad():
+        output = reference.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new, do_sample=False
+        )
+    return output[0, len(prompt) :].tolist()
+
+
+def make_engine(**kwargs: object) -> Engine:
+    options: dict[str, object] = {"memory_mb": mb(64), "block_size": BLOCK_SIZE}
+    options.update(kwargs)
+    return Engine(build_model(), **options)  # type: ignore[arg-type]
+
+
+SHARED = prompt_of(13, seed=100)
+PROMPTS = [
+    SHARED + prompt_of(3, seed=1),
+    SHARED + prompt_of(6, seed=2),
+    prompt_of(9, seed=3),
+    SHARED + prompt_of(1, seed=4),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "max_new"),
+    [
+        ("prefix_cache", {"enable_prefix_caching": True}, 8),
+        ("no_prefix_cache", {"enable_prefix_caching": False}, 8),
+        ("chunked_prefill", {"max_num_batched_tokens": 7}, 8),
+        ("lpm", {"policy": "lpm", "max_num_batched_tokens": 10}, 6),
+    ],
+)
+def test_greedy_matches_generate(
+    reference: PreTrainedModel, name: str, options: dict[str, object], max_new: int
+) -> None:
+    engine = make_engine(**options)
+    outputs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=max_new))
+    expected = [reference_generate(reference, p, max_new) for p in PROMPTS]
+    assert outputs == expected, name
+    metrics = engine.metrics()
+    assert metrics["num_finished"] == len(PROMPTS)
+    assert metrics["num_used"] == 0
+    if options.get("enable_prefix_caching", True):
+        assert metrics["prefix_cache_hits_tokens"] > 0
+    else:
+        assert metrics["prefix_cache_hits_tokens"] == 0
+    engine.block_manager.check_invariants()
+
+
+def test_greedy_with_preemption(reference: PreTrainedModel) -> None:
+    prompts = [prompt_of(10, seed=10 + i) for i in range(4)]
+    max_new = 12  # each sequence needs up to ceil(21 / 4) = 6 blocks; the pool has 8
+    engine = make_engine(memory_mb=mb(8))
+    assert engine.pool.num_blocks == 8
+    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=max_new))
+    assert engine.metrics()["preemptions"] > 0
+    assert outputs == [reference_generate(reference, p, max_new) for p in prompts]
+
+
+def test_step_streams_tokens_and_stop_tokens(reference: PreTrainedModel) -> None:
+    prompt = PROMPTS[2]
+    expected = reference_generate(reference, prompt, 6)
+    engine = make_engine()
+    rid = engine.add_request(prompt, SamplingParams(max_new_tokens=6, stop_token_ids=(expected[3],)))
+    streamed: list[int] = []
+    reasons = []
+    while engine.has_unfinished():
+        for output in engine.step():
+            assert output.request_id == rid
+            streamed.extend(output.new_token_ids)
+            reasons.append(output.finish_reason)
+    stop_at = expected.index(expected[3]) + 1
+    assert streamed == expected[:stop_at]
+    assert reasons[-1] == "eos"
+
+
+def test_abort_leaves_others_running(reference: PreTrainedModel) -> None:
+    engine = make_engine()
+    keep = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=6))
+    drop = engine.add_request(PROMPTS[1], SamplingParams(max_new_tokens=6))
+    engine.step()
+    engine.step()
+    assert engine.abort(drop)
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.scheduler.get_sequence(drop).finish_reason.value == "aborted"
+    assert engine.get_output(keep) == reference_generate(reference, PROMPTS[0], 6)
+    assert engine.metrics()["num_used"] == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"n": 0}, "n must be"),
+        ({"n": 2}, "not supported"),
+    ],
+)
+def test_bad_sampling_params(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(KVStackError, match=match) as info:
+        SamplingParams(**kwargs)  # type: ignore[arg-type]
+    assert "\n" not in str(info.value)
+
+
+def test_budget_too_small_for_a_block() -> None:
+    with pytest.raises(KVStackError, match="holds no block") as info:
+        make_engine(memory_mb=mb(1) / 2)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_requests_do_not_disturb_running(reference: PreTrainedModel) -> None:
+    engine = make_engine(memory_mb=mb(8))
+    rid = engine.add_request(PROMPTS[2], SamplingParams(max_new_tokens=6))
+    engine.step()
+    bad = [
+        ([], SamplingParams(max_new_tokens=4), "empty"),
+        (prompt_of(MAX_CONTEXT + 1, seed=7), SamplingParams(max_new_tokens=1), "longer than the model's context"),
+        (prompt_of(MAX_CONTEXT - 2, seed=7), SamplingParams(max_new_tokens=8), "past the model's context"),
+        (prompt_of(30, seed=8), SamplingParams(max_new_tokens=8), "can never fit"),  # needs 10 > 8 blocks
+        ([5, VOCAB + 3], SamplingParams(max_new_tokens=2), "outside the vocabulary"),
+    ]
+    for prompt, params, match in bad:
+        with pytest.raises(KVStackError, match=match) as info:
+            engine.add_request(prompt, params)
+        assert "\n" not in str(info.value)
+    with pytest.raises(KVStackError, match="empty"):
+        engine.generate([PROMPTS[0], []], SamplingParams(max_new_tokens=2))
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.get_output(rid) == reference_generate(reference, PROMPTS[2], 6)
+    assert engine.metrics()["num_used"] == 0
+
+
+def test_sampling_is_reproducible_with_seed() -> None:
+    params = SamplingParams(max_new_tokens=10, temperature=1.5, top_p=0.9, seed=1234)
+    first = make_engine().generate(PROMPTS[:2], params)
+    second = make_engine(max_num_batched_tokens=5).generate(PROMPTS[:2], params)
+    assert first == second
+    greedy = make_engine().generate(PROMPTS[:2], SamplingParams(max_new_tokens=10))
+    assert first != greedy
+    other = make_engine().generate(PROMPTS[:2], dataclasses.replace(params, seed=99))
+    assert other != first
