@@ -74,15 +74,18 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def write_progress(out_dir: Path, config: BenchConfig, command: str, started: str, stopped_early: bool) -> None:
+def write_progress(out_dir: Path, config: BenchConfig, command: str, started: str, stopped_early: bool,
+                   report_only: bool = False) -> None:
     """``PROGRESS.md``: the command, machine, and how many cells of the grid are finished, per length."""
     planned = plan_cells(config)
     done = {record["key"] for record in read_results(out_dir / "results.jsonl")}
     lines = [
         "# Reference results: progress", "",
         f"- command: `{command}`",
-        f"- last run: started {started}, ended {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}"
-        + (" (stopped at its time budget; run the same command to continue)" if stopped_early else ""),
+        (f"- tables rewritten from results.jsonl at {started} (--report-only); every cell records its own "
+         "finished_at" if started is None or report_only else
+         f"- last run: started {started}, ended {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}"
+         + (" (stopped at its time budget; run the same command to continue)" if stopped_early else "")),
         f"- machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), Python {platform.python_version()}",
         f"- grid: {len(reference_methods())} method templates x ratios {RATIOS} on {len(config.tasks)} tasks, "
@@ -175,7 +178,7 @@ def main() -> int:
 
         records = list({r["key"]: r for r in read_results(Path(args.out) / "results.jsonl")}.values())
         write_reports(Path(args.out), records, plots=True)
-        write_progress(Path(args.out), config, command, started, stopped_early=True)
+        write_progress(Path(args.out), config, command, started, stopped_early=True, report_only=True)
         return 0
     try:
         for length in lengths:  # one length at a time, so a partial run completes the shorter lengths first
