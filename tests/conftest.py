@@ -217,3 +217,19 @@ def assert_top_selection(kept: set[int], scores: torch.Tensor, candidates: list[
 def kept_sets(layer: Any, b: int = 0) -> list[set[int]]:
     """Per KV head, the set of true positions a cache layer keeps for sequence ``b``."""
     return [set(p.tolist()) for p in layer.kept_positions()[b]]
+
+
+def prompt_of(length: int, seed: int, vocab: int) -> list[int]:
+    """A seeded random prompt of ``length`` token ids in ``[3, vocab)``."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (length,), generator=generator).tolist()
+
+
+def reference_generate(reference: torch.nn.Module, prompt: list[int], max_new: int) -> list[int]:
+    """Greedy continuation of ``prompt`` by transformers' own ``generate`` (default cache and attention)."""
+    input_ids = torch.tensor([prompt])
+    with torch.no_grad():
+        output = reference.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new, do_sample=False
+        )
+    return output[0, len(prompt) :].tolist()

@@ -9,6 +9,8 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import prompt_of as shared_prompt_of
+from conftest import reference_generate
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from kvstack.engine import BYTES_PER_MB, Engine, SamplingParams
@@ -45,22 +47,12 @@ def mb(num_blocks: int) -> float:
 
 
 def prompt_of(length: int, seed: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (length,), generator=generator).tolist()
+    return shared_prompt_of(length, seed, VOCAB)
 
 
 @pytest.fixture(scope="module")
 def reference() -> PreTrainedModel:
     return build_model()
-
-
-def reference_generate(reference: PreTrainedModel, prompt: list[int], max_new: int) -> list[int]:
-    input_ids = torch.tensor([prompt])
-    with torch.no_grad():
-        output = reference.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new, do_sample=False
-        )
-    return output[0, len(prompt) :].tolist()
 
 
 def make_engine(**kwargs: object) -> Engine:

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+from conftest import prompt_of as shared_prompt_of
+from conftest import reference_generate
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
 from kvstack.engine import BlockManager, ModelRunner, PagedKVPool, SequenceChunk
@@ -51,17 +53,7 @@ def make_runner(arch: str, num_blocks: int = 64) -> tuple[ModelRunner, BlockMana
 
 
 def prompt_of(length: int, seed: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (length,), generator=generator).tolist()
-
-
-def reference_generate(reference: PreTrainedModel, prompt: list[int], max_new: int) -> list[int]:
-    input_ids = torch.tensor([prompt])
-    with torch.no_grad():
-        output = reference.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new, do_sample=False
-        )
-    return output[0, len(prompt) :].tolist()
+    return shared_prompt_of(length, seed, VOCAB)
 
 
 def run_greedy(
