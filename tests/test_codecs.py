@@ -24,10 +24,13 @@ def test_packing_is_lossless_and_dense(bits, rows, words, seed):
     assert torch.equal(unpack_bits(packed, bits), codes)
 
 
-def test_packing_layout_puts_the_first_code_in_the_lowest_bits():
+def test_packing_layout_is_planar_with_the_first_plane_in_the_lowest_bits():
     codes = torch.tensor([1, 2, 3, 0], dtype=torch.uint8)
     assert pack_bits(codes, 2).tolist() == [1 | (2 << 2) | (3 << 4)]
     assert pack_bits(torch.tensor([0xA, 0x5], dtype=torch.uint8), 4).tolist() == [0x5A]
+    # 8 two-bit codes -> 2 words: word j holds codes j, j+2, j+4, j+6.
+    codes = torch.tensor([1, 2, 3, 0, 2, 1, 0, 3], dtype=torch.uint8)
+    assert pack_bits(codes, 2).tolist() == [1 | 3 << 2 | 2 << 4 | 0 << 6, 2 | 0 << 2 | 1 << 4 | 3 << 6]
 
 
 @SETTINGS

@@ -257,7 +257,9 @@ def test_bad_choice_names_valid_choices(spec, words):
         ("adakv(snapkv(budget=40), keynorm(budget=40))", ["got 2"]),
         ("adakv(full)", ["budget"]),
         ("adakv(adakv(snapkv(budget=40)))", ["adakv"]),
-        ("snapkv(ratio=0.5) + keynorm(ratio=0.5)", ["compose", "single method"]),
+        ("snapkv(ratio=0.5) + keynorm(ratio=0.5)", ["compose", "one codec", "kivi"]),
+        ("kivi + quant", ["compose", "at most one selection"]),
+        ("adakv(snapkv(ratio=0.5)) + kivi", ["head-wise"]),
     ],
 )
 def test_grammar_errors(spec, words):

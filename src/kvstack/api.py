@@ -16,7 +16,7 @@ import torch
 from kvstack import attention
 from kvstack.cache.cache import KVStackCache
 from kvstack.errors import KVStackError
-from kvstack.methods.base import Method
+from kvstack.methods.base import Composed, Method
 from kvstack.spec import parse
 
 DEFAULT_CHUNK = 512  # prefill chunk for methods that evict while the prompt streams in
@@ -89,7 +89,14 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
     >>> out = model.generate(ids, past_key_values=cache, max_new_tokens=32)
     """
     method = parse(spec)
+    codec = None
+    if isinstance(method, Composed):
+        method, codec = method.selection, method.codec
     geometry = model_geometry(model)
+    if codec is not None:
+        codec.check(geometry.head_dim)
+        if codec.pre_rope() and geometry.rope_inv_freq is None:
+            raise InputError(f"{codec.label()} quantizes keys before RoPE and needs a model with plain RoPE")
     if method.uses_cache_positions() and geometry.rope_inv_freq is None:
         raise InputError("positions='cache' needs a model with plain RoPE (inv_freq, no attention scaling)")
     attention.register()
@@ -102,6 +109,7 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
         num_kv_heads=geometry.num_kv_heads,
         rope_inv_freq=geometry.rope_inv_freq,
         seed=seed,
+        codec=codec,
     )
 
 

@@ -72,6 +72,55 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Calibrate a model (or reuse its saved artefact) and print where the artefact is, with a summary."""
+    import time
+
+    from kvstack.calibration import (
+        CalibrationError,
+        calibrate,
+        calibration_path,
+        check_source,
+        load_calibration,
+        model_key,
+        save_calibration,
+        source_label,
+    )
+
+    if args.tokens < 1:
+        raise UsageError(f"--tokens must be >= 1, got {args.tokens}")
+    if args.sequence_length < 1:
+        raise UsageError(f"--sequence-length must be >= 1, got {args.sequence_length}")
+    check_source(args.source)
+
+    from kvstack.models import load_model
+
+    model, tokenizer = load_model(args.model, device=args.device)
+    path = calibration_path(model_key(model))
+    if path.is_file() and not args.force:
+        try:
+            cal = load_calibration(model)
+        except CalibrationError as err:
+            print(f"kvstack: {err}; calibrating again", file=sys.stderr)
+        else:
+            wanted = (args.tokens, args.sequence_length)
+            same_text = cal.source.startswith(source_label(args.source) + ":")
+            if (cal.tokens, cal.sequence_length) == wanted and same_text:
+                print(f"calibration: {path} (existing; --force to redo)")
+                print(cal.summary())
+                return 0
+            print(f"kvstack: {path} was made with {cal.tokens} tokens in sequences of {cal.sequence_length} "
+                  f"from {cal.source}; calibrating again as asked", file=sys.stderr)
+    start = time.perf_counter()
+    cal = calibrate(model, tokenizer, tokens=args.tokens, sequence_length=args.sequence_length, source=args.source,
+                    progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    save_calibration(cal, path)
+    print(f"calibration: {path} (written; {seconds:.1f} s)")
+    print(cal.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(prog="kvstack", description="KV-cache management for LLMs.")
@@ -95,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     gen.add_argument("--summary-stderr", action="store_true", help="print the summary line on stderr")
     gen.set_defaults(func=cmd_generate)
+
+    cal = sub.add_parser("calibrate", help="collect key/value statistics for quantisation and low-rank codecs")
+    cal.add_argument("--model", default="smollm2-135m", help="model name or local HF directory")
+    cal.add_argument("--tokens", type=int, default=4096, help="calibration tokens (default 4096)")
+    cal.add_argument("--sequence-length", type=int, default=1024, help="tokens per forward pass (default 1024)")
+    cal.add_argument("--source", default="python-docs",
+                     help="calibration text: python-docs (default; disjoint from the bench prose), kjv-end, "
+                          "or a UTF-8 text file")
+    cal.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    cal.add_argument("--force", action="store_true", help="recalibrate even when an artefact exists")
+    cal.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cal.set_defaults(func=cmd_calibrate)
 
     try:
         from kvstack.bench.cli import add_bench_parser

@@ -8,8 +8,8 @@ Grammar (a safe subset of Python expressions, parsed with :mod:`ast`, never eval
     literal  := int | float | str | True | False | None
 
 Examples: ``full``, ``snapkv(ratio=0.5)``, ``streamingllm(budget=512, sinks=4)``,
-``adakv(h2o(ratio=0.75), floor=0.2)``. ``+`` composes a selection method with a codec (codecs arrive
-with the quantisation work; until then a second term is rejected with the list of what exists).
+``adakv(h2o(ratio=0.75), floor=0.2)``, ``snapkv(ratio=0.5) + kivi(bits=2)``. ``+`` composes one
+selection method with one codec; a codec alone (``kivi(bits=2)``) keeps every token.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def parse(spec: str | Any) -> Any:
         raise SpecError(f"cannot parse {spec!r}: expected name(key=value, ...), e.g. 'snapkv(ratio=0.5)'") from None
     terms = _terms(tree)
     built = [_build(term, text) for term in terms]
-    if len(built) == 1:
+    if len(built) == 1 and not getattr(built[0], "is_codec", False):
         return built[0]
     from kvstack.methods.base import compose
 

@@ -24,7 +24,10 @@ class KVStackCache(Cache):
     num_layers, num_q_heads, num_kv_heads:
         The model's attention geometry.
     rope_inv_freq:
-        ``[D/2]`` RoPE inverse frequencies (needed only for in-cache position re-assignment).
+        ``[D/2]`` RoPE inverse frequencies (needed for in-cache position re-assignment and pre-RoPE codecs).
+    codec:
+        A codec (:mod:`kvstack.methods.quantization`) encoding the entries that leave its full-precision
+        window, or None to keep every entry in the model's dtype.
     seed:
         Seed of the generator random methods draw from.
     """
@@ -38,8 +41,10 @@ class KVStackCache(Cache):
         num_kv_heads: int,
         rope_inv_freq: torch.Tensor | None = None,
         seed: int = 0,
+        codec: Any = None,
     ) -> None:
         self.method = method
+        self.codec = codec
         self.num_layers = num_layers
         self.group_size = num_q_heads // num_kv_heads
         self.rope_inv_freq = rope_inv_freq
@@ -101,6 +106,19 @@ class KVStackCache(Cache):
                 element = torch.empty((), dtype=layer.dtype).element_size()
                 total += layer.kept_entries() * layer.head_dim * 2 * element
         return total
+
+    def label(self) -> str:
+        """The spec string of what this cache applies (selection and codec)."""
+        if self.codec is None:
+            return self.method.label()
+        if not self.method.compresses():
+            return self.codec.label()
+        return f"{self.method.label()} + {self.codec.label()}"
+
+    def bits_per_element(self) -> float:
+        """``8 * kv_bytes / (entries * D * 2)``: bits held per kept key/value element, all metadata included."""
+        elements = sum(layer.kept_entries() * layer.head_dim * 2 for layer in self.layers if layer.is_initialized)
+        return 8.0 * self.kv_bytes() / elements if elements else 0.0
 
     def summary(self) -> dict[str, float]:
         """Numbers for reports: tokens kept / seen, bytes held / full, compression ratio."""

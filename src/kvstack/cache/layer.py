@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import CacheLayerMixin
 
+from kvstack.cache.quantized import QuantizedRegion, blockwise_attention
 from kvstack.methods.allocation import headwise_counts
 from kvstack.methods.base import (
     STAT_BELOW_MEAN,
@@ -110,6 +111,7 @@ class KVStackLayer(CacheLayerMixin):
         self.ragged: RaggedHeads | None = None
         self.pending_chunk: tuple[torch.Tensor, torch.Tensor] | None = None
         self.budget: int | None = None
+        self.region: QuantizedRegion | None = None  # entries a codec has encoded (they precede the slots)
 
     # ---------------------------------------------------------------- transformers CacheLayerMixin
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -124,6 +126,14 @@ class KVStackLayer(CacheLayerMixin):
             for name in self.owner.method.state_names
         }
         self.next_position = torch.zeros(batch, dtype=torch.long, device=self.device)
+        codec = self.owner.codec
+        if codec is not None:
+            self.region = QuantizedRegion(
+                codec, batch, heads, head_dim, self.dtype, self.device,
+                per_head_positions=self.owner.method.compresses(),
+                state_names=tuple(self.owner.method.state_names),
+                rope_inv_freq=self.owner.rope_inv_freq, layer_idx=self.layer_idx,
+            )
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple:
@@ -192,7 +202,10 @@ class KVStackLayer(CacheLayerMixin):
         q_len = key_states.shape[2]
         needed = self.length + q_len
         if needed > self.capacity:
-            self._resize(needed + growth_slack(needed))
+            extra = growth_slack(needed)
+            if self.region is not None:  # room for the tokens before the next flush
+                extra = max(extra, self.region.chunk)
+            self._resize(needed + extra)
         end = self.length + q_len
         self.keys[:, :, self.length : end] = key_states
         self.values[:, :, self.length : end] = value_states
@@ -202,8 +215,13 @@ class KVStackLayer(CacheLayerMixin):
 
     def shrink_to_fit(self) -> None:
         """Release spare capacity beyond the growth slack (after a prompt, when chunks stop arriving)."""
-        if self.ragged is None and self.capacity > self.length + growth_slack(self.length) + 1:
-            self._resize(self.length + 1 + growth_slack(self.length))
+        if self.region is not None:  # exact: the next flush or token reallocates with room to grow
+            self.region.shrink_to_fit()
+            spare = 0
+        else:
+            spare = growth_slack(self.length) + 1
+        if self.ragged is None and self.capacity > self.length + spare:
+            self._resize(self.length + spare)
 
     def kv_bytes(self) -> int:
         """Bytes of every tensor this layer holds: payload, positions, method state, bookkeeping."""
@@ -212,7 +230,12 @@ class KVStackLayer(CacheLayerMixin):
         if self.ragged is not None:
             return self.ragged.nbytes() + self.next_position.nbytes
         tensors = [self.keys, self.values, self.positions, self.next_position, *self.state.values()]
-        return sum(t.nbytes for t in tensors)
+        encoded = self.region.nbytes() if self.region is not None else 0
+        return sum(t.nbytes for t in tensors) + encoded
+
+    def encoded_entries(self) -> int:
+        """Entries per (sequence, head) held in encoded form (0 without a codec)."""
+        return self.region.length if self.region is not None else 0
 
     def kept_entries(self) -> int:
         """Entries held, summed over sequences and KV heads."""
@@ -220,7 +243,7 @@ class KVStackLayer(CacheLayerMixin):
             return 0
         if self.ragged is not None:
             return sum(self.ragged.lengths)
-        return self.length * self.batch * self.heads
+        return (self.encoded_entries() + self.length) * self.batch * self.heads
 
     def full_kv_bytes(self) -> int:
         """What an uncompressed cache of the same tokens would hold (keys + values, no metadata)."""
@@ -233,7 +256,7 @@ class KVStackLayer(CacheLayerMixin):
         """``[B, H]`` entries kept by each head."""
         if self.ragged is not None:
             return torch.tensor(self.ragged.lengths).view(self.batch, self.heads)
-        return torch.full((self.batch, self.heads), self.length)
+        return torch.full((self.batch, self.heads), self.encoded_entries() + self.length)
 
     def kept_positions(self) -> list[list[torch.Tensor]]:
         """Sorted true positions kept by each (sequence, head), for inspection and tests."""
@@ -243,8 +266,15 @@ class KVStackLayer(CacheLayerMixin):
                  for h in range(self.heads)]
                 for b in range(self.batch)
             ]
-        live = self.positions[:, :, : self.length]
+        live = self._all_positions()
         return [[live[b, h].sort().values for h in range(self.heads)] for b in range(self.batch)]
+
+    def _all_positions(self) -> torch.Tensor:
+        """``[B, H, N + length]`` positions of the encoded entries, then of the full-precision slots."""
+        live = self.positions[:, :, : self.length]
+        if not self.encoded_entries():
+            return live
+        return torch.cat((self.region.live_positions(), live), dim=-1)
 
     # ---------------------------------------------------------------- the step
     def attend(
@@ -299,18 +329,135 @@ class KVStackLayer(CacheLayerMixin):
         if compress_now:
             needs |= set(method.needs)
 
-        keys, values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
-        if method.uses_cache_positions():
-            keys, query = self._cache_position_view(keys, query, q_len)
-        past_valid = (self.positions[:, :, :start] >= 0) if self.has_padding else None
-        output, stats = attention_with_stats(
-            query, keys, values, causal, past_valid, scaling, needs, method.window_queries(), query_valid=valid
-        )
+        if self.encoded_entries():
+            output, stats = self._attend_encoded(query, causal, valid, q_len, scaling, needs, method.window_queries())
+        else:
+            keys, values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
+            if method.uses_cache_positions():
+                keys, query = self._cache_position_view(keys, query, q_len)
+            past_valid = (self.positions[:, :, :start] >= 0) if self.has_padding else None
+            output, stats = attention_with_stats(
+                query, keys, values, causal, past_valid, scaling, needs, method.window_queries(), query_valid=valid
+            )
         if method.state_names:
-            method.observe(self._view(stats, budget=0))
+            view = self._view(stats, budget=0)
+            method.observe(view)
+            self._store_state(view)
         if compress_now:
             self._compress(stats)
+        if self.region is not None and not (method.compresses() and self.owner.more_prompt_follows):
+            self._flush()
         return output
+
+    # ---------------------------------------------------------------- encoded entries (codecs)
+    def _attend_encoded(
+        self, query: torch.Tensor, causal: torch.Tensor | None, valid: torch.Tensor | None, q_len: int,
+        scaling: float, needs: set[str], window: int,
+    ) -> tuple[torch.Tensor, AttentionStats]:
+        """Attention over ``[encoded region | full-precision slots]``, one decoded block at a time."""
+        region = self.region
+        assert region is not None
+        region_valid = (region.live_positions() >= 0).unsqueeze(2) if self.has_padding else None  # [B, H, 1, N]
+        tail_mask = self._tail_mask(causal, q_len, query.device)
+        fp_keys, fp_values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+        def blocks():
+            for block_start, block_stop in region.block_bounds():
+                keys, values = region.decode(block_start, block_stop)
+                yield keys, values, None if region_valid is None else region_valid[..., block_start:block_stop]
+            yield fp_keys, fp_values, tail_mask
+
+        return blockwise_attention(query, blocks, scaling, needs, window, valid)
+
+    def _tail_mask(self, causal: torch.Tensor | None, q_len: int, device: torch.device) -> torch.Tensor | None:
+        """``[B|1, H|1, q, length]`` bool: what each new query sees of the full-precision slots (None: all)."""
+        past = self.length - q_len
+        if causal is None and not self.has_padding and q_len == 1:
+            return None
+        batch = self.batch if (causal is not None or self.has_padding) else 1
+        heads = self.heads if self.has_padding else 1
+        if self.has_padding:
+            past_part = (self.positions[:, :, :past] >= 0).unsqueeze(2)
+        else:
+            past_part = torch.ones(1, 1, 1, past, dtype=torch.bool, device=device)
+        tail = causal if causal is not None else torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()
+        tail = tail.view(-1, 1, q_len, q_len)
+        return torch.cat(
+            (past_part.expand(batch, heads, q_len, past), tail.expand(batch, heads, q_len, q_len)), dim=-1
+        )
+
+    def _store_state(self, view: LayerView) -> None:
+        """Write a view's method state back (views of encoded layers hold concatenated copies)."""
+        encoded = self.encoded_entries()
+        if not encoded:
+            return
+        for name, tensor in view.state.items():
+            self.region.state[name][:, :, :encoded] = tensor[:, :, :encoded]
+            self.state[name][:, :, : self.length] = tensor[:, :, encoded:]
+
+    def _flush(self) -> None:
+        """Encode whole chunks of the oldest full-precision entries, keeping sinks and the residual window."""
+        region, codec = self.region, self.owner.codec
+        sinks = codec.sink_tokens()
+        count = (self.length - sinks - codec.residual_tokens()) // region.chunk * region.chunk
+        if count <= 0:
+            return
+        live = self.positions[:, :, : self.length]
+        order = live.argsort(dim=-1, stable=True)  # oldest first; the same for every head without eviction
+        chosen = order[:, :, sinks : sinks + count]
+        rest = torch.cat((order[:, :, :sinks], order[:, :, sinks + count :]), dim=-1).sort(dim=-1).values
+        index = chosen.unsqueeze(-1).expand(-1, -1, -1, self.head_dim)
+        region.append(
+            self.keys[:, :, : self.length].gather(2, index),
+            self.values[:, :, : self.length].gather(2, index),
+            live.gather(2, chosen),
+            {name: t[:, :, : self.length].gather(2, chosen) for name, t in self.state.items()},
+        )
+        self._gather(rest, capacity=rest.shape[-1] + region.chunk)
+
+    def _unflush(self) -> None:
+        """Decode every encoded entry back into the full-precision slots (before a many-entry eviction)."""
+        region = self.region
+        encoded = region.length
+        keys, values = region.decode_all()
+        live = self.length
+        capacity = encoded + live + growth_slack(encoded + live)
+
+        def joined(front: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+            new = tensor.new_empty((*tensor.shape[:2], capacity, *tensor.shape[3:]))
+            new[:, :, :encoded] = front
+            new[:, :, encoded : encoded + live] = tensor[:, :, :live]
+            return new
+
+        self.keys, self.values = joined(keys, self.keys), joined(values, self.values)
+        self.positions = joined(region.live_positions(), self.positions)
+        self.state = {name: joined(region.state[name][:, :, :encoded], t) for name, t in self.state.items()}
+        self.capacity, self.length = capacity, encoded + live
+        region.clear()
+
+    def _replace_encoded(self, evicted: torch.Tensor) -> None:
+        """Evict one entry per head (``evicted`` ``[B, H]`` indices over ``[encoded | slots]``).
+
+        A head whose victim is encoded fills its place with its oldest full-precision entry after the
+        sinks (re-encoding that chunk); every head then frees one full-precision slot, so all heads keep
+        the same counts.
+        """
+        region = self.region
+        encoded = region.length
+        in_region = evicted < encoded
+        slot = (evicted - encoded).clamp(min=0)
+        if bool(in_region.any()):
+            live = self.positions[:, :, : self.length]
+            sinks = min(self.owner.codec.sink_tokens(), self.length - 1)
+            source = live.argsort(dim=-1, stable=True)[:, :, sinks]  # [B, H]
+            for b, h in in_region.nonzero().tolist():
+                src = int(source[b, h])
+                region.replace_entry(
+                    b, h, int(evicted[b, h]), self.keys[b, h, src], self.values[b, h, src], int(live[b, h, src]),
+                    {name: float(t[b, h, src]) for name, t in self.state.items()},
+                )
+            slot = torch.where(in_region, source, slot)
+        self._replace_slot(slot)
 
     def _compression_due(self, q_len: int) -> bool:
         method = self.owner.method
@@ -322,12 +469,28 @@ class KVStackLayer(CacheLayerMixin):
 
     def _view(self, stats: AttentionStats, budget: int) -> LayerView:
         live = self.length
+        encoded = self.encoded_entries()
+        if encoded:
+            region = self.region
+
+            def kv_source() -> tuple[torch.Tensor, torch.Tensor]:
+                keys, values = region.decode_all()
+                return (torch.cat((keys, self.keys[:, :, :live]), dim=2),
+                        torch.cat((values, self.values[:, :, :live]), dim=2))
+
+            state = {name: torch.cat((region.state[name][:, :, :encoded], t[:, :, :live]), dim=-1)
+                     for name, t in self.state.items()}
+        else:
+
+            def kv_source() -> tuple[torch.Tensor, torch.Tensor]:
+                return self.keys[:, :, :live], self.values[:, :, :live]
+
+            state = {name: t[:, :, :live] for name, t in self.state.items()}
         return LayerView(
-            keys=self.keys[:, :, :live],
-            values=self.values[:, :, :live],
-            positions=self.positions[:, :, :live],
+            kv_source=kv_source,
+            positions=self._all_positions(),
             next_position=self.next_position,
-            state={name: t[:, :, :live] for name, t in self.state.items()},
+            state=state,
             stats=stats,
             layer_idx=self.layer_idx,
             num_layers=self.owner.num_layers,
@@ -354,7 +517,8 @@ class KVStackLayer(CacheLayerMixin):
         budget = method.layer_budget(context, self.layer_idx, self.owner.num_layers)
         self.budget = budget
         self.compressed = True
-        if budget is None or (self.length <= budget and not method.headwise):
+        encoded = self.encoded_entries()
+        if budget is None or (encoded + self.length <= budget and not method.headwise):
             return
         view = self._view(stats, budget=budget)
         scores = method.score(view).float()
@@ -365,7 +529,12 @@ class KVStackLayer(CacheLayerMixin):
         if method.headwise:
             self._to_ragged(scores, budget, method.floor)
             return
-        drop = self.length - budget
+        drop = encoded + self.length - budget
+        if encoded and drop == 1:
+            self._replace_encoded(scores.argmin(dim=-1))
+            return
+        if encoded:
+            self._unflush()
         if drop == 1:
             self._replace_slot(scores.argmin(dim=-1))
         else:
@@ -383,10 +552,10 @@ class KVStackLayer(CacheLayerMixin):
             tensor.scatter_(2, index, tensor[:, :, last : last + 1].clone())
         self.length = last
 
-    def _gather(self, keep: torch.Tensor) -> None:
+    def _gather(self, keep: torch.Tensor, capacity: int | None = None) -> None:
         """Keep only the slots ``keep`` ``[B, H, n]`` (sorted), in new tensors; the old ones are freed."""
         kept = keep.shape[-1]
-        capacity = kept + growth_slack(kept)
+        capacity = capacity or kept + growth_slack(kept)
 
         def take(tensor: torch.Tensor) -> torch.Tensor:
             live = tensor[:, :, : self.length]

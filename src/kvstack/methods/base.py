@@ -11,7 +11,9 @@ over the ``G`` query heads of each KV group before they reach a method.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -63,7 +65,8 @@ class LayerView:
     Attributes
     ----------
     keys, values:
-        ``[B, H, L, D]`` cached entries (keys after RoPE at their true positions).
+        ``[B, H, L, D]`` cached entries (keys after RoPE at their true positions). Read lazily: for a
+        layer whose older entries are encoded by a codec, they are decoded only if a method asks.
     positions:
         ``[B, H, L]`` int32 true positions; ``-1`` marks padding.
     next_position:
@@ -80,10 +83,10 @@ class LayerView:
         ``G = Hq / H``.
     budget:
         Entries this layer keeps per KV head after the eviction under way.
+    kv_source:
+        Returns ``(keys, values)``; called at most once, on first access.
     """
 
-    keys: torch.Tensor
-    values: torch.Tensor
     positions: torch.Tensor
     next_position: torch.Tensor
     state: dict[str, torch.Tensor]
@@ -93,6 +96,23 @@ class LayerView:
     generator: torch.Generator
     group_size: int
     budget: int
+    kv_source: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+
+    @functools.cached_property
+    def _kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv_source()
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._kv[0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._kv[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.positions.shape[1]
 
 
 @dataclasses.dataclass
@@ -247,10 +267,57 @@ def group_mean(weights: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return weights.view(batch, num_kv_heads, num_q_heads // num_kv_heads, *weights.shape[2:]).mean(dim=2)
 
 
-def compose(methods: list[Any], spec: str) -> Any:
-    """Combine ``selection + codec`` terms. No codec family is registered yet, so this always refuses."""
-    names = ", ".join(getattr(m, "spec_name", "?") for m in methods)
-    raise SpecError(
-        f"cannot compose {names} in {spec!r}: '+' joins one selection method with one codec, and no codecs "
-        "are available in this version; use a single method"
-    )
+@dataclasses.dataclass
+class Composed:
+    """A selection method with a codec: ``snapkv(ratio=0.5) + kivi(bits=2)``.
+
+    The selection decides which entries stay; the codec how the entries leaving its full-precision
+    window are encoded. Attribute access falls through to the selection method (``dynamic``, ``ratio``
+    ...), so a composed spec goes wherever a method goes; :func:`kvstack.make_cache` splits the two.
+    """
+
+    selection: Method
+    codec: Any
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("selection", "codec") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.selection, name)
+
+    def label(self) -> str:
+        """``codec`` alone when nothing is selected, else ``selection + codec``."""
+        if not self.selection.compresses():
+            return self.codec.label()
+        return f"{self.selection.label()} + {self.codec.label()}"
+
+
+def compose(terms: list[Any], spec: str) -> Composed:
+    """Combine the terms of a ``+`` spec: at most one selection method and exactly one codec.
+
+    A lone codec (``kivi(bits=2)``) keeps every token: it is composed with ``full``.
+    """
+    from kvstack.methods.full import Full
+
+    codecs = [t for t in terms if getattr(t, "is_codec", False)]
+    selections = [t for t in terms if not getattr(t, "is_codec", False)]
+    names = ", ".join(t.label() for t in terms)
+    if len(codecs) != 1 or len(selections) > 1:
+        from kvstack.spec import list_methods
+
+        codec_names = ", ".join(i.name for i in list_methods() if i.category.startswith("token/quantization"))
+        raise SpecError(
+            f"cannot compose {names} in {spec!r}: '+' joins at most one selection method with one codec "
+            f"(codecs: {codec_names}), e.g. 'snapkv(ratio=0.5) + kivi(bits=2)'"
+        )
+    selection = selections[0] if selections else Full()
+    if selection.headwise:
+        raise SpecError(
+            f"cannot compose {names}: head-wise budgets ({selection.label()}) keep ragged per-head storage, which "
+            "codecs do not encode yet; use a uniform selection method with a codec"
+        )
+    if selection.uses_cache_positions():
+        raise SpecError(
+            f"cannot compose {names}: positions='cache' re-rotates cached keys, which codecs do not support yet; "
+            "use positions='true' with a codec"
+        )
+    return Composed(selection, codecs[0])

@@ -101,7 +101,7 @@ class SnapKV(BudgetedMethod):
     def score(self, view: LayerView) -> torch.Tensor:
         weights = view.stats.window  # [B, Hq, W, L]
         assert weights is not None, "snapkv needs the window statistic"
-        per_kv_head = group_mean(weights.sum(dim=2), view.keys.shape[1])  # [B, H, L]
+        per_kv_head = group_mean(weights.sum(dim=2), view.num_kv_heads)  # [B, H, L]
         window = recent_mask(view, self.window)  # pooled over the prefix only, as in the paper's code
         return pool_along_positions(per_kv_head, view.positions, self.kernel, self.pooling, exclude=window)
 
@@ -238,7 +238,7 @@ class TOVA(BudgetedMethod):
     def score(self, view: LayerView) -> torch.Tensor:
         last = view.stats.last  # [B, Hq, L]
         assert last is not None
-        return last.mean(dim=1, keepdim=True).expand(-1, view.keys.shape[1], -1)
+        return last.mean(dim=1, keepdim=True).expand(-1, view.num_kv_heads, -1)
 
 
 @register(

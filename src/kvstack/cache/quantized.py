@@ -1,0 +1,467 @@
+"""Packed storage of a layer's encoded entries, and attention over it one block at a time.
+
+A :class:`QuantizedRegion` holds the entries a codec (:mod:`kvstack.methods.quantization`) has encoded:
+for keys and for values a :class:`PackedStream` of bit-packed integer codes with float16 scales and
+zero points (and, optionally, sparse float16 outliers), plus each entry's true position and method
+state. It grows by whole chunks (``codec.chunk_tokens()`` tokens, a multiple of every token group).
+
+:func:`blockwise_attention` computes attention over ``[region | full-precision tail]`` with an online
+softmax: each block of the region is decoded, used and dropped, so the transient full-precision data
+is one block (``BLOCK_TOKENS`` tokens), never a whole layer. A second pass over the blocks, with the
+log-sum-exp of the first, yields the statistics selection methods need (column sums, below-mean counts,
+the weights of trailing queries), so every selection method composes with every codec.
+
+Shapes: ``B`` batch, ``H`` KV heads, ``Hq = G * H`` query heads, ``N`` encoded entries, ``D`` head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+
+from kvstack.cache.codecs import pack_bits, unpack_bits
+from kvstack.methods.base import STAT_BELOW_MEAN, STAT_COLSUM, STAT_LAST, STAT_WINDOW, AttentionStats
+from kvstack.methods.quantization import Codec, TensorFormat
+
+BLOCK_TOKENS = 1024  # entries decoded at a time by attention (rounded to whole chunks)
+META_DTYPE = torch.float16
+
+
+def growth_tokens(length: int, chunk: int) -> int:
+    """Spare encoded slots kept when the region grows: one chunk or about 3%, whichever is larger."""
+    return max(chunk, chunk * (length // (32 * chunk)))
+
+
+@functools.lru_cache(maxsize=8)
+def hadamard_matrix(size: int) -> torch.Tensor:
+    """``[size, size]`` orthonormal Sylvester Hadamard matrix (``size`` a power of two)."""
+    matrix = torch.ones(1, 1)
+    while matrix.shape[0] < size:
+        matrix = torch.cat((torch.cat((matrix, matrix), 1), torch.cat((matrix, -matrix), 1)), 0)
+    return matrix / math.sqrt(size)
+
+
+def random_hadamard(size: int, seed: int) -> torch.Tensor:
+    """``[size, size]`` randomized Hadamard rotation ``diag(s) @ H`` with random signs ``s`` (orthogonal)."""
+    generator = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (size,), generator=generator).float() * 2 - 1
+    return signs.unsqueeze(1) * hadamard_matrix(size)
+
+
+class PackedStream:
+    """A ``[B, H, N, D]`` tensor stored as packed ``bits``-bit codes, grown by whole chunks.
+
+    Attributes
+    ----------
+    codes:
+        ``[B, H, capacity, D * bits / 8]`` uint8, token-major (planar packing along channels).
+    scale, zero:
+        float16 group metadata: ``[B, H, capacity / G, D]`` when groups run along tokens (per channel),
+        ``[B, H, capacity, D / g]`` when they run along channels (per token).
+    outlier_index, outlier_value:
+        ``[B, H, capacity / chunk, k]`` int16 positions inside a chunk's ``chunk * D`` elements and their
+        exact float16 values (``k = 0`` without outliers).
+    """
+
+    def __init__(
+        self, fmt: TensorFormat, batch: int, heads: int, head_dim: int, chunk: int, outliers: int,
+        device: torch.device,
+    ) -> None:
+        self.fmt, self.chunk, self.outliers = fmt, chunk, outliers
+        self.batch, self.heads, self.head_dim = batch, heads, head_dim
+        self.codes = torch.empty((batch, heads, 0, head_dim * fmt.bits // 8), dtype=torch.uint8, device=device)
+        meta_cols = head_dim if fmt.along == "tokens" else head_dim // fmt.group_size
+        self.scale = torch.empty((batch, heads, 0, meta_cols), dtype=META_DTYPE, device=device)
+        self.zero = torch.empty_like(self.scale)
+        self.outlier_index = torch.empty((batch, heads, 0, outliers), dtype=torch.int16, device=device)
+        self.outlier_value = torch.empty((batch, heads, 0, outliers), dtype=META_DTYPE, device=device)
+
+    def _meta_rows(self, tokens: int) -> int:
+        return tokens // self.fmt.group_size if self.fmt.along == "tokens" else tokens
+
+    def nbytes(self) -> int:
+        tensors = (self.codes, self.scale, self.zero, self.outlier_index, self.outlier_value)
+        return sum(t.nbytes for t in tensors)
+
+    def resize(self, capacity: int, live: int) -> None:
+        """Reallocate to ``capacity`` tokens, keeping the first ``live``."""
+
+        def grown(tensor: torch.Tensor, rows: int, keep: int) -> torch.Tensor:
+            new = tensor.new_empty((*tensor.shape[:2], rows, tensor.shape[3]))
+            new[:, :, :keep] = tensor[:, :, :keep]
+            return new
+
+        self.codes = grown(self.codes, capacity, live)
+        self.scale = grown(self.scale, self._meta_rows(capacity), self._meta_rows(live))
+        self.zero = grown(self.zero, self._meta_rows(capacity), self._meta_rows(live))
+        self.outlier_index = grown(self.outlier_index, capacity // self.chunk, live // self.chunk)
+        self.outlier_value = grown(self.outlier_value, capacity // self.chunk, live // self.chunk)
+
+    # ------------------------------------------------------------------------------ encode / decode
+    def encode(self, x: torch.Tensor, start: int) -> None:
+        """Quantize ``x`` ``[B', H', n, D]`` (``n`` a multiple of the chunk) into tokens ``start:start+n``.
+
+        ``B'``/``H'`` may be 1 with ``start`` addressing one (sequence, head) through :meth:`encode_head`.
+        """
+        self._write(self.codes, self.scale, self.zero, self.outlier_index, self.outlier_value, x, start)
+
+    def encode_head(self, b: int, h: int, x: torch.Tensor, start: int) -> None:
+        """Re-encode tokens ``start:start+n`` of one (sequence, head) from ``x`` ``[n, D]``."""
+        sl = (slice(b, b + 1), slice(h, h + 1))
+        self._write(
+            self.codes[sl], self.scale[sl], self.zero[sl], self.outlier_index[sl], self.outlier_value[sl],
+            x.view(1, 1, *x.shape), start,
+        )
+
+    def _write(self, codes_out, scale_out, zero_out, index_out, value_out, x: torch.Tensor, start: int) -> None:
+        fmt = self.fmt
+        batch, heads, n, head_dim = x.shape
+        levels = (1 << fmt.bits) - 1
+        values = x.float()
+        if fmt.along == "tokens":
+            grouped = values.view(batch, heads, n // fmt.group_size, fmt.group_size, head_dim)
+            axis = 3
+        else:
+            grouped = values.view(batch, heads, n, head_dim // fmt.group_size, fmt.group_size)
+            axis = 4
+        excluded = None
+        if self.outliers:
+            deviation = (grouped - grouped.mean(dim=axis, keepdim=True)).abs_()
+            deviation /= grouped.std(dim=axis, keepdim=True).clamp_(min=1e-6)
+            per_chunk = deviation.view(batch, heads, n // self.chunk, self.chunk * head_dim)
+            index = per_chunk.topk(self.outliers, dim=-1, sorted=False).indices  # [B, H, n/chunk, k]
+            flat = values.view(batch, heads, n // self.chunk, self.chunk * head_dim)
+            index_out[:, :, start // self.chunk : (start + n) // self.chunk] = index.to(torch.int16)
+            value_out[:, :, start // self.chunk : (start + n) // self.chunk] = flat.gather(-1, index).to(META_DTYPE)
+            excluded = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, index, True).view(grouped.shape)
+        if excluded is None:
+            low, high = grouped.amin(dim=axis, keepdim=True), grouped.amax(dim=axis, keepdim=True)
+        else:
+            low = grouped.masked_fill(excluded, float("inf")).amin(dim=axis, keepdim=True)
+            high = grouped.masked_fill(excluded, float("-inf")).amax(dim=axis, keepdim=True)
+        zero = low.to(META_DTYPE)
+        scale = ((high - zero.float()) / levels).to(META_DTYPE)
+        step = scale.float()
+        step = torch.where(step > 0, step, torch.ones_like(step))
+        quantized = ((grouped - zero.float()) / step).round_().clamp_(0, levels).to(torch.uint8)
+        codes_out[:, :, start : start + n] = pack_bits(quantized.view(batch, heads, n, head_dim), fmt.bits)
+        rows = slice(self._meta_rows(start), self._meta_rows(start + n))
+        scale_out[:, :, rows] = scale.squeeze(axis)
+        zero_out[:, :, rows] = zero.squeeze(axis)
+
+    def decode(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """``[B, H, stop - start, D]`` reconstruction of tokens ``start:stop`` (whole chunks)."""
+        fmt = self.fmt
+        n = stop - start
+        codes = unpack_bits(self.codes[:, :, start:stop], fmt.bits).to(torch.float32)
+        rows = slice(self._meta_rows(start), self._meta_rows(stop))
+        scale, zero = self.scale[:, :, rows].float(), self.zero[:, :, rows].float()
+        batch, heads, head_dim = self.batch, self.heads, self.head_dim
+        if fmt.along == "tokens":
+            shape = (batch, heads, n // fmt.group_size, fmt.group_size, head_dim)
+            values = torch.addcmul(zero.unsqueeze(3), codes.view(shape), scale.unsqueeze(3))
+        else:
+            shape = (batch, heads, n, head_dim // fmt.group_size, fmt.group_size)
+            values = torch.addcmul(zero.unsqueeze(4), codes.view(shape), scale.unsqueeze(4))
+        if self.outliers:
+            chunks = slice(start // self.chunk, stop // self.chunk)
+            flat = values.view(batch, heads, n // self.chunk, self.chunk * head_dim)
+            flat.scatter_(-1, self.outlier_index[:, :, chunks].long(), self.outlier_value[:, :, chunks].float())
+        return values.view(batch, heads, n, head_dim).to(dtype)
+
+    def decode_head(self, b: int, h: int, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """``[stop - start, D]`` reconstruction of one (sequence, head)."""
+        view = PackedStream.__new__(PackedStream)
+        view.__dict__.update(self.__dict__)
+        view.batch = view.heads = 1
+        sl = (slice(b, b + 1), slice(h, h + 1))
+        for name in ("codes", "scale", "zero", "outlier_index", "outlier_value"):
+            setattr(view, name, getattr(self, name)[sl])
+        return view.decode(start, stop, dtype)[0, 0]
+
+
+class QuantizedRegion:
+    """The encoded entries of one layer: packed keys and values, positions and method state.
+
+    Parameters
+    ----------
+    codec:
+        The codec (formats, outliers, rotation, pre-RoPE).
+    batch, heads, head_dim, dtype, device:
+        Geometry of the layer and the dtype entries decode to.
+    per_head_positions:
+        True when heads may hold different tokens (a selection method evicts); otherwise positions are
+        stored once per sequence, ``[B, 1, N]``.
+    state_names:
+        Per-entry float32 method state kept alongside (e.g. H2O's accumulated attention).
+    rope_inv_freq:
+        ``[D/2]`` RoPE inverse frequencies, needed by pre-RoPE codecs.
+    layer_idx:
+        Seeds the layer's random rotation.
+    """
+
+    def __init__(
+        self,
+        codec: Codec,
+        batch: int,
+        heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        *,
+        per_head_positions: bool,
+        state_names: tuple[str, ...] = (),
+        rope_inv_freq: torch.Tensor | None = None,
+        layer_idx: int = 0,
+    ) -> None:
+        self.codec = codec
+        self.batch, self.heads, self.head_dim, self.dtype, self.device = batch, heads, head_dim, dtype, device
+        self.chunk = codec.chunk_tokens()
+        outliers = math.ceil(codec.outlier_fraction() * self.chunk * head_dim)
+        self.keys = PackedStream(codec.key_format(), batch, heads, head_dim, self.chunk, outliers, device)
+        self.values = PackedStream(codec.value_format(), batch, heads, head_dim, self.chunk, outliers, device)
+        self.positions = torch.empty((batch, heads if per_head_positions else 1, 0), dtype=torch.int32, device=device)
+        self.state = {name: torch.empty((batch, heads, 0), dtype=torch.float32, device=device) for name in state_names}
+        self.length = 0
+        self.capacity = 0
+        self.rotation: torch.Tensor | None = None
+        if codec.rotation() == "hadamard":
+            self.rotation = random_hadamard(head_dim, seed=1000 + layer_idx).to(device)
+        self.rope_inv_freq = rope_inv_freq
+        if codec.pre_rope() and rope_inv_freq is None:
+            raise ValueError(f"{codec.label()} quantizes keys before RoPE and needs the model's RoPE frequencies")
+
+    # ------------------------------------------------------------------------------ accounting
+    def nbytes(self) -> int:
+        """Bytes held: packed payload, scales, zero points, outliers, positions, state, rotation."""
+        total = self.keys.nbytes() + self.values.nbytes() + self.positions.nbytes
+        total += sum(t.nbytes for t in self.state.values())
+        return total + (self.rotation.nbytes if self.rotation is not None else 0)
+
+    # ------------------------------------------------------------------------------ key transforms
+    def _encode_keys(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        from kvstack.cache.layer import rope_shift
+
+        if self.codec.pre_rope():
+            keys = rope_shift(keys, -positions.expand(keys.shape[:3]).float(), self.rope_inv_freq)
+        if self.rotation is not None:
+            keys = keys.float() @ self.rotation
+        return keys
+
+    def _rotate(self, values: torch.Tensor) -> torch.Tensor:
+        return values if self.rotation is None else values.float() @ self.rotation
+
+    def _unrotate(self, values: torch.Tensor) -> torch.Tensor:
+        return values if self.rotation is None else values @ self.rotation.T.to(values.dtype)
+
+    def _decode_keys(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        from kvstack.cache.layer import rope_shift
+
+        keys = self._unrotate(keys)
+        if self.codec.pre_rope():
+            keys = rope_shift(keys, positions.expand(keys.shape[:3]).float(), self.rope_inv_freq)
+        return keys
+
+    # ------------------------------------------------------------------------------ storage
+    def append(
+        self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, state: dict[str, torch.Tensor]
+    ) -> None:
+        """Encode ``[B, H, n, D]`` entries (``n`` a multiple of the chunk) after the existing ones.
+
+        ``positions`` ``[B, H or 1, n]`` int32; ``state`` maps each state name to ``[B, H, n]``.
+        """
+        n = keys.shape[2]
+        assert n % self.chunk == 0, (n, self.chunk)
+        needed = self.length + n
+        if needed > self.capacity:
+            self._resize(needed + growth_tokens(needed, self.chunk))
+        start = self.length
+        self.keys.encode(self._encode_keys(keys, positions), start)
+        self.values.encode(self._rotate(values), start)
+        self.positions[:, :, start:needed] = positions[:, : self.positions.shape[1]]
+        for name, tensor in self.state.items():
+            tensor[:, :, start:needed] = state[name]
+        self.length = needed
+
+    def _resize(self, capacity: int) -> None:
+        live = self.length
+        self.keys.resize(capacity, live)
+        self.values.resize(capacity, live)
+
+        def grown(tensor: torch.Tensor) -> torch.Tensor:
+            new = tensor.new_empty((*tensor.shape[:2], capacity))
+            new[:, :, :live] = tensor[:, :, :live]
+            return new
+
+        self.positions = grown(self.positions)
+        self.state = {name: grown(t) for name, t in self.state.items()}
+        self.capacity = capacity
+
+    def shrink_to_fit(self) -> None:
+        """Release every spare slot (after a prompt); the next append grows with room to spare."""
+        if self.capacity > self.length:
+            self._resize(self.length)
+
+    def live_positions(self) -> torch.Tensor:
+        """``[B, H, N]`` int32 true positions of the encoded entries."""
+        return self.positions[:, :, : self.length].expand(self.batch, self.heads, -1)
+
+    def block_bounds(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` of each attention block: ``BLOCK_TOKENS`` rounded to whole chunks."""
+        step = max(self.chunk, BLOCK_TOKENS // self.chunk * self.chunk)
+        return [(start, min(start + step, self.length)) for start in range(0, self.length, step)]
+
+    def decode(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B, H, stop - start, D]`` of tokens ``start:stop`` (whole chunks), model dtype."""
+        keys = self.keys.decode(start, stop, torch.float32)
+        keys = self._decode_keys(keys, self.positions[:, :, start:stop]).to(self.dtype)
+        values = self._unrotate(self.values.decode(start, stop, torch.float32)).to(self.dtype)
+        return keys, values
+
+    def decode_all(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every encoded entry decoded (a transient full-precision copy: for selection, never for attention)."""
+        if self.length == 0:
+            empty = torch.empty((self.batch, self.heads, 0, self.head_dim), dtype=self.dtype, device=self.device)
+            return empty, empty.clone()
+        return self.decode(0, self.length)
+
+    def clear(self) -> None:
+        """Drop every encoded entry and release the storage."""
+        self._resize(0)
+        self.length = 0
+
+    def replace_entry(
+        self, b: int, h: int, slot: int, key: torch.Tensor, value: torch.Tensor, position: int,
+        state: dict[str, float],
+    ) -> None:
+        """Put a new entry (``key``/``value`` ``[D]``) into ``slot`` of one head, re-encoding its chunk.
+
+        Only possible with per-head positions (the evicting methods). The chunk is decoded, the entry
+        replaced and the chunk encoded again, so the chunk's other entries keep their values up to one
+        more rounding where the group's range changes.
+        """
+        start = slot // self.chunk * self.chunk
+        stop = start + self.chunk
+        chunk_positions = self.positions[b, h, start:stop].clone()
+        chunk_positions[slot - start] = position
+        keys = self.keys.decode_head(b, h, start, stop, torch.float32)
+        keys[slot - start] = self._encode_keys(key.float().view(1, 1, 1, -1), torch.tensor(position).view(1, 1, 1))[
+            0, 0, 0
+        ]
+        values = self.values.decode_head(b, h, start, stop, torch.float32)
+        values[slot - start] = self._rotate(value.float().view(1, -1))[0]
+        self.keys.encode_head(b, h, keys, start)
+        self.values.encode_head(b, h, values, start)
+        self.positions[b, h, slot] = position
+        for name, tensor in self.state.items():
+            tensor[b, h, slot] = state[name]
+
+
+# ---------------------------------------------------------------------------------- attention
+Block = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+
+def blockwise_attention(
+    query: torch.Tensor,
+    blocks: Callable[[], Iterator[Block]],
+    scaling: float,
+    needs: set[str],
+    window: int,
+    query_valid: torch.Tensor | None,
+) -> tuple[torch.Tensor, AttentionStats]:
+    """Grouped-query attention over a sequence of blocks with an online softmax.
+
+    Parameters
+    ----------
+    query:
+        ``[B, Hq, q, D]``.
+    blocks:
+        Called once per pass; yields ``(keys, values, mask)`` per block: ``[B, H, n, D]`` keys and
+        values and a ``[B|1, H|1, q|1, n]`` bool mask of what each query may see (None: everything).
+        Blocks are decoded lazily, so only one is in full precision at a time.
+    needs, window:
+        Statistics to collect (``STAT_*``) and the trailing queries of the ``window`` statistic.
+    query_valid:
+        ``[B, q]`` bool, False for padding queries (they contribute to no statistic).
+
+    Returns
+    -------
+    tuple
+        ``[B, q, Hq, D]`` output and the :class:`AttentionStats` over the concatenated blocks.
+    """
+    batch, num_q_heads, q_len, head_dim = query.shape
+    heads = None
+    grouped_q = None
+    running_max = running_sum = accumulator = visible_count = None
+    for keys, values, mask in blocks():
+        if grouped_q is None:
+            heads = keys.shape[1]
+            group = num_q_heads // heads
+            grouped_q = (query * scaling).reshape(batch, heads, group * q_len, head_dim)
+            running_max = torch.full((batch, heads, group * q_len, 1), float("-inf"), device=query.device)
+            running_sum = torch.zeros_like(running_max)
+            accumulator = torch.zeros((batch, heads, group * q_len, head_dim), dtype=torch.float32, device=query.device)
+            visible_count = torch.zeros((batch, heads, 1, q_len, 1), device=query.device)
+        logits = torch.matmul(grouped_q, keys.transpose(-1, -2)).float()  # [B, H, G*q, n]
+        if mask is not None:
+            view = logits.view(batch, heads, group, q_len, -1)
+            view.masked_fill_(~mask.unsqueeze(2), float("-inf"))
+            visible_count = visible_count + mask.sum(dim=-1, keepdim=True).unsqueeze(2)
+        else:
+            visible_count = visible_count + keys.shape[2]
+        block_max = logits.amax(dim=-1, keepdim=True)
+        new_max = torch.maximum(running_max, block_max)
+        safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+        weights = torch.exp(logits - safe_max)
+        correction = torch.exp(running_max - safe_max)
+        running_sum = running_sum * correction + weights.sum(dim=-1, keepdim=True)
+        accumulator = accumulator * correction + torch.matmul(weights.to(values.dtype), values).float()
+        running_max = new_max
+    assert grouped_q is not None, "blockwise_attention needs at least one block"
+    output = torch.where(running_sum > 0, accumulator / running_sum.clamp(min=1e-30), torch.zeros_like(accumulator))
+    output = output.to(query.dtype).view(batch, num_q_heads, q_len, head_dim).transpose(1, 2)
+    stats = AttentionStats()
+    wanted = needs & {STAT_COLSUM, STAT_BELOW_MEAN, STAT_WINDOW, STAT_LAST}
+    if not wanted:
+        return output, stats
+    safe_max = torch.where(torch.isinf(running_max), torch.zeros_like(running_max), running_max)
+    lse = (safe_max + running_sum.clamp(min=1e-30).log()).view(batch, heads, group, q_len, 1)
+    query_ok = None if query_valid is None else query_valid.view(batch, 1, 1, q_len, 1)
+    colsums, belows, seens, window_parts, last_parts = [], [], [], [], []
+    rows = min(window, q_len) if STAT_WINDOW in needs else 0
+    for keys, _, mask in blocks():
+        logits = torch.matmul(grouped_q, keys.transpose(-1, -2)).float().view(batch, heads, group, q_len, -1)
+        weights = torch.exp(logits - lse)
+        visible = None
+        if mask is not None:
+            visible = mask.unsqueeze(2).expand_as(weights)
+            weights = weights.masked_fill(~visible, 0.0)
+        if query_ok is not None:
+            weights = weights * query_ok
+            visible = query_ok.expand_as(weights) if visible is None else visible & query_ok
+        if STAT_COLSUM in needs:
+            colsums.append(weights.sum(dim=(2, 3)))
+        if STAT_BELOW_MEAN in needs:
+            under = weights < 1.0 / visible_count.clamp(min=1)
+            if visible is not None:
+                under &= visible
+                seens.append(visible.sum(dim=(2, 3)).float())
+            else:
+                seens.append(torch.full(weights.shape[:2] + weights.shape[-1:], float(group * q_len)))
+            belows.append(under.sum(dim=(2, 3)).float())
+        if rows:
+            window_parts.append(weights[:, :, :, q_len - rows :].reshape(batch, num_q_heads, rows, -1))
+        if STAT_LAST in needs:
+            last_parts.append(weights[:, :, :, -1].reshape(batch, num_q_heads, -1))
+    if colsums:
+        stats.colsum = torch.cat(colsums, dim=-1)
+    if belows:
+        stats.below_mean, stats.queries_seen = torch.cat(belows, dim=-1), torch.cat(seens, dim=-1)
+    if window_parts:
+        stats.window = torch.cat(window_parts, dim=-1)
+    if last_parts:
+        stats.last = torch.cat(last_parts, dim=-1)
+    return output, stats

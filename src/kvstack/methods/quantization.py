@@ -1,0 +1,252 @@
+"""Token-level quantization codecs (taxonomy §1.4): *how* kept entries are encoded, not *which* are kept.
+
+A codec is the second term of a spec (``snapkv(ratio=0.5) + kivi(bits=2)``) or a spec on its own
+(``kivi(bits=2)``, which keeps every token). The cache layer keeps the newest entries in full precision
+(the residual window, plus optional attention sinks) and encodes older ones, chunk by chunk, into
+packed integer storage (:mod:`kvstack.cache.quantized`); selection always acts on every entry, encoded
+or not.
+
+Formats
+-------
+Keys and values each have a :class:`TensorFormat`: ``bits`` (2, 4 or 8), ``group_size`` and ``along``:
+
+* ``along="channels"``: per-token quantization, one scale and zero point per ``group_size`` channels
+  of a token (FlexGen; KIVI's values).
+* ``along="tokens"``: per-channel quantization, one scale and zero point per channel for each group of
+  ``group_size`` consecutive tokens (KIVI's and KVQuant's keys, whose outliers sit in fixed channels).
+
+Scales and zero points are float16; :meth:`KVStackCache.kv_bytes` counts them with the payload, the
+full-precision window, positions and any sparse outliers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from kvstack.cache.codecs import CodecError, check_bits, check_group_size
+from kvstack.methods.base import check_sizes
+from kvstack.spec import MethodInfo, register
+
+__all__ = ["KIVI", "Codec", "KVQuant", "Quant", "TensorFormat"]
+
+CHUNK_TOKENS = 32  # tokens encoded at a time by per-token codecs (whole key groups for per-channel ones)
+ROTATIONS = (None, "hadamard")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorFormat:
+    """How one of keys / values is quantized: ``bits``, ``group_size`` and the axis groups run ``along``."""
+
+    bits: int
+    group_size: int
+    along: str  # "channels" (per token) or "tokens" (per channel)
+
+    def check(self, head_dim: int, what: str) -> None:
+        """Raise :class:`CodecError` if the groups cannot tile a ``head_dim``-channel vector."""
+        if self.along == "channels":
+            check_group_size(self.group_size, head_dim, f"the head dimension of the {what}")
+
+
+@dataclasses.dataclass
+class Codec:
+    """Base of every codec. Subclasses are dataclasses registered under the name users type.
+
+    Attributes every codec has
+    --------------------------
+    residual:
+        Newest tokens kept in full precision (KIVI's ``R``); encoding happens whole chunks at a time, so
+        between ``residual`` and ``residual + chunk - 1`` tokens are in full precision.
+    """
+
+    spec_name: ClassVar[str]
+    info: ClassVar[MethodInfo]
+    is_codec: ClassVar[bool] = True
+
+    def key_format(self) -> TensorFormat:
+        raise NotImplementedError
+
+    def value_format(self) -> TensorFormat:
+        raise NotImplementedError
+
+    def residual_tokens(self) -> int:
+        return int(getattr(self, "residual", 0))
+
+    def sink_tokens(self) -> int:
+        """Oldest tokens kept in full precision (attention sinks)."""
+        return 0
+
+    def pre_rope(self) -> bool:
+        """True when keys are quantized before RoPE (KVQuant): un-rotated to encode, re-rotated to decode."""
+        return False
+
+    def rotation(self) -> str | None:
+        """``"hadamard"``: keys and values are stored rotated by a randomized Hadamard matrix (QuaRot-style)."""
+        return None
+
+    def outlier_fraction(self) -> float:
+        """Fraction of elements kept exactly as sparse float16 outliers (dense-and-sparse)."""
+        return 0.0
+
+    def chunk_tokens(self) -> int:
+        """Tokens encoded together: a multiple of the key and value token groups."""
+        chunk = CHUNK_TOKENS
+        for fmt in (self.key_format(), self.value_format()):
+            if fmt.along == "tokens":
+                chunk = max(chunk, fmt.group_size)
+                if chunk % fmt.group_size:
+                    chunk = fmt.group_size * -(-chunk // fmt.group_size)
+        return chunk
+
+    def check(self, head_dim: int) -> None:
+        """Validate the codec against a model's head dimension (raises :class:`CodecError`)."""
+        self.key_format().check(head_dim, "keys")
+        self.value_format().check(head_dim, "values")
+        if self.rotation() == "hadamard" and head_dim & (head_dim - 1):
+            raise CodecError(f"rotate='hadamard' needs a power-of-two head dimension, got {head_dim}")
+
+    def label(self) -> str:
+        """The canonical spec string of this codec with its non-default parameters."""
+        parts = [
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if f.init and getattr(self, f.name) != f.default
+        ]
+        return f"{self.spec_name}({', '.join(parts)})" if parts else self.spec_name
+
+
+def _check_group(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CodecError(f"group_size must be a positive integer, got {value!r}")
+
+
+def _check_rotation(value: Any) -> None:
+    if value not in ROTATIONS:
+        raise CodecError(f"rotate must be None or 'hadamard', got {value!r}")
+
+
+@register(
+    "quant",
+    category="token/quantization/fixed",
+    description="Fixed precision (FlexGen-style): keys and values per token, min-max in groups of group_size channels.",
+)
+@dataclasses.dataclass
+class Quant(Codec):
+    """Fixed-precision, per-token group-wise asymmetric min-max quantization (FlexGen, Sheng et al., 2023).
+
+    Both keys and values are quantized per token in groups of ``group_size`` channels; ``int8`` is
+    ``quant(bits=8)``, ``int4`` is ``quant(bits=4)``. Per-token groups are where outlier channels hurt
+    most, so ``rotate='hadamard'`` (QuaRot-style, see :class:`KIVI`) is available here too.
+    """
+
+    bits: int = 8
+    group_size: int = 64
+    residual: int = 0
+    rotate: str | None = None
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        _check_group(self.group_size)
+        check_sizes(residual=self.residual)
+        _check_rotation(self.rotate)
+
+    def rotation(self) -> str | None:
+        return self.rotate
+
+    def key_format(self) -> TensorFormat:
+        return TensorFormat(self.bits, self.group_size, "channels")
+
+    def value_format(self) -> TensorFormat:
+        return TensorFormat(self.bits, self.group_size, "channels")
+
+
+@register(
+    "kivi",
+    category="token/quantization/fixed",
+    description=(
+        "KIVI: keys per channel (groups of group_size tokens), values per token; the newest `residual` "
+        "tokens stay in full precision."
+    ),
+)
+@dataclasses.dataclass
+class KIVI(Codec):
+    """KIVI (Liu et al., 2024): tuning-free asymmetric 2/4-bit KV quantization.
+
+    Keys are quantized per channel, each channel's scale and zero point shared by ``group_size``
+    consecutive tokens (key outliers sit in a few fixed channels); values per token, in groups of
+    ``group_size`` channels. The newest ``residual`` tokens stay in full precision and are flushed one
+    whole group at a time. The paper uses ``group_size=32`` and ``residual`` from 32 to 128; at float32
+    each 32 tokens of residual cost 0.25 bits per element at 4k tokens. ``rotate='hadamard'`` stores
+    keys and values rotated by one randomized Hadamard matrix per layer (QuaRot-style), which spreads
+    outlier channels over all channels; they are rotated back when read, so queries need no change.
+    """
+
+    bits: int = 2
+    group_size: int = 32
+    residual: int = 32
+    rotate: str | None = None
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        _check_group(self.group_size)
+        check_sizes(residual=self.residual)
+        _check_rotation(self.rotate)
+
+    def key_format(self) -> TensorFormat:
+        return TensorFormat(self.bits, self.group_size, "tokens")
+
+    def value_format(self) -> TensorFormat:
+        return TensorFormat(self.bits, self.group_size, "channels")
+
+    def rotation(self) -> str | None:
+        return self.rotate
+
+
+@register(
+    "kvquant",
+    category="token/quantization/outlier",
+    description=(
+        "KVQuant-style: per-channel keys quantized before RoPE, dense-and-sparse outliers kept in float16, "
+        "attention sinks in full precision."
+    ),
+)
+@dataclasses.dataclass
+class KVQuant(Codec):
+    """KVQuant-style quantization (Hooper et al., 2024).
+
+    Keys are quantized per channel *before* RoPE (their channel structure is cleaner there): stored
+    un-rotated, re-rotated at their true positions when read. A fraction ``outliers`` of the elements
+    of every encoded chunk, those furthest from their quantization group's mean in units of its
+    standard deviation, is kept exactly as sparse float16 values with int16 indices, and excluded from
+    the group's range. The first ``sinks`` tokens stay in full precision.
+    """
+
+    bits: int = 4
+    group_size: int = 32
+    residual: int = 32
+    outliers: float = 0.01
+    sinks: int = 1
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        _check_group(self.group_size)
+        check_sizes(residual=self.residual, sinks=self.sinks)
+        if isinstance(self.outliers, bool) or not isinstance(self.outliers, (int, float)) or not (
+            0.0 <= float(self.outliers) < 0.5
+        ):
+            raise CodecError(f"outliers must be a fraction in [0, 0.5), got {self.outliers!r}")
+
+    def key_format(self) -> TensorFormat:
+        return TensorFormat(self.bits, self.group_size, "tokens")
+
+    def value_format(self) -> TensorFormat:
+        return TensorFormat(self.bits, self.group_size, "channels")
+
+    def sink_tokens(self) -> int:
+        return self.sinks
+
+    def pre_rope(self) -> bool:
+        return True
+
+    def outlier_fraction(self) -> float:
+        return float(self.outliers)

@@ -1,0 +1,324 @@
+"""Quantized KV storage: codecs in the spec language, packed regions, block-wise attention, composition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_model, random_ids
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kvstack
+from kvstack.api import prefill
+from kvstack.cache import quantized
+from kvstack.cache.codecs import CodecError, quantize
+from kvstack.cache.layer import attention_with_stats
+from kvstack.cache.quantized import QuantizedRegion, blockwise_attention, random_hadamard
+from kvstack.methods.base import STAT_BELOW_MEAN, STAT_COLSUM, STAT_LAST, STAT_WINDOW
+from kvstack.spec import SpecError, parse
+
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
+ALL_STATS = {STAT_COLSUM, STAT_BELOW_MEAN, STAT_WINDOW, STAT_LAST}
+
+
+def head32_model(seed: int = 0) -> torch.nn.Module:
+    """A tiny llama with head dimension 32 (4 query heads, 2 KV heads)."""
+    return build_model("llama", seed=seed, hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Block-wise attention equals dense attention
+# ------------------------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 999), batch=st.integers(1, 2), group=st.sampled_from([1, 3]), encoded=st.integers(1, 70),
+    past=st.integers(0, 6), q_len=st.integers(1, 5), padded=st.booleans(), block=st.integers(1, 40),
+)
+def test_blockwise_attention_equals_dense_attention_with_every_statistic(
+    seed, batch, group, encoded, past, q_len, padded, block
+):
+    generator = torch.Generator().manual_seed(seed)
+    heads, head_dim = 2, 8
+    length = encoded + past + q_len
+    query = torch.randn(batch, heads * group, q_len, head_dim, generator=generator)
+    keys = torch.randn(batch, heads, length, head_dim, generator=generator)
+    values = torch.randn(batch, heads, length, head_dim, generator=generator)
+    past_valid = None
+    if padded:  # the first few entries of sequence 0 are padding in every head
+        past_valid = torch.ones(batch, heads, encoded + past, dtype=torch.bool)
+        past_valid[0, :, : min(3, encoded)] = False
+    window = min(2, q_len)
+    dense_out, dense = attention_with_stats(
+        query, keys, values, None, past_valid, 0.3, set(ALL_STATS), window
+    )
+
+    def blocks():
+        for start in range(0, encoded, block):
+            stop = min(start + block, encoded)
+            mask = None if past_valid is None else past_valid[:, :, start:stop].unsqueeze(2)
+            yield keys[:, :, start:stop], values[:, :, start:stop], mask
+        tail_past = (
+            torch.ones(batch, heads, past, dtype=torch.bool) if past_valid is None else past_valid[:, :, encoded:]
+        )
+        causal = torch.ones(q_len, q_len, dtype=torch.bool).tril().expand(batch, heads, q_len, q_len)
+        tail_mask = torch.cat((tail_past.unsqueeze(2).expand(-1, -1, q_len, -1), causal), dim=-1)
+        yield keys[:, :, encoded:], values[:, :, encoded:], tail_mask
+
+    out, stats = blockwise_attention(query, blocks, 0.3, set(ALL_STATS), window, None)
+    torch.testing.assert_close(out, dense_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats.colsum, dense.colsum, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats.below_mean, dense.below_mean)
+    torch.testing.assert_close(stats.queries_seen, dense.queries_seen)
+    torch.testing.assert_close(stats.window, dense.window, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(stats.last, dense.last, atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The region stores exactly what the codec quantizes
+# ------------------------------------------------------------------------------------------------------
+
+
+def _region(spec: str, heads: int = 2, head_dim: int = 32, **kwargs) -> QuantizedRegion:
+    codec = parse(spec).codec
+    return QuantizedRegion(codec, 1, heads, head_dim, torch.float32, torch.device("cpu"),
+                           per_head_positions=kwargs.pop("per_head", False), **kwargs)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_kivi_region_holds_per_channel_keys_and_per_token_values(bits):
+    generator = torch.Generator().manual_seed(bits)
+    keys = torch.randn(1, 2, 64, 32, generator=generator) * torch.linspace(0.1, 8, 32)  # outlier channels
+    values = torch.randn(1, 2, 64, 32, generator=generator)
+    region = _region(f"kivi(bits={bits}, group_size=16)")
+    region.append(keys, values, torch.arange(64, dtype=torch.int32).view(1, 1, -1), {})
+    decoded_keys, decoded_values = region.decode_all()
+    torch.testing.assert_close(decoded_keys, quantize(keys, bits, 16, axis=-2).dequantize(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(decoded_values, quantize(values, bits, 16, axis=-1).dequantize(), atol=1e-6, rtol=0)
+
+
+def test_decode_of_any_block_equals_the_matching_slice_of_the_whole():
+    generator = torch.Generator().manual_seed(1)
+    region = _region("kvquant(bits=2, group_size=16, outliers=0.02)", rope_inv_freq=torch.rand(16))
+    keys, values = torch.randn(1, 2, 96, 32, generator=generator), torch.randn(1, 2, 96, 32, generator=generator)
+    region.append(keys, values, torch.arange(96, dtype=torch.int32).view(1, 1, -1), {})
+    whole_keys, whole_values = region.decode_all()
+    for start, stop in [(0, 32), (32, 96), (64, 96)]:
+        block_keys, block_values = region.decode(start, stop)
+        torch.testing.assert_close(block_keys, whole_keys[:, :, start:stop])
+        torch.testing.assert_close(block_values, whole_values[:, :, start:stop])
+
+
+def test_kvquant_keeps_outliers_exactly_and_quantizes_keys_before_rope():
+    generator = torch.Generator().manual_seed(2)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 32, 2).float() / 32))
+    keys = torch.randn(1, 1, 64, 32, generator=generator)
+    keys[0, 0, 5, 3] = 40.0  # planted outliers
+    keys[0, 0, 40, 17] = -35.0
+    values = torch.randn(1, 1, 64, 32, generator=generator)
+    region = _region("kvquant(bits=4, group_size=32, outliers=0.01)", heads=1, rope_inv_freq=inv_freq)
+    positions = torch.arange(64, dtype=torch.int32).view(1, 1, -1)
+    from kvstack.cache.layer import rope_shift
+
+    post_rope = rope_shift(keys, positions.float(), inv_freq)
+    region.append(post_rope, values, positions, {})
+    decoded, _ = region.decode_all()
+    unrotated = rope_shift(decoded, -positions.float(), inv_freq)
+    assert float(unrotated[0, 0, 5, 3]) == pytest.approx(40.0, abs=0.05)  # float16 exact, then RoPE round trip
+    assert float(unrotated[0, 0, 40, 17]) == pytest.approx(-35.0, abs=0.05)
+    # Without an outlier in its range, the rest of that channel's group is quantized on a fine grid.
+    error = (unrotated - keys).abs()
+    plain = (quantize(keys, 4, 32, axis=-2).dequantize() - keys).abs()
+    for tokens, channel in ((slice(0, 32), 3), (slice(32, 64), 17)):
+        assert float(error[0, 0, tokens, channel].mean()) < 0.2 * float(plain[0, 0, tokens, channel].mean())
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_randomized_hadamard_rotation_cuts_per_token_error_on_outlier_channels(bits):
+    rotation = random_hadamard(64, seed=3)
+    torch.testing.assert_close(rotation @ rotation.T, torch.eye(64), atol=1e-6, rtol=0)
+    generator = torch.Generator().manual_seed(bits)
+    x = torch.randn(1, 1, 256, 64, generator=generator)
+    x[..., 7] *= 30.0  # one outlier channel, as in real keys
+    plain = _region(f"quant(bits={bits})", heads=1, head_dim=64)
+    rotated = _region(f"quant(bits={bits}, rotate='hadamard')", heads=1, head_dim=64)
+    positions = torch.arange(256, dtype=torch.int32).view(1, 1, -1)
+    for region in (plain, rotated):
+        region.append(x, x, positions, {})
+    error_plain = (plain.decode_all()[1] - x).pow(2).mean()
+    error_rotated = (rotated.decode_all()[1] - x).pow(2).mean()
+    assert float(error_rotated) < 0.5 * float(error_plain)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The cache: accounting, precision, composition
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_kv_bytes_count_payload_metadata_residual_positions_exactly():
+    model = head32_model()
+    cache = kvstack.make_cache(model, "kivi(bits=2, group_size=16, residual=16)")
+    prefill(model, random_ids(200), cache)
+    layer = cache.layers[0]
+    region = layer.region
+    batch, heads, head_dim = 1, 2, 32
+    assert region.chunk == 32
+    assert region.length == (200 - 16) // 32 * 32 == region.capacity  # exact after the prompt
+    assert layer.length == 200 - region.length == layer.capacity
+    n = region.length
+    encoded_bytes = (
+        batch * heads * n * head_dim * 2 // 8 * 2  # 2-bit keys and values
+        + batch * heads * (n // 16) * head_dim * 2 * 2  # key scale + zero (float16), per channel per 16 tokens
+        + batch * heads * n * (head_dim // 16) * 2 * 2  # value scale + zero, per token per 16 channels
+        + batch * 1 * n * 4  # positions, once per sequence (nothing is evicted)
+    )
+    residual_bytes = batch * heads * layer.length * (head_dim * 4 * 2 + 4)  # float32 keys/values + positions
+    assert layer.kv_bytes() == encoded_bytes + residual_bytes + 8  # + next position (int64)
+    assert cache.kv_bytes() == sum(lay.kv_bytes() for lay in cache.layers)
+    full = kvstack.make_cache(model, "full")
+    prefill(model, random_ids(200), full)
+    assert cache.kv_bytes() < 0.4 * full.kv_bytes()
+
+
+@pytest.mark.parametrize(
+    "spec, key_bits, value_bits",
+    [
+        # KIVI-2: 2-bit codes + float16 scale and zero per channel per 32 tokens / per token per 32 channels.
+        ("kivi(bits=2)", 2 + 32 / 32, 2 + 32 / 32),
+        ("kivi(bits=4)", 4 + 32 / 32, 4 + 32 / 32),
+        # int8: per token, one float16 scale and zero per 64 channels.
+        ("quant(bits=8)", 8 + 32 / 64, 8 + 32 / 64),
+    ],
+)
+def test_bits_per_element_at_a_long_context_include_every_byte(spec, key_bits, value_bits):
+    model = build_model("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=4096)
+    tokens, heads, head_dim = 4096, 2, 64
+    cache = kvstack.make_cache(model, spec)
+    prefill(model, random_ids(tokens), cache)
+    codec = parse(spec).codec
+    residual = codec.residual_tokens() + (tokens - codec.residual_tokens()) % codec.chunk_tokens()
+    encoded = tokens - residual
+    bits = (
+        encoded * head_dim * (key_bits + value_bits)  # payload and group metadata
+        + encoded * 32 / heads  # int32 positions, shared by the heads
+        + residual * (2 * head_dim * 32 + 32)  # float32 residual keys and values, with per-head positions
+        + 64 / heads  # int64 next position of the sequence
+    ) / (tokens * 2 * head_dim)
+    assert cache.bits_per_element() == pytest.approx(bits, rel=1e-9)
+    assert cache.bits_per_element() <= {"kivi(bits=2)": 3.5, "kivi(bits=4)": 5.5, "quant(bits=8)": 9.0}[spec]
+
+
+def test_more_bits_give_logits_closer_to_the_full_cache():
+    model = head32_model(seed=4)
+    ids = random_ids(160, seed=4)
+    follow = random_ids(24, seed=5)
+
+    def logits(spec: str) -> torch.Tensor:
+        cache = kvstack.make_cache(model, spec)
+        prefill(model, ids, cache)
+        return model(follow, past_key_values=cache, use_cache=True).logits
+
+    reference = logits("full")
+    errors = [float((logits(f"kivi(bits={b}, group_size=16, residual=0)") - reference).abs().mean()) for b in (8, 4, 2)]
+    assert errors[0] < errors[1] < errors[2]
+    assert errors[0] < 0.02 * float(reference.abs().mean())
+
+
+def test_attention_decodes_one_block_at_a_time_while_decoding(monkeypatch):
+    monkeypatch.setattr(quantized, "BLOCK_TOKENS", 32)
+    model = head32_model()
+    cache = kvstack.make_cache(model, "kivi(bits=4, group_size=16, residual=16)")
+    prefill(model, random_ids(200), cache)
+    sizes = []
+    original = QuantizedRegion.decode
+
+    def spy(self, start, stop):
+        sizes.append(stop - start)
+        return original(self, start, stop)
+
+    monkeypatch.setattr(QuantizedRegion, "decode", spy)
+    monkeypatch.setattr(QuantizedRegion, "decode_all", lambda self: pytest.fail("a whole layer was decoded"))
+    for token in range(5):
+        model(torch.tensor([[token + 3]]), past_key_values=cache, use_cache=True)
+    assert sizes and max(sizes) == 32
+
+
+def test_static_selection_then_codec_keeps_what_the_selection_alone_keeps():
+    model = head32_model()
+    ids = random_ids(150)
+    alone = kvstack.make_cache(model, "snapkv(budget=64)")
+    composed = kvstack.make_cache(model, "snapkv(budget=64) + kivi(bits=2, group_size=16, residual=16)")
+    prefill(model, ids, alone)
+    prefill(model, ids, composed)
+    for a, c in zip(alone.layers, composed.layers, strict=False):
+        assert [[p.tolist() for p in head] for head in a.kept_positions()] == [
+            [p.tolist() for p in head] for head in c.kept_positions()
+        ]
+        assert c.encoded_entries() == 32 and c.length == 32  # one 32-token chunk encoded, 16 + 16 waiting
+    assert composed.kv_bytes() < 0.6 * alone.kv_bytes()  # half the kept entries are encoded
+
+
+@pytest.mark.parametrize("codec", ["kivi(bits=4, group_size=16, residual=16)", "quant(bits=4, group_size=16)"])
+def test_streamingllm_with_a_codec_keeps_exactly_sinks_and_the_recent_window(codec):
+    model = head32_model()
+    cache = kvstack.make_cache(model, f"streamingllm(budget=64, sinks=4) + {codec}")
+    prefill(model, random_ids(150), cache)
+    for step in range(40):
+        model(torch.tensor([[step % 100 + 3]]), past_key_values=cache, use_cache=True)
+        seen = 151 + step
+        for layer in cache.layers:
+            assert layer.encoded_entries() > 0
+            for positions in layer.kept_positions()[0]:
+                assert positions.tolist() == [0, 1, 2, 3, *range(seen - 60, seen)]
+
+
+@pytest.mark.parametrize("name", ["h2o", "tova", "scissorhands"])
+def test_dynamic_selection_with_a_codec_holds_its_budget_with_distinct_entries(name):
+    model = head32_model()
+    cache = kvstack.make_cache(model, f"{name}(budget=48) + kivi(bits=4, group_size=16, residual=16)")
+    prefill(model, random_ids(120), cache, chunk_size=32)
+    for step in range(30):
+        model(torch.tensor([[step + 3]]), past_key_values=cache, use_cache=True)
+    for layer in cache.layers:
+        assert layer.encoded_entries() > 0
+        for positions in layer.kept_positions()[0]:
+            assert len(positions) == 48 and len(set(positions.tolist())) == 48
+            assert int(positions.max()) == 149  # the newest token is always kept
+
+
+def test_generate_with_a_codec_runs_and_reports_its_label():
+    model = head32_model()
+    cache = kvstack.make_cache(model, "h2o(budget=40) + kivi(bits=2, group_size=16)")
+    out = model.generate(random_ids(60), past_key_values=cache, max_new_tokens=8, do_sample=False)
+    assert out.shape == (1, 68)
+    assert cache.label() == "h2o(budget=40) + kivi(group_size=16)"
+
+
+# ------------------------------------------------------------------------------------------------------
+# Clear errors
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("kivi(bits=3)", "bits must be one of 2, 4 or 8"),
+        ("quant(bits=16)", "bits must be one of 2, 4 or 8"),
+        ("kivi(group_size=0)", "group_size must be a positive integer"),
+        ("kivi(rotate='random')", "rotate must be None or 'hadamard'"),
+        ("kvquant(outliers=0.7)", "outliers must be a fraction"),
+        ("kivi(residual=-1)", "residual must be >= 0"),
+    ],
+)
+def test_bad_codec_parameters_get_one_line_errors(spec, words):
+    with pytest.raises(SpecError, match=words) as info:
+        parse(spec)
+    assert "\n" not in str(info.value)
+
+
+def test_a_group_size_that_does_not_divide_the_head_dimension_is_refused_at_make_cache():
+    model = head32_model()
+    with pytest.raises(CodecError, match="group_size 24 does not divide the head dimension of the values"):
+        kvstack.make_cache(model, "kivi(group_size=24)")
