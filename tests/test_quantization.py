@@ -226,23 +226,55 @@ def test_more_bits_give_logits_closer_to_the_full_cache():
     assert errors[0] < 0.02 * float(reference.abs().mean())
 
 
-def test_attention_decodes_one_block_at_a_time_while_decoding(monkeypatch):
+@pytest.mark.parametrize("spec", ["kivi(bits=4, group_size=16, residual=16)", "kvquant(bits=2, group_size=16)"])
+def test_attention_decodes_one_block_at_a_time_while_decoding(monkeypatch, spec):
     monkeypatch.setattr(quantized, "BLOCK_TOKENS", 32)
     model = head32_model()
-    cache = kvstack.make_cache(model, "kivi(bits=4, group_size=16, residual=16)")
+    cache = kvstack.make_cache(model, spec)
     prefill(model, random_ids(200), cache)
-    sizes = []
-    original = QuantizedRegion.decode
+    decoded_tokens = []
+    original = quantized.unpack_float
 
-    def spy(self, start, stop):
-        sizes.append(stop - start)
-        return original(self, start, stop)
+    def spy(packed, bits):
+        decoded_tokens.append(packed.shape[-2])
+        return original(packed, bits)
 
-    monkeypatch.setattr(QuantizedRegion, "decode", spy)
+    monkeypatch.setattr(quantized, "unpack_float", spy)
     monkeypatch.setattr(QuantizedRegion, "decode_all", lambda self: pytest.fail("a whole layer was decoded"))
     for token in range(5):
         model(torch.tensor([[token + 3]]), past_key_values=cache, use_cache=True)
-    assert sizes and max(sizes) == 32
+    assert decoded_tokens and max(decoded_tokens) == 32 < cache.layers[0].encoded_entries()
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 999), spec=st.sampled_from([
+        "kivi(bits=2, group_size=16)", "kivi(bits=4, group_size=8, rotate='hadamard')", "quant(bits=8, group_size=16)",
+        "quant(bits=4, group_size=32, rotate='hadamard')", "kvquant(bits=4, group_size=16, outliers=0.02)",
+    ]),
+    chunks=st.integers(1, 5), tail=st.integers(1, 9), group=st.sampled_from([1, 3]), block=st.sampled_from([32, 64]),
+)
+def test_decoding_fast_path_equals_block_wise_attention_over_decoded_entries(seed, spec, chunks, tail, group, block):
+    generator = torch.Generator().manual_seed(seed)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 32, 2).float() / 32))
+    region = _region(spec, rope_inv_freq=inv_freq)
+    n = chunks * region.chunk
+    region.append(torch.randn(1, 2, n, 32, generator=generator), torch.randn(1, 2, n, 32, generator=generator),
+                  torch.arange(n, dtype=torch.int32).view(1, 1, -1), {})
+    query = torch.randn(1, 2 * group, 1, 32, generator=generator)
+    tail_keys, tail_values = torch.randn(1, 2, tail, 32, generator=generator), torch.randn(1, 2, tail, 32)
+    quantized.BLOCK_TOKENS, saved = block, quantized.BLOCK_TOKENS
+    try:
+        fast = region.attend_one(query, tail_keys, tail_values, 0.2)
+    finally:
+        quantized.BLOCK_TOKENS = saved
+    keys, values = region.decode_all()
+
+    def blocks():
+        yield torch.cat((keys, tail_keys), dim=2), torch.cat((values, tail_values), dim=2), None
+
+    reference, _ = blockwise_attention(query, blocks, 0.2, set(), 0, None)
+    torch.testing.assert_close(fast, reference, atol=2e-5, rtol=1e-4)
 
 
 def test_static_selection_then_codec_keeps_what_the_selection_alone_keeps():

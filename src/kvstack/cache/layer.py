@@ -357,6 +357,9 @@ class KVStackLayer(CacheLayerMixin):
         """Attention over ``[encoded region | full-precision slots]``, one decoded block at a time."""
         region = self.region
         assert region is not None
+        if q_len == 1 and not needs and not self.has_padding and causal is None:
+            output = region.attend_one(query, self.keys[:, :, : self.length], self.values[:, :, : self.length], scaling)
+            return output, AttentionStats()
         region_valid = (region.live_positions() >= 0).unsqueeze(2) if self.has_padding else None  # [B, H, 1, N]
         tail_mask = self._tail_mask(causal, q_len, query.device)
         fp_keys, fp_values = self.keys[:, :, : self.length], self.values[:, :, : self.length]

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from kvstack.cache.codecs import pack_bits, unpack_bits
+from kvstack.cache.codecs import pack_bits, unpack_float
 from kvstack.methods.base import STAT_BELOW_MEAN, STAT_COLSUM, STAT_LAST, STAT_WINDOW, AttentionStats
 from kvstack.methods.quantization import Codec, TensorFormat
 
@@ -156,7 +156,7 @@ class PackedStream:
         """``[B, H, stop - start, D]`` reconstruction of tokens ``start:stop`` (whole chunks)."""
         fmt = self.fmt
         n = stop - start
-        codes = unpack_bits(self.codes[:, :, start:stop], fmt.bits).to(torch.float32)
+        codes = unpack_float(self.codes[:, :, start:stop], fmt.bits)
         rows = slice(self._meta_rows(start), self._meta_rows(stop))
         scale, zero = self.scale[:, :, rows].float(), self.zero[:, :, rows].float()
         batch, heads, head_dim = self.batch, self.heads, self.head_dim
@@ -358,6 +358,69 @@ class QuantizedRegion:
         self.positions[b, h, slot] = position
         for name, tensor in self.state.items():
             tensor[b, h, slot] = state[name]
+
+
+    # ------------------------------------------------------------------------------ decoding fast path
+    def attend_one(
+        self, query: torch.Tensor, tail_keys: torch.Tensor, tail_values: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        """Attention of one new token per sequence over ``[region | tail]``, nothing masked, no statistics.
+
+        Two passes over the blocks: scores of every block (decoding keys one block at a time), one
+        softmax over the ``[B, Hq, N + P]`` weights, then the values block by block. Value scales and zero
+        points are folded into the weights, so value codes are never rescaled element by element; a
+        Hadamard rotation is folded into the query and applied once to the output.
+
+        Parameters
+        ----------
+        query:
+            ``[B, Hq, 1, D]``.
+        tail_keys, tail_values:
+            ``[B, H, P, D]`` full-precision entries after the region (the new token among them).
+
+        Returns
+        -------
+        torch.Tensor
+            ``[B, 1, Hq, D]``.
+        """
+        batch, num_q_heads, _, head_dim = query.shape
+        group = num_q_heads // self.heads
+        grouped = (query.float() * scaling).view(batch, self.heads, group, head_dim)
+        rotated = grouped @ self.rotation if self.rotation is not None else grouped
+        encoded = self.length
+        scores = torch.empty((batch, self.heads, group, encoded + tail_keys.shape[2]), device=query.device)
+        bounds = self.block_bounds()
+        for start, stop in bounds:
+            keys = self.keys.decode(start, stop, torch.float32)
+            if self.codec.pre_rope():
+                keys = self._decode_keys(keys, self.positions[:, :, start:stop])
+                scores[..., start:stop] = grouped @ keys.transpose(-1, -2)
+            else:
+                scores[..., start:stop] = rotated @ keys.transpose(-1, -2)
+        scores[..., encoded:] = grouped @ tail_keys.float().transpose(-1, -2)
+        weights = torch.softmax(scores, dim=-1)
+        encoded_out = torch.zeros_like(grouped)
+        for start, stop in bounds:
+            encoded_out += self._weighted_values(weights[..., start:stop], start, stop)
+        output = self._unrotate(encoded_out) + weights[..., encoded:] @ tail_values.float()
+        return output.to(query.dtype).view(batch, num_q_heads, 1, head_dim).transpose(1, 2)
+
+    def _weighted_values(self, weights: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """``weights @ values[start:stop]`` (``[B, H, G, n]`` -> ``[B, H, G, D]``) in the stored (rotated) basis."""
+        stream = self.values
+        fmt = stream.fmt
+        if stream.outliers or fmt.along != "channels":
+            return weights @ stream.decode(start, stop, torch.float32)
+        codes = unpack_float(stream.codes[:, :, start:stop], fmt.bits)  # [B, H, n, D]
+        scale = stream.scale[:, :, start:stop].float()  # [B, H, n, J]
+        zero = stream.zero[:, :, start:stop].float()
+        width = fmt.group_size
+        parts = [
+            (weights * scale[..., j].unsqueeze(2)) @ codes[..., j * width : (j + 1) * width]
+            for j in range(scale.shape[-1])
+        ]
+        offsets = (weights @ zero).repeat_interleave(width, dim=-1)  # [B, H, G, D]
+        return torch.cat(parts, dim=-1) + offsets
 
 
 # ---------------------------------------------------------------------------------- attention
