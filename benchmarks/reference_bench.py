@@ -44,11 +44,11 @@ class _DeadlineError(Exception):
 
 
 def reference_methods() -> list[str]:
-    """Every registered method as a ``{ratio}`` template; wrappers wrap SnapKV and H2O."""
+    """Every registered selection method as a ``{ratio}`` template; wrappers wrap SnapKV and H2O."""
     templates = []
     for info in list_methods():
-        if info.name == "full":
-            continue
+        if info.name == "full" or info.category.startswith("token/quantization"):
+            continue  # codecs have their own grid (benchmarks/quant_quality.py)
         if info.wraps:
             templates += [f"{info.name}(snapkv(ratio={{ratio}}))", f"{info.name}(h2o(ratio={{ratio}}))"]
         else:

@@ -354,3 +354,60 @@ def test_a_group_size_that_does_not_divide_the_head_dimension_is_refused_at_make
     model = head32_model()
     with pytest.raises(CodecError, match="group_size 24 does not divide the head dimension of the values"):
         kvstack.make_cache(model, "kivi(group_size=24)")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Low rank: Palu-style SVD latents from a calibration artefact
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def calibrated(monkeypatch, tmp_path):
+    """A head-32 tiny model with its calibration saved in a temporary kvstack home."""
+    from kvstack.calibration import calibrate, save_calibration
+
+    monkeypatch.setenv("KVSTACK_HOME", str(tmp_path))
+    model = head32_model(seed=7)
+    save_calibration(calibrate(model, None, input_ids=random_ids(256, seed=8), progress=False))
+    return model
+
+
+def test_palu_at_full_rank_reconstructs_exactly(calibrated):
+    ids, follow = random_ids(120, seed=1), random_ids(8, seed=2)
+    logits = {}
+    for spec in ("full", "palu(rank=32, residual=0)"):
+        cache = kvstack.make_cache(calibrated, spec)
+        prefill(calibrated, ids, cache)
+        logits[spec] = calibrated(follow, past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(logits["palu(rank=32, residual=0)"], logits["full"], atol=2e-4, rtol=1e-3)
+
+
+def test_palu_at_half_rank_holds_about_half_the_bytes_and_costs_accuracy_gracefully(calibrated):
+    ids, follow = random_ids(480, seed=1), random_ids(8, seed=2)
+    caches, logits = {}, {}
+    for spec in ("full", "palu(rank=16, residual=0)", "palu(rank=4, residual=0)"):
+        caches[spec] = kvstack.make_cache(calibrated, spec)
+        prefill(calibrated, ids, caches[spec])
+        logits[spec] = calibrated(follow, past_key_values=caches[spec], use_cache=True).logits
+    ratio = caches["palu(rank=16, residual=0)"].kv_bytes() / caches["full"].kv_bytes()
+    assert 0.45 < ratio < 0.6  # latents are half of the entries; positions and the projections on top
+    error_16 = float((logits["palu(rank=16, residual=0)"] - logits["full"]).abs().mean())
+    error_4 = float((logits["palu(rank=4, residual=0)"] - logits["full"]).abs().mean())
+    assert 0 < error_16 < error_4
+
+
+def test_palu_refuses_a_rank_above_the_head_dimension(calibrated):
+    with pytest.raises(CodecError, match="rank 40 is above the head dimension 32; choose 1 to 32"):
+        kvstack.make_cache(calibrated, "palu(rank=40)")
+
+
+def test_palu_without_or_with_a_foreign_calibration_is_refused(calibrated, tmp_path):
+    from kvstack.calibration import CalibrationError, calibration_path, model_key
+
+    other = head32_model(seed=8)
+    with pytest.raises(CalibrationError, match="kvstack calibrate"):
+        kvstack.make_cache(other, "palu(rank=16)")
+    # Put the first model's artefact where the other model's belongs.
+    calibration_path(model_key(calibrated)).rename(calibration_path(model_key(other)))
+    with pytest.raises(CalibrationError, match="not"):
+        kvstack.make_cache(other, "palu(rank=16)")

@@ -97,6 +97,11 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
         codec.check(geometry.head_dim)
         if codec.pre_rope() and geometry.rope_inv_freq is None:
             raise InputError(f"{codec.label()} quantizes keys before RoPE and needs a model with plain RoPE")
+    calibration = None
+    if codec is not None and codec.needs_calibration:
+        from kvstack.calibration import get_calibration
+
+        calibration = get_calibration(model)  # a missing or foreign artefact is a one-line CalibrationError
     if method.uses_cache_positions() and geometry.rope_inv_freq is None:
         raise InputError("positions='cache' needs a model with plain RoPE (inv_freq, no attention scaling)")
     attention.register()
@@ -110,6 +115,7 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
         rope_inv_freq=geometry.rope_inv_freq,
         seed=seed,
         codec=codec,
+        calibration=calibration,
     )
 
 

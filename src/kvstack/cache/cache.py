@@ -28,6 +28,8 @@ class KVStackCache(Cache):
     codec:
         A codec (:mod:`kvstack.methods.quantization`) encoding the entries that leave its full-precision
         window, or None to keep every entry in the model's dtype.
+    calibration:
+        The model's :class:`~kvstack.calibration.Calibration`, for codecs that need one (``palu``).
     seed:
         Seed of the generator random methods draw from.
     """
@@ -42,9 +44,11 @@ class KVStackCache(Cache):
         rope_inv_freq: torch.Tensor | None = None,
         seed: int = 0,
         codec: Any = None,
+        calibration: Any = None,
     ) -> None:
         self.method = method
         self.codec = codec
+        self.calibration = calibration
         self.num_layers = num_layers
         self.group_size = num_q_heads // num_kv_heads
         self.rope_inv_freq = rope_inv_freq

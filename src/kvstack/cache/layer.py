@@ -133,6 +133,7 @@ class KVStackLayer(CacheLayerMixin):
                 per_head_positions=self.owner.method.compresses(),
                 state_names=tuple(self.owner.method.state_names),
                 rope_inv_freq=self.owner.rope_inv_freq, layer_idx=self.layer_idx,
+                calibration=self.owner.calibration,
             )
         self.is_initialized = True
 

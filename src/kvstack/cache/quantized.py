@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -183,6 +184,45 @@ class PackedStream:
         return view.decode(start, stop, dtype)[0, 0]
 
 
+class LatentStream:
+    """A ``[B, H, N, D]`` tensor stored as rank-``r`` latents ``x @ P`` and read back as ``latents @ P^T``.
+
+    Attributes
+    ----------
+    basis:
+        ``[H, D, r]`` orthonormal columns per KV head (the calibrated principal directions).
+    latents:
+        ``[B, H, capacity, r]`` in the model's dtype.
+    """
+
+    outliers = 0
+
+    def __init__(self, basis: torch.Tensor, batch: int, heads: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.basis = basis.to(device=device, dtype=dtype).contiguous()
+        self.batch, self.heads, self.head_dim = batch, heads, basis.shape[1]
+        self.latents = torch.empty((batch, heads, 0, basis.shape[2]), dtype=dtype, device=device)
+
+    def nbytes(self) -> int:
+        return self.latents.nbytes + self.basis.nbytes
+
+    def resize(self, capacity: int, live: int) -> None:
+        new = self.latents.new_empty((*self.latents.shape[:2], capacity, self.latents.shape[3]))
+        new[:, :, :live] = self.latents[:, :, :live]
+        self.latents = new
+
+    def encode(self, x: torch.Tensor, start: int) -> None:
+        self.latents[:, :, start : start + x.shape[2]] = (x.to(self.basis.dtype) @ self.basis).to(self.latents.dtype)
+
+    def decode(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        return (self.latents[:, :, start:stop] @ self.basis.transpose(-1, -2)).to(dtype)
+
+    def encode_head(self, b: int, h: int, x: torch.Tensor, start: int) -> None:
+        self.latents[b, h, start : start + x.shape[0]] = (x.to(self.basis.dtype) @ self.basis[h]).to(self.latents.dtype)
+
+    def decode_head(self, b: int, h: int, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        return (self.latents[b, h, start:stop] @ self.basis[h].T).to(dtype)
+
+
 class QuantizedRegion:
     """The encoded entries of one layer: packed keys and values, positions and method state.
 
@@ -216,13 +256,23 @@ class QuantizedRegion:
         state_names: tuple[str, ...] = (),
         rope_inv_freq: torch.Tensor | None = None,
         layer_idx: int = 0,
+        calibration: Any = None,
     ) -> None:
         self.codec = codec
         self.batch, self.heads, self.head_dim, self.dtype, self.device = batch, heads, head_dim, dtype, device
         self.chunk = codec.chunk_tokens()
         outliers = math.ceil(codec.outlier_fraction() * self.chunk * head_dim)
-        self.keys = PackedStream(codec.key_format(), batch, heads, head_dim, self.chunk, outliers, device)
-        self.values = PackedStream(codec.value_format(), batch, heads, head_dim, self.chunk, outliers, device)
+        self.keys: PackedStream | LatentStream
+        self.values: PackedStream | LatentStream
+        if codec.stream_kind() == "latent":
+            if calibration is None:
+                raise ValueError(f"{codec.label()} needs the model's calibration (kvstack calibrate --model ...)")
+            rank = codec.rank
+            self.keys = LatentStream(calibration.key_basis[layer_idx, :, :, :rank], batch, heads, dtype, device)
+            self.values = LatentStream(calibration.value_basis[layer_idx, :, :, :rank], batch, heads, dtype, device)
+        else:
+            self.keys = PackedStream(codec.key_format(), batch, heads, head_dim, self.chunk, outliers, device)
+            self.values = PackedStream(codec.value_format(), batch, heads, head_dim, self.chunk, outliers, device)
         self.positions = torch.empty((batch, heads if per_head_positions else 1, 0), dtype=torch.int32, device=device)
         self.state = {name: torch.empty((batch, heads, 0), dtype=torch.float32, device=device) for name in state_names}
         self.length = 0
@@ -408,9 +458,9 @@ class QuantizedRegion:
     def _weighted_values(self, weights: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """``weights @ values[start:stop]`` (``[B, H, G, n]`` -> ``[B, H, G, D]``) in the stored (rotated) basis."""
         stream = self.values
-        fmt = stream.fmt
-        if stream.outliers or fmt.along != "channels":
+        if not isinstance(stream, PackedStream) or stream.outliers or stream.fmt.along != "channels":
             return weights @ stream.decode(start, stop, torch.float32)
+        fmt = stream.fmt
         codes = unpack_float(stream.codes[:, :, start:stop], fmt.bits)  # [B, H, n, D]
         scale = stream.scale[:, :, start:stop].float()  # [B, H, n, J]
         zero = stream.zero[:, :, start:stop].float()

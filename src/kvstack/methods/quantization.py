@@ -62,6 +62,11 @@ class Codec:
     spec_name: ClassVar[str]
     info: ClassVar[MethodInfo]
     is_codec: ClassVar[bool] = True
+    needs_calibration: ClassVar[bool] = False
+
+    def stream_kind(self) -> str:
+        """``"packed"``: integer codes (:class:`~kvstack.cache.quantized.PackedStream`); ``"latent"``: low rank."""
+        return "packed"
 
     def key_format(self) -> TensorFormat:
         raise NotImplementedError

@@ -1,0 +1,306 @@
+"""Quantization and low-rank benchmark (issue "KV cache quantization"): bytes, decode speed, memory.
+
+Everything compared is measured in the same run, on the same machine, with SmolLM2-135M-Instruct (fp32):
+
+1. ``bits``: bits per cached element after a 4k-token prompt, every byte the cache holds included
+   (payload, float16 scales and zero points, outliers, the full-precision residual window, positions),
+   for each codec, plus a selection + codec composition;
+2. ``decode``: ms/token decoding at 4k tokens of context: transformers' ``DynamicCache`` and
+   ``QuantizedCache(backend="quanto", nbits=2 / 4)`` against kvstack ``full``, ``kivi(bits=2)`` and
+   ``kivi(bits=4)``, rounds alternating the order;
+3. ``memory``: peak RSS of a 4k prompt + 32 decoded tokens, each cache in a fresh process (the high-water
+   mark is reset after the model is loaded, and again after the prompt to isolate decoding), and the
+   largest block kvstack decodes at once against a whole layer in full precision;
+4. ``palu``: bytes and perplexity of ``palu(rank=32)`` (half the head dimension) against the full cache on
+   the harness perplexity task at 1k and 2k tokens (calibrated first if no artefact exists).
+
+Usage::
+
+    python benchmarks/quant_bench.py [--only bits,decode,memory,palu] [--out benchmarks/results/quant]
+
+Writes ``results.json`` and ``README.md`` in ``--out`` (sections not run keep their previous results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, QuantizedCache
+
+import kvstack
+from kvstack.api import prefill
+from kvstack.cache import quantized
+
+sys.path.insert(0, str(Path(__file__).parent))
+from core_bench import machine, prompt_ids
+
+BITS_SPECS = [
+    "quant(bits=8)", "quant(bits=4)", "kivi(bits=4)", "kivi(bits=2)", "kivi(bits=2, rotate='hadamard')",
+    "kvquant(bits=4)", "kvquant(bits=2)", "palu(rank=32)", "snapkv(ratio=0.5) + kivi(bits=2)",
+]
+BARS = {"kivi(bits=2)": 3.5, "kivi(bits=4)": 5.5, "quant(bits=8)": 9.0}
+DECODE_CASES = ["dynamic-cache", "quanto-2", "quanto-4", "full", "kivi(bits=2)", "kivi(bits=4)"]
+LENGTH = 4096
+
+
+def make(model: torch.nn.Module, case: str):
+    """A fresh cache for ``case`` (transformers' caches reset the attention implementation to sdpa)."""
+    if case == "dynamic-cache":
+        model.set_attn_implementation("sdpa")
+        return DynamicCache(config=model.config)
+    if case.startswith("quanto-"):
+        model.set_attn_implementation("sdpa")
+        return QuantizedCache(backend="quanto", config=model.config, nbits=int(case.split("-")[1]))
+    return kvstack.make_cache(model, case)
+
+
+@torch.no_grad()
+def read_prompt(model: torch.nn.Module, cache, ids: torch.Tensor) -> None:
+    if isinstance(cache, kvstack.KVStackCache):
+        prefill(model, ids, cache)
+    else:
+        model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+
+@torch.no_grad()
+def bits_section(model: torch.nn.Module) -> dict:
+    ids = prompt_ids(LENGTH)
+    full = kvstack.make_cache(model, "full")
+    prefill(model, ids, full)
+    rows = {}
+    for spec in BITS_SPECS:
+        cache = kvstack.make_cache(model, spec)
+        prefill(model, ids, cache)
+        rows[spec] = {
+            "bits_per_element": cache.bits_per_element(), "kv_bytes": cache.kv_bytes(),
+            "bytes_vs_full": cache.kv_bytes() / full.kv_bytes(), "tokens_kept": cache.tokens_kept(),
+            "encoded_per_head": cache.layers[0].encoded_entries(), "residual_per_head": cache.layers[0].length,
+        }
+        print(f"bits {spec}: {rows[spec]['bits_per_element']:.3f}", flush=True)
+    return {"length": LENGTH, "full_kv_bytes": full.kv_bytes(), "full_bits": full.bits_per_element(), "rows": rows}
+
+
+@torch.no_grad()
+def decode_ms(model: torch.nn.Module, case: str, ids: torch.Tensor, steps: int) -> float:
+    cache = make(model, case)
+    read_prompt(model, cache, ids)
+    token = torch.tensor([[42]])
+    for _ in range(2):
+        model(token, past_key_values=cache, use_cache=True)
+    start = time.perf_counter()
+    for _ in range(steps):
+        model(token, past_key_values=cache, use_cache=True)
+    return (time.perf_counter() - start) / steps * 1000
+
+
+def decode_section(model: torch.nn.Module, rounds: int, steps: int) -> dict:
+    ids = prompt_ids(LENGTH)
+    samples: dict[str, list[float]] = {case: [] for case in DECODE_CASES}
+    for index in range(rounds):
+        for case in DECODE_CASES if index % 2 == 0 else DECODE_CASES[::-1]:
+            samples[case].append(decode_ms(model, case, ids, steps))
+            print(f"decode {case}: {samples[case][-1]:.1f} ms/token", flush=True)
+    return {"length": LENGTH, "steps": steps, "rounds": rounds,
+            "ms_per_token": {case: statistics.median(v) for case, v in samples.items()}, "all": samples}
+
+
+CHILD = """
+import json, sys, torch
+sys.path.insert(0, {bench_dir!r})
+from quant_bench import make, read_prompt, LENGTH
+from core_bench import prompt_ids
+import kvstack
+torch.set_num_threads({threads})
+model, _ = kvstack.load_model("smollm2-135m")
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+def reset():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+ids = prompt_ids(LENGTH)
+with torch.no_grad():
+    warm = make(model, {case!r})
+    read_prompt(model, warm, ids[:, :64])
+    del warm
+    cache = make(model, {case!r})
+    base = status("VmRSS:")
+    reset()
+    read_prompt(model, cache, ids)
+    after_prompt = status("VmRSS:")
+    prompt_peak = status("VmHWM:")
+    reset()
+    token = torch.tensor([[42]])
+    for _ in range(32):
+        model(token, past_key_values=cache, use_cache=True)
+    decode_peak = status("VmHWM:")
+print(json.dumps({{"base_rss": base, "prompt_peak_rss": prompt_peak, "after_prompt_rss": after_prompt,
+                  "decode_peak_rss": decode_peak}}))
+"""
+
+
+def memory_section() -> dict:
+    rows = {}
+    for case in ("dynamic-cache", "quanto-2", "full", "kivi(bits=2)"):
+        code = CHILD.format(bench_dir=str(Path(__file__).parent), threads=torch.get_num_threads(), case=case)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row["peak_rss"] = max(row["prompt_peak_rss"], row["decode_peak_rss"])
+        rows[case] = row
+        print(f"memory {case}: peak {row['peak_rss'] / 2**20:.1f} MB", flush=True)
+    return {"length": LENGTH, "decoded": 32, "rows": rows}
+
+
+@torch.no_grad()
+def block_section(model: torch.nn.Module) -> dict:
+    """The largest tensor decoded at once while decoding, against one layer's full-precision cache."""
+    cache = kvstack.make_cache(model, "kivi(bits=2)")
+    prefill(model, prompt_ids(LENGTH), cache)
+    largest = 0
+    original = quantized.unpack_float
+
+    def spy(packed: torch.Tensor, bits: int) -> torch.Tensor:
+        nonlocal largest
+        codes = original(packed, bits)
+        largest = max(largest, codes.nbytes)
+        return codes
+
+    quantized.unpack_float = spy
+    try:
+        for _ in range(4):
+            model(torch.tensor([[42]]), past_key_values=cache, use_cache=True)
+    finally:
+        quantized.unpack_float = original
+    layer = cache.layers[0]
+    layer_fp = (layer.encoded_entries() + layer.length) * layer.batch * layer.heads * layer.head_dim * 4 * 2
+    return {"block_tokens": quantized.BLOCK_TOKENS, "largest_decoded_bytes": largest, "layer_fp32_bytes": layer_fp}
+
+
+def palu_section(model: torch.nn.Module, tokenizer, out: Path, samples: int) -> dict:
+    from kvstack.bench import BenchConfig, read_results, run_bench
+    from kvstack.calibration import get_calibration
+
+    calibration = get_calibration(model, tokenizer=tokenizer, calibrate_if_missing=True)
+    config = BenchConfig(methods=["full", "palu(rank=32)"], tasks=["perplexity"], lengths=[1024, 2048],
+                         samples=samples, out_dir=str(out / "palu_harness"), progress=False, plots=False)
+    run_bench(config, model, tokenizer)
+    rows: dict = {}
+    for record in read_results(out / "palu_harness" / "results.jsonl"):
+        rows.setdefault(str(record["length"]), {})[record["method"]] = record["score"]
+    for _length, by_method in rows.items():
+        by_method["increase"] = by_method["palu(rank=32)"] / by_method["full"] - 1.0
+    energy = [calibration.energy_fraction(32, kind).mean().item() for kind in ("key", "value")]
+    return {"perplexity": rows, "samples": samples, "calibration": calibration.model_key,
+            "calibration_source": calibration.source, "energy_top32": {"key": energy[0], "value": energy[1]}}
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        "# Quantization and low-rank benchmark", "",
+        f"- command: `{results['command']}`", f"- date: {results['date']}",
+        f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"transformers {m['transformers']}", "- model: SmolLM2-135M-Instruct (fp32 weights and activations)", "",
+    ]
+    if "bits" in results:
+        b = results["bits"]
+        lines += [f"## Bits per cached element at {b['length']} tokens (every byte held)", "",
+                  f"The full cache holds {b['full_bits']:.2f} bits per element (fp32 + positions).", "",
+                  "| spec | bits / element | bar | bytes vs full | encoded / residual tokens per head |",
+                  "| --- | ---: | --- | ---: | --- |"]
+        for spec, row in b["rows"].items():
+            bar = ""
+            if spec in BARS:
+                bar = f"≤ {BARS[spec]} ({'met' if row['bits_per_element'] <= BARS[spec] else 'missed'})"
+            lines.append(f"| `{spec}` | {row['bits_per_element']:.3f} | {bar} | {100 * row['bytes_vs_full']:.1f}% | "
+                         f"{row['encoded_per_head']} / {row['residual_per_head']} |")
+        lines.append("")
+    if "decode" in results:
+        d = results["decode"]
+        ms = d["ms_per_token"]
+        lines += [f"## Decode at {d['length']} tokens (median of {d['rounds']} rounds x {d['steps']} steps)", "",
+                  "| cache | ms/token | tokens/s vs quanto 2-bit |", "| --- | ---: | ---: |"]
+        for case, value in ms.items():
+            lines.append(f"| {case} | {value:.1f} | {ms['quanto-2'] / value:.2f}x |")
+        ratio = ms["quanto-2"] / ms["kivi(bits=2)"]
+        lines += ["", f"KIVI-2 decodes at {ratio:.2f}x quanto-2's tokens/s (bar: 1.1x, "
+                  f"{'met' if ratio >= 1.1 else 'missed'}).", ""]
+    if "memory" in results:
+        r = results["memory"]["rows"]
+        lines += [f"## Peak RSS, {results['memory']['length']}-token prompt + 32 tokens, fresh process each", "",
+                  "| cache | peak RSS MB (prompt + decode) | decode-only peak MB | RSS before prompt MB |",
+                  "| --- | ---: | ---: | ---: |"]
+        for case, row in r.items():
+            lines.append(f"| {case} | {row['peak_rss'] / 2**20:.1f} | {row['decode_peak_rss'] / 2**20:.1f} | "
+                         f"{row['base_rss'] / 2**20:.1f} |")
+        lower = r["kivi(bits=2)"]["peak_rss"] < r["quanto-2"]["peak_rss"]
+        difference = (r["kivi(bits=2)"]["peak_rss"] - r["quanto-2"]["peak_rss"]) / 2**20
+        lines += ["", f"KIVI-2 peak vs quanto-2: {difference:+.1f} MB "
+                  f"({'lower: bar met' if lower else 'not lower: bar missed'}).", ""]
+    if "block" in results:
+        k = results["block"]
+        lines += ["## Transient memory of block-wise decoding", "",
+                  f"Largest tensor decoded at once while decoding: {k['largest_decoded_bytes'] / 2**20:.2f} MB "
+                  f"(one block of {k['block_tokens']} tokens of one of keys/values); one layer's cache in fp32: "
+                  f"{k['layer_fp32_bytes'] / 2**20:.2f} MB.", ""]
+    if "palu" in results:
+        p = results["palu"]
+        bits = results.get("bits", {}).get("rows", {}).get("palu(rank=32)")
+        lines += ["## SVD latents: `palu(rank=32)` (rank = half the head dimension)", ""]
+        if bits:
+            lines.append(f"Bytes at 4k tokens: {100 * bits['bytes_vs_full']:.1f}% of the full cache.")
+        lines += [f"Calibration `{p['calibration']}` ({p['calibration_source']}); the top 32 of 64 directions hold "
+                  f"{100 * p['energy_top32']['key']:.1f}% of the pre-RoPE key energy and "
+                  f"{100 * p['energy_top32']['value']:.1f}% of the value energy.", "",
+                  "| length | full perplexity | palu(rank=32) perplexity | increase |", "| --- | ---: | ---: | ---: |"]
+        for length, row in p["perplexity"].items():
+            lines.append(
+                f"| {length} | {row['full']:.3f} | {row['palu(rank=32)']:.3f} | {100 * row['increase']:+.1f}% |"
+            )
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/quant")
+    parser.add_argument("--only", default="bits,decode,memory,palu")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=10, help="perplexity samples per length (palu)")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results.update({"command": "python " + " ".join(sys.argv),
+                    "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine()})
+    sections = set(args.only.split(","))
+    model, tokenizer = kvstack.load_model("smollm2-135m")
+    if "palu" in sections:  # first: the bits table needs the calibration too
+        results["palu"] = palu_section(model, tokenizer, out, args.samples)
+    if "bits" in sections:
+        results["bits"] = bits_section(model)
+    if "decode" in sections:
+        results["decode"] = decode_section(model, args.rounds, args.steps)
+    if "memory" in sections:
+        results["memory"] = memory_section()
+        results["block"] = block_section(model)
+    path.write_text(json.dumps(results, indent=2))
+    (out / "README.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Low-rank KV codecs (taxonomy §1.5): cache rank-``r`` latents, reconstruct keys and values from them.
+
+``palu(rank=32)`` follows Palu (Chang et al., 2025): per layer and KV head, a projection onto the top
+``rank`` principal directions of the keys (taken *before* RoPE, where they are low-rank) and of the
+values, fitted on a calibration run (:mod:`kvstack.calibration`, ``kvstack calibrate --model ...``).
+Entries leaving the full-precision window are stored as ``[rank]`` latents in the model's dtype and
+reconstructed block by block at attention time (keys re-rotated at their true positions). At
+``rank = D / 2`` the encoded entries take half the bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from kvstack.cache.codecs import CodecError
+from kvstack.methods.base import check_sizes
+from kvstack.methods.quantization import CHUNK_TOKENS, Codec
+from kvstack.spec import register
+
+__all__ = ["Palu"]
+
+
+@register(
+    "palu",
+    category="token/lowrank",
+    description=(
+        "Palu-style SVD latents: keys (before RoPE) and values projected on their top `rank` calibrated "
+        "principal directions; needs `kvstack calibrate`."
+    ),
+)
+@dataclasses.dataclass
+class Palu(Codec):
+    """Rank-``rank`` latents of keys and values from calibrated per-head projections.
+
+    Parameters
+    ----------
+    rank:
+        Latent dimension per KV head, ``1 <= rank <= D``.
+    residual:
+        Newest tokens kept in full precision.
+    """
+
+    rank: int = 32
+    residual: int = 32
+
+    needs_calibration: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        check_sizes(rank=self.rank, residual=self.residual)
+        if self.rank < 1:
+            raise CodecError(f"rank must be >= 1, got {self.rank}")
+
+    def check(self, head_dim: int) -> None:
+        if self.rank > head_dim:
+            raise CodecError(f"rank {self.rank} is above the head dimension {head_dim}; choose 1 to {head_dim}")
+
+    def chunk_tokens(self) -> int:
+        return CHUNK_TOKENS
+
+    def pre_rope(self) -> bool:
+        return True
+
+    def stream_kind(self) -> str:
+        return "latent"
