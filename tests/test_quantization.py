@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import kvstack
 from kvstack.api import prefill
-from kvstack.cache import quantized
+from kvstack.cache import kernels, quantized
 from kvstack.cache.codecs import CodecError, quantize
 from kvstack.cache.layer import attention_with_stats
 from kvstack.cache.quantized import QuantizedRegion, blockwise_attention, random_hadamard
@@ -229,6 +229,7 @@ def test_more_bits_give_logits_closer_to_the_full_cache():
 @pytest.mark.parametrize("spec", ["kivi(bits=4, group_size=16, residual=16)", "kvquant(bits=2, group_size=16)"])
 def test_attention_decodes_one_block_at_a_time_while_decoding(monkeypatch, spec):
     monkeypatch.setattr(quantized, "BLOCK_TOKENS", 32)
+    monkeypatch.setattr(quantized, "FUSED_KERNELS", False)  # the PyTorch path (the fused one decodes no block)
     model = head32_model()
     cache = kvstack.make_cache(model, spec)
     prefill(model, random_ids(200), cache)
@@ -246,6 +247,7 @@ def test_attention_decodes_one_block_at_a_time_while_decoding(monkeypatch, spec)
     assert decoded_tokens and max(decoded_tokens) == 32 < cache.layers[0].encoded_entries()
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @SETTINGS
 @given(
     seed=st.integers(0, 999), spec=st.sampled_from([
@@ -254,7 +256,11 @@ def test_attention_decodes_one_block_at_a_time_while_decoding(monkeypatch, spec)
     ]),
     chunks=st.integers(1, 5), tail=st.integers(1, 9), group=st.sampled_from([1, 3]), block=st.sampled_from([32, 64]),
 )
-def test_decoding_fast_path_equals_block_wise_attention_over_decoded_entries(seed, spec, chunks, tail, group, block):
+def test_decoding_fast_path_equals_block_wise_attention_over_decoded_entries(
+    fused, seed, spec, chunks, tail, group, block
+):
+    if fused and not kernels.available():
+        pytest.skip("no C++ compiler for the fused kernels")
     generator = torch.Generator().manual_seed(seed)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, 32, 2).float() / 32))
     region = _region(spec, rope_inv_freq=inv_freq)
@@ -263,11 +269,12 @@ def test_decoding_fast_path_equals_block_wise_attention_over_decoded_entries(see
                   torch.arange(n, dtype=torch.int32).view(1, 1, -1), {})
     query = torch.randn(1, 2 * group, 1, 32, generator=generator)
     tail_keys, tail_values = torch.randn(1, 2, tail, 32, generator=generator), torch.randn(1, 2, tail, 32)
-    quantized.BLOCK_TOKENS, saved = block, quantized.BLOCK_TOKENS
+    saved = quantized.BLOCK_TOKENS, quantized.FUSED_KERNELS
+    quantized.BLOCK_TOKENS, quantized.FUSED_KERNELS = block, fused
     try:
         fast = region.attend_one(query, tail_keys, tail_values, 0.2)
     finally:
-        quantized.BLOCK_TOKENS = saved
+        quantized.BLOCK_TOKENS, quantized.FUSED_KERNELS = saved
     keys, values = region.decode_all()
 
     def blocks():
@@ -275,6 +282,17 @@ def test_decoding_fast_path_equals_block_wise_attention_over_decoded_entries(see
 
     reference, _ = blockwise_attention(query, blocks, 0.2, set(), 0, None)
     torch.testing.assert_close(fast, reference, atol=2e-5, rtol=1e-4)
+
+
+def test_fused_decoding_decodes_no_block_at_all(monkeypatch):
+    if not kernels.available():
+        pytest.skip("no C++ compiler for the fused kernels")
+    model = head32_model()
+    cache = kvstack.make_cache(model, "kivi(bits=2, group_size=16, residual=16)")
+    prefill(model, random_ids(200), cache)
+    monkeypatch.setattr(quantized, "unpack_float", lambda *a: pytest.fail("a block was decoded"))
+    monkeypatch.setattr(QuantizedRegion, "decode_all", lambda self: pytest.fail("a whole layer was decoded"))
+    model(torch.tensor([[5]]), past_key_values=cache, use_cache=True)
 
 
 def test_static_selection_then_codec_keeps_what_the_selection_alone_keeps():

@@ -23,11 +23,13 @@ from typing import Any
 
 import torch
 
+from kvstack.cache import kernels
 from kvstack.cache.codecs import pack_bits, unpack_float
 from kvstack.methods.base import STAT_BELOW_MEAN, STAT_COLSUM, STAT_LAST, STAT_WINDOW, AttentionStats
 from kvstack.methods.quantization import Codec, TensorFormat
 
 BLOCK_TOKENS = 1024  # entries decoded at a time by attention (rounded to whole chunks)
+FUSED_KERNELS = True  # decode one token with the compiled kernels when they are available
 META_DTYPE = torch.float16
 
 
@@ -439,7 +441,14 @@ class QuantizedRegion:
         rotated = grouped @ self.rotation if self.rotation is not None else grouped
         encoded = self.length
         scores = torch.empty((batch, self.heads, group, encoded + tail_keys.shape[2]), device=query.device)
-        bounds = self.block_bounds()
+        fused = self._fused_decoding()
+        bounds = [] if fused else self.block_bounds()
+        if fused:
+            keys = self.keys
+            scores[..., :encoded] = kernels.packed_scores(
+                keys.codes, keys.scale, keys.zero, rotated, encoded, keys.fmt.bits, keys.fmt.group_size,
+                keys.fmt.along == "tokens",
+            )
         for start, stop in bounds:
             keys = self.keys.decode(start, stop, torch.float32)
             if self.codec.pre_rope():
@@ -450,10 +459,24 @@ class QuantizedRegion:
         scores[..., encoded:] = grouped @ tail_keys.float().transpose(-1, -2)
         weights = torch.softmax(scores, dim=-1)
         encoded_out = torch.zeros_like(grouped)
+        if fused:
+            values = self.values
+            encoded_out = kernels.packed_weighted_values(
+                values.codes, values.scale, values.zero, weights[..., :encoded], encoded, values.fmt.bits,
+                values.fmt.group_size, values.fmt.along == "tokens",
+            )
         for start, stop in bounds:
             encoded_out += self._weighted_values(weights[..., start:stop], start, stop)
         output = self._unrotate(encoded_out) + weights[..., encoded:] @ tail_values.float()
         return output.to(query.dtype).view(batch, num_q_heads, 1, head_dim).transpose(1, 2)
+
+    def _fused_decoding(self) -> bool:
+        """Whether the compiled kernels (:mod:`kvstack.cache.kernels`) can decode this region."""
+        streams = (self.keys, self.values)
+        return (
+            self.device.type == "cpu" and not self.codec.pre_rope() and FUSED_KERNELS
+            and all(isinstance(s, PackedStream) and not s.outliers for s in streams) and kernels.available()
+        )
 
     def _weighted_values(self, weights: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """``weights @ values[start:stop]`` (``[B, H, G, n]`` -> ``[B, H, G, D]``) in the stored (rotated) basis."""
