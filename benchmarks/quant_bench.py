@@ -39,6 +39,7 @@ from transformers import DynamicCache, QuantizedCache
 import kvstack
 from kvstack.api import prefill
 from kvstack.cache import quantized
+from kvstack.spec import parse
 
 sys.path.insert(0, str(Path(__file__).parent))
 from core_bench import machine, prompt_ids
@@ -195,9 +196,10 @@ def palu_section(model: torch.nn.Module, tokenizer, out: Path, samples: int) -> 
                          samples=samples, out_dir=str(out / "palu_harness"), progress=False, plots=False)
     run_bench(config, model, tokenizer)
     rows: dict = {}
+    name = {"full": "full", parse("palu(rank=32)").label(): "palu(rank=32)"}
     for record in read_results(out / "palu_harness" / "results.jsonl"):
-        rows.setdefault(str(record["length"]), {})[record["method"]] = record["score"]
-    for _length, by_method in rows.items():
+        rows.setdefault(str(record["length"]), {})[name[record["method"]]] = record["score"]
+    for by_method in rows.values():
         by_method["increase"] = by_method["palu(rank=32)"] / by_method["full"] - 1.0
     energy = [calibration.energy_fraction(32, kind).mean().item() for kind in ("key", "value")]
     return {"perplexity": rows, "samples": samples, "calibration": calibration.model_key,
