@@ -30,60 +30,73 @@ ENV = "KVSTACK_KERNELS"
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <c10/util/Half.h>
 
-// Unpack token t's D codes (bits per code) into floats.
-static inline void unpack_row(const uint8_t* row, int64_t D, int64_t bits, float* out) {
+// Unpack one token's D codes (2, 4 or 8 bits each, consecutive codes from the lowest bits) into floats.
+static inline void unpack_row(const uint8_t* __restrict row, int64_t D, int64_t bits, float* __restrict out) {
   if (bits == 8) {
     for (int64_t c = 0; c < D; ++c) out[c] = (float)row[c];
   } else if (bits == 4) {
-    for (int64_t i = 0; i < D / 2; ++i) { uint8_t b = row[i]; out[2 * i] = (float)(b & 15); out[2 * i + 1] = (float)(b >> 4); }
+    for (int64_t i = 0; i < D / 2; ++i) { const uint8_t b = row[i]; out[2 * i] = (float)(b & 15); out[2 * i + 1] = (float)(b >> 4); }
   } else {
     for (int64_t i = 0; i < D / 4; ++i) {
-      uint8_t b = row[i];
+      const uint8_t b = row[i];
       out[4 * i] = (float)(b & 3); out[4 * i + 1] = (float)((b >> 2) & 3);
       out[4 * i + 2] = (float)((b >> 4) & 3); out[4 * i + 3] = (float)(b >> 6);
     }
   }
 }
 
-// Reconstruct token t: meta rows hold per-channel (along_tokens) or per-channel-group (per token) values.
-static inline void dequant_row(const float* codes, const c10::Half* scale, const c10::Half* zero,
-                               int64_t D, int64_t width, bool along_tokens, float* out) {
-  if (along_tokens) {
-    for (int64_t c = 0; c < D; ++c) out[c] = (float)zero[c] + (float)scale[c] * codes[c];
-  } else {
-    for (int64_t c = 0; c < D; ++c) out[c] = (float)zero[c / width] + (float)scale[c / width] * codes[c];
-  }
-}
-
-// scores[b, h, g, t] = sum_c query[b, h, g, c] * k[b, h, t, c] for t < N.
+// scores[b, h, g, t] = q_g . (zero + scale * code_t) for the first N tokens.
+// scale/zero (float32): [B, H, N/group, D] when groups run along tokens, [B, H, N, D/group] otherwise.
 torch::Tensor packed_scores(torch::Tensor codes, torch::Tensor scale, torch::Tensor zero, torch::Tensor query,
                             int64_t N, int64_t bits, int64_t group, bool along_tokens) {
-  const int64_t B = codes.size(0), H = codes.size(1), D = query.size(3), G = query.size(2);
+  const int64_t B = codes.size(0), H = codes.size(1), G = query.size(2), D = query.size(3);
   auto scores = torch::empty({B, H, G, N}, query.options());
-  const int64_t block = 256;
+  const int64_t block = along_tokens ? std::max<int64_t>(group, (256 / group) * group) : 256;
   const int64_t blocks = (N + block - 1) / block;
-  auto cs = codes.strides(); auto ss = scale.strides();
+  const auto cs = codes.strides(); const auto ss = scale.strides();
   const uint8_t* cp = codes.data_ptr<uint8_t>();
-  const c10::Half* sp = scale.data_ptr<c10::Half>(); const c10::Half* zp = zero.data_ptr<c10::Half>();
+  const float* sp = scale.data_ptr<float>(); const float* zp = zero.data_ptr<float>();
   const float* qp = query.data_ptr<float>(); float* op = scores.data_ptr<float>();
   at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tmp(D), key(D);
+    std::vector<float> codes_f(D), qs(G * D), qz(G);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks, blk = task % blocks, b = bh / H, h = bh % H;
       const float* q = qp + (b * H + h) * G * D;
       float* out = op + (b * H + h) * G * N;
-      for (int64_t t = blk * block; t < std::min(N, (blk + 1) * block); ++t) {
-        unpack_row(cp + b * cs[0] + h * cs[1] + t * cs[2], D, bits, tmp.data());
-        const int64_t m = along_tokens ? t / group : t;
-        const int64_t off = b * ss[0] + h * ss[1] + m * ss[2];
-        dequant_row(tmp.data(), sp + off, zp + off, D, group, along_tokens, key.data());
-        for (int64_t g = 0; g < G; ++g) {
-          float acc = 0.f;
-          const float* qg = q + g * D;
-          for (int64_t c = 0; c < D; ++c) acc += qg[c] * key[c];
-          out[g * N + t] = acc;
+      const int64_t stop = std::min(N, (blk + 1) * block);
+      for (int64_t t = blk * block; t < stop; ++t) {
+        if (along_tokens && (t % group == 0 || t == blk * block)) {  // fold this group's scale into the queries
+          const float* s = sp + b * ss[0] + h * ss[1] + (t / group) * ss[2];
+          const float* z = zp + b * ss[0] + h * ss[1] + (t / group) * ss[2];
+          for (int64_t g = 0; g < G; ++g) {
+            float acc = 0.f;
+            for (int64_t c = 0; c < D; ++c) { qs[g * D + c] = q[g * D + c] * s[c]; acc += q[g * D + c] * z[c]; }
+            qz[g] = acc;
+          }
+        }
+        unpack_row(cp + b * cs[0] + h * cs[1] + t * cs[2], D, bits, codes_f.data());
+        const float* cf = codes_f.data();
+        if (along_tokens) {
+          for (int64_t g = 0; g < G; ++g) {
+            const float* qg = qs.data() + g * D;
+            float acc = 0.f;
+            for (int64_t c = 0; c < D; ++c) acc += qg[c] * cf[c];
+            out[g * N + t] = acc + qz[g];
+          }
+        } else {
+          const float* s = sp + b * ss[0] + h * ss[1] + t * ss[2];
+          const float* z = zp + b * ss[0] + h * ss[1] + t * ss[2];
+          for (int64_t g = 0; g < G; ++g) {
+            const float* qg = q + g * D;
+            float total = 0.f;
+            for (int64_t j = 0; j < D / group; ++j) {
+              float dot = 0.f, sum = 0.f;
+              for (int64_t c = j * group; c < (j + 1) * group; ++c) { dot += qg[c] * cf[c]; sum += qg[c]; }
+              total += s[j] * dot + z[j] * sum;
+            }
+            out[g * N + t] = total;
+          }
         }
       }
     }
@@ -91,34 +104,50 @@ torch::Tensor packed_scores(torch::Tensor codes, torch::Tensor scale, torch::Ten
   return scores;
 }
 
-// partial[b, h, blk, g, c] = sum over t in block blk of weights[b, h, g, t] * v[b, h, t, c].
+// sum over t < N of weights[b, h, g, t] * (zero + scale * code_t), as [B, H, G, D].
 torch::Tensor packed_weighted_values(torch::Tensor codes, torch::Tensor scale, torch::Tensor zero,
                                      torch::Tensor weights, int64_t N, int64_t bits, int64_t group,
                                      bool along_tokens) {
   const int64_t B = codes.size(0), H = codes.size(1), G = weights.size(2);
   const int64_t D = codes.size(3) * 8 / bits;
-  const int64_t block = 512;
+  const int64_t block = along_tokens ? std::max<int64_t>(group, (512 / group) * group) : 512;
   const int64_t blocks = (N + block - 1) / block;
   auto partial = torch::zeros({B, H, blocks, G, D}, weights.options());
-  auto cs = codes.strides(); auto ss = scale.strides(); auto ws = weights.strides();
+  const auto cs = codes.strides(); const auto ss = scale.strides(); const auto ws = weights.strides();
   const uint8_t* cp = codes.data_ptr<uint8_t>();
-  const c10::Half* sp = scale.data_ptr<c10::Half>(); const c10::Half* zp = zero.data_ptr<c10::Half>();
+  const float* sp = scale.data_ptr<float>(); const float* zp = zero.data_ptr<float>();
   const float* wp = weights.data_ptr<float>(); float* pp = partial.data_ptr<float>();
   at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tmp(D), value(D);
+    std::vector<float> codes_f(D), offset(G * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks, blk = task % blocks, b = bh / H, h = bh % H;
-      float* acc = pp + ((b * H + h) * blocks + blk) * G * D;
-      for (int64_t t = blk * block; t < std::min(N, (blk + 1) * block); ++t) {
-        unpack_row(cp + b * cs[0] + h * cs[1] + t * cs[2], D, bits, tmp.data());
-        const int64_t m = along_tokens ? t / group : t;
-        const int64_t off = b * ss[0] + h * ss[1] + m * ss[2];
-        dequant_row(tmp.data(), sp + off, zp + off, D, group, along_tokens, value.data());
+      float* __restrict acc = pp + ((b * H + h) * blocks + blk) * G * D;
+      std::fill(offset.begin(), offset.end(), 0.f);
+      const int64_t stop = std::min(N, (blk + 1) * block);
+      for (int64_t t = blk * block; t < stop; ++t) {
+        unpack_row(cp + b * cs[0] + h * cs[1] + t * cs[2], D, bits, codes_f.data());
+        const float* cf = codes_f.data();
+        const float* s = sp + b * ss[0] + h * ss[1] + (along_tokens ? t / group : t) * ss[2];
+        const float* z = zp + b * ss[0] + h * ss[1] + (along_tokens ? t / group : t) * ss[2];
         for (int64_t g = 0; g < G; ++g) {
           const float w = wp[b * ws[0] + h * ws[1] + g * ws[2] + t * ws[3]];
-          float* a = acc + g * D;
-          for (int64_t c = 0; c < D; ++c) a[c] += w * value[c];
+          float* __restrict a = acc + g * D;
+          float* __restrict o = offset.data() + g * D;
+          if (along_tokens) {
+            for (int64_t c = 0; c < D; ++c) { a[c] += (w * s[c]) * cf[c]; o[c] += w * z[c]; }
+          } else {
+            for (int64_t j = 0; j < D / group; ++j) {
+              const float ws_ = w * s[j];
+              for (int64_t c = j * group; c < (j + 1) * group; ++c) a[c] += ws_ * cf[c];
+              o[j * group] += w * z[j];
+            }
+          }
         }
+      }
+      for (int64_t g = 0; g < G; ++g) {  // add the zero points
+        float* a = acc + g * D; const float* o = offset.data() + g * D;
+        if (along_tokens) { for (int64_t c = 0; c < D; ++c) a[c] += o[c]; }
+        else { for (int64_t j = 0; j < D / group; ++j) for (int64_t c = j * group; c < (j + 1) * group; ++c) a[c] += o[j * group]; }
       }
     }
   });
@@ -132,10 +161,10 @@ def _module() -> Any:
     from torch.utils.cpp_extension import load_inline
 
     return load_inline(
-        name="kvstack_packed_kernels",
+        name="kvstack_packed_kernels_v2",
         cpp_sources=_SOURCE,
         functions=["packed_scores", "packed_weighted_values"],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )
@@ -161,10 +190,12 @@ def packed_scores(
 ) -> torch.Tensor:
     """``[B, H, G, N]`` float32 dot products of ``query`` ``[B, H, G, D]`` with the first ``N`` packed keys.
 
-    ``codes`` ``[B, H, capacity, D * bits / 8]`` uint8 (row-contiguous); ``scale``/``zero`` float16 rows
-    per ``group`` tokens (``along_tokens``) or per token with one column per ``group`` channels.
+    ``codes`` ``[B, H, capacity, D * bits / 8]`` uint8 (row-contiguous); ``scale``/``zero`` rows (float16,
+    widened to float32 here: they are 1/16 of the codes or less) per ``group`` tokens (``along_tokens``) or
+    per token with one column per ``group`` channels.
     """
-    return _module().packed_scores(codes, scale, zero, query.contiguous(), length, bits, group, along_tokens)
+    return _module().packed_scores(codes, scale.float(), zero.float(), query.contiguous(), length, bits, group,
+                                   along_tokens)
 
 
 def packed_weighted_values(
@@ -172,4 +203,5 @@ def packed_weighted_values(
     group: int, along_tokens: bool,
 ) -> torch.Tensor:
     """``[B, H, G, D]`` float32: ``weights`` ``[B, H, G, N]`` applied to the first ``N`` packed values."""
-    return _module().packed_weighted_values(codes, scale, zero, weights, length, bits, group, along_tokens)
+    return _module().packed_weighted_values(codes, scale.float(), zero.float(), weights, length, bits, group,
+                                            along_tokens)
