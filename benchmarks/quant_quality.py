@@ -41,9 +41,9 @@ CODECS = {
 }
 BARS = {"int8": (0.5, 0.005), "KIVI-4": (1.0, 0.02), "KIVI-2": (5.0, 0.10)}  # score points, perplexity increase
 TASKS = [
-    "niah_single_noise", "niah_single_prose", "niah_multikey", "niah_multiquery", "niah_multivalue", "vt", "fwe",
-    "cwe", "perplexity",
-]
+    "perplexity", "niah_single_noise", "niah_single_prose", "niah_multikey", "vt", "fwe", "cwe", "niah_multiquery",
+    "niah_multivalue",
+]  # perplexity and the single needles first, so a partial run already compares every codec on them
 
 
 def cpu_name() -> str:

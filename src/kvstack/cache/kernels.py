@@ -36,7 +36,10 @@ static inline void unpack_row(const uint8_t* __restrict row, int64_t D, int64_t 
   if (bits == 8) {
     for (int64_t c = 0; c < D; ++c) out[c] = (float)row[c];
   } else if (bits == 4) {
-    for (int64_t i = 0; i < D / 2; ++i) { const uint8_t b = row[i]; out[2 * i] = (float)(b & 15); out[2 * i + 1] = (float)(b >> 4); }
+    for (int64_t i = 0; i < D / 2; ++i) {
+      const uint8_t b = row[i];
+      out[2 * i] = (float)(b & 15); out[2 * i + 1] = (float)(b >> 4);
+    }
   } else {
     for (int64_t i = 0; i < D / 4; ++i) {
       const uint8_t b = row[i];
@@ -147,7 +150,10 @@ torch::Tensor packed_weighted_values(torch::Tensor codes, torch::Tensor scale, t
       for (int64_t g = 0; g < G; ++g) {  // add the zero points
         float* a = acc + g * D; const float* o = offset.data() + g * D;
         if (along_tokens) { for (int64_t c = 0; c < D; ++c) a[c] += o[c]; }
-        else { for (int64_t j = 0; j < D / group; ++j) for (int64_t c = j * group; c < (j + 1) * group; ++c) a[c] += o[j * group]; }
+        else {
+          for (int64_t j = 0; j < D / group; ++j)
+            for (int64_t c = j * group; c < (j + 1) * group; ++c) a[c] += o[j * group];
+        }
       }
     }
   });

@@ -201,6 +201,13 @@ class KVStackLayer(CacheLayerMixin):
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         q_len = key_states.shape[2]
+        if self.length == 0 and self.region is not None and not self.owner.method.compresses():
+            # A chunk that will be encoded right after its attention: hold the tensors themselves, no copy.
+            self.keys, self.values = key_states, value_states
+            self.positions = torch.empty((self.batch, self.heads, q_len), dtype=torch.int32, device=self.device)
+            self.state = {name: t.new_zeros((self.batch, self.heads, q_len)) for name, t in self.state.items()}
+            self.capacity = self.length = q_len
+            return
         needed = self.length + q_len
         if needed > self.capacity:
             extra = growth_slack(needed)
@@ -407,16 +414,22 @@ class KVStackLayer(CacheLayerMixin):
         if count <= 0:
             return
         live = self.positions[:, :, : self.length]
-        order = live.argsort(dim=-1, stable=True)  # oldest first; the same for every head without eviction
-        chosen = order[:, :, sinks : sinks + count]
+        if not self.owner.method.compresses():  # nothing is ever evicted: slots are in position order
+            chosen = slice(sinks, sinks + count)
+            region.append(self.keys[:, :, chosen], self.values[:, :, chosen], live[:, :, chosen],
+                          {name: t[:, :, chosen] for name, t in self.state.items()})
+            order = torch.arange(self.length, device=live.device).expand(live.shape)
+        else:
+            order = live.argsort(dim=-1, stable=True)  # oldest first
+            index = order[:, :, sinks : sinks + count]
+            expanded = index.unsqueeze(-1).expand(-1, -1, -1, self.head_dim)
+            region.append(
+                self.keys[:, :, : self.length].gather(2, expanded),
+                self.values[:, :, : self.length].gather(2, expanded),
+                live.gather(2, index),
+                {name: t[:, :, : self.length].gather(2, index) for name, t in self.state.items()},
+            )
         rest = torch.cat((order[:, :, :sinks], order[:, :, sinks + count :]), dim=-1).sort(dim=-1).values
-        index = chosen.unsqueeze(-1).expand(-1, -1, -1, self.head_dim)
-        region.append(
-            self.keys[:, :, : self.length].gather(2, index),
-            self.values[:, :, : self.length].gather(2, index),
-            live.gather(2, chosen),
-            {name: t[:, :, : self.length].gather(2, chosen) for name, t in self.state.items()},
-        )
         self._gather(rest, capacity=rest.shape[-1] + region.chunk)
 
     def _unflush(self) -> None:

@@ -29,6 +29,7 @@ from kvstack.methods.base import STAT_BELOW_MEAN, STAT_COLSUM, STAT_LAST, STAT_W
 from kvstack.methods.quantization import Codec, TensorFormat
 
 BLOCK_TOKENS = 1024  # entries decoded at a time by attention (rounded to whole chunks)
+ENCODE_TOKENS = 512  # tokens encoded per step when a long prompt is flushed
 FUSED_KERNELS = True  # decode one token with the compiled kernels when they are available
 META_DTYPE = torch.float16
 
@@ -123,7 +124,7 @@ class PackedStream:
         fmt = self.fmt
         batch, heads, n, head_dim = x.shape
         levels = (1 << fmt.bits) - 1
-        values = x.float()
+        values = x.float().contiguous()
         if fmt.along == "tokens":
             grouped = values.view(batch, heads, n // fmt.group_size, fmt.group_size, head_dim)
             axis = 3
@@ -331,8 +332,11 @@ class QuantizedRegion:
         if needed > self.capacity:
             self._resize(needed + growth_tokens(needed, self.chunk))
         start = self.length
-        self.keys.encode(self._encode_keys(keys, positions), start)
-        self.values.encode(self._rotate(values), start)
+        step = max(self.chunk, ENCODE_TOKENS // self.chunk * self.chunk)
+        for offset in range(0, n, step):  # in slabs, so encoding temporaries stay small
+            part = slice(offset, min(offset + step, n))
+            self.keys.encode(self._encode_keys(keys[:, :, part], positions[:, :, part]), start + offset)
+            self.values.encode(self._rotate(values[:, :, part]), start + offset)
         self.positions[:, :, start:needed] = positions[:, : self.positions.shape[1]]
         for name, tensor in self.state.items():
             tensor[:, :, start:needed] = state[name]
