@@ -98,7 +98,7 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
         if codec.pre_rope() and geometry.rope_inv_freq is None:
             raise InputError(f"{codec.label()} quantizes keys before RoPE and needs a model with plain RoPE")
     calibration = None
-    if codec is not None and codec.needs_calibration:
+    if codec is not None and codec.needs_calibration():
         from kvstack.calibration import get_calibration
 
         calibration = get_calibration(model)  # a missing or foreign artefact is a one-line CalibrationError

@@ -48,6 +48,19 @@ def hadamard_matrix(size: int) -> torch.Tensor:
     return matrix / math.sqrt(size)
 
 
+def smoothing_factors(calibration: Any, layer_idx: int, alpha: float) -> torch.Tensor:
+    """SmoothAttention key divisors ``[1, H, 1, D]``: ``max|K|^alpha / max|Q|^(1 - alpha)`` per RoPE pair.
+
+    Maxima are the calibrated pair norms (``key_pair_norm_max``, ``query_pair_norm_max``, ``[L, H, D/2]``),
+    so both channels of a pair share a factor and the scaling commutes with RoPE.
+    """
+    keys = calibration.key_pair_norm_max[layer_idx].float().clamp(min=1e-5)
+    queries = calibration.query_pair_norm_max[layer_idx].float().clamp(min=1e-5)
+    pair = keys.pow(alpha) / queries.pow(1.0 - alpha)
+    pair = pair / pair.mean(dim=-1, keepdim=True)  # only ratios between channels matter
+    return torch.cat((pair, pair), dim=-1).unsqueeze(0).unsqueeze(2)
+
+
 def random_hadamard(size: int, seed: int) -> torch.Tensor:
     """``[size, size]`` randomized Hadamard rotation ``diag(s) @ H`` with random signs ``s`` (orthogonal)."""
     generator = torch.Generator().manual_seed(seed)
@@ -283,16 +296,21 @@ class QuantizedRegion:
         self.rotation: torch.Tensor | None = None
         if codec.rotation() == "hadamard":
             self.rotation = random_hadamard(head_dim, seed=1000 + layer_idx).to(device)
+        self.smoothing: torch.Tensor | None = None  # [1, H, 1, D] per-channel key divisors
+        if codec.smoothing() is not None:
+            if calibration is None:
+                raise ValueError(f"{codec.label()} needs the model's calibration (kvstack calibrate --model ...)")
+            self.smoothing = smoothing_factors(calibration, layer_idx, float(codec.smoothing())).to(device)
         self.rope_inv_freq = rope_inv_freq
         if codec.pre_rope() and rope_inv_freq is None:
             raise ValueError(f"{codec.label()} quantizes keys before RoPE and needs the model's RoPE frequencies")
 
     # ------------------------------------------------------------------------------ accounting
     def nbytes(self) -> int:
-        """Bytes held: packed payload, scales, zero points, outliers, positions, state, rotation."""
+        """Bytes held: packed payload, scales, zero points, outliers, positions, state, rotation, smoothing."""
         total = self.keys.nbytes() + self.values.nbytes() + self.positions.nbytes
         total += sum(t.nbytes for t in self.state.values())
-        return total + (self.rotation.nbytes if self.rotation is not None else 0)
+        return total + sum(t.nbytes for t in (self.rotation, self.smoothing) if t is not None)
 
     # ------------------------------------------------------------------------------ key transforms
     def _encode_keys(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -300,6 +318,8 @@ class QuantizedRegion:
 
         if self.codec.pre_rope():
             keys = rope_shift(keys, -positions.expand(keys.shape[:3]).float(), self.rope_inv_freq)
+        if self.smoothing is not None:
+            keys = keys.float() / (self.smoothing if keys.shape[1] == self.heads else self.smoothing[:, :1])
         if self.rotation is not None:
             keys = keys.float() @ self.rotation
         return keys
@@ -314,6 +334,8 @@ class QuantizedRegion:
         from kvstack.cache.layer import rope_shift
 
         keys = self._unrotate(keys)
+        if self.smoothing is not None:
+            keys = keys * self.smoothing.to(keys.dtype)
         if self.codec.pre_rope():
             keys = rope_shift(keys, positions.expand(keys.shape[:3]).float(), self.rope_inv_freq)
         return keys
@@ -404,9 +426,11 @@ class QuantizedRegion:
         chunk_positions = self.positions[b, h, start:stop].clone()
         chunk_positions[slot - start] = position
         keys = self.keys.decode_head(b, h, start, stop, torch.float32)
-        keys[slot - start] = self._encode_keys(key.float().view(1, 1, 1, -1), torch.tensor(position).view(1, 1, 1))[
-            0, 0, 0
-        ]
+        encoded_key = key.float().view(1, 1, 1, -1)
+        if self.smoothing is not None:  # _encode_keys divides by every head's factors; keep head h's
+            encoded_key = encoded_key.expand(1, self.heads, 1, -1)
+        encoded = self._encode_keys(encoded_key, torch.tensor(position).view(1, 1, 1))
+        keys[slot - start] = encoded[0, h if self.smoothing is not None else 0, 0]
         values = self.values.decode_head(b, h, start, stop, torch.float32)
         values[slot - start] = self._rotate(value.float().view(1, -1))[0]
         self.keys.encode_head(b, h, keys, start)
@@ -442,7 +466,8 @@ class QuantizedRegion:
         batch, num_q_heads, _, head_dim = query.shape
         group = num_q_heads // self.heads
         grouped = (query.float() * scaling).view(batch, self.heads, group, head_dim)
-        rotated = grouped @ self.rotation if self.rotation is not None else grouped
+        rotated = grouped * self.smoothing if self.smoothing is not None else grouped  # q.(k'l) = (q l).k'
+        rotated = rotated @ self.rotation if self.rotation is not None else rotated
         encoded = self.length
         scores = torch.empty((batch, self.heads, group, encoded + tail_keys.shape[2]), device=query.device)
         fused = self._fused_decoding()
@@ -455,7 +480,7 @@ class QuantizedRegion:
             )
         for start, stop in bounds:
             keys = self.keys.decode(start, stop, torch.float32)
-            if self.codec.pre_rope():
+            if self.codec.pre_rope():  # _decode_keys undoes rotation and smoothing too
                 keys = self._decode_keys(keys, self.positions[:, :, start:stop])
                 scores[..., start:stop] = grouped @ keys.transpose(-1, -2)
             else:

@@ -11,7 +11,6 @@ reconstructed block by block at attention time (keys re-rotated at their true po
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 from kvstack.cache.codecs import CodecError
 from kvstack.methods.base import check_sizes
@@ -44,8 +43,6 @@ class Palu(Codec):
     rank: int = 32
     residual: int = 32
 
-    needs_calibration: ClassVar[bool] = True
-
     def __post_init__(self) -> None:
         check_sizes(rank=self.rank, residual=self.residual)
         if self.rank < 1:
@@ -54,6 +51,9 @@ class Palu(Codec):
     def check(self, head_dim: int) -> None:
         if self.rank > head_dim:
             raise CodecError(f"rank {self.rank} is above the head dimension {head_dim}; choose 1 to {head_dim}")
+
+    def needs_calibration(self) -> bool:
+        return True
 
     def chunk_tokens(self) -> int:
         return CHUNK_TOKENS

@@ -62,7 +62,6 @@ class Codec:
     spec_name: ClassVar[str]
     info: ClassVar[MethodInfo]
     is_codec: ClassVar[bool] = True
-    needs_calibration: ClassVar[bool] = False
 
     def stream_kind(self) -> str:
         """``"packed"``: integer codes (:class:`~kvstack.cache.quantized.PackedStream`); ``"latent"``: low rank."""
@@ -88,6 +87,14 @@ class Codec:
     def rotation(self) -> str | None:
         """``"hadamard"``: keys and values are stored rotated by a randomized Hadamard matrix (QuaRot-style)."""
         return None
+
+    def smoothing(self) -> float | None:
+        """SmoothAttention's migration strength ``alpha`` (keys divided per channel pair), or None."""
+        return getattr(self, "smooth", None)
+
+    def needs_calibration(self) -> bool:
+        """True when the codec reads the model's calibration artefact (smoothing scales, projections)."""
+        return self.smoothing() is not None
 
     def outlier_fraction(self) -> float:
         """Fraction of elements kept exactly as sparse float16 outliers (dense-and-sparse)."""
@@ -130,6 +137,11 @@ def _check_rotation(value: Any) -> None:
         raise CodecError(f"rotate must be None or 'hadamard', got {value!r}")
 
 
+def _check_smooth(value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1):
+        raise CodecError(f"smooth must be None or a migration strength in (0, 1], e.g. 0.5; got {value!r}")
+
+
 @register(
     "quant",
     category="token/quantization/fixed",
@@ -141,19 +153,22 @@ class Quant(Codec):
 
     Both keys and values are quantized per token in groups of ``group_size`` channels; ``int8`` is
     ``quant(bits=8)``, ``int4`` is ``quant(bits=4)``. Per-token groups are where outlier channels hurt
-    most, so ``rotate='hadamard'`` (QuaRot-style, see :class:`KIVI`) is available here too.
+    most, so ``rotate='hadamard'`` (QuaRot-style, see :class:`KIVI`) and ``smooth=alpha``
+    (SmoothAttention-style, see :class:`KIVI`) are available here too.
     """
 
     bits: int = 8
     group_size: int = 64
     residual: int = 0
     rotate: str | None = None
+    smooth: float | None = None
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
         _check_group(self.group_size)
         check_sizes(residual=self.residual)
         _check_rotation(self.rotate)
+        _check_smooth(self.smooth)
 
     def rotation(self) -> str | None:
         return self.rotate
@@ -184,18 +199,24 @@ class KIVI(Codec):
     each 32 tokens of residual cost 0.25 bits per element at 4k tokens. ``rotate='hadamard'`` stores
     keys and values rotated by one randomized Hadamard matrix per layer (QuaRot-style), which spreads
     outlier channels over all channels; they are rotated back when read, so queries need no change.
+    ``smooth=alpha`` (SmoothAttention, QServe) divides each key channel pair by
+    ``lambda = max|K|^alpha / max|Q|^(1 - alpha)`` from the model's calibration (``kvstack calibrate``)
+    before quantizing and multiplies it back when reading; one factor per RoPE pair, so it commutes
+    with RoPE. Per-token groups gain most; per-channel groups are nearly invariant to it.
     """
 
     bits: int = 2
     group_size: int = 32
     residual: int = 32
     rotate: str | None = None
+    smooth: float | None = None
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
         _check_group(self.group_size)
         check_sizes(residual=self.residual)
         _check_rotation(self.rotate)
+        _check_smooth(self.smooth)
 
     def key_format(self) -> TensorFormat:
         return TensorFormat(self.bits, self.group_size, "tokens")
