@@ -126,7 +126,7 @@ def main() -> None:
              "Relative error = error energy / signal energy of real keys and values (2048-token prompt, all layers).",
              "", "| codec | variant | key error | value error | perplexity | increase vs full |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
-    for spec, row in results["rows"].items():
+    for row in results["rows"].values():
         lines.append(f"| `{row['family']}` | {row['variant']} | {row['keys']:.4f} | {row['values']:.4f} | "
                      f"{row['perplexity']:.3f} | {100 * row['perplexity_increase']:+.2f}% |")
     (out / "README.md").write_text("\n".join(lines) + "\n")
