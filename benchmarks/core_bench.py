@@ -84,14 +84,19 @@ def decode_ms_per_token(model: torch.nn.Module, spec: str, ids: torch.Tensor, st
         prefill(model, ids, cache)
         prefill_s = time.perf_counter() - start
         kept = cache.tokens_kept()
+    return {"prefill_s": prefill_s, "decode_ms_per_token": time_decode(model, cache, steps), "tokens_kept": kept}
+
+
+@torch.no_grad()
+def time_decode(model: torch.nn.Module, cache, steps: int) -> float:
+    """ms per token of ``steps`` decode steps into ``cache`` (after 2 warm-up steps)."""
     token = torch.tensor([[42]])
     for _ in range(2):
         model(token, past_key_values=cache, use_cache=True)
     start = time.perf_counter()
     for _ in range(steps):
         model(token, past_key_values=cache, use_cache=True)
-    per_token = (time.perf_counter() - start) / steps
-    return {"prefill_s": prefill_s, "decode_ms_per_token": per_token * 1000, "tokens_kept": kept}
+    return (time.perf_counter() - start) / steps * 1000
 
 
 @torch.no_grad()

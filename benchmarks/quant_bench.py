@@ -31,7 +31,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -43,7 +42,7 @@ from kvstack.cache import kernels, quantized
 from kvstack.spec import parse
 
 sys.path.insert(0, str(Path(__file__).parent))
-from core_bench import machine, prompt_ids
+from core_bench import machine, prompt_ids, time_decode  # noqa: E402
 
 BITS_SPECS = [
     "quant(bits=8)", "quant(bits=4)", "kivi(bits=4)", "kivi(bits=2)", "kivi(bits=2, rotate='hadamard')",
@@ -96,13 +95,7 @@ def bits_section(model: torch.nn.Module) -> dict:
 def decode_ms(model: torch.nn.Module, case: str, ids: torch.Tensor, steps: int) -> float:
     cache = make(model, case)
     read_prompt(model, cache, ids)
-    token = torch.tensor([[42]])
-    for _ in range(2):
-        model(token, past_key_values=cache, use_cache=True)
-    start = time.perf_counter()
-    for _ in range(steps):
-        model(token, past_key_values=cache, use_cache=True)
-    return (time.perf_counter() - start) / steps * 1000
+    return time_decode(model, cache, steps)
 
 
 def decode_section(model: torch.nn.Module, rounds: int, steps: int) -> dict:

@@ -233,3 +233,17 @@ def reference_generate(reference: torch.nn.Module, prompt: list[int], max_new: i
             input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new, do_sample=False
         )
     return output[0, len(prompt) :].tolist()
+
+
+def usage_error(capsys: Any, argv: list[str]) -> str:
+    """Run ``kvstack argv``; assert exit 2 with one ``kvstack: error:`` line and no traceback; return it."""
+    from kvstack import cli
+
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    err = captured.err.strip()
+    assert err.startswith("kvstack: error:"), err
+    assert "\n" not in err, f"more than one line: {err!r}"
+    assert "Traceback" not in captured.err and "Traceback" not in captured.out
+    return err

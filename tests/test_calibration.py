@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import build_model, random_ids, reference_qk
+from conftest import build_model, random_ids, reference_qk, usage_error
 from safetensors.torch import save_file
 
 import kvstack.models
@@ -445,15 +445,6 @@ def tiny_loader(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
     return calls
 
 
-def _usage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    code = cli.main(argv)
-    captured = capsys.readouterr()
-    assert code == 2, captured
-    err = captured.err.strip()
-    assert err.startswith("kvstack: error:"), err
-    assert "\n" not in err, f"more than one line: {err!r}"
-    assert "Traceback" not in captured.err and "Traceback" not in captured.out
-    return err
 
 
 @pytest.mark.parametrize(
@@ -467,11 +458,11 @@ def _usage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
 )
 def test_cli_usage_errors(capsys: pytest.CaptureFixture[str], no_model: None, argv: list[str],
                           expected: str) -> None:
-    assert expected in _usage_error(capsys, ["calibrate", *argv])
+    assert expected in usage_error(capsys, ["calibrate", *argv])
 
 
 def test_cli_sequence_longer_than_context(capsys: pytest.CaptureFixture[str], tiny_loader: list[Any]) -> None:
-    err = _usage_error(capsys, ["calibrate", "--sequence-length", "4096", "--no-progress"])
+    err = usage_error(capsys, ["calibrate", "--sequence-length", "4096", "--no-progress"])
     assert "exceeds the model's context" in err and len(tiny_loader) == 1
 
 

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_model
+from conftest import build_model, usage_error
 
 import kvstack.models
 from kvstack import cli, list_methods
@@ -50,15 +50,6 @@ def tiny_loader(monkeypatch):
     return calls
 
 
-def _usage_error(capsys, argv) -> str:
-    code = cli.main(argv)
-    captured = capsys.readouterr()
-    assert code == 2, captured
-    err = captured.err.strip()
-    assert err.startswith("kvstack: error:"), err
-    assert "\n" not in err, f"more than one line: {err!r}"
-    assert "Traceback" not in captured.err and "Traceback" not in captured.out
-    return err
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -106,61 +97,61 @@ def test_methods_through_module_entry_point():
 
 
 def test_unknown_method(capsys, no_model):
-    err = _usage_error(capsys, ["generate", "--method", "snapky(ratio=0.5)", "--prompt", "hi"])
+    err = usage_error(capsys, ["generate", "--method", "snapky(ratio=0.5)", "--prompt", "hi"])
     assert "unknown method 'snapky'" in err and "valid methods" in err and "streamingllm" in err
 
 
 def test_unknown_parameter(capsys, no_model):
-    err = _usage_error(capsys, ["generate", "--method", "h2o(budget=40, windo=3)", "--prompt", "hi"])
+    err = usage_error(capsys, ["generate", "--method", "h2o(budget=40, windo=3)", "--prompt", "hi"])
     assert "valid parameters" in err and "recent" in err
 
 
 @pytest.mark.parametrize("ratio", ["1.0", "1.5", "-0.1"])
 def test_bad_ratio(capsys, no_model, ratio):
-    err = _usage_error(capsys, ["generate", "--method", f"snapkv(ratio={ratio})", "--prompt", "hi"])
+    err = usage_error(capsys, ["generate", "--method", f"snapkv(ratio={ratio})", "--prompt", "hi"])
     assert "[0, 1)" in err
 
 
 def test_budget_below_window(capsys, no_model):
-    err = _usage_error(capsys, ["generate", "--method", "snapkv(budget=10)", "--prompt", "hi"])
+    err = usage_error(capsys, ["generate", "--method", "snapkv(budget=10)", "--prompt", "hi"])
     assert "budget >= 32" in err
 
 
 def test_unparseable_spec(capsys, no_model):
-    err = _usage_error(capsys, ["generate", "--method", "snapkv(ratio=", "--prompt", "hi"])
+    err = usage_error(capsys, ["generate", "--method", "snapkv(ratio=", "--prompt", "hi"])
     assert "cannot parse" in err
 
 
 @pytest.mark.parametrize("prompt", ["", "   "])
 def test_empty_prompt(capsys, no_model, prompt):
-    err = _usage_error(capsys, ["generate", "--prompt", prompt])
+    err = usage_error(capsys, ["generate", "--prompt", prompt])
     assert "empty" in err
 
 
 def test_empty_prompt_file(capsys, no_model, tmp_path):
     path = tmp_path / "prompt.txt"
     path.write_text("  \n", encoding="utf-8")
-    err = _usage_error(capsys, ["generate", "--prompt-file", str(path)])
+    err = usage_error(capsys, ["generate", "--prompt-file", str(path)])
     assert "empty" in err
 
 
 def test_missing_prompt_file(capsys, no_model, tmp_path):
     missing = tmp_path / "nope.txt"
-    err = _usage_error(capsys, ["generate", "--prompt-file", str(missing)])
+    err = usage_error(capsys, ["generate", "--prompt-file", str(missing)])
     assert "no such file" in err and "nope.txt" in err
 
 
 def test_prompt_file_is_a_directory(capsys, no_model, tmp_path):
-    err = _usage_error(capsys, ["generate", "--prompt-file", str(tmp_path)])
+    err = usage_error(capsys, ["generate", "--prompt-file", str(tmp_path)])
     assert "no such file" in err
 
 
 def test_bad_max_new_tokens(capsys, no_model):
-    err = _usage_error(capsys, ["generate", "--prompt", "hi", "--max-new-tokens", "0"])
+    err = usage_error(capsys, ["generate", "--prompt", "hi", "--max-new-tokens", "0"])
     assert "--max-new-tokens" in err
 
 
-def test_missing_prompt_is_argparse_usage_error(capsys, no_model):
+def test_missing_prompt_is_argparseusage_error(capsys, no_model):
     with pytest.raises(SystemExit) as info:
         cli.main(["generate"])
     assert info.value.code == 2
@@ -210,11 +201,11 @@ def test_generate_summary_on_stderr(capsys, tiny_loader, tmp_path):
 
 def test_generate_prompt_too_long_for_model(capsys, tiny_loader):
     """Needs the model: the tiny model's context is 512 tokens (one per character here)."""
-    err = _usage_error(capsys, ["generate", "--prompt", "x" * 600, "--max-new-tokens", "2"])
+    err = usage_error(capsys, ["generate", "--prompt", "x" * 600, "--max-new-tokens", "2"])
     assert "context of 512" in err
 
 
 def test_generate_ratio_too_high_at_run_time(capsys, tiny_loader):
-    err = _usage_error(capsys, ["generate", "--method", "snapkv(ratio=0.9)", "--prompt", "y" * 100,
+    err = usage_error(capsys, ["generate", "--method", "snapkv(ratio=0.9)", "--prompt", "y" * 100,
                                 "--max-new-tokens", "2"])
     assert "window" in err

@@ -142,23 +142,12 @@ def _check_smooth(value: Any) -> None:
         raise CodecError(f"smooth must be None or a migration strength in (0, 1], e.g. 0.5; got {value!r}")
 
 
-@register(
-    "quant",
-    category="token/quantization/fixed",
-    description="Fixed precision (FlexGen-style): keys and values per token, min-max in groups of group_size channels.",
-)
 @dataclasses.dataclass
-class Quant(Codec):
-    """Fixed-precision, per-token group-wise asymmetric min-max quantization (FlexGen, Sheng et al., 2023).
+class MinMaxCodec(Codec):
+    """Shared parameters of the min-max codecs: width, group, residual window, rotation, smoothing."""
 
-    Both keys and values are quantized per token in groups of ``group_size`` channels; ``int8`` is
-    ``quant(bits=8)``, ``int4`` is ``quant(bits=4)``. Per-token groups are where outlier channels hurt
-    most, so ``rotate='hadamard'`` (QuaRot-style, see :class:`KIVI`) and ``smooth=alpha``
-    (SmoothAttention-style, see :class:`KIVI`) are available here too.
-    """
-
-    bits: int = 8
-    group_size: int = 64
+    bits: int = 2
+    group_size: int = 32
     residual: int = 0
     rotate: str | None = None
     smooth: float | None = None
@@ -172,6 +161,26 @@ class Quant(Codec):
 
     def rotation(self) -> str | None:
         return self.rotate
+
+
+@register(
+    "quant",
+    category="token/quantization/fixed",
+    description="Fixed precision (FlexGen-style): keys and values per token, min-max in groups of group_size channels.",
+)
+@dataclasses.dataclass
+class Quant(MinMaxCodec):
+    """Fixed-precision, per-token group-wise asymmetric min-max quantization (FlexGen, Sheng et al., 2023).
+
+    Both keys and values are quantized per token in groups of ``group_size`` channels; ``int8`` is
+    ``quant(bits=8)``, ``int4`` is ``quant(bits=4)``. Per-token groups are where outlier channels hurt
+    most, so ``rotate='hadamard'`` (QuaRot-style, see :class:`KIVI`) and ``smooth=alpha``
+    (SmoothAttention-style, see :class:`KIVI`) are available here too.
+    """
+
+    bits: int = 8
+    group_size: int = 64
+    residual: int = 0
 
     def key_format(self) -> TensorFormat:
         return TensorFormat(self.bits, self.group_size, "channels")
@@ -189,7 +198,7 @@ class Quant(Codec):
     ),
 )
 @dataclasses.dataclass
-class KIVI(Codec):
+class KIVI(MinMaxCodec):
     """KIVI (Liu et al., 2024): tuning-free asymmetric 2/4-bit KV quantization.
 
     Keys are quantized per channel, each channel's scale and zero point shared by ``group_size``
@@ -208,15 +217,6 @@ class KIVI(Codec):
     bits: int = 2
     group_size: int = 32
     residual: int = 32
-    rotate: str | None = None
-    smooth: float | None = None
-
-    def __post_init__(self) -> None:
-        check_bits(self.bits)
-        _check_group(self.group_size)
-        check_sizes(residual=self.residual)
-        _check_rotation(self.rotate)
-        _check_smooth(self.smooth)
 
     def key_format(self) -> TensorFormat:
         return TensorFormat(self.bits, self.group_size, "tokens")
@@ -224,8 +224,6 @@ class KIVI(Codec):
     def value_format(self) -> TensorFormat:
         return TensorFormat(self.bits, self.group_size, "channels")
 
-    def rotation(self) -> str | None:
-        return self.rotate
 
 
 @register(
