@@ -42,7 +42,7 @@ from kvstack.cache import kernels, quantized
 from kvstack.spec import parse
 
 sys.path.insert(0, str(Path(__file__).parent))
-from core_bench import machine, prompt_ids, time_decode  # noqa: E402
+from core_bench import machine, prompt_ids, time_decode
 
 BITS_SPECS = [
     "quant(bits=8)", "quant(bits=4)", "kivi(bits=4)", "kivi(bits=2)", "kivi(bits=2, rotate='hadamard')",
