@@ -189,23 +189,34 @@ def block_section(model: torch.nn.Module) -> dict:
             "fused_kernels": kernels.available()}
 
 
+PALU_SPECS = {"palu(rank=32)": "ranks 32 / 32", "palu(key_rank=16, value_rank=48)": "ranks 16 / 48"}
+
+
 def palu_section(model: torch.nn.Module, tokenizer, out: Path, samples: int) -> dict:
     from kvstack.bench import BenchConfig, read_results, run_bench
     from kvstack.calibration import get_calibration
 
     calibration = get_calibration(model, tokenizer=tokenizer, calibrate_if_missing=True)
-    config = BenchConfig(methods=["full", "palu(rank=32)"], tasks=["perplexity"], lengths=[1024, 2048],
+    config = BenchConfig(methods=["full", *PALU_SPECS], tasks=["perplexity"], lengths=[1024, 2048],
                          samples=samples, out_dir=str(out / "palu_harness"), progress=False, plots=False)
     run_bench(config, model, tokenizer)
     rows: dict = {}
-    name = {"full": "full", parse("palu(rank=32)").label(): "palu(rank=32)"}
+    name = {"full": "full", **{parse(spec).label(): spec for spec in PALU_SPECS}}
     for record in read_results(out / "palu_harness" / "results.jsonl"):
-        rows.setdefault(str(record["length"]), {})[name[record["method"]]] = record["score"]
-    for by_method in rows.values():
-        by_method["increase"] = by_method["palu(rank=32)"] / by_method["full"] - 1.0
-    energy = [calibration.energy_fraction(32, kind).mean().item() for kind in ("key", "value")]
-    return {"perplexity": rows, "samples": samples, "calibration": calibration.model_key,
-            "calibration_source": calibration.source, "energy_top32": {"key": energy[0], "value": energy[1]}}
+        if record["method"] in name:
+            rows.setdefault(str(record["length"]), {})[name[record["method"]]] = record["score"]
+    ids = prompt_ids(LENGTH)
+    full = kvstack.make_cache(model, "full")
+    prefill(model, ids, full)
+    byte_ratio = {}
+    for spec in PALU_SPECS:
+        cache = kvstack.make_cache(model, spec)
+        prefill(model, ids, cache)
+        byte_ratio[spec] = cache.kv_bytes() / full.kv_bytes()
+    energy = {kind: {str(rank): calibration.energy_fraction(rank, kind).mean().item() for rank in (16, 32, 48)}
+              for kind in ("key", "value")}
+    return {"perplexity": rows, "bytes_vs_full": byte_ratio, "samples": samples, "calibration": calibration.model_key,
+            "calibration_source": calibration.source, "energy": energy}
 
 
 def markdown(results: dict) -> str:
@@ -264,18 +275,24 @@ def markdown(results: dict) -> str:
                   f"{k['layer_fp32_bytes'] / 2**20:.2f} MB.", ""]
     if "palu" in results:
         p = results["palu"]
-        bits = results.get("bits", {}).get("rows", {}).get("palu(rank=32)")
-        lines += ["## SVD latents: `palu(rank=32)` (rank = half the head dimension)", ""]
-        if bits:
-            lines.append(f"Bytes at 4k tokens: {100 * bits['bytes_vs_full']:.1f}% of the full cache.")
-        lines += [f"Calibration `{p['calibration']}` ({p['calibration_source']}); the top 32 of 64 directions hold "
-                  f"{100 * p['energy_top32']['key']:.1f}% of the pre-RoPE key energy and "
-                  f"{100 * p['energy_top32']['value']:.1f}% of the value energy.", "",
-                  "| length | full perplexity | palu(rank=32) perplexity | increase |", "| --- | ---: | ---: | ---: |"]
-        for length, row in p["perplexity"].items():
-            lines.append(
-                f"| {length} | {row['full']:.3f} | {row['palu(rank=32)']:.3f} | {100 * row['increase']:+.1f}% |"
-            )
+        energy = {kind: " / ".join(f"{100 * value:.1f}%" for value in p["energy"][kind].values())
+                  for kind in ("key", "value")}
+        lines += ["## SVD latents (Palu-style), average rank = half the head dimension", "",
+                  f"Calibration `{p['calibration']}` ({p['calibration_source']}). Energy held by the top 16 / 32 / 48 "
+                  f"of 64 directions: keys before RoPE {energy['key']}, values {energy['value']}.", "",
+                  f"Perplexity on the harness task ({p['samples']} excerpts per length), same run:", "",
+                  "| spec | ranks (keys / values) | bytes vs full at 4k | perplexity 1k (full, change) "
+                  "| perplexity 2k (full, change) |",
+                  "| --- | --- | ---: | --- | --- |"]
+        for spec, ranks in PALU_SPECS.items():
+            cells = []
+            for length in ("1024", "2048"):
+                row = p["perplexity"].get(length, {})
+                if spec in row and "full" in row:
+                    cells.append(f"{row[spec]:.3f} ({row['full']:.3f}, {100 * (row[spec] / row['full'] - 1):+.1f}%)")
+                else:
+                    cells.append("–")
+            lines.append(f"| `{spec}` | {ranks} | {100 * p['bytes_vs_full'][spec]:.1f}% | {cells[0]} | {cells[1]} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

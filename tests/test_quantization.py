@@ -460,3 +460,16 @@ def test_smoothing_without_a_calibration_is_refused_with_the_fix(monkeypatch, tm
         kvstack.make_cache(head32_model(), "quant(bits=4, group_size=16, smooth=0.5)")
     with pytest.raises(SpecError, match="smooth must be None or a migration strength"):
         parse("kivi(smooth=2)")
+
+
+def test_palu_split_ranks_hold_the_bytes_of_their_mean_rank(calibrated):
+    ids = random_ids(300, seed=1)
+    sizes = {}
+    for spec in ("palu(rank=16, residual=0)", "palu(key_rank=8, value_rank=24, residual=0)"):
+        cache = kvstack.make_cache(calibrated, spec)
+        prefill(calibrated, ids, cache)
+        sizes[spec] = cache.kv_bytes() - sum(
+            layer.region.keys.basis.nbytes + layer.region.values.basis.nbytes for layer in cache.layers
+        )
+        assert cache.layers[0].region.keys.latents.shape[-1] == (8 if "key_rank" in spec else 16)
+    assert len(set(sizes.values())) == 1

@@ -283,9 +283,11 @@ class QuantizedRegion:
         if codec.stream_kind() == "latent":
             if calibration is None:
                 raise ValueError(f"{codec.label()} needs the model's calibration (kvstack calibrate --model ...)")
-            rank = codec.rank
-            self.keys = LatentStream(calibration.key_basis[layer_idx, :, :, :rank], batch, heads, dtype, device)
-            self.values = LatentStream(calibration.value_basis[layer_idx, :, :, :rank], batch, heads, dtype, device)
+            key_rank, value_rank = codec.ranks()
+            self.keys = LatentStream(calibration.key_basis[layer_idx, :, :, :key_rank], batch, heads, dtype, device)
+            self.values = LatentStream(
+                calibration.value_basis[layer_idx, :, :, :value_rank], batch, heads, dtype, device
+            )
         else:
             self.keys = PackedStream(codec.key_format(), batch, heads, head_dim, self.chunk, outliers, device)
             self.values = PackedStream(codec.value_format(), batch, heads, head_dim, self.chunk, outliers, device)

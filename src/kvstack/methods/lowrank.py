@@ -35,22 +35,34 @@ class Palu(Codec):
     Parameters
     ----------
     rank:
-        Latent dimension per KV head, ``1 <= rank <= D``.
+        Latent dimension per KV head, ``1 <= rank <= D``, for keys and values alike.
     residual:
         Newest tokens kept in full precision.
+    key_rank, value_rank:
+        Separate ranks (default: ``rank``). Keys before RoPE are far more compressible than values
+        (SmolLM2: the top 16 of 64 directions hold 94% of the key energy, 61% of the value energy), so
+        ``key_rank=16, value_rank=48`` holds the same bytes as ``rank=32`` with less error.
     """
 
     rank: int = 32
     residual: int = 32
+    key_rank: int | None = None
+    value_rank: int | None = None
 
     def __post_init__(self) -> None:
-        check_sizes(rank=self.rank, residual=self.residual)
-        if self.rank < 1:
-            raise CodecError(f"rank must be >= 1, got {self.rank}")
+        check_sizes(rank=self.rank, residual=self.residual, key_rank=self.key_rank, value_rank=self.value_rank)
+        for name, value in (("rank", self.rank), ("key_rank", self.key_rank), ("value_rank", self.value_rank)):
+            if value is not None and value < 1:
+                raise CodecError(f"{name} must be >= 1, got {value}")
+
+    def ranks(self) -> tuple[int, int]:
+        """``(key rank, value rank)``."""
+        return self.key_rank or self.rank, self.value_rank or self.rank
 
     def check(self, head_dim: int) -> None:
-        if self.rank > head_dim:
-            raise CodecError(f"rank {self.rank} is above the head dimension {head_dim}; choose 1 to {head_dim}")
+        for value in self.ranks():
+            if value > head_dim:
+                raise CodecError(f"rank {value} is above the head dimension {head_dim}; choose 1 to {head_dim}")
 
     def needs_calibration(self) -> bool:
         return True
