@@ -473,3 +473,67 @@ def test_palu_split_ranks_hold_the_bytes_of_their_mean_rank(calibrated):
         )
         assert cache.layers[0].region.keys.latents.shape[-1] == (8 if "key_rank" in spec else 16)
     assert len(set(sizes.values())) == 1
+
+
+# ------------------------------------------------------------------------------------------------------
+# Loki: approximate scores in a per-head PCA basis of the keys
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_loki_attending_to_everything_equals_the_full_cache():
+    model = head32_model()
+    ids = random_ids(90)
+    reference = model.generate(ids, past_key_values=kvstack.make_cache(model, "full"), max_new_tokens=12,
+                               do_sample=False, output_scores=True, return_dict_in_generate=True)
+    loki = kvstack.make_cache(model, "loki(ratio=0.0, rank=4)")
+    out = model.generate(ids, past_key_values=loki, max_new_tokens=12, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True)
+    assert torch.equal(out.sequences, reference.sequences)
+    for ours, theirs in zip(out.scores, reference.scores, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_loki_keeps_every_entry_stores_keys_in_an_orthonormal_pca_basis_and_reads_them_back():
+    model = head32_model()
+    ids = random_ids(120)
+    full, loki = kvstack.make_cache(model, "full"), kvstack.make_cache(model, "loki(ratio=0.75, rank=8)")
+    prefill(model, ids, full)
+    prefill(model, ids, loki)
+    for plain, rotated in zip(full.layers, loki.layers, strict=True):
+        basis = rotated.pca_basis  # [B, H, D, D]
+        torch.testing.assert_close(basis.transpose(-1, -2) @ basis, torch.eye(32).expand_as(basis), atol=1e-4,
+                                   rtol=0)
+        # Energy sorted: the first coordinates of the stored keys carry the most.
+        energy = rotated.keys[:, :, : rotated.length].pow(2).sum(dim=2)  # [B, H, D]
+        assert bool((energy[..., :-1] >= energy[..., 1:] - 1e-3).all())
+        view = rotated._view(kvstack.methods.base.AttentionStats(), budget=0)
+        torch.testing.assert_close(view.keys, plain.keys[:, :, : plain.length], atol=1e-4, rtol=1e-4)
+    assert loki.kept_entries() == full.kept_entries()
+    assert loki.kv_bytes() == full.kv_bytes() + sum(layer.pca_basis.nbytes for layer in loki.layers)
+
+
+@pytest.mark.parametrize("rank", [32, 6])
+def test_loki_attends_only_to_the_top_entries_by_low_rank_scores(rank):
+    model = head32_model(seed=2)
+    cache = kvstack.make_cache(model, f"loki(budget=8, rank={rank})")
+    prefill(model, random_ids(64, seed=2), cache)
+    layer = cache.layers[1]
+    query = torch.randn(1, 4, 1, 32, generator=torch.Generator().manual_seed(0))
+    output = layer._attend_low_rank_scored(query, None, 1, 0.2)  # [1, 1, Hq, D]
+    keys = layer._view(kvstack.methods.base.AttentionStats(), budget=0).keys  # model basis, [1, H, L, D]
+    values = layer.values[:, :, : layer.length]
+    basis = layer.pca_basis
+    for head in range(4):
+        kv = head // 2
+        q = query[0, head, 0]
+        approx = (q @ basis[0, kv])[:rank] @ (keys[0, kv] @ basis[0, kv])[:, :rank].T  # low-rank scores
+        chosen = approx.topk(8).indices
+        weights = torch.softmax((keys[0, kv, chosen] @ q) * 0.2, dim=0)  # exact attention over the chosen
+        torch.testing.assert_close(output[0, 0, head], weights @ values[0, kv, chosen], atol=1e-5, rtol=1e-4)
+
+
+def test_loki_refuses_a_codec_and_a_rank_above_the_head_dimension():
+    with pytest.raises(SpecError, match="use it alone"):
+        parse("loki(ratio=0.5) + kivi")
+    with pytest.raises(kvstack.api.InputError, match="rank 64 is above the head dimension 32"):
+        kvstack.make_cache(head32_model(), "loki(ratio=0.5, rank=64)")

@@ -102,6 +102,9 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
         from kvstack.calibration import get_calibration
 
         calibration = get_calibration(model)  # a missing or foreign artefact is a one-line CalibrationError
+    if method.sparse_attention and method.rank > geometry.head_dim:
+        raise InputError(f"rank {method.rank} is above the head dimension {geometry.head_dim}; choose 1 to "
+                         f"{geometry.head_dim}")
     if method.uses_cache_positions() and geometry.rope_inv_freq is None:
         raise InputError("positions='cache' needs a model with plain RoPE (inv_freq, no attention scaling)")
     attention.register()

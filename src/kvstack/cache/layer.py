@@ -112,6 +112,7 @@ class KVStackLayer(CacheLayerMixin):
         self.pending_chunk: tuple[torch.Tensor, torch.Tensor] | None = None
         self.budget: int | None = None
         self.region: QuantizedRegion | None = None  # entries a codec has encoded (they precede the slots)
+        self.pca_basis: torch.Tensor | None = None  # [B, H, D, D] Loki's per-head key basis (keys stored rotated)
 
     # ---------------------------------------------------------------- transformers CacheLayerMixin
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -238,6 +239,8 @@ class KVStackLayer(CacheLayerMixin):
         if self.ragged is not None:
             return self.ragged.nbytes() + self.next_position.nbytes
         tensors = [self.keys, self.values, self.positions, self.next_position, *self.state.values()]
+        if self.pca_basis is not None:
+            tensors.append(self.pca_basis)
         encoded = self.region.nbytes() if self.region is not None else 0
         return sum(t.nbytes for t in tensors) + encoded
 
@@ -337,7 +340,10 @@ class KVStackLayer(CacheLayerMixin):
         if compress_now:
             needs |= set(method.needs)
 
-        if self.encoded_entries():
+        if self.pca_basis is not None:
+            self._rotate_new_keys(q_len)
+            output, stats = self._attend_low_rank_scored(query, causal, q_len, scaling), AttentionStats()
+        elif self.encoded_entries():
             output, stats = self._attend_encoded(query, causal, valid, q_len, scaling, needs, method.window_queries())
         else:
             keys, values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
@@ -355,7 +361,53 @@ class KVStackLayer(CacheLayerMixin):
             self._compress(stats)
         if self.region is not None and not (method.compresses() and self.owner.more_prompt_follows):
             self._flush()
+        if method.sparse_attention and self.pca_basis is None and not self.owner.more_prompt_follows:
+            self._fit_key_basis()
         return output
+
+    # ---------------------------------------------------------------- low-rank scoring (Loki)
+    def _fit_key_basis(self) -> None:
+        """Fit each head's PCA basis to its cached keys and store the keys rotated into it."""
+        keys = self.keys[:, :, : self.length].float()
+        if self.has_padding:
+            keys = keys * (self.positions[:, :, : self.length] >= 0).unsqueeze(-1)
+        _, vectors = torch.linalg.eigh(keys.transpose(-1, -2) @ keys)  # ascending eigenvalues
+        self.pca_basis = vectors.flip(-1).to(self.keys.dtype)  # [B, H, D, D], principal directions first
+        self.keys[:, :, : self.length] = self.keys[:, :, : self.length] @ self.pca_basis
+
+    def _rotate_new_keys(self, q_len: int) -> None:
+        new = slice(self.length - q_len, self.length)
+        self.keys[:, :, new] = self.keys[:, :, new] @ self.pca_basis
+
+    def _attend_low_rank_scored(
+        self, query: torch.Tensor, causal: torch.Tensor | None, q_len: int, scaling: float
+    ) -> torch.Tensor:
+        """Each query attends exactly to its top entries by scores over the first ``rank`` PCA coordinates."""
+        method = self.owner.method
+        batch, num_q_heads, _, head_dim = query.shape
+        group = num_q_heads // self.heads
+        basis = self.pca_basis.repeat_interleave(group, dim=1) if group > 1 else self.pca_basis
+        rotated = query @ basis  # [B, Hq, q, D]: q P . k P = q . k
+        keys, values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
+        visible = self._tail_mask(causal, q_len, query.device)  # [B|1, H|1, q, L] or None
+        if self.has_padding and visible is None:
+            visible = (self.positions[:, :, : self.length] >= 0).unsqueeze(2)
+        rank = min(method.rank, head_dim)
+        approx = (rotated[..., :rank].reshape(batch, self.heads, group * q_len, rank)
+                  @ keys[..., :rank].transpose(-1, -2)).view(batch, self.heads, group, q_len, -1)
+        if visible is not None:
+            approx = approx.masked_fill(~visible.unsqueeze(2), float("-inf"))
+        counts = self.length if visible is None else int(visible.sum(dim=-1).max())
+        chosen = approx.topk(method.attended(counts), dim=-1).indices
+        mask = torch.zeros_like(approx, dtype=torch.bool).scatter_(-1, chosen, True)
+        if visible is not None:
+            mask &= visible.unsqueeze(2)
+        mask = mask | ~mask.any(dim=-1, keepdim=True)  # a padding query attends to something
+        output = F.scaled_dot_product_attention(
+            rotated, keys, values, attn_mask=mask.view(batch, num_q_heads, q_len, -1), scale=scaling,
+            enable_gqa=group > 1,
+        )
+        return output.transpose(1, 2)
 
     # ---------------------------------------------------------------- encoded entries (codecs)
     def _attend_encoded(
@@ -500,7 +552,10 @@ class KVStackLayer(CacheLayerMixin):
         else:
 
             def kv_source() -> tuple[torch.Tensor, torch.Tensor]:
-                return self.keys[:, :, :live], self.values[:, :, :live]
+                keys = self.keys[:, :, :live]
+                if self.pca_basis is not None:  # stored in the PCA basis: back to the model's
+                    keys = keys @ self.pca_basis.transpose(-1, -2)
+                return keys, self.values[:, :, :live]
 
             state = {name: t[:, :, :live] for name, t in self.state.items()}
         return LayerView(

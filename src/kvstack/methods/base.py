@@ -130,12 +130,15 @@ class Method:
         Names of per-entry float32 state tensors the layer keeps aligned with the entries.
     headwise:
         True when heads of one layer may keep different numbers of entries (variable-length storage).
+    sparse_attention:
+        True when the method restricts which entries each query attends to without evicting (Loki).
     """
 
     spec_name: ClassVar[str]
     info: ClassVar[MethodInfo]
     needs: ClassVar[frozenset[str]] = frozenset()
     dynamic: ClassVar[bool] = False
+    sparse_attention: ClassVar[bool] = False
     state_names: ClassVar[tuple[str, ...]] = ()
     headwise: ClassVar[bool] = False
 
@@ -314,6 +317,11 @@ def compose(terms: list[Any], spec: str) -> Composed:
         raise SpecError(
             f"cannot compose {names}: head-wise budgets ({selection.label()}) keep ragged per-head storage, which "
             "codecs do not encode yet; use a uniform selection method with a codec"
+        )
+    if selection.sparse_attention:
+        raise SpecError(
+            f"cannot compose {names}: {selection.label()} scores queries against its own rotated keys, which "
+            "codecs do not encode yet; use it alone"
         )
     if selection.uses_cache_positions():
         raise SpecError(

@@ -11,13 +11,14 @@ reconstructed block by block at attention time (keys re-rotated at their true po
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from kvstack.cache.codecs import CodecError
-from kvstack.methods.base import check_sizes
+from kvstack.methods.base import BudgetedMethod, check_sizes
 from kvstack.methods.quantization import CHUNK_TOKENS, Codec
 from kvstack.spec import register
 
-__all__ = ["Palu"]
+__all__ = ["Loki", "Palu"]
 
 
 @register(
@@ -75,3 +76,41 @@ class Palu(Codec):
 
     def stream_kind(self) -> str:
         return "latent"
+
+
+@register(
+    "loki",
+    category="token/lowrank",
+    description=(
+        "Loki: each query attends only to its top entries by approximate scores in the keys' top-`rank` "
+        "per-head PCA directions (fitted online on the prompt); keeps every entry."
+    ),
+)
+@dataclasses.dataclass
+class Loki(BudgetedMethod):
+    """Loki (Singhania et al., 2024): low-rank keys for approximate attention scoring.
+
+    When the prompt has been read, each layer fits a per-head PCA basis to its cached keys (an
+    eigen-decomposition of ``K^T K``) and stores the keys, and every later key, rotated into it; queries
+    are rotated the same way, so exact scores are unchanged. Each query then scores every entry with
+    the first ``rank`` coordinates only, keeps its top entries (``ratio`` of the visible ones skipped,
+    or ``budget`` attended), and attends exactly over those. Nothing is evicted: Loki saves attention
+    work, not memory, and kvstack reports its bytes as the full cache's plus the bases.
+    """
+
+    rank: int = 16
+
+    sparse_attention: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        check_sizes(rank=self.rank)
+        if self.rank < 1:
+            raise CodecError(f"rank must be >= 1, got {self.rank}")
+        super().__post_init__()
+
+    def compresses(self) -> bool:
+        return False
+
+    def attended(self, visible: int) -> int:
+        """Entries a query with ``visible`` entries attends to."""
+        return max(1, min(visible, self.base_budget(visible)))
