@@ -37,6 +37,7 @@ CODECS = {
     "KIVI-4": "kivi(bits=4)",
     "KIVI-2": "kivi(bits=2)",
     "KIVI-2 + Hadamard": "kivi(bits=2, rotate='hadamard')",
+    "KIVI-2 + sink + Hadamard": "kivi(bits=2, sinks=1, rotate='hadamard')",
     "KVQuant-4": "kvquant(bits=4)",
 }
 BARS = {"int8": (0.5, 0.005), "KIVI-4": (1.0, 0.02), "KIVI-2": (5.0, 0.10)}  # score points, perplexity increase

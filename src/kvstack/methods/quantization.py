@@ -151,16 +151,20 @@ class MinMaxCodec(Codec):
     residual: int = 0
     rotate: str | None = None
     smooth: float | None = None
+    sinks: int = 0
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
         _check_group(self.group_size)
-        check_sizes(residual=self.residual)
+        check_sizes(residual=self.residual, sinks=self.sinks)
         _check_rotation(self.rotate)
         _check_smooth(self.smooth)
 
     def rotation(self) -> str | None:
         return self.rotate
+
+    def sink_tokens(self) -> int:
+        return self.sinks
 
 
 @register(
@@ -212,6 +216,8 @@ class KIVI(MinMaxCodec):
     ``lambda = max|K|^alpha / max|Q|^(1 - alpha)`` from the model's calibration (``kvstack calibrate``)
     before quantizing and multiplies it back when reading; one factor per RoPE pair, so it commutes
     with RoPE. Per-token groups gain most; per-channel groups are nearly invariant to it.
+    ``sinks=N`` keeps the first ``N`` tokens (attention sinks, which every head attends to heavily) in
+    full precision, as KVQuant does; the paper's KIVI is ``sinks=0``.
     """
 
     bits: int = 2
