@@ -219,17 +219,22 @@ def palu_section(model: torch.nn.Module, tokenizer, out: Path, samples: int) -> 
             "calibration_source": calibration.source, "energy": energy}
 
 
+def _stamp(section: dict) -> list[str]:
+    """The command and date that produced one section (sections are refreshed separately)."""
+    return [f"Made by `{section['run']}` on {section['date']}.", ""] if "run" in section else []
+
+
 def markdown(results: dict) -> str:
     m = results["machine"]
     lines = [
         "# Quantization and low-rank benchmark", "",
-        f"- command: `{results['command']}`", f"- date: {results['date']}",
+        f"- last command: `{results['command']}`", f"- date: {results['date']}",
         f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
         f"transformers {m['transformers']}", "- model: SmolLM2-135M-Instruct (fp32 weights and activations)", "",
     ]
     if "bits" in results:
         b = results["bits"]
-        lines += [f"## Bits per cached element at {b['length']} tokens (every byte held)", "",
+        lines += [f"## Bits per cached element at {b['length']} tokens (every byte held)", "", *_stamp(b),
                   f"The full cache holds {b['full_bits']:.2f} bits per element (fp32 + positions).", "",
                   "| spec | bits / element | bar | bytes vs full | encoded / residual tokens per head |",
                   "| --- | ---: | --- | ---: | --- |"]
@@ -244,6 +249,7 @@ def markdown(results: dict) -> str:
         d = results["decode"]
         ms = d["ms_per_token"]
         lines += [f"## Decode at {d['length']} tokens (median of {d['rounds']} rounds x {d['steps']} steps)", "",
+                  *_stamp(d),
                   "| cache | ms/token | tokens/s vs quanto 2-bit |", "| --- | ---: | ---: |"]
         for case, value in ms.items():
             lines.append(f"| {case} | {value:.1f} | {ms['quanto-2'] / value:.2f}x |")
@@ -254,6 +260,7 @@ def markdown(results: dict) -> str:
         r = results["memory"]["rows"]
         mem = results["memory"]
         lines += [f"## Peak RSS, {mem['length']}-token prompt + {mem['decoded']} tokens, fresh process each", "",
+                  *_stamp(mem),
                   "| cache | peak RSS MB (prompt + decode) | decode-only peak MB | RSS before prompt MB |",
                   "| --- | ---: | ---: | ---: |"]
         for case, row in r.items():
@@ -277,7 +284,7 @@ def markdown(results: dict) -> str:
         p = results["palu"]
         energy = {kind: " / ".join(f"{100 * value:.1f}%" for value in p["energy"][kind].values())
                   for kind in ("key", "value")}
-        lines += ["## SVD latents (Palu-style), average rank = half the head dimension", "",
+        lines += ["## SVD latents (Palu-style), average rank = half the head dimension", "", *_stamp(p),
                   f"Calibration `{p['calibration']}` ({p['calibration_source']}). Energy held by the top 16 / 32 / 48 "
                   f"of 64 directions: keys before RoPE {energy['key']}, values {energy['value']}.", "",
                   f"Perplexity on the harness task ({p['samples']} excerpts per length), same run:", "",
@@ -314,15 +321,16 @@ def main() -> None:
                     "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine()})
     sections = set(args.only.split(","))
     model, tokenizer = kvstack.load_model("smollm2-135m")
+    stamp = {"run": results["command"], "date": results["date"]}
     if "palu" in sections:  # first: the bits table needs the calibration too
-        results["palu"] = palu_section(model, tokenizer, out, args.samples)
+        results["palu"] = {**palu_section(model, tokenizer, out, args.samples), **stamp}
     if "bits" in sections:
-        results["bits"] = bits_section(model)
+        results["bits"] = {**bits_section(model), **stamp}
     if "decode" in sections:
-        results["decode"] = decode_section(model, args.rounds, args.steps)
+        results["decode"] = {**decode_section(model, args.rounds, args.steps), **stamp}
     if "memory" in sections:
-        results["memory"] = memory_section()
-        results["block"] = block_section(model)
+        results["memory"] = {**memory_section(), **stamp}
+        results["block"] = {**block_section(model), **stamp}
     path.write_text(json.dumps(results, indent=2))
     (out / "README.md").write_text(markdown(results))
     print(markdown(results))
