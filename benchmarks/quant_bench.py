@@ -74,14 +74,20 @@ def read_prompt(model: torch.nn.Module, cache, ids: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def bits_section(model: torch.nn.Module) -> dict:
+def prefilled(model: torch.nn.Module, specs: list[str]):
+    """Caches holding the same ``LENGTH``-token prompt: ``full`` first, then one per spec (yielded)."""
     ids = prompt_ids(LENGTH)
-    full = kvstack.make_cache(model, "full")
-    prefill(model, ids, full)
-    rows = {}
-    for spec in BITS_SPECS:
+    for spec in ["full", *specs]:
         cache = kvstack.make_cache(model, spec)
         prefill(model, ids, cache)
+        yield spec, cache
+
+
+def bits_section(model: torch.nn.Module) -> dict:
+    caches = prefilled(model, BITS_SPECS)
+    _, full = next(caches)
+    rows = {}
+    for spec, cache in caches:
         rows[spec] = {
             "bits_per_element": cache.bits_per_element(), "kv_bytes": cache.kv_bytes(),
             "bytes_vs_full": cache.kv_bytes() / full.kv_bytes(), "tokens_kept": cache.tokens_kept(),
@@ -205,14 +211,9 @@ def palu_section(model: torch.nn.Module, tokenizer, out: Path, samples: int) -> 
     for record in read_results(out / "palu_harness" / "results.jsonl"):
         if record["method"] in name:
             rows.setdefault(str(record["length"]), {})[name[record["method"]]] = record["score"]
-    ids = prompt_ids(LENGTH)
-    full = kvstack.make_cache(model, "full")
-    prefill(model, ids, full)
-    byte_ratio = {}
-    for spec in PALU_SPECS:
-        cache = kvstack.make_cache(model, spec)
-        prefill(model, ids, cache)
-        byte_ratio[spec] = cache.kv_bytes() / full.kv_bytes()
+    caches = prefilled(model, list(PALU_SPECS))
+    _, full = next(caches)
+    byte_ratio = {spec: cache.kv_bytes() / full.kv_bytes() for spec, cache in caches}
     energy = {kind: {str(rank): calibration.energy_fraction(rank, kind).mean().item() for rank in (16, 32, 48)}
               for kind in ("key", "value")}
     return {"perplexity": rows, "bytes_vs_full": byte_ratio, "samples": samples, "calibration": calibration.model_key,
