@@ -46,6 +46,7 @@ from core_bench import machine, prompt_ids, time_decode
 
 BITS_SPECS = [
     "quant(bits=8)", "quant(bits=4)", "kivi(bits=4)", "kivi(bits=2)", "kivi(bits=2, rotate='hadamard')",
+    "kivi(bits=2, sinks=1, rotate='hadamard')",
     "kvquant(bits=4)", "kvquant(bits=2)", "palu(rank=32)", "snapkv(ratio=0.5) + kivi(bits=2)",
 ]
 BARS = {"kivi(bits=2)": 3.5, "kivi(bits=4)": 5.5, "quant(bits=8)": 9.0}
