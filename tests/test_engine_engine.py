@@ -8,10 +8,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
+from conftest import build_model as shared_build_model
 from conftest import prompt_of as shared_prompt_of
 from conftest import reference_generate
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from kvstack.engine import BYTES_PER_MB, Engine, SamplingParams
 from kvstack.errors import KVStackError
@@ -25,21 +25,8 @@ BLOCK_BYTES = 2 * 2 * 2 * BLOCK_SIZE * 16 * 4
 
 def build_model(seed: int = 0) -> PreTrainedModel:
     """A tiny random Llama (hidden 64, 4 query heads, 2 KV heads), no EOS so generation never stops early."""
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=MAX_CONTEXT,
-        pad_token_id=0,
-        bos_token_id=None,
-        eos_token_id=None,
-        initializer_range=0.1,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    return shared_build_model("llama", seed=seed, vocab_size=VOCAB, max_position_embeddings=MAX_CONTEXT,
+                              initializer_range=0.1)
 
 
 def mb(num_blocks: int) -> float:

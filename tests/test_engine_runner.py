@@ -11,9 +11,10 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+from conftest import build_model as shared_build_model
 from conftest import prompt_of as shared_prompt_of
 from conftest import reference_generate
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedModel
 
 from kvstack.engine import BlockManager, ModelRunner, PagedKVPool, SequenceChunk
 from kvstack.errors import KVStackError
@@ -25,25 +26,8 @@ ARCHS = ("llama", "qwen2")
 
 def build_model(arch: str, seed: int = 0, num_layers: int = 2) -> PreTrainedModel:
     """A tiny random causal LM (hidden 64, 4 query heads, 2 KV heads), no EOS so generation never stops early."""
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=None,
-        eos_token_id=None,
-        initializer_range=0.1,
-    )
-    if arch == "llama":
-        config, cls = LlamaConfig(**kwargs), LlamaForCausalLM
-    else:
-        config, cls = Qwen2Config(**kwargs), Qwen2ForCausalLM
-    torch.manual_seed(seed)
-    return cls(config).eval()
+    return shared_build_model(arch, seed=seed, vocab_size=VOCAB, num_hidden_layers=num_layers,
+                              max_position_embeddings=256, initializer_range=0.1)
 
 
 def make_runner(arch: str, num_blocks: int = 64) -> tuple[ModelRunner, BlockManager]:
