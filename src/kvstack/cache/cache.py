@@ -8,7 +8,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from kvstack.cache.layer import KVStackLayer
-from kvstack.methods.base import Method
+from kvstack.methods.base import Composed, Method
 
 
 class KVStackCache(Cache):
@@ -113,11 +113,7 @@ class KVStackCache(Cache):
 
     def label(self) -> str:
         """The spec string of what this cache applies (selection and codec)."""
-        if self.codec is None:
-            return self.method.label()
-        if not self.method.compresses():
-            return self.codec.label()
-        return f"{self.method.label()} + {self.codec.label()}"
+        return self.method.label() if self.codec is None else Composed(self.method, self.codec).label()
 
     def bits_per_element(self) -> float:
         """``8 * kv_bytes / (entries * D * 2)``: bits held per kept key/value element, all metadata included."""
