@@ -260,7 +260,7 @@ def test_prefix_cache_metrics_are_counted_in_tokens():
     assert metrics["kv_usage"] == pytest.approx(manager.pool.num_used / 16)
     assert set(metrics) == {
         "prefix_cache_queries_tokens", "prefix_cache_hits_tokens", "prefix_cache_hit_rate",
-        "kv_usage", "evictions", "num_free", "num_cached", "num_used",
+        "prefix_cache_tier_hits_tokens", "kv_usage", "evictions", "num_free", "num_cached", "num_used",
     }
 
 

@@ -179,3 +179,100 @@ def test_sampling_is_reproducible_with_seed() -> None:
     assert first != greedy
     other = make_engine().generate(PROMPTS[:2], dataclasses.replace(params, seed=99))
     assert other != first
+
+
+# --------------------------------------------------------------------------------------------------
+# storage tiers, streaming, timing
+# --------------------------------------------------------------------------------------------------
+
+
+def test_evicted_prefix_is_offloaded_to_host_and_loaded_back(reference: PreTrainedModel) -> None:
+    shared = prompt_of(24, seed=200)  # 6 full blocks
+    first = shared + prompt_of(3, seed=201)
+    others = [prompt_of(20, seed=202 + i) for i in range(2)]  # fill the pool: the shared blocks get evicted
+    engine = make_engine(memory_mb=mb(12), host_mb=1.0)
+    assert engine.generate([first], SamplingParams(max_new_tokens=4)) == [reference_generate(reference, first, 4)]
+    for prompt in others:
+        engine.generate([prompt], SamplingParams(max_new_tokens=4))
+    before = engine.metrics()
+    assert before["tier_offloaded_blocks"] > 0
+    again = shared + prompt_of(2, seed=210)
+    assert engine.generate([again], SamplingParams(max_new_tokens=5)) == [reference_generate(reference, again, 5)]
+    metrics = engine.metrics()
+    # The whole shared prefix is reused: blocks still in the pool plus blocks loaded back from the host tier.
+    assert metrics["prefix_cache_hits_tokens"] - before["prefix_cache_hits_tokens"] == 24
+    loaded = metrics["tier_loaded_blocks"] - before["tier_loaded_blocks"]
+    assert loaded >= 1
+    assert metrics["prefix_cache_tier_hits_tokens"] - before["prefix_cache_tier_hits_tokens"] == loaded * BLOCK_SIZE
+    engine.block_manager.check_invariants()
+
+
+def test_disk_tier_survives_a_restart(reference: PreTrainedModel, tmp_path) -> None:
+    prompt = prompt_of(30, seed=300)
+    expected = reference_generate(reference, prompt, 4)
+    with make_engine(host_mb=1.0, disk_dir=tmp_path) as engine:
+        assert engine.generate([prompt], SamplingParams(max_new_tokens=4)) == [expected]
+    assert list(tmp_path.rglob("*.kvb"))  # the cached blocks were written down on close
+    with make_engine(host_mb=1.0, disk_dir=tmp_path) as restarted:
+        assert restarted.generate([prompt], SamplingParams(max_new_tokens=4)) == [expected]
+        metrics = restarted.metrics()
+    assert metrics["prefix_cache_tier_hits_tokens"] == (len(prompt) - 1) // BLOCK_SIZE * BLOCK_SIZE
+    assert metrics["tier_disk_hits"] > 0
+
+
+def test_corrupt_disk_block_is_recomputed_not_served(reference: PreTrainedModel, tmp_path) -> None:
+    prompt = prompt_of(30, seed=301)
+    expected = reference_generate(reference, prompt, 4)
+    with make_engine(host_mb=1.0, disk_dir=tmp_path) as engine:
+        engine.generate([prompt], SamplingParams(max_new_tokens=4))
+    files = sorted(tmp_path.rglob("*.kvb"))
+    for path in files:  # flip one payload byte in every block file
+        data = bytearray(path.read_bytes())
+        data[-10] ^= 0xFF
+        path.write_bytes(bytes(data))
+    with make_engine(host_mb=1.0, disk_dir=tmp_path) as restarted:
+        assert restarted.generate([prompt], SamplingParams(max_new_tokens=4)) == [expected]
+        metrics = restarted.metrics()
+    assert metrics["prefix_cache_tier_hits_tokens"] == 0
+    assert metrics["tier_corrupt"] >= 1
+
+
+def test_preemption_with_a_host_tier_matches_generate(reference: PreTrainedModel) -> None:
+    prompts = [prompt_of(10, seed=10 + i) for i in range(4)]
+    engine = make_engine(memory_mb=mb(8), host_mb=1.0)
+    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=12))
+    metrics = engine.metrics()
+    assert metrics["preemptions"] > 0
+    assert metrics["tier_offloaded_blocks"] > 0
+    assert outputs == [reference_generate(reference, p, 12) for p in prompts]
+    engine.block_manager.check_invariants()
+
+
+def test_stream_yields_the_generate_tokens_and_closing_aborts(reference: PreTrainedModel) -> None:
+    engine = make_engine()
+    prompt = PROMPTS[0]
+    assert list(engine.stream(prompt, SamplingParams(max_new_tokens=5))) == reference_generate(reference, prompt, 5)
+    stream = engine.stream(PROMPTS[1], SamplingParams(max_new_tokens=20))
+    next(stream)
+    stream.close()
+    assert not engine.has_unfinished()
+    assert engine.metrics()["num_used"] == 0
+
+
+def test_request_timing_orders_arrival_first_token_and_finish() -> None:
+    engine = make_engine()
+    rid = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=3))
+    assert engine.request_timing(rid).ttft is None
+    while engine.has_unfinished():
+        engine.step()
+    timing = engine.request_timing(rid)
+    assert timing.num_output_tokens == 3
+    assert 0 < timing.ttft <= timing.e2e
+    assert timing.tpot is not None and timing.tpot >= 0
+    with pytest.raises(KVStackError, match="unknown request"):
+        engine.request_timing(12345)
+
+
+def test_negative_tier_size_is_refused() -> None:
+    with pytest.raises(KVStackError, match="host_mb must be a number of MB >= 0"):
+        make_engine(host_mb=-1)

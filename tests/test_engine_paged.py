@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+from unittest import mock
 
 import pytest
 import torch
@@ -13,7 +14,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvstack.cache import kernels
 from kvstack.engine import BYTES_PER_MB, BlockManager, PagedKVPool, paged_attention
+from kvstack.engine.paged import paged_attention_packed
 from kvstack.errors import KVStackError
 
 ATOL = 1e-5
@@ -72,10 +75,21 @@ def run_case(lengths: list[int], new_tokens: list[int], block_size: int, heads: 
     scaling = dim**-0.5
     outputs = paged_attention(queries, pool, layer, tables, lengths, scaling)
     assert len(outputs) == len(lengths)
-    for query, output, (keys, values), length in zip(queries, outputs, dense, lengths, strict=True):
+    packed_query = torch.cat(queries, dim=1).transpose(0, 1)  # [T, Hq, D]
+    packed = {}
+    for use_kernel in (False, True) if kernels.available() else (False,):
+        with mock.patch.object(kernels, "available", lambda use=use_kernel: use):
+            packed[use_kernel] = paged_attention_packed(packed_query, pool, layer, tables, new_tokens, lengths, scaling)
+    offsets = [0]
+    for q in new_tokens:
+        offsets.append(offsets[-1] + q)
+    for index, (query, output, (keys, values), length) in enumerate(zip(queries, outputs, dense, lengths, strict=True)):
         expected = dense_reference(query, keys, values, length - query.shape[1], scaling)
         assert output.shape == query.shape
         torch.testing.assert_close(output, expected, atol=ATOL, rtol=0)
+        for result in packed.values():  # [T, Hq, D]: this sequence's rows
+            torch.testing.assert_close(result[offsets[index]:offsets[index + 1]].transpose(0, 1), expected, atol=ATOL,
+                                       rtol=0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,6 +168,7 @@ def test_write_and_gather_errors():
         ("chunk_at_offset", [19], [6]),
         ("chunk_ending_on_block_boundary", [16], [5]),
         ("mixed_batch", [1, 9, 23, 4], [1, 9, 7, 1]),
+        ("longer_than_one_fallback_run", [300, 5], [3, 5]),  # 75 blocks: two runs of the PyTorch path
     ],
 )
 def test_paged_attention_matches_dense_sdpa(name, lengths, new_tokens, group):

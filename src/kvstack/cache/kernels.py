@@ -1,4 +1,4 @@
-"""Fused CPU kernels for decoding over packed KV codes (compiled on first use, optional).
+"""Fused CPU kernels: decoding over packed KV codes, and paged attention (compiled on first use, optional).
 
 Decoding one token reads every cached entry once. The PyTorch path (:meth:`QuantizedRegion.attend_one`)
 decodes a block of codes to float32 and multiplies; these kernels instead unpack each token's codes
@@ -7,6 +7,11 @@ decoded block exists at all and the codes are read once:
 
 * :func:`packed_scores`: ``q . k_t`` for every encoded key ``t`` and every query head of its group;
 * :func:`packed_weighted_values`: ``sum_t w_t v_t`` over the encoded values.
+
+The serving engine's paged attention (:func:`kvstack.engine.paged.paged_attention`) has one too:
+:func:`paged_attention_forward` attends packed query tokens of many sequences over the float32 KV pool,
+reading each key and value row in place through the block tables (no gathered copy of a sequence's KV), one
+task per (token, KV head) so the query heads of a GQA group share every row read.
 
 They are compiled with ``torch.utils.cpp_extension.load_inline`` (g++ with OpenMP) the first time they
 are needed and cached by PyTorch (``TORCH_EXTENSIONS_DIR``). Where no compiler is available, or with
@@ -23,7 +28,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["available", "packed_scores", "packed_weighted_values"]
+__all__ = ["available", "packed_scores", "packed_weighted_values", "paged_attention_forward"]
 
 ENV = "KVSTACK_KERNELS"
 
@@ -159,6 +164,74 @@ torch::Tensor packed_weighted_values(torch::Tensor codes, torch::Tensor scale, t
   });
   return partial.sum(2);
 }
+
+// Paged attention of packed query tokens over a KV pool read in place through block tables.
+// query [T, Hq, D] float32 (contiguous); kv [num_blocks, L, 2, H, block_size, D] float32 (last dim contiguous);
+// tables [S, max_blocks] int64; token_seq [T]: the sequence (row of tables) of each query token;
+// token_pos [T]: its position, so it sees the keys at positions 0..token_pos. Returns [T, Hq, D].
+// One task per (token, KV head): the G query heads of the group share every key and value row read.
+torch::Tensor paged_attention_forward(torch::Tensor query, torch::Tensor kv, int64_t layer, torch::Tensor tables,
+                                      torch::Tensor token_seq, torch::Tensor token_pos, double scaling) {
+  const int64_t T = query.size(0), Hq = query.size(1), D = query.size(2);
+  const int64_t H = kv.size(3), BS = kv.size(4), G = Hq / H, MB = tables.size(1);
+  auto out = torch::empty_like(query);
+  const auto ks = kv.strides();
+  const float* kvp = kv.data_ptr<float>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* seqp = token_seq.data_ptr<int64_t>();
+  const int64_t* posp = token_pos.data_ptr<int64_t>();
+  const float* qp = query.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float scale = (float)scaling;
+  at::parallel_for(0, T * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, acc(G * D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t t = task / H, h = task % H, n = posp[t] + 1;
+      const int64_t* table = tp + seqp[t] * MB;
+      const float* __restrict q = qp + (t * Hq + h * G) * D;
+      scores.resize(G * n);
+      float* __restrict sc = scores.data();
+      for (int64_t b = 0; b * BS < n; ++b) {
+        const float* kb = kvp + table[b] * ks[0] + layer * ks[1] + h * ks[3];
+        const int64_t stop = std::min(BS, n - b * BS);
+        for (int64_t s = 0; s < stop; ++s) {
+          const float* __restrict k = kb + s * ks[4];
+          for (int64_t g = 0; g < G; ++g) {
+            const float* __restrict qg = q + g * D;
+            float dot = 0.f;
+            for (int64_t c = 0; c < D; ++c) dot += qg[c] * k[c];
+            sc[g * n + b * BS + s] = dot * scale;
+          }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* row = sc + g * n;
+        float mx = row[0];
+        for (int64_t p = 1; p < n; ++p) mx = std::max(mx, row[p]);
+        float sum = 0.f;
+        for (int64_t p = 0; p < n; ++p) { row[p] = std::exp(row[p] - mx); sum += row[p]; }
+        const float inv = 1.f / sum;
+        for (int64_t p = 0; p < n; ++p) row[p] *= inv;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t b = 0; b * BS < n; ++b) {
+        const float* vb = kvp + table[b] * ks[0] + layer * ks[1] + ks[2] + h * ks[3];
+        const int64_t stop = std::min(BS, n - b * BS);
+        for (int64_t s = 0; s < stop; ++s) {
+          const float* __restrict v = vb + s * ks[4];
+          for (int64_t g = 0; g < G; ++g) {
+            const float w = sc[g * n + b * BS + s];
+            float* __restrict a = acc.data() + g * D;
+            for (int64_t c = 0; c < D; ++c) a[c] += w * v[c];
+          }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g)
+        std::copy(acc.data() + g * D, acc.data() + (g + 1) * D, op + (t * Hq + h * G + g) * D);
+    }
+  });
+  return out;
+}
 """
 
 
@@ -167,9 +240,9 @@ def _module() -> Any:
     from torch.utils.cpp_extension import load_inline
 
     return load_inline(
-        name="kvstack_packed_kernels_v2",
+        name="kvstack_kernels_v3",
         cpp_sources=_SOURCE,
-        functions=["packed_scores", "packed_weighted_values"],
+        functions=["packed_scores", "packed_weighted_values", "paged_attention_forward"],
         extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         verbose=False,
@@ -211,3 +284,17 @@ def packed_weighted_values(
     """``[B, H, G, D]`` float32: ``weights`` ``[B, H, G, N]`` applied to the first ``N`` packed values."""
     return _module().packed_weighted_values(codes, scale.float(), zero.float(), weights, length, bits, group,
                                             along_tokens)
+
+
+def paged_attention_forward(
+    query: torch.Tensor, kv: torch.Tensor, layer: int, tables: torch.Tensor, token_seq: torch.Tensor,
+    token_pos: torch.Tensor, scaling: float,
+) -> torch.Tensor:
+    """``[T, Hq, D]`` float32 attention of packed query tokens over a paged KV pool, read in place.
+
+    ``query`` ``[T, Hq, D]`` float32; ``kv`` the pool's ``[num_blocks, L, 2, H, block_size, D]`` float32
+    storage; ``tables`` ``[S, max_blocks]`` int64 block tables; ``token_seq`` ``[T]`` int64, the row of
+    ``tables`` of each token; ``token_pos`` ``[T]`` int64, its position (it attends to positions
+    ``0 .. token_pos``, causal). Query head ``h * G + g`` reads KV head ``h``.
+    """
+    return _module().paged_attention_forward(query.contiguous(), kv, layer, tables, token_seq, token_pos, scaling)

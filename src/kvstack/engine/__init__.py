@@ -2,7 +2,8 @@
 scheduler (continuous batching, chunked prefill, preemption by recompute), the paged KV tensor pool with
 attention over block tables, host/disk tiers for evicted prefix blocks, and the model runner (one packed forward
 per step over paged KV). The engine loop (engine.py) ties them together: requests, greedy/top-p sampling,
-per-step outputs."""
+per-step outputs, streaming, per-request timing and the storage tiers. workload.py generates and replays the
+workloads ``kvstack engine-bench`` runs."""
 
 from kvstack.engine.blocks import (
     BlockManager,
@@ -12,8 +13,8 @@ from kvstack.engine.blocks import (
     OutOfBlocksError,
     block_hash,
 )
-from kvstack.engine.engine import Engine, RequestOutput, SamplingParams
-from kvstack.engine.paged import BYTES_PER_MB, PagedKVPool, paged_attention
+from kvstack.engine.engine import Engine, RequestOutput, RequestTiming, SamplingParams, default_namespace
+from kvstack.engine.paged import BYTES_PER_MB, PagedKVPool, paged_attention, paged_attention_packed
 from kvstack.engine.runner import ATTENTION_NAME, ModelRunner, PagedBatchCache, PagedCacheLayer, SequenceChunk
 from kvstack.engine.scheduler import (
     DEFAULT_MAX_WAITING_STEPS,
@@ -27,6 +28,17 @@ from kvstack.engine.scheduler import (
     SequenceStatus,
 )
 from kvstack.engine.tiers import DiskTier, HostTier, TieredStore, TierError
+from kvstack.engine.workload import (
+    Workload,
+    WorkloadRequest,
+    load_mooncake_trace,
+    mooncake_workload,
+    multi_turn_workload,
+    poisson_arrivals,
+    shared_prefix_workload,
+    synthetic_mooncake_trace,
+    write_mooncake_trace,
+)
 
 __all__ = [
     "ATTENTION_NAME",
@@ -48,6 +60,7 @@ __all__ = [
     "PagedKVPool",
     "Request",
     "RequestOutput",
+    "RequestTiming",
     "SamplingParams",
     "ScheduledBatch",
     "ScheduledSequence",
@@ -57,6 +70,17 @@ __all__ = [
     "SequenceStatus",
     "TierError",
     "TieredStore",
+    "Workload",
+    "WorkloadRequest",
     "block_hash",
+    "default_namespace",
+    "load_mooncake_trace",
+    "mooncake_workload",
+    "multi_turn_workload",
     "paged_attention",
+    "paged_attention_packed",
+    "poisson_arrivals",
+    "shared_prefix_workload",
+    "synthetic_mooncake_trace",
+    "write_mooncake_trace",
 ]

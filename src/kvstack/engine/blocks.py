@@ -59,7 +59,8 @@ import dataclasses
 import hashlib
 import struct
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Protocol
 
 from kvstack.errors import KVStackError
 
@@ -67,6 +68,7 @@ __all__ = [
     "BlockManager",
     "BlockPool",
     "BlockStateError",
+    "BlockTiers",
     "CopyOnWrite",
     "OutOfBlocksError",
     "block_hash",
@@ -147,6 +149,24 @@ def block_hash(parent: bytes | None, token_ids: Sequence[int], namespace: str = 
     return digest.digest()
 
 
+class BlockTiers(Protocol):
+    """Where cached blocks go when the device pool evicts them, and come back from on a prefix hit.
+
+    The engine implements it over a :class:`~kvstack.engine.tiers.TieredStore` and the KV tensor pool; the
+    block manager only calls it, it never sees tensors.
+    """
+
+    def offload(self, block_id: int, hash_value: bytes) -> None:
+        """Save the content of cached block ``block_id`` (registered under ``hash_value``) before it is reused."""
+
+    def contains(self, hash_value: bytes) -> bool:
+        """Whether a lower tier holds the block keyed by ``hash_value``."""
+
+    def load(self, hash_value: bytes, block_id: int) -> bool:
+        """Write the block keyed by ``hash_value`` into the freshly allocated ``block_id``; False if it is gone or
+        corrupt (the caller then computes it)."""
+
+
 class BlockPool:
     """A fixed pool of KV block ids with reference counts, a hash map of full blocks and an LRU of cached ones.
 
@@ -156,6 +176,12 @@ class BlockPool:
         Number of physical blocks; ids are ``0 .. num_blocks - 1``.
     block_size : int
         Tokens per block (recorded for callers; the pool itself never sees tokens).
+
+    Attributes
+    ----------
+    on_evict : callable or None
+        Called as ``on_evict(block_id, hash)`` just before a cached block is evicted to be reused (the
+        engine writes its KV to the host tier there); None by default.
 
     Notes
     -----
@@ -173,6 +199,7 @@ class BlockPool:
         self._hash_to_block: dict[bytes, int] = {}
         self._num_used = 0
         self._evictions = 0
+        self.on_evict: Callable[[int, bytes], None] | None = None
 
     # ------------------------------------------------------------------ counts
     @property
@@ -265,6 +292,8 @@ class BlockPool:
             else:
                 block_id, _ = self._lru.popitem(last=False)
                 evicted_hash = self._hashes[block_id]
+                if evicted_hash is not None and self.on_evict is not None:
+                    self.on_evict(block_id, evicted_hash)
                 if evicted_hash is not None and self._hash_to_block.get(evicted_hash) == block_id:
                     del self._hash_to_block[evicted_hash]
                 self._hashes[block_id] = None
@@ -439,17 +468,35 @@ class BlockManager:
         Prefix-cache key space (e.g. the model name); managers with different namespaces never share hashes.
     enable_prefix_caching : bool, optional
         When False nothing is registered or looked up, so every prompt is allocated fresh.
+    tiers : BlockTiers or None, optional
+        Lower storage tiers (prefix caching only): evicted cached blocks are offloaded there, and a prompt
+        whose prefix misses the pool continues its lookup there, loading each hit into a new block.
+
+    Attributes
+    ----------
+    last_loaded_blocks : list of int
+        Blocks the last :meth:`allocate_prompt` filled from the tiers (their KV is computed).
 
     Notes
     -----
     Prefix-cache metrics are counted in tokens: every prompt adds its length to the queries and its
-    reused tokens to the hits.
+    reused tokens to the hits (tier hits included, also counted on their own).
     """
 
     def __init__(
-        self, num_blocks: int, block_size: int, namespace: str = "", enable_prefix_caching: bool = True
+        self,
+        num_blocks: int,
+        block_size: int,
+        namespace: str = "",
+        enable_prefix_caching: bool = True,
+        tiers: BlockTiers | None = None,
     ) -> None:
         self._pool = BlockPool(num_blocks, block_size)
+        self._tiers = tiers if enable_prefix_caching else None
+        if self._tiers is not None:
+            self._pool.on_evict = self._tiers.offload
+        self.last_loaded_blocks: list[int] = []
+        self._tier_hits_tokens = 0
         self._block_size = self._pool.block_size
         self._namespace = namespace
         self._enable_prefix_caching = bool(enable_prefix_caching)
@@ -518,7 +565,8 @@ class BlockManager:
         num_full = len(tokens) // size
 
         hashes: list[bytes] = []
-        hit_blocks: list[int] = []
+        # Reusable prefix, block by block: a pool block id, or None for a block to load from the tiers.
+        prefix: list[int | None] = []
         if self._enable_prefix_caching:
             parent: bytes | None = None
             for index in range(num_full):
@@ -527,13 +575,14 @@ class BlockManager:
             max_hit_blocks = (len(tokens) - 1) // size  # never cache the block holding the last token
             for key in hashes[:max_hit_blocks]:
                 found = self._pool.lookup(key)
-                if found is None:
+                if found is None and (self._tiers is None or not self._tiers.contains(key)):
                     break
-                hit_blocks.append(found)
+                prefix.append(found)
+        pool_hits = [block for block in prefix if block is not None]
 
         # Check before mutating: hits that are cached now leave the evictable set once touched.
-        needed = num_blocks - len(hit_blocks)
-        hits_in_lru = sum(1 for b in hit_blocks if self._pool.is_cached(b))
+        needed = num_blocks - len(pool_hits)
+        hits_in_lru = sum(1 for b in pool_hits if self._pool.is_cached(b))
         available = self._pool.num_available - hits_in_lru
         if needed > available:
             raise OutOfBlocksError(
@@ -541,18 +590,31 @@ class BlockManager:
                 f"new blocks but only {available} are available; free finished sequences or use a larger num_blocks"
             )
 
-        for block_id in hit_blocks:
+        for block_id in pool_hits:
             self._pool.touch(block_id)
-        new_blocks = self._pool.allocate(needed)
-        table = hit_blocks + new_blocks
+        new_blocks = iter(self._pool.allocate(needed))
+        table = [block if block is not None else next(new_blocks) for block in prefix]
+        # Load tier hits in order; the first one that fails (gone, corrupt) ends the reusable prefix.
+        self.last_loaded_blocks = []
+        reused = len(prefix)
+        for index, block in enumerate(prefix):
+            if block is None:
+                assert self._tiers is not None
+                if not self._tiers.load(hashes[index], table[index]):
+                    reused = index
+                    break
+                self.last_loaded_blocks.append(table[index])
+        table.extend(new_blocks)
         if self._enable_prefix_caching:
-            for index in range(len(hit_blocks), num_full):
-                self._pool.register(table[index], hashes[index])
+            for index in range(num_full):
+                if index >= len(prefix) or prefix[index] is None:
+                    self._pool.register(table[index], hashes[index])
 
         self._sequences[seq_id] = _SequenceState(token_ids=tokens, block_table=table, block_hashes=hashes)
-        cached_tokens = len(hit_blocks) * size
+        cached_tokens = reused * size
         self._queries_tokens += len(tokens)
         self._hits_tokens += cached_tokens
+        self._tier_hits_tokens += len(self.last_loaded_blocks) * size
         return cached_tokens
 
     def append_token(self, seq_id: Hashable, token_id: int) -> CopyOnWrite | None:
@@ -671,18 +733,29 @@ class BlockManager:
         int
             A multiple of ``block_size``, always less than ``len(token_ids)`` (0 when prefix caching is off).
         """
-        tokens = [int(t) for t in token_ids]
-        if not tokens or not self._enable_prefix_caching:
-            return 0
-        size = self._block_size
-        parent: bytes | None = None
         hits = 0
-        for index in range((len(tokens) - 1) // size):  # the block holding the last token is never a hit
-            parent = block_hash(parent, tokens[index * size : (index + 1) * size], self._namespace)
-            if self._pool.lookup(parent) is None:
+        for key in self.prompt_block_hashes(token_ids):
+            if self._pool.lookup(key) is None:
                 break
             hits += 1
-        return hits * size
+        return hits * self._block_size
+
+    def prompt_block_hashes(self, token_ids: Sequence[int]) -> list[bytes]:
+        """Hash chain of the prompt blocks a prefix hit may cover (full blocks before the last token's).
+
+        Empty when prefix caching is off. The engine prefetches these from the disk tier when a request
+        arrives, so the reads overlap with the steps it waits through.
+        """
+        tokens = [int(t) for t in token_ids]
+        if not tokens or not self._enable_prefix_caching:
+            return []
+        size = self._block_size
+        parent: bytes | None = None
+        hashes: list[bytes] = []
+        for index in range((len(tokens) - 1) // size):  # the block holding the last token is never a hit
+            parent = block_hash(parent, tokens[index * size : (index + 1) * size], self._namespace)
+            hashes.append(parent)
+        return hashes
 
     def metrics(self) -> dict[str, float | int]:
         """Prefix-cache and memory counters.
@@ -691,7 +764,8 @@ class BlockManager:
         -------
         dict
             ``prefix_cache_queries_tokens``, ``prefix_cache_hits_tokens``, ``prefix_cache_hit_rate``
-            (hits / queries, 0.0 before any query), ``kv_usage`` (used / total blocks), ``evictions``,
+            (hits / queries, 0.0 before any query), ``prefix_cache_tier_hits_tokens`` (hits loaded from the
+            tiers), ``kv_usage`` (used / total blocks), ``evictions``,
             ``num_free``, ``num_cached``, ``num_used``.
         """
         queries = self._queries_tokens
@@ -699,6 +773,7 @@ class BlockManager:
             "prefix_cache_queries_tokens": queries,
             "prefix_cache_hits_tokens": self._hits_tokens,
             "prefix_cache_hit_rate": self._hits_tokens / queries if queries else 0.0,
+            "prefix_cache_tier_hits_tokens": self._tier_hits_tokens,
             "kv_usage": self._pool.usage,
             "evictions": self._pool.evictions,
             "num_free": self._pool.num_free,

@@ -5,10 +5,31 @@ forward of the :class:`~kvstack.engine.runner.ModelRunner` over it, samples the 
 whose chunk completed its known tokens (greedy, or temperature + top-p with a per-request seeded generator),
 and reports the tokens back to the scheduler. :meth:`Engine.generate` is the offline loop on top.
 
+Storage tiers
+-------------
+With ``host_mb > 0`` (and optionally ``disk_dir``) the engine owns a :class:`~kvstack.engine.tiers.TieredStore`.
+When the block pool evicts a cached prefix block to reuse it, the block's KV (if the model has computed it)
+is exported to the host tier first; the host tier spills its least recently used blocks to the disk
+directory. A prompt whose prefix misses the pool continues its lookup in the tiers and loads each hit into
+a new block instead of recomputing it. Disk-resident blocks of a new request's prompt are prefetched on a
+background thread as soon as the request is added, so the file reads and checksums overlap with the steps
+it waits through. :meth:`Engine.close` writes the pool's cached blocks and the host tier down to disk, so
+a restarted engine with the same ``disk_dir`` and ``namespace`` finds the whole prefix cache there.
+
+Preemption therefore works as a swap for full blocks when tiers are on: a preempted sequence's full,
+computed blocks stay cached, go to the host tier if the pool needs their space, and are loaded back when
+the sequence is readmitted; only its last, partial block is recomputed. Without tiers it is a recompute
+(cached blocks that survive in the pool are still reused).
+
+Timing
+------
+Each request records its arrival (:meth:`Engine.add_request`), its first token and its finish on
+``time.perf_counter``; :meth:`Engine.request_timing` gives TTFT, TPOT and end-to-end latency.
+
 Limitations
 -----------
 * ``n > 1`` (parallel sampling) is not supported yet.
-* No streaming iterator: :meth:`Engine.step` returns each step's new tokens, which callers can stream.
+* :meth:`Engine.stream` drives the engine from the caller's thread; there is no background serving loop.
 * If the model forward raises, the scheduler's batch stays pending and the engine cannot step further.
 * Finished requests stay in the scheduler (their outputs remain readable through :meth:`Engine.get_output`).
 """
@@ -17,18 +38,21 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Hashable, Sequence
+import os
+import time
+from collections.abc import Hashable, Iterator, Sequence
 
 import torch
 
 from kvstack.api import model_geometry
 from kvstack.engine.blocks import BlockManager
-from kvstack.engine.paged import PagedKVPool
+from kvstack.engine.paged import BYTES_PER_MB, PagedKVPool
 from kvstack.engine.runner import ModelRunner, SequenceChunk
 from kvstack.engine.scheduler import FinishReason, Request, Scheduler
+from kvstack.engine.tiers import DiskTier, HostTier, TieredStore
 from kvstack.errors import KVStackError
 
-__all__ = ["Engine", "RequestOutput", "SamplingParams"]
+__all__ = ["Engine", "RequestOutput", "RequestTiming", "SamplingParams", "default_namespace"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +146,73 @@ def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+@dataclasses.dataclass(frozen=True)
+class RequestTiming:
+    """Latency of one request, in seconds of ``time.perf_counter``.
+
+    Attributes
+    ----------
+    ttft : float or None
+        Arrival to first generated token (None before it).
+    tpot : float or None
+        Mean time per output token after the first: ``(finish - first) / (tokens - 1)``; None before the
+        request finished or when it produced one token.
+    e2e : float or None
+        Arrival to finish (None while running).
+    num_output_tokens : int
+        Tokens generated so far.
+    """
+
+    ttft: float | None
+    tpot: float | None
+    e2e: float | None
+    num_output_tokens: int
+
+
+class _PoolTiers:
+    """The :class:`~kvstack.engine.blocks.BlockTiers` of an engine: KV pool blocks <-> a TieredStore."""
+
+    def __init__(self, store: TieredStore, pool: PagedKVPool) -> None:
+        self.store = store
+        self.pool = pool
+        self.scheduler: Scheduler | None = None  # set once built: it knows which blocks hold computed KV
+        self.offloaded = 0
+        self.loaded = 0
+
+    def offload(self, block_id: int, hash_value: bytes) -> None:
+        if self.scheduler is not None and self.scheduler.is_computed(block_id):
+            self.store.put(hash_value, self.pool.export_block(block_id))
+            self.offloaded += 1
+
+    def contains(self, hash_value: bytes) -> bool:
+        return self.store.contains(hash_value)
+
+    def load(self, hash_value: bytes, block_id: int) -> bool:
+        tensors = self.store.get(hash_value)
+        if tensors is None:
+            return False
+        try:
+            self.pool.import_block(block_id, tensors)
+        except KVStackError:  # a block of another geometry or dtype under this namespace: compute instead
+            return False
+        self.loaded += 1
+        return True
+
+
+def default_namespace(model: torch.nn.Module) -> str:
+    """Prefix-cache key space of a model: its name or path, architecture, geometry and dtype.
+
+    Two engines agree on block hashes (and share a disk tier) only for the same weights and dtype.
+    """
+    config = getattr(model, "config", None)
+    name = str(getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "") or "")
+    geometry = model_geometry(model)
+    dtype = next(model.parameters()).dtype
+    kind = getattr(config, "model_type", type(model).__name__)
+    return (f"{os.path.basename(name.rstrip('/')) or kind}/{kind}/L{geometry.num_layers}H{geometry.num_kv_heads}"
+            f"D{geometry.head_dim}/{str(dtype).removeprefix('torch.')}")
+
+
 class Engine:
     """Paged serving engine: continuous batching, chunked prefill, prefix caching, preemption by recompute.
 
@@ -141,13 +232,20 @@ class Engine:
         Admission order of the scheduler.
     enable_prefix_caching : bool, optional
         Reuse the KV of prompt prefixes already in the pool.
-    namespace : str, optional
-        Prefix-cache key space.
+    namespace : str or None, optional
+        Prefix-cache key space; None derives it from the model (:func:`default_namespace`).
+    host_mb : float, optional
+        Host-memory tier for evicted prefix blocks, in MB (0: none).
+    disk_dir : str or os.PathLike or None, optional
+        Disk tier directory below the host tier (needs ``host_mb > 0`` or passes blocks straight through a
+        zero-capacity host tier); it survives restarts.
+    disk_mb : float or None, optional
+        Disk tier capacity in MB (None: unbounded).
 
     Raises
     ------
     KVStackError
-        If the model is unsupported, the budget holds no block, or a limit or the policy is invalid.
+        If the model is unsupported, the budget holds no block, or a limit, tier size or the policy is invalid.
     """
 
     def __init__(
@@ -160,9 +258,16 @@ class Engine:
         max_num_seqs: int = 64,
         policy: str = "fcfs",
         enable_prefix_caching: bool = True,
-        namespace: str = "",
+        namespace: str | None = None,
+        host_mb: float = 0.0,
+        disk_dir: str | os.PathLike[str] | None = None,
+        disk_mb: float | None = None,
     ) -> None:
+        for value, name in ((host_mb, "host_mb"), (disk_mb, "disk_mb")):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise KVStackError(f"{name} must be a number of MB >= 0, got {value!r}")
         geometry = model_geometry(model)
+        namespace = default_namespace(model) if namespace is None else str(namespace)
         parameter = next(model.parameters())
         self.pool = PagedKVPool.from_budget(
             memory_mb,
@@ -173,8 +278,19 @@ class Engine:
             dtype=parameter.dtype,
             device=parameter.device,
         )
+        self.namespace = namespace
+        self.store: TieredStore | None = None
+        self._tiers: _PoolTiers | None = None
+        if enable_prefix_caching and (host_mb or disk_dir is not None):
+            disk = None
+            if disk_dir is not None:
+                capacity = None if disk_mb is None else int(disk_mb * BYTES_PER_MB)
+                disk = DiskTier(disk_dir, namespace=namespace, capacity_bytes=capacity)
+            self.store = TieredStore(HostTier(int(host_mb * BYTES_PER_MB), next_tier=disk), disk)
+            self._tiers = _PoolTiers(self.store, self.pool)
         self.block_manager = BlockManager(
-            self.pool.num_blocks, block_size, namespace=namespace, enable_prefix_caching=enable_prefix_caching
+            self.pool.num_blocks, block_size, namespace=namespace, enable_prefix_caching=enable_prefix_caching,
+            tiers=self._tiers,
         )
         self.scheduler = Scheduler(
             self.block_manager,
@@ -182,6 +298,8 @@ class Engine:
             max_num_seqs=max_num_seqs,
             policy=policy,
         )
+        if self._tiers is not None:
+            self._tiers.scheduler = self.scheduler
         self.runner = ModelRunner(model, self.pool)
         self.max_context: int | None = geometry.max_context
         config = getattr(model, "config", None)
@@ -192,6 +310,9 @@ class Engine:
         self._generators: dict[Hashable, torch.Generator | None] = {}
         self._ids = itertools.count()
         self._last_step_empty = False
+        self._arrived: dict[Hashable, float] = {}
+        self._first_token: dict[Hashable, float] = {}
+        self._finished_at: dict[Hashable, float] = {}
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None) -> int:
@@ -254,6 +375,11 @@ class Engine:
                 generator.manual_seed(params.seed)
         self._params[request_id] = params
         self._generators[request_id] = generator
+        self._arrived[request_id] = time.perf_counter()
+        if self.store is not None and self.store.disk is not None:
+            hashes = self.block_manager.prompt_block_hashes(prompt)
+            pool = self.block_manager.pool
+            self.store.prefetch(key for key in hashes if pool.lookup(key) is None)
         return request_id
 
     def abort(self, request_id: Hashable) -> bool:
@@ -307,6 +433,7 @@ class Engine:
         for copy in self.scheduler.update(outputs):
             self.pool.copy_block(copy.src_block, copy.dst_block)
         results: list[RequestOutput] = []
+        now = time.perf_counter()
         for entry in batch.scheduled:
             rid = entry.request_id
             seq = self.scheduler.get_sequence(rid)
@@ -315,6 +442,10 @@ class Engine:
             if token is None and not seq.is_finished:
                 continue
             new = [] if token is None or aborted else [token]
+            if new:
+                self._first_token.setdefault(rid, now)
+            if seq.is_finished:
+                self._finished_at[rid] = now
             reason = seq.finish_reason.value if seq.finish_reason is not None else None
             results.append(RequestOutput(rid, new, seq.is_finished, reason))
             if seq.is_finished:
@@ -357,6 +488,85 @@ class Engine:
             pending = {rid for rid in pending if not self.scheduler.get_sequence(rid).is_finished}
         return [self.get_output(rid) for rid in ids]
 
+    def stream(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None) -> Iterator[int]:
+        """Add one request and yield its tokens as they are generated.
+
+        Each ``next`` steps the whole engine (other requests advance too) until this request has a new token.
+        Closing the generator early (``break``, ``.close()``) aborts the request and frees its blocks.
+
+        Raises
+        ------
+        KVStackError
+            If the request is invalid (raised at the first ``next``).
+        """
+        request_id = self.add_request(prompt_token_ids, params)
+        yielded = 0
+        try:
+            while True:
+                seq = self.scheduler.get_sequence(request_id)
+                tokens = seq.output_token_ids
+                while yielded < len(tokens):
+                    yielded += 1
+                    yield tokens[yielded - 1]
+                if seq.is_finished:
+                    return
+                self.step()
+                if self._last_step_empty:  # pragma: no cover - the scheduler always makes progress
+                    raise KVStackError("the scheduler made no progress; the engine cannot finish this request")
+        finally:
+            if not self.scheduler.get_sequence(request_id).is_finished:
+                self.abort(request_id)
+
+    def request_timing(self, request_id: Hashable) -> RequestTiming:
+        """TTFT, TPOT and end-to-end latency of a request (see :class:`RequestTiming`).
+
+        Raises
+        ------
+        KVStackError
+            If the id is unknown.
+        """
+        if request_id not in self._arrived:
+            raise KVStackError(f"unknown request {request_id!r}")
+        arrived = self._arrived[request_id]
+        first = self._first_token.get(request_id)
+        finished = self._finished_at.get(request_id)
+        count = len(self.scheduler.get_sequence(request_id).output_token_ids)
+        tpot = None
+        if first is not None and finished is not None and count > 1:
+            tpot = (finished - first) / (count - 1)
+        return RequestTiming(
+            ttft=None if first is None else first - arrived,
+            tpot=tpot,
+            e2e=None if finished is None else finished - arrived,
+            num_output_tokens=count,
+        )
+
     def metrics(self) -> dict[str, float | int]:
-        """Scheduler counters plus block-manager metrics (see :meth:`Scheduler.metrics`)."""
-        return self.scheduler.metrics()
+        """Scheduler counters plus block-manager metrics (see :meth:`Scheduler.metrics`), and with tiers
+        ``tier_offloaded_blocks``, ``tier_loaded_blocks`` and the store's counters prefixed ``tier_``."""
+        metrics = self.scheduler.metrics()
+        if self._tiers is not None and self.store is not None:
+            metrics["tier_offloaded_blocks"] = self._tiers.offloaded
+            metrics["tier_loaded_blocks"] = self._tiers.loaded
+            metrics.update({f"tier_{name}": value for name, value in self.store.metrics().items()})
+        return metrics
+
+    def close(self) -> None:
+        """Write the pool's cached (computed) blocks and the host tier down to disk, and stop the prefetch
+        thread. Without tiers it does nothing. Safe to call twice; the engine must not step afterwards."""
+        if self._tiers is None or self.store is None:
+            return
+        pool = self.block_manager.pool
+        if self.store.disk is not None:
+            for block_id in pool.cached_blocks_lru():
+                key = pool.hash_of(block_id)
+                if key is not None and self.scheduler.is_computed(block_id) and not self.store.contains(key):
+                    self.store.put(key, self.pool.export_block(block_id))
+            self.store.flush()
+        self.store.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

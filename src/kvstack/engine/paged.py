@@ -45,9 +45,11 @@ reference checks, models that need the dense cache). When the prefix cache evict
 
 Limitations
 -----------
-* :func:`paged_attention` is a reference implementation in PyTorch, not a fused kernel: it loops in Python
-  over sequences and over each sequence's blocks (one small matmul pair per block), so its cost is
-  dominated by launch overhead on accelerators. It computes in float32 whatever the pool dtype.
+* On the CPU with a float32 pool, :func:`paged_attention_packed` runs a fused C++ kernel
+  (:func:`kvstack.cache.kernels.paged_attention_forward`) that reads K/V rows in place. Elsewhere (CUDA,
+  half-precision pools, no compiler) :func:`paged_attention` is the PyTorch path: a Python loop over
+  sequences, gathering up to :data:`FALLBACK_BLOCKS_PER_STEP` blocks at a time, in float32 whatever the
+  pool dtype. There is no CUDA kernel yet.
 * Validating a block table given as a device tensor reads it back to the host (a synchronisation); the
   engine normally keeps block tables as Python lists.
 * No sliding window, ALiBi, logit soft-capping or quantised KV.
@@ -60,13 +62,18 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from kvstack.cache import kernels
 from kvstack.errors import KVStackError
 
 __all__ = [
     "BYTES_PER_MB",
     "PagedKVPool",
     "paged_attention",
+    "paged_attention_packed",
 ]
+
+FALLBACK_BLOCKS_PER_STEP = 64
+"""Blocks gathered at once by the PyTorch path of :func:`paged_attention` (one online-softmax step each)."""
 
 BYTES_PER_MB = 1024 * 1024
 """Bytes in one "MB" of :meth:`PagedKVPool.from_budget` budgets (a mebibyte)."""
@@ -485,14 +492,17 @@ def paged_attention(
 
     * state: running max ``m : [H, G * q_i]``, running sum ``l : [H, G * q_i]``, accumulator
       ``acc : [H, G * q_i, D]``;
-    * for each block ``b`` covering positions up to the last query's: ``k, v : [H, block_size, D]`` (views of
-      the pool, GQA by broadcasting, never repeated), scores ``s = q @ k^T * scaling : [H, G * q_i, block_size]``
-      with positions past the context or after the query masked to ``-inf``;
+    * for each run of up to :data:`FALLBACK_BLOCKS_PER_STEP` blocks covering positions up to the last query's:
+      ``k, v : [H, n, D]`` gathered from the pool (GQA by broadcasting, never repeated), scores
+      ``s = q @ k^T * scaling : [H, G * q_i, n]`` with positions past the context or after the query masked
+      to ``-inf``;
       ``m' = max(m, rowmax(s))``, ``p = exp(s - m')``, ``c = exp(m - m')``, ``l = l * c + rowsum(p)``,
       ``acc = acc * c + p @ v``, ``m = m'``;
     * output ``acc / l``, reshaped ``[H, G, q_i, D] -> [Hq, q_i, D]``.
 
-    Transient memory is one block of scores, ``[H, G * q_i, block_size]``, however long the context.
+    Transient memory is one run of scores, ``[H, G * q_i, n]``, however long the context.
+    The engine's runner calls :func:`paged_attention_packed`, which uses the fused kernel when it can and this
+    function otherwise.
     """
     batch = len(query)
     if len(block_tables) != batch or len(context_lens) != batch:
@@ -505,7 +515,6 @@ def paged_attention(
     pool._check_layer(layer)
     heads, dim, block_size = pool.num_kv_heads, pool.head_dim, pool.block_size
     layer_kv = pool.kv[:, layer]  # [num_blocks, 2, H, block_size, D], a view
-    slot_positions = torch.arange(block_size, device=pool.device)
     outputs: list[torch.Tensor] = []
     for seq_index in range(batch):
         seq_query = query[seq_index]
@@ -543,22 +552,117 @@ def paged_attention(
         running_max = torch.full((heads, group * num_new), float("-inf"), device=pool.device)
         running_sum = torch.zeros((heads, group * num_new), device=pool.device)
         accumulator = torch.zeros((heads, group * num_new, dim), device=pool.device)
-        for block_index, block_id in enumerate(table):
-            keys = layer_kv[block_id, 0].float()  # [H, block_size, D]
-            values = layer_kv[block_id, 1].float()  # [H, block_size, D]
-            key_positions = block_index * block_size + slot_positions  # [block_size]
-            # [G*q, block_size]: causal (key <= query position) and inside the stored context.
+        for first in range(0, len(table), FALLBACK_BLOCKS_PER_STEP):
+            group_ids = torch.tensor(table[first : first + FALLBACK_BLOCKS_PER_STEP], device=pool.device)
+            # [n, 2, H, block_size, D] -> [2, H, n * block_size, D]: keys and values of these blocks, contiguous.
+            gathered = layer_kv.index_select(0, group_ids).permute(1, 2, 0, 3, 4).float()
+            gathered = gathered.reshape(2, heads, len(group_ids) * block_size, dim)
+            key_positions = first * block_size + torch.arange(len(group_ids) * block_size, device=pool.device)
+            # [G*q, n*block_size]: causal (key <= query position) and inside the stored context.
             visible = (key_positions[None, :] <= query_positions[:, None]) & (key_positions[None, :] < context_len)
-            scores = torch.matmul(grouped, keys.transpose(-1, -2)) * scaling  # [H, G*q, block_size]
+            scores = torch.matmul(grouped, gathered[0].transpose(-1, -2)) * scaling  # [H, G*q, n*block_size]
             scores = scores.masked_fill(~visible, float("-inf"))
             new_max = torch.maximum(running_max, scores.amax(dim=-1))  # [H, G*q]
             # A row with nothing visible yet keeps max -inf; subtract 0 there so exp gives 0, not NaN.
             safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
-            probs = torch.exp(scores - safe_max[..., None])  # [H, G*q, block_size]
+            probs = torch.exp(scores - safe_max[..., None])  # [H, G*q, n*block_size]
             correction = torch.exp(running_max - safe_max)  # [H, G*q]
             running_sum = running_sum * correction + probs.sum(dim=-1)
-            accumulator = accumulator * correction[..., None] + torch.matmul(probs, values)
+            accumulator = accumulator * correction[..., None] + torch.matmul(probs, gathered[1])
             running_max = new_max
         output = accumulator / running_sum[..., None]  # [H, G*q, D]
         outputs.append(output.reshape(num_q_heads, num_new, dim).to(device=seq_query.device, dtype=seq_query.dtype))
     return outputs
+
+
+def paged_attention_packed(
+    query: torch.Tensor,
+    pool: PagedKVPool,
+    layer: int,
+    block_tables: Sequence[BlockTable],
+    num_new_tokens: Sequence[int],
+    context_lens: Sequence[int],
+    scaling: float,
+) -> torch.Tensor:
+    """Attention of a packed row of new tokens from several sequences, each over its own paged context.
+
+    Parameters
+    ----------
+    query : torch.Tensor
+        ``[T, Hq, D]`` queries of the packed tokens: sequence ``i``'s ``q_i`` new tokens follow sequence
+        ``i - 1``'s (``T = sum(q_i)``).
+    pool : PagedKVPool
+        The KV pool; the new tokens' keys/values must already be written.
+    layer : int
+        Layer index.
+    block_tables : sequence of block tables
+        One per sequence.
+    num_new_tokens : sequence of int
+        ``q_i`` per sequence (each ``>= 1``).
+    context_lens : sequence of int
+        Tokens stored per sequence, the new ones included; the new tokens are the last ``q_i``, causal.
+    scaling : float
+        Logit multiplier.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[T, Hq, D]`` outputs in the query's dtype.
+
+    Raises
+    ------
+    KVStackError
+        On mismatched lengths, shapes or block tables too short.
+
+    Notes
+    -----
+    With a float32 pool on the CPU and the fused kernels available (:func:`kvstack.cache.kernels.available`)
+    every token attends in one call that reads the pool in place through the block tables
+    (:func:`kvstack.cache.kernels.paged_attention_forward`); otherwise :func:`paged_attention` runs per
+    sequence. Both compute exact softmax attention; they agree to float32 rounding.
+    """
+    batch = len(num_new_tokens)
+    if len(block_tables) != batch or len(context_lens) != batch:
+        raise KVStackError(
+            f"block_tables, num_new_tokens and context_lens must have one entry per sequence, got "
+            f"{len(block_tables)}, {batch} and {len(context_lens)}"
+        )
+    total = sum(num_new_tokens)
+    heads, dim = pool.num_kv_heads, pool.head_dim
+    if query.dim() != 3 or query.shape[0] != total or query.shape[2] != dim or query.shape[1] % heads:
+        raise KVStackError(
+            f"query must be [T={total}, Hq, head_dim={dim}] with Hq a multiple of num_kv_heads={heads}, "
+            f"got {tuple(query.shape)}"
+        )
+    use_kernel = (
+        pool.device.type == "cpu" and pool.dtype == torch.float32 and query.device.type == "cpu"
+        and pool.kv.is_contiguous() and kernels.available()
+    )
+    if not use_kernel:
+        per_sequence = list(torch.split(query.transpose(0, 1), list(num_new_tokens), dim=1))  # [Hq, q_i, D] each
+        outputs = paged_attention(per_sequence, pool, layer, block_tables, context_lens, scaling)
+        return torch.cat(outputs, dim=1).transpose(0, 1)
+    pool._check_layer(layer)
+    tables: list[list[int]] = []
+    token_seq: list[int] = []
+    token_pos: list[int] = []
+    for index, (table, new, context_len) in enumerate(zip(block_tables, num_new_tokens, context_lens, strict=True)):
+        if isinstance(new, bool) or not isinstance(new, int) or new < 1 or not isinstance(context_len, int) or (
+            context_len < new
+        ):
+            raise KVStackError(
+                f"sequence {index} needs num_new_tokens >= 1 and context_lens >= num_new_tokens, got {new!r} and "
+                f"{context_len!r}"
+            )
+        needed = -(-context_len // pool.block_size)
+        tables.append(_table_to_list(table, needed, pool.num_blocks,
+                                     f"attending over {context_len} tokens of sequence {index}"))
+        token_seq.extend([index] * new)
+        token_pos.extend(range(context_len - new, context_len))
+    width = max(len(table) for table in tables)
+    table_tensor = torch.tensor([table + [0] * (width - len(table)) for table in tables], dtype=torch.long)
+    output = kernels.paged_attention_forward(
+        query.float(), pool.kv, layer, table_tensor, torch.tensor(token_seq, dtype=torch.long),
+        torch.tensor(token_pos, dtype=torch.long), float(scaling),
+    )
+    return output.to(query.dtype)

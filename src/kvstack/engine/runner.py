@@ -19,8 +19,8 @@ prefix blocks found by :meth:`~kvstack.engine.blocks.BlockManager.allocate_promp
    :class:`PagedCacheLayer` writes chunk ``i``'s slice ``[H, q_i, D]`` into the pool at its positions
    (:meth:`PagedKVPool.write`) and marks itself pending on this thread.
 4. **Attend.** The registered attention function, called right after with ``query [1, Hq, T, D]``, takes the
-   pending layer, splits the queries per chunk into ``[Hq, q_i, D]`` and calls
-   :func:`~kvstack.engine.paged.paged_attention` with context lengths ``start_i + q_i``: every chunk
+   pending layer and calls :func:`~kvstack.engine.paged.paged_attention_packed` on the ``[T, Hq, D]`` queries
+   with context lengths ``start_i + q_i``: every chunk
    attends causally over its own cached prefix and new tokens, never over another chunk. The outputs are
    concatenated back into ``[1, T, Hq, D]``, the layout transformers' attention functions return.
 5. **Logits.** Only the hidden state of each chunk's last token is projected (``logits_to_keep`` given as
@@ -32,8 +32,9 @@ Continuous batching mixes prefill chunks of very different lengths with single-t
 into a ``[B, max_q]`` batch wastes compute on padding and needs padding masks; packing them into one
 ``[1, T]`` row costs exactly ``T`` tokens in every linear layer (projections, MLP, norms, which are
 position-independent), and the only cross-token operation, attention, is done per sequence by
-:func:`paged_attention` over block tables, so sequences never see each other. The mask transformers would
-build is therefore useless: the registered mask function returns ``None`` and nothing is materialised.
+:func:`~kvstack.engine.paged.paged_attention_packed` over block tables, so sequences never see each other.
+The mask transformers would build is therefore useless: the registered mask function returns ``None`` and
+nothing is materialised.
 
 Limitations
 -----------
@@ -45,8 +46,9 @@ Limitations
 * A step must not hold two chunks of the same sequence, nor two chunks writing the same block (KV of all
   chunks is written before any chunk attends in a layer). Copy-on-write instructions from the block
   manager must be applied (:meth:`PagedKVPool.copy_block`) before the step.
-* Attention is :func:`paged_attention`'s reference PyTorch implementation (a Python loop over sequences
-  and blocks), not a fused kernel; the thread-local hand-off means one forward at a time per thread.
+* Attention is a fused C++ kernel only on the CPU with a float32 pool (see
+  :func:`~kvstack.engine.paged.paged_attention_packed`); the thread-local hand-off means one forward at a
+  time per thread.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
 from kvstack.api import model_geometry
-from kvstack.engine.paged import PagedKVPool, paged_attention
+from kvstack.engine.paged import PagedKVPool, paged_attention_packed
 from kvstack.errors import KVStackError
 
 __all__ = [
@@ -188,19 +190,16 @@ class PagedCacheLayer(CacheLayerMixin):
         """
         owner = self.owner
         self.pending = False
-        queries = [  # [Hq, q_i, D] each
-            query[0, :, offset : offset + chunk.num_tokens]
-            for chunk, offset in zip(owner.chunks, owner.offsets, strict=True)
-        ]
-        outputs = paged_attention(
-            queries,
+        output = paged_attention_packed(
+            query[0].transpose(0, 1),  # [T, Hq, D]
             owner.pool,
             self.layer_idx,
             [chunk.block_table for chunk in owner.chunks],
+            [chunk.num_tokens for chunk in owner.chunks],
             [chunk.context_len for chunk in owner.chunks],
             scaling,
         )
-        return torch.cat(outputs, dim=1).transpose(0, 1).unsqueeze(0)  # [Hq, T, D] -> [1, T, Hq, D]
+        return output.unsqueeze(0)  # [1, T, Hq, D]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """``(kv_length, kv_offset) = (query_length, 0)``; no mask is built (the mask function returns None)."""

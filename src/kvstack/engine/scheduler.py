@@ -428,6 +428,14 @@ class Scheduler:
             raise KVStackError(f"unknown request {request_id!r}; add_request() it first (or it was cleared)")
         return seq
 
+    def is_computed(self, block_id: int) -> bool:
+        """Whether block ``block_id`` holds KV computed by the model (False while a chunk still has to write it).
+
+        The engine offloads a cached block to the storage tiers only when this holds: a block registered at
+        allocation whose sequence was preempted or aborted mid-prefill holds no valid KV.
+        """
+        return block_id not in self._unwritten
+
     def waiting_request_ids(self) -> list[Hashable]:
         """Waiting request ids in queue order: preempted ones first, then by arrival (not the LPM order)."""
         requeued = [s for s in self._waiting if s._requeued]
@@ -638,6 +646,7 @@ class Scheduler:
                 except OutOfBlocksError:  # pragma: no cover - the check above is conservative
                     break
                 table = self._block_manager.block_table(seq.request_id)
+                self._unwritten.difference_update(self._block_manager.last_loaded_blocks)  # loaded from a tier
                 usable_blocks = cached // block_size
                 for index in range(usable_blocks):
                     if table[index] in self._unwritten and table[index] not in computed_this_step:

@@ -563,6 +563,17 @@ class HostTier:
         self._counts["hits"] += 1
         return dict(tensors)
 
+    def flush(self) -> int:
+        """Write every held block to the next tier (keeping it in memory); return how many were written.
+
+        Used at shutdown so that a restart finds the whole prefix cache on disk. Without a next tier, nothing.
+        """
+        if self.next_tier is None:
+            return 0
+        for key, tensors in self._blocks.items():
+            self.next_tier.put(key, tensors)
+        return len(self._blocks)
+
     def pop(self, block_hash: bytes) -> Block | None:
         """Remove a block without writing it to the next tier; return its tensors or None."""
         key = _check_hash(block_hash)
@@ -715,6 +726,10 @@ class TieredStore:
             "host_bytes": host["bytes"],
             "disk_bytes": disk["bytes"],
         }
+
+    def flush(self) -> int:
+        """Write every host-resident block to the disk tier (see :meth:`HostTier.flush`); return the count."""
+        return self.host.flush()
 
     def close(self) -> None:
         """Cancel pending prefetches and shut the background thread down; safe to call more than once."""
