@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_bench_parser(sub)
+    from kvstack.engine.bench import add_engine_bench_parser
+
+    add_engine_bench_parser(sub)
     return parser
 
 
