@@ -28,7 +28,7 @@ The workload is JSON Lines, one request a line::
 When every arrival time is equal the whole workload is handed to ``LLM.generate`` at once (offline batch);
 otherwise each request is added to the engine when it is due (seconds after the start of the run). Decoding
 is greedy with ``ignore_eos``, so each request yields exactly ``max_new_tokens`` tokens. Engine startup
-(about a minute and a half: weights, torch.compile, KV-cache allocation) and a short warm-up are timed apart
+(one to two minutes: weights, torch.compile, KV-cache allocation) and a short warm-up are timed apart
 and left out of the figures; the warm-up's prefix-cache entries are dropped before the run.
 
 RESULT.json holds the wall time of the workload, output / total tokens per second, requests per second,
@@ -36,9 +36,12 @@ per-request TTFT and TPOT (from vLLM's request metrics), a single-request TTFT (
 fresh prompt; warm: the workload's shared prefix plus a fresh suffix, measured after the run), the vLLM and
 torch versions, the configuration, the machine, and every request's output token ids keyed by request id.
 
-Environment: ``VLLM_CPU_OMP_THREADS_BIND`` and ``VLLM_CPU_NUM_OF_RESERVED_CPU`` are passed through to vLLM
-(its default, ``auto``, binds the OpenMP threads to all cores but the one it keeps for the engine-core
-process). ``VLLM_CPU_KVCACHE_SPACE`` (GiB) is the default of ``--kv-cache-gib``. Errors in the inputs or the
+Environment: ``VLLM_CPU_OMP_THREADS_BIND`` and ``VLLM_CPU_NUM_OF_RESERVED_CPU`` are passed through to vLLM.
+Its default, ``auto``, binds the model's OpenMP threads to all cores but one, which it keeps for the
+engine-core process (on a 2-core machine: one compute thread); ``VLLM_CPU_OMP_THREADS_BIND=0-1
+VLLM_CPU_NUM_OF_RESERVED_CPU=0`` gives the model both cores (on the 2-core dev machine this was within the
+run-to-run noise of ``auto``). ``VLLM_CPU_KVCACHE_SPACE`` (GiB) is the default of ``--kv-cache-gib`` and is
+set from it for vLLM. The logs are cut to vLLM's warnings unless ``--verbose``. Errors in the inputs or the
 environment print one line and exit with status 2.
 """
 
@@ -170,8 +173,9 @@ def read_workload(path: Path, vocab_size: int, max_model_len: int) -> list[dict[
             raise UsageError(f"{where}: max_new_tokens must be an integer >= 1")
         if len(ids) + new > max_model_len:
             raise UsageError(f"{where}: prompt ({len(ids)}) + max_new_tokens ({new}) exceeds {max_model_len}")
-        requests.append({"request_id": rid, "arrival_time": float(arrival), "prompt_token_ids": ids,
-                         "max_new_tokens": new})
+        requests.append(
+            {"request_id": rid, "arrival_time": float(arrival), "prompt_token_ids": ids, "max_new_tokens": new}
+        )
     if not requests:
         raise UsageError(f"workload {path} has no requests")
     return requests
@@ -203,8 +207,14 @@ def summary(values: list[float]) -> dict[str, float] | None:
     def pct(p: float) -> float:
         return ordered[min(len(ordered) - 1, round(p * (len(ordered) - 1)))]
 
-    return {"mean": statistics.fmean(ordered), "p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99),
-            "min": ordered[0], "max": ordered[-1]}
+    return {
+        "mean": statistics.fmean(ordered),
+        "p50": pct(0.5),
+        "p90": pct(0.9),
+        "p99": pct(0.99),
+        "min": ordered[0],
+        "max": ordered[-1],
+    }
 
 
 def request_timings(output: Any) -> tuple[float | None, float | None]:
@@ -277,21 +287,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path, help="where to write the RESULT.json")
     parser.add_argument("--prefix-caching", choices=("on", "off"), default="on")
     parser.add_argument("--block-size", type=int, default=32, help="KV block size in tokens (multiple of 32)")
-    parser.add_argument("--kv-cache-gib", type=int, default=int(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 4),
-                        help="KV-cache space in GiB (default: $VLLM_CPU_KVCACHE_SPACE or 4)")
+    parser.add_argument(
+        "--kv-cache-gib", type=int, default=None, help="KV-cache space in GiB (default: $VLLM_CPU_KVCACHE_SPACE or 4)"
+    )
     parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--max-num-seqs", type=int, default=None, help="vLLM's batch limit (default: vLLM's)")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
-                        help="vLLM's per-step token budget (default: vLLM's)")
-    parser.add_argument("--ttft-repeats", type=int, default=3,
-                        help="single-request TTFT measurements, cold and warm each (0 skips them)")
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, default=None, help="vLLM's per-step token budget (default: vLLM's)"
+    )
+    parser.add_argument(
+        "--ttft-repeats",
+        type=int,
+        default=3,
+        help="single-request TTFT measurements, cold and warm each (0 skips them)",
+    )
     parser.add_argument("--model-dir", type=Path, default=VLLM_MODEL_DIR, help="vLLM model dir (made if missing)")
-    parser.add_argument("--source-model-dir", type=Path, default=SOURCE_MODEL_DIR,
-                        help="kvstack model cache the vLLM dir is made from")
+    parser.add_argument(
+        "--source-model-dir", type=Path, default=SOURCE_MODEL_DIR, help="kvstack model cache the vLLM dir is made from"
+    )
     parser.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logging")
     args = parser.parse_args(argv)
     if args.block_size < 32 or args.block_size % 32:
         parser.error("--block-size must be a positive multiple of 32")
+    if args.kv_cache_gib is None:
+        env_space = os.environ.get("VLLM_CPU_KVCACHE_SPACE") or "4"
+        if not env_space.isdigit():
+            parser.error(f"VLLM_CPU_KVCACHE_SPACE must be a whole number of GiB, got {env_space!r}")
+        args.kv_cache_gib = int(env_space)
     if args.kv_cache_gib < 1:
         parser.error("--kv-cache-gib must be >= 1")
     return args
@@ -302,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gib)  # vLLM's CPU platform reads it, overriding
 
     try:
         model_dir = prepare_model_dir(args.source_model_dir.expanduser(), args.model_dir.expanduser())
@@ -315,20 +338,31 @@ def main(argv: list[str] | None = None) -> int:
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
     except ImportError as exc:
-        fail(f"cannot import vLLM ({exc}); run this script with the vLLM venv's python ({VENV_PYTHON}), "
-             "see the module docstring for how to install it")
+        fail(
+            f"cannot import vLLM ({exc}); run this script with the vLLM venv's python ({VENV_PYTHON}), "
+            "see the module docstring for how to install it"
+        )
 
     config: dict[str, Any] = {
-        "model_dir": str(model_dir), "dtype": "float32", "enable_prefix_caching": args.prefix_caching == "on",
-        "block_size": args.block_size, "max_model_len": args.max_model_len, "seed": 0,
-        "kv_cache_gib": args.kv_cache_gib, "max_num_seqs": args.max_num_seqs,
+        "model_dir": str(model_dir),
+        "dtype": "float32",
+        "enable_prefix_caching": args.prefix_caching == "on",
+        "block_size": args.block_size,
+        "max_model_len": args.max_model_len,
+        "seed": 0,
+        "kv_cache_gib": args.kv_cache_gib,
+        "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "sampling": "greedy (temperature 0), ignore_eos, max_tokens = max_new_tokens",
         "env": {k: os.environ[k] for k in sorted(os.environ) if k.startswith("VLLM_CPU_") or k.startswith("OMP_")},
     }
     engine_kwargs: dict[str, Any] = {
-        "model": str(model_dir), "dtype": "float32", "enable_prefix_caching": config["enable_prefix_caching"],
-        "block_size": args.block_size, "max_model_len": args.max_model_len, "seed": 0,
+        "model": str(model_dir),
+        "dtype": "float32",
+        "enable_prefix_caching": config["enable_prefix_caching"],
+        "block_size": args.block_size,
+        "max_model_len": args.max_model_len,
+        "seed": 0,
         "kv_cache_memory_bytes": args.kv_cache_gib << 30,
         "disable_log_stats": False,  # keeps RequestOutput.metrics (TTFT, token timestamps)
     }
@@ -343,14 +377,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # vLLM has logged the details
         fail(f"vLLM engine failed to start: {type(exc).__name__}: {exc}", status=1)
     startup_s = time.perf_counter() - start
+    scheduler_config = getattr(getattr(llm.llm_engine, "vllm_config", None), "scheduler_config", None)
+    for name in ("max_num_seqs", "max_num_batched_tokens"):  # the values vLLM settled on
+        config[name] = getattr(scheduler_config, name, config[name])
 
     sampling = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=1, detokenize=False, seed=0)
     rng = random.Random(1234)
     start = time.perf_counter()  # warm-up: compiled shapes, allocator; its cache entries are dropped after
     warm_params = sampling.clone()
     warm_params.max_tokens = 4
-    llm.generate([TokensPrompt(prompt_token_ids=fresh_tokens(rng, 256)) for _ in range(2)], warm_params,
-                 use_tqdm=False)
+    llm.generate([TokensPrompt(prompt_token_ids=fresh_tokens(rng, 256)) for _ in range(2)], warm_params, use_tqdm=False)
     llm.reset_prefix_cache()
     warmup_s = time.perf_counter() - start
 
@@ -373,9 +409,13 @@ def main(argv: list[str] | None = None) -> int:
         token_ids[key] = ids
         prompt_tokens += len(req["prompt_token_ids"])
         output_tokens += len(ids)
-        per_request[key] = {"prompt_tokens": len(req["prompt_token_ids"]), "output_tokens": len(ids),
-                            "cached_prompt_tokens": getattr(out, "num_cached_tokens", None),
-                            "ttft_s": ttft, "tpot_s": tpot}
+        per_request[key] = {
+            "prompt_tokens": len(req["prompt_token_ids"]),
+            "output_tokens": len(ids),
+            "cached_prompt_tokens": getattr(out, "num_cached_tokens", None),
+            "ttft_s": ttft,
+            "tpot_s": tpot,
+        }
 
     single: dict[str, Any] | None = None
     if args.ttft_repeats > 0:
@@ -383,25 +423,40 @@ def main(argv: list[str] | None = None) -> int:
         shared = shared_prefix_len(requests) if len(requests) > 1 else length
         prefix = requests[0]["prompt_token_ids"][:shared]
         cold = [single_ttft(llm, sampling, TokensPrompt, fresh_tokens(rng, length)) for _ in range(args.ttft_repeats)]
-        warm = [single_ttft(llm, sampling, TokensPrompt, prefix + fresh_tokens(rng, length - shared))
-                for _ in range(args.ttft_repeats)]
-        single = {"prompt_tokens": length, "warm_shared_prefix_tokens": shared,
-                  "cold_s": statistics.median(cold), "warm_s": statistics.median(warm),
-                  "cold_all_s": cold, "warm_all_s": warm,
-                  "note": "wall time of generate(max_tokens=1) for one request; cold: fresh random prompt; "
-                          "warm: the workload's shared prefix (cached when prefix caching is on) + fresh suffix"}
+        warm = [
+            single_ttft(llm, sampling, TokensPrompt, prefix + fresh_tokens(rng, length - shared))
+            for _ in range(args.ttft_repeats)
+        ]
+        single = {
+            "prompt_tokens": length,
+            "warm_shared_prefix_tokens": shared,
+            "cold_s": statistics.median(cold),
+            "warm_s": statistics.median(warm),
+            "cold_all_s": cold,
+            "warm_all_s": warm,
+            "note": "wall time of generate(max_tokens=1) for one request; cold: fresh random prompt; "
+            "warm: the workload's shared prefix (cached when prefix caching is on) + fresh suffix",
+        }
 
     result: dict[str, Any] = {
         "engine": "vllm",
         "vllm_version": vllm.__version__,
         "torch_version": torch.__version__,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "python": platform.python_version()},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+        },
         "config": config,
-        "workload": {"path": str(args.workload), "requests": len(requests), "prompt_tokens": prompt_tokens,
-                     "output_tokens": output_tokens,
-                     "mode": "offline batch" if len({r["arrival_time"] for r in requests}) == 1 else "timed arrivals"},
+        "workload": {
+            "path": str(args.workload),
+            "requests": len(requests),
+            "prompt_tokens": prompt_tokens,
+            "output_tokens": output_tokens,
+            "mode": "offline batch" if len({r["arrival_time"] for r in requests}) == 1 else "timed arrivals",
+        },
         "startup_s": startup_s,
         "warmup_s": warmup_s,
         "wall_s": wall_s,
@@ -423,11 +478,13 @@ def main(argv: list[str] | None = None) -> int:
     ttft_txt = f"TTFT p50 {result['ttft_s']['p50']:.2f}s" if ttfts else "TTFT n/a"
     tpot_txt = f"TPOT p50 {result['tpot_s']['p50'] * 1e3:.0f}ms" if tpots else "TPOT n/a"
     single_txt = f", single TTFT cold {single['cold_s']:.2f}s warm {single['warm_s']:.2f}s" if single else ""
-    print(f"vllm {vllm.__version__} prefix-caching={args.prefix_caching} block={args.block_size}: "
-          f"{len(requests)} req, {prompt_tokens}+{output_tokens} tok in {wall_s:.2f}s "
-          f"(startup {startup_s:.0f}s): {result['output_tokens_per_s']:.1f} out tok/s, "
-          f"{result['total_tokens_per_s']:.0f} total tok/s, {result['requests_per_s']:.2f} req/s, "
-          f"{ttft_txt}, {tpot_txt}{single_txt} -> {args.out}")
+    print(
+        f"vllm {vllm.__version__} prefix-caching={args.prefix_caching} block={args.block_size}: "
+        f"{len(requests)} req, {prompt_tokens}+{output_tokens} tok in {wall_s:.2f}s "
+        f"(startup {startup_s:.0f}s): {result['output_tokens_per_s']:.1f} out tok/s, "
+        f"{result['total_tokens_per_s']:.0f} total tok/s, {result['requests_per_s']:.2f} req/s, "
+        f"{ttft_txt}, {tpot_txt}{single_txt} -> {args.out}"
+    )
     return 0
 
 
