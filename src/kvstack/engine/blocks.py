@@ -453,6 +453,7 @@ class _SequenceState:
     token_ids: list[int]
     block_table: list[int]
     block_hashes: list[bytes]  # hash chain of the full blocks (empty when prefix caching is off)
+    compacted: bool = False  # slots no longer hold a token prefix: nothing more is registered
 
 
 class BlockManager:
@@ -654,13 +655,72 @@ class BlockManager:
                 seq.block_table[-1] = fresh
                 copy = CopyOnWrite(src_block=last, dst_block=fresh)
         seq.token_ids.append(int(token_id))
-        if self._enable_prefix_caching and len(seq.token_ids) % size == 0:
+        if self._enable_prefix_caching and not seq.compacted and len(seq.token_ids) % size == 0:
             start = len(seq.token_ids) - size
             parent = seq.block_hashes[-1] if seq.block_hashes else None
             key = block_hash(parent, seq.token_ids[start:], self._namespace)
             seq.block_hashes.append(key)
             self._pool.register(seq.block_table[-1], key)
         return copy
+
+    def compact(
+        self, seq_id: Hashable, computed: int, kept: int, copy: Callable[[list[int], list[int]], None]
+    ) -> int:
+        """Move a sequence into fresh blocks holding only ``kept`` of its first ``computed`` slots (KV eviction).
+
+        The new table holds ``kept`` slots (filled by ``copy``) followed by the sequence's slots from
+        ``computed`` on (tokens recorded but not computed yet, e.g. a just-appended token), so those keep their
+        order. The old blocks are released after ``copy(old_table, new_table)`` has run: blocks shared with other
+        sequences or cached prefixes stay for them, the rest become free. A compacted sequence's slots no
+        longer hold a token prefix, so none of its blocks is registered in the prefix cache from then on.
+
+        Parameters
+        ----------
+        seq_id : hashable
+            A live sequence.
+        computed : int
+            Slots whose KV is computed (``kept <= computed <= num_tokens(seq_id)``).
+        kept : int
+            Slots kept.
+        copy : callable
+            ``copy(old_table, new_table)`` writes the kept entries into slots ``0 .. kept - 1`` of the new table.
+
+        Returns
+        -------
+        int
+            Blocks the sequence holds fewer than before (may be 0 or negative only when ``kept`` is close to
+            ``computed``; callers compact when a whole block is saved).
+
+        Raises
+        ------
+        OutOfBlocksError
+            If the new blocks do not fit next to the old ones; nothing is changed.
+        KVStackError
+            On inconsistent counts.
+        """
+        seq = self._get(seq_id)
+        total = len(seq.token_ids)
+        if not 0 <= kept <= computed <= total:
+            raise KVStackError(f"compact needs 0 <= kept <= computed <= {total} slots, got kept={kept}, "
+                               f"computed={computed}")
+        pending = seq.token_ids[computed:]
+        slots = kept + len(pending)
+        needed = -(-slots // self._block_size)
+        if needed > self._pool.num_available:
+            raise OutOfBlocksError(
+                f"compacting sequence {seq_id!r} needs {needed} new blocks but only {self._pool.num_available} are "
+                "available"
+            )
+        old_table = seq.block_table
+        new_table = self._pool.allocate(needed)
+        copy(list(old_table), list(new_table))
+        for block_id in reversed(old_table):
+            self._pool.decref(block_id)
+        seq.block_table = new_table
+        seq.token_ids = [-1] * kept + pending
+        seq.block_hashes = []
+        seq.compacted = True
+        return len(old_table) - len(new_table)
 
     def can_append(self, seq_id: Hashable) -> bool:
         """Whether :meth:`append_token` on ``seq_id`` would succeed now (a scheduler's preemption check)."""
@@ -686,6 +746,7 @@ class BlockManager:
             token_ids=list(parent.token_ids),
             block_table=list(parent.block_table),
             block_hashes=list(parent.block_hashes),
+            compacted=parent.compacted,
         )
 
     def free(self, seq_id: Hashable) -> None:
@@ -799,7 +860,8 @@ class BlockManager:
                 )
             if len(set(seq.block_table)) != len(seq.block_table):
                 raise AssertionError(f"sequence {seq_id!r} holds a block twice: {seq.block_table}")
-            if self._enable_prefix_caching and len(seq.block_hashes) != len(seq.token_ids) // self._block_size:
+            if (self._enable_prefix_caching and not seq.compacted
+                    and len(seq.block_hashes) != len(seq.token_ids) // self._block_size):
                 raise AssertionError(f"sequence {seq_id!r} has a hash chain of the wrong length")
             for block_id in seq.block_table:
                 holders[block_id] += 1

@@ -88,16 +88,25 @@ class SequenceChunk:
     Parameters
     ----------
     block_table : list of int
-        The sequence's block table, covering at least positions ``0 .. start + len(token_ids) - 1``.
+        The sequence's block table, covering at least slots ``0 .. first_slot + len(token_ids) - 1``.
     start : int
-        Position of the first new token; the KV of positions ``0 .. start - 1`` is already in the pool.
+        Position of the first new token (its RoPE position); the KV of the earlier tokens the sequence keeps
+        is already in the pool.
     token_ids : list of int
         The new tokens (at least one), at positions ``start .. start + len(token_ids) - 1``.
+    slot_start : int or None, optional
+        Slot of the first new token in the block table; None means ``start`` (nothing evicted). A sequence
+        whose KV was compacted by a token-level policy keeps fewer slots than positions.
+    stats : frozenset of str, optional
+        Attention statistics to collect for this chunk in every layer (``"colsum"``, ``"last"``), and
+        ``"queries"`` to keep its queries; see :attr:`PagedBatchCache.stats`.
     """
 
     block_table: list[int]
     start: int
     token_ids: list[int]
+    slot_start: int | None = None
+    stats: frozenset[str] = frozenset()
 
     @property
     def num_tokens(self) -> int:
@@ -105,9 +114,66 @@ class SequenceChunk:
         return len(self.token_ids)
 
     @property
+    def first_slot(self) -> int:
+        """Slot of the first new token."""
+        return self.start if self.slot_start is None else self.slot_start
+
+    @property
     def context_len(self) -> int:
-        """Tokens of the sequence stored after this step: ``start + q``."""
-        return self.start + len(self.token_ids)
+        """Slots of the sequence stored after this step: ``first_slot + q``."""
+        return self.first_slot + len(self.token_ids)
+
+
+STATS_QUERY_ROWS = 256
+"""Queries per block when attention statistics are computed (bounds the ``[H, G * rows, L]`` weights)."""
+
+
+def chunk_statistics(
+    query: torch.Tensor, pool: PagedKVPool, layer: int, chunk: SequenceChunk, scaling: float
+) -> dict[str, torch.Tensor]:
+    """Attention statistics of one chunk's queries over its sequence's slots (exact softmax, float32).
+
+    Parameters
+    ----------
+    query : torch.Tensor
+        ``[Hq, q, D]`` the chunk's queries (RoPE applied).
+    pool, layer, chunk, scaling
+        Where the sequence's keys are, and the logit multiplier.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        ``"colsum"``: ``[H, L]`` attention each slot received, summed over the chunk's queries and the query
+        heads of its KV group; ``"last"``: ``[Hq, L]`` weights of the chunk's last query; ``"queries"``: the
+        ``[Hq, q, D]`` queries (a copy). Only those asked for in ``chunk.stats``. ``L`` is ``chunk.context_len``.
+    """
+    wanted = chunk.stats
+    result: dict[str, torch.Tensor] = {}
+    if "queries" in wanted:
+        result["queries"] = query.detach().float().clone()
+    if not wanted & {"colsum", "last"}:
+        return result
+    keys, _ = pool.gather(layer, chunk.block_table, chunk.context_len)  # [H, L, D]
+    heads, length, dim = keys.shape
+    num_q_heads, num_new, _ = query.shape
+    group = num_q_heads // heads
+    keys = keys.float()
+    colsum = torch.zeros(heads, length)
+    slots = torch.arange(length)
+    for first in range(0, num_new, STATS_QUERY_ROWS):
+        rows = query[:, first : first + STATS_QUERY_ROWS].float()  # [Hq, r, D]
+        count = rows.shape[1]
+        grouped = rows.reshape(heads, group * count, dim)  # row g*r + j: query j of head h*G + g
+        scores = torch.matmul(grouped, keys.transpose(-1, -2)) * scaling  # [H, G*r, L]
+        query_slots = (chunk.first_slot + first + torch.arange(count)).repeat(group)  # [G*r]
+        scores = scores.masked_fill(slots[None, :] > query_slots[:, None], float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
+        colsum += weights.sum(dim=1)
+        if "last" in wanted and first + count == num_new:
+            result["last"] = weights.view(heads, group, count, length)[:, :, -1].reshape(num_q_heads, length)
+    if "colsum" in wanted:
+        result["colsum"] = colsum
+    return result
 
 
 class PagedCacheLayer(CacheLayerMixin):
@@ -168,7 +234,7 @@ class PagedCacheLayer(CacheLayerMixin):
         for chunk, offset in zip(owner.chunks, owner.offsets, strict=True):
             stop = offset + chunk.num_tokens
             keys, values = key_states[0, :, offset:stop], value_states[0, :, offset:stop]  # [H, q_i, D]
-            owner.pool.write(self.layer_idx, chunk.block_table, chunk.start, keys, values)
+            owner.pool.write(self.layer_idx, chunk.block_table, chunk.first_slot, keys, values)
         self.pending = True
         _pending.layer = self
         return key_states, value_states
@@ -190,6 +256,12 @@ class PagedCacheLayer(CacheLayerMixin):
         """
         owner = self.owner
         self.pending = False
+        for index, (chunk, offset) in enumerate(zip(owner.chunks, owner.offsets, strict=True)):
+            if chunk.stats:
+                chunk_query = query[0, :, offset : offset + chunk.num_tokens]  # [Hq, q_i, D]
+                owner.stats[index][self.layer_idx] = chunk_statistics(
+                    chunk_query, owner.pool, self.layer_idx, chunk, scaling
+                )
         output = paged_attention_packed(
             query[0].transpose(0, 1),  # [T, Hq, D]
             owner.pool,
@@ -238,6 +310,8 @@ class PagedBatchCache(Cache):
         Index of each chunk's first token in the packed row.
     total_tokens : int
         ``T``, the packed row length.
+    stats : list of dict
+        Per chunk, ``{layer: chunk_statistics(...)}`` for the chunks that asked for statistics.
     """
 
     def __init__(self, pool: PagedKVPool, chunks: Sequence[SequenceChunk]) -> None:
@@ -249,6 +323,7 @@ class PagedBatchCache(Cache):
             self.offsets.append(total)
             total += chunk.num_tokens
         self.total_tokens = total
+        self.stats: list[dict[int, dict[str, torch.Tensor]]] = [{} for _ in self.chunks]
         super().__init__(layers=[PagedCacheLayer(self, index) for index in range(pool.num_layers)])
 
 
@@ -350,6 +425,7 @@ class ModelRunner:
         self.max_context = geometry.max_context
         config = getattr(model, "config", None)
         self.previous_attn_implementation: str | None = getattr(config, "_attn_implementation", None)
+        self.last_stats: list[dict[int, dict[str, torch.Tensor]]] = []
         register()
         model.set_attn_implementation(ATTENTION_NAME)
 
@@ -368,10 +444,15 @@ class ModelRunner:
                 raise KVStackError(f"chunk {index} has no tokens; give at least one new token per chunk")
             if isinstance(chunk.start, bool) or not isinstance(chunk.start, int) or chunk.start < 0:
                 raise KVStackError(f"chunk {index} start must be a non-negative integer, got {chunk.start!r}")
-            if self.max_context is not None and chunk.context_len > self.max_context:
+            slot = chunk.first_slot
+            if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot <= chunk.start:
                 raise KVStackError(
-                    f"chunk {index} reaches position {chunk.context_len - 1}, past the model's context of "
-                    f"{self.max_context} tokens"
+                    f"chunk {index} slot_start must be an integer in 0..start={chunk.start}, got {slot!r}"
+                )
+            end = chunk.start + chunk.num_tokens
+            if self.max_context is not None and end > self.max_context:
+                raise KVStackError(
+                    f"chunk {index} reaches position {end - 1}, past the model's context of {self.max_context} tokens"
                 )
 
     def step(self, batch: Sequence[SequenceChunk]) -> torch.Tensor:
@@ -386,13 +467,14 @@ class ModelRunner:
         Returns
         -------
         torch.Tensor
-            ``[num_chunks, vocab]`` logits of each chunk's last token (float, on the model's device).
+            ``[num_chunks, vocab]`` logits of each chunk's last token (float, on the model's device). The
+            statistics asked for by chunks (``SequenceChunk.stats``) are in :attr:`last_stats`.
 
         Raises
         ------
         KVStackError
-            On an empty batch, an empty chunk, a bad start, positions past the model's context or a block
-            table too short.
+            On an empty batch, an empty chunk, a bad start or slot, positions past the model's context or a
+            block table too short.
         """
         self._check(batch)
         device = next(self.model.parameters()).device
@@ -401,7 +483,7 @@ class ModelRunner:
         last_indices: list[int] = []
         for chunk in batch:
             tokens.extend(int(t) for t in chunk.token_ids)
-            positions.extend(range(chunk.start, chunk.context_len))
+            positions.extend(range(chunk.start, chunk.start + chunk.num_tokens))
             last_indices.append(len(tokens) - 1)
         input_ids = torch.tensor([tokens], dtype=torch.long, device=device)  # [1, T]
         position_ids = torch.tensor([positions], dtype=torch.long, device=device)  # [1, T]
@@ -419,4 +501,5 @@ class ModelRunner:
                 )
         finally:
             _pending.layer = None
+        self.last_stats = cache.stats
         return output.logits[0]  # [num_chunks, vocab]

@@ -73,6 +73,8 @@ Limitations
 * Admission checks memory conservatively when the prefix cache holds unreferenced blocks: a cached prefix
   block is counted as consumed if it might be one of them.
 * One running sequence per request: no parallel sampling (``fork``) or beam search.
+* A sequence compacted by a token-level policy (:meth:`Scheduler.compact`) is recomputed from its tokens
+  when preempted, and compressed again by the engine.
 * When ``max_num_seqs`` exceeds ``max_num_batched_tokens``, the youngest decodes can be left out of a step
   (oldest first); they resume as older sequences finish.
 * No admission in a step that preempted: a short burst of memory pressure costs one step of admissions.
@@ -85,7 +87,7 @@ import bisect
 import dataclasses
 import enum
 import operator
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import NamedTuple
 
 from kvstack.engine.blocks import BlockManager, CopyOnWrite, OutOfBlocksError
@@ -208,6 +210,10 @@ class Sequence:
         advanced by every chunk the model ran; 0 while waiting.
     num_preemptions : int
         Times this sequence was preempted.
+    num_evicted : int
+        Computed tokens whose KV was evicted by a token-level policy (:meth:`Scheduler.compact`): token
+        ``p``'s KV, if kept, sits in slot ``p - num_evicted`` of the block table once ``p`` is past the evicted
+        region. 0 unless the engine compresses this sequence; reset by preemption.
     first_scheduled_step : int or None
         The step (1-based count of :meth:`Scheduler.schedule` calls) it was first scheduled in.
     finished_step : int or None
@@ -223,6 +229,7 @@ class Sequence:
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     num_computed_tokens: int = 0
     num_preemptions: int = 0
+    num_evicted: int = 0
     first_scheduled_step: int | None = None
     finished_step: int | None = None
     waiting_since_step: int = 0
@@ -625,7 +632,8 @@ class Scheduler:
             for entry, _ in entries.values():
                 seq = self._sequences[entry.request_id]
                 table = self._block_manager.block_table(seq.request_id)
-                start, stop = seq.num_computed_tokens, seq.num_computed_tokens + entry.num_tokens
+                start = seq.num_computed_tokens - seq.num_evicted  # slots
+                stop = start + entry.num_tokens
                 computed_this_step.update(table[start // block_size : stop // block_size])
             for seq in self._admission_order():
                 if budget == 0 or len(self._running) >= self._max_num_seqs:
@@ -732,10 +740,10 @@ class Scheduler:
         copies: list[CopyOnWrite] = []
         for entry in batch.scheduled:
             seq = self._sequences[entry.request_id]
-            start = seq.num_computed_tokens
-            seq.num_computed_tokens = start + entry.num_tokens
+            start = seq.num_computed_tokens - seq.num_evicted  # slots
+            seq.num_computed_tokens += entry.num_tokens
             table = self._block_manager.block_table(seq.request_id)
-            self._unwritten.difference_update(table[start // block_size : seq.num_computed_tokens // block_size])
+            self._unwritten.difference_update(table[start // block_size : (start + entry.num_tokens) // block_size])
             if seq._abort_requested:
                 self._running.remove(seq)
                 self._finish(seq, FinishReason.ABORTED)
@@ -755,8 +763,42 @@ class Scheduler:
                 if copy is not None:
                     copies.append(copy)
                 table = self._block_manager.block_table(seq.request_id)
-                self._unwritten.update(table[seq.num_computed_tokens // block_size :])
+                self._unwritten.update(table[(seq.num_computed_tokens - seq.num_evicted) // block_size :])
         return copies
+
+    def compact(self, request_id: Hashable, kept: int, copy: Callable[[list[int], list[int]], None]) -> int:
+        """Evict computed KV of a running sequence: keep ``kept`` of its computed slots, in fresh blocks.
+
+        Wraps :meth:`~kvstack.engine.blocks.BlockManager.compact` (``copy(old_table, new_table)`` writes the
+        kept entries into the first ``kept`` slots of the new table) and records the eviction in
+        :attr:`Sequence.num_evicted`. Call it between steps (after :meth:`update`).
+
+        Returns
+        -------
+        int
+            Blocks released.
+
+        Raises
+        ------
+        KVStackError
+            If the request is not running, a batch is pending, or ``kept`` is not in ``0 ..`` its computed slots.
+        OutOfBlocksError
+            If the new blocks do not fit; nothing is changed.
+        """
+        if self._pending is not None:
+            raise KVStackError("compact() cannot run while a batch is pending; call it after update()")
+        seq = self.get_sequence(request_id)
+        if seq.status is not SequenceStatus.RUNNING:
+            raise KVStackError(f"only a running request can be compacted; {request_id!r} is {seq.status.value}")
+        computed = seq.num_computed_tokens - seq.num_evicted
+        old_table = self._block_manager.block_table(request_id)
+        freed = self._block_manager.compact(request_id, computed, kept, copy)
+        new_table = self._block_manager.block_table(request_id)
+        self._unwritten.difference_update(old_table)
+        if self._block_manager.num_tokens(request_id) > kept:  # slots recorded but not computed yet
+            self._unwritten.update(new_table[kept // self._block_manager.block_size :])
+        seq.num_evicted += computed - kept
+        return freed
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -795,6 +837,7 @@ class Scheduler:
         self._running.remove(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
+        seq.num_evicted = 0
         seq.num_preemptions += 1
         seq.waiting_since_step = self._num_steps
         seq._requeued = True
