@@ -45,7 +45,8 @@ from collections.abc import Hashable, Iterator, Sequence
 import torch
 
 from kvstack.api import model_geometry
-from kvstack.engine.blocks import BlockManager
+from kvstack.engine.blocks import BlockManager, OutOfBlocksError
+from kvstack.engine.compression import SequenceCompression, engine_method, window_weights
 from kvstack.engine.paged import BYTES_PER_MB, PagedKVPool
 from kvstack.engine.runner import ModelRunner, SequenceChunk
 from kvstack.engine.scheduler import FinishReason, Request, Scheduler
@@ -313,9 +314,15 @@ class Engine:
         self._arrived: dict[Hashable, float] = {}
         self._first_token: dict[Hashable, float] = {}
         self._finished_at: dict[Hashable, float] = {}
+        self._compression: dict[Hashable, SequenceCompression] = {}
+        self._method_generator = torch.Generator().manual_seed(0)
+        self._group_size = geometry.num_q_heads // geometry.num_kv_heads
+        self._compression_totals = {"evicted_tokens": 0, "freed_blocks": 0, "compactions": 0}
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None) -> int:
+    def add_request(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None, method: str | None = None
+    ) -> int:
         """Queue one request.
 
         Parameters
@@ -324,6 +331,9 @@ class Engine:
             The prompt (at least one token, each in the model's vocabulary).
         params : SamplingParams, optional
             Defaults to ``SamplingParams()``.
+        method : str, optional
+            A token-level selection method for this request's KV, e.g. ``"snapkv(budget=256)"`` or
+            ``"h2o(ratio=0.5)"`` (see :mod:`kvstack.engine.compression`); None or ``"full"`` keeps everything.
 
         Returns
         -------
@@ -334,7 +344,8 @@ class Engine:
         ------
         KVStackError
             On an empty prompt, a token outside the vocabulary, a prompt (plus ``max_new_tokens``) past the
-            model's context, or a request the whole KV pool cannot hold; nothing is changed.
+            model's context, a request the whole KV pool cannot hold, or a method the engine cannot run;
+            nothing is changed.
         """
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
@@ -357,6 +368,14 @@ class Engine:
                     f"{len(prompt)} prompt tokens plus max_new_tokens={params.max_new_tokens} run past the model's "
                     f"context of {self.max_context}; lower max_new_tokens to at most {limit}"
                 )
+        compression = None
+        if method is not None:
+            chosen = engine_method(method, len(prompt), self.pool.num_layers)
+            if chosen is not None:
+                budget = chosen.layer_budget(len(prompt), 0, self.pool.num_layers)
+                assert budget is not None
+                compression = SequenceCompression(chosen, len(prompt), budget, self.pool.num_layers,
+                                                  self.pool.num_kv_heads)
         request_id = next(self._ids)
         request = Request(
             request_id=request_id,
@@ -375,6 +394,8 @@ class Engine:
                 generator.manual_seed(params.seed)
         self._params[request_id] = params
         self._generators[request_id] = generator
+        if compression is not None:
+            self._compression[request_id] = compression
         self._arrived[request_id] = time.perf_counter()
         if self.store is not None and self.store.disk is not None:
             hashes = self.block_manager.prompt_block_hashes(prompt)
@@ -420,9 +441,21 @@ class Engine:
             start = seq.num_computed_tokens
             tokens = seq.token_ids[start : start + entry.num_tokens]
             table = self.block_manager.block_table(entry.request_id)
-            chunks.append(SequenceChunk(list(table), start, tokens))
+            wanted: frozenset[str] = frozenset()
+            compression = self._compression.get(entry.request_id)
+            if compression is not None:
+                if compression.preemptions_seen != seq.num_preemptions or compression.positions is None:
+                    compression.reset(start - seq.num_evicted, seq.num_preemptions)
+                wanted = compression.wanted_stats(entry.is_prefill)
+            chunks.append(SequenceChunk(list(table), start, tokens, start - seq.num_evicted, wanted))
             completes.append(start + entry.num_tokens == seq.num_tokens)
         logits = self.runner.step(chunks)
+        for row, entry in enumerate(batch.scheduled):
+            compression = self._compression.get(entry.request_id)
+            if compression is not None:
+                chunk = chunks[row]
+                compression.after_forward(chunk.start, chunk.num_tokens, self.runner.last_stats[row],
+                                          chunk.start + chunk.num_tokens, self._method_generator, self._group_size)
         outputs: dict[Hashable, int | None] = {}
         for row, entry in enumerate(batch.scheduled):
             rid = entry.request_id
@@ -432,6 +465,9 @@ class Engine:
                 outputs[rid] = None
         for copy in self.scheduler.update(outputs):
             self.pool.copy_block(copy.src_block, copy.dst_block)
+        for entry in batch.scheduled:
+            if entry.request_id in self._compression:
+                self._maybe_compress(entry.request_id)
         results: list[RequestOutput] = []
         now = time.perf_counter()
         for entry in batch.scheduled:
@@ -487,6 +523,53 @@ class Engine:
                 raise KVStackError("the scheduler made no progress; the engine cannot finish these requests")
             pending = {rid for rid in pending if not self.scheduler.get_sequence(rid).is_finished}
         return [self.get_output(rid) for rid in ids]
+
+    # ------------------------------------------------------------------ compression
+    def _maybe_compress(self, request_id: Hashable) -> None:
+        """Compact a compressed request's KV down to its budget when it is due (see kvstack.engine.compression)."""
+        compression = self._compression[request_id]
+        seq = self.scheduler.get_sequence(request_id)
+        if seq.is_finished:
+            self._compression.pop(request_id, None)
+            return
+        prefill_done = bool(seq.output_token_ids) and seq.num_tokens - seq.num_computed_tokens <= 1
+        if not compression.due(prefill_done, self.pool.block_size):
+            return
+        slots = compression.slots
+        pool = self.pool
+        table = self.block_manager.block_table(request_id)
+        next_position = seq.num_computed_tokens
+        kept: list[torch.Tensor] = []
+        for layer in range(pool.num_layers):
+            def kv_source(layer: int = layer) -> tuple[torch.Tensor, torch.Tensor]:
+                keys, values = pool.gather(layer, table, slots)
+                return keys[None], values[None]
+
+            window = None
+            queries = compression.window_queries[layer] if compression.window_queries else None
+            if queries is not None:
+                keys, _ = pool.gather(layer, table, slots)
+                scaling = float(compression.last_stats.get(layer, {}).get("scaling", keys.shape[-1] ** -0.5))
+                window = window_weights(queries, keys, scaling)
+            view = compression.view(layer, window, next_position, self._method_generator, self._group_size,
+                                    kv_source)
+            kept.append(compression.choose(layer, view))
+
+        def copy(old_table: list[int], new_table: list[int]) -> None:
+            for layer, index in enumerate(kept):
+                keys, values = pool.gather(layer, old_table, slots)  # [H, S, D]
+                expand = index[:, :, None].expand(-1, -1, keys.shape[-1])
+                pool.write(layer, new_table, 0, keys.gather(1, expand), values.gather(1, expand))
+
+        try:
+            freed = self.scheduler.compact(request_id, compression.budget, copy)
+        except OutOfBlocksError:
+            return  # no room for the new blocks this step; try again after the next one
+        self._compression_totals["evicted_tokens"] += slots - compression.budget
+        self._compression_totals["freed_blocks"] += freed
+        self._compression_totals["compactions"] += 1
+        compression.keep(kept, freed)
+        compression.window_queries = [None] * pool.num_layers
 
     def stream(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None) -> Iterator[int]:
         """Add one request and yield its tokens as they are generated.
@@ -545,6 +628,7 @@ class Engine:
         """Scheduler counters plus block-manager metrics (see :meth:`Scheduler.metrics`), and with tiers
         ``tier_offloaded_blocks``, ``tier_loaded_blocks`` and the store's counters prefixed ``tier_``."""
         metrics = self.scheduler.metrics()
+        metrics.update({f"compression_{name}": value for name, value in self._compression_totals.items()})
         if self._tiers is not None and self.store is not None:
             metrics["tier_offloaded_blocks"] = self._tiers.offloaded
             metrics["tier_loaded_blocks"] = self._tiers.loaded

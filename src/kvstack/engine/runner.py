@@ -145,12 +145,14 @@ def chunk_statistics(
     dict of str to torch.Tensor
         ``"colsum"``: ``[H, L]`` attention each slot received, summed over the chunk's queries and the query
         heads of its KV group; ``"last"``: ``[Hq, L]`` weights of the chunk's last query; ``"queries"``: the
-        ``[Hq, q, D]`` queries (a copy). Only those asked for in ``chunk.stats``. ``L`` is ``chunk.context_len``.
+        ``[Hq, q, D]`` queries (a copy) with ``"scaling"``. Only those asked for in ``chunk.stats``; ``L`` is
+        ``chunk.context_len``.
     """
     wanted = chunk.stats
     result: dict[str, torch.Tensor] = {}
     if "queries" in wanted:
         result["queries"] = query.detach().float().clone()
+        result["scaling"] = torch.tensor(float(scaling))
     if not wanted & {"colsum", "last"}:
         return result
     keys, _ = pool.gather(layer, chunk.block_table, chunk.context_len)  # [H, L, D]
