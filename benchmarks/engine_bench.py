@@ -20,10 +20,14 @@ Sections (``--only`` picks some; results of sections not run are kept from the p
    and loaded back). Every request must complete.
 4. ``restart``: TTFT of one request on the shared system prompt: cold (empty tiers), then after an engine
    restart with the disk tier written by the first engine. Both engines are warmed up on unrelated text first.
+5. ``compression``: the 64-request workload with a token-level policy per request inside the engine
+   (StreamingLLM, SnapKV, H2O at 256 tokens): tokens evicted, blocks released, peak KV and throughput,
+   against the full-KV run of section 2.
 
 Usage::
 
-    python benchmarks/engine_bench.py [--only equality,workload,pressure,restart] [--generate-requests 64]
+    python benchmarks/engine_bench.py [--only equality,workload,pressure,restart,compression]
+        [--generate-requests 64]
         [--out benchmarks/results/engine]
 
 Writes ``results.json`` and ``README.md`` in ``--out``.
@@ -51,7 +55,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from core_bench import machine
 
 VLLM_PYTHON = Path.home() / ".cache" / "kvstack" / "vllm-venv" / "bin" / "python"
-SECTIONS = ("equality", "workload", "pressure", "restart")
+SECTIONS = ("equality", "workload", "pressure", "restart", "compression")
+COMPRESSION_SPECS = ("streamingllm(budget=256)", "snapkv(budget=256)", "h2o(budget=256)")
 BLOCK_SIZE = 16
 MAX_BATCHED_TOKENS = 512
 
@@ -113,15 +118,17 @@ def main_workload(model: torch.nn.Module) -> Workload:
                                   unique_tokens=64, output_tokens=32, seed=0)
 
 
-def run_engine(model: torch.nn.Module, workload: Workload, **options: Any) -> tuple[dict[str, Any], dict]:
+def run_engine(model: torch.nn.Module, workload: Workload, method: str | None = None,
+               **options: Any) -> tuple[dict[str, Any], dict]:
     engine = new_engine(model, **options)
-    result = replay(engine, workload, time_scale=0, progress=False)
+    result = replay(engine, workload, time_scale=0, progress=False, method=method)
     metrics = result.engine_metrics
     restore(model, engine)
     summary = result.summary()
     summary["preemptions"] = metrics["preemptions"]
     summary["evictions"] = metrics["evictions"]
-    for name in ("tier_offloaded_blocks", "tier_loaded_blocks"):
+    for name in ("tier_offloaded_blocks", "tier_loaded_blocks", "compression_evicted_tokens",
+                 "compression_freed_blocks"):
         if name in metrics:
             summary[name] = metrics[name]
     print(f"engine {options}: {result.summary_line()}", flush=True)
@@ -233,6 +240,14 @@ def section_restart(model: torch.nn.Module) -> dict[str, Any]:
     return result
 
 
+def section_compression(model: torch.nn.Module) -> dict[str, Any]:
+    workload = main_workload(model)
+    rows = {}
+    for spec in COMPRESSION_SPECS:
+        rows[spec], _ = run_engine(model, workload, method=spec)
+    return {"specs": rows}
+
+
 def write_readme(out: Path, results: dict[str, Any]) -> None:
     lines = ["# Engine benchmark (SmolLM2-135M-Instruct, fp32, CPU)", "",
              f"Command: `{results['command']}`  ", f"Date: {results['date']}  ",
@@ -299,6 +314,19 @@ def write_readme(out: Path, results: dict[str, Any]) -> None:
                   f"| warm, from disk after a restart | {rs['warm_disk_after_restart_ttft_s']:.3f} |", "",
                   f"Disk / cold: {rs['ratio_disk_over_cold']:.3f}x (bar <= 0.5x); {rs['tier_hits_tokens']} prompt "
                   f"tokens loaded from {rs['disk_files']} block files, {rs['tier_corrupt']} corrupt.", ""]
+    cp = results.get("compression")
+    if cp:
+        full = (results.get("workload") or {}).get("engine_prefix_on")
+        lines += ["## Token-level policies inside the engine (same 64-request workload, prefix caching on)", "",
+                  "| Method | Tokens evicted | Blocks released | Peak KV (MB) | Time (s) | Output tok/s |",
+                  "|---|---|---|---|---|---|"]
+        if full:
+            lines.append(f"| full | 0 | 0 | {full['peak_kv_mb']:.1f} | {full['duration_s']:.1f} | "
+                         f"{full['output_tokens_per_s']:.1f} |")
+        for spec, row in cp["specs"].items():
+            lines.append(f"| `{spec}` | {row['compression_evicted_tokens']} | {row['compression_freed_blocks']} | "
+                         f"{row['peak_kv_mb']:.1f} | {row['duration_s']:.1f} | {row['output_tokens_per_s']:.1f} |")
+        lines.append("")
     (out / "README.md").write_text("\n".join(lines))
 
 
@@ -329,6 +357,8 @@ def main() -> None:
             results["workload"] = section_workload(model, args.generate_requests)
         elif section == "pressure":
             results["pressure"] = section_pressure(model)
+        elif section == "compression":
+            results["compression"] = section_compression(model)
         else:
             results["restart"] = section_restart(model)
         results.setdefault("section_seconds", {})[section] = time.perf_counter() - started

@@ -74,3 +74,19 @@ def test_cli_engine_bench_writes_a_result(tmp_path, monkeypatch, capsys) -> None
 ])
 def test_cli_engine_bench_usage_errors(capsys, argv, needle) -> None:
     assert needle in usage_error(capsys, ["engine-bench", *argv])
+
+
+def test_replay_with_a_method_reports_the_blocks_it_frees() -> None:
+    workload = shared_prefix_workload(vocab_size=VOCAB, num_requests=3, system_prompt_tokens=32, unique_tokens=8,
+                                      output_tokens=6, seed=4)
+    engine = Engine(tiny(), memory_mb=1.0, block_size=4)
+    result = replay(engine, workload, time_scale=0, method="streamingllm(budget=16, sinks=2)")
+    assert result.num_completed == 3
+    # Per request: 40 prompt tokens -> 16 at the end of the prompt (24 evicted); decoding computes 5 more, and
+    # at 16 + 4 slots a block's worth (4) is evicted again.
+    assert result.engine_metrics["compression_evicted_tokens"] == 3 * (24 + 4)
+    assert result.engine_metrics["compression_freed_blocks"] > 0
+
+
+def test_cli_refuses_a_bad_engine_method_before_loading(capsys) -> None:
+    assert "codecs are not supported" in usage_error(capsys, ["engine-bench", "--method", "kivi(bits=2)"])

@@ -12,7 +12,8 @@ engine whenever it has work, and sleeps until the next arrival when it has none.
 * the prefix cache: queried and hit prompt tokens and the hit rate, tier loads and offloads;
 * memory: the peak process RSS over the replay (:class:`~kvstack.bench.metrics.PeakMemory`) and the peak KV
   blocks in use (as MB of the pool);
-* scheduling: steps, preemptions, evictions.
+* scheduling: steps, preemptions, evictions;
+* compression (``method``): tokens evicted and blocks released by the token-level policy.
 
 A request the engine refuses (empty, longer than the context, larger than the whole pool) is recorded with
 its one-line error in ``rejected`` and the replay goes on: other requests are not disturbed.
@@ -139,6 +140,7 @@ def replay(
     time_scale: float = 1.0,
     progress: bool = False,
     sampling: SamplingParams | None = None,
+    method: str | None = None,
 ) -> EngineBenchResult:
     """Run ``workload`` through ``engine`` in real time and measure it.
 
@@ -154,6 +156,9 @@ def replay(
         Show a progress bar with ETA on stderr.
     sampling : SamplingParams, optional
         Sampling of every request (default greedy, no stop tokens, so output lengths are exact).
+    method : str, optional
+        A token-level selection method applied to every request inside the engine (e.g.
+        ``"snapkv(budget=256)"``); None keeps the full KV.
 
     Returns
     -------
@@ -186,7 +191,7 @@ def replay(
                 next_index += 1
                 try:
                     params = dataclasses.replace(base, max_new_tokens=request.max_new_tokens)
-                    ids[engine.add_request(request.prompt_token_ids, params)] = request.request_id
+                    ids[engine.add_request(request.prompt_token_ids, params, method=method)] = request.request_id
                 except KVStackError as err:
                     rejected[request.request_id] = str(err)
             if not engine.has_unfinished():
@@ -256,6 +261,7 @@ def replay(
 _COUNTERS = frozenset({
     "steps", "preemptions", "batched_tokens_total", "prefix_cache_queries_tokens", "prefix_cache_hits_tokens",
     "prefix_cache_tier_hits_tokens", "evictions", "tier_offloaded_blocks", "tier_loaded_blocks",
+    "compression_evicted_tokens", "compression_freed_blocks", "compression_compactions",
 })
 
 
@@ -290,6 +296,8 @@ def add_engine_bench_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("--max-seqs", type=int, default=64, help="maximum running sequences")
     parser.add_argument("--policy", default="fcfs", help="scheduling policy: fcfs or lpm")
     parser.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
+    parser.add_argument("--method", default=None, help="token-level KV policy applied to every request inside the "
+                                                       "engine, e.g. 'snapkv(budget=256)' or 'h2o(ratio=0.5)'")
     parser.add_argument("--host-mb", type=float, default=0.0, help="host tier for evicted prefix blocks, MB")
     parser.add_argument("--disk-dir", default=None, help="disk tier directory (survives restarts)")
     parser.add_argument("--seed", type=int, default=0, help="workload seed")
@@ -372,6 +380,10 @@ def cmd_engine_bench(args: argparse.Namespace) -> int:
     from kvstack.models import load_model
 
     _check_args(args)
+    if args.method is not None:
+        from kvstack.engine.compression import engine_method
+
+        engine_method(args.method, 1 << 16, 1)  # refuse a bad spec before loading the model
     model, _ = load_model(args.model, device=args.device)
     workload = _build_workload(args, int(model.config.vocab_size))
     engine = Engine(
@@ -380,7 +392,8 @@ def cmd_engine_bench(args: argparse.Namespace) -> int:
         host_mb=args.host_mb, disk_dir=args.disk_dir,
     )
     try:
-        result = replay(engine, workload, time_scale=args.time_scale, progress=not args.no_progress)
+        result = replay(engine, workload, time_scale=args.time_scale, progress=not args.no_progress,
+                        method=args.method)
     finally:
         engine.close()
     print(result.summary_line())
