@@ -132,7 +132,7 @@ def test_abort_leaves_others_running(reference: PreTrainedModel) -> None:
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"n": 0}, "n must be"),
-        ({"n": 2}, "not supported"),
+        ({"n": 1.5}, "n must be"),
     ],
 )
 def test_bad_sampling_params(kwargs: dict[str, object], match: str) -> None:
@@ -276,3 +276,69 @@ def test_request_timing_orders_arrival_first_token_and_finish() -> None:
 def test_negative_tier_size_is_refused() -> None:
     with pytest.raises(KVStackError, match="host_mb must be a number of MB >= 0"):
         make_engine(host_mb=-1)
+
+
+
+# --------------------------------------------------------------------------------------------------
+# parallel sampling (n > 1): fork + copy-on-write
+# --------------------------------------------------------------------------------------------------
+
+
+def sample_alone(prompt: list[int], params: SamplingParams, seed: int) -> list[int]:
+    """One sample with ``seed`` on its own engine: what sample ``i`` of an ``n > 1`` request must produce."""
+    engine = make_engine(enable_prefix_caching=False)
+    return engine.generate([prompt], dataclasses.replace(params, seed=seed, n=1))[0]
+
+
+@pytest.mark.parametrize("length", [13, 16])  # last prompt block partial (copy-on-write) or full (new blocks)
+def test_parallel_samples_share_the_prompt_and_equal_independent_runs(length: int) -> None:
+    prompt = prompt_of(length, seed=400)
+    params = SamplingParams(max_new_tokens=7, temperature=1.0, top_p=0.9, seed=5, n=3)
+    engine = make_engine(enable_prefix_caching=False)
+    blocks_before = engine.block_manager.pool.num_free
+    rid = engine.add_request(prompt, params)
+    engine.step()  # the prompt is computed once, then forked
+    children = engine.children(rid)
+    assert len(children) == 2
+    prompt_blocks = length // BLOCK_SIZE  # full prompt blocks are shared by the three samples
+    used = blocks_before - engine.block_manager.pool.num_free
+    assert used == prompt_blocks + 3  # + one last block of each sample's own
+    for child in children:
+        assert engine.block_manager.block_table(child)[:prompt_blocks] == engine.block_manager.block_table(rid)[
+            :prompt_blocks]
+    while engine.has_unfinished():
+        engine.step()
+    samples = engine.get_outputs(rid)
+    assert samples == [sample_alone(prompt, params, 5 + index) for index in range(3)]
+    assert len({tuple(s) for s in samples}) > 1
+    assert engine.metrics()["num_used"] == 0
+    engine.block_manager.check_invariants()
+
+
+def test_generate_with_n_returns_every_sample_and_greedy_samples_agree(reference: PreTrainedModel) -> None:
+    engine = make_engine()
+    outputs = engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=5, n=2))
+    assert outputs == [[reference_generate(reference, p, 5)] * 2 for p in PROMPTS[:2]]
+
+
+def test_parallel_samples_under_preemption_all_finish() -> None:
+    prompts = [prompt_of(10, seed=500 + i) for i in range(3)]
+    engine = make_engine(memory_mb=mb(16))  # one family needs 13 blocks: the three take turns
+    params = SamplingParams(max_new_tokens=10, temperature=0.8, seed=1, n=3)
+    outputs = engine.generate(prompts, params)
+    assert engine.metrics()["preemptions"] > 0
+    assert all(len(samples) == 3 and all(len(s) == 10 for s in samples) for samples in outputs)
+    engine.block_manager.check_invariants()
+
+
+def test_abort_aborts_the_samples_and_n_with_a_method_is_refused() -> None:
+    engine = make_engine()
+    rid = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=20, n=3))
+    engine.step()
+    assert engine.abort(rid)
+    while engine.has_unfinished():
+        engine.step()
+    assert all(engine.scheduler.get_sequence(c).finish_reason.value == "aborted" for c in engine.children(rid))
+    assert engine.metrics()["num_used"] == 0
+    with pytest.raises(KVStackError, match="parallel samples cannot be combined"):
+        engine.add_request(PROMPTS[0], SamplingParams(n=2), method="h2o(budget=8)")

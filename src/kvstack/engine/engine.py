@@ -28,7 +28,7 @@ Each request records its arrival (:meth:`Engine.add_request`), its first token a
 
 Limitations
 -----------
-* ``n > 1`` (parallel sampling) is not supported yet.
+* ``n > 1`` cannot be combined with a compression method, nor used with :meth:`Engine.stream`.
 * :meth:`Engine.stream` drives the engine from the caller's thread; there is no background serving loop.
 * If the model forward raises, the scheduler's batch stays pending and the engine cannot step further.
 * Finished requests stay in the scheduler (their outputs remain readable through :meth:`Engine.get_output`).
@@ -41,6 +41,7 @@ import itertools
 import os
 import time
 from collections.abc import Hashable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -74,12 +75,14 @@ class SamplingParams:
     stop_token_ids : sequence of int, optional
         Sampling one of these finishes the request (the token is kept in the output).
     n : int, optional
-        Completions per prompt; only 1 is supported yet.
+        Completions per prompt (parallel sampling): the prompt is computed once, then ``n - 1`` children
+        are forked sharing its KV blocks (copy-on-write), each sampling its own first token from the same
+        logits with its own generator (seeded ``seed + i`` when ``seed`` is set).
 
     Raises
     ------
     KVStackError
-        On ``max_new_tokens < 1``, a negative temperature, ``top_p`` outside ``(0, 1]`` or ``n != 1``.
+        On ``max_new_tokens < 1``, a negative temperature, ``top_p`` outside ``(0, 1]`` or ``n < 1``.
     """
 
     max_new_tokens: int = 32
@@ -102,8 +105,6 @@ class SamplingParams:
             raise KVStackError(f"seed must be an integer or None, got {self.seed!r}")
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
             raise KVStackError(f"n must be an integer >= 1, got {self.n!r}")
-        if self.n > 1:
-            raise KVStackError(f"n={self.n} (parallel sampling) is not supported yet; use n=1")
         try:
             stops = tuple(int(t) for t in self.stop_token_ids)
         except (TypeError, ValueError):
@@ -125,12 +126,15 @@ class RequestOutput:
         Whether the request is finished.
     finish_reason : str or None
         ``"length"``, ``"eos"`` (a stop token) or ``"aborted"`` once finished, else None.
+    parent_id : hashable or None
+        For a parallel sample (``n > 1``) forked from a request, that request's id.
     """
 
     request_id: Hashable
     new_token_ids: list[int]
     finished: bool
     finish_reason: str | None
+    parent_id: Hashable | None = None
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
@@ -315,6 +319,7 @@ class Engine:
         self._first_token: dict[Hashable, float] = {}
         self._finished_at: dict[Hashable, float] = {}
         self._compression: dict[Hashable, SequenceCompression] = {}
+        self._children: dict[Hashable, list[Hashable]] = {}
         self._method_generator = torch.Generator().manual_seed(0)
         self._group_size = geometry.num_q_heads // geometry.num_kv_heads
         self._compression_totals = {"evicted_tokens": 0, "freed_blocks": 0, "compactions": 0}
@@ -368,6 +373,9 @@ class Engine:
                     f"{len(prompt)} prompt tokens plus max_new_tokens={params.max_new_tokens} run past the model's "
                     f"context of {self.max_context}; lower max_new_tokens to at most {limit}"
                 )
+        if params.n > 1 and method is not None and method != "full":
+            raise KVStackError(f"n={params.n} parallel samples cannot be combined with a compression method "
+                               f"({method!r}) yet; use n=1 or no method")
         compression = None
         if method is not None:
             chosen = engine_method(method, len(prompt), self.pool.num_layers)
@@ -383,17 +391,11 @@ class Engine:
             max_new_tokens=params.max_new_tokens,
             arrival_time=float(request_id),
             eos_token_ids=frozenset(params.stop_token_ids),
+            n=params.n,
         )
         self.scheduler.add_request(request)
-        generator: torch.Generator | None = None
-        if params.temperature > 0:
-            generator = torch.Generator()
-            if params.seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(params.seed)
         self._params[request_id] = params
-        self._generators[request_id] = generator
+        self._generators[request_id] = self._new_generator(params, 0)
         if compression is not None:
             self._compression[request_id] = compression
         self._arrived[request_id] = time.perf_counter()
@@ -403,23 +405,49 @@ class Engine:
             self.store.prefetch(key for key in hashes if pool.lookup(key) is None)
         return request_id
 
+    @staticmethod
+    def _new_generator(params: SamplingParams, index: int) -> torch.Generator | None:
+        """The sampling generator of sample ``index`` of a request (None when greedy)."""
+        if params.temperature == 0:
+            return None
+        generator = torch.Generator()
+        if params.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(params.seed + index)
+        return generator
+
     def abort(self, request_id: Hashable) -> bool:
         """Abort a request; see :meth:`~kvstack.engine.scheduler.Scheduler.abort`.
+
+        Its parallel samples (``n > 1``) are aborted with it.
 
         Returns
         -------
         bool
             True if aborted (or will be at the next step's update), False if it had already finished.
         """
-        return self.scheduler.abort(request_id)
+        aborted = self.scheduler.abort(request_id)
+        for child in self._children.get(request_id, []):
+            aborted = self.scheduler.abort(child) or aborted
+        return aborted
 
     def has_unfinished(self) -> bool:
         """Whether any request is waiting or running."""
         return self.scheduler.has_unfinished()
 
     def get_output(self, request_id: Hashable) -> list[int]:
-        """The tokens generated so far for a request."""
+        """The tokens generated so far for a request (its first sample when ``n > 1``)."""
         return list(self.scheduler.get_sequence(request_id).output_token_ids)
+
+    def get_outputs(self, request_id: Hashable) -> list[list[int]]:
+        """The tokens of every sample of a request: its own, then its forked children's (``n > 1``)."""
+        ids = [request_id, *self._children.get(request_id, [])]
+        return [self.get_output(rid) for rid in ids]
+
+    def children(self, request_id: Hashable) -> list[Hashable]:
+        """Ids of the parallel samples forked from a request (empty until its prompt is computed, or n = 1)."""
+        return list(self._children.get(request_id, []))
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[RequestOutput]:
@@ -457,13 +485,27 @@ class Engine:
                 compression.after_forward(chunk.start, chunk.num_tokens, self.runner.last_stats[row],
                                           chunk.start + chunk.num_tokens, self._method_generator, self._group_size)
         outputs: dict[Hashable, int | None] = {}
+        forks: dict[Hashable, list[tuple[Hashable, int]]] = {}
         for row, entry in enumerate(batch.scheduled):
             rid = entry.request_id
-            if completes[row]:
-                outputs[rid] = _sample(logits[row], self._params[rid], self._generators[rid])
-            else:
+            if not completes[row]:
                 outputs[rid] = None
-        for copy in self.scheduler.update(outputs):
+                continue
+            params = self._params[rid]
+            outputs[rid] = _sample(logits[row], params, self._generators[rid])
+            seq = self.scheduler.get_sequence(rid)
+            if params.n > 1 and seq.parent_id is None and not seq.output_token_ids:
+                children = []
+                for index in range(1, params.n):
+                    child_id = next(self._ids)
+                    generator = self._new_generator(params, index)
+                    children.append((child_id, _sample(logits[row], params, generator)))
+                    self._params[child_id] = params
+                    self._generators[child_id] = generator
+                    self._arrived[child_id] = self._arrived[rid]
+                forks[rid] = children
+                self._children[rid] = [child_id for child_id, _ in children]
+        for copy in self.scheduler.update(outputs, forks):
             self.pool.copy_block(copy.src_block, copy.dst_block)
         for entry in batch.scheduled:
             if entry.request_id in self._compression:
@@ -486,9 +528,17 @@ class Engine:
             results.append(RequestOutput(rid, new, seq.is_finished, reason))
             if seq.is_finished:
                 self._generators.pop(rid, None)
+            for child_id, token in forks.get(rid, []):
+                child = self.scheduler.get_sequence(child_id)
+                self._first_token[child_id] = now
+                if child.is_finished:
+                    self._finished_at[child_id] = now
+                    self._generators.pop(child_id, None)
+                child_reason = child.finish_reason.value if child.finish_reason is not None else None
+                results.append(RequestOutput(child_id, [token], child.is_finished, child_reason, parent_id=rid))
         return results
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None) -> list[list[int]]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None) -> list[Any]:
         """Offline generation: queue every prompt, step until they all finish.
 
         Parameters
@@ -500,8 +550,9 @@ class Engine:
 
         Returns
         -------
-        list of list of int
-            Generated tokens of each prompt, in prompt order.
+        list
+            Generated tokens of each prompt, in prompt order: a list of int, or with ``params.n > 1`` a list
+            of ``n`` such lists (the samples).
 
         Raises
         ------
@@ -521,7 +572,13 @@ class Engine:
             self.step()
             if self._last_step_empty:  # pragma: no cover - the scheduler always makes progress
                 raise KVStackError("the scheduler made no progress; the engine cannot finish these requests")
-            pending = {rid for rid in pending if not self.scheduler.get_sequence(rid).is_finished}
+            pending = {
+                rid for rid in pending
+                if not all(self.scheduler.get_sequence(r).is_finished for r in [rid, *self._children.get(rid, [])])
+                or (self._params[rid].n > 1 and rid not in self._children)
+            }
+        if params is not None and params.n > 1:
+            return [self.get_outputs(rid) for rid in ids]
         return [self.get_output(rid) for rid in ids]
 
     # ------------------------------------------------------------------ compression
@@ -582,6 +639,8 @@ class Engine:
         KVStackError
             If the request is invalid (raised at the first ``next``).
         """
+        if params is not None and params.n > 1:
+            raise KVStackError("stream() yields one sample; use n=1 (step() reports every sample of n > 1)")
         request_id = self.add_request(prompt_token_ids, params)
         yielded = 0
         try:

@@ -72,7 +72,9 @@ Limitations
   the total waiting prompt length per step.
 * Admission checks memory conservatively when the prefix cache holds unreferenced blocks: a cached prefix
   block is counted as consumed if it might be one of them.
-* One running sequence per request: no parallel sampling (``fork``) or beam search.
+* No beam search. Parallel samples (``n > 1``) are forked once the prompt is computed; from then on each
+  child is an ordinary sequence (preempted and recomputed on its own, sharing prompt blocks only through the
+  prefix cache after a recompute).
 * A sequence compacted by a token-level policy (:meth:`Scheduler.compact`) is recomputed from its tokens
   when preempted, and compressed again by the engine.
 * When ``max_num_seqs`` exceeds ``max_num_batched_tokens``, the youngest decodes can be left out of a step
@@ -140,11 +142,15 @@ class Request:
         When the request arrived; earlier arrivals come first under FCFS.
     eos_token_ids : frozenset of int, optional
         Sampling one of these finishes the request early (the token is kept in the output).
+    n : int, optional
+        Parallel samples of the prompt: once the prompt is computed, :meth:`Scheduler.update` forks ``n - 1``
+        child sequences sharing its blocks (copy-on-write), each starting from its own first token.
 
     Raises
     ------
     KVStackError
-        If the prompt is empty or holds a non-integer, ``max_new_tokens < 1``, or the id is unhashable.
+        If the prompt is empty or holds a non-integer, ``max_new_tokens < 1``, ``n < 1``, or the id is
+        unhashable.
     """
 
     request_id: Hashable
@@ -152,6 +158,7 @@ class Request:
     max_new_tokens: int
     arrival_time: float
     eos_token_ids: frozenset[int] = frozenset()
+    n: int = 1
 
     def __post_init__(self) -> None:
         try:
@@ -167,6 +174,8 @@ class Request:
                 f"max_new_tokens of request {self.request_id!r} must be an integer >= 1, got {self.max_new_tokens!r}"
             )
         self.eos_token_ids = frozenset(_token_id(t, "eos token") for t in self.eos_token_ids)
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise KVStackError(f"n of request {self.request_id!r} must be an integer >= 1, got {self.n!r}")
         try:
             self.arrival_time = float(self.arrival_time)
         except (TypeError, ValueError):
@@ -210,6 +219,8 @@ class Sequence:
         advanced by every chunk the model ran; 0 while waiting.
     num_preemptions : int
         Times this sequence was preempted.
+    parent_id : hashable or None
+        For a child forked by a request with ``n > 1``, the request it was forked from.
     num_evicted : int
         Computed tokens whose KV was evicted by a token-level policy (:meth:`Scheduler.compact`): token
         ``p``'s KV, if kept, sits in slot ``p - num_evicted`` of the block table once ``p`` is past the evicted
@@ -230,6 +241,7 @@ class Sequence:
     num_computed_tokens: int = 0
     num_preemptions: int = 0
     num_evicted: int = 0
+    parent_id: Hashable | None = None
     first_scheduled_step: int | None = None
     finished_step: int | None = None
     waiting_since_step: int = 0
@@ -523,6 +535,8 @@ class Scheduler:
         pool = self._block_manager.pool
         total_tokens = len(request.prompt_token_ids) + request.max_new_tokens
         needed = -(-total_tokens // pool.block_size)
+        # n samples share the prompt's blocks but each needs its own output blocks (and last prompt block).
+        needed += (request.n - 1) * (-(-request.max_new_tokens // pool.block_size) + 1)
         if needed > pool.num_blocks:
             raise KVStackError(
                 f"request {request_id!r} can never fit: its {len(request.prompt_token_ids)} prompt tokens plus "
@@ -686,7 +700,11 @@ class Scheduler:
         self._pending = batch if scheduled else None
         return batch
 
-    def update(self, outputs: Mapping[Hashable, int | None]) -> list[CopyOnWrite]:
+    def update(
+        self,
+        outputs: Mapping[Hashable, int | None],
+        forks: Mapping[Hashable, list[tuple[Hashable, int]]] | None = None,
+    ) -> list[CopyOnWrite]:
         """Record that the model ran the last batch: advance computed tokens, append or finish on sampled tokens.
 
         Parameters
@@ -695,6 +713,11 @@ class Scheduler:
             For every scheduled sequence whose chunk completed its tokens, the sampled token; None (or no
             key) for a prefill chunk that leaves tokens to compute. Outputs of requests aborted meanwhile are
             ignored.
+        forks : mapping of request id to list of (child id, token), optional
+            For a request with ``n > 1`` whose prompt this step completed: its ``n - 1`` children, each with
+            its own first token (sampled from the same logits). Each child shares the parent's blocks; its
+            first token's slot is copied on write. Children are new running sequences with the parent's
+            request (same prompt, limits and arrival) and ``parent_id`` set.
 
         Returns
         -------
@@ -734,6 +757,19 @@ class Scheduler:
                 )
             if completes:
                 tokens[entry.request_id] = _token_id(token, f"sampled token of request {entry.request_id!r}")
+        forks = dict(forks or {})
+        for parent_id, children in forks.items():
+            seq = self._sequences.get(parent_id)
+            if seq is None or parent_id not in tokens or not self._forks_now(seq):
+                raise KVStackError(f"update() got forks for {parent_id!r}, which did not sample its first token in "
+                                   "this step with n > 1")
+            if len(children) != seq.request.n - 1:
+                raise KVStackError(f"request {parent_id!r} has n={seq.request.n}: give {seq.request.n - 1} forks, "
+                                   f"got {len(children)}")
+            for child_id, child_token in children:
+                if child_id in self._sequences or child_id in self._block_manager:
+                    raise KVStackError(f"fork id {child_id!r} already exists; use a new id")
+                _token_id(child_token, f"sampled token of fork {child_id!r}")
 
         self._pending = None
         block_size = self._block_manager.block_size
@@ -751,6 +787,8 @@ class Scheduler:
             token = tokens.get(entry.request_id)
             if token is None:
                 continue
+            for child_id, child_token in forks.get(entry.request_id, []):
+                copies.extend(self._fork(seq, child_id, int(child_token)))
             seq.output_token_ids.append(token)
             if token in seq.request.eos_token_ids:
                 self._running.remove(seq)
@@ -811,13 +849,24 @@ class Scheduler:
         return len(seq.output_token_ids) + 1 < seq.request.max_new_tokens
 
     def _append_blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
-        """Blocks update() will allocate to append the token sampled after this chunk (0 or 1)."""
+        """Blocks update() will allocate to append the token(s) sampled after this chunk.
+
+        One sequence: 0 or 1. A request with ``n > 1`` completing its prompt forks ``n - 1`` children that
+        each append their own first token: ``n`` new blocks when the prompt fills its last block, else ``n - 1``
+        copies of the shared last block.
+        """
         if seq.num_computed_tokens + num_tokens < seq.num_tokens or not self._token_will_be_appended(seq):
             return 0
         manager = self._block_manager
+        forks = seq.request.n - 1 if self._forks_now(seq) else 0
         if manager.num_tokens(seq.request_id) % manager.block_size == 0:
-            return 1
-        return int(manager.pool.ref_count(manager.block_table(seq.request_id)[-1]) > 1)
+            return 1 + forks
+        return int(manager.pool.ref_count(manager.block_table(seq.request_id)[-1]) > 1) + forks
+
+    @staticmethod
+    def _forks_now(seq: Sequence) -> bool:
+        """Whether the token sampled after this step is the first of a request that forks ``n - 1`` children."""
+        return seq.request.n > 1 and not seq.output_token_ids and seq.parent_id is None
 
     def _admission_order(self) -> list[Sequence]:
         requeued = [s for s in self._waiting if s._requeued]
@@ -831,6 +880,27 @@ class Scheduler:
         hits = {id(s): self._block_manager.cached_prefix_tokens(s.token_ids) for s in others}
         others.sort(key=lambda s: (-hits[id(s)], s.arrival_key))
         return requeued + aged + others
+
+    def _fork(self, parent: Sequence, child_id: Hashable, token: int) -> list[CopyOnWrite]:
+        """A child of ``parent`` (prompt just computed) starting with ``token``; returns its copy-on-write."""
+        request = dataclasses.replace(parent.request, request_id=child_id, n=1)
+        child = Sequence(request=request, order=parent.order, status=SequenceStatus.RUNNING,
+                         num_computed_tokens=parent.num_computed_tokens, num_evicted=parent.num_evicted,
+                         parent_id=parent.request_id, first_scheduled_step=parent.first_scheduled_step,
+                         waiting_since_step=parent.waiting_since_step)
+        self._sequences[child_id] = child
+        child.output_token_ids.append(token)
+        if token in request.eos_token_ids or request.max_new_tokens == 1:
+            reason = FinishReason.EOS if token in request.eos_token_ids else FinishReason.LENGTH
+            self._finish(child, reason)  # never held a block
+            return []
+        self._block_manager.fork(parent.request_id, child_id)
+        bisect.insort(self._running, child, key=lambda s: s.arrival_key)
+        copy = self._block_manager.append_token(child_id, token)
+        first_pending_slot = child.num_computed_tokens - child.num_evicted
+        table = self._block_manager.block_table(child_id)
+        self._unwritten.update(table[first_pending_slot // self._block_manager.block_size :])
+        return [] if copy is None else [copy]
 
     def _preempt(self, seq: Sequence) -> None:
         self._block_manager.free(seq.request_id)
