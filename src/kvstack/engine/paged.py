@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -67,6 +68,7 @@ from kvstack.errors import KVStackError
 
 __all__ = [
     "BYTES_PER_MB",
+    "PackedPlan",
     "PagedKVPool",
     "paged_attention",
     "paged_attention_packed",
@@ -335,6 +337,25 @@ class PagedKVPool:
             # Advanced indices separated by a slice put the indexed dimension first: the target is [n, H, D].
             layer_view[blocks, :, slots] = tensor.to(device=self.device, dtype=self.dtype).transpose(0, 1)
 
+    def write_packed(
+        self, layer: int, blocks: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> None:
+        """Store the keys/values of ``T`` tokens of any sequences at given (block, slot) pairs, in one write each.
+
+        Parameters
+        ----------
+        layer : int
+            Layer index.
+        blocks, slots : torch.Tensor
+            ``[T]`` int64 block ids and slots (from :class:`PackedPlan`; not checked again here).
+        keys, values : torch.Tensor
+            ``[H, T, D]``.
+        """
+        self._check_layer(layer)
+        for index, tensor in enumerate((keys, values)):
+            layer_view = self._kv[:, layer, index]  # [num_blocks, H, block_size, D], a view
+            layer_view[blocks, :, slots] = tensor.to(device=self.device, dtype=self.dtype).transpose(0, 1)
+
     def gather(self, layer: int, block_table: BlockTable, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``length`` tokens' keys and values of one sequence in one layer, contiguous.
 
@@ -583,6 +604,7 @@ def paged_attention_packed(
     num_new_tokens: Sequence[int],
     context_lens: Sequence[int],
     scaling: float,
+    plan: PackedPlan | None = None,
 ) -> torch.Tensor:
     """Attention of a packed row of new tokens from several sequences, each over its own paged context.
 
@@ -603,6 +625,9 @@ def paged_attention_packed(
         Tokens stored per sequence, the new ones included; the new tokens are the last ``q_i``, causal.
     scaling : float
         Logit multiplier.
+    plan : PackedPlan, optional
+        The step's index tensors (:meth:`PackedPlan.build` of the same tables and lengths), shared by every
+        layer; built here when None.
 
     Returns
     -------
@@ -621,12 +646,6 @@ def paged_attention_packed(
     (:func:`kvstack.cache.kernels.paged_attention_forward`); otherwise :func:`paged_attention` runs per
     sequence. Both compute exact softmax attention; they agree to float32 rounding.
     """
-    batch = len(num_new_tokens)
-    if len(block_tables) != batch or len(context_lens) != batch:
-        raise KVStackError(
-            f"block_tables, num_new_tokens and context_lens must have one entry per sequence, got "
-            f"{len(block_tables)}, {batch} and {len(context_lens)}"
-        )
     total = sum(num_new_tokens)
     heads, dim = pool.num_kv_heads, pool.head_dim
     if query.dim() != 3 or query.shape[0] != total or query.shape[2] != dim or query.shape[1] % heads:
@@ -634,35 +653,89 @@ def paged_attention_packed(
             f"query must be [T={total}, Hq, head_dim={dim}] with Hq a multiple of num_kv_heads={heads}, "
             f"got {tuple(query.shape)}"
         )
-    use_kernel = (
-        pool.device.type == "cpu" and pool.dtype == torch.float32 and query.device.type == "cpu"
-        and pool.kv.is_contiguous() and kernels.available()
-    )
-    if not use_kernel:
+    if plan is None:
+        plan = PackedPlan.build(pool, block_tables, num_new_tokens, context_lens)
+    if not plan.use_kernel:
         per_sequence = list(torch.split(query.transpose(0, 1), list(num_new_tokens), dim=1))  # [Hq, q_i, D] each
         outputs = paged_attention(per_sequence, pool, layer, block_tables, context_lens, scaling)
         return torch.cat(outputs, dim=1).transpose(0, 1)
     pool._check_layer(layer)
-    tables: list[list[int]] = []
-    token_seq: list[int] = []
-    token_pos: list[int] = []
-    for index, (table, new, context_len) in enumerate(zip(block_tables, num_new_tokens, context_lens, strict=True)):
-        if isinstance(new, bool) or not isinstance(new, int) or new < 1 or not isinstance(context_len, int) or (
-            context_len < new
-        ):
-            raise KVStackError(
-                f"sequence {index} needs num_new_tokens >= 1 and context_lens >= num_new_tokens, got {new!r} and "
-                f"{context_len!r}"
-            )
-        needed = -(-context_len // pool.block_size)
-        tables.append(_table_to_list(table, needed, pool.num_blocks,
-                                     f"attending over {context_len} tokens of sequence {index}"))
-        token_seq.extend([index] * new)
-        token_pos.extend(range(context_len - new, context_len))
-    width = max(len(table) for table in tables)
-    table_tensor = torch.tensor([table + [0] * (width - len(table)) for table in tables], dtype=torch.long)
+    assert plan.tables is not None and plan.token_seq is not None and plan.token_pos is not None
     output = kernels.paged_attention_forward(
-        query.float(), pool.kv, layer, table_tensor, torch.tensor(token_seq, dtype=torch.long),
-        torch.tensor(token_pos, dtype=torch.long), float(scaling),
+        query.float(), pool.kv, layer, plan.tables, plan.token_seq, plan.token_pos, float(scaling)
     )
     return output.to(query.dtype)
+
+
+@dataclass
+class PackedPlan:
+    """Index tensors of one packed step, built once and used by every layer.
+
+    Attributes
+    ----------
+    use_kernel : bool
+        Whether the fused CPU kernel runs (float32 pool on the CPU, kernels available).
+    tables : torch.Tensor or None
+        ``[S, max_blocks]`` int64 block tables, padded with block 0 (kernel path only).
+    token_seq, token_pos : torch.Tensor or None
+        ``[T]`` int64: each packed token's sequence (row of ``tables``) and slot (kernel path only).
+    write_blocks, write_slots : torch.Tensor
+        ``[T]`` int64: the block and slot each packed token's new keys/values are written to.
+    """
+
+    use_kernel: bool
+    tables: torch.Tensor | None
+    token_seq: torch.Tensor | None
+    token_pos: torch.Tensor | None
+    write_blocks: torch.Tensor
+    write_slots: torch.Tensor
+
+    @classmethod
+    def build(
+        cls, pool: PagedKVPool, block_tables: Sequence[BlockTable], num_new_tokens: Sequence[int],
+        context_lens: Sequence[int],
+    ) -> PackedPlan:
+        """Check the step's tables and lengths once and build its index tensors.
+
+        Raises
+        ------
+        KVStackError
+            On mismatched lengths, a sequence with no new token or a block table too short.
+        """
+        batch = len(num_new_tokens)
+        if len(block_tables) != batch or len(context_lens) != batch:
+            raise KVStackError(
+                f"block_tables, num_new_tokens and context_lens must have one entry per sequence, got "
+                f"{len(block_tables)}, {batch} and {len(context_lens)}"
+            )
+        tables: list[list[int]] = []
+        token_seq: list[int] = []
+        token_pos: list[int] = []
+        blocks: list[int] = []
+        size = pool.block_size
+        for index, (table, new, context_len) in enumerate(zip(block_tables, num_new_tokens, context_lens,
+                                                              strict=True)):
+            if isinstance(new, bool) or not isinstance(new, int) or new < 1 or not isinstance(context_len, int) or (
+                context_len < new
+            ):
+                raise KVStackError(
+                    f"sequence {index} needs num_new_tokens >= 1 and context_lens >= num_new_tokens, got {new!r} "
+                    f"and {context_len!r}"
+                )
+            entries = _table_to_list(table, -(-context_len // size), pool.num_blocks,
+                                     f"attending over {context_len} tokens of sequence {index}")
+            tables.append(entries)
+            token_seq.extend([index] * new)
+            positions = range(context_len - new, context_len)
+            token_pos.extend(positions)
+            blocks.extend(entries[p // size] for p in positions)
+        slots = torch.tensor(token_pos, dtype=torch.long)
+        use_kernel = (pool.device.type == "cpu" and pool.dtype == torch.float32 and pool.kv.is_contiguous()
+                      and kernels.available())
+        table_tensor = seq_tensor = None
+        if use_kernel:
+            width = max(len(table) for table in tables)
+            table_tensor = torch.tensor([table + [0] * (width - len(table)) for table in tables], dtype=torch.long)
+            seq_tensor = torch.tensor(token_seq, dtype=torch.long)
+        return cls(use_kernel, table_tensor, seq_tensor, slots if use_kernel else None,
+                   torch.tensor(blocks, dtype=torch.long, device=pool.device), (slots % size).to(pool.device))

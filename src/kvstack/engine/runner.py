@@ -64,7 +64,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
 from kvstack.api import model_geometry
-from kvstack.engine.paged import PagedKVPool, paged_attention_packed
+from kvstack.engine.paged import PackedPlan, PagedKVPool, paged_attention_packed
 from kvstack.errors import KVStackError
 
 __all__ = [
@@ -233,10 +233,8 @@ class PagedCacheLayer(CacheLayerMixin):
                 f"the paged cache expects keys [1, H, {owner.total_tokens}, D] for the packed batch, "
                 f"got {tuple(key_states.shape)}"
             )
-        for chunk, offset in zip(owner.chunks, owner.offsets, strict=True):
-            stop = offset + chunk.num_tokens
-            keys, values = key_states[0, :, offset:stop], value_states[0, :, offset:stop]  # [H, q_i, D]
-            owner.pool.write(self.layer_idx, chunk.block_table, chunk.first_slot, keys, values)
+        plan = owner.plan
+        owner.pool.write_packed(self.layer_idx, plan.write_blocks, plan.write_slots, key_states[0], value_states[0])
         self.pending = True
         _pending.layer = self
         return key_states, value_states
@@ -272,6 +270,7 @@ class PagedCacheLayer(CacheLayerMixin):
             [chunk.num_tokens for chunk in owner.chunks],
             [chunk.context_len for chunk in owner.chunks],
             scaling,
+            plan=owner.plan,
         )
         return output.unsqueeze(0)  # [1, T, Hq, D]
 
@@ -314,6 +313,13 @@ class PagedBatchCache(Cache):
         ``T``, the packed row length.
     stats : list of dict
         Per chunk, ``{layer: chunk_statistics(...)}`` for the chunks that asked for statistics.
+    plan : PackedPlan
+        Where every packed token is written and the kernel's index tensors, built once for all layers.
+
+    Raises
+    ------
+    KVStackError
+        If a block table does not cover its chunk.
     """
 
     def __init__(self, pool: PagedKVPool, chunks: Sequence[SequenceChunk]) -> None:
@@ -326,6 +332,8 @@ class PagedBatchCache(Cache):
             total += chunk.num_tokens
         self.total_tokens = total
         self.stats: list[dict[int, dict[str, torch.Tensor]]] = [{} for _ in self.chunks]
+        self.plan = PackedPlan.build(pool, [c.block_table for c in self.chunks], [c.num_tokens for c in self.chunks],
+                                     [c.context_len for c in self.chunks])
         super().__init__(layers=[PagedCacheLayer(self, index) for index in range(pool.num_layers)])
 
 
