@@ -62,6 +62,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from kvstack.cache import kernels
 from kvstack.errors import KVStackError
@@ -660,33 +661,57 @@ def paged_attention_packed(
         outputs = paged_attention(per_sequence, pool, layer, block_tables, context_lens, scaling)
         return torch.cat(outputs, dim=1).transpose(0, 1)
     pool._check_layer(layer)
-    assert plan.tables is not None and plan.token_seq is not None and plan.token_pos is not None
-    output = kernels.paged_attention_forward(
-        query.float(), pool.kv, layer, plan.tables, plan.token_seq, plan.token_pos, float(scaling)
-    )
-    return output.to(query.dtype)
+    if not plan.dense:
+        assert plan.tables is not None and plan.token_seq is not None and plan.token_pos is not None
+        output = kernels.paged_attention_forward(
+            query.float(), pool.kv, layer, plan.tables, plan.token_seq, plan.token_pos, float(scaling)
+        )
+        return output.to(query.dtype)
+    output = torch.empty_like(query)
+    if plan.tables is not None:
+        assert plan.kernel_rows is not None and plan.token_seq is not None and plan.token_pos is not None
+        output[plan.kernel_rows] = kernels.paged_attention_forward(
+            query[plan.kernel_rows].float(), pool.kv, layer, plan.tables, plan.token_seq, plan.token_pos,
+            float(scaling),
+        ).to(query.dtype)
+    for first, count, table, context_len in plan.dense:
+        output[first : first + count] = _dense_chunk_attention(
+            query[first : first + count], pool, layer, table, context_len, scaling
+        )
+    return output
 
 
 @dataclass
 class PackedPlan:
     """Index tensors of one packed step, built once and used by every layer.
 
+    On the kernel path (float32 pool on the CPU, kernels available) a sequence with fewer than
+    :data:`DENSE_MIN_QUERIES` new tokens (decodes) goes to the fused kernel; a longer chunk (prefill) is
+    attended with one ``scaled_dot_product_attention`` over its gathered blocks, where matrix products beat
+    the kernel's per-query loops.
+
     Attributes
     ----------
     use_kernel : bool
-        Whether the fused CPU kernel runs (float32 pool on the CPU, kernels available).
+        Whether the fused CPU kernel path runs.
+    kernel_rows : torch.Tensor or None
+        ``[Tk]`` int64 packed-token indices the kernel attends (None: every token, or none on the other path).
     tables : torch.Tensor or None
-        ``[S, max_blocks]`` int64 block tables, padded with block 0 (kernel path only).
+        ``[Sk, max_blocks]`` int64 block tables of the kernel's sequences, padded with block 0.
     token_seq, token_pos : torch.Tensor or None
-        ``[T]`` int64: each packed token's sequence (row of ``tables``) and slot (kernel path only).
+        ``[Tk]`` int64: each kernel token's row of ``tables`` and its slot.
+    dense : list of tuple
+        ``(first_row, count, block_table, context_len)`` of each chunk attended densely.
     write_blocks, write_slots : torch.Tensor
         ``[T]`` int64: the block and slot each packed token's new keys/values are written to.
     """
 
     use_kernel: bool
+    kernel_rows: torch.Tensor | None
     tables: torch.Tensor | None
     token_seq: torch.Tensor | None
     token_pos: torch.Tensor | None
+    dense: list[tuple[int, int, list[int], int]]
     write_blocks: torch.Tensor
     write_slots: torch.Tensor
 
@@ -708,11 +733,17 @@ class PackedPlan:
                 f"block_tables, num_new_tokens and context_lens must have one entry per sequence, got "
                 f"{len(block_tables)}, {batch} and {len(context_lens)}"
             )
-        tables: list[list[int]] = []
+        use_kernel = (pool.device.type == "cpu" and pool.dtype == torch.float32 and pool.kv.is_contiguous()
+                      and kernels.available())
+        kernel_tables: list[list[int]] = []
+        kernel_rows: list[int] = []
         token_seq: list[int] = []
         token_pos: list[int] = []
+        dense: list[tuple[int, int, list[int], int]] = []
         blocks: list[int] = []
+        slots: list[int] = []
         size = pool.block_size
+        row = 0
         for index, (table, new, context_len) in enumerate(zip(block_tables, num_new_tokens, context_lens,
                                                               strict=True)):
             if isinstance(new, bool) or not isinstance(new, int) or new < 1 or not isinstance(context_len, int) or (
@@ -724,18 +755,47 @@ class PackedPlan:
                 )
             entries = _table_to_list(table, -(-context_len // size), pool.num_blocks,
                                      f"attending over {context_len} tokens of sequence {index}")
-            tables.append(entries)
-            token_seq.extend([index] * new)
             positions = range(context_len - new, context_len)
-            token_pos.extend(positions)
             blocks.extend(entries[p // size] for p in positions)
-        slots = torch.tensor(token_pos, dtype=torch.long)
-        use_kernel = (pool.device.type == "cpu" and pool.dtype == torch.float32 and pool.kv.is_contiguous()
-                      and kernels.available())
-        table_tensor = seq_tensor = None
-        if use_kernel:
-            width = max(len(table) for table in tables)
-            table_tensor = torch.tensor([table + [0] * (width - len(table)) for table in tables], dtype=torch.long)
+            slots.extend(positions)
+            if new >= DENSE_MIN_QUERIES:
+                dense.append((row, new, entries, context_len))
+            else:
+                token_seq.extend([len(kernel_tables)] * new)
+                kernel_tables.append(entries)
+                kernel_rows.extend(range(row, row + new))
+                token_pos.extend(positions)
+            row += new
+        table_tensor = seq_tensor = pos_tensor = rows_tensor = None
+        if use_kernel and kernel_tables:
+            width = max(len(table) for table in kernel_tables)
+            table_tensor = torch.tensor([t + [0] * (width - len(t)) for t in kernel_tables], dtype=torch.long)
             seq_tensor = torch.tensor(token_seq, dtype=torch.long)
-        return cls(use_kernel, table_tensor, seq_tensor, slots if use_kernel else None,
-                   torch.tensor(blocks, dtype=torch.long, device=pool.device), (slots % size).to(pool.device))
+            pos_tensor = torch.tensor(token_pos, dtype=torch.long)
+            if dense:
+                rows_tensor = torch.tensor(kernel_rows, dtype=torch.long)
+        slot_tensor = torch.tensor(slots, dtype=torch.long, device=pool.device)
+        return cls(use_kernel, rows_tensor, table_tensor, seq_tensor, pos_tensor, dense if use_kernel else [],
+                   torch.tensor(blocks, dtype=torch.long, device=pool.device), slot_tensor % size)
+
+
+DENSE_MIN_QUERIES = 8
+"""Chunks with at least this many new tokens are attended with a matrix-product SDPA, not the kernel."""
+
+
+def _dense_chunk_attention(
+    query: torch.Tensor, pool: PagedKVPool, layer: int, table: list[int], context_len: int, scaling: float
+) -> torch.Tensor:
+    """``[q, Hq, D]`` attention of one chunk's ``query`` ``[q, Hq, D]`` (the last ``q`` slots) over its blocks."""
+    keys, values = pool.gather(layer, table, context_len)  # [H, L, D]
+    count, num_q_heads, _ = query.shape
+    heads_query = query.transpose(0, 1)[None].to(keys.dtype)  # [1, Hq, q, D]
+    gqa = num_q_heads != keys.shape[0]
+    if count == context_len:
+        out = F.scaled_dot_product_attention(heads_query, keys[None], values[None], is_causal=True, scale=scaling,
+                                             enable_gqa=gqa)
+    else:
+        allowed = torch.arange(context_len)[None, :] <= (context_len - count + torch.arange(count))[:, None]
+        out = F.scaled_dot_product_attention(heads_query, keys[None], values[None], attn_mask=allowed, scale=scaling,
+                                             enable_gqa=gqa)
+    return out[0].transpose(0, 1).to(query.dtype)  # [q, Hq, D]
