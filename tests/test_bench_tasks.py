@@ -95,9 +95,9 @@ def test_passkey_answer_is_the_planted_key(tokenizer):  # noqa: F811
     s = sample("passkey", tokenizer, 600)
     (key,) = s.answers
     assert re.fullmatch(r"\d{5}", key)
-    assert f"The pass key is {key}. Remember it. {key} is the pass key." in s.prompt_text
+    assert f"The pass key is: {key}. Remember it. {key} is the pass key." in s.prompt_text
     assert s.prompt_text.count(key) == 2
-    assert s.answer_prefix == "The pass key is"
+    assert s.answer_prefix == "The pass key is:"
 
 
 @pytest.mark.parametrize("name", ["niah_single_noise", "niah_single_prose", "niah_multikey"])
@@ -202,7 +202,7 @@ def test_query_mode_both_asks_the_question_before_and_after_the_context(tokenize
 def test_chat_template_and_answer_prefix_are_part_of_the_counted_prompt(tokenizer):  # noqa: F811
     chat = sample("passkey", tokenizer, 500)
     plain = sample("passkey", tokenizer, 500, chat=False, answer_prefix=False)
-    prefix_ids = tokenizer("The pass key is", add_special_tokens=False)["input_ids"]
+    prefix_ids = tokenizer("The pass key is:", add_special_tokens=False)["input_ids"]
     head = tokenizer("<s> user :", add_special_tokens=False)["input_ids"]
     assert chat.input_ids[: len(head)] == head and chat.input_ids[-len(prefix_ids):] == prefix_ids
     assert chat.metadata["chat"] is True and plain.metadata["chat"] is False
@@ -245,3 +245,10 @@ def test_default_prose_is_real_public_domain_text():
     assert "In the beginning God created" in text
     assert not re.search(r"\b\d+:\d+\b", text[:200_000])  # verse references stripped
     assert len(prose_words()) > 500_000
+
+
+def test_a_task_version_keys_only_that_task():
+    from kvstack.bench.tasks import get_task
+
+    assert get_task("passkey").params()["version"] == 2  # prompts changed: its old cells are run again
+    assert "version" not in get_task("vt").params()  # unchanged tasks keep their keys

@@ -255,6 +255,8 @@ class Task:
         ``generate`` (greedy decoding, scored against answers) or ``perplexity`` (teacher-forced).
     max_new_tokens:
         Decode limit.
+    version:
+        Bumped when the task's prompts change; part of its cells' keys from 2 on (see :meth:`params`).
     variant:
         Set by tasks that expand into several cells (the needle grid: ``depth=0.50``); "" otherwise.
     """
@@ -264,6 +266,7 @@ class Task:
     scorer: ClassVar[str] = "string_match_all"
     kind: ClassVar[str] = "generate"
     max_new_tokens: ClassVar[int] = 32
+    version: ClassVar[int] = 1
 
     def __init__(self, prose: str | None = None) -> None:
         self.prose = prose
@@ -292,8 +295,12 @@ class Task:
         return [self]
 
     def params(self) -> dict[str, Any]:
-        """What distinguishes this task's samples beyond its name, for result keys."""
-        return {"variant": self.variant, "prose": source_id(self.prose) if self.uses_prose() else None}
+        """What distinguishes this task's samples beyond its name, for result keys (with ``version`` once a
+        task's prompts have changed, so that its old cells are run again and no other task's are)."""
+        params = {"variant": self.variant, "prose": source_id(self.prose) if self.uses_prose() else None}
+        if self.version > 1:
+            params["version"] = self.version
+        return params
 
     def uses_prose(self) -> bool:
         """True when samples depend on the prose source."""
@@ -560,14 +567,19 @@ class Passkey(Task):
     name = "passkey"
     description = "a 5-digit pass key hidden at a random depth in repetitive noise"
     max_new_tokens = 12
+    # Version 2: "The pass key is: KEY." and the answer prefix "The pass key is:". With version 1's
+    # "The pass key is" prefix SmolLM2 mostly went on with words ("the pass key. The pass key is ...") and
+    # scored 15% at 1k with the full cache; with the colon it gives the number (20/20 at 1k and 2k).
+    version = 2
 
     def build(self, rng: random.Random, size: int, length: int) -> Parts:
         key = str(rng.randrange(10_000, 100_000))
         depth = rng.random()
-        context = place(noise_words(size), [(depth, f"The pass key is {key}. Remember it. {key} is the pass key.")])
+        needle = f"The pass key is: {key}. Remember it. {key} is the pass key."
+        context = place(noise_words(size), [(depth, needle)])
         instruction = ("There is an important piece of information hidden inside a lot of irrelevant text. "
                        "Find it and memorise it: you will be asked about it.")
-        return Parts(instruction, context, "What is the pass key?", [key], "The pass key is",
+        return Parts(instruction, context, "What is the pass key?", [key], "The pass key is:",
                      {"depth": round(depth, 4)})
 
 
