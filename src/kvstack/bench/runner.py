@@ -589,10 +589,22 @@ def _cell_line(record: dict[str, Any]) -> str:
             f"(cr {record['compression_ratio']:.2f}) | {speed or float('nan'):.1f} tok/s")
 
 
-class _Progress:
-    """A rich progress bar with ETA on stderr, or nothing."""
+class ProgressBar:
+    """A rich progress bar with ETA on stderr, or nothing (``enabled`` False or nothing to do).
 
-    def __init__(self, enabled: bool, total: int) -> None:
+    Parameters
+    ----------
+    enabled : bool
+        Show it.
+    total : int
+        Units of work.
+    label : str, optional
+        Bold label before the description.
+    unit : str, optional
+        What is counted (shown after ``done/total``).
+    """
+
+    def __init__(self, enabled: bool, total: int, label: str = "bench", unit: str = "samples") -> None:
         self.bar = None
         if enabled and total:
             from rich.console import Console
@@ -606,12 +618,16 @@ class _Progress:
             )
 
             self.bar = Progress(
-                TextColumn("[bold]bench[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("samples"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                TextColumn(f"[bold]{label}[/] {{task.description}}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn(unit), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                 console=Console(stderr=True), transient=False,
             )
             self.bar.start()
             self.task = self.bar.add_task("", total=total)
+
+    def update(self, completed: int, description: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=completed, description=description)
 
     def describe(self, text: str) -> None:
         if self.bar is not None:
@@ -684,7 +700,7 @@ def run_bench(
         for key, members in groups.items():  # sizing errors (length too short) before anything runs
             cell = members[0]
             first_samples[key] = _make_sample(cell, tokenizer, config, 0)
-        progress = _Progress(config.progress, len(pending) * config.samples)
+        progress = ProgressBar(config.progress, len(pending) * config.samples)
         try:
             for key, members in groups.items():
                 first = members[0]

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from kvstack.bench.metrics import PeakMemory
+from kvstack.bench.runner import ProgressBar
 from kvstack.engine.engine import Engine, SamplingParams
 from kvstack.engine.paged import BYTES_PER_MB
 from kvstack.engine.workload import Workload
@@ -100,39 +101,6 @@ def _stats(values: list[float]) -> tuple[float, float, float]:
     return float(array.mean()), float(np.percentile(array, 50)), float(np.percentile(array, 99))
 
 
-class _Bar:
-    """A rich progress bar over finished requests (stderr), or nothing."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.bar = None
-        if enabled and total:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(
-                TextColumn("[bold]engine-bench[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("requests"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                console=Console(stderr=True), transient=False,
-            )
-            self.bar.start()
-            self.task = self.bar.add_task("", total=total)
-
-    def update(self, completed: int, description: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=completed, description=description)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 def replay(
     engine: Engine,
     workload: Workload,
@@ -176,7 +144,7 @@ def replay(
     before = engine.metrics()
     ids: dict[Hashable, str] = {}
     rejected: dict[str, str] = {}
-    bar = _Bar(progress, len(requests))
+    bar = ProgressBar(progress, len(requests), label="engine-bench", unit="requests")
     pool = engine.block_manager.pool
     peak_used = 0
     finished = 0
