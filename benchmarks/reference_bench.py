@@ -49,6 +49,8 @@ def reference_methods() -> list[str]:
     for info in list_methods():
         if info.name == "full" or info.category.startswith("token/quantization"):
             continue  # codecs have their own grid (benchmarks/quant_quality.py)
+        if not info.wraps and "ratio" not in info.parameters:
+            continue  # no compression ratio to sweep (palu: a rank; its figures are in benchmarks/results/quant)
         if info.wraps:
             templates += [f"{info.name}(snapkv(ratio={{ratio}}))", f"{info.name}(h2o(ratio={{ratio}}))"]
         else:
