@@ -173,10 +173,38 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: bool(self.tables))
     @rule(data=st.data())
+    def compact(self, data: st.DataObject) -> None:
+        """Token eviction: keep ``kept`` of the first ``computed`` slots in fresh blocks, the rest pending."""
+        seq_id = data.draw(st.sampled_from(sorted(self.tables)))
+        total = len(self.tokens[seq_id])
+        computed = data.draw(st.integers(0, total), label="computed")
+        kept = data.draw(st.integers(0, computed), label="kept")
+        old_table = list(self.tables[seq_id])
+        before = _snapshot(self.manager)
+        copies: list[tuple[list[int], list[int]]] = []
+        needed = -(-(kept + total - computed) // BLOCK_SIZE)
+        try:
+            freed = self.manager.compact(seq_id, computed, kept, lambda old, new: copies.append((old, new)))
+        except OutOfBlocksError:
+            assert _snapshot(self.manager) == before, "OutOfBlocksError changed the manager's state"
+            assert needed > self.manager.pool.num_free + self.manager.pool.num_cached
+            return
+        table = self.manager.block_table(seq_id)
+        assert copies == [(old_table, table)], "copy must run once, with the old and the new table"
+        assert len(table) == needed and freed == len(old_table) - needed
+        for block_id in table:
+            assert self._holders(block_id, exclude=seq_id) == 0, f"compaction reused held block {block_id}"
+            self.contents[block_id] = ("compacted", seq_id, block_id)  # never a prefix hit: not registered
+        self.tokens[seq_id] = [-1] * kept + self.tokens[seq_id][computed:]
+        self.tables[seq_id] = table
+
+    @precondition(lambda self: bool(self.tables))
+    @rule(data=st.data())
     def free(self, data: st.DataObject) -> None:
         seq_id = data.draw(st.sampled_from(sorted(self.tables)))
         self.manager.free(seq_id)
-        self.history.append(tuple(self.tokens[seq_id]))
+        if -1 not in self.tokens[seq_id]:  # a compacted sequence's slots are no token prefix to replay
+            self.history.append(tuple(self.tokens[seq_id]))
         del self.tokens[seq_id]
         del self.tables[seq_id]
         self.freed_ids.append(seq_id)
