@@ -33,7 +33,7 @@ from kvstack.spec import list_methods
 
 RATIOS = [0.25, 0.5, 0.75]
 TASK_ORDER = [
-    "niah_single_noise", "niah_single_prose", "passkey", "perplexity", "niah_multikey", "niah_multikey_uuid",
+    "passkey", "niah_single_noise", "niah_single_prose", "perplexity", "niah_multikey", "niah_multikey_uuid",
     "niah_multivalue", "niah_multiquery", "vt", "fwe", "cwe", "niah",
 ]  # the single needles and perplexity first, so a partial grid already compares every method on them
 SAMPLES = 20
