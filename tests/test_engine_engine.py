@@ -342,3 +342,43 @@ def test_abort_aborts_the_samples_and_n_with_a_method_is_refused() -> None:
     assert engine.metrics()["num_used"] == 0
     with pytest.raises(KVStackError, match="parallel samples cannot be combined"):
         engine.add_request(PROMPTS[0], SamplingParams(n=2), method="h2o(budget=8)")
+
+
+# --------------------------------------------------------------------------------------------------
+# stop strings
+# --------------------------------------------------------------------------------------------------
+
+
+def word_tokenizer() -> object:
+    """A real word-level tokenizer over the tiny model's vocabulary: token i decodes to ``w{i}``."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="w0")
+
+
+def test_stop_string_finishes_the_request_at_the_token_that_completes_it(reference: PreTrainedModel) -> None:
+    tokenizer = word_tokenizer()
+    prompt = PROMPTS[2]
+    expected = reference_generate(reference, prompt, 10)
+    stop = f"w{expected[4]} w{expected[5]}"  # two words: it appears when the 6th token is decoded
+    text_until = [tokenizer.decode(expected[: i + 1]) for i in range(10)]
+    first = next(i for i, text in enumerate(text_until) if stop in text)
+    engine = make_engine(tokenizer=tokenizer)
+    rid = engine.add_request(prompt, SamplingParams(max_new_tokens=10, stop=(stop,)))
+    finished = []
+    while engine.has_unfinished():
+        finished += [out for out in engine.step() if out.finished]
+    assert engine.get_output(rid) == expected[: first + 1]
+    assert finished[0].finish_reason == "stop"
+    assert engine.metrics()["num_used"] == 0
+
+
+def test_stop_strings_need_a_tokenizer() -> None:
+    with pytest.raises(KVStackError, match="stop strings need the tokenizer"):
+        make_engine().add_request(PROMPTS[0], SamplingParams(stop=("w1",)))
+    with pytest.raises(KVStackError, match="stop must be non-empty strings"):
+        SamplingParams(stop=("",))

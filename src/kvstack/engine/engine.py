@@ -26,6 +26,11 @@ Timing
 Each request records its arrival (:meth:`Engine.add_request`), its first token and its finish on
 ``time.perf_counter``; :meth:`Engine.request_timing` gives TTFT, TPOT and end-to-end latency.
 
+Stop conditions
+---------------
+A request finishes at ``max_new_tokens``, on a stop token (``stop_token_ids``), or, with a tokenizer given to
+the engine, as soon as its decoded output contains a stop string (``stop``; finish reason ``"stop"``).
+
 Limitations
 -----------
 * ``n > 1`` cannot be combined with a compression method, nor used with :meth:`Engine.stream`.
@@ -74,6 +79,10 @@ class SamplingParams:
         Seed of the request's own generator (reproducible sampling); None draws a random seed.
     stop_token_ids : sequence of int, optional
         Sampling one of these finishes the request (the token is kept in the output).
+    stop : sequence of str, optional
+        Stop strings: the request finishes (reason ``"stop"``) as soon as its decoded output contains one;
+        the token that completed it is the last one kept (outputs are token ids, so the text may run past
+        the stop string within that token). Needs an engine built with a tokenizer.
     n : int, optional
         Completions per prompt (parallel sampling): the prompt is computed once, then ``n - 1`` children
         are forked sharing its KV blocks (copy-on-write), each sampling its own first token from the same
@@ -90,6 +99,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
     n: int = 1
 
     def __post_init__(self) -> None:
@@ -110,6 +120,10 @@ class SamplingParams:
         except (TypeError, ValueError):
             raise KVStackError(f"stop_token_ids must be integers, got {self.stop_token_ids!r}") from None
         object.__setattr__(self, "stop_token_ids", stops)
+        strings = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if not all(isinstance(text, str) and text for text in strings):
+            raise KVStackError(f"stop must be non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", strings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +139,8 @@ class RequestOutput:
     finished : bool
         Whether the request is finished.
     finish_reason : str or None
-        ``"length"``, ``"eos"`` (a stop token) or ``"aborted"`` once finished, else None.
+        ``"length"``, ``"eos"`` (a stop token), ``"stop"`` (a stop string) or ``"aborted"`` once finished,
+        else None.
     parent_id : hashable or None
         For a parallel sample (``n > 1``) forked from a request, that request's id.
     """
@@ -246,6 +261,8 @@ class Engine:
         zero-capacity host tier); it survives restarts.
     disk_mb : float or None, optional
         Disk tier capacity in MB (None: unbounded).
+    tokenizer : optional
+        The model's tokenizer; needed only for stop strings (``SamplingParams.stop``).
 
     Raises
     ------
@@ -267,6 +284,7 @@ class Engine:
         host_mb: float = 0.0,
         disk_dir: str | os.PathLike[str] | None = None,
         disk_mb: float | None = None,
+        tokenizer: Any = None,
     ) -> None:
         for value, name in ((host_mb, "host_mb"), (disk_mb, "disk_mb")):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
@@ -318,6 +336,7 @@ class Engine:
         self._arrived: dict[Hashable, float] = {}
         self._first_token: dict[Hashable, float] = {}
         self._finished_at: dict[Hashable, float] = {}
+        self.tokenizer = tokenizer
         self._compression: dict[Hashable, SequenceCompression] = {}
         self._children: dict[Hashable, list[Hashable]] = {}
         self._method_generator = torch.Generator().manual_seed(0)
@@ -355,6 +374,8 @@ class Engine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise KVStackError(f"params must be SamplingParams, got {type(params).__name__}")
+        if params.stop and self.tokenizer is None:
+            raise KVStackError("stop strings need the tokenizer: build the Engine with tokenizer=...")
         prompt = list(prompt_token_ids)
         if not prompt:
             raise KVStackError("the prompt is empty; give at least one token")
@@ -508,6 +529,9 @@ class Engine:
         for copy in self.scheduler.update(outputs, forks):
             self.pool.copy_block(copy.src_block, copy.dst_block)
         for entry in batch.scheduled:
+            for rid in [entry.request_id, *(child for child, _ in forks.get(entry.request_id, []))]:
+                if self._params[rid].stop and self._hit_stop_string(rid):
+                    self.scheduler.stop(rid)
             if entry.request_id in self._compression:
                 self._maybe_compress(entry.request_id)
         results: list[RequestOutput] = []
@@ -580,6 +604,18 @@ class Engine:
         if params is not None and params.n > 1:
             return [self.get_outputs(rid) for rid in ids]
         return [self.get_output(rid) for rid in ids]
+
+    def _hit_stop_string(self, request_id: Hashable) -> bool:
+        """Whether the running request's output now contains one of its stop strings (checked in the text of
+        its last tokens, long enough to hold the longest stop string plus the new token)."""
+        seq = self.scheduler.get_sequence(request_id)
+        if seq.is_finished:
+            return False
+        stops = self._params[request_id].stop
+        tokens = seq.output_token_ids
+        window = max(len(text) for text in stops) + 8  # tokens are at least one character, usually more
+        tail = self.tokenizer.decode(tokens[-window:], skip_special_tokens=True)
+        return any(text in tail for text in stops)
 
     # ------------------------------------------------------------------ compression
     def _maybe_compress(self, request_id: Hashable) -> None:

@@ -191,10 +191,11 @@ class SequenceStatus(enum.Enum):
 
 
 class FinishReason(enum.Enum):
-    """Why a sequence finished: ``max_new_tokens`` reached, an eos token sampled, or aborted."""
+    """Why a sequence finished: ``max_new_tokens`` reached, an eos token sampled, a stop string, or aborted."""
 
     LENGTH = "length"
     EOS = "eos"
+    STOP = "stop"
     ABORTED = "aborted"
 
 
@@ -583,6 +584,32 @@ class Scheduler:
         else:
             self._waiting.remove(seq)
         self._finish(seq, FinishReason.ABORTED)
+        return True
+
+    def stop(self, request_id: Hashable) -> bool:
+        """Finish a running request now with reason STOP (the engine found a stop string in its output).
+
+        Call it between steps (after :meth:`update`); its blocks are freed.
+
+        Returns
+        -------
+        bool
+            True if it was stopped, False if it had already finished.
+
+        Raises
+        ------
+        KVStackError
+            If the id is unknown, a batch is pending, or the request is still waiting.
+        """
+        seq = self.get_sequence(request_id)
+        if seq.is_finished:
+            return False
+        if self._pending is not None:
+            raise KVStackError("stop() cannot run while a batch is pending; call it after update()")
+        if seq.status is not SequenceStatus.RUNNING:
+            raise KVStackError(f"only a running request can be stopped; {request_id!r} is {seq.status.value}")
+        self._running.remove(seq)
+        self._finish(seq, FinishReason.STOP)
         return True
 
     # ------------------------------------------------------------------ one step
