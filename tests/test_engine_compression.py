@@ -152,3 +152,17 @@ def test_full_method_compresses_nothing() -> None:
     engine = Engine(tiny(), memory_mb=1.0, block_size=4)
     assert run(engine, PROMPT, 5, "full") == reference_generate(tiny(), PROMPT, 5)
     assert engine.metrics()["compression_evicted_tokens"] == 0
+
+
+def test_blocks_released_mid_prefill_are_not_trusted_before_they_are_computed() -> None:
+    """A dynamic method compacts during chunked prefill, releasing prompt blocks registered in the prefix cache
+    whose KV was never computed; a later request with the same prompt must compute them, not reuse them."""
+    engine = Engine(tiny(), memory_mb=1.0, block_size=4, max_num_batched_tokens=8)
+    compressed = engine.add_request(PROMPT, SamplingParams(max_new_tokens=3), method="streamingllm(budget=8, sinks=2)")
+    for _ in range(3):  # 24 of the 40 prompt tokens computed; compacted at 12 and 20 slots
+        engine.step()
+    assert engine.scheduler.get_sequence(compressed).num_evicted > 0
+    plain = engine.add_request(PROMPT, SamplingParams(max_new_tokens=6))
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.get_output(plain) == reference_generate(tiny(), PROMPT, 6)

@@ -856,12 +856,16 @@ class Scheduler:
         if seq.status is not SequenceStatus.RUNNING:
             raise KVStackError(f"only a running request can be compacted; {request_id!r} is {seq.status.value}")
         computed = seq.num_computed_tokens - seq.num_evicted
-        old_table = self._block_manager.block_table(request_id)
         freed = self._block_manager.compact(request_id, computed, kept, copy)
         new_table = self._block_manager.block_table(request_id)
-        self._unwritten.difference_update(old_table)
+        # The old blocks keep their marks: one registered in the prefix cache before its KV was computed (a
+        # prompt compacted mid-prefill) must stay untrusted for the next prompt that hits it.
+        first_pending_block = kept // self._block_manager.block_size
         if self._block_manager.num_tokens(request_id) > kept:  # slots recorded but not computed yet
-            self._unwritten.update(new_table[kept // self._block_manager.block_size :])
+            self._unwritten.difference_update(new_table[:first_pending_block])
+            self._unwritten.update(new_table[first_pending_block:])
+        else:
+            self._unwritten.difference_update(new_table)
         seq.num_evicted += computed - kept
         return freed
 
