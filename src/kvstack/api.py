@@ -102,6 +102,8 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
         from kvstack.calibration import get_calibration
 
         calibration = get_calibration(model)  # a missing or foreign artefact is a one-line CalibrationError
+    if hasattr(method, "demotion_codec"):  # mikv: its low-precision groups must tile the head dimension
+        method.demotion_codec().check(geometry.head_dim)
     if method.sparse_attention and method.rank > geometry.head_dim:
         raise InputError(f"rank {method.rank} is above the head dimension {geometry.head_dim}; choose 1 to "
                          f"{geometry.head_dim}")

@@ -112,6 +112,7 @@ class KVStackLayer(CacheLayerMixin):
         self.pending_chunk: tuple[torch.Tensor, torch.Tensor] | None = None
         self.budget: int | None = None
         self.region: QuantizedRegion | None = None  # entries a codec has encoded (they precede the slots)
+        self.demoted: QuantizedRegion | None = None  # entries MiKV evicted to low precision (attended first)
         self.pca_basis: torch.Tensor | None = None  # [B, H, D, D] Loki's per-head key basis (keys stored rotated)
 
     # ---------------------------------------------------------------- transformers CacheLayerMixin
@@ -135,6 +136,12 @@ class KVStackLayer(CacheLayerMixin):
                 state_names=tuple(self.owner.method.state_names),
                 rope_inv_freq=self.owner.rope_inv_freq, layer_idx=self.layer_idx,
                 calibration=self.owner.calibration,
+            )
+        demotion = getattr(self.owner.method, "demotion_codec", None)
+        if demotion is not None:
+            self.demoted = QuantizedRegion(
+                demotion(), batch, heads, head_dim, self.dtype, self.device, per_head_positions=True,
+                layer_idx=self.layer_idx,
             )
         self.is_initialized = True
 
@@ -242,7 +249,8 @@ class KVStackLayer(CacheLayerMixin):
         if self.pca_basis is not None:
             tensors.append(self.pca_basis)
         encoded = self.region.nbytes() if self.region is not None else 0
-        return sum(t.nbytes for t in tensors) + encoded
+        demoted = self.demoted.nbytes() if self.demoted is not None else 0
+        return sum(t.nbytes for t in tensors) + encoded + demoted
 
     def encoded_entries(self) -> int:
         """Entries per (sequence, head) held in encoded form (0 without a codec)."""
@@ -254,7 +262,8 @@ class KVStackLayer(CacheLayerMixin):
             return 0
         if self.ragged is not None:
             return sum(self.ragged.lengths)
-        return (self.encoded_entries() + self.length) * self.batch * self.heads
+        demoted = self.demoted.length if self.demoted is not None else 0
+        return (self.encoded_entries() + demoted + self.length) * self.batch * self.heads
 
     def full_kv_bytes(self) -> int:
         """What an uncompressed cache of the same tokens would hold (keys + values, no metadata)."""
@@ -345,6 +354,8 @@ class KVStackLayer(CacheLayerMixin):
             output, stats = self._attend_low_rank_scored(query, causal, q_len, scaling), AttentionStats()
         elif self.encoded_entries():
             output, stats = self._attend_encoded(query, causal, valid, q_len, scaling, needs, method.window_queries())
+        elif self.demoted is not None and self.demoted.length:
+            output, stats = self._attend_demoted(query, causal, valid, q_len, scaling, needs, method.window_queries())
         else:
             keys, values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
             if method.uses_cache_positions():
@@ -431,6 +442,46 @@ class KVStackLayer(CacheLayerMixin):
             yield fp_keys, fp_values, tail_mask
 
         return blockwise_attention(query, blocks, scaling, needs, window, valid)
+
+    def _attend_demoted(
+        self, query: torch.Tensor, causal: torch.Tensor | None, valid: torch.Tensor | None, q_len: int,
+        scaling: float, needs: set[str], window: int,
+    ) -> tuple[torch.Tensor, AttentionStats]:
+        """Attention over ``[demoted low-precision entries | full-precision slots]`` (MiKV), block by block.
+
+        The statistics returned cover the full-precision slots only: the method scores what it may still
+        evict, and demoted entries are never promoted back.
+        """
+        demoted = self.demoted
+        assert demoted is not None
+        region_valid = (demoted.live_positions() >= 0).unsqueeze(2) if self.has_padding else None  # [B, H, 1, N]
+        tail_mask = self._tail_mask(causal, q_len, query.device)
+        fp_keys, fp_values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+        def blocks():
+            for block_start, block_stop in demoted.block_bounds():
+                keys, values = demoted.decode(block_start, block_stop)
+                yield keys, values, None if region_valid is None else region_valid[..., block_start:block_stop]
+            yield fp_keys, fp_values, tail_mask
+
+        output, stats = blockwise_attention(query, blocks, scaling, needs, window, valid)
+        skip = demoted.length
+        for field in ("window", "colsum", "below_mean", "queries_seen", "last"):
+            value = getattr(stats, field)
+            if value is not None:
+                setattr(stats, field, value[..., skip:])
+        return output, stats
+
+    def _demote(self, index: torch.Tensor) -> None:
+        """Encode the full-precision entries at slots ``index`` ``[B, H, n]`` into the demoted region (MiKV)."""
+        assert self.demoted is not None
+        expanded = index.unsqueeze(-1).expand(-1, -1, -1, self.head_dim)
+        self.demoted.append(
+            self.keys[:, :, : self.length].gather(2, expanded),
+            self.values[:, :, : self.length].gather(2, expanded),
+            self.positions[:, :, : self.length].gather(2, index),
+            {},
+        )
 
     def _tail_mask(self, causal: torch.Tensor | None, q_len: int, device: torch.device) -> torch.Tensor | None:
         """``[B|1, H|1, q, length]`` bool: what each new query sees of the full-precision slots (None: all)."""
@@ -608,9 +659,16 @@ class KVStackLayer(CacheLayerMixin):
         if encoded:
             self._unflush()
         if drop == 1:
-            self._replace_slot(scores.argmin(dim=-1))
+            evicted = scores.argmin(dim=-1)  # [B, H]
+            if self.demoted is not None:
+                self._demote(evicted.unsqueeze(-1))
+            self._replace_slot(evicted)
         else:
             keep = scores.topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values
+            if self.demoted is not None:
+                dropped = torch.ones_like(scores, dtype=torch.bool).scatter_(-1, keep, False)
+                slots = torch.arange(dropped.shape[-1], device=keep.device).expand_as(dropped)
+                self._demote(slots[dropped].view(*keep.shape[:2], -1))
             self._gather(keep)
 
     def _replace_slot(self, evicted: torch.Tensor) -> None:

@@ -307,7 +307,9 @@ def compose(terms: list[Any], spec: str) -> Composed:
     if len(codecs) != 1 or len(selections) > 1:
         from kvstack.spec import list_methods
 
-        codec_names = ", ".join(i.name for i in list_methods() if i.category.startswith("token/quantization"))
+        codec_names = ", ".join(
+            i.name for i in list_methods() if i.category.startswith("token/quantization") and not i.wraps
+        )
         raise SpecError(
             f"cannot compose {names} in {spec!r}: '+' joins at most one selection method with one codec "
             f"(codecs: {codec_names}), e.g. 'snapkv(ratio=0.5) + kivi(bits=2)'"
@@ -327,5 +329,10 @@ def compose(terms: list[Any], spec: str) -> Composed:
         raise SpecError(
             f"cannot compose {names}: positions='cache' re-rotates cached keys, which codecs do not support yet; "
             "use positions='true' with a codec"
+        )
+    if hasattr(selection, "demotion_codec"):
+        raise SpecError(
+            f"cannot compose {names}: {selection.label()} already stores what it evicts at low precision; use it "
+            "without a codec"
         )
     return Composed(selection, codecs[0])

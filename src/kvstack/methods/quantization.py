@@ -24,9 +24,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
+import torch
+
 from kvstack.cache.codecs import CodecError, check_bits, check_group_size
-from kvstack.methods.base import check_sizes
-from kvstack.spec import MethodInfo, register
+from kvstack.methods.base import LayerView, Method, check_sizes
+from kvstack.spec import MethodInfo, SpecError, register
 
 __all__ = ["KIVI", "Codec", "KVQuant", "Quant", "TensorFormat"]
 
@@ -280,3 +282,76 @@ class KVQuant(Codec):
 
     def outlier_fraction(self) -> float:
         return float(self.outliers)
+
+
+@dataclasses.dataclass
+class DemotionQuant(Quant):
+    """The per-token format MiKV demotes evicted entries to: :class:`Quant` encoded one entry at a time.
+
+    Entries arrive a few at a time, in any order of positions (whatever a selection method evicts), so
+    this codec has no token groups and no residual window: its chunk is one token.
+    """
+
+    def chunk_tokens(self) -> int:
+        return 1
+
+
+@register(
+    "mikv",
+    category="token/quantization/mixed",
+    description=(
+        "MiKV: entries the inner selection method would evict stay in the cache at `bits` bits (per token, "
+        "groups of group_size channels); the entries it keeps stay in full precision."
+    ),
+    wraps=True,
+)
+@dataclasses.dataclass
+class MiKV(Method):
+    """Mixed-precision KV cache (MiKV, Yang et al., 2024, "No Token Left Behind").
+
+    The inner method (``h2o``, ``snapkv``, ``streamingllm`` ...) ranks entries exactly as it does alone and
+    keeps its budget in full precision; instead of being discarded, the entries it evicts are quantized to
+    ``bits`` bits per element (asymmetric min-max per token, groups of ``group_size`` channels, float16
+    scales and zero points) and kept, so every query still attends to every token. Evicted entries are
+    never promoted back. The bytes are the full-precision budget plus the low-precision remainder, all
+    counted by ``kv_bytes()``.
+    """
+
+    inner: Any = dataclasses.field(default=None)
+    bits: int = 2
+    group_size: int = 32
+
+    def __post_init__(self) -> None:
+        from kvstack.methods.base import BudgetedMethod
+
+        if not isinstance(self.inner, BudgetedMethod) or self.inner.headwise or self.inner.sparse_attention:
+            raise SpecError("mikv wraps a uniform selection method with a budget, e.g. mikv(h2o(ratio=0.75), bits=2)")
+        if self.inner.uses_cache_positions():
+            raise SpecError("mikv needs true positions: use streamingllm with positions='original' inside it")
+        check_bits(self.bits)
+        _check_group(self.group_size)
+        self.needs = self.inner.needs  # type: ignore[misc]
+        self.state_names = self.inner.state_names  # type: ignore[misc]
+        self.dynamic = self.inner.dynamic  # type: ignore[misc]
+
+    def demotion_codec(self) -> DemotionQuant:
+        """The low-precision format of the demoted entries."""
+        return DemotionQuant(bits=self.bits, group_size=self.group_size)
+
+    def min_budget(self) -> int:
+        return self.inner.min_budget()
+
+    def window_queries(self) -> int:
+        return self.inner.window_queries()
+
+    def layer_budget(self, context_length: int, layer_idx: int, num_layers: int) -> int | None:
+        return self.inner.layer_budget(context_length, layer_idx, num_layers)
+
+    def protect(self, view: LayerView) -> torch.Tensor | None:
+        return self.inner.protect(view)
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        return self.inner.score(view)
+
+    def observe(self, view: LayerView) -> None:
+        self.inner.observe(view)
