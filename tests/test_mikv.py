@@ -26,11 +26,12 @@ def greedy(model: torch.nn.Module, spec: str, new: int = 8) -> tuple[list[int], 
     return out[0, len(PROMPT):].tolist(), cache
 
 
-def test_eight_bit_demotion_keeps_the_full_cache_output_where_eviction_alone_does_not() -> None:
+@pytest.mark.parametrize("rotate", [None, "hadamard"])
+def test_eight_bit_demotion_keeps_the_full_cache_output_where_eviction_alone_does_not(rotate: str | None) -> None:
     model = tiny()
     full, _ = greedy(model, "full")
     evicted, _ = greedy(model, "h2o(budget=16)")
-    mixed, _ = greedy(model, "mikv(h2o(budget=16), bits=8, group_size=16)")
+    mixed, _ = greedy(model, f"mikv(h2o(budget=16), bits=8, group_size=16, rotate={rotate!r})")
     assert evicted != full  # the budget is tight enough to change the answer...
     assert mixed == full  # ...and the evicted entries, kept at 8 bits, bring it back
 

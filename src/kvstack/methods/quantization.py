@@ -313,13 +313,15 @@ class MiKV(Method):
     keeps its budget in full precision; instead of being discarded, the entries it evicts are quantized to
     ``bits`` bits per element (asymmetric min-max per token, groups of ``group_size`` channels, float16
     scales and zero points) and kept, so every query still attends to every token. Evicted entries are
-    never promoted back. The bytes are the full-precision budget plus the low-precision remainder, all
+    never promoted back. ``rotate='hadamard'`` rotates the demoted keys and values first (QuaRot-style, as
+    for the codecs), spreading outlier channels before the per-token quantization. The bytes are the full-precision budget plus the low-precision remainder, all
     counted by ``kv_bytes()``.
     """
 
     inner: Any = dataclasses.field(default=None)
     bits: int = 2
     group_size: int = 32
+    rotate: str | None = None
 
     def __post_init__(self) -> None:
         from kvstack.methods.base import BudgetedMethod
@@ -330,13 +332,14 @@ class MiKV(Method):
             raise SpecError("mikv needs true positions: use streamingllm with positions='original' inside it")
         check_bits(self.bits)
         _check_group(self.group_size)
+        _check_rotation(self.rotate)
         self.needs = self.inner.needs  # type: ignore[misc]
         self.state_names = self.inner.state_names  # type: ignore[misc]
         self.dynamic = self.inner.dynamic  # type: ignore[misc]
 
     def demotion_codec(self) -> DemotionQuant:
         """The low-precision format of the demoted entries."""
-        return DemotionQuant(bits=self.bits, group_size=self.group_size)
+        return DemotionQuant(bits=self.bits, group_size=self.group_size, rotate=self.rotate)
 
     def min_budget(self) -> int:
         return self.inner.min_budget()
