@@ -1,10 +1,11 @@
 """Mixed precision (issue "KV cache quantization", MiKV): evicted entries kept at low precision vs dropped.
 
-SmolLM2-135M-Instruct on the harness, same samples for every method, one run: the full cache, H2O and SnapKV
-at compression ratio 0.75 (a quarter of the context kept), and MiKV around each of them with the evicted
-three quarters kept at 2 bits (plain and Hadamard-rotated) and 4 bits. Tasks: long-text perplexity (the cache compressed as the text streams
-through) and the single-needle tasks in noise and in prose, at 1k and 2k tokens. Each cell records the
-bytes the cache holds (the full-precision budget plus the low-precision remainder, all metadata included).
+SmolLM2-135M-Instruct on the harness, same samples for every method, one run: the full cache, H2O and
+SnapKV at compression ratio 0.75 (a quarter of the context kept), and MiKV around each of them with the
+evicted three quarters kept at 2 bits (plain and Hadamard-rotated) and 4 bits. Tasks: long-text
+perplexity (the cache compressed as the text streams through) and the single-needle tasks in noise and
+in prose, at 1k and 2k tokens. Each cell records the bytes the cache holds (the full-precision budget plus
+the low-precision remainder, all metadata included).
 
 Usage::
 

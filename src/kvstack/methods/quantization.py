@@ -314,8 +314,8 @@ class MiKV(Method):
     ``bits`` bits per element (asymmetric min-max per token, groups of ``group_size`` channels, float16
     scales and zero points) and kept, so every query still attends to every token. Evicted entries are
     never promoted back. ``rotate='hadamard'`` rotates the demoted keys and values first (QuaRot-style, as
-    for the codecs), spreading outlier channels before the per-token quantization. The bytes are the full-precision budget plus the low-precision remainder, all
-    counted by ``kv_bytes()``.
+    for the codecs), spreading outlier channels before the per-token quantization. The bytes are the
+    full-precision budget plus the low-precision remainder, all counted by ``kv_bytes()``.
     """
 
     inner: Any = dataclasses.field(default=None)
