@@ -108,28 +108,40 @@ def write_progress(out_dir: Path, config: BenchConfig, command: str, started: st
 
 
 def summary_table(records: list[dict], length: int) -> str:
-    """Markdown: mean score per method template and ratio over the generation tasks every method finished.
+    """Markdown: mean score per method template and ratio over generation tasks finished by every method shown.
 
-    Only task cells (task, variant) that every method of the grid has finished at ``length`` are averaged,
-    so each row is taken over the same work. Perplexity is shown in its own column (lower is better).
+    Each row is taken over the same work. While the grid fills, the table shows the set of methods and task
+    cells that covers the most finished cells (methods with fewer finished cells are listed as pending).
+    Perplexity is shown in its own column (lower is better).
     """
-    methods = {r["method"] for r in records if r["length"] == length}
     cells: dict[tuple[str, str], dict[str, dict]] = {}
     for record in records:
         if record["length"] == length:
             cells.setdefault((record["task"], record["variant"]), {})[record["method"]] = record
-    complete = sorted(key for key, by_method in cells.items() if set(by_method) == methods and methods)
-    generation = [key for key in complete if key[0] != "perplexity"]
-    if not generation:
+    finished: dict[str, int] = {}
+    for key, by_method in cells.items():
+        if key[0] != "perplexity":
+            for method in by_method:
+                finished[method] = finished.get(method, 0) + 1
+    best: tuple[int, int, set[str], list[tuple[str, str]]] = (0, 0, set(), [])
+    for threshold in sorted(set(finished.values()), reverse=True):
+        shown = {method for method, count in finished.items() if count >= threshold}
+        tasks = sorted(k for k, by_method in cells.items() if k[0] != "perplexity" and shown <= set(by_method))
+        if tasks and (len(shown) * len(tasks), len(shown)) > best[:2]:
+            best = (len(shown) * len(tasks), len(shown), shown, tasks)
+    _, _, methods, generation = best
+    if not generation or "full" not in methods:
         return f"No task is finished for every method at {length} tokens yet."
+    pending = sorted(set(finished) - methods)
     groups: dict[str, dict[float, str]] = {}
     for method in methods:
         record = cells[generation[0]][method]
         groups.setdefault(record["method_group"], {})[record["ratio"] or 0.0] = method
     names = ", ".join(f"{t}{' ' + v if v else ''}" for t, v in generation)
+    waiting = f" Not in the table yet (fewer cells finished): {', '.join(pending)}." if pending else ""
     lines = [f"Mean score over {len(generation)} task cells at {length} tokens ({names}), "
              f"{cells[generation[0]]['full']['samples']} samples each; perplexity where finished "
-             "(lower is better).", "",
+             f"(lower is better).{waiting}", "",
              "| method | ratio 0.25 | ratio 0.5 | ratio 0.75 | perplexity at 0.25 / 0.5 / 0.75 |",
              "| --- | ---: | ---: | ---: | --- |"]
     perplexity = cells.get(("perplexity", ""), {})
