@@ -525,3 +525,29 @@ def test_cached_prefix_tokens_is_read_only_and_matches_allocate_prompt() -> None
     assert (manager.metrics(), manager.pool.cached_blocks_lru(), manager.seq_ids()) == before
     assert manager.allocate_prompt("b", prompt) == 8
     assert BlockManager(8, BLOCK_SIZE, enable_prefix_caching=False).cached_prefix_tokens(prompt) == 0
+
+
+def test_forks_of_n_samples_share_the_prompt_and_are_dropped_when_the_parent_is_aborted_mid_step() -> None:
+    def forked(abort_mid_step: bool) -> tuple[Scheduler, BlockManager]:
+        manager = BlockManager(num_blocks=16, block_size=4)
+        scheduler = Scheduler(manager, max_num_batched_tokens=32)
+        scheduler.add_request(Request(0, [1, 2, 3, 4, 5, 6], 4, 0.0, n=3))
+        scheduler.schedule()
+        if abort_mid_step:
+            assert scheduler.abort(0)
+        scheduler.update({0: 7}, {0: [("a", 8), ("b", 9)]})
+        return scheduler, manager
+
+    scheduler, manager = forked(abort_mid_step=False)
+    assert scheduler.running_request_ids() == [0, "a", "b"]
+    assert [scheduler.get_sequence(r).output_token_ids for r in (0, "a", "b")] == [[7], [8], [9]]
+    tables = [manager.block_table(r) for r in (0, "a", "b")]
+    assert tables[0][0] == tables[1][0] == tables[2][0]  # the full prompt block is shared
+    assert len({t[1] for t in tables}) == 3  # each sample writes its own last block (copy-on-write)
+    manager.check_invariants()
+
+    scheduler, manager = forked(abort_mid_step=True)
+    assert scheduler.get_sequence(0).finish_reason.value == "aborted"
+    assert not scheduler.has_unfinished() and manager.pool.num_used == 0
+    with pytest.raises(KVStackError, match="unknown"):
+        scheduler.get_sequence("a")

@@ -528,6 +528,13 @@ class Engine:
                 self._children[rid] = [child_id for child_id, _ in children]
         for copy in self.scheduler.update(outputs, forks):
             self.pool.copy_block(copy.src_block, copy.dst_block)
+        for rid in list(forks):
+            if self.scheduler.get_sequence(rid).finish_reason is FinishReason.ABORTED:  # aborted mid-step: no samples
+                for child_id, _ in forks.pop(rid):
+                    self._params.pop(child_id)
+                    self._generators.pop(child_id)
+                    self._arrived.pop(child_id)
+                self._children.pop(rid)
         for entry in batch.scheduled:
             for rid in [entry.request_id, *(child for child, _ in forks.get(entry.request_id, []))]:
                 if self._params[rid].stop and self._hit_stop_string(rid):

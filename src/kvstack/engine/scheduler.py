@@ -784,7 +784,8 @@ class Scheduler:
                 )
             if completes:
                 tokens[entry.request_id] = _token_id(token, f"sampled token of request {entry.request_id!r}")
-        forks = dict(forks or {})
+        forks = {rid: children for rid, children in (forks or {}).items()
+                 if not (rid in self._sequences and self._sequences[rid]._abort_requested)}  # aborted: no samples
         for parent_id, children in forks.items():
             seq = self._sequences.get(parent_id)
             if seq is None or parent_id not in tokens or not self._forks_now(seq):
