@@ -47,7 +47,8 @@ def markdown(records: list[dict], lengths: list[int], command: str, samples: int
         f"- command: `{command}`",
         f"- date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}",
         f"- machine: {cpu_name()}; SmolLM2-135M-Instruct, fp32; {samples} samples per needle cell", "",
-        "Bytes are the cache's own `kv_bytes()` at the end of the prompt, as a share of the full cache's.", "",
+        "Bytes are the cache's own `kv_bytes()` at the end of the prompt, as a share of the full cache's. "
+        "A `mikv(...)` label without `bits` is the default, 2 bits.", "",
     ]
     for length in lengths:
         cells = {(r["method"], r["task"]): r for r in records if r["length"] == length}
