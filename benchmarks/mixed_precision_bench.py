@@ -45,7 +45,9 @@ def markdown(records: list[dict], lengths: list[int], command: str, samples: int
     lines = [
         "# Mixed precision (MiKV) on the harness", "",
         f"- command: `{command}`",
-        f"- date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}",
+        f"- cells finished between {min(r['finished_at'] for r in records)} and "
+        f"{max(r['finished_at'] for r in records)} (UTC); table written "
+        f"{dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}",
         f"- machine: {cpu_name()}; SmolLM2-135M-Instruct, fp32; {samples} samples per needle cell", "",
         "Bytes are the cache's own `kv_bytes()` at the end of the prompt, as a share of the full cache's. "
         "A `mikv(...)` label without `bits` is the default, 2 bits.", "",
@@ -85,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     out = Path(args.out)
-    command = "python benchmarks/mixed_precision_bench.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/mixed_precision_bench.py " + " ".join(a for a in sys.argv[1:] if a != "--report-only")
     if not args.report_only:
         config = BenchConfig(methods=METHODS, tasks=TASKS, lengths=lengths, samples=args.samples, out_dir=str(out),
                              progress=sys.stderr.isatty())
