@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from kvstack.methods.base import BudgetedMethod, LayerView, Method
+from kvstack.methods.base import BudgetedMethod, WrapperMethod
 from kvstack.methods.selection import SnapKV
 from kvstack.spec import SpecError, register
 
@@ -93,7 +93,7 @@ class PyramidKV(SnapKV):
     wraps=True,
 )
 @dataclasses.dataclass
-class AdaKV(Method):
+class AdaKV(WrapperMethod):
     """Ada-KV (Feng et al., 2024) around any scoring method (``snapkv``, ``h2o``, ``keynorm`` ...).
 
     At the end of the prompt, each head first keeps its top ``floor * budget`` entries (the safeguard),
@@ -111,26 +111,7 @@ class AdaKV(Method):
             raise SpecError("adakv wraps a method with a budget, e.g. adakv(snapkv(ratio=0.5))")
         if not 0.0 <= self.floor <= 1.0:
             raise SpecError(f"floor must be in [0, 1] (fraction of the per-head budget), got {self.floor}")
-        self.needs = self.inner.needs  # type: ignore[misc]
-        self.state_names = self.inner.state_names  # type: ignore[misc]
-
-    def min_budget(self) -> int:
-        return self.inner.min_budget()
-
-    def window_queries(self) -> int:
-        return self.inner.window_queries()
-
-    def layer_budget(self, context_length: int, layer_idx: int, num_layers: int) -> int | None:
-        return self.inner.layer_budget(context_length, layer_idx, num_layers)
-
-    def protect(self, view: LayerView) -> torch.Tensor | None:
-        return self.inner.protect(view)
-
-    def score(self, view: LayerView) -> torch.Tensor:
-        return self.inner.score(view)
-
-    def observe(self, view: LayerView) -> None:
-        self.inner.observe(view)
+        self.adopt_inner()
 
 
 def headwise_counts(scores: torch.Tensor, budget: int, floor: float) -> torch.Tensor:

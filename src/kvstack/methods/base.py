@@ -188,6 +188,41 @@ class Method:
         return f"{self.spec_name}({', '.join(parts)})" if parts else self.spec_name
 
 
+@dataclasses.dataclass
+class WrapperMethod(Method):
+    """Base of methods written around another one (``adakv(snapkv(...))``, ``mikv(h2o(...))``).
+
+    The wrapper adopts its inner method's statistics and state, and delegates budgets, protection,
+    scoring and observation to it; a subclass changes what happens to the entries (where they are
+    kept, how they are stored).
+    """
+
+    inner: Any = dataclasses.field(default=None)
+
+    def adopt_inner(self) -> None:
+        """Take the inner method's statistics and per-entry state (call from ``__post_init__``)."""
+        self.needs = self.inner.needs  # type: ignore[misc]
+        self.state_names = self.inner.state_names  # type: ignore[misc]
+
+    def min_budget(self) -> int:
+        return self.inner.min_budget()
+
+    def window_queries(self) -> int:
+        return self.inner.window_queries()
+
+    def layer_budget(self, context_length: int, layer_idx: int, num_layers: int) -> int | None:
+        return self.inner.layer_budget(context_length, layer_idx, num_layers)
+
+    def protect(self, view: LayerView) -> torch.Tensor | None:
+        return self.inner.protect(view)
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        return self.inner.score(view)
+
+    def observe(self, view: LayerView) -> None:
+        self.inner.observe(view)
+
+
 def _check_non_negative_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise SpecError(f"{name} must be an integer, got {value!r}")

@@ -24,10 +24,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-import torch
-
 from kvstack.cache.codecs import CodecError, check_bits, check_group_size
-from kvstack.methods.base import LayerView, Method, check_sizes
+from kvstack.methods.base import WrapperMethod, check_sizes
 from kvstack.spec import MethodInfo, SpecError, register
 
 __all__ = ["KIVI", "Codec", "KVQuant", "Quant", "TensorFormat"]
@@ -306,7 +304,7 @@ class DemotionQuant(Quant):
     wraps=True,
 )
 @dataclasses.dataclass
-class MiKV(Method):
+class MiKV(WrapperMethod):
     """Mixed-precision KV cache (MiKV, Yang et al., 2024, "No Token Left Behind").
 
     The inner method (``h2o``, ``snapkv``, ``streamingllm`` ...) ranks entries exactly as it does alone and
@@ -333,28 +331,10 @@ class MiKV(Method):
         check_bits(self.bits)
         _check_group(self.group_size)
         _check_rotation(self.rotate)
-        self.needs = self.inner.needs  # type: ignore[misc]
-        self.state_names = self.inner.state_names  # type: ignore[misc]
+        self.adopt_inner()
         self.dynamic = self.inner.dynamic  # type: ignore[misc]
 
     def demotion_codec(self) -> DemotionQuant:
         """The low-precision format of the demoted entries."""
         return DemotionQuant(bits=self.bits, group_size=self.group_size, rotate=self.rotate)
 
-    def min_budget(self) -> int:
-        return self.inner.min_budget()
-
-    def window_queries(self) -> int:
-        return self.inner.window_queries()
-
-    def layer_budget(self, context_length: int, layer_idx: int, num_layers: int) -> int | None:
-        return self.inner.layer_budget(context_length, layer_idx, num_layers)
-
-    def protect(self, view: LayerView) -> torch.Tensor | None:
-        return self.inner.protect(view)
-
-    def score(self, view: LayerView) -> torch.Tensor:
-        return self.inner.score(view)
-
-    def observe(self, view: LayerView) -> None:
-        self.inner.observe(view)
