@@ -38,9 +38,11 @@ preempts **by recompute** the **most recently arrived** running sequence (possib
 blocks are freed, it goes back to WAITING with ``num_computed_tokens = 0`` at the front of the waiting
 queue, keeping its generated tokens, which are recomputed with the prompt on re-admission.
 
-* Recompute rather than swap: no host memory, no transfer over the host link and no swap-space
-  bookkeeping; the recompute runs as an ordinary batched prefill, and full blocks the victim had registered
-  may still be in the prefix cache when it returns, making the recompute partly free.
+* Recompute rather than a separate swap space: the recompute runs as an ordinary batched prefill, and the
+  full blocks the victim had registered stay in the prefix cache when it returns, making the recompute
+  partly free. With the engine's storage tiers this becomes a swap of those blocks: a cached block the
+  pool evicts is written to the host tier and loaded back on the victim's readmission, so only its last,
+  partial block is recomputed.
 * Youngest victim: it has usually done the least work, so the least is lost, and the older sequences,
   which arrived first, keep running, so preemption preserves FCFS order instead of inverting it.
 
