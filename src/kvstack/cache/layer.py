@@ -431,6 +431,14 @@ class KVStackLayer(CacheLayerMixin):
         if q_len == 1 and not needs and not self.has_padding and causal is None:
             output = region.attend_one(query, self.keys[:, :, : self.length], self.values[:, :, : self.length], scaling)
             return output, AttentionStats()
+        return self._attend_region_then_slots(region, query, causal, valid, q_len, scaling, needs, window)
+
+    def _attend_region_then_slots(
+        self, region: QuantizedRegion, query: torch.Tensor, causal: torch.Tensor | None, valid: torch.Tensor | None,
+        q_len: int, scaling: float, needs: set[str], window: int,
+    ) -> tuple[torch.Tensor, AttentionStats]:
+        """Block-wise attention over ``[region's entries | full-precision slots]``, one decoded block at a time;
+        the statistics cover both, region first."""
         region_valid = (region.live_positions() >= 0).unsqueeze(2) if self.has_padding else None  # [B, H, 1, N]
         tail_mask = self._tail_mask(causal, q_len, query.device)
         fp_keys, fp_values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
@@ -454,17 +462,7 @@ class KVStackLayer(CacheLayerMixin):
         """
         demoted = self.demoted
         assert demoted is not None
-        region_valid = (demoted.live_positions() >= 0).unsqueeze(2) if self.has_padding else None  # [B, H, 1, N]
-        tail_mask = self._tail_mask(causal, q_len, query.device)
-        fp_keys, fp_values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
-
-        def blocks():
-            for block_start, block_stop in demoted.block_bounds():
-                keys, values = demoted.decode(block_start, block_stop)
-                yield keys, values, None if region_valid is None else region_valid[..., block_start:block_stop]
-            yield fp_keys, fp_values, tail_mask
-
-        output, stats = blockwise_attention(query, blocks, scaling, needs, window, valid)
+        output, stats = self._attend_region_then_slots(demoted, query, causal, valid, q_len, scaling, needs, window)
         skip = demoted.length
         for field in ("window", "colsum", "below_mean", "queries_seen", "last"):
             value = getattr(stats, field)
