@@ -42,6 +42,7 @@ Limitations
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 import time
@@ -641,14 +642,16 @@ class Engine:
         next_position = seq.num_computed_tokens
         kept: list[torch.Tensor] = []
         for layer in range(pool.num_layers):
-            def kv_source(layer: int = layer) -> tuple[torch.Tensor, torch.Tensor]:
-                keys, values = pool.gather(layer, table, slots)
+            gathered = functools.cache(functools.partial(pool.gather, layer, table, slots))  # [H, S, D] x 2, once
+
+            def kv_source(gathered: Any = gathered) -> tuple[torch.Tensor, torch.Tensor]:
+                keys, values = gathered()
                 return keys[None], values[None]
 
             window = None
             queries = compression.window_queries[layer] if compression.window_queries else None
             if queries is not None:
-                keys, _ = pool.gather(layer, table, slots)
+                keys, _ = gathered()
                 scaling = float(compression.last_stats.get(layer, {}).get("scaling", keys.shape[-1] ** -0.5))
                 window = window_weights(queries, keys, scaling)
             view = compression.view(layer, window, next_position, self._method_generator, self._group_size,
