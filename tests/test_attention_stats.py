@@ -1,7 +1,8 @@
 """Column statistics of a multi-token chunk (H2O's received attention, Scissorhands' below-mean counts).
 
-The fused path (flash output + recomputed weights) is checked against a float64 softmax computed here
-from the same queries and keys; the bf16 path against the fp32 one.
+Both fp32 paths (the fused C++ kernel that takes the statistics in the same pass as the output, and the
+PyTorch fallback: flash output + recomputed weights) are checked against a float64 softmax computed here
+from the same queries and keys; the bf16 fallback against the fp32 one.
 """
 
 from __future__ import annotations
@@ -11,10 +12,20 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kvstack.cache import kernels
 from kvstack.cache import layer as layer_module
 from kvstack.cache.layer import attention_with_stats
 
 NEEDS = {"colsum", "below_mean"}
+PATHS = pytest.mark.parametrize("fused_kernel", [
+    pytest.param(True, marks=pytest.mark.skipif(not kernels.available(), reason="no C++ compiler here")),
+    False,
+], ids=["kernel", "pytorch"])
+
+
+def use_kernel(monkeypatch, fused_kernel: bool) -> None:
+    if not fused_kernel:
+        monkeypatch.setattr(layer_module.kernels, "available", lambda: False)
 
 
 def reference(query, keys, values, past, q_len, scaling):
@@ -43,13 +54,15 @@ def random_chunk(seed, batch, heads, group, past, q_len, head_dim=16, scale=2.0)
     return query, keys, values
 
 
+@PATHS
 @settings(max_examples=15, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # the env value is the same for every input
 @given(
     seed=st.integers(0, 10_000), batch=st.integers(1, 2), heads=st.integers(1, 3), group=st.sampled_from([1, 3]),
-    past=st.integers(0, 300), q_len=st.integers(2, 300),
+    past=st.integers(0, 300), q_len=st.integers(1, 300),
 )
-def test_fused_column_statistics_equal_a_float64_softmax(monkeypatch, seed, batch, heads, group, past, q_len):
+def test_column_statistics_equal_a_float64_softmax(monkeypatch, fused_kernel, seed, batch, heads, group, past, q_len):
+    use_kernel(monkeypatch, fused_kernel)
     monkeypatch.setenv(layer_module.STATS_PRECISION_ENV, "fp32")
     query, keys, values = random_chunk(seed, batch, heads, group, past, q_len)
     output, stats = attention_with_stats(query, keys, values, None, None, 0.25, NEEDS, 0)
@@ -64,6 +77,7 @@ def test_fused_column_statistics_equal_a_float64_softmax(monkeypatch, seed, batc
 @pytest.mark.parametrize("needs", [NEEDS, {"colsum"}], ids=["blockwise", "transposed-flash"])
 @pytest.mark.parametrize("past, q_len", [(0, 512), (1024, 512)])
 def test_bf16_statistics_track_fp32_and_leave_the_output_exact(monkeypatch, past, q_len, needs):
+    use_kernel(monkeypatch, False)  # bf16 applies to the PyTorch fallback; the kernel is exact in fp32
     query, keys, values = random_chunk(7, 1, 3, 3, past, q_len, head_dim=64)
     monkeypatch.setenv(layer_module.STATS_PRECISION_ENV, "fp32")
     exact_out, exact = attention_with_stats(query, keys, values, None, None, 0.125, needs, 0)
@@ -85,3 +99,20 @@ def test_stats_precision_rejects_unknown_values(monkeypatch):
     monkeypatch.setenv(layer_module.STATS_PRECISION_ENV, "fp8")
     with pytest.raises(ValueError, match="choose auto, fp32 or bf16"):
         layer_module.stats_precision()
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no C++ compiler here")
+def test_kernel_is_used_unless_bf16_statistics_are_asked_for(monkeypatch):
+    query, keys, values = random_chunk(3, 1, 3, 3, 100, 64, head_dim=64)
+    calls = []
+    original = kernels.attention_with_column_sums
+    monkeypatch.setattr(kernels, "attention_with_column_sums", lambda *a: calls.append(1) or original(*a))
+    for precision, expected_calls in (("auto", 1), ("fp32", 2), ("bf16", 2)):
+        monkeypatch.setenv(layer_module.STATS_PRECISION_ENV, precision)
+        attention_with_stats(query, keys, values, None, None, 0.125, {"colsum"}, 0)
+        assert len(calls) == expected_calls, precision
+    # padding masks go to the PyTorch path
+    monkeypatch.setenv(layer_module.STATS_PRECISION_ENV, "auto")
+    past_valid = torch.ones(1, 3, 100, dtype=torch.bool)
+    attention_with_stats(query, keys, values, None, past_valid, 0.125, {"colsum"}, 0)
+    assert len(calls) == 2

@@ -36,10 +36,10 @@ class CodecError(SpecError):
     """A codec parameter that cannot work (bits, group size); the message names the valid choices."""
 
 
-def check_bits(bits: object) -> int:
-    """Return ``bits`` if it is 2, 4 or 8; raise :class:`CodecError` otherwise."""
+def check_bits(bits: object, name: str = "bits") -> int:
+    """Return ``bits`` if it is 2, 4 or 8; raise :class:`CodecError` (naming parameter ``name``) otherwise."""
     if isinstance(bits, bool) or bits not in VALID_BITS:
-        raise CodecError(f"bits must be one of 2, 4 or 8, got {bits!r}")
+        raise CodecError(f"{name} must be one of 2, 4 or 8, got {bits!r}")
     return int(bits)  # type: ignore[arg-type]
 
 

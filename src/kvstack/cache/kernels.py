@@ -8,6 +8,11 @@ decoded block exists at all and the codes are read once:
 * :func:`packed_scores`: ``q . k_t`` for every encoded key ``t`` and every query head of its group;
 * :func:`packed_weighted_values`: ``sum_t w_t v_t`` over the encoded values.
 
+H2O's and Scissorhands' column statistics have one as well: :func:`attention_with_column_sums` computes a
+chunk's causal attention one tile of query rows at a time, keeping each tile's full rows of weights in cache
+while it takes the softmax, the output and the per-entry column sums (and below-mean counts) in one pass, so
+the statistics cost no second pass over the scores.
+
 The serving engine's paged attention (:func:`kvstack.engine.paged.paged_attention`) has one too:
 :func:`paged_attention_forward` attends packed query tokens of many sequences over the float32 KV pool,
 reading each key and value row in place through the block tables (no gathered copy of a sequence's KV), one
@@ -28,13 +33,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["available", "packed_scores", "packed_weighted_values", "paged_attention_forward"]
+__all__ = [
+    "attention_with_column_sums", "available", "packed_scores", "packed_weighted_values", "paged_attention_forward",
+]
 
 ENV = "KVSTACK_KERNELS"
 
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <cstring>
 
 // Unpack one token's D codes (2, 4 or 8 bits each, consecutive codes from the lowest bits) into floats.
 static inline void unpack_row(const uint8_t* __restrict row, int64_t D, int64_t bits, float* __restrict out) {
@@ -232,6 +240,100 @@ torch::Tensor paged_attention_forward(torch::Tensor query, torch::Tensor kv, int
   });
   return out;
 }
+
+// exp(x) for x <= 0 (softmax exponents) in plain arithmetic, so that the loops calling it vectorise:
+// x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its degree-7 Taylor-like minimax polynomial (relative error about
+// 1e-7), and 2^n written into the exponent bits. Below -87 the result is clamped at about 1.6e-38 (float's floor).
+static inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = ((int32_t)n + 127) << 23;
+  float two_to_n;
+  std::memcpy(&two_to_n, &bits, sizeof(two_to_n));
+  return p * two_to_n;
+}
+
+static float row_max(const float* __restrict row, int64_t n) {
+  float best = row[0];
+  for (int64_t p = 1; p < n; ++p) best = std::max(best, row[p]);
+  return best;
+}
+
+// row[p] = exp(row[p] * scale - shift) for p < n; returns their sum.
+static float row_exp(float* __restrict row, int64_t n, float scale, float shift) {
+  float sum = 0.f;
+  for (int64_t p = 0; p < n; ++p) {
+    const float e = exp_nonpositive(row[p] * scale - shift);
+    row[p] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+// Normalise a row of weights and add it to the column sums.
+static void row_normalise_accumulate(float* __restrict row, float* __restrict colsum, int64_t n, float inv_sum) {
+  for (int64_t p = 0; p < n; ++p) {
+    row[p] *= inv_sum;
+    colsum[p] += row[p];
+  }
+}
+
+static void row_count_below(const float* __restrict row, float* __restrict counts, int64_t n, float threshold) {
+  for (int64_t p = 0; p < n; ++p) counts[p] += row[p] < threshold ? 1.f : 0.f;
+}
+
+// Causal grouped-query attention of a chunk, the last Q of L entries (query row i sees entries 0 .. L - Q + i),
+// with the attention each entry receives summed over the chunk's queries and the G query heads of its KV head.
+// query [B, Hq, Q, D] float32 contiguous; keys, values [B, H, L, D] float32 (rows contiguous).
+// Returns {output [B, Hq, Q, D], colsum [B, H, L]} and, with want_below, below [B, H, L]: how many of those
+// (query, head) rows gave the entry less than the mean weight 1 / (entries the row sees).
+// One task per (batch, KV head, tile of rows_per_tile query rows): the tile's G * rows scores are taken with one
+// matrix product, its softmax, column sums and counts in one pass while the rows are in cache, then its output.
+std::vector<torch::Tensor> attention_with_column_sums(torch::Tensor query, torch::Tensor keys, torch::Tensor values,
+                                                      double scaling, bool want_below, int64_t rows_per_tile) {
+  const int64_t B = query.size(0), Hq = query.size(1), Q = query.size(2), D = query.size(3);
+  const int64_t H = keys.size(1), L = keys.size(2), G = Hq / H, past = L - Q;
+  const int64_t R = rows_per_tile, tiles = (Q + R - 1) / R, tasks = B * H * tiles;
+  auto grouped_query = query.view({B, H, G, Q, D});
+  auto out = torch::empty({B, H, G, Q, D}, query.options());
+  auto colsum_parts = torch::zeros({tasks, L}, query.options());
+  auto below_parts = want_below ? torch::zeros({tasks, L}, query.options()) : torch::Tensor();
+  const float scale = (float)scaling;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / tiles, tile = task % tiles, b = bh / H, h = bh % H;
+      const int64_t r0 = tile * R, rows = std::min(R, Q - r0), visible = past + r0 + rows;
+      auto scores = at::matmul(grouped_query[b][h].narrow(1, r0, rows),
+                               keys[b][h].narrow(0, 0, visible).t()).contiguous();  // [G, rows, visible]
+      float* sp = scores.data_ptr<float>();
+      float* colsum = colsum_parts.data_ptr<float>() + task * L;
+      float* below = want_below ? below_parts.data_ptr<float>() + task * L : nullptr;
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t i = 0; i < rows; ++i) {
+          float* row = sp + (g * rows + i) * visible;
+          const int64_t n = past + r0 + i + 1;
+          const float shift = row_max(row, n) * scale;
+          const float sum = row_exp(row, n, scale, shift);
+          row_normalise_accumulate(row, colsum, n, 1.f / sum);
+          if (below != nullptr) row_count_below(row, below, n, 1.f / (float)n);
+          std::fill(row + n, row + visible, 0.f);
+        }
+      }
+      out[b][h].narrow(1, r0, rows).copy_(at::matmul(scores, values[b][h].narrow(0, 0, visible)));
+    }
+  });
+  std::vector<torch::Tensor> result = {out.view({B, Hq, Q, D}), colsum_parts.view({B, H, tiles, L}).sum(2)};
+  if (want_below) result.push_back(below_parts.view({B, H, tiles, L}).sum(2));
+  return result;
+}
 """
 
 
@@ -240,9 +342,9 @@ def _module() -> Any:
     from torch.utils.cpp_extension import load_inline
 
     return load_inline(
-        name="kvstack_kernels_v3",
+        name="kvstack_kernels_v4",
         cpp_sources=_SOURCE,
-        functions=["packed_scores", "packed_weighted_values", "paged_attention_forward"],
+        functions=["packed_scores", "packed_weighted_values", "paged_attention_forward", "attention_with_column_sums"],
         extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         verbose=False,
@@ -298,3 +400,23 @@ def paged_attention_forward(
     ``0 .. token_pos``, causal). Query head ``h * G + g`` reads KV head ``h``.
     """
     return _module().paged_attention_forward(query.contiguous(), kv, layer, tables, token_seq, token_pos, scaling)
+
+
+COLUMN_SUM_TILE_ROWS = 64  # query rows per task: G * 64 rows of scores stay in cache while they are used
+
+
+def attention_with_column_sums(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, want_below: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Causal attention of a chunk with H2O's column sums (and Scissorhands' below-mean counts), in one pass.
+
+    ``query`` ``[B, Hq, q, D]`` float32 are the queries of the last ``q`` of the ``L`` entries in ``keys`` and
+    ``values`` ``[B, H, L, D]`` float32; query row ``i`` sees entries ``0 .. L - q + i`` (no padding). Returns
+    the output ``[B, Hq, q, D]``, the column sums ``[B, H, L]`` (the attention each entry receives, summed over
+    the chunk's queries and the query heads of its group) and, with ``want_below``, ``[B, H, L]`` counts of the
+    (query, head) rows that gave the entry less than the mean weight ``1 / n`` of a row seeing ``n`` entries.
+    """
+    result = _module().attention_with_column_sums(
+        query.contiguous(), keys, values, scaling, want_below, COLUMN_SUM_TILE_ROWS
+    )
+    return result[0], result[1], result[2] if want_below else None

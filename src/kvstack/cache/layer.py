@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import CacheLayerMixin
 
+from kvstack.cache import kernels
 from kvstack.cache.quantized import QuantizedRegion, blockwise_attention
 from kvstack.methods.allocation import headwise_counts
 from kvstack.methods.base import (
@@ -870,6 +871,18 @@ def attention_with_stats(
                 stats.last = weights[:, :, -1]
         return output.transpose(1, 2), stats
 
+    if (
+        query.device.type == "cpu" and query.dtype == torch.float32 and causal is None and past_valid is None
+        and query_valid is None and needs <= {STAT_COLSUM, STAT_BELOW_MEAN} and stats_precision() != "bf16"
+        and kernels.available()
+    ):  # one fused pass, exact in float32: softmax, output and column statistics per tile of query rows
+        output, stats.colsum, stats.below_mean = kernels.attention_with_column_sums(
+            query, keys, values, scaling, STAT_BELOW_MEAN in needs
+        )
+        if stats.below_mean is not None:
+            stats.queries_seen = _causal_rows_seeing(batch, heads, length, q_len, group, query.device)
+        return output.transpose(1, 2), stats
+
     if q_len > 1 and query.device.type == "cpu":
         return _flash_attention_with_column_stats(
             query, keys, values, causal, past_valid, block_mask, scaling, needs, window, query_valid
@@ -907,6 +920,20 @@ def attention_with_stats(
     if window_parts:
         stats.window = torch.cat(window_parts, dim=2)
     return output.transpose(1, 2), stats
+
+
+def _causal_rows_seeing(
+    batch: int, heads: int, length: int, q_len: int, group: int, device: torch.device
+) -> torch.Tensor:
+    """``[B, H, L]`` float32: how many (query, query head) rows of a causal, unpadded chunk see each entry.
+
+    The chunk is the last ``q_len`` of ``length`` entries; entry ``j`` is seen by the ``group`` query heads of
+    every chunk query ``i`` with ``j <= length - q_len + i``.
+    """
+    past = length - q_len
+    counts = torch.full((length,), float(q_len * group), device=device)
+    counts[past:] = torch.arange(q_len, 0, -1, device=device, dtype=torch.float32) * group
+    return counts.expand(batch, heads, length).clone()
 
 
 STATS_PRECISION_ENV = "KVSTACK_STATS_PRECISION"

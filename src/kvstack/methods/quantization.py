@@ -152,9 +152,14 @@ class MinMaxCodec(Codec):
     rotate: str | None = None
     smooth: float | None = None
     sinks: int = 0
+    key_bits: int | None = None
+    value_bits: int | None = None
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
+        for name in ("key_bits", "value_bits"):
+            if getattr(self, name) is not None:
+                check_bits(getattr(self, name), name)
         _check_group(self.group_size)
         check_sizes(residual=self.residual, sinks=self.sinks)
         _check_rotation(self.rotate)
@@ -165,6 +170,14 @@ class MinMaxCodec(Codec):
 
     def sink_tokens(self) -> int:
         return self.sinks
+
+    def key_width(self) -> int:
+        """Bits per key element: ``key_bits`` when set (e.g. KIVI's K4V2), else ``bits``."""
+        return self.bits if self.key_bits is None else self.key_bits
+
+    def value_width(self) -> int:
+        """Bits per value element: ``value_bits`` when set, else ``bits``."""
+        return self.bits if self.value_bits is None else self.value_bits
 
 
 @register(
@@ -187,10 +200,10 @@ class Quant(MinMaxCodec):
     residual: int = 0
 
     def key_format(self) -> TensorFormat:
-        return TensorFormat(self.bits, self.group_size, "channels")
+        return TensorFormat(self.key_width(), self.group_size, "channels")
 
     def value_format(self) -> TensorFormat:
-        return TensorFormat(self.bits, self.group_size, "channels")
+        return TensorFormat(self.value_width(), self.group_size, "channels")
 
 
 @register(
@@ -217,7 +230,8 @@ class KIVI(MinMaxCodec):
     before quantizing and multiplies it back when reading; one factor per RoPE pair, so it commutes
     with RoPE. Per-token groups gain most; per-channel groups are nearly invariant to it.
     ``sinks=N`` keeps the first ``N`` tokens (attention sinks, which every head attends to heavily) in
-    full precision, as KVQuant does; the paper's KIVI is ``sinks=0``.
+    full precision, as KVQuant does; the paper's KIVI is ``sinks=0``. ``key_bits`` / ``value_bits`` override
+    ``bits`` for one side (the paper's K4V2 is ``kivi(key_bits=4, value_bits=2)``).
     """
 
     bits: int = 2
@@ -225,11 +239,10 @@ class KIVI(MinMaxCodec):
     residual: int = 32
 
     def key_format(self) -> TensorFormat:
-        return TensorFormat(self.bits, self.group_size, "tokens")
+        return TensorFormat(self.key_width(), self.group_size, "tokens")
 
     def value_format(self) -> TensorFormat:
-        return TensorFormat(self.bits, self.group_size, "channels")
-
+        return TensorFormat(self.value_width(), self.group_size, "channels")
 
 
 @register(
