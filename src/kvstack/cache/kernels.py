@@ -297,25 +297,31 @@ static void row_count_below(const float* __restrict row, float* __restrict count
 // (query, head) rows gave the entry less than the mean weight 1 / (entries the row sees).
 // One task per (batch, KV head, tile of rows_per_tile query rows): the tile's G * rows scores are taken with one
 // matrix product, its softmax, column sums and counts in one pass while the rows are in cache, then its output.
+// Each thread accumulates into its own [B * H, L] sums, added up at the end.
 std::vector<torch::Tensor> attention_with_column_sums(torch::Tensor query, torch::Tensor keys, torch::Tensor values,
                                                       double scaling, bool want_below, int64_t rows_per_tile) {
   const int64_t B = query.size(0), Hq = query.size(1), Q = query.size(2), D = query.size(3);
   const int64_t H = keys.size(1), L = keys.size(2), G = Hq / H, past = L - Q;
   const int64_t R = rows_per_tile, tiles = (Q + R - 1) / R, tasks = B * H * tiles;
+  const int64_t threads = at::get_num_threads();
   auto grouped_query = query.view({B, H, G, Q, D});
   auto out = torch::empty({B, H, G, Q, D}, query.options());
-  auto colsum_parts = torch::zeros({tasks, L}, query.options());
-  auto below_parts = want_below ? torch::zeros({tasks, L}, query.options()) : torch::Tensor();
+  auto colsum_parts = torch::zeros({threads, B * H, L}, query.options());
+  auto below_parts = want_below ? torch::zeros({threads, B * H, L}, query.options()) : torch::Tensor();
   const float scale = (float)scaling;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t thread = at::get_thread_num();
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / tiles, tile = task % tiles, b = bh / H, h = bh % H;
+      // Tiles in the order 0, T-1, 1, T-2, ...: short (early) and long (late) causal rows alternate, so the
+      // contiguous task ranges the threads receive hold about the same work.
+      const int64_t bh = task % (B * H), k = task / (B * H), b = bh / H, h = bh % H;
+      const int64_t tile = k % 2 == 0 ? k / 2 : tiles - 1 - k / 2;
       const int64_t r0 = tile * R, rows = std::min(R, Q - r0), visible = past + r0 + rows;
       auto scores = at::matmul(grouped_query[b][h].narrow(1, r0, rows),
                                keys[b][h].narrow(0, 0, visible).t()).contiguous();  // [G, rows, visible]
       float* sp = scores.data_ptr<float>();
-      float* colsum = colsum_parts.data_ptr<float>() + task * L;
-      float* below = want_below ? below_parts.data_ptr<float>() + task * L : nullptr;
+      float* colsum = colsum_parts.data_ptr<float>() + (thread * B * H + bh) * L;
+      float* below = want_below ? below_parts.data_ptr<float>() + (thread * B * H + bh) * L : nullptr;
       for (int64_t g = 0; g < G; ++g) {
         for (int64_t i = 0; i < rows; ++i) {
           float* row = sp + (g * rows + i) * visible;
@@ -330,8 +336,8 @@ std::vector<torch::Tensor> attention_with_column_sums(torch::Tensor query, torch
       out[b][h].narrow(1, r0, rows).copy_(at::matmul(scores, values[b][h].narrow(0, 0, visible)));
     }
   });
-  std::vector<torch::Tensor> result = {out.view({B, Hq, Q, D}), colsum_parts.view({B, H, tiles, L}).sum(2)};
-  if (want_below) result.push_back(below_parts.view({B, H, tiles, L}).sum(2));
+  std::vector<torch::Tensor> result = {out.view({B, Hq, Q, D}), colsum_parts.sum(0).view({B, H, L})};
+  if (want_below) result.push_back(below_parts.sum(0).view({B, H, L}));
   return result;
 }
 """
@@ -342,7 +348,7 @@ def _module() -> Any:
     from torch.utils.cpp_extension import load_inline
 
     return load_inline(
-        name="kvstack_kernels_v4",
+        name="kvstack_kernels_v6",
         cpp_sources=_SOURCE,
         functions=["packed_scores", "packed_weighted_values", "paged_attention_forward", "attention_with_column_sums"],
         extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
@@ -403,6 +409,7 @@ def paged_attention_forward(
 
 
 COLUMN_SUM_TILE_ROWS = 64  # query rows per task: G * 64 rows of scores stay in cache while they are used
+COLUMN_SUM_TILE_BYTES = 4 << 20  # fewer rows per task when rows are long, so a tile stays about this size
 
 
 def attention_with_column_sums(
@@ -416,7 +423,7 @@ def attention_with_column_sums(
     the chunk's queries and the query heads of its group) and, with ``want_below``, ``[B, H, L]`` counts of the
     (query, head) rows that gave the entry less than the mean weight ``1 / n`` of a row seeing ``n`` entries.
     """
-    result = _module().attention_with_column_sums(
-        query.contiguous(), keys, values, scaling, want_below, COLUMN_SUM_TILE_ROWS
-    )
+    group, length = query.shape[1] // keys.shape[1], keys.shape[2]
+    rows = max(8, min(COLUMN_SUM_TILE_ROWS, COLUMN_SUM_TILE_BYTES // (4 * group * length)))
+    result = _module().attention_with_column_sums(query.contiguous(), keys, values, scaling, want_below, rows)
     return result[0], result[1], result[2] if want_below else None
