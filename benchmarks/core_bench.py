@@ -191,8 +191,9 @@ def markdown(results: dict) -> str:
         if key in seconds:
             scoring = seconds[key] - unscored
             lines.append(f"- {name}: {scoring:+.2f} s = {scoring / seconds['full'] * 100:+.1f}% of the full prefill")
-    snapkv = seconds["snapkv(ratio=0.75)"] - seconds["full"]
-    lines.append(f"- snapkv (one forward, against full): {snapkv:+.2f} s = {snapkv / seconds['full'] * 100:+.1f}%")
+    for name, key in (("snapkv", "snapkv(ratio=0.75)"), ("h2o", "h2o(ratio=0.75) [one forward]")):
+        added = seconds[key] - seconds["full"]
+        lines.append(f"- {name} (one forward, against full): {added:+.2f} s = {added / seconds['full'] * 100:+.1f}%")
     r = results["peak_rss"]
     evicted = r["full"]["kv_bytes"] - r["streamingllm(budget=512)"]["kv_bytes"]
     saved = r["full"]["peak_rss"] - r["streamingllm(budget=512)"]["peak_rss"]
