@@ -313,6 +313,76 @@ def test_static_selection_then_codec_keeps_what_the_selection_alone_keeps():
     assert composed.kv_bytes() < 0.6 * alone.kv_bytes()  # half the kept entries are encoded
 
 
+@pytest.mark.parametrize("inner, uneven", [("snapkv(ratio=0.5)", True), ("h2o(ratio=0.5)", False)])
+def test_headwise_budgets_with_a_codec_encode_each_heads_own_entries(inner, uneven):
+    model = head32_model()
+    ids = random_ids(300)
+    alone = kvstack.make_cache(model, f"adakv({inner})")
+    composed = kvstack.make_cache(model, f"adakv({inner}) + kivi(bits=2, group_size=16, residual=16)")
+    prefill(model, ids, alone)
+    prefill(model, ids, composed)
+    head_dim, chunk = 32, 32
+    every_count = []
+    for a, c in zip(alone.layers, composed.layers, strict=True):
+        assert [[p.tolist() for p in head] for head in a.kept_positions()] == [
+            [p.tolist() for p in head] for head in c.kept_positions()
+        ]
+        ragged = c.ragged
+        counts = [ragged.entries(i) for i in range(2)]
+        assert counts == a.head_lengths().flatten().tolist()
+        every_count += counts
+        for i in range(2):
+            region = ragged.regions[i]
+            assert region.length == (counts[i] - 16) // chunk * chunk and ragged.lengths[i] == counts[i] - region.length
+            n = region.length
+            packed = (
+                n * head_dim * 2 // 8 * 2  # 2-bit keys and values
+                + (n // 16) * head_dim * 2 * 2  # key scale + zero (float16) per channel per 16 tokens
+                + n * (head_dim // 16) * 2 * 2  # value scale + zero per token per 16 channels
+                + n * 4  # int32 positions
+            )
+            assert region.nbytes() == packed
+        full_precision = sum(
+            t.nbytes for store in (ragged.keys, ragged.values, ragged.positions) for t in store
+        )
+        assert c.kv_bytes() == full_precision + sum(r.nbytes() for r in ragged.regions) + 8
+    assert (len(set(every_count)) > 1) == uneven  # uneven budgets stay uneven: no padding to the longest head
+    assert composed.kv_bytes() < 0.6 * alone.kv_bytes()  # short heads: the full-precision tail weighs a lot
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_headwise_budgets_with_int8_decode_like_the_uncoded_method(batch):
+    """Decoding attends over each head's encoded region and its full-precision tail (fused one-token path
+    without padding, block-wise with left padding); int8 keeps the logits close to the uncoded ones."""
+    model = head32_model()
+    ids = random_ids(200, batch=batch)
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        mask[1, :37] = 0  # left padding on the second sequence
+    caches = {}
+    for spec in ("adakv(snapkv(ratio=0.5))", "adakv(snapkv(ratio=0.5)) + quant(bits=8, group_size=32)"):
+        cache = kvstack.make_cache(model, spec)
+        prefill(model, ids, cache, attention_mask=mask if batch > 1 else None)
+        caches[spec] = cache
+    alone, coded = caches.values()
+    assert all(layer.ragged.regions[0].length > 0 for layer in coded.layers)
+    token = torch.full((batch, 1), 7)
+    for _ in range(20):
+        mask = torch.cat((mask, torch.ones(batch, 1, dtype=mask.dtype)), dim=1)
+        kwargs = {"attention_mask": mask} if batch > 1 else {}
+        expected = model(token, past_key_values=alone, use_cache=True, **kwargs).logits
+        got = model(token, past_key_values=coded, use_cache=True, **kwargs).logits
+        torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)
+    # a multi-token chunk (a next turn) attends block by block over each head's region and tail
+    chunk = torch.arange(9, 14).repeat(batch, 1)
+    mask = torch.cat((mask, torch.ones(batch, 5, dtype=mask.dtype)), dim=1)
+    kwargs = {"attention_mask": mask} if batch > 1 else {}
+    expected = model(chunk, past_key_values=alone, use_cache=True, **kwargs).logits
+    got = model(chunk, past_key_values=coded, use_cache=True, **kwargs).logits
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)
+    assert coded.tokens_kept() == alone.tokens_kept()
+
+
 @pytest.mark.parametrize("codec", ["kivi(bits=4, group_size=16, residual=16)", "quant(bits=4, group_size=16)"])
 def test_streamingllm_with_a_codec_keeps_exactly_sinks_and_the_recent_window(codec):
     model = head32_model()

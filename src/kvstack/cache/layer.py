@@ -6,7 +6,8 @@ Storage is per KV head, never repeated per query head. Two layouts:
   head; which token sits in a slot may differ per head). Per-slot metadata: ``positions``
   ``[B, H, capacity]`` int32 (true RoPE positions, ``-1`` = padding) and the method's state tensors.
 * ragged (head-wise budgets, Ada-KV): one ``[n_bh, D]`` tensor per (sequence, head), each exactly as
-  long as that head's budget plus growth slack. No padding, no masks.
+  long as that head's budget plus growth slack. No padding, no masks. With a codec, each head also has its
+  own encoded region (its oldest entries, a whole number of chunks), so uneven budgets stay uneven.
 
 Evicted entries are gone from memory: eviction either moves a kept entry into the freed slot (one entry
 per step while decoding) or gathers the kept entries into new, smaller tensors.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -262,7 +264,7 @@ class KVStackLayer(CacheLayerMixin):
         if not self.is_initialized:
             return 0
         if self.ragged is not None:
-            return sum(self.ragged.lengths)
+            return sum(self.ragged.entries(i) for i in range(len(self.ragged.lengths)))
         demoted = self.demoted.length if self.demoted is not None else 0
         return (self.encoded_entries() + demoted + self.length) * self.batch * self.heads
 
@@ -276,15 +278,16 @@ class KVStackLayer(CacheLayerMixin):
     def head_lengths(self) -> torch.Tensor:
         """``[B, H]`` entries kept by each head."""
         if self.ragged is not None:
-            return torch.tensor(self.ragged.lengths).view(self.batch, self.heads)
+            return torch.tensor([self.ragged.entries(i) for i in range(len(self.ragged.lengths))]).view(
+                self.batch, self.heads
+            )
         return torch.full((self.batch, self.heads), self.encoded_entries() + self.length)
 
     def kept_positions(self) -> list[list[torch.Tensor]]:
         """Sorted true positions kept by each (sequence, head), for inspection and tests."""
         if self.ragged is not None:
             return [
-                [self.ragged.positions[b * self.heads + h][: self.ragged.lengths[b * self.heads + h]].sort().values
-                 for h in range(self.heads)]
+                [self.ragged.head_positions(b * self.heads + h).sort().values for h in range(self.heads)]
                 for b in range(self.batch)
             ]
         live = self._all_positions()
@@ -339,7 +342,9 @@ class KVStackLayer(CacheLayerMixin):
 
         if self.ragged is not None:
             self.ragged.append(new_keys, new_values, new_positions)
-            return self.ragged.attend(query, causal, scaling)
+            output = self.ragged.attend(query, causal, scaling)
+            self.ragged.flush()
+            return output
 
         start = self.length - q_len
         self.positions[:, :, start : self.length] = new_positions.unsqueeze(1)
@@ -701,7 +706,17 @@ class KVStackLayer(CacheLayerMixin):
 
     def _to_ragged(self, scores: torch.Tensor, budget: int, floor: float) -> None:
         """Head-wise allocation (Ada-KV): per sequence, heads share ``H * budget`` entries."""
-        ragged = RaggedHeads(self.batch, self.heads, self.head_dim, self.keys.dtype, self.keys.device)
+        assert not self.encoded_entries(), "head-wise budgets are applied before anything is encoded"
+        codec = self.owner.codec
+        head_region = None
+        if codec is not None:
+            def head_region() -> QuantizedRegion:
+                return QuantizedRegion(
+                    codec, 1, 1, self.head_dim, self.dtype, self.device, per_head_positions=True,
+                    rope_inv_freq=self.owner.rope_inv_freq, layer_idx=self.layer_idx,
+                    calibration=self.owner.calibration,
+                )
+        ragged = RaggedHeads(self.batch, self.heads, self.head_dim, self.keys.dtype, self.keys.device, head_region)
         live = self.length
         for b in range(self.batch):
             keep = headwise_counts(scores[b], budget, floor)  # [H, L]
@@ -721,24 +736,72 @@ class KVStackLayer(CacheLayerMixin):
 
 
 class RaggedHeads:
-    """Variable-length storage: one ``[capacity_i, D]`` keys/values tensor per (sequence, KV head)."""
+    """Variable-length storage: one ``[capacity_i, D]`` keys/values tensor per (sequence, KV head).
 
-    def __init__(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    With a codec (``head_region`` builds one head's :class:`QuantizedRegion`), each head keeps its oldest
+    entries encoded in its own region, a whole number of chunks, and the rest (its sinks and the newest
+    ``residual`` to ``residual + chunk - 1`` entries) in full precision, exactly as a uniform layer does
+    per layer.
+    """
+
+    def __init__(
+        self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+        head_region: Callable[[], QuantizedRegion] | None = None,
+    ) -> None:
         self.batch, self.heads, self.head_dim = batch, heads, head_dim
         count = batch * heads
         self.keys: list[torch.Tensor] = [torch.empty((0, head_dim), dtype=dtype, device=device)] * count
         self.values: list[torch.Tensor] = list(self.keys)
         self.positions: list[torch.Tensor] = [torch.empty(0, dtype=torch.int32, device=device)] * count
-        self.lengths: list[int] = [0] * count
+        self.lengths: list[int] = [0] * count  # full-precision entries per head
+        self.regions: list[QuantizedRegion] | None = None
+        if head_region is not None:
+            self.regions = [head_region() for _ in range(count)]
 
     def set_head(self, b: int, h: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
-        """Store exactly these entries (``[n, D]``, ``[n, D]``, ``[n]``) for one head."""
+        """Store exactly these entries (``[n, D]``, ``[n, D]``, ``[n]``, oldest first) for one head."""
         i = b * self.heads + h
         self.keys[i], self.values[i], self.positions[i] = keys.clone(), values.clone(), positions.clone()
         self.lengths[i] = keys.shape[0]
+        self._flush(i)
+        if self.regions is not None:
+            self.regions[i].shrink_to_fit()
+
+    def entries(self, i: int) -> int:
+        """Entries held by head ``i`` (encoded + full precision)."""
+        return self.lengths[i] + (self.regions[i].length if self.regions is not None else 0)
+
+    def head_positions(self, i: int) -> torch.Tensor:
+        """``[n]`` int32 true positions held by head ``i``: encoded ones first."""
+        live = self.positions[i][: self.lengths[i]]
+        if self.regions is None or not self.regions[i].length:
+            return live
+        return torch.cat((self.regions[i].live_positions()[0, 0], live))
 
     def nbytes(self) -> int:
-        return sum(t.nbytes for group in (self.keys, self.values, self.positions) for t in group)
+        total = sum(t.nbytes for group in (self.keys, self.values, self.positions) for t in group)
+        return total + (sum(region.nbytes() for region in self.regions) if self.regions is not None else 0)
+
+    def _flush(self, i: int) -> None:
+        """Encode whole chunks of head ``i``'s oldest full-precision entries, keeping its sinks and residual."""
+        if self.regions is None:
+            return
+        region = self.regions[i]
+        codec = region.codec
+        sinks, length = codec.sink_tokens(), self.lengths[i]
+        count = (length - sinks - codec.residual_tokens()) // region.chunk * region.chunk
+        if count <= 0:
+            return
+        chosen = slice(sinks, sinks + count)
+        region.append(self.keys[i][chosen].view(1, 1, count, -1), self.values[i][chosen].view(1, 1, count, -1),
+                      self.positions[i][chosen].view(1, 1, count), {})
+        kept = torch.cat((torch.arange(sinks), torch.arange(sinks + count, length))).to(self.keys[i].device)
+        capacity = kept.numel() + region.chunk  # room for the entries before the next flush
+        for store in (self.keys, self.values, self.positions):
+            new = store[i].new_empty((capacity, *store[i].shape[1:]))
+            new[: kept.numel()] = store[i][kept]
+            store[i] = new
+        self.lengths[i] = kept.numel()
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Append ``[B, H, q, D]`` new entries (``positions`` ``[B, q]``) to every head."""
@@ -760,8 +823,18 @@ class RaggedHeads:
                 self.positions[i][length:needed] = positions[b]
                 self.lengths[i] = needed
 
+    def flush(self) -> None:
+        """Encode what each head's residual window has overflowed (after its attention)."""
+        for i in range(len(self.lengths)):
+            self._flush(i)
+
     def attend(self, query: torch.Tensor, causal: torch.Tensor | None, scaling: float) -> torch.Tensor:
-        """Attention of ``[B, Hq, q, D]`` queries over each head's own entries; returns ``[B, q, Hq, D]``."""
+        """Attention of ``[B, Hq, q, D]`` queries over each head's own entries; returns ``[B, q, Hq, D]``.
+
+        A head with encoded entries attends over ``[its region | its full-precision entries]`` one decoded
+        block at a time (:func:`blockwise_attention`), or, for one new token with nothing masked, with the
+        region's fused decoding (:meth:`QuantizedRegion.attend_one`).
+        """
         _, num_q_heads, q_len, _ = query.shape
         group = num_q_heads // self.heads
         out = torch.empty_like(query)
@@ -775,11 +848,40 @@ class RaggedHeads:
                 mask = (self.positions[i][:length] >= 0).view(1, 1, length).expand(1, q_len, length).clone()
                 tail = causal[b, 0] if causal is not None else torch.ones(q_len, q_len, dtype=torch.bool).tril()
                 mask[:, :, past:] &= tail.to(mask.device)
+                region = self.regions[i] if self.regions is not None else None
+                if region is not None and region.length:
+                    out[b, h * group : (h + 1) * group] = self._attend_encoded_head(
+                        region, q, keys, values, mask, scaling
+                    )
+                    continue
                 out[b, h * group : (h + 1) * group] = F.scaled_dot_product_attention(
                     q, keys.unsqueeze(0).expand(group, -1, -1), values.unsqueeze(0).expand(group, -1, -1),
                     attn_mask=mask, scale=scaling,
                 )
         return out.transpose(1, 2)
+
+    @staticmethod
+    def _attend_encoded_head(
+        region: QuantizedRegion, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+        mask: torch.Tensor, scaling: float,
+    ) -> torch.Tensor:
+        """One head's ``[G, q, D]`` queries over ``[region | keys/values [n, D]]`` (``mask`` ``[1, q, n]`` over
+        the full-precision part); returns ``[G, q, D]``."""
+        group, q_len, head_dim = query.shape
+        tail_keys, tail_values = keys.view(1, 1, -1, head_dim), values.view(1, 1, -1, head_dim)
+        region_valid = region.live_positions() >= 0  # [1, 1, N]
+        if q_len == 1 and bool(mask.all()) and bool(region_valid.all()):
+            output = region.attend_one(query.view(1, group, 1, head_dim), tail_keys, tail_values, scaling)
+            return output.view(group, 1, head_dim)
+
+        def blocks():
+            for start, stop in region.block_bounds():
+                block_keys, block_values = region.decode(start, stop)
+                yield block_keys, block_values, region_valid[..., start:stop].unsqueeze(2)
+            yield tail_keys, tail_values, mask.unsqueeze(0)  # [1, 1, q, n]
+
+        output, _ = blockwise_attention(query.unsqueeze(0), blocks, scaling, set(), 0, None)  # [1, q, G, D]
+        return output[0].transpose(0, 1)
 
 
 def attention_with_stats(

@@ -350,11 +350,6 @@ def compose(terms: list[Any], spec: str) -> Composed:
             f"(codecs: {codec_names}), e.g. 'snapkv(ratio=0.5) + kivi(bits=2)'"
         )
     selection = selections[0] if selections else Full()
-    if selection.headwise:
-        raise SpecError(
-            f"cannot compose {names}: head-wise budgets ({selection.label()}) keep ragged per-head storage, which "
-            "codecs do not encode yet; use a uniform selection method with a codec"
-        )
     if selection.sparse_attention:
         raise SpecError(
             f"cannot compose {names}: {selection.label()} scores queries against its own rotated keys, which "
