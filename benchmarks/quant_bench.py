@@ -48,6 +48,7 @@ BITS_SPECS = [
     "quant(bits=8)", "quant(bits=4)", "kivi(bits=4)", "kivi(bits=2)", "kivi(bits=2, rotate='hadamard')",
     "kivi(bits=2, sinks=1, rotate='hadamard')",
     "kvquant(bits=4)", "kvquant(bits=2)", "palu(rank=32)", "snapkv(ratio=0.5) + kivi(bits=2)",
+    "adakv(snapkv(ratio=0.5)) + kivi(bits=2)", "kivi(key_bits=4, value_bits=2)",
 ]
 BARS = {"kivi(bits=2)": 3.5, "kivi(bits=4)": 5.5, "quant(bits=8)": 9.0}
 DECODE_CASES = ["dynamic-cache", "quanto-2", "quanto-4", "full", "kivi(bits=2)", "kivi(bits=4)"]
@@ -84,6 +85,17 @@ def prefilled(model: torch.nn.Module, specs: list[str]):
         yield spec, cache
 
 
+def _per_head_split(layer) -> dict:
+    """Encoded and full-precision entries per head of one layer (means over heads for head-wise budgets)."""
+    ragged = layer.ragged
+    if ragged is None:
+        return {"encoded_per_head": layer.encoded_entries(), "residual_per_head": layer.length}
+    heads = len(ragged.lengths)
+    encoded = sum(region.length for region in ragged.regions or []) / heads
+    residual = sum(ragged.lengths) / heads
+    return {"encoded_per_head": f"{encoded:.0f} (mean)", "residual_per_head": f"{residual:.0f} (mean)"}
+
+
 def bits_section(model: torch.nn.Module) -> dict:
     caches = prefilled(model, BITS_SPECS)
     _, full = next(caches)
@@ -92,7 +104,7 @@ def bits_section(model: torch.nn.Module) -> dict:
         rows[spec] = {
             "bits_per_element": cache.bits_per_element(), "kv_bytes": cache.kv_bytes(),
             "bytes_vs_full": cache.kv_bytes() / full.kv_bytes(), "tokens_kept": cache.tokens_kept(),
-            "encoded_per_head": cache.layers[0].encoded_entries(), "residual_per_head": cache.layers[0].length,
+            **_per_head_split(cache.layers[0]),
         }
         print(f"bits {spec}: {rows[spec]['bits_per_element']:.3f}", flush=True)
     return {"length": LENGTH, "full_kv_bytes": full.kv_bytes(), "full_bits": full.bits_per_element(), "rows": rows}

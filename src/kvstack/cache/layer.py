@@ -763,7 +763,7 @@ class RaggedHeads:
         i = b * self.heads + h
         self.keys[i], self.values[i], self.positions[i] = keys.clone(), values.clone(), positions.clone()
         self.lengths[i] = keys.shape[0]
-        self._flush(i)
+        self._flush(i, room=0)  # the prompt is complete: hold exactly what is kept
         if self.regions is not None:
             self.regions[i].shrink_to_fit()
 
@@ -782,8 +782,11 @@ class RaggedHeads:
         total = sum(t.nbytes for group in (self.keys, self.values, self.positions) for t in group)
         return total + (sum(region.nbytes() for region in self.regions) if self.regions is not None else 0)
 
-    def _flush(self, i: int) -> None:
-        """Encode whole chunks of head ``i``'s oldest full-precision entries, keeping its sinks and residual."""
+    def _flush(self, i: int, room: int | None = None) -> None:
+        """Encode whole chunks of head ``i``'s oldest full-precision entries, keeping its sinks and residual.
+
+        The full-precision storage is reallocated with ``room`` spare slots (default: one chunk, the entries
+        that arrive before the next flush)."""
         if self.regions is None:
             return
         region = self.regions[i]
@@ -796,7 +799,7 @@ class RaggedHeads:
         region.append(self.keys[i][chosen].view(1, 1, count, -1), self.values[i][chosen].view(1, 1, count, -1),
                       self.positions[i][chosen].view(1, 1, count), {})
         kept = torch.cat((torch.arange(sinks), torch.arange(sinks + count, length))).to(self.keys[i].device)
-        capacity = kept.numel() + region.chunk  # room for the entries before the next flush
+        capacity = kept.numel() + (region.chunk if room is None else room)
         for store in (self.keys, self.values, self.positions):
             new = store[i].new_empty((capacity, *store[i].shape[1:]))
             new[: kept.numel()] = store[i][kept]
