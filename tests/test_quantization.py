@@ -350,6 +350,19 @@ def test_headwise_budgets_with_a_codec_encode_each_heads_own_entries(inner, unev
     assert composed.kv_bytes() < 0.6 * alone.kv_bytes()  # short heads: the full-precision tail weighs a lot
 
 
+def test_headwise_heads_flush_their_own_chunks_while_decoding():
+    model = head32_model()
+    cache = kvstack.make_cache(model, "adakv(h2o(budget=100)) + kivi(bits=4, group_size=16, residual=16)")
+    prefill(model, random_ids(90), cache)  # under budget: every head keeps all 90
+    for layer in cache.layers:
+        assert [r.length for r in layer.ragged.regions] == [64, 64] and layer.ragged.lengths == [26, 26]
+    for step in range(40):
+        model(torch.tensor([[step + 3]]), past_key_values=cache, use_cache=True)
+    for layer in cache.layers:  # 130 entries: (130 - 16) // 32 whole chunks encoded, the rest in full precision
+        assert [r.length for r in layer.ragged.regions] == [96, 96] and layer.ragged.lengths == [34, 34]
+        assert all(p.tolist() == list(range(130)) for p in layer.kept_positions()[0])
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_headwise_budgets_with_int8_decode_like_the_uncoded_method(batch):
     """Decoding attends over each head's encoded region and its full-precision tail (fused one-token path

@@ -706,7 +706,8 @@ class KVStackLayer(CacheLayerMixin):
 
     def _to_ragged(self, scores: torch.Tensor, budget: int, floor: float) -> None:
         """Head-wise allocation (Ada-KV): per sequence, heads share ``H * budget`` entries."""
-        assert not self.encoded_entries(), "head-wise budgets are applied before anything is encoded"
+        if self.encoded_entries():  # decode what the codec holds; the scores cover [encoded | slots] in order
+            self._unflush()
         codec = self.owner.codec
         head_region = None
         if codec is not None:
