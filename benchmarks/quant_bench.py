@@ -48,7 +48,8 @@ BITS_SPECS = [
     "quant(bits=8)", "quant(bits=4)", "kivi(bits=4)", "kivi(bits=2)", "kivi(bits=2, rotate='hadamard')",
     "kivi(bits=2, sinks=1, rotate='hadamard')",
     "kvquant(bits=4)", "kvquant(bits=2)", "palu(rank=32)", "snapkv(ratio=0.5) + kivi(bits=2)",
-    "adakv(snapkv(ratio=0.5)) + kivi(bits=2)", "kivi(key_bits=4, value_bits=2)",
+    "adakv(snapkv(ratio=0.5)) + kivi(bits=2)", "kivi(key_bits=4, value_bits=2)", "quant(bits=8, rotate='hadamard')",
+    "kivi(bits=4, rotate='hadamard')",
 ]
 BARS = {"kivi(bits=2)": 3.5, "kivi(bits=4)": 5.5, "quant(bits=8)": 9.0}
 DECODE_CASES = ["dynamic-cache", "quanto-2", "quanto-4", "full", "kivi(bits=2)", "kivi(bits=4)"]
