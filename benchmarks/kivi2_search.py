@@ -24,7 +24,7 @@ import torch
 
 import kvstack
 from kvstack.api import prefill
-from kvstack.bench import BenchConfig, read_results, run_bench
+from kvstack.bench import BenchConfig, latest_results, run_bench
 from kvstack.spec import parse
 
 VARIANTS = {
@@ -95,7 +95,7 @@ def main() -> None:
     run_bench(config)
     model, _ = kvstack.load_model("smollm2-135m")
     bits = bits_at(model, list(VARIANTS.values()), BITS_LENGTH)
-    records = list({r["key"]: r for r in read_results(out / "results.jsonl")}.values())
+    records = latest_results(out / "results.jsonl")
     command = "python benchmarks/kivi2_search.py " + " ".join(sys.argv[1:])
     lines = [
         "# 2-bit KIVI variants on SmolLM2-135M-Instruct", "",

@@ -22,7 +22,7 @@ import datetime as dt
 import sys
 from pathlib import Path
 
-from kvstack.bench import BenchConfig, read_results, run_bench
+from kvstack.bench import BenchConfig, latest_results, run_bench
 
 sys.path.insert(0, str(Path(__file__).parent))
 from quant_quality import cpu_name
@@ -92,7 +92,7 @@ def main() -> None:
         config = BenchConfig(methods=METHODS, tasks=TASKS, lengths=lengths, samples=args.samples, out_dir=str(out),
                              progress=sys.stderr.isatty())
         run_bench(config)
-    records = list({r["key"]: r for r in read_results(out / "results.jsonl")}.values())
+    records = latest_results(out / "results.jsonl")
     (out / "README.md").write_text(markdown(records, lengths, command.strip(), args.samples))
     print((out / "README.md").read_text())
 

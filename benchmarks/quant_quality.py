@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from kvstack.bench import BenchConfig, read_results, run_bench
+from kvstack.bench import BenchConfig, latest_results, run_bench
 
 CODECS = {
     "int8": "quant(bits=8)",
@@ -146,7 +146,7 @@ def main() -> None:
         config = BenchConfig(methods=["full", *CODECS.values()], tasks=TASKS, lengths=lengths, samples=args.samples,
                              out_dir=str(out), progress=sys.stderr.isatty(), plots=False)
         run_bench(config)
-    records = list({r["key"]: r for r in read_results(out / "results.jsonl")}.values())
+    records = latest_results(out / "results.jsonl")
     summary = summarize(records, lengths)
     command = "python benchmarks/quant_quality.py " + " ".join(sys.argv[1:])
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from kvstack.bench import TASKS, BenchConfig, plan_cells, read_results, run_bench
+from kvstack.bench import TASKS, BenchConfig, latest_results, plan_cells, read_results, run_bench
 from kvstack.spec import list_methods
 
 RATIOS = [0.25, 0.5, 0.75]
@@ -101,7 +101,7 @@ def write_progress(out_dir: Path, config: BenchConfig, command: str, started: st
     tasks_done = sorted({(cell.task.name, cell.task.variant, cell.length) for cell in planned if cell.key in done})
     lines += ["", "Task cells with at least one method finished: "
               + (", ".join(f"{t}{' ' + v if v else ''}@{n}" for t, v, n in tasks_done) or "none"), ""]
-    records = list({r["key"]: r for r in read_results(out_dir / "results.jsonl")}.values())
+    records = latest_results(out_dir / "results.jsonl")
     for length in config.lengths:
         lines += [f"## Summary at {length} tokens", "", summary_table(records, length), ""]
     (out_dir / "PROGRESS.md").write_text("\n".join(lines))
@@ -190,7 +190,7 @@ def main() -> int:
     if args.report_only:
         from kvstack.bench.report import write_reports
 
-        records = list({r["key"]: r for r in read_results(Path(args.out) / "results.jsonl")}.values())
+        records = latest_results(Path(args.out) / "results.jsonl")
         write_reports(Path(args.out), records, plots=True)
         write_progress(Path(args.out), config, command, started, stopped_early=True, report_only=True)
         return 0
@@ -201,7 +201,7 @@ def main() -> int:
         stopped_early = True
         from kvstack.bench.report import write_reports
 
-        records = list({r["key"]: r for r in read_results(Path(args.out) / "results.jsonl")}.values())
+        records = latest_results(Path(args.out) / "results.jsonl")
         write_reports(Path(args.out), records, plots=True)
     write_progress(Path(args.out), config, command, started, stopped_early)
     return 0

@@ -13,7 +13,15 @@ from test_bench_helpers import model, prose_file, tiny_llama, tokenizer  # noqa:
 
 import kvstack.models
 from kvstack import SpecError, cli
-from kvstack.bench import BenchConfig, BenchError, expand_methods, plan_cells, read_results, run_bench
+from kvstack.bench import (
+    BenchConfig,
+    BenchError,
+    expand_methods,
+    latest_results,
+    plan_cells,
+    read_results,
+    run_bench,
+)
 from kvstack.bench.config import split_top_level
 from kvstack.bench.metrics import PeakMemory
 from kvstack.bench.runner import RESULTS_FILE, append_result
@@ -147,6 +155,13 @@ def test_append_result_starts_a_fresh_line_after_a_torn_one(tmp_path):
     path.write_text('{"key": "a"}\n{"key": "b", "trunc')
     append_result(path, {"key": "c"})
     assert [r["key"] for r in read_results(path)] == ["a", "c"]
+
+
+def test_latest_results_keep_the_last_record_of_each_cell(tmp_path):
+    path = tmp_path / RESULTS_FILE
+    for record in ({"key": "a", "score": 1}, {"key": "b", "score": 2}, {"key": "a", "score": 3}):
+        append_result(path, record)
+    assert latest_results(path) == [{"key": "a", "score": 3}, {"key": "b", "score": 2}]
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -155,10 +155,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         from kvstack.bench.report import write_reports
-        from kvstack.bench.runner import RESULTS_FILE, ensure_output_dir, read_results
+        from kvstack.bench.runner import RESULTS_FILE, ensure_output_dir, latest_results
 
         out_dir = ensure_output_dir(config.out_dir)
-        records = list({r["key"]: r for r in read_results(Path(out_dir) / RESULTS_FILE)}.values())
+        records = latest_results(Path(out_dir) / RESULTS_FILE)
         if not records:
             raise BenchError(f"no results in {out_dir / RESULTS_FILE}; run kvstack bench first")
         files = write_reports(out_dir, records, plots=config.plots)

@@ -250,6 +250,11 @@ def read_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return records
 
 
+def latest_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """One record per cell key: the last one written to ``results.jsonl`` (a re-run cell replaces the old)."""
+    return list({record["key"]: record for record in read_results(path)}.values())
+
+
 def append_result(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
     """Append one record as a JSON line, then flush and fsync, so a finished cell survives a crash."""
     line = json.dumps(record, default=_json_default, allow_nan=True) + "\n"
@@ -718,8 +723,7 @@ def run_bench(
                         on_cell(record)
         finally:
             progress.close()
-    by_key = {record["key"]: record for record in read_results(results_path)}
-    records = list(by_key.values())
+    records = latest_results(results_path)
     _write_config(out_dir, config)
     from kvstack.bench.report import write_reports
 
