@@ -517,8 +517,8 @@ class KVStackLayer(CacheLayerMixin):
         """Encode whole chunks of the oldest full-precision entries, keeping sinks and the residual window."""
         region, codec = self.region, self.owner.codec
         sinks = codec.sink_tokens()
-        count = (self.length - sinks - codec.residual_tokens()) // region.chunk * region.chunk
-        if count <= 0:
+        count = region.flushable(self.length)
+        if count == 0:
             return
         live = self.positions[:, :, : self.length]
         if not self.owner.method.compresses():  # nothing is ever evicted: slots are in position order
@@ -791,10 +791,9 @@ class RaggedHeads:
         if self.regions is None:
             return
         region = self.regions[i]
-        codec = region.codec
-        sinks, length = codec.sink_tokens(), self.lengths[i]
-        count = (length - sinks - codec.residual_tokens()) // region.chunk * region.chunk
-        if count <= 0:
+        sinks, length = region.codec.sink_tokens(), self.lengths[i]
+        count = region.flushable(length)
+        if count == 0:
             return
         chosen = slice(sinks, sinks + count)
         region.append(self.keys[i][chosen].view(1, 1, count, -1), self.values[i][chosen].view(1, 1, count, -1),

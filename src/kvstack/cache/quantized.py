@@ -343,6 +343,12 @@ class QuantizedRegion:
         return keys
 
     # ------------------------------------------------------------------------------ storage
+    def flushable(self, full_precision: int) -> int:
+        """How many of ``full_precision`` waiting entries to encode now: whole chunks, after the codec's sinks
+        and before its residual window (0 when there is not a whole chunk yet)."""
+        count = full_precision - self.codec.sink_tokens() - self.codec.residual_tokens()
+        return max(0, count // self.chunk * self.chunk)
+
     def append(
         self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, state: dict[str, torch.Tensor]
     ) -> None:
