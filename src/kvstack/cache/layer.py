@@ -798,13 +798,14 @@ class RaggedHeads:
         chosen = slice(sinks, sinks + count)
         region.append(self.keys[i][chosen].view(1, 1, count, -1), self.values[i][chosen].view(1, 1, count, -1),
                       self.positions[i][chosen].view(1, 1, count), {})
-        kept = torch.cat((torch.arange(sinks), torch.arange(sinks + count, length))).to(self.keys[i].device)
-        capacity = kept.numel() + (region.chunk if room is None else room)
+        kept = length - count  # the sinks, then the entries after the encoded ones
+        capacity = kept + (region.chunk if room is None else room)
         for store in (self.keys, self.values, self.positions):
             new = store[i].new_empty((capacity, *store[i].shape[1:]))
-            new[: kept.numel()] = store[i][kept]
+            new[:sinks] = store[i][:sinks]
+            new[sinks:kept] = store[i][sinks + count : length]
             store[i] = new
-        self.lengths[i] = kept.numel()
+        self.lengths[i] = kept
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Append ``[B, H, q, D]`` new entries (``positions`` ``[B, q]``) to every head."""
