@@ -410,6 +410,64 @@ def test_streamingllm_with_a_codec_keeps_exactly_sinks_and_the_recent_window(cod
                 assert positions.tolist() == [0, 1, 2, 3, *range(seen - 60, seen)]
 
 
+@pytest.mark.parametrize("codec", ["quant(bits=8, group_size=16)", "kivi(bits=4, group_size=16, residual=16)",
+                                   "kvquant(bits=4, group_size=16, residual=16)"])
+def test_streamingllm_cache_positions_with_a_codec_attend_at_slot_positions(codec):
+    """positions='cache' over encoded entries: a decoding query attends as if every kept key (decoded
+    from its codes, pre-RoPE ones included) and the query sat at their ranks by true position."""
+    from kvstack.cache.layer import rope_shift
+
+    model = head32_model()
+    spec = f"streamingllm(budget=64, sinks=4, positions='cache') + {codec}"
+    cache = kvstack.make_cache(model, spec)
+    prefill(model, random_ids(150), cache)
+    for step in range(5):
+        model(torch.tensor([[step + 3]]), past_key_values=cache, use_cache=True)
+    layer, inv_freq = cache.layers[1], cache.rope_inv_freq
+    assert layer.encoded_entries() > 0
+    attend_encoded, checked = layer._attend_encoded, []
+
+    def checking(query, *args):  # the step's query [1, Hq, 1, D]; the new token is the last slot
+        encoded_keys, encoded_values = layer.region.decode_all()
+        keys = torch.cat((encoded_keys, layer.keys[:, :, : layer.length]), dim=2)[0]  # [H, N, D], true positions
+        values = torch.cat((encoded_values, layer.values[:, :, : layer.length]), dim=2)[0]
+        positions = layer._all_positions()[0].long()  # [H, N]
+        output, stats = attend_encoded(query, *args)
+        scaling = args[3]
+        for head in range(query.shape[1]):
+            kv = head // 2
+            order = sorted(range(positions.shape[1]), key=lambda i: int(positions[kv, i]))
+            rank = torch.empty(positions.shape[1], dtype=torch.long)
+            rank[order] = torch.arange(positions.shape[1])  # each entry's slot by true position
+            at_slots = rope_shift(keys[kv], rank - positions[kv], inv_freq)
+            q = rope_shift(query[0, head], rank[-1:] - positions[kv, -1:], inv_freq)[0]  # at the newest slot
+            weights = torch.softmax(at_slots @ q * scaling, dim=0)
+            torch.testing.assert_close(output[0, 0, head], weights @ values[kv], atol=1e-5, rtol=1e-4)
+        checked.append(int(rank[-1]))
+        return output, stats
+
+    layer._attend_encoded = checking
+    for step in range(3):
+        model(torch.tensor([[step + 9]]), past_key_values=cache, use_cache=True)
+    assert checked == [64, 64, 64]  # budget 64 kept, the query one slot after them
+
+
+def test_streamingllm_cache_positions_with_int8_decode_like_the_uncoded_method():
+    model = head32_model()
+    ids = random_ids(150)
+    by_slot = "streamingllm(budget=64, sinks=4, positions='cache')"
+    alone, coded = (kvstack.make_cache(model, spec) for spec in (by_slot, f"{by_slot} + quant(bits=8, group_size=16)"))
+    prefill(model, ids, alone)
+    prefill(model, ids, coded)
+    for step in range(24):
+        token = torch.tensor([[step % 50 + 3]])
+        expected = model(token, past_key_values=alone, use_cache=True).logits
+        got = model(token, past_key_values=coded, use_cache=True).logits
+        torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)
+        kept = [[p.tolist() for p in layer.kept_positions()[0]] for layer in (coded.layers[0], alone.layers[0])]
+        assert kept[0] == kept[1] and coded.layers[0].encoded_entries() > 0
+
+
 @pytest.mark.parametrize("name", ["h2o", "tova", "scissorhands"])
 def test_dynamic_selection_with_a_codec_holds_its_budget_with_distinct_entries(name):
     model = head32_model()

@@ -434,24 +434,38 @@ class KVStackLayer(CacheLayerMixin):
         """Attention over ``[encoded region | full-precision slots]``, one decoded block at a time."""
         region = self.region
         assert region is not None
-        if q_len == 1 and not needs and not self.has_padding and causal is None:
+        cache_positions = self.owner.method.uses_cache_positions()
+        if q_len == 1 and not needs and not self.has_padding and causal is None and not cache_positions:
             output = region.attend_one(query, self.keys[:, :, : self.length], self.values[:, :, : self.length], scaling)
             return output, AttentionStats()
-        return self._attend_region_then_slots(region, query, causal, valid, q_len, scaling, needs, window)
+        return self._attend_region_then_slots(region, query, causal, valid, q_len, scaling, needs, window,
+                                              cache_positions)
 
     def _attend_region_then_slots(
         self, region: QuantizedRegion, query: torch.Tensor, causal: torch.Tensor | None, valid: torch.Tensor | None,
-        q_len: int, scaling: float, needs: set[str], window: int,
+        q_len: int, scaling: float, needs: set[str], window: int, cache_positions: bool = False,
     ) -> tuple[torch.Tensor, AttentionStats]:
         """Block-wise attention over ``[region's entries | full-precision slots]``, one decoded block at a time;
-        the statistics cover both, region first."""
+        the statistics cover both, region first.
+
+        With ``cache_positions`` (StreamingLLM's ``positions='cache'``) each decoded block's keys and the
+        query are re-rotated to the entries' slot order over ``[region | slots]``, as the uncoded path does.
+        """
         region_valid = (region.live_positions() >= 0).unsqueeze(2) if self.has_padding else None  # [B, H, 1, N]
         tail_mask = self._tail_mask(causal, q_len, query.device)
         fp_keys, fp_values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
+        key_shift = None
+        if cache_positions:
+            key_shift, query_shift = self._cache_position_shifts(self._all_positions(), q_len)
+            inv_freq = self.owner.rope_inv_freq
+            query = rope_shift(query, query_shift.expand(-1, query.shape[1], -1), inv_freq)
+            fp_keys = rope_shift(fp_keys, key_shift[..., region.length :], inv_freq)
 
         def blocks():
             for block_start, block_stop in region.block_bounds():
                 keys, values = region.decode(block_start, block_stop)
+                if key_shift is not None:
+                    keys = rope_shift(keys, key_shift[..., block_start:block_stop], self.owner.rope_inv_freq)
                 yield keys, values, None if region_valid is None else region_valid[..., block_start:block_stop]
             yield fp_keys, fp_values, tail_mask
 
@@ -629,13 +643,30 @@ class KVStackLayer(CacheLayerMixin):
     def _cache_position_view(self, keys: torch.Tensor, query: torch.Tensor, q_len: int) -> tuple:
         """Re-assign RoPE positions by cache slot order (StreamingLLM's in-cache positions)."""
         inv_freq = self.owner.rope_inv_freq
-        positions = self.positions[:, :, : self.length].long()
-        rank = positions.argsort(dim=-1).argsort(dim=-1)  # slot order by true position
-        keys = rope_shift(keys, rank - positions, inv_freq)
-        query_pos = positions[:, :1, -q_len:]  # [B, 1, q]: the chunk sits in the last q slots, all heads
-        query_rank = rank[:, :1, -q_len:]
-        query = rope_shift(query, (query_rank - query_pos).expand(-1, query.shape[1], -1), inv_freq)
+        key_shift, query_shift = self._cache_position_shifts(self.positions[:, :, : self.length], q_len)
+        keys = rope_shift(keys, key_shift, inv_freq)
+        query = rope_shift(query, query_shift.expand(-1, query.shape[1], -1), inv_freq)
         return keys, query
+
+    @staticmethod
+    def _cache_position_shifts(positions: torch.Tensor, q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE shifts that move entries to their slot order (StreamingLLM's in-cache positions).
+
+        Parameters
+        ----------
+        positions:
+            ``[B, H, N]`` true positions of every kept entry; the new chunk's ``q_len`` entries are last.
+
+        Returns
+        -------
+        tuple
+            ``[B, H, N]`` shift of each entry (its rank by true position minus that position) and
+            ``[B, 1, q]`` shift of each new query (the chunk's ranks minus its positions, equal on all heads).
+        """
+        positions = positions.long()
+        rank = positions.argsort(dim=-1).argsort(dim=-1)  # slot order by true position
+        shift = rank - positions
+        return shift, shift[:, :1, -q_len:]
 
     def _compress(self, stats: AttentionStats) -> None:
         """Evict down to this layer's budget (the caller decided it is due)."""

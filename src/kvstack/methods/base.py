@@ -355,11 +355,6 @@ def compose(terms: list[Any], spec: str) -> Composed:
             f"cannot compose {names}: {selection.label()} scores queries against its own rotated keys, which "
             "codecs do not encode yet; use it alone"
         )
-    if selection.uses_cache_positions():
-        raise SpecError(
-            f"cannot compose {names}: positions='cache' re-rotates cached keys, which codecs do not support yet; "
-            "use positions='true' with a codec"
-        )
     if hasattr(selection, "demotion_codec"):
         raise SpecError(
             f"cannot compose {names}: {selection.label()} already stores what it evicts at low precision; use it "
