@@ -678,8 +678,64 @@ def test_loki_attends_only_to_the_top_entries_by_low_rank_scores(rank):
         torch.testing.assert_close(output[0, 0, head], weights @ values[0, kv, chosen], atol=1e-5, rtol=1e-4)
 
 
-def test_loki_refuses_a_codec_and_a_rank_above_the_head_dimension():
-    with pytest.raises(SpecError, match="use it alone"):
-        parse("loki(ratio=0.5) + kivi")
+@pytest.mark.parametrize("rank", [32, 6])
+@pytest.mark.parametrize("codec", ["kivi(bits=4, group_size=16, residual=16)", "kvquant(bits=4, group_size=16,"
+                                   " residual=16)", "quant(bits=8, group_size=16, rotate='hadamard')"])
+def test_loki_with_a_codec_attends_to_the_top_entries_of_region_and_slots(codec, rank, monkeypatch):
+    """Encoded keys are scored in the PCA basis by projecting the query: each decoding query attends
+    exactly over its top entries by ``(q P)[:r] . (k P)[:r]``, with the encoded keys as the codec decodes
+    them; the fused kernels and the block-by-block path agree."""
+    model = head32_model(seed=2)
+    for fused in (True, False):
+        monkeypatch.setattr(quantized, "FUSED_KERNELS", fused)
+        cache = kvstack.make_cache(model, f"loki(budget=24, rank={rank}) + {codec}")
+        prefill(model, random_ids(100, seed=2), cache)
+        layer = cache.layers[1]
+        assert layer.encoded_entries() > 0 and layer.length > 0
+        attend, checked = layer._attend_low_rank_scored, []
+
+        def checking(query, causal, q_len, scaling, layer=layer, attend=attend, checked=checked):
+            encoded_keys, _ = layer.region.decode_all()
+            basis = layer.pca_basis[0]  # [H, D, D]
+            keys = torch.cat((encoded_keys[0], layer.keys[0, :, : layer.length] @ basis.transpose(-1, -2)), dim=1)
+            values = torch.cat((layer.region.decode_all()[1][0], layer.values[0, :, : layer.length]), dim=1)
+            output = attend(query, causal, q_len, scaling)
+            for head in range(4):
+                kv = head // 2
+                q = query[0, head, 0]
+                approx = (q @ basis[kv])[:rank] @ (keys[kv] @ basis[kv])[:, :rank].T
+                chosen = approx.topk(24).indices
+                weights = torch.softmax((keys[kv, chosen] @ q) * scaling, dim=0)
+                torch.testing.assert_close(output[0, 0, head], weights @ values[kv, chosen], atol=1e-5, rtol=1e-4)
+            checked.append(q_len)
+            return output
+
+        layer._attend_low_rank_scored = checking
+        for step in range(3):
+            model(torch.tensor([[step + 5]]), past_key_values=cache, use_cache=True)
+        assert checked == [1, 1, 1]
+
+
+def test_loki_attending_to_everything_with_a_codec_equals_the_codec_alone():
+    model = head32_model()
+    ids = random_ids(90)
+    codec = "quant(bits=8, group_size=16)"
+    alone, loki = kvstack.make_cache(model, codec), kvstack.make_cache(model, f"loki(ratio=0.0, rank=4) + {codec}")
+    chunked = kvstack.make_cache(model, f"loki(ratio=0.0, rank=4) + {codec}")
+    for cache in (alone, loki):
+        prefill(model, ids, cache)
+    prefill(model, ids, chunked, chunk_size=32)  # nothing is encoded before the basis is fitted on every key
+    token = torch.tensor([[7]])
+    for step in range(6):
+        expected = model(token, past_key_values=alone, use_cache=True).logits
+        for cache in (loki, chunked):
+            torch.testing.assert_close(model(token, past_key_values=cache, use_cache=True).logits, expected,
+                                       atol=1e-4, rtol=1e-4)
+        token = expected[:, -1].argmax(-1, keepdim=True)
+    assert loki.layers[0].encoded_entries() == alone.layers[0].encoded_entries() > 0
+    assert loki.kv_bytes() == alone.kv_bytes() + sum(layer.pca_basis.nbytes for layer in loki.layers)
+
+
+def test_loki_refuses_a_rank_above_the_head_dimension():
     with pytest.raises(kvstack.api.InputError, match="rank 64 is above the head dimension 32"):
         kvstack.make_cache(head32_model(), "loki(ratio=0.5, rank=64)")

@@ -259,7 +259,7 @@ def test_bad_choice_names_valid_choices(spec, words):
         ("adakv(adakv(snapkv(budget=40)))", ["adakv"]),
         ("snapkv(ratio=0.5) + keynorm(ratio=0.5)", ["compose", "one codec", "kivi"]),
         ("kivi + quant", ["compose", "at most one selection"]),
-        ("loki(ratio=0.5) + kivi", ["compose", "rotated keys"]),
+        ("mikv(h2o(ratio=0.5)) + kivi", ["compose", "low precision", "without a codec"]),
     ],
 )
 def test_grammar_errors(spec, words):

@@ -376,10 +376,11 @@ class KVStackLayer(CacheLayerMixin):
             self._store_state(view)
         if compress_now:
             self._compress(stats)
-        if self.region is not None and not (method.compresses() and self.owner.more_prompt_follows):
-            self._flush()
         if method.sparse_attention and self.pca_basis is None and not self.owner.more_prompt_follows:
-            self._fit_key_basis()
+            self._fit_key_basis()  # before any flush: the basis is fitted to every prompt key
+        holds_prompt = method.compresses() or (method.sparse_attention and self.pca_basis is None)
+        if self.region is not None and not (holds_prompt and self.owner.more_prompt_follows):
+            self._flush()
         return output
 
     # ---------------------------------------------------------------- low-rank scoring (Loki)
@@ -400,6 +401,8 @@ class KVStackLayer(CacheLayerMixin):
         self, query: torch.Tensor, causal: torch.Tensor | None, q_len: int, scaling: float
     ) -> torch.Tensor:
         """Each query attends exactly to its top entries by scores over the first ``rank`` PCA coordinates."""
+        if self.encoded_entries():
+            return self._attend_low_rank_scored_encoded(query, causal, q_len, scaling)
         method = self.owner.method
         batch, num_q_heads, _, head_dim = query.shape
         group = num_q_heads // self.heads
@@ -425,6 +428,54 @@ class KVStackLayer(CacheLayerMixin):
             enable_gqa=group > 1,
         )
         return output.transpose(1, 2)
+
+    def _attend_low_rank_scored_encoded(
+        self, query: torch.Tensor, causal: torch.Tensor | None, q_len: int, scaling: float
+    ) -> torch.Tensor:
+        """Loki over ``[encoded region | full-precision slots]``.
+
+        The region holds keys in the model's basis (so every codec encodes what it was designed for);
+        the slots hold them in the PCA basis ``P``. The low-rank score of an encoded key is
+        ``(q P_r) . (k P_r) = (q P_r P_r^T) . k``: the query is projected instead of the keys, so the
+        region is read with the same kernels (or one decoded block at a time) for both the approximate
+        and the exact scores; then each query keeps its top entries and attends over them exactly.
+        """
+        region = self.region
+        assert region is not None and self.pca_basis is not None
+        method = self.owner.method
+        batch, num_q_heads, _, head_dim = query.shape
+        group = num_q_heads // self.heads
+        rank = min(method.rank, head_dim)
+        grouped = query.float().reshape(batch, self.heads, group * q_len, head_dim)  # rows g * q + t
+        rotated = grouped @ self.pca_basis.float()  # [B, H, G*q, D] in the PCA basis
+        projected = rotated[..., :rank] @ self.pca_basis[..., :rank].float().transpose(-1, -2)
+        encoded = region.length
+        slot_keys = self.keys[:, :, : self.length].float()  # [B, H, L, D] in the PCA basis
+        exact = torch.cat((region.scores(grouped * scaling), rotated @ slot_keys.transpose(-1, -2) * scaling), dim=-1)
+        approx = torch.cat((region.scores(projected), rotated[..., :rank] @ slot_keys[..., :rank].transpose(-1, -2)),
+                           dim=-1)  # both [B, H, G*q, N + L]
+        exact = exact.view(batch, self.heads, group, q_len, -1)
+        approx = approx.view(batch, self.heads, group, q_len, -1)
+        visible = None  # [B|1, H|1, 1, q, N + L] bool, None: everything
+        tail = self._tail_mask(causal, q_len, query.device)  # [B|1, H|1, q, L]; None only without padding
+        if tail is not None:
+            front = (region.live_positions() >= 0).unsqueeze(2) if self.has_padding else torch.ones(
+                1, 1, 1, encoded, dtype=torch.bool, device=query.device)
+            shape = torch.broadcast_shapes(front.shape[:2], tail.shape[:2])
+            visible = torch.cat((front.expand(*shape, q_len, encoded), tail.expand(*shape, q_len, self.length)),
+                                dim=-1).unsqueeze(2)
+            approx = approx.masked_fill(~visible, float("-inf"))
+        counts = encoded + self.length if visible is None else int(visible.sum(dim=-1).max())
+        chosen = approx.topk(method.attended(counts), dim=-1).indices
+        mask = torch.zeros_like(approx, dtype=torch.bool).scatter_(-1, chosen, True)
+        if visible is not None:
+            mask &= visible
+        mask = mask | ~mask.any(dim=-1, keepdim=True)  # a padding query attends to something
+        weights = torch.softmax(exact.masked_fill(~mask, float("-inf")), dim=-1)
+        weights = weights.view(batch, self.heads, group * q_len, -1)
+        output = region.weighted_values(weights[..., :encoded]) + weights[..., encoded:] @ self.values[
+            :, :, : self.length].float()
+        return output.to(query.dtype).view(batch, num_q_heads, q_len, head_dim).transpose(1, 2)
 
     # ---------------------------------------------------------------- encoded entries (codecs)
     def _attend_encoded(
@@ -537,7 +588,10 @@ class KVStackLayer(CacheLayerMixin):
         live = self.positions[:, :, : self.length]
         if not self.owner.method.compresses():  # nothing is ever evicted: slots are in position order
             chosen = slice(sinks, sinks + count)
-            region.append(self.keys[:, :, chosen], self.values[:, :, chosen], live[:, :, chosen],
+            keys = self.keys[:, :, chosen]
+            if self.pca_basis is not None:  # Loki's slots are in the PCA basis; the region in the model's
+                keys = keys @ self.pca_basis.transpose(-1, -2)
+            region.append(keys, self.values[:, :, chosen], live[:, :, chosen],
                           {name: t[:, :, chosen] for name, t in self.state.items()})
             order = torch.arange(self.length, device=live.device).expand(live.shape)
         else:
@@ -613,8 +667,10 @@ class KVStackLayer(CacheLayerMixin):
 
             def kv_source() -> tuple[torch.Tensor, torch.Tensor]:
                 keys, values = region.decode_all()
-                return (torch.cat((keys, self.keys[:, :, :live]), dim=2),
-                        torch.cat((values, self.values[:, :, :live]), dim=2))
+                slots = self.keys[:, :, :live]
+                if self.pca_basis is not None:  # stored in the PCA basis: back to the model's
+                    slots = slots @ self.pca_basis.transpose(-1, -2)
+                return torch.cat((keys, slots), dim=2), torch.cat((values, self.values[:, :, :live]), dim=2)
 
             state = {name: torch.cat((region.state[name][:, :, :encoded], t[:, :, :live]), dim=-1)
                      for name, t in self.state.items()}

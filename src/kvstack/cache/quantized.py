@@ -454,10 +454,8 @@ class QuantizedRegion:
     ) -> torch.Tensor:
         """Attention of one new token per sequence over ``[region | tail]``, nothing masked, no statistics.
 
-        Two passes over the blocks: scores of every block (decoding keys one block at a time), one
-        softmax over the ``[B, Hq, N + P]`` weights, then the values block by block. Value scales and zero
-        points are folded into the weights, so value codes are never rescaled element by element; a
-        Hadamard rotation is folded into the query and applied once to the output.
+        Two passes over the blocks: scores of every block (:meth:`scores`), one softmax over the
+        ``[B, Hq, N + P]`` weights, then the values block by block (:meth:`weighted_values`).
 
         Parameters
         ----------
@@ -472,40 +470,62 @@ class QuantizedRegion:
             ``[B, 1, Hq, D]``.
         """
         batch, num_q_heads, _, head_dim = query.shape
-        group = num_q_heads // self.heads
-        grouped = (query.float() * scaling).view(batch, self.heads, group, head_dim)
-        rotated = grouped * self.smoothing if self.smoothing is not None else grouped  # q.(k'l) = (q l).k'
+        grouped = (query.float() * scaling).view(batch, self.heads, num_q_heads // self.heads, head_dim)
+        scores = torch.cat((self.scores(grouped), grouped @ tail_keys.float().transpose(-1, -2)), dim=-1)
+        weights = torch.softmax(scores, dim=-1)
+        encoded = self.length
+        output = self.weighted_values(weights[..., :encoded]) + weights[..., encoded:] @ tail_values.float()
+        return output.to(query.dtype).view(batch, num_q_heads, 1, head_dim).transpose(1, 2)
+
+    def scores(self, query: torch.Tensor) -> torch.Tensor:
+        """Dot products of query rows with every encoded key, in the model's basis.
+
+        Keys are never rescaled element by element when the fused kernels run; otherwise one block is
+        decoded at a time. A Hadamard rotation and smoothing are folded into the query.
+
+        Parameters
+        ----------
+        query:
+            ``[B, H, R, D]`` float32 rows per KV head (e.g. the ``G`` query heads of a group, times scaling).
+
+        Returns
+        -------
+        torch.Tensor
+            ``[B, H, R, N]`` float32.
+        """
+        rotated = query * self.smoothing if self.smoothing is not None else query  # q.(k'l) = (q l).k'
         rotated = rotated @ self.rotation if self.rotation is not None else rotated
         encoded = self.length
-        scores = torch.empty((batch, self.heads, group, encoded + tail_keys.shape[2]), device=query.device)
-        fused = self._fused_decoding()
-        bounds = [] if fused else self.block_bounds()
-        if fused:
+        if self._fused_decoding():
             keys = self.keys
-            scores[..., :encoded] = kernels.packed_scores(
+            return kernels.packed_scores(
                 keys.codes, keys.scale, keys.zero, rotated, encoded, keys.fmt.bits, keys.fmt.group_size,
                 keys.fmt.along == "tokens",
             )
-        for start, stop in bounds:
+        scores = torch.empty((*query.shape[:3], encoded), device=query.device)
+        for start, stop in self.block_bounds():
             keys = self.keys.decode(start, stop, torch.float32)
             if self.codec.pre_rope():  # _decode_keys undoes rotation and smoothing too
                 keys = self._decode_keys(keys, self.positions[:, :, start:stop])
-                scores[..., start:stop] = grouped @ keys.transpose(-1, -2)
+                scores[..., start:stop] = query @ keys.transpose(-1, -2)
             else:
                 scores[..., start:stop] = rotated @ keys.transpose(-1, -2)
-        scores[..., encoded:] = grouped @ tail_keys.float().transpose(-1, -2)
-        weights = torch.softmax(scores, dim=-1)
-        encoded_out = torch.zeros_like(grouped)
-        if fused:
-            values = self.values
-            encoded_out = kernels.packed_weighted_values(
-                values.codes, values.scale, values.zero, weights[..., :encoded], encoded, values.fmt.bits,
+        return scores
+
+    def weighted_values(self, weights: torch.Tensor) -> torch.Tensor:
+        """``[B, H, R, N]`` float32 weights over every encoded entry applied to their values: ``[B, H, R, D]``
+        float32 in the model's basis (value scales and zero points are folded into the weights)."""
+        values = self.values
+        if self._fused_decoding():
+            out = kernels.packed_weighted_values(
+                values.codes, values.scale, values.zero, weights.contiguous(), self.length, values.fmt.bits,
                 values.fmt.group_size, values.fmt.along == "tokens",
             )
-        for start, stop in bounds:
-            encoded_out += self._weighted_values(weights[..., start:stop], start, stop)
-        output = self._unrotate(encoded_out) + weights[..., encoded:] @ tail_values.float()
-        return output.to(query.dtype).view(batch, num_q_heads, 1, head_dim).transpose(1, 2)
+        else:
+            out = torch.zeros((*weights.shape[:3], self.head_dim), device=weights.device)
+            for start, stop in self.block_bounds():
+                out += self._weighted_values(weights[..., start:stop], start, stop)
+        return self._unrotate(out)
 
     def _fused_decoding(self) -> bool:
         """Whether the compiled kernels (:mod:`kvstack.cache.kernels`) can decode this region."""

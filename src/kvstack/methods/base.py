@@ -350,11 +350,6 @@ def compose(terms: list[Any], spec: str) -> Composed:
             f"(codecs: {codec_names}), e.g. 'snapkv(ratio=0.5) + kivi(bits=2)'"
         )
     selection = selections[0] if selections else Full()
-    if selection.sparse_attention:
-        raise SpecError(
-            f"cannot compose {names}: {selection.label()} scores queries against its own rotated keys, which "
-            "codecs do not encode yet; use it alone"
-        )
     if hasattr(selection, "demotion_codec"):
         raise SpecError(
             f"cannot compose {names}: {selection.label()} already stores what it evicts at low precision; use it "
