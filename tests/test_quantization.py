@@ -98,6 +98,38 @@ def test_kivi_region_holds_per_channel_keys_and_per_token_values(bits):
     torch.testing.assert_close(decoded_values, quantize(values, bits, 16, axis=-1).dequantize(), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("channels, wide_bits", [(8, 4), (16, 8)])
+def test_kivi_outlier_channels_store_the_widest_rope_pairs_at_more_bits(channels, wide_bits):
+    """The widest key channels, chosen in RoPE pairs from the first chunk, are quantized per channel at
+    ``outlier_bits`` and the rest at ``key_bits``: each set decodes exactly as the plain per-channel codec
+    of its own width would, and later chunks keep the same channels."""
+    generator = torch.Generator().manual_seed(channels)
+    spread = torch.ones(32)
+    wide_pairs = [1, 6, 9, 14, 3, 11, 4, 12][: channels // 2]
+    for pair in wide_pairs:
+        spread[pair] = spread[pair + 16] = 12.0  # outlier pairs (i, i + D/2)
+    keys = torch.randn(1, 2, 96, 32, generator=generator) * spread
+    values = torch.randn(1, 2, 96, 32, generator=generator)
+    region = _region(f"kivi(bits=2, group_size=16, outlier_channels={channels}, outlier_bits={wide_bits})")
+    positions = torch.arange(96, dtype=torch.int32).view(1, 1, -1)
+    region.append(keys[:, :, :32], values[:, :, :32], positions[..., :32], {})
+    region.append(keys[:, :, 32:], values[:, :, 32:] * 50, positions[..., 32:], {})  # later chunks: same channels
+    wide = sorted([*wide_pairs, *(p + 16 for p in wide_pairs)])
+    assert region.keys.order[0, 0, :channels].tolist() == sorted(wide_pairs) + sorted(p + 16 for p in wide_pairs)
+    narrow = [c for c in range(32) if c not in wide]
+    decoded, _ = region.decode_all()
+    for subset, bits in ((wide, wide_bits), (narrow, 2)):
+        expected = quantize(keys[..., subset], bits, 16, axis=-2).dequantize()
+        torch.testing.assert_close(decoded[..., subset], expected, atol=1e-6, rtol=0)
+    plain = _region("kivi(bits=2, group_size=16)")
+    plain.append(keys, values, positions, {})
+    assert (decoded - keys).pow(2).sum() < 0.2 * (plain.decode_all()[0] - keys).pow(2).sum()
+    order_bytes = 1 * 2 * 32  # uint8 channel order per (sequence, head)
+    layout = (96 * channels * wide_bits // 8 + 96 * (32 - channels) * 2 // 8) * 2 + 96 // 16 * 32 * 2 * 2 * 2
+    region.shrink_to_fit()
+    assert region.keys.nbytes() == layout + order_bytes
+
+
 def test_decode_of_any_block_equals_the_matching_slice_of_the_whole():
     generator = torch.Generator().manual_seed(1)
     region = _region("kvquant(bits=2, group_size=16, outliers=0.02)", rope_inv_freq=torch.rand(16))
@@ -191,6 +223,9 @@ def test_kv_bytes_count_payload_metadata_residual_positions_exactly():
         ("quant(bits=8)", 8 + 32 / 64, 8 + 32 / 64),
         # KIVI's K4V2: 4-bit keys, 2-bit values, same groups.
         ("kivi(key_bits=4, value_bits=2)", 4 + 32 / 32, 2 + 32 / 32),
+        # KIVI-2 with 16 outlier key channels at 4 bits, values per token in one group of 64 channels;
+        # the uint8 channel order (64 bytes per head and layer) is in the constant term below.
+        ("kivi(bits=2, outlier_channels=16, value_group_size=64)", (16 * 4 + 48 * 2) / 64 + 32 / 32, 2 + 32 / 64),
     ],
 )
 def test_bits_per_element_at_a_long_context_include_every_byte(spec, key_bits, value_bits):
@@ -207,9 +242,11 @@ def test_bits_per_element_at_a_long_context_include_every_byte(spec, key_bits, v
         + encoded * 32 / heads  # int32 positions, shared by the heads
         + residual * (2 * head_dim * 32 + 32)  # float32 residual keys and values, with per-head positions
         + 64 / heads  # int64 next position of the sequence
+        + head_dim * 8 * bool(codec.key_outlier_channels()[0])  # uint8 key channel order per head
     ) / (tokens * 2 * head_dim)
     assert cache.bits_per_element() == pytest.approx(bits, rel=1e-9)
-    bars = {"kivi(bits=2)": 3.5, "kivi(bits=4)": 5.5, "quant(bits=8)": 9.0}
+    bars = {"kivi(bits=2)": 3.5, "kivi(bits=4)": 5.5, "quant(bits=8)": 9.0,
+            "kivi(bits=2, outlier_channels=16, value_group_size=64)": 3.5}
     assert cache.bits_per_element() <= bars.get(spec, 32)
 
 
@@ -256,6 +293,7 @@ def test_attention_decodes_one_block_at_a_time_while_decoding(monkeypatch, spec)
     seed=st.integers(0, 999), spec=st.sampled_from([
         "kivi(bits=2, group_size=16)", "kivi(bits=4, group_size=8, rotate='hadamard')", "quant(bits=8, group_size=16)",
         "quant(bits=4, group_size=32, rotate='hadamard')", "kvquant(bits=4, group_size=16, outliers=0.02)",
+        "kivi(bits=2, group_size=16, outlier_channels=8, value_group_size=32)",
     ]),
     chunks=st.integers(1, 5), tail=st.integers(1, 9), group=st.sampled_from([1, 3]), block=st.sampled_from([32, 64]),
 )
@@ -506,6 +544,9 @@ def test_generate_with_a_codec_runs_and_reports_its_label():
         ("kivi(residual=-1)", "residual must be >= 0"),
         ("kivi(key_bits=3)", "key_bits must be one of 2, 4 or 8"),
         ("quant(value_bits=1)", "value_bits must be one of 2, 4 or 8"),
+        ("kivi(outlier_channels=3)", "outlier_channels must be an even number"),
+        ("kivi(outlier_channels=8, outlier_bits=5)", "outlier_bits must be one of 2, 4 or 8"),
+        ("kivi(value_group_size=0)", "value_group_size must be a positive integer"),
     ],
 )
 def test_bad_codec_parameters_get_one_line_errors(spec, words):
@@ -518,6 +559,9 @@ def test_a_group_size_that_does_not_divide_the_head_dimension_is_refused_at_make
     model = head32_model()
     with pytest.raises(CodecError, match="group_size 24 does not divide the head dimension of the values"):
         kvstack.make_cache(model, "kivi(group_size=24)")
+    for channels in (32, 6):  # all channels; 26 narrow 2-bit channels do not pack into whole bytes
+        with pytest.raises(CodecError, match=f"outlier_channels {channels} does not fit the head dimension 32"):
+            kvstack.make_cache(model, f"kivi(outlier_channels={channels}, group_size=16)")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -726,7 +770,7 @@ def test_loki_attending_to_everything_with_a_codec_equals_the_codec_alone():
         prefill(model, ids, cache)
     prefill(model, ids, chunked, chunk_size=32)  # nothing is encoded before the basis is fitted on every key
     token = torch.tensor([[7]])
-    for step in range(6):
+    for _ in range(6):
         expected = model(token, past_key_values=alone, use_cache=True).logits
         for cache in (loki, chunked):
             torch.testing.assert_close(model(token, past_key_values=cache, use_cache=True).logits, expected,

@@ -200,6 +200,84 @@ class PackedStream:
         return view.decode(start, stop, dtype)[0, 0]
 
 
+class ChannelSplitStream:
+    """A ``[B, H, N, D]`` key tensor whose widest channels are stored at more bits than the others.
+
+    Per (sequence, head), the ``C`` channels with the widest range (in RoPE pairs ``i``, ``i + D/2``) of
+    the first chunk encoded are chosen once; ``order`` puts them first. Two :class:`PackedStream`s hold
+    the channels in that order: ``wide`` the first ``C`` at the codec's outlier width, ``narrow`` the
+    other ``D - C`` at its key width, both per channel along tokens.
+
+    Attributes
+    ----------
+    order:
+        ``[B, H, D]`` uint8 channel permutation (None until the first encode), stored and counted.
+    """
+
+    outliers = 0
+
+    def __init__(
+        self, wide: TensorFormat, narrow: TensorFormat, channels: int, batch: int, heads: int, head_dim: int,
+        chunk: int, device: torch.device,
+    ) -> None:
+        self.channels, self.batch, self.heads, self.head_dim = channels, batch, heads, head_dim
+        self.wide = PackedStream(wide, batch, heads, channels, chunk, 0, device)
+        self.narrow = PackedStream(narrow, batch, heads, head_dim - channels, chunk, 0, device)
+        self.order: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        order = 0 if self.order is None else self.order.nbytes
+        return self.wide.nbytes() + self.narrow.nbytes() + order
+
+    def resize(self, capacity: int, live: int) -> None:
+        self.wide.resize(capacity, live)
+        self.narrow.resize(capacity, live)
+
+    def _choose(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, H, D]`` uint8 order of ``x`` ``[B, H, n, D]``'s channels: widest RoPE pairs first."""
+        half = self.head_dim // 2
+        spread = (x.amax(dim=2) - x.amin(dim=2)).float()  # [B, H, D]
+        pairs = (spread[..., :half] + spread[..., half:]).topk(self.channels // 2, dim=-1).indices.sort(-1).values
+        wide = torch.cat((pairs, pairs + half), dim=-1)
+        rest = torch.ones_like(spread, dtype=torch.bool).scatter_(-1, wide, False)
+        narrow = rest.nonzero()[:, -1].view(*spread.shape[:2], -1)  # ascending per (sequence, head)
+        return torch.cat((wide, narrow), dim=-1).to(torch.uint8)
+
+    def _permuted(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        return x.gather(-1, order.long().unsqueeze(-2).expand_as(x))
+
+    def permute_query(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, H, R, D]`` query rows in each head's channel order, split into ``(wide, narrow)`` parts."""
+        assert self.order is not None
+        permuted = self._permuted(query, self.order).contiguous()
+        return permuted[..., : self.channels].contiguous(), permuted[..., self.channels :].contiguous()
+
+    def encode(self, x: torch.Tensor, start: int) -> None:
+        if self.order is None:
+            self.order = self._choose(x)
+        permuted = self._permuted(x, self.order)
+        self.wide.encode(permuted[..., : self.channels], start)
+        self.narrow.encode(permuted[..., self.channels :], start)
+
+    def encode_head(self, b: int, h: int, x: torch.Tensor, start: int) -> None:
+        assert self.order is not None
+        permuted = self._permuted(x, self.order[b, h])
+        self.wide.encode_head(b, h, permuted[:, : self.channels], start)
+        self.narrow.encode_head(b, h, permuted[:, self.channels :], start)
+
+    def decode(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        assert self.order is not None
+        permuted = torch.cat((self.wide.decode(start, stop, dtype), self.narrow.decode(start, stop, dtype)), dim=-1)
+        return torch.empty_like(permuted).scatter_(-1, self.order.long().unsqueeze(2).expand_as(permuted), permuted)
+
+    def decode_head(self, b: int, h: int, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        assert self.order is not None
+        permuted = torch.cat((self.wide.decode_head(b, h, start, stop, dtype),
+                              self.narrow.decode_head(b, h, start, stop, dtype)), dim=-1)
+        index = self.order[b, h].long().expand_as(permuted)
+        return torch.empty_like(permuted).scatter_(-1, index, permuted)
+
+
 class LatentStream:
     """A ``[B, H, N, D]`` tensor stored as rank-``r`` latents ``x @ P`` and read back as ``latents @ P^T``.
 
@@ -289,7 +367,13 @@ class QuantizedRegion:
                 calibration.value_basis[layer_idx, :, :, :value_rank], batch, heads, dtype, device
             )
         else:
-            self.keys = PackedStream(codec.key_format(), batch, heads, head_dim, self.chunk, outliers, device)
+            channels, wide_bits = codec.key_outlier_channels()
+            if channels:
+                narrow = codec.key_format()
+                wide = TensorFormat(wide_bits, narrow.group_size, narrow.along)
+                self.keys = ChannelSplitStream(wide, narrow, channels, batch, heads, head_dim, self.chunk, device)
+            else:
+                self.keys = PackedStream(codec.key_format(), batch, heads, head_dim, self.chunk, outliers, device)
             self.values = PackedStream(codec.value_format(), batch, heads, head_dim, self.chunk, outliers, device)
         self.positions = torch.empty((batch, heads if per_head_positions else 1, 0), dtype=torch.int32, device=device)
         self.state = {name: torch.empty((batch, heads, 0), dtype=torch.float32, device=device) for name in state_names}
@@ -497,11 +581,10 @@ class QuantizedRegion:
         rotated = rotated @ self.rotation if self.rotation is not None else rotated
         encoded = self.length
         if self._fused_decoding():
-            keys = self.keys
-            return kernels.packed_scores(
-                keys.codes, keys.scale, keys.zero, rotated, encoded, keys.fmt.bits, keys.fmt.group_size,
-                keys.fmt.along == "tokens",
-            )
+            if isinstance(self.keys, ChannelSplitStream):  # q.k = q_wide.k_wide + q_narrow.k_narrow
+                wide, narrow = self.keys.permute_query(rotated)
+                return _packed_scores(self.keys.wide, wide, encoded) + _packed_scores(self.keys.narrow, narrow, encoded)
+            return _packed_scores(self.keys, rotated, encoded)
         scores = torch.empty((*query.shape[:3], encoded), device=query.device)
         for start, stop in self.block_bounds():
             keys = self.keys.decode(start, stop, torch.float32)
@@ -532,7 +615,8 @@ class QuantizedRegion:
         streams = (self.keys, self.values)
         return (
             self.device.type == "cpu" and not self.codec.pre_rope() and FUSED_KERNELS
-            and all(isinstance(s, PackedStream) and not s.outliers for s in streams) and kernels.available()
+            and all(isinstance(s, (PackedStream, ChannelSplitStream)) and not s.outliers for s in streams)
+            and kernels.available()
         )
 
     def _weighted_values(self, weights: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -551,6 +635,13 @@ class QuantizedRegion:
         ]
         offsets = (weights @ zero).repeat_interleave(width, dim=-1)  # [B, H, G, D]
         return torch.cat(parts, dim=-1) + offsets
+
+
+def _packed_scores(stream: PackedStream, query: torch.Tensor, length: int) -> torch.Tensor:
+    """``[B, H, R, N]`` dot products of ``query`` ``[B, H, R, D]`` with a packed stream's first ``N`` entries."""
+    fmt = stream.fmt
+    return kernels.packed_scores(stream.codes, stream.scale, stream.zero, query, length, fmt.bits, fmt.group_size,
+                                 fmt.along == "tokens")
 
 
 # ---------------------------------------------------------------------------------- attention

@@ -100,6 +100,10 @@ class Codec:
         """Fraction of elements kept exactly as sparse float16 outliers (dense-and-sparse)."""
         return 0.0
 
+    def key_outlier_channels(self) -> tuple[int, int]:
+        """``(channels, bits)``: key channels stored at more bits than the rest (0 channels: none)."""
+        return 0, 0
+
     def chunk_tokens(self) -> int:
         """Tokens encoded together: a multiple of the key and value token groups."""
         chunk = CHUNK_TOKENS
@@ -114,6 +118,16 @@ class Codec:
         """Validate the codec against a model's head dimension (raises :class:`CodecError`)."""
         self.key_format().check(head_dim, "keys")
         self.value_format().check(head_dim, "values")
+        channels, wide_bits = self.key_outlier_channels()
+        if channels:
+            narrow_bits = self.key_format().bits
+            packs = (channels * wide_bits) % 8 == 0 and ((head_dim - channels) * narrow_bits) % 8 == 0
+            if channels >= head_dim or not packs:
+                raise CodecError(
+                    f"outlier_channels {channels} does not fit the head dimension {head_dim}: both channel sets "
+                    f"must pack into whole bytes and the outliers be fewer than {head_dim}; choose a multiple "
+                    f"of 8 below {head_dim}, e.g. {max(8, head_dim // 4)}"
+                )
         if self.rotation() == "hadamard" and head_dim & (head_dim - 1):
             raise CodecError(f"rotate='hadamard' needs a power-of-two head dimension, got {head_dim}")
 
@@ -127,9 +141,9 @@ class Codec:
         return f"{self.spec_name}({', '.join(parts)})" if parts else self.spec_name
 
 
-def _check_group(value: Any) -> None:
+def _check_group(value: Any, name: str = "group_size") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise CodecError(f"group_size must be a positive integer, got {value!r}")
+        raise CodecError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _check_rotation(value: Any) -> None:
@@ -154,6 +168,7 @@ class MinMaxCodec(Codec):
     sinks: int = 0
     key_bits: int | None = None
     value_bits: int | None = None
+    value_group_size: int | None = None
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -161,6 +176,8 @@ class MinMaxCodec(Codec):
             if getattr(self, name) is not None:
                 check_bits(getattr(self, name), name)
         _check_group(self.group_size)
+        if self.value_group_size is not None:
+            _check_group(self.value_group_size, "value_group_size")
         check_sizes(residual=self.residual, sinks=self.sinks)
         _check_rotation(self.rotate)
         _check_smooth(self.smooth)
@@ -178,6 +195,10 @@ class MinMaxCodec(Codec):
     def value_width(self) -> int:
         """Bits per value element: ``value_bits`` when set, else ``bits``."""
         return self.bits if self.value_bits is None else self.value_bits
+
+    def value_group(self) -> int:
+        """Group size of the values: ``value_group_size`` when set, else ``group_size``."""
+        return self.group_size if self.value_group_size is None else self.value_group_size
 
 
 @register(
@@ -203,7 +224,7 @@ class Quant(MinMaxCodec):
         return TensorFormat(self.key_width(), self.group_size, "channels")
 
     def value_format(self) -> TensorFormat:
-        return TensorFormat(self.value_width(), self.group_size, "channels")
+        return TensorFormat(self.value_width(), self.value_group(), "channels")
 
 
 @register(
@@ -231,18 +252,38 @@ class KIVI(MinMaxCodec):
     with RoPE. Per-token groups gain most; per-channel groups are nearly invariant to it.
     ``sinks=N`` keeps the first ``N`` tokens (attention sinks, which every head attends to heavily) in
     full precision, as KVQuant does; the paper's KIVI is ``sinks=0``. ``key_bits`` / ``value_bits`` override
-    ``bits`` for one side (the paper's K4V2 is ``kivi(key_bits=4, value_bits=2)``).
+    ``bits`` for one side (the paper's K4V2 is ``kivi(key_bits=4, value_bits=2)``), and
+    ``value_group_size`` the values' group (``group_size`` otherwise).
+
+    ``outlier_channels=C`` stores, per KV head, the ``C`` key channels with the widest range at
+    ``outlier_bits`` instead of ``key_bits``. They are chosen in RoPE pairs (channels ``i`` and
+    ``i + D/2`` rotate together, so a pair's range survives RoPE) from the first chunk a head encodes,
+    usually the prompt, and stay fixed: KIVI's observation is that key outliers sit in a few persistent
+    channels, which per-channel 2-bit groups then spend their whole range on. The channel order costs
+    ``D`` bytes per head.
     """
 
     bits: int = 2
     group_size: int = 32
     residual: int = 32
+    outlier_channels: int = 0
+    outlier_bits: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        channels = self.outlier_channels
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 0 or channels % 2:
+            raise CodecError(f"outlier_channels must be an even number >= 0 (whole RoPE pairs), got {channels!r}")
+        check_bits(self.outlier_bits, "outlier_bits")
 
     def key_format(self) -> TensorFormat:
         return TensorFormat(self.key_width(), self.group_size, "tokens")
 
     def value_format(self) -> TensorFormat:
-        return TensorFormat(self.value_width(), self.group_size, "channels")
+        return TensorFormat(self.value_width(), self.value_group(), "channels")
+
+    def key_outlier_channels(self) -> tuple[int, int]:
+        return self.outlier_channels, self.outlier_bits
 
 
 @register(
