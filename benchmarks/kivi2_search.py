@@ -1,9 +1,10 @@
 """Where does 2-bit KIVI lose quality on SmolLM2, and which 2-bit configuration loses least? (issue 4)
 
 Runs a grid of 2-bit codec variants (key/value bit mixes, group sizes, residual windows, attention sinks,
-the Hadamard rotation, pre-RoPE keys) against the full cache on the same harness samples, at one context
-length, and reports for each: the average score over the retrieval tasks, the perplexity change and the bits
-per cached element at 4k tokens (every byte held, measured on a real 4k-token cache).
+the Hadamard rotation, pre-RoPE keys, outlier key channels at 4 bits) against the full cache on the same
+harness samples, at one context length, and reports for each: the average score over the retrieval tasks,
+the perplexity change and the bits per cached element at 4k tokens (every byte held, measured on a real
+4k-token cache).
 
 Usage::
 
@@ -38,6 +39,13 @@ VARIANTS = {
     "KIVI-2 + sink + Hadamard": "kivi(bits=2, sinks=1, rotate='hadamard')",
     "KIVI-2 + sink + Hadamard, group 16": "kivi(bits=2, sinks=1, rotate='hadamard', group_size=16)",
     "KVQuant-2 (pre-RoPE keys, 1% outliers, sink)": "kvquant(bits=2)",
+    "KIVI-2 + 8 outlier key channels at 4 bits, values per token":
+        "kivi(bits=2, outlier_channels=8, value_group_size=64)",
+    "KIVI-2 + 16 outlier key channels at 4 bits, values per token":
+        "kivi(bits=2, outlier_channels=16, value_group_size=64)",
+    "KIVI-2 + 24 outlier key channels at 4 bits, values per token":
+        "kivi(bits=2, outlier_channels=24, value_group_size=64)",
+    "KIVI-2 + 16 outlier key channels at 4 bits": "kivi(bits=2, outlier_channels=16)",
 }
 TASKS = ["perplexity", "niah_single_noise", "niah_multikey", "vt"]
 BITS_LENGTH = 4096

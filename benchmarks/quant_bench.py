@@ -49,9 +49,12 @@ BITS_SPECS = [
     "kivi(bits=2, sinks=1, rotate='hadamard')",
     "kvquant(bits=4)", "kvquant(bits=2)", "palu(rank=32)", "snapkv(ratio=0.5) + kivi(bits=2)",
     "adakv(snapkv(ratio=0.5)) + kivi(bits=2)", "kivi(key_bits=4, value_bits=2)", "quant(bits=8, rotate='hadamard')",
-    "kivi(bits=4, rotate='hadamard')",
+    "kivi(bits=4, rotate='hadamard')", "kivi(bits=2, outlier_channels=16, value_group_size=64)",
+    "kivi(bits=2, outlier_channels=24, value_group_size=64)",
 ]
-BARS = {"kivi(bits=2)": 3.5, "kivi(bits=4)": 5.5, "quant(bits=8)": 9.0}
+BARS = {"kivi(bits=2)": 3.5, "kivi(bits=4)": 5.5, "quant(bits=8)": 9.0,
+        "kivi(bits=2, outlier_channels=16, value_group_size=64)": 3.5,
+        "kivi(bits=2, outlier_channels=24, value_group_size=64)": 3.5}
 DECODE_CASES = ["dynamic-cache", "quanto-2", "quanto-4", "full", "kivi(bits=2)", "kivi(bits=4)"]
 LENGTH = 4096
 DECODED = 128  # decoded tokens in the memory runs: quanto's full-precision residual fills up to 128

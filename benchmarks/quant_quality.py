@@ -42,11 +42,14 @@ CODECS = {
     "KIVI-2 + sink + Hadamard": "kivi(bits=2, sinks=1, rotate='hadamard')",
     "K4V2": "kivi(key_bits=4, value_bits=2)",
     "KVQuant-4": "kvquant(bits=4)",
+    "KIVI-2 + 16 outlier channels": "kivi(bits=2, outlier_channels=16, value_group_size=64)",
+    "KIVI-2 + 24 outlier channels": "kivi(bits=2, outlier_channels=24, value_group_size=64)",
 }
 BARS = {"int8": (0.5, 0.005), "KIVI-4": (1.0, 0.02), "KIVI-2": (5.0, 0.10)}  # score points, perplexity increase
 # The rotated variants are judged by their base codec's bar.
 BARS.update({"int8 + Hadamard": BARS["int8"], "KIVI-4 + Hadamard": BARS["KIVI-4"],
-             "KIVI-2 + Hadamard": BARS["KIVI-2"], "KIVI-2 + sink + Hadamard": BARS["KIVI-2"]})
+             "KIVI-2 + Hadamard": BARS["KIVI-2"], "KIVI-2 + sink + Hadamard": BARS["KIVI-2"],
+             "KIVI-2 + 16 outlier channels": BARS["KIVI-2"], "KIVI-2 + 24 outlier channels": BARS["KIVI-2"]})
 TASKS = [
     "perplexity", "niah_single_noise", "niah_single_prose", "niah_multikey", "vt", "fwe", "cwe", "niah_multiquery",
     "niah_multivalue",
