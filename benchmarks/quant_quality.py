@@ -93,6 +93,8 @@ def summarize(records: list[dict], lengths: list[int]) -> dict:
             table[name] = entry
         full = table["full"]
         for name, entry in table.items():
+            entry["answers_worse"], entry["answers_better"], entry["answers"] = paired_changes(
+                by_method[name], by_method["full"], tasks)
             if "score" in entry and "score" in full:
                 entry["score_delta"] = entry["score"] - full["score"]
             if "perplexity" in entry and "perplexity" in full:
@@ -104,6 +106,19 @@ def summarize(records: list[dict], lengths: list[int]) -> dict:
     return summary
 
 
+def paired_changes(cells: dict[str, dict], full: dict[str, dict], tasks: list[str]) -> tuple[int, int, int]:
+    """``(worse, better, compared)``: generation samples scoring below / above the full cache's same sample."""
+    worse = better = compared = 0
+    for task in tasks:
+        reference = {row["index"]: row["score"] for row in full[task]["per_sample"]}
+        for row in cells[task]["per_sample"]:
+            if row["index"] in reference:
+                compared += 1
+                worse += row["score"] < reference[row["index"]]
+                better += row["score"] > reference[row["index"]]
+    return worse, better, compared
+
+
 def markdown(summary: dict, command: str, samples: int) -> str:
     lines = [
         "# Quantization quality on the harness (SmolLM2-135M-Instruct, CPU)", "",
@@ -113,12 +128,13 @@ def markdown(summary: dict, command: str, samples: int) -> str:
         "Score: mean over the generation tasks listed (0-100, string match); perplexity: long-text prose, "
         "second half scored through the cache (lower is better). Deltas are against the full cache of the same "
         "run. Bars from the issue: int8 within 0.5 points and +0.5% perplexity, KIVI-4 within 1 point and +2%, "
-        "KIVI-2 within 5 points and +10%.", "",
+        "KIVI-2 within 5 points and +10%. Answers worse / better: generation samples whose score is below / above "
+        "the full cache's on the same sample, out of all samples of the tasks listed.", "",
     ]
     for length, block in summary.items():
         lines += [f"## {length} tokens", "", "Tasks: " + ", ".join(block["tasks"]), "",
-                  "| codec | spec | score | Δ score | perplexity | Δ perplexity | bar |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+                  "| codec | spec | score | Δ score | answers worse / better | perplexity | Δ perplexity | bar |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
         for name, entry in block["methods"].items():
             spec = CODECS.get(name, "full")
             score = f"{entry['score']:.1f}" if "score" in entry else "–"
@@ -126,7 +142,8 @@ def markdown(summary: dict, command: str, samples: int) -> str:
             ppl = f"{entry['perplexity']:.3f}" if "perplexity" in entry else "–"
             dppl = f"{100 * entry['perplexity_increase']:+.2f}%" if "perplexity_increase" in entry else "–"
             bar = {True: "met", False: "**missed**"}.get(entry.get("meets_bar"), "")
-            lines.append(f"| {name} | `{spec}` | {score} | {delta} | {ppl} | {dppl} | {bar} |")
+            changed = f"{entry['answers_worse']} / {entry['answers_better']} of {entry['answers']}"
+            lines.append(f"| {name} | `{spec}` | {score} | {delta} | {changed} | {ppl} | {dppl} | {bar} |")
         lines.append("")
         kivi2, rotated = block["methods"].get("KIVI-2", {}), block["methods"].get("KIVI-2 + Hadamard", {})
         if "perplexity_increase" in kivi2 and "perplexity_increase" in rotated:
@@ -151,7 +168,8 @@ def main() -> None:
         run_bench(config)
     records = latest_results(out / "results.jsonl")
     summary = summarize(records, lengths)
-    command = "python benchmarks/quant_quality.py " + " ".join(sys.argv[1:])
+    # The results come from the run command; --report-only only rewrites the report from them.
+    command = "python benchmarks/quant_quality.py " + " ".join(a for a in sys.argv[1:] if a != "--report-only")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "README.md").write_text(markdown(summary, command.strip(), args.samples))
     print(markdown(summary, command.strip(), args.samples))
