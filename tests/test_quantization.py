@@ -520,6 +520,36 @@ def test_dynamic_selection_with_a_codec_holds_its_budget_with_distinct_entries(n
             assert int(positions.max()) == 149  # the newest token is always kept
 
 
+def test_eviction_inside_the_region_keeps_each_heads_outlier_channels():
+    """H2O evicting encoded entries re-encodes their chunk per head through the split key stream: the
+    budget holds, the channel order chosen from the prompt stays, and the re-encoded chunk decodes to the
+    entry that took the evicted one's place."""
+    model = head32_model()
+    cache = kvstack.make_cache(model, "h2o(budget=48) + kivi(bits=2, group_size=16, residual=16, outlier_channels=8)")
+    prefill(model, random_ids(120), cache, chunk_size=32)
+    orders = [layer.region.keys.order.clone() for layer in cache.layers]
+    replaced = []
+    for layer in cache.layers:
+        original = layer.region.replace_entry
+
+        def spy(b, h, slot, keys, values, position, state, original=original, layer=layer):
+            original(b, h, slot, keys, values, position, state)
+            replaced.append((layer, b, h, slot, keys.clone()))
+
+        layer.region.replace_entry = spy
+    for step in range(30):
+        model(torch.tensor([[step + 3]]), past_key_values=cache, use_cache=True)
+    assert replaced  # some evictions landed inside the region
+    for layer, order in zip(cache.layers, orders, strict=True):
+        assert torch.equal(layer.region.keys.order, order)
+        for positions in layer.kept_positions()[0]:
+            assert len(positions) == 48 and len(set(positions.tolist())) == 48
+    layer, b, h, slot, keys = replaced[-1]
+    start = slot // layer.region.chunk * layer.region.chunk
+    decoded = layer.region.keys.decode_head(b, h, start, start + layer.region.chunk, torch.float32)[slot - start]
+    assert float((decoded - keys).norm()) < 0.5 * float(keys.norm())  # 2-bit error, channels in place
+
+
 def test_generate_with_a_codec_runs_and_reports_its_label():
     model = head32_model()
     cache = kvstack.make_cache(model, "h2o(budget=40) + kivi(bits=2, group_size=16)")
