@@ -451,8 +451,10 @@ class KVStackLayer(CacheLayerMixin):
         projected = rotated[..., :rank] @ self.pca_basis[..., :rank].float().transpose(-1, -2)
         encoded = region.length
         slot_keys = self.keys[:, :, : self.length].float()  # [B, H, L, D] in the PCA basis
-        exact = torch.cat((region.scores(grouped * scaling), rotated @ slot_keys.transpose(-1, -2) * scaling), dim=-1)
-        approx = torch.cat((region.scores(projected), rotated[..., :rank] @ slot_keys[..., :rank].transpose(-1, -2)),
+        rows = group * q_len
+        region_scores = region.scores(torch.cat((grouped * scaling, projected), dim=2))  # one pass over the codes
+        exact = torch.cat((region_scores[:, :, :rows], rotated @ slot_keys.transpose(-1, -2) * scaling), dim=-1)
+        approx = torch.cat((region_scores[:, :, rows:], rotated[..., :rank] @ slot_keys[..., :rank].transpose(-1, -2)),
                            dim=-1)  # both [B, H, G*q, N + L]
         exact = exact.view(batch, self.heads, group, q_len, -1)
         approx = approx.view(batch, self.heads, group, q_len, -1)

@@ -244,7 +244,12 @@ class ChannelSplitStream:
         return torch.cat((wide, narrow), dim=-1).to(torch.uint8)
 
     def _permuted(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[..., n, D]`` with its channels in ``order`` ``[..., D]``."""
         return x.gather(-1, order.long().unsqueeze(-2).expand_as(x))
+
+    def _unpermuted(self, permuted: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`_permuted`: channels back to the model's order."""
+        return torch.empty_like(permuted).scatter_(-1, order.long().unsqueeze(-2).expand_as(permuted), permuted)
 
     def permute_query(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, H, R, D]`` query rows in each head's channel order, split into ``(wide, narrow)`` parts."""
@@ -268,14 +273,13 @@ class ChannelSplitStream:
     def decode(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         assert self.order is not None
         permuted = torch.cat((self.wide.decode(start, stop, dtype), self.narrow.decode(start, stop, dtype)), dim=-1)
-        return torch.empty_like(permuted).scatter_(-1, self.order.long().unsqueeze(2).expand_as(permuted), permuted)
+        return self._unpermuted(permuted, self.order)
 
     def decode_head(self, b: int, h: int, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         assert self.order is not None
         permuted = torch.cat((self.wide.decode_head(b, h, start, stop, dtype),
                               self.narrow.decode_head(b, h, start, stop, dtype)), dim=-1)
-        index = self.order[b, h].long().expand_as(permuted)
-        return torch.empty_like(permuted).scatter_(-1, index, permuted)
+        return self._unpermuted(permuted, self.order[b, h])
 
 
 class LatentStream:
