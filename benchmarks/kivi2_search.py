@@ -46,6 +46,10 @@ VARIANTS = {
     "KIVI-2 + 24 outlier key channels at 4 bits, values per token":
         "kivi(bits=2, outlier_channels=24, value_group_size=64)",
     "KIVI-2 + 16 outlier key channels at 4 bits": "kivi(bits=2, outlier_channels=16)",
+    "KIVI-2 + 16 outlier key channels, values per token, sink (1 sink + 31 recent in full precision)":
+        "kivi(bits=2, outlier_channels=16, value_group_size=64, sinks=1, residual=31)",
+    "KIVI-2 + 24 outlier key channels, values per token, sink (1 sink + 31 recent in full precision)":
+        "kivi(bits=2, outlier_channels=24, value_group_size=64, sinks=1, residual=31)",
 }
 TASKS = ["perplexity", "niah_single_noise", "niah_multikey", "vt"]
 BITS_LENGTH = 4096

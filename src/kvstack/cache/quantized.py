@@ -183,11 +183,17 @@ class PackedStream:
         else:
             shape = (batch, heads, n, head_dim // fmt.group_size, fmt.group_size)
             values = torch.addcmul(zero.unsqueeze(4), codes.view(shape), scale.unsqueeze(4))
+        values = values.view(batch, heads, n, head_dim)
         if self.outliers:
-            chunks = slice(start // self.chunk, stop // self.chunk)
-            flat = values.view(batch, heads, n // self.chunk, self.chunk * head_dim)
-            flat.scatter_(-1, self.outlier_index[:, :, chunks].long(), self.outlier_value[:, :, chunks].float())
-        return values.view(batch, heads, n, head_dim).to(dtype)
+            self.scatter_outliers(values, start)
+        return values.to(dtype)
+
+    def scatter_outliers(self, values: torch.Tensor, start: int) -> None:
+        """Write the exact sparse outliers into ``values`` ``[B, H, n, D]`` float32, tokens ``start:start+n``."""
+        batch, heads, n, head_dim = values.shape
+        chunks = slice(start // self.chunk, (start + n) // self.chunk)
+        flat = values.view(batch, heads, n // self.chunk, self.chunk * head_dim)
+        flat.scatter_(-1, self.outlier_index[:, :, chunks].long(), self.outlier_value[:, :, chunks].float())
 
     def decode_head(self, b: int, h: int, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         """``[stop - start, D]`` reconstruction of one (sequence, head)."""
@@ -282,6 +288,89 @@ class ChannelSplitStream:
         return self._unpermuted(permuted, self.order[b, h])
 
 
+class LowRankResidualStream:
+    """A quantized ``[B, H, N, D]`` tensor plus a rank-``r`` approximation of its quantization error (GEAR).
+
+    Every :meth:`encode` (one *span*: the prompt's slabs, then each chunk flushed while decoding) first
+    stores ``x`` in the ``base`` stream, then takes the residual ``x - base(x)`` of each (sequence, head)
+    and keeps its top-``r`` right singular vectors (``basis``, ``[r, D]``) and the residual's coordinates in
+    them (``coeffs``, ``[n, r]``). Reading adds ``coeffs @ basis`` back; the base's sparse outliers, if
+    any, are exact and stay so.
+
+    Attributes
+    ----------
+    coeffs:
+        ``[B, H, capacity, r]`` float16 residual coordinates per token.
+    bases:
+        ``[B, H, S, r, D]`` float16 orthonormal residual directions, one set per span.
+    span_of_chunk:
+        ``[capacity / chunk]`` int32 span of each chunk (spans are whole chunks, in token order).
+    """
+
+    def __init__(self, base: PackedStream | ChannelSplitStream, rank: int, chunk: int, device: torch.device) -> None:
+        self.base, self.rank, self.chunk = base, rank, chunk
+        batch, heads, head_dim = base.batch, base.heads, base.head_dim
+        self.batch, self.heads, self.head_dim = batch, heads, head_dim
+        self.coeffs = torch.empty((batch, heads, 0, rank), dtype=META_DTYPE, device=device)
+        self.bases = torch.empty((batch, heads, 0, rank, head_dim), dtype=META_DTYPE, device=device)
+        self.span_of_chunk = torch.empty((0,), dtype=torch.int32, device=device)
+
+    @property
+    def outliers(self) -> int:
+        return self.base.outliers
+
+    def nbytes(self) -> int:
+        return self.base.nbytes() + self.coeffs.nbytes + self.bases.nbytes + self.span_of_chunk.nbytes
+
+    def resize(self, capacity: int, live: int) -> None:
+        self.base.resize(capacity, live)
+        coeffs = self.coeffs.new_empty((self.batch, self.heads, capacity, self.rank))
+        coeffs[:, :, :live] = self.coeffs[:, :, :live]
+        spans = self.span_of_chunk.new_empty((capacity // self.chunk,))
+        spans[: live // self.chunk] = self.span_of_chunk[: live // self.chunk]
+        kept = int(self.span_of_chunk[live // self.chunk - 1]) + 1 if live else 0  # spans run in token order
+        self.coeffs, self.span_of_chunk, self.bases = coeffs, spans, self.bases[:, :, :kept].clone()
+
+    def _residual(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """``x - base(x)`` for ``x`` ``[B, H, n, D]`` just encoded at ``start`` (float32)."""
+        return x.float() - self.base.decode(start, start + x.shape[2], torch.float32)
+
+    def encode(self, x: torch.Tensor, start: int) -> None:
+        n = x.shape[2]
+        self.base.encode(x, start)
+        residual = self._residual(x, start)
+        rank = min(self.rank, n)
+        basis = torch.zeros((*x.shape[:2], self.rank, self.head_dim), dtype=META_DTYPE, device=x.device)
+        basis[:, :, :rank] = torch.linalg.svd(residual, full_matrices=False).Vh[:, :, :rank].to(META_DTYPE)
+        self.coeffs[:, :, start : start + n] = (residual @ basis.float().transpose(-1, -2)).to(META_DTYPE)
+        self.span_of_chunk[start // self.chunk : (start + n) // self.chunk] = self.bases.shape[2]
+        self.bases = torch.cat((self.bases, basis.unsqueeze(2)), dim=2)
+
+    def encode_head(self, b: int, h: int, x: torch.Tensor, start: int) -> None:
+        """Re-encode tokens ``start:start+n`` of one (sequence, head) inside an existing span (its basis kept)."""
+        self.base.encode_head(b, h, x, start)
+        residual = x.float() - self.base.decode_head(b, h, start, start + x.shape[0], torch.float32)
+        basis = self.bases[b, h, int(self.span_of_chunk[start // self.chunk])].float()  # [r, D]
+        self.coeffs[b, h, start : start + x.shape[0]] = (residual @ basis.T).to(META_DTYPE)
+
+    def _correction(self, start: int, stop: int) -> torch.Tensor:
+        """``[B, H, stop - start, D]`` float32 low-rank residual of tokens ``start:stop`` (whole chunks)."""
+        chunks = (stop - start) // self.chunk
+        spans = self.span_of_chunk[start // self.chunk : stop // self.chunk].long()
+        bases = self.bases[:, :, spans].float()  # [B, H, chunks, r, D]
+        coeffs = self.coeffs[:, :, start:stop].float().view(self.batch, self.heads, chunks, self.chunk, self.rank)
+        return (coeffs @ bases).view(self.batch, self.heads, stop - start, self.head_dim)
+
+    def decode(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        values = self.base.decode(start, stop, torch.float32) + self._correction(start, stop)
+        if self.outliers:
+            self.base.scatter_outliers(values, start)
+        return values.to(dtype)
+
+    def decode_head(self, b: int, h: int, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.decode(start, stop, dtype)[b, h]
+
+
 class LatentStream:
     """A ``[B, H, N, D]`` tensor stored as rank-``r`` latents ``x @ P`` and read back as ``latents @ P^T``.
 
@@ -360,8 +449,8 @@ class QuantizedRegion:
         self.batch, self.heads, self.head_dim, self.dtype, self.device = batch, heads, head_dim, dtype, device
         self.chunk = codec.chunk_tokens()
         outliers = math.ceil(codec.outlier_fraction() * self.chunk * head_dim)
-        self.keys: PackedStream | LatentStream
-        self.values: PackedStream | LatentStream
+        self.keys: PackedStream | ChannelSplitStream | LowRankResidualStream | LatentStream
+        self.values: PackedStream | LowRankResidualStream | LatentStream
         if codec.stream_kind() == "latent":
             if calibration is None:
                 raise ValueError(f"{codec.label()} needs the model's calibration (kvstack calibrate --model ...)")
@@ -379,6 +468,9 @@ class QuantizedRegion:
             else:
                 self.keys = PackedStream(codec.key_format(), batch, heads, head_dim, self.chunk, outliers, device)
             self.values = PackedStream(codec.value_format(), batch, heads, head_dim, self.chunk, outliers, device)
+            if codec.residual_rank():
+                self.keys = LowRankResidualStream(self.keys, codec.residual_rank(), self.chunk, device)
+                self.values = LowRankResidualStream(self.values, codec.residual_rank(), self.chunk, device)
         self.positions = torch.empty((batch, heads if per_head_positions else 1, 0), dtype=torch.int32, device=device)
         self.state = {name: torch.empty((batch, heads, 0), dtype=torch.float32, device=device) for name in state_names}
         self.length = 0
@@ -504,8 +596,8 @@ class QuantizedRegion:
 
     def clear(self) -> None:
         """Drop every encoded entry and release the storage."""
-        self._resize(0)
         self.length = 0
+        self._resize(0)
 
     def replace_entry(
         self, b: int, h: int, slot: int, key: torch.Tensor, value: torch.Tensor, position: int,

@@ -6,6 +6,9 @@ values, fitted on a calibration run (:mod:`kvstack.calibration`, ``kvstack calib
 Entries leaving the full-precision window are stored as ``[rank]`` latents in the model's dtype and
 reconstructed block by block at attention time (keys re-rotated at their true positions). At
 ``rank = D / 2`` the encoded entries take half the bytes.
+
+``gear(bits=2, rank=2)`` follows GEAR (Kang et al., 2024): a KIVI backbone plus, per KV head, a rank-``r``
+SVD of the quantization error of each encoded span, and optionally sparse exact outliers.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ from typing import ClassVar
 
 from kvstack.cache.codecs import CodecError
 from kvstack.methods.base import BudgetedMethod, check_sizes
-from kvstack.methods.quantization import CHUNK_TOKENS, Codec
+from kvstack.methods.quantization import CHUNK_TOKENS, KIVI, Codec, check_outlier_fraction
 from kvstack.spec import register
 
-__all__ = ["Loki", "Palu"]
+__all__ = ["GEAR", "Loki", "Palu"]
 
 
 @register(
@@ -76,6 +79,59 @@ class Palu(Codec):
 
     def stream_kind(self) -> str:
         return "latent"
+
+
+@register(
+    "gear",
+    category="token/lowrank",
+    description=(
+        "GEAR: KIVI-quantized keys and values plus a rank-`rank` SVD of each encoded span's quantization "
+        "error per head; `outliers` > 0 also keeps that fraction of elements exactly (GEAR vs GEAR-L)."
+    ),
+)
+@dataclasses.dataclass
+class GEAR(KIVI):
+    """GEAR (Kang et al., 2024): quantization, low-rank error and sparse outliers, ``X ~ Q + L + S``.
+
+    The backbone ``Q`` is KIVI (keys per channel in groups of ``group_size`` tokens, values per token,
+    every KIVI option applies). Each time entries are encoded (the prompt, in slabs of up to 512
+    tokens, then every chunk leaving the full-precision window while decoding) the error ``X - Q`` of
+    each (sequence, KV head) is factorised by SVD and its top ``rank`` directions kept: a ``[rank, D]``
+    float16 basis per span and ``[rank]`` float16 coordinates per token, about ``16 * rank / D`` extra
+    bits per element. ``outliers=s`` keeps the fraction ``s`` of each chunk's elements, those furthest
+    from their group's mean, exactly (float16 value + int16 index, 32 bits each) and out of the
+    quantization range; the paper's GEAR uses ``s = 0.02``, its cheaper GEAR-L ``s = 0`` (the default).
+
+    Parameters
+    ----------
+    rank:
+        Rank of the error approximation per span and head, ``1 <= rank <= D``.
+    outliers:
+        Fraction in ``[0, 0.5)`` of elements kept exactly; not combinable with ``outlier_channels``.
+    """
+
+    rank: int = 2
+    outliers: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_sizes(rank=self.rank)
+        if self.rank < 1:
+            raise CodecError(f"rank must be >= 1 (rank 0 is plain kivi), got {self.rank}")
+        check_outlier_fraction(self.outliers)
+        if self.outliers and self.outlier_channels:
+            raise CodecError("gear: choose either sparse `outliers` or `outlier_channels`, not both")
+
+    def check(self, head_dim: int) -> None:
+        super().check(head_dim)
+        if self.rank > head_dim:
+            raise CodecError(f"rank {self.rank} is above the head dimension {head_dim}; choose 1 to {head_dim}")
+
+    def outlier_fraction(self) -> float:
+        return float(self.outliers)
+
+    def residual_rank(self) -> int:
+        return self.rank
 
 
 @register(

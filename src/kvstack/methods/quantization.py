@@ -104,6 +104,10 @@ class Codec:
         """``(channels, bits)``: key channels stored at more bits than the rest (0 channels: none)."""
         return 0, 0
 
+    def residual_rank(self) -> int:
+        """Rank of the low-rank approximation of the quantization error kept per span (GEAR; 0: none)."""
+        return 0
+
     def chunk_tokens(self) -> int:
         """Tokens encoded together: a multiple of the key and value token groups."""
         chunk = CHUNK_TOKENS
@@ -144,6 +148,12 @@ class Codec:
 def _check_group(value: Any, name: str = "group_size") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise CodecError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_outlier_fraction(value: Any) -> None:
+    """Raise :class:`CodecError` unless ``value`` is a sparse-outlier fraction in ``[0, 0.5)``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 0.5:
+        raise CodecError(f"outliers must be a fraction in [0, 0.5), e.g. 0.01; got {value!r}")
 
 
 def _check_rotation(value: Any) -> None:
@@ -315,10 +325,7 @@ class KVQuant(Codec):
         check_bits(self.bits)
         _check_group(self.group_size)
         check_sizes(residual=self.residual, sinks=self.sinks)
-        if isinstance(self.outliers, bool) or not isinstance(self.outliers, (int, float)) or not (
-            0.0 <= float(self.outliers) < 0.5
-        ):
-            raise CodecError(f"outliers must be a fraction in [0, 0.5), got {self.outliers!r}")
+        check_outlier_fraction(self.outliers)
 
     def key_format(self) -> TensorFormat:
         return TensorFormat(self.bits, self.group_size, "tokens")
