@@ -1,10 +1,10 @@
 """Where does 2-bit KIVI lose quality on SmolLM2, and which 2-bit configuration loses least? (issue 4)
 
 Runs a grid of 2-bit codec variants (key/value bit mixes, group sizes, residual windows, attention sinks,
-the Hadamard rotation, pre-RoPE keys, outlier key channels at 4 bits) against the full cache on the same
-harness samples, at one context length, and reports for each: the average score over the retrieval tasks,
-the perplexity change and the bits per cached element at 4k tokens (every byte held, measured on a real
-4k-token cache).
+the Hadamard rotation, pre-RoPE keys, outlier key channels at 4 bits, GEAR's low-rank error) against the
+full cache on the same harness samples, at one context length, and reports for each: the average score
+over the retrieval tasks, the perplexity change and the bits per cached element at 4k tokens (every byte
+held, measured on a real 4k-token cache).
 
 Usage::
 
@@ -50,6 +50,8 @@ VARIANTS = {
         "kivi(bits=2, outlier_channels=16, value_group_size=64, sinks=1, residual=31)",
     "KIVI-2 + 24 outlier key channels, values per token, sink (1 sink + 31 recent in full precision)":
         "kivi(bits=2, outlier_channels=24, value_group_size=64, sinks=1, residual=31)",
+    "GEAR-L: KIVI-2 + rank-2 SVD of each span's quantization error": "gear(bits=2, rank=2)",
+    "GEAR: KIVI-2 + rank-2 error + 2% sparse outliers": "gear(bits=2, rank=2, outliers=0.02)",
 }
 TASKS = ["perplexity", "niah_single_noise", "niah_multikey", "vt"]
 BITS_LENGTH = 4096

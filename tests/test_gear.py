@@ -85,6 +85,11 @@ def test_each_encode_is_a_span_with_its_own_basis_and_every_byte_is_counted():
     expected = torch.linalg.svdvals(backbone)[..., rank:].square().sum(-1).sqrt()
     achieved = (keys[:, :, 64:] - region.decode(64, 96)[0]).square().sum((-1, -2)).sqrt()
     torch.testing.assert_close(achieved, expected, rtol=2e-3, atol=1e-3)
+    whole_keys, whole_values = region.decode_all()
+    for start, stop in [(0, 32), (32, 96), (64, 96)]:  # blocks inside one span and across two
+        block_keys, block_values = region.decode(start, stop)
+        torch.testing.assert_close(block_keys, whole_keys[:, :, start:stop])
+        torch.testing.assert_close(block_values, whole_values[:, :, start:stop])
     region.shrink_to_fit()
     kivi = _region("kivi(bits=2, group_size=16)")
     kivi.append(keys, values, _positions(0, 96), {})
