@@ -226,6 +226,12 @@ def test_kv_bytes_count_payload_metadata_residual_positions_exactly():
         # KIVI-2 with 16 outlier key channels at 4 bits, values per token in one group of 64 channels;
         # the uint8 channel order (64 bytes per head and layer) is in the constant term below.
         ("kivi(bits=2, outlier_channels=16, value_group_size=64)", (16 * 4 + 48 * 2) / 64 + 32 / 32, 2 + 32 / 64),
+        # The same with 24 channels and the first token kept (1 sink + 31 recent in full precision).
+        ("kivi(bits=2, outlier_channels=24, value_group_size=64, sinks=1, residual=31)",
+         (24 * 4 + 40 * 2) / 64 + 32 / 32, 2 + 32 / 64),
+        # GEAR-L: KIVI-2 plus float16 rank-2 coordinates per token (2 * 16 / 64 bits per element); the
+        # per-span bases and span ids are in the constant term below.
+        ("gear(bits=2, rank=2)", 2 + 32 / 32 + 2 * 16 / 64, 2 + 32 / 32 + 2 * 16 / 64),
     ],
 )
 def test_bits_per_element_at_a_long_context_include_every_byte(spec, key_bits, value_bits):
@@ -235,18 +241,24 @@ def test_bits_per_element_at_a_long_context_include_every_byte(spec, key_bits, v
     cache = kvstack.make_cache(model, spec)
     prefill(model, random_ids(tokens), cache)
     codec = parse(spec).codec
-    residual = codec.residual_tokens() + (tokens - codec.residual_tokens()) % codec.chunk_tokens()
+    always = codec.sink_tokens() + codec.residual_tokens()
+    residual = always + (tokens - always) % codec.chunk_tokens()
     encoded = tokens - residual
+    spans = -(-encoded // quantized.ENCODE_TOKENS)  # the prompt is encoded in slabs, one basis each
+    rank = codec.residual_rank()
     bits = (
         encoded * head_dim * (key_bits + value_bits)  # payload and group metadata
         + encoded * 32 / heads  # int32 positions, shared by the heads
         + residual * (2 * head_dim * 32 + 32)  # float32 residual keys and values, with per-head positions
         + 64 / heads  # int64 next position of the sequence
         + head_dim * 8 * bool(codec.key_outlier_channels()[0])  # uint8 key channel order per head
+        + 2 * spans * rank * head_dim * 16  # GEAR: float16 [rank, D] bases per span, keys and values
+        + 2 * (encoded // codec.chunk_tokens()) * 32 / heads * bool(rank)  # GEAR: int32 span id per chunk
     ) / (tokens * 2 * head_dim)
     assert cache.bits_per_element() == pytest.approx(bits, rel=1e-9)
     bars = {"kivi(bits=2)": 3.5, "kivi(bits=4)": 5.5, "quant(bits=8)": 9.0,
-            "kivi(bits=2, outlier_channels=16, value_group_size=64)": 3.5}
+            "kivi(bits=2, outlier_channels=16, value_group_size=64)": 3.5,
+            "kivi(bits=2, outlier_channels=24, value_group_size=64, sinks=1, residual=31)": 3.5}
     assert cache.bits_per_element() <= bars.get(spec, 32)
 
 
