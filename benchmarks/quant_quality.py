@@ -46,6 +46,10 @@ CODECS = {
     "KIVI-2 + 24 outlier channels": "kivi(bits=2, outlier_channels=24, value_group_size=64)",
     "KIVI-2 + 24 outlier channels + sink":
         "kivi(bits=2, outlier_channels=24, value_group_size=64, sinks=1, residual=31)",
+    "KIVI-2 + 24 outlier channels + sink + value rotation":
+        "kivi(bits=2, outlier_channels=24, value_group_size=64, sinks=1, residual=31, rotate='hadamard-values')",
+    "KIVI-2 + 24 outlier channels + 4 sinks":
+        "kivi(bits=2, outlier_channels=24, value_group_size=64, sinks=4, residual=28)",
 }
 BARS = {"int8": (0.5, 0.005), "KIVI-4": (1.0, 0.02), "KIVI-2": (5.0, 0.10)}  # score points, perplexity increase
 # The rotated variants are judged by their base codec's bar.

@@ -183,6 +183,25 @@ def test_randomized_hadamard_rotation_cuts_per_token_error_on_outlier_channels(b
     assert float(error_rotated) < 0.5 * float(error_plain)
 
 
+def test_hadamard_values_rotates_only_the_values():
+    generator = torch.Generator().manual_seed(11)
+    keys = torch.randn(1, 2, 64, 32, generator=generator) * torch.linspace(0.1, 8, 32)
+    values = torch.randn(1, 2, 64, 32, generator=generator)
+    rotated = _region("kivi(bits=2, group_size=16, rotate='hadamard-values', outlier_channels=8)", layer_idx=3)
+    plain = _region("kivi(bits=2, group_size=16, outlier_channels=8)", layer_idx=3)
+    positions = torch.arange(64, dtype=torch.int32).view(1, 1, -1)
+    for region in (rotated, plain):
+        region.append(keys, values, positions, {})
+    hadamard = random_hadamard(32, seed=1000 + 3)  # the layer's rotation
+    assert torch.equal(rotated.decode_all()[0], plain.decode_all()[0])  # keys keep their channels
+    assert rotated.nbytes() == plain.nbytes() + 32 * 32  # the rotation, held as int8 signs
+    expected_values = quantize(values @ hadamard, 2, 16, axis=-1).dequantize() @ hadamard.T
+    torch.testing.assert_close(rotated.decode_all()[1], expected_values, atol=1e-5, rtol=0)
+    query = torch.randn(1, 2, 3, 32, generator=generator)
+    torch.testing.assert_close(rotated.scores(query), query @ plain.decode_all()[0].transpose(-1, -2), atol=1e-4,
+                               rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------------
 # The cache: accounting, precision, composition
 # ------------------------------------------------------------------------------------------------------
@@ -306,6 +325,7 @@ def test_attention_decodes_one_block_at_a_time_while_decoding(monkeypatch, spec)
         "kivi(bits=2, group_size=16)", "kivi(bits=4, group_size=8, rotate='hadamard')", "quant(bits=8, group_size=16)",
         "quant(bits=4, group_size=32, rotate='hadamard')", "kvquant(bits=4, group_size=16, outliers=0.02)",
         "kivi(bits=2, group_size=16, outlier_channels=8, value_group_size=32)",
+        "kivi(bits=2, group_size=16, outlier_channels=8, value_group_size=32, rotate='hadamard-values')",
     ]),
     chunks=st.integers(1, 5), tail=st.integers(1, 9), group=st.sampled_from([1, 3]), block=st.sampled_from([32, 64]),
 )
@@ -581,7 +601,7 @@ def test_generate_with_a_codec_runs_and_reports_its_label():
         ("kivi(bits=3)", "bits must be one of 2, 4 or 8"),
         ("quant(bits=16)", "bits must be one of 2, 4 or 8"),
         ("kivi(group_size=0)", "group_size must be a positive integer"),
-        ("kivi(rotate='random')", "rotate must be None or 'hadamard'"),
+        ("kivi(rotate='random')", "rotate must be None, 'hadamard' or 'hadamard-values'"),
         ("kvquant(outliers=0.7)", "outliers must be a fraction"),
         ("kivi(residual=-1)", "residual must be >= 0"),
         ("kivi(key_bits=3)", "key_bits must be one of 2, 4 or 8"),

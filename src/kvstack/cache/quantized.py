@@ -475,9 +475,13 @@ class QuantizedRegion:
         self.state = {name: torch.empty((batch, heads, 0), dtype=torch.float32, device=device) for name in state_names}
         self.length = 0
         self.capacity = 0
-        self.rotation: torch.Tensor | None = None
-        if codec.rotation() == "hadamard":
-            self.rotation = random_hadamard(head_dim, seed=1000 + layer_idx).to(device)
+        # The randomized Hadamard matrix, held as its [D, D] int8 signs (its entries are +-1/sqrt(D)); applied
+        # to the values, and to the keys unless rotate='hadamard-values'.
+        self.rotation_signs: torch.Tensor | None = None
+        self.rotates_keys = codec.rotation() == "hadamard"
+        if codec.rotation() is not None:
+            hadamard = random_hadamard(head_dim, seed=1000 + layer_idx) * math.sqrt(head_dim)
+            self.rotation_signs = hadamard.round().to(torch.int8).to(device)
         self.smoothing: torch.Tensor | None = None  # [1, H, 1, D] per-channel key divisors
         if codec.smoothing() is not None:
             if calibration is None:
@@ -492,7 +496,14 @@ class QuantizedRegion:
         """Bytes held: packed payload, scales, zero points, outliers, positions, state, rotation, smoothing."""
         total = self.keys.nbytes() + self.values.nbytes() + self.positions.nbytes
         total += sum(t.nbytes for t in self.state.values())
-        return total + sum(t.nbytes for t in (self.rotation, self.smoothing) if t is not None)
+        return total + sum(t.nbytes for t in (self.rotation_signs, self.smoothing) if t is not None)
+
+    @property
+    def rotation(self) -> torch.Tensor | None:
+        """``[D, D]`` float32 randomized Hadamard rotation (a transient built from the stored signs), or None."""
+        if self.rotation_signs is None:
+            return None
+        return self.rotation_signs.float() * self.head_dim ** -0.5
 
     # ------------------------------------------------------------------------------ key transforms
     def _encode_keys(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -502,20 +513,23 @@ class QuantizedRegion:
             keys = rope_shift(keys, -positions.expand(keys.shape[:3]).float(), self.rope_inv_freq)
         if self.smoothing is not None:
             keys = keys.float() / (self.smoothing if keys.shape[1] == self.heads else self.smoothing[:, :1])
-        if self.rotation is not None:
+        if self.rotates_keys:
             keys = keys.float() @ self.rotation
         return keys
 
     def _rotate(self, values: torch.Tensor) -> torch.Tensor:
-        return values if self.rotation is None else values.float() @ self.rotation
+        rotation = self.rotation
+        return values if rotation is None else values.float() @ rotation
 
     def _unrotate(self, values: torch.Tensor) -> torch.Tensor:
-        return values if self.rotation is None else values @ self.rotation.T.to(values.dtype)
+        rotation = self.rotation
+        return values if rotation is None else values @ rotation.T.to(values.dtype)
 
     def _decode_keys(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         from kvstack.cache.layer import rope_shift
 
-        keys = self._unrotate(keys)
+        if self.rotates_keys:
+            keys = self._unrotate(keys)
         if self.smoothing is not None:
             keys = keys * self.smoothing.to(keys.dtype)
         if self.codec.pre_rope():
@@ -674,7 +688,7 @@ class QuantizedRegion:
             ``[B, H, R, N]`` float32.
         """
         rotated = query * self.smoothing if self.smoothing is not None else query  # q.(k'l) = (q l).k'
-        rotated = rotated @ self.rotation if self.rotation is not None else rotated
+        rotated = rotated @ self.rotation if self.rotates_keys else rotated
         encoded = self.length
         if self._fused_decoding():
             if isinstance(self.keys, ChannelSplitStream):  # q.k = q_wide.k_wide + q_narrow.k_narrow

@@ -31,7 +31,7 @@ from kvstack.spec import MethodInfo, SpecError, register
 __all__ = ["KIVI", "Codec", "KVQuant", "Quant", "TensorFormat"]
 
 CHUNK_TOKENS = 32  # tokens encoded at a time by per-token codecs (whole key groups for per-channel ones)
-ROTATIONS = (None, "hadamard")
+ROTATIONS = (None, "hadamard", "hadamard-values")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +85,8 @@ class Codec:
         return False
 
     def rotation(self) -> str | None:
-        """``"hadamard"``: keys and values are stored rotated by a randomized Hadamard matrix (QuaRot-style)."""
+        """``"hadamard"``: keys and values are stored rotated by a randomized Hadamard matrix (QuaRot-style);
+        ``"hadamard-values"``: only the values (keys keep their channels, e.g. for ``outlier_channels``)."""
         return None
 
     def smoothing(self) -> float | None:
@@ -132,8 +133,8 @@ class Codec:
                     f"must pack into whole bytes and the outliers be fewer than {head_dim}; choose a multiple "
                     f"of 8 below {head_dim}, e.g. {max(8, head_dim // 4)}"
                 )
-        if self.rotation() == "hadamard" and head_dim & (head_dim - 1):
-            raise CodecError(f"rotate='hadamard' needs a power-of-two head dimension, got {head_dim}")
+        if self.rotation() is not None and head_dim & (head_dim - 1):
+            raise CodecError(f"rotate={self.rotation()!r} needs a power-of-two head dimension, got {head_dim}")
 
     def label(self) -> str:
         """The canonical spec string of this codec with its non-default parameters."""
@@ -158,7 +159,7 @@ def check_outlier_fraction(value: Any) -> None:
 
 def _check_rotation(value: Any) -> None:
     if value not in ROTATIONS:
-        raise CodecError(f"rotate must be None or 'hadamard', got {value!r}")
+        raise CodecError(f"rotate must be None, 'hadamard' or 'hadamard-values', got {value!r}")
 
 
 def _check_smooth(value: Any) -> None:
