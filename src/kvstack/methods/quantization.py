@@ -257,6 +257,8 @@ class KIVI(MinMaxCodec):
     each 32 tokens of residual cost 0.25 bits per element at 4k tokens. ``rotate='hadamard'`` stores
     keys and values rotated by one randomized Hadamard matrix per layer (QuaRot-style), which spreads
     outlier channels over all channels; they are rotated back when read, so queries need no change.
+    ``rotate='hadamard-values'`` rotates only the values (per-token groups gain; the keys keep their
+    channels, which ``outlier_channels`` needs).
     ``smooth=alpha`` (SmoothAttention, QServe) divides each key channel pair by
     ``lambda = max|K|^alpha / max|Q|^(1 - alpha)`` from the model's calibration (``kvstack calibrate``)
     before quantizing and multiplies it back when reading; one factor per RoPE pair, so it commutes
