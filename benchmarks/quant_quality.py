@@ -12,7 +12,8 @@ Bars (issue): average score within 0.5 / 1 / 5 points of the full cache and perp
 
 Usage::
 
-    python benchmarks/quant_quality.py [--lengths 1024,2048] [--samples 10] [--out benchmarks/results/quant_quality]
+    python benchmarks/quant_quality.py [--lengths 1024,2048] [--samples 10] [--codecs NAME,...]
+        [--out benchmarks/results/quant_quality]
     python benchmarks/quant_quality.py --report-only
 
 The run is resumable (finished cells are kept in ``results.jsonl``). Writes ``README.md`` and
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import platform
 import sys
 from pathlib import Path
@@ -90,28 +92,47 @@ def summarize(records: list[dict], lengths: list[int]) -> dict:
         tasks = [t for t in TASKS if t != "perplexity" and all(t in v for v in by_method.values())]
         table = {}
         for name, cells in by_method.items():
-            entry = {"tasks": len(tasks)}
+            entry = {"tasks": len(tasks), "samples": min((cells[t]["samples"] for t in [*tasks, "perplexity"]
+                                                          if t in cells), default=0)}
             if tasks:
                 entry["score"] = sum(cells[t]["score"] for t in tasks) / len(tasks)
             if "perplexity" in cells:
                 entry["perplexity"] = cells["perplexity"]["score"]
-                cache = cells["perplexity"].get("cache_prefill") or {}
-                entry["kv_bytes_ratio"] = cells["perplexity"].get("kv_bytes_ratio")
-                entry["cache"] = cache
             table[name] = entry
-        full = table["full"]
+        full = by_method["full"]
         for name, entry in table.items():
             entry["answers_worse"], entry["answers_better"], entry["answers"] = paired_changes(
-                by_method[name], by_method["full"], tasks)
-            if "score" in entry and "score" in full:
-                entry["score_delta"] = entry["score"] - full["score"]
+                by_method[name], full, tasks)
+            # deltas against the full cache on the same samples (a codec run with fewer samples than the full
+            # cache is compared on the samples it has)
+            if tasks:
+                reference = [mean_score(full[t], indices(by_method[name][t])) for t in tasks]
+                entry["score_delta"] = entry["score"] - sum(reference) / len(tasks)
             if "perplexity" in entry and "perplexity" in full:
-                entry["perplexity_increase"] = entry["perplexity"] / full["perplexity"] - 1.0
+                reference_ppl = perplexity_on(full["perplexity"], indices(by_method[name]["perplexity"]))
+                entry["perplexity_increase"] = entry["perplexity"] / reference_ppl - 1.0
             if name in BARS and "score_delta" in entry and "perplexity_increase" in entry:
                 points, ppl = BARS[name]
                 entry["meets_bar"] = entry["score_delta"] >= -points and entry["perplexity_increase"] <= ppl
         summary[str(length)] = {"tasks": tasks, "methods": table}
     return summary
+
+
+def indices(record: dict) -> set[int]:
+    """Sample indices a cell record holds."""
+    return {row["index"] for row in record["per_sample"]}
+
+
+def mean_score(record: dict, among: set[int]) -> float:
+    """Mean generation score of ``record`` over the samples in ``among``."""
+    scores = [row["score"] for row in record["per_sample"] if row["index"] in among]
+    return sum(scores) / len(scores)
+
+
+def perplexity_on(record: dict, among: set[int]) -> float:
+    """Token-weighted perplexity of a perplexity cell over the samples in ``among``."""
+    rows = [row for row in record["per_sample"] if row["index"] in among]
+    return math.exp(sum(row["nll_sum"] for row in rows) / sum(row["scored_tokens"] for row in rows))
 
 
 def paired_changes(cells: dict[str, dict], full: dict[str, dict], tasks: list[str]) -> tuple[int, int, int]:
@@ -127,12 +148,13 @@ def paired_changes(cells: dict[str, dict], full: dict[str, dict], tasks: list[st
     return worse, better, compared
 
 
-def markdown(summary: dict, command: str, samples: int) -> str:
+def markdown(summary: dict, command: str) -> str:
     lines = [
         "# Quantization quality on the harness (SmolLM2-135M-Instruct, CPU)", "",
         f"Command: `{command}`  ", f"Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC  ",
         f"Machine: {cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}  ",
-        f"Samples per task cell: {samples} (the same samples for every codec)", "",
+        "Samples: per task cell, the same samples (same seed and index) for every codec; a codec run with fewer "
+        "samples than the full cache is compared with the full cache on the samples it has.", "",
         "Score: mean over the generation tasks listed (0-100, string match); perplexity: long-text prose, "
         "second half scored through the cache (lower is better). Deltas are against the full cache of the same "
         "run. Bars from the issue: int8 within 0.5 points and +0.5% perplexity, KIVI-4 within 1 point and +2%, "
@@ -141,8 +163,9 @@ def markdown(summary: dict, command: str, samples: int) -> str:
     ]
     for length, block in summary.items():
         lines += [f"## {length} tokens", "", "Tasks: " + ", ".join(block["tasks"]), "",
-                  "| codec | spec | score | Δ score | answers worse / better | perplexity | Δ perplexity | bar |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+                  "| codec | spec | samples | score | Δ score | answers worse / better | perplexity | Δ perplexity "
+                  "| bar |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         for name, entry in block["methods"].items():
             spec = CODECS.get(name, "full")
             score = f"{entry['score']:.1f}" if "score" in entry else "–"
@@ -151,7 +174,8 @@ def markdown(summary: dict, command: str, samples: int) -> str:
             dppl = f"{100 * entry['perplexity_increase']:+.2f}%" if "perplexity_increase" in entry else "–"
             bar = {True: "met", False: "**missed**"}.get(entry.get("meets_bar"), "")
             changed = f"{entry['answers_worse']} / {entry['answers_better']} of {entry['answers']}"
-            lines.append(f"| {name} | `{spec}` | {score} | {delta} | {changed} | {ppl} | {dppl} | {bar} |")
+            lines.append(f"| {name} | `{spec}` | {entry['samples']} | {score} | {delta} | {changed} | {ppl} | {dppl} "
+                         f"| {bar} |")
         lines.append("")
         kivi2, rotated = block["methods"].get("KIVI-2", {}), block["methods"].get("KIVI-2 + Hadamard", {})
         if "perplexity_increase" in kivi2 and "perplexity_increase" in rotated:
@@ -164,23 +188,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="1024,2048")
     parser.add_argument("--samples", type=int, default=10)
+    parser.add_argument("--codecs", default="all",
+                        help="comma-separated codec names to run (the full cache always runs); default: all")
     parser.add_argument("--out", default="benchmarks/results/quant_quality")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    names = list(CODECS) if args.codecs == "all" else [n.strip() for n in args.codecs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CODECS]
+    if unknown:
+        parser.error(f"unknown codec {unknown[0]!r}; choose from: {', '.join(CODECS)}")
     if not args.report_only:
-        config = BenchConfig(methods=["full", *CODECS.values()], tasks=TASKS, lengths=lengths, samples=args.samples,
-                             out_dir=str(out), progress=sys.stderr.isatty(), plots=False)
+        config = BenchConfig(methods=["full", *(CODECS[n] for n in names)], tasks=TASKS, lengths=lengths,
+                             samples=args.samples, out_dir=str(out), progress=sys.stderr.isatty(), plots=False)
         run_bench(config)
     records = latest_results(out / "results.jsonl")
     summary = summarize(records, lengths)
     # The results come from the run command; --report-only only rewrites the report from them.
     command = "python benchmarks/quant_quality.py " + " ".join(a for a in sys.argv[1:] if a != "--report-only")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "README.md").write_text(markdown(summary, command.strip(), args.samples))
-    print(markdown(summary, command.strip(), args.samples))
+    (out / "README.md").write_text(markdown(summary, command.strip()))
+    print(markdown(summary, command.strip()))
 
 
 if __name__ == "__main__":

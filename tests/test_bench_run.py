@@ -150,6 +150,37 @@ def test_an_interrupted_run_resumes_without_redoing_finished_cells(tmp_path, mod
     assert third.ran == 0 and third.skipped == total
 
 
+def test_more_samples_extend_finished_cells_and_match_a_fresh_run(tmp_path, model, tokenizer, prose_file,  # noqa: F811
+                                                                  monkeypatch):
+    import kvstack.bench.runner as runner
+
+    extend = {"methods": ["snapkv(ratio={ratio})"], "tasks": ["passkey", "perplexity"], "lengths": [160]}
+    run_bench(small_config(tmp_path / "grown", prose_file, samples=2, **extend), model, tokenizer)
+    measured: list[int] = []
+    original = runner.run_cell
+
+    def counting(model, tokenizer, cell, samples, config, model_name):
+        measured.append(len(samples))
+        return original(model, tokenizer, cell, samples, config, model_name)
+
+    monkeypatch.setattr(runner, "run_cell", counting)
+    grown = run_bench(small_config(tmp_path / "grown", prose_file, samples=3, **extend), model, tokenizer)
+    assert grown.ran == 4 and measured == [1, 1, 1, 1]  # only sample 2 of each cell ran
+    fresh = run_bench(small_config(tmp_path / "fresh", prose_file, samples=3, **extend), model, tokenizer)
+    assert len(grown.records) == len(fresh.records) == 4  # the 2-sample records are superseded, not reported
+    by_key = {r["key"]: r for r in fresh.records}
+    for record in grown.records:
+        expected = by_key[record["key"]]
+        assert record["samples"] == 3 and record["extended_from"]["samples"] == 2
+        assert [s["index"] for s in record["per_sample"]] == [0, 1, 2]
+        predictions = [s.get("prediction") for s in record["per_sample"]]
+        assert predictions == [s.get("prediction") for s in expected["per_sample"]]
+        for name in ("score", "score_std", "kv_bytes", "full_kv_bytes", "compression_ratio", "tokens_kept",
+                     "kv_bytes_prefill", "compression_ratio_prefill", "prompt_tokens", "new_tokens"):
+            assert record[name] == pytest.approx(expected[name], rel=1e-9), name
+    assert all(r["samples"] == 3 for r in latest_results(tmp_path / "grown" / RESULTS_FILE))
+
+
 def test_append_result_starts_a_fresh_line_after_a_torn_one(tmp_path):
     path = tmp_path / RESULTS_FILE
     path.write_text('{"key": "a"}\n{"key": "b", "trunc')

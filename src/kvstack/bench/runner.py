@@ -7,7 +7,10 @@ that was under way: each finished cell is appended to ``results.jsonl`` as one J
 fsynced before the next starts.
 
 Efficiency: the model is loaded once per run; the samples of a (task, length, query mode) group are
-generated and tokenised once and reused by every method.
+generated and tokenised once and reused by every method. Sample ``i`` depends only on (seed, task,
+length, ``i``), so raising ``samples`` extends a finished cell instead of redoing it: only the new
+samples run, and the cell's record is the finished record merged with theirs (see :func:`merge_records`;
+the merged record names the one it extends in ``extended_from``, and reports drop the superseded one).
 
 Generation cells: :func:`kvstack.api.prefill` reads the prompt (chunked for dynamic methods), the
 first token is the argmax of its last logits, then greedy decoding one token per forward until an
@@ -251,8 +254,81 @@ def read_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def latest_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """One record per cell key: the last one written to ``results.jsonl`` (a re-run cell replaces the old)."""
-    return list({record["key"]: record for record in read_results(path)}.values())
+    """One record per cell key: the last one written to ``results.jsonl`` (a re-run cell replaces the old).
+
+    A record that a later one extended with more samples (named in its ``extended_from``) is left out.
+    """
+    latest = {record["key"]: record for record in read_results(path)}
+    extended = {record["extended_from"]["key"] for record in latest.values() if record.get("extended_from")}
+    return [record for key, record in latest.items() if key not in extended]
+
+
+def _without_samples(config: dict[str, Any]) -> str:
+    return cell_key({k: v for k, v in config.items() if k != "samples"})
+
+
+def extendable_records(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Finished records by their configuration without the sample count: for each, the one with most samples."""
+    best: dict[str, dict[str, Any]] = {}
+    for record in records:
+        config = record.get("config")
+        if not config or record.get("samples") != config.get("samples"):
+            continue
+        key = _without_samples(config)
+        if key not in best or record["samples"] >= best[key]["samples"]:
+            best[key] = record
+    return best
+
+
+def merge_records(earlier: dict[str, Any], later: dict[str, Any], cell: Cell) -> dict[str, Any]:
+    """One record for ``cell`` from ``earlier`` (samples ``0..n-1``) and ``later`` (samples ``n..``, same cell).
+
+    Scores and timings are recomputed from the per-sample rows; KV bytes and token counts are
+    sample-weighted means; peak memory is the larger of the two runs'. ``extended_from`` names the
+    earlier record.
+    """
+    n_early, n_late = int(earlier["samples"]), int(later["samples"])
+    total = n_early + n_late
+    per_sample = [dict(entry) for entry in earlier["per_sample"]]
+    per_sample += [{**entry, "index": n_early + i} for i, entry in enumerate(later["per_sample"])]
+    merged = dict(later)
+
+    def weighted(name: str) -> float:
+        return (earlier[name] * n_early + later[name] * n_late) / total
+
+    for name in ("prompt_tokens", "kv_bytes", "full_kv_bytes", "kv_bytes_prefill", "full_kv_bytes_prefill",
+                 "tokens_kept", "tokens_seen"):
+        merged[name] = weighted(name)
+    merged["compression_ratio"] = 1.0 - merged["kv_bytes"] / merged["full_kv_bytes"] if merged["full_kv_bytes"] else 0.0
+    merged["compression_ratio_prefill"] = (1.0 - merged["kv_bytes_prefill"] / merged["full_kv_bytes_prefill"]
+                                           if merged["full_kv_bytes_prefill"] else 0.0)
+    scores = [entry["score"] for entry in per_sample]
+    if cell.task.kind == "perplexity":
+        merged["score"] = math.exp(sum(e["nll_sum"] for e in per_sample) / sum(e["scored_tokens"] for e in per_sample))
+        stream_s = sum(e["stream_s"] for e in per_sample)
+        merged["stream_tokens_per_s"] = sum(e["scored_tokens"] for e in per_sample) / max(stream_s, 1e-12)
+    else:
+        merged["score"] = statistics.fmean(scores)
+        decode_tokens = float(sum(e["new_tokens"] - 1 for e in per_sample))
+        decode_time = sum(e["decode_s"] for e in per_sample)
+        merged["decode_tokens_per_s"] = decode_tokens / decode_time if decode_time > 0 and decode_tokens else None
+        merged["tpot_s"] = decode_time / decode_tokens if decode_tokens else None
+        merged["new_tokens"] = statistics.fmean(e["new_tokens"] for e in per_sample)
+        merged["ttft_s"] = _mean([e["ttft_s"] for e in per_sample])
+    merged["score_std"] = statistics.pstdev(scores) if len(scores) > 1 else 0.0
+    merged["prefill_s"] = _mean([e["prefill_s"] for e in per_sample])
+    deltas = [r for r in (earlier, later) if r.get("peak_rss_delta_bytes") is not None]
+    if deltas:
+        peak = max(deltas, key=lambda r: r["peak_rss_delta_bytes"])
+        for name in ("peak_rss_bytes", "base_rss_bytes", "peak_rss_delta_bytes", "peak_rss_method"):
+            merged[name] = peak[name]
+    gpu = [r["peak_gpu_bytes"] for r in (earlier, later) if r.get("peak_gpu_bytes") is not None]
+    merged["peak_gpu_bytes"] = max(gpu) if gpu else None
+    merged["wall_s"] = earlier["wall_s"] + later["wall_s"]
+    merged["samples"] = total
+    merged["per_sample"] = per_sample
+    merged["extended_from"] = {"key": earlier["key"], "samples": n_early, "finished_at": earlier["finished_at"]}
+    return merged
 
 
 def append_result(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
@@ -685,8 +761,13 @@ def run_bench(
     cells = plan_cells(config)
     out_dir = ensure_output_dir(config.out_dir)
     results_path = out_dir / RESULTS_FILE
-    done = {record["key"] for record in read_results(results_path)}
+    finished = read_results(results_path)
+    done = {record["key"] for record in finished}
     pending = [cell for cell in cells if cell.key not in done]
+    shorter = extendable_records(finished)
+    # a finished record of the same cell with fewer samples: run only the samples it lacks
+    prefix = {cell.key: record for cell in pending
+              if (record := shorter.get(_without_samples(cell.config))) and record["samples"] < config.samples}
     ran = 0
     if pending:
         if model is None:
@@ -705,7 +786,8 @@ def run_bench(
         for key, members in groups.items():  # sizing errors (length too short) before anything runs
             cell = members[0]
             first_samples[key] = _make_sample(cell, tokenizer, config, 0)
-        progress = ProgressBar(config.progress, len(pending) * config.samples)
+        to_run = sum(config.samples - (prefix[c.key]["samples"] if c.key in prefix else 0) for c in pending)
+        progress = ProgressBar(config.progress, to_run)
         try:
             for key, members in groups.items():
                 first = members[0]
@@ -714,10 +796,14 @@ def run_bench(
                 for cell in members:
                     variant = f" {cell.task.variant}" if cell.task.variant else ""
                     progress.describe(f"{cell.task.name}{variant} L={cell.length} {cell.method.label}")
-                    record = run_cell(model, tokenizer, cell, samples, config, config.model)
+                    earlier = prefix.get(cell.key)
+                    skip = earlier["samples"] if earlier else 0
+                    record = run_cell(model, tokenizer, cell, samples[skip:], config, config.model)
+                    if earlier:
+                        record = merge_records(earlier, record, cell)
                     append_result(results_path, record)
                     ran += 1
-                    progress.advance(len(samples))
+                    progress.advance(len(samples) - skip)
                     progress.print(_cell_line(record))
                     if on_cell is not None:
                         on_cell(record)
