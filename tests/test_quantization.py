@@ -538,6 +538,44 @@ def test_streamingllm_cache_positions_with_int8_decode_like_the_uncoded_method()
         assert kept[0] == kept[1] and coded.layers[0].encoded_entries() > 0
 
 
+@pytest.mark.parametrize("codec", ["quant(bits=8, group_size=16)", "kivi(bits=4, group_size=16, residual=16)"])
+def test_a_multi_token_chunk_over_encoded_entries_decodes_them_then_evicts_like_the_uncoded_method(codec, monkeypatch):
+    """A chunk of several tokens after the prompt (a second turn, or perplexity streamed in chunks) makes a
+    dynamic method drop several entries at once: the encoded entries are decoded back into full-precision
+    slots first, then evicted with the rest, then flushed again."""
+    from kvstack.cache.layer import KVStackLayer
+
+    unflushed = []
+    original = KVStackLayer._unflush
+    monkeypatch.setattr(KVStackLayer, "_unflush", lambda self: (unflushed.append(self.region.length), original(self)))
+    model = head32_model()
+    ids = random_ids(150)
+    spec = "streamingllm(budget=64, sinks=4)"
+    alone, coded = (kvstack.make_cache(model, s) for s in (spec, f"{spec} + {codec}"))
+    for cache in (alone, coded):
+        prefill(model, ids, cache)
+        for step in range(4):
+            model(torch.tensor([[step + 3]]), past_key_values=cache, use_cache=True)
+    assert all(layer.encoded_entries() > 0 for layer in coded.layers)
+    chunk = torch.tensor([[5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45, 49]])
+    expected = model(chunk, past_key_values=alone, use_cache=True).logits
+    got = model(chunk, past_key_values=coded, use_cache=True).logits
+    assert len(unflushed) == len(coded.layers) and min(unflushed) > 0
+    tolerance = 2e-2 if "bits=8" in codec else 2e-1
+    torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
+    seen = 150 + 4 + chunk.shape[1]
+    for layer, reference in zip(coded.layers, alone.layers, strict=True):
+        for positions, uncoded in zip(layer.kept_positions()[0], reference.kept_positions()[0], strict=True):
+            assert positions.tolist() == uncoded.tolist() == [0, 1, 2, 3, *range(seen - 60, seen)]
+    for step in range(20):  # decoding goes on at the budget and encodes again
+        token = torch.tensor([[step + 60]])
+        expected = model(token, past_key_values=alone, use_cache=True).logits
+        got = model(token, past_key_values=coded, use_cache=True).logits
+        torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
+    for layer in coded.layers:
+        assert layer.encoded_entries() > 0 and all(len(p) == 64 for p in layer.kept_positions()[0])
+
+
 @pytest.mark.parametrize("name", ["h2o", "tova", "scissorhands"])
 def test_dynamic_selection_with_a_codec_holds_its_budget_with_distinct_entries(name):
     model = head32_model()
