@@ -55,13 +55,15 @@ BITS_SPECS = [
     "kivi(bits=2, outlier_channels=24, value_group_size=64, sinks=1, residual=31, rotate='hadamard-values')",
     "kivi(bits=2, outlier_channels=24, value_group_size=64, sinks=4, residual=28, rotate='hadamard-values')",
     "gear(bits=2, rank=2)", "gear(bits=2, rank=2, outliers=0.02)", "gear(bits=4, rank=2)",
+    "kivi(bits=4, sinks=1, residual=31, rotate='hadamard-values')",
 ]
 BARS = {"kivi(bits=2)": 3.5, "kivi(bits=4)": 5.5, "quant(bits=8)": 9.0,
         "kivi(bits=2, outlier_channels=16, value_group_size=64)": 3.5,
         "kivi(bits=2, outlier_channels=24, value_group_size=64)": 3.5,
         "kivi(bits=2, outlier_channels=24, value_group_size=64, sinks=1, residual=31)": 3.5,
         "kivi(bits=2, outlier_channels=24, value_group_size=64, sinks=1, residual=31, rotate='hadamard-values')": 3.5,
-        "kivi(bits=2, outlier_channels=24, value_group_size=64, sinks=4, residual=28, rotate='hadamard-values')": 3.5}
+        "kivi(bits=2, outlier_channels=24, value_group_size=64, sinks=4, residual=28, rotate='hadamard-values')": 3.5,
+        "kivi(bits=4, sinks=1, residual=31, rotate='hadamard-values')": 5.5}
 DECODE_CASES = ["dynamic-cache", "quanto-2", "quanto-4", "full", "kivi(bits=2)", "kivi(bits=4)"]
 LENGTH = 4096
 DECODED = 128  # decoded tokens in the memory runs: quanto's full-precision residual fills up to 128

@@ -39,6 +39,7 @@ CODECS = {
     "int8 + Hadamard": "quant(bits=8, rotate='hadamard')",
     "KIVI-4": "kivi(bits=4)",
     "KIVI-4 + Hadamard": "kivi(bits=4, rotate='hadamard')",
+    "KIVI-4 + sink + value rotation": "kivi(bits=4, sinks=1, residual=31, rotate='hadamard-values')",
     "KIVI-2": "kivi(bits=2)",
     "KIVI-2 + Hadamard": "kivi(bits=2, rotate='hadamard')",
     "KIVI-2 + sink + Hadamard": "kivi(bits=2, sinks=1, rotate='hadamard')",
@@ -58,8 +59,10 @@ CODECS = {
 BARS = {"int8": (0.5, 0.005), "KIVI-4": (1.0, 0.02), "KIVI-2": (5.0, 0.10)}  # score points, perplexity increase
 # The rotated variants are judged by their base codec's bar.
 BARS.update({"int8 + Hadamard": BARS["int8"], "KIVI-4 + Hadamard": BARS["KIVI-4"],
+             "KIVI-4 + sink + value rotation": BARS["KIVI-4"],
              "KIVI-2 + Hadamard": BARS["KIVI-2"], "KIVI-2 + sink + Hadamard": BARS["KIVI-2"],
              **{name: BARS["KIVI-2"] for name in CODECS if name.startswith("KIVI-2 + ") and "outlier" in name}})
+RUNS_FILE = "runs.jsonl"
 TASKS = [
     "perplexity", "niah_single_noise", "niah_single_prose", "niah_multikey", "vt", "fwe", "cwe", "niah_multiquery",
     "niah_multivalue",
@@ -114,6 +117,8 @@ def summarize(records: list[dict], lengths: list[int]) -> dict:
             if name in BARS and "score_delta" in entry and "perplexity_increase" in entry:
                 points, ppl = BARS[name]
                 entry["meets_bar"] = entry["score_delta"] >= -points and entry["perplexity_increase"] <= ppl
+        order = ["full", *CODECS]
+        table = dict(sorted(table.items(), key=lambda item: order.index(item[0])))
         summary[str(length)] = {"tasks": tasks, "methods": table}
     return summary
 
@@ -148,10 +153,12 @@ def paired_changes(cells: dict[str, dict], full: dict[str, dict], tasks: list[st
     return worse, better, compared
 
 
-def markdown(summary: dict, command: str) -> str:
+def markdown(summary: dict, runs: list[dict]) -> str:
     lines = [
         "# Quantization quality on the harness (SmolLM2-135M-Instruct, CPU)", "",
-        f"Command: `{command}`  ", f"Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC  ",
+        "Made by these runs (each resumable: it skips finished cells, and a larger `--samples` extends them):", "",
+        *(f"- `{run['command']}` ({run['date']})" for run in runs), "",
+        f"Report written: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC  ",
         f"Machine: {cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}  ",
         "Samples: per task cell, the same samples (same seed and index) for every codec; a codec run with fewer "
         "samples than the full cache is compared with the full cache on the samples it has.", "",
@@ -204,13 +211,18 @@ def main() -> None:
         config = BenchConfig(methods=["full", *(CODECS[n] for n in names)], tasks=TASKS, lengths=lengths,
                              samples=args.samples, out_dir=str(out), progress=sys.stderr.isatty(), plots=False)
         run_bench(config)
+        command = "python benchmarks/quant_quality.py " + " ".join(
+            f"'{a}'" if " " in a else a for a in sys.argv[1:])
+        with open(out / RUNS_FILE, "a", encoding="utf-8") as fh:  # the runs that made the results
+            fh.write(json.dumps({"command": command.strip(),
+                                 "date": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC"}) + "\n")
     records = latest_results(out / "results.jsonl")
     summary = summarize(records, lengths)
-    # The results come from the run command; --report-only only rewrites the report from them.
-    command = "python benchmarks/quant_quality.py " + " ".join(a for a in sys.argv[1:] if a != "--report-only")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "README.md").write_text(markdown(summary, command.strip()))
-    print(markdown(summary, command.strip()))
+    runs_path = out / RUNS_FILE
+    runs = [json.loads(line) for line in runs_path.read_text().splitlines()] if runs_path.exists() else []
+    (out / "README.md").write_text(markdown(summary, runs))
+    print(markdown(summary, runs))
 
 
 if __name__ == "__main__":
