@@ -163,8 +163,8 @@ def markdown(summary: dict, runs: list[dict]) -> str:
         "Samples: per task cell, the same samples (same seed and index) for every codec; a codec run with fewer "
         "samples than the full cache is compared with the full cache on the samples it has.", "",
         "Score: mean over the generation tasks listed (0-100, string match); perplexity: long-text prose, "
-        "second half scored through the cache (lower is better). Deltas are against the full cache of the same "
-        "run. Bars from the issue: int8 within 0.5 points and +0.5% perplexity, KIVI-4 within 1 point and +2%, "
+        "second half scored through the cache (lower is better). Deltas are against the full cache on the same "
+        "samples. Bars from the issue: int8 within 0.5 points and +0.5% perplexity, KIVI-4 within 1 point and +2%, "
         "KIVI-2 within 5 points and +10%. Answers worse / better: generation samples whose score is below / above "
         "the full cache's on the same sample, out of all samples of the tasks listed.", "",
     ]
