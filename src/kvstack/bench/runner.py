@@ -299,24 +299,9 @@ def merge_records(earlier: dict[str, Any], later: dict[str, Any], cell: Cell) ->
     for name in ("prompt_tokens", "kv_bytes", "full_kv_bytes", "kv_bytes_prefill", "full_kv_bytes_prefill",
                  "tokens_kept", "tokens_seen"):
         merged[name] = weighted(name)
-    merged["compression_ratio"] = 1.0 - merged["kv_bytes"] / merged["full_kv_bytes"] if merged["full_kv_bytes"] else 0.0
-    merged["compression_ratio_prefill"] = (1.0 - merged["kv_bytes_prefill"] / merged["full_kv_bytes_prefill"]
-                                           if merged["full_kv_bytes_prefill"] else 0.0)
-    scores = [entry["score"] for entry in per_sample]
-    if cell.task.kind == "perplexity":
-        merged["score"] = math.exp(sum(e["nll_sum"] for e in per_sample) / sum(e["scored_tokens"] for e in per_sample))
-        stream_s = sum(e["stream_s"] for e in per_sample)
-        merged["stream_tokens_per_s"] = sum(e["scored_tokens"] for e in per_sample) / max(stream_s, 1e-12)
-    else:
-        merged["score"] = statistics.fmean(scores)
-        decode_tokens = float(sum(e["new_tokens"] - 1 for e in per_sample))
-        decode_time = sum(e["decode_s"] for e in per_sample)
-        merged["decode_tokens_per_s"] = decode_tokens / decode_time if decode_time > 0 and decode_tokens else None
-        merged["tpot_s"] = decode_time / decode_tokens if decode_tokens else None
-        merged["new_tokens"] = statistics.fmean(e["new_tokens"] for e in per_sample)
-        merged["ttft_s"] = _mean([e["ttft_s"] for e in per_sample])
-    merged["score_std"] = statistics.pstdev(scores) if len(scores) > 1 else 0.0
-    merged["prefill_s"] = _mean([e["prefill_s"] for e in per_sample])
+    merged["compression_ratio"] = _saved(merged["kv_bytes"], merged["full_kv_bytes"])
+    merged["compression_ratio_prefill"] = _saved(merged["kv_bytes_prefill"], merged["full_kv_bytes_prefill"])
+    merged.update(_sample_summary(per_sample, cell.task.kind == "perplexity"))
     deltas = [r for r in (earlier, later) if r.get("peak_rss_delta_bytes") is not None]
     if deltas:
         peak = max(deltas, key=lambda r: r["peak_rss_delta_bytes"])
@@ -565,6 +550,39 @@ def _perplexity_sample(model: torch.nn.Module, cell: Cell, sample: Sample, chunk
     }
 
 
+def _saved(held: float, full: float) -> float:
+    """Compression ratio: the fraction of the full-cache bytes not held (0 when there is nothing)."""
+    return 1.0 - held / full if full else 0.0
+
+
+def _sample_summary(rows: Sequence[dict[str, Any]], perplexity: bool) -> dict[str, Any]:
+    """Score and timing fields of a cell record from its per-sample rows (measured or from a record)."""
+    scores = [r["score"] for r in rows]
+    summary: dict[str, Any] = {
+        "score_std": statistics.pstdev(scores) if len(scores) > 1 else 0.0,
+        "prefill_s": _mean([r["prefill_s"] for r in rows]),
+    }
+    if perplexity:
+        stream_s = sum(r["stream_s"] for r in rows)
+        return {
+            **summary,
+            "score": math.exp(sum(r["nll_sum"] for r in rows) / sum(r["scored_tokens"] for r in rows)),
+            "ttft_s": None, "decode_tokens_per_s": None, "tpot_s": None, "new_tokens": None,
+            "stream_tokens_per_s": sum(r["scored_tokens"] for r in rows) / max(stream_s, 1e-12),
+        }
+    decode_tokens = float(sum(r["new_tokens"] - 1 for r in rows))
+    decode_time = sum(r["decode_s"] for r in rows)
+    return {
+        **summary,
+        "score": statistics.fmean(scores),
+        "ttft_s": _mean([r["ttft_s"] for r in rows]),
+        "decode_tokens_per_s": decode_tokens / decode_time if decode_time > 0 and decode_tokens else None,
+        "tpot_s": decode_time / decode_tokens if decode_tokens else None,
+        "new_tokens": statistics.fmean(r["new_tokens"] for r in rows),
+        "stream_tokens_per_s": None,
+    }
+
+
 def _aggregate(cell: Cell, rows: list[dict[str, Any]], memory: PeakMemory, wall: float, model_name: str,
                device: torch.device, config: BenchConfig) -> dict[str, Any]:
     task = cell.task
@@ -573,16 +591,6 @@ def _aggregate(cell: Cell, rows: list[dict[str, Any]], memory: PeakMemory, wall:
     full = sum(r["cache"]["full_kv_bytes"] for r in rows)
     held_prompt = sum(r["cache_prefill"]["kv_bytes"] for r in rows)
     full_prompt = sum(r["cache_prefill"]["full_kv_bytes"] for r in rows)
-    if perplexity:
-        score = math.exp(sum(r["nll_sum"] for r in rows) / sum(r["scored_tokens"] for r in rows))
-        decode_tokens = decode_time = 0.0
-        stream_tps = sum(r["scored_tokens"] for r in rows) / max(sum(r["stream_s"] for r in rows), 1e-12)
-    else:
-        score = statistics.fmean(r["score"] for r in rows)
-        decode_tokens = float(sum(r["new_tokens"] - 1 for r in rows))
-        decode_time = sum(r["decode_s"] for r in rows)
-        stream_tps = None
-    scores = [r["score"] for r in rows]
     per_sample = []
     for index, r in enumerate(rows):
         entry = {k: v for k, v in r.items() if k not in ("cache", "cache_prefill")}
@@ -613,15 +621,14 @@ def _aggregate(cell: Cell, rows: list[dict[str, Any]], memory: PeakMemory, wall:
         "max_new_tokens": cell.config["max_new_tokens"],
         "samples": len(rows),
         "seed": config.seed,
-        "score": score,
-        "score_std": statistics.pstdev(scores) if len(scores) > 1 else 0.0,
+        **_sample_summary(rows, perplexity),
         "prompt_tokens": statistics.fmean(r["tokens"] for r in rows),
         "kv_bytes": held / len(rows),
         "full_kv_bytes": full / len(rows),
-        "compression_ratio": 1.0 - held / full if full else 0.0,
+        "compression_ratio": _saved(held, full),
         "kv_bytes_prefill": held_prompt / len(rows),
         "full_kv_bytes_prefill": full_prompt / len(rows),
-        "compression_ratio_prefill": 1.0 - held_prompt / full_prompt if full_prompt else 0.0,
+        "compression_ratio_prefill": _saved(held_prompt, full_prompt),
         "tokens_kept": statistics.fmean(r["cache"]["tokens_kept"] for r in rows),
         "tokens_seen": statistics.fmean(r["cache"]["tokens_seen"] for r in rows),
         "peak_rss_bytes": memory.peak_rss,
@@ -630,12 +637,6 @@ def _aggregate(cell: Cell, rows: list[dict[str, Any]], memory: PeakMemory, wall:
                                  if memory.peak_rss is not None and memory.base_rss is not None else None),
         "peak_rss_method": memory.method,
         "peak_gpu_bytes": memory.peak_gpu,
-        "prefill_s": _mean([r["prefill_s"] for r in rows]),
-        "ttft_s": None if perplexity else _mean([r["ttft_s"] for r in rows]),
-        "decode_tokens_per_s": decode_tokens / decode_time if decode_time > 0 and decode_tokens else None,
-        "tpot_s": decode_time / decode_tokens if decode_tokens else None,
-        "new_tokens": None if perplexity else statistics.fmean(r["new_tokens"] for r in rows),
-        "stream_tokens_per_s": stream_tps,
         "wall_s": wall,
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
