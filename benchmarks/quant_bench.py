@@ -320,6 +320,12 @@ def markdown(results: dict) -> str:
         lines += ["", f"KIVI-2 vs quanto-2: decoding peak {decode_gap:+.1f} MB "
                   f"({'lower' if decode_gap < 0 else 'not lower'}); whole-run peak, prompt included, {run_gap:+.1f} MB "
                   f"({'lower' if run_gap < 0 else 'not lower'}).", ""]
+        held_gap = kivi.get("cache_bytes_after_prompt", 0) - quanto.get("cache_bytes_after_prompt", 0)
+        if held_gap > 0:
+            lines += [f"After the prompt KIVI-2 holds {held_gap / 2**20:.2f} MB more than quanto-2: KIVI keeps its "
+                      "newest tokens in full precision (the residual window) and every token's position, where "
+                      "quanto quantizes the whole prompt and refills its own full-precision window only while "
+                      "decoding.", ""]
     if "block" in results:
         k = results["block"]
         sizes = k["largest_decoded_bytes"]

@@ -174,3 +174,21 @@ def test_empty_cache_reports_zero(model):
     assert cache.kv_bytes() == cache.full_kv_bytes() == cache.theoretical_kv_bytes() == 0
     assert cache.kept_entries() == 0 and cache.tokens_seen() == 0 and cache.tokens_kept() == 0.0
     assert cache.summary()["compression_ratio"] == 0.0
+
+
+@pytest.mark.parametrize("spec", ["kivi(bits=2)", "kivi(bits=4, sinks=1, residual=31)", "quant(bits=8, residual=16)",
+                                  "kvquant(bits=2)"])
+def test_a_prompt_read_in_one_forward_is_stored_without_spare_slots(model, spec):
+    """The prompt's last chunk is encoded into exactly-sized tensors: its peak holds no growth room."""
+    cache = kvstack.make_cache(model, spec)
+    model(random_ids(PROMPT + 7), past_key_values=cache)  # one forward, no end_prompt() trimming
+    for layer in cache.layers:
+        region = layer.region
+        assert region.length > 0 and region.capacity == region.length
+        assert layer.capacity == layer.length == PROMPT + 7 - region.length
+        assert layer.keys.untyped_storage().nbytes() == layer.length * KV_HEADS * HEAD_DIM * ELEMENT
+    before = cache.kv_bytes()
+    cache.end_prompt()
+    assert cache.kv_bytes() == before  # nothing left to trim
+    model(random_ids(1), past_key_values=cache)  # decoding regrows with room
+    assert all(layer.capacity > layer.length for layer in cache.layers)

@@ -380,7 +380,9 @@ class KVStackLayer(CacheLayerMixin):
             self._fit_key_basis()  # before any flush: the basis is fitted to every prompt key
         holds_prompt = method.compresses() or (method.sparse_attention and self.pca_basis is None)
         if self.region is not None and not (holds_prompt and self.owner.more_prompt_follows):
-            self._flush()
+            # The last chunk of a prompt is stored without growth room: decoding adds it when it needs it
+            # (end_prompt would trim it anyway), so the prompt's peak holds no spare slots.
+            self._flush(exact=q_len > 1 and not self.owner.more_prompt_follows)
         return output
 
     # ---------------------------------------------------------------- low-rank scoring (Loki)
@@ -580,8 +582,11 @@ class KVStackLayer(CacheLayerMixin):
             self.region.state[name][:, :, :encoded] = tensor[:, :, :encoded]
             self.state[name][:, :, : self.length] = tensor[:, :, encoded:]
 
-    def _flush(self) -> None:
-        """Encode whole chunks of the oldest full-precision entries, keeping sinks and the residual window."""
+    def _flush(self, exact: bool = False) -> None:
+        """Encode whole chunks of the oldest full-precision entries, keeping sinks and the residual window.
+
+        ``exact``: allocate the region and the full-precision slots without room to grow.
+        """
         region, codec = self.region, self.owner.codec
         sinks = codec.sink_tokens()
         count = region.flushable(self.length)
@@ -594,7 +599,7 @@ class KVStackLayer(CacheLayerMixin):
             if self.pca_basis is not None:  # Loki's slots are in the PCA basis; the region in the model's
                 keys = keys @ self.pca_basis.transpose(-1, -2)
             region.append(keys, self.values[:, :, chosen], live[:, :, chosen],
-                          {name: t[:, :, chosen] for name, t in self.state.items()})
+                          {name: t[:, :, chosen] for name, t in self.state.items()}, exact=exact)
             order = torch.arange(self.length, device=live.device).expand(live.shape)
         else:
             order = live.argsort(dim=-1, stable=True)  # oldest first
@@ -605,9 +610,10 @@ class KVStackLayer(CacheLayerMixin):
                 self.values[:, :, : self.length].gather(2, expanded),
                 live.gather(2, index),
                 {name: t[:, :, : self.length].gather(2, index) for name, t in self.state.items()},
+                exact=exact,
             )
         rest = torch.cat((order[:, :, :sinks], order[:, :, sinks + count :]), dim=-1).sort(dim=-1).values
-        self._gather(rest, capacity=rest.shape[-1] + region.chunk)
+        self._gather(rest, capacity=rest.shape[-1] + (0 if exact else region.chunk))
 
     def _unflush(self) -> None:
         """Decode every encoded entry back into the full-precision slots (before a many-entry eviction)."""

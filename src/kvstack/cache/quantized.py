@@ -544,17 +544,19 @@ class QuantizedRegion:
         return max(0, count // self.chunk * self.chunk)
 
     def append(
-        self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, state: dict[str, torch.Tensor]
+        self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, state: dict[str, torch.Tensor],
+        exact: bool = False,
     ) -> None:
         """Encode ``[B, H, n, D]`` entries (``n`` a multiple of the chunk) after the existing ones.
 
-        ``positions`` ``[B, H or 1, n]`` int32; ``state`` maps each state name to ``[B, H, n]``.
+        ``positions`` ``[B, H or 1, n]`` int32; ``state`` maps each state name to ``[B, H, n]``. ``exact``:
+        grow to exactly the entries held (no spare chunks), as at the end of a prompt.
         """
         n = keys.shape[2]
         assert n % self.chunk == 0, (n, self.chunk)
         needed = self.length + n
         if needed > self.capacity:
-            self._resize(needed + growth_tokens(needed, self.chunk))
+            self._resize(needed + (0 if exact else growth_tokens(needed, self.chunk)))
         start = self.length
         step = max(self.chunk, ENCODE_TOKENS // self.chunk * self.chunk)
         for offset in range(0, n, step):  # in slabs, so encoding temporaries stay small
