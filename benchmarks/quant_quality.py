@@ -27,6 +27,7 @@ import datetime as dt
 import json
 import math
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -111,6 +112,7 @@ def summarize(records: list[dict], lengths: list[int]) -> dict:
             if tasks:
                 reference = [mean_score(full[t], indices(by_method[name][t])) for t in tasks]
                 entry["score_delta"] = entry["score"] - sum(reference) / len(tasks)
+                entry["score_delta_se"] = paired_standard_error(by_method[name], full, tasks)
             if "perplexity" in entry and "perplexity" in full:
                 reference_ppl = perplexity_on(full["perplexity"], indices(by_method[name]["perplexity"]))
                 entry["perplexity_increase"] = entry["perplexity"] / reference_ppl - 1.0
@@ -153,6 +155,22 @@ def paired_changes(cells: dict[str, dict], full: dict[str, dict], tasks: list[st
     return worse, better, compared
 
 
+def paired_standard_error(cells: dict[str, dict], full: dict[str, dict], tasks: list[str]) -> float:
+    """Standard error of the mean-score delta, from per-sample differences with the full cache.
+
+    The delta is ``mean_t mean_i (s_ti - f_ti)`` over tasks ``t`` and shared samples ``i``, so its variance is
+    ``sum_t var_t / n_t / T**2`` with ``var_t`` the sample variance of task ``t``'s differences.
+    """
+    variance = 0.0
+    for task in tasks:
+        reference = {row["index"]: row["score"] for row in full[task]["per_sample"]}
+        diffs = [row["score"] - reference[row["index"]] for row in cells[task]["per_sample"]
+                 if row["index"] in reference]
+        if len(diffs) > 1:
+            variance += statistics.variance(diffs) / len(diffs)
+    return math.sqrt(variance) / len(tasks)
+
+
 def markdown(summary: dict, runs: list[dict]) -> str:
     lines = [
         "# Quantization quality on the harness (SmolLM2-135M-Instruct, CPU)", "",
@@ -166,17 +184,20 @@ def markdown(summary: dict, runs: list[dict]) -> str:
         "second half scored through the cache (lower is better). Deltas are against the full cache on the same "
         "samples. Bars from the issue: int8 within 0.5 points and +0.5% perplexity, KIVI-4 within 1 point and +2%, "
         "KIVI-2 within 5 points and +10%. Answers worse / better: generation samples whose score is below / above "
-        "the full cache's on the same sample, out of all samples of the tasks listed.", "",
+        "the full cache's on the same sample, out of all samples of the tasks listed. SE: standard error of the "
+        "score delta from the per-sample differences (paired), so a delta within about 2 SE of a bar is not "
+        "distinguishable from it at these sample counts.", "",
     ]
     for length, block in summary.items():
         lines += [f"## {length} tokens", "", "Tasks: " + ", ".join(block["tasks"]), "",
-                  "| codec | spec | samples | score | Δ score | answers worse / better | perplexity | Δ perplexity "
-                  "| bar |",
+                  "| codec | spec | samples | score | Δ score ± SE | answers worse / better | perplexity "
+                  "| Δ perplexity | bar |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         for name, entry in block["methods"].items():
             spec = CODECS.get(name, "full")
             score = f"{entry['score']:.1f}" if "score" in entry else "–"
-            delta = f"{entry['score_delta']:+.1f}" if "score_delta" in entry else "–"
+            delta = (f"{entry['score_delta']:+.1f} ± {entry['score_delta_se']:.1f}" if "score_delta" in entry
+                     else "–")
             ppl = f"{entry['perplexity']:.3f}" if "perplexity" in entry else "–"
             dppl = f"{100 * entry['perplexity_increase']:+.2f}%" if "perplexity_increase" in entry else "–"
             bar = {True: "met", False: "**missed**"}.get(entry.get("meets_bar"), "")
