@@ -142,17 +142,16 @@ def perplexity_on(record: dict, among: set[int]) -> float:
     return math.exp(sum(row["nll_sum"] for row in rows) / sum(row["scored_tokens"] for row in rows))
 
 
+def paired_differences(cells: dict[str, dict], full: dict[str, dict], task: str) -> list[float]:
+    """Per-sample score minus the full cache's score on the same sample, over the samples both hold."""
+    reference = {row["index"]: row["score"] for row in full[task]["per_sample"]}
+    return [row["score"] - reference[row["index"]] for row in cells[task]["per_sample"] if row["index"] in reference]
+
+
 def paired_changes(cells: dict[str, dict], full: dict[str, dict], tasks: list[str]) -> tuple[int, int, int]:
     """``(worse, better, compared)``: generation samples scoring below / above the full cache's same sample."""
-    worse = better = compared = 0
-    for task in tasks:
-        reference = {row["index"]: row["score"] for row in full[task]["per_sample"]}
-        for row in cells[task]["per_sample"]:
-            if row["index"] in reference:
-                compared += 1
-                worse += row["score"] < reference[row["index"]]
-                better += row["score"] > reference[row["index"]]
-    return worse, better, compared
+    diffs = [d for task in tasks for d in paired_differences(cells, full, task)]
+    return sum(d < 0 for d in diffs), sum(d > 0 for d in diffs), len(diffs)
 
 
 def paired_standard_error(cells: dict[str, dict], full: dict[str, dict], tasks: list[str]) -> float:
@@ -163,9 +162,7 @@ def paired_standard_error(cells: dict[str, dict], full: dict[str, dict], tasks: 
     """
     variance = 0.0
     for task in tasks:
-        reference = {row["index"]: row["score"] for row in full[task]["per_sample"]}
-        diffs = [row["score"] - reference[row["index"]] for row in cells[task]["per_sample"]
-                 if row["index"] in reference]
+        diffs = paired_differences(cells, full, task)
         if len(diffs) > 1:
             variance += statistics.variance(diffs) / len(diffs)
     return math.sqrt(variance) / len(tasks)
