@@ -222,7 +222,7 @@ def test_kv_bytes_count_payload_metadata_residual_positions_exactly():
         batch * heads * n * head_dim * 2 // 8 * 2  # 2-bit keys and values
         + batch * heads * (n // 16) * head_dim * 2 * 2  # key scale + zero (float16), per channel per 16 tokens
         + batch * heads * n * (head_dim // 16) * 2 * 2  # value scale + zero, per token per 16 channels
-        + batch * 1 * n * 4  # positions, once per sequence (nothing is evicted)
+        # no positions: nothing is evicted, so the encoded entries are tokens 0..n-1 (implicit)
     )
     residual_bytes = batch * heads * layer.length * (head_dim * 4 * 2 + 4)  # float32 keys/values + positions
     assert layer.kv_bytes() == encoded_bytes + residual_bytes + 8  # + next position (int64)
@@ -230,6 +230,26 @@ def test_kv_bytes_count_payload_metadata_residual_positions_exactly():
     full = kvstack.make_cache(model, "full")
     prefill(model, random_ids(200), full)
     assert cache.kv_bytes() < 0.4 * full.kv_bytes()
+
+
+def test_encoded_positions_are_implicit_for_a_consecutive_run_and_stored_once_the_run_breaks():
+    model = head32_model()
+    cache = kvstack.make_cache(model, "kivi(bits=2, group_size=16, residual=16)")
+    prefill(model, random_ids(200), cache)
+    region = cache.layers[0].region
+    assert region.implicit_positions and region.positions.numel() == 0
+    assert torch.equal(region.live_positions(), torch.arange(region.length, dtype=torch.int32).expand(1, 2, -1))
+    # A left-padded batch: the padded sequence's run starts later, so the positions must be stored.
+    ids = random_ids(120).expand(2, -1).clone()
+    mask = torch.ones_like(ids)
+    mask[1, :40] = 0
+    padded = kvstack.make_cache(model, "kivi(bits=2, group_size=16, residual=16)")
+    prefill(model, ids, padded, attention_mask=mask)
+    region = padded.layers[0].region
+    assert not region.implicit_positions
+    assert region.positions.shape == (2, 1, region.capacity)
+    expected = torch.stack((torch.arange(region.length), torch.arange(region.length) - 40)).clamp(min=-1)
+    assert torch.equal(region.live_positions()[:, 0].long(), expected)
 
 
 @pytest.mark.parametrize(
@@ -267,7 +287,7 @@ def test_bits_per_element_at_a_long_context_include_every_byte(spec, key_bits, v
     rank = codec.residual_rank()
     bits = (
         encoded * head_dim * (key_bits + value_bits)  # payload and group metadata
-        + encoded * 32 / heads  # int32 positions, shared by the heads
+        # no positions for the encoded entries: consecutive tokens, implicit
         + residual * (2 * head_dim * 32 + 32)  # float32 residual keys and values, with per-head positions
         + 64 / heads  # int64 next position of the sequence
         + head_dim * 8 * bool(codec.key_outlier_channels()[0])  # uint8 key channel order per head

@@ -421,7 +421,8 @@ class QuantizedRegion:
         Geometry of the layer and the dtype entries decode to.
     per_head_positions:
         True when heads may hold different tokens (a selection method evicts); otherwise positions are
-        stored once per sequence, ``[B, 1, N]``.
+        shared by the heads: implicit while the entries are consecutive tokens at the same positions in every
+        sequence (``position_start + index``, no tensor held), else stored once per sequence, ``[B, 1, N]``.
     state_names:
         Per-entry float32 method state kept alongside (e.g. H2O's accumulated attention).
     rope_inv_freq:
@@ -472,6 +473,9 @@ class QuantizedRegion:
                 self.keys = LowRankResidualStream(self.keys, codec.residual_rank(), self.chunk, device)
                 self.values = LowRankResidualStream(self.values, codec.residual_rank(), self.chunk, device)
         self.positions = torch.empty((batch, heads if per_head_positions else 1, 0), dtype=torch.int32, device=device)
+        self.per_head_positions = per_head_positions
+        self.implicit_positions = not per_head_positions  # positions are position_start + index, none stored
+        self.position_start = 0
         self.state = {name: torch.empty((batch, heads, 0), dtype=torch.float32, device=device) for name in state_names}
         self.length = 0
         self.capacity = 0
@@ -558,15 +562,40 @@ class QuantizedRegion:
         if needed > self.capacity:
             self._resize(needed + (0 if exact else growth_tokens(needed, self.chunk)))
         start = self.length
+        if self.implicit_positions:
+            self._keep_positions_implicit(positions[:, :1])
         step = max(self.chunk, ENCODE_TOKENS // self.chunk * self.chunk)
         for offset in range(0, n, step):  # in slabs, so encoding temporaries stay small
             part = slice(offset, min(offset + step, n))
             self.keys.encode(self._encode_keys(keys[:, :, part], positions[:, :, part]), start + offset)
             self.values.encode(self._rotate(values[:, :, part]), start + offset)
-        self.positions[:, :, start:needed] = positions[:, : self.positions.shape[1]]
+        if not self.implicit_positions:
+            self.positions[:, :, start:needed] = positions[:, : self.positions.shape[1]]
         for name, tensor in self.state.items():
             tensor[:, :, start:needed] = state[name]
         self.length = needed
+
+    def _keep_positions_implicit(self, positions: torch.Tensor) -> None:
+        """Check that new entries' ``[B, 1, n]`` positions continue the implicit run; store them all if not."""
+        if positions.shape[-1] == 0:
+            return
+        first = self.position_start if self.length else int(positions[0, 0, 0])
+        expected = torch.arange(first + self.length, first + self.length + positions.shape[-1],
+                                dtype=positions.dtype, device=positions.device)
+        if bool((positions == expected).all()):
+            self.position_start = first
+            return
+        stored = torch.empty((self.batch, 1, self.capacity), dtype=torch.int32, device=self.device)
+        stored[:, :, : self.length] = self.positions_between(0, self.length)
+        self.positions, self.implicit_positions = stored, False
+
+    def positions_between(self, start: int, stop: int) -> torch.Tensor:
+        """``[B, H or 1, stop - start]`` int32 true positions of encoded entries ``start:stop``."""
+        if self.implicit_positions:
+            run = torch.arange(self.position_start + start, self.position_start + stop, dtype=torch.int32,
+                               device=self.device)
+            return run.expand(self.batch, 1, -1)
+        return self.positions[:, :, start:stop]
 
     def _resize(self, capacity: int) -> None:
         live = self.length
@@ -578,7 +607,8 @@ class QuantizedRegion:
             new[:, :, :live] = tensor[:, :, :live]
             return new
 
-        self.positions = grown(self.positions)
+        if not self.implicit_positions:
+            self.positions = grown(self.positions)
         self.state = {name: grown(t) for name, t in self.state.items()}
         self.capacity = capacity
 
@@ -589,7 +619,7 @@ class QuantizedRegion:
 
     def live_positions(self) -> torch.Tensor:
         """``[B, H, N]`` int32 true positions of the encoded entries."""
-        return self.positions[:, :, : self.length].expand(self.batch, self.heads, -1)
+        return self.positions_between(0, self.length).expand(self.batch, self.heads, -1)
 
     def block_bounds(self) -> list[tuple[int, int]]:
         """``(start, stop)`` of each attention block: ``BLOCK_TOKENS`` rounded to whole chunks."""
@@ -599,7 +629,7 @@ class QuantizedRegion:
     def decode(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[B, H, stop - start, D]`` of tokens ``start:stop`` (whole chunks), model dtype."""
         keys = self.keys.decode(start, stop, torch.float32)
-        keys = self._decode_keys(keys, self.positions[:, :, start:stop]).to(self.dtype)
+        keys = self._decode_keys(keys, self.positions_between(start, stop)).to(self.dtype)
         values = self._unrotate(self.values.decode(start, stop, torch.float32)).to(self.dtype)
         return keys, values
 
@@ -614,6 +644,9 @@ class QuantizedRegion:
         """Drop every encoded entry and release the storage."""
         self.length = 0
         self._resize(0)
+        if not self.per_head_positions:  # the next entries may again be a consecutive run
+            self.positions = self.positions[:, :, :0]
+            self.implicit_positions = True
 
     def replace_entry(
         self, b: int, h: int, slot: int, key: torch.Tensor, value: torch.Tensor, position: int,
@@ -701,7 +734,7 @@ class QuantizedRegion:
         for start, stop in self.block_bounds():
             keys = self.keys.decode(start, stop, torch.float32)
             if self.codec.pre_rope():  # _decode_keys undoes rotation and smoothing too
-                keys = self._decode_keys(keys, self.positions[:, :, start:stop])
+                keys = self._decode_keys(keys, self.positions_between(start, stop))
                 scores[..., start:stop] = query @ keys.transpose(-1, -2)
             else:
                 scores[..., start:stop] = rotated @ keys.transpose(-1, -2)
