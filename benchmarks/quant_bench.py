@@ -44,6 +44,9 @@ from kvstack.spec import parse
 sys.path.insert(0, str(Path(__file__).parent))
 from core_bench import machine, prompt_ids, time_decode
 
+# KIVI-4 with 16 key channels at 8 bits, a sink and rotated values (benchmarks/codec_divergence.py chose it).
+KIVI4_QUALITY = ("kivi(bits=4, outlier_channels=16, outlier_bits=8, value_group_size=64, sinks=1, residual=31, "
+                 "rotate='hadamard-values')")
 BITS_SPECS = [
     "quant(bits=8)", "quant(bits=4)", "kivi(bits=4)", "kivi(bits=2)", "kivi(bits=2, rotate='hadamard')",
     "kivi(bits=2, sinks=1, rotate='hadamard')",
@@ -56,6 +59,7 @@ BITS_SPECS = [
     "kivi(bits=2, outlier_channels=24, value_group_size=64, sinks=4, residual=28, rotate='hadamard-values')",
     "gear(bits=2, rank=2)", "gear(bits=2, rank=2, outliers=0.02)", "gear(bits=4, rank=2)",
     "kivi(bits=4, sinks=1, residual=31, rotate='hadamard-values')",
+    KIVI4_QUALITY,
 ]
 BARS = {"kivi(bits=2)": 3.5, "kivi(bits=4)": 5.5, "quant(bits=8)": 9.0,
         "kivi(bits=2, outlier_channels=16, value_group_size=64)": 3.5,
@@ -63,7 +67,7 @@ BARS = {"kivi(bits=2)": 3.5, "kivi(bits=4)": 5.5, "quant(bits=8)": 9.0,
         "kivi(bits=2, outlier_channels=24, value_group_size=64, sinks=1, residual=31)": 3.5,
         "kivi(bits=2, outlier_channels=24, value_group_size=64, sinks=1, residual=31, rotate='hadamard-values')": 3.5,
         "kivi(bits=2, outlier_channels=24, value_group_size=64, sinks=4, residual=28, rotate='hadamard-values')": 3.5,
-        "kivi(bits=4, sinks=1, residual=31, rotate='hadamard-values')": 5.5}
+        "kivi(bits=4, sinks=1, residual=31, rotate='hadamard-values')": 5.5, KIVI4_QUALITY: 5.5}
 # The KIVI-2 that meets the quality bar (benchmarks/quant_quality.py): outlier channels, a sink, rotated values.
 KIVI2_QUALITY = "kivi(bits=2, outlier_channels=24, value_group_size=64, sinks=1, residual=31, rotate='hadamard-values')"
 KIVI2_CASES = {"KIVI-2": "kivi(bits=2)", "KIVI-2 (quality config)": KIVI2_QUALITY}
