@@ -75,7 +75,8 @@ def answer_log_probs(
         token = int(rows[-1].argmax()) if forced is None else forced[step]
         tokens.append(token)
         if step + 1 < steps:
-            rows.append(model(torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[0, -1])
+            out = model(torch.tensor([[token]]), **kvstack.cache_kwargs(model, cache), use_cache=True)
+            rows.append(out.logits[0, -1])
     return torch.stack(rows).float().log_softmax(-1), tokens
 
 

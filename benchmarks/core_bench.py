@@ -75,7 +75,7 @@ def decode_ms_per_token(model: torch.nn.Module, spec: str, ids: torch.Tensor, st
         model.set_attn_implementation("sdpa")
         cache = DynamicCache(config=model.config)
         start = time.perf_counter()
-        model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(ids, **kvstack.cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         prefill_s = time.perf_counter() - start
         kept = ids.shape[1]
     else:
@@ -92,10 +92,10 @@ def time_decode(model: torch.nn.Module, cache, steps: int) -> float:
     """ms per token of ``steps`` decode steps into ``cache`` (after 2 warm-up steps)."""
     token = torch.tensor([[42]])
     for _ in range(2):
-        model(token, past_key_values=cache, use_cache=True)
+        model(token, **kvstack.cache_kwargs(model, cache), use_cache=True)
     start = time.perf_counter()
     for _ in range(steps):
-        model(token, past_key_values=cache, use_cache=True)
+        model(token, **kvstack.cache_kwargs(model, cache), use_cache=True)
     return (time.perf_counter() - start) / steps * 1000
 
 
@@ -122,14 +122,14 @@ def status(key):
             return int(line.split()[1]) * 1024
 cache = kvstack.make_cache(model, {spec!r})
 with torch.no_grad():
-    model(ids[:, :8], past_key_values=kvstack.make_cache(model, "full"))  # warm up kernels and allocator
+    model(ids[:, :8], **kvstack.cache_kwargs(model, kvstack.make_cache(model, "full")))  # warm up kernels and allocator
     base = status("VmRSS:")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     prefill(model, ids, cache, chunk_size={chunk})
     token = torch.tensor([[42]])
     for _ in range(16):
-        model(token, past_key_values=cache, use_cache=True)
+        model(token, **kvstack.cache_kwargs(model, cache), use_cache=True)
 print(json.dumps({{"base_rss": base, "peak_rss": status("VmHWM:"), "kv_bytes": cache.kv_bytes(),
                   "full_kv_bytes": cache.full_kv_bytes(), "tokens_kept": cache.tokens_kept()}}))
 """
@@ -144,7 +144,7 @@ def byte_accounting(model: torch.nn.Module, spec: str, ids: torch.Tensor) -> dic
     prefill(model, ids, cache)
     token = torch.tensor([[42]])
     for _ in range(8):
-        model(token, past_key_values=cache, use_cache=True)
+        model(token, **kvstack.cache_kwargs(model, cache), use_cache=True)
     theory = cache.theoretical_kv_bytes()
     lengths = [layer.head_lengths() for layer in cache.layers]
     per_head = torch.stack(lengths).flatten().tolist()

@@ -82,7 +82,7 @@ def perplexity(model, texts: list[torch.Tensor], spec: str, chunk: int = 64) -> 
         cache = kvstack.make_cache(model, spec)
         last = prefill(model, ids[:, :context], cache)
         for begin in range(context, ids.shape[1], chunk):
-            out = model(input_ids=ids[:, begin : begin + chunk], past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids[:, begin : begin + chunk], **kvstack.cache_kwargs(model, cache), use_cache=True)
             logits = torch.cat([last.unsqueeze(1), out.logits[:, :-1]], dim=1)[0].float()
             target = ids[0, begin : begin + chunk]
             nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))

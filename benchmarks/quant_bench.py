@@ -92,7 +92,7 @@ def read_prompt(model: torch.nn.Module, cache, ids: torch.Tensor) -> None:
     if isinstance(cache, kvstack.KVStackCache):
         prefill(model, ids, cache)
     else:
-        model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(ids, **kvstack.cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
 
 
 @torch.no_grad()
@@ -184,7 +184,7 @@ ids = prompt_ids(LENGTH)
 with torch.no_grad():
     warm = make(model, {case!r})  # one-time set-up (kernels, allocator) is not the cache's memory
     read_prompt(model, warm, ids[:, :64])
-    model(torch.tensor([[42]]), past_key_values=warm, use_cache=True)
+    model(torch.tensor([[42]]), **kvstack.cache_kwargs(model, warm), use_cache=True)
     del warm
     cache = make(model, {case!r})
     base = status("VmRSS:")
@@ -196,7 +196,7 @@ with torch.no_grad():
     reset()
     token = torch.tensor([[42]])
     for _ in range({decoded}):
-        model(token, past_key_values=cache, use_cache=True)
+        model(token, **kvstack.cache_kwargs(model, cache), use_cache=True)
     decode_peak = status("VmHWM:")
 print(json.dumps({{"base_rss": base, "prompt_peak_rss": prompt_peak, "after_prompt_rss": after_prompt,
                   "decode_peak_rss": decode_peak, "cache_bytes_after_prompt": cache_bytes}}))
@@ -236,7 +236,7 @@ def block_section(model: torch.nn.Module) -> dict:
         quantized.unpack_float, quantized.FUSED_KERNELS = spy, fused
         try:
             for _ in range(4):
-                model(torch.tensor([[42]]), past_key_values=cache, use_cache=True)
+                model(torch.tensor([[42]]), **kvstack.cache_kwargs(model, cache), use_cache=True)
         finally:
             quantized.unpack_float, quantized.FUSED_KERNELS = original, True
         largest["fused" if fused else "pytorch"] = seen[0]

@@ -116,3 +116,20 @@ def test_kernel_is_used_unless_bf16_statistics_are_asked_for(monkeypatch):
     past_valid = torch.ones(1, 3, 100, dtype=torch.bool)
     attention_with_stats(query, keys, values, None, past_valid, 0.125, {"colsum"}, 0)
     assert len(calls) == 2
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no C++ compiler here")
+def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_load():
+    """PyTorch's build ``lock`` file outlives a build killed mid-way; the next process must clear it."""
+    import subprocess
+    import sys
+
+    stale = kernels.build_directory() / "lock"
+    stale.touch()
+    loaded = subprocess.run(
+        [sys.executable, "-c", "from kvstack.cache import kernels; kernels._module(); print('loaded')"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.strip() == "loaded"
+    assert not stale.exists()

@@ -67,6 +67,32 @@ def test_full_generate_equals_plain_generate(arch):
     assert torch.equal(got, expected)
 
 
+
+def test_cache_kwargs_names_the_keyword_the_installed_transformers_takes_and_generates_without_a_warning():
+    import inspect
+    import warnings
+
+    model, ref = build_model("llama"), build_model("llama")
+    cache = kvstack.make_cache(model, "full")
+    keyword = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    assert kvstack.cache_kwargs(model, cache) == {keyword: cache}
+    ids = random_ids(20, seed=6)
+    expected = ref.generate(ids, max_new_tokens=6, do_sample=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        got = model.generate(ids, **kvstack.cache_kwargs(model, cache), max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, expected)
+    assert cache.get_seq_length() == ids.shape[1] + 5
+
+
+def test_cache_kwargs_falls_back_to_past_key_values_for_a_forward_without_cache():
+    class OlderModel(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return past_key_values
+
+    sentinel = object()
+    assert kvstack.cache_kwargs(OlderModel(), sentinel) == {"past_key_values": sentinel}
+
 def _left_padded_batch():
     ids = random_ids(30, batch=2, seed=5)
     mask = torch.ones_like(ids)

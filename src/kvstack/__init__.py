@@ -3,11 +3,11 @@
     import kvstack
     model, tokenizer = kvstack.load_model("smollm2-135m")
     cache = kvstack.make_cache(model, "snapkv(ratio=0.5)")
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=32)
+    out = model.generate(ids, **kvstack.cache_kwargs(model, cache), max_new_tokens=32)
     cache.kv_bytes(), cache.full_kv_bytes()
 """
 
-from kvstack.api import InputError, generate, make_cache, prefill
+from kvstack.api import InputError, cache_kwargs, generate, make_cache, prefill
 from kvstack.cache import KVStackCache
 from kvstack.spec import SpecError, describe, list_methods, parse
 
@@ -23,6 +23,7 @@ __all__ = [
     "InputError",
     "KVStackCache",
     "SpecError",
+    "cache_kwargs",
     "describe",
     "generate",
     "list_methods",

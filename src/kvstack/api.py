@@ -1,4 +1,5 @@
-"""The two-line API: ``make_cache(model, spec)``, then ``model.generate(..., past_key_values=cache)``.
+"""The two-line API: ``make_cache(model, spec)``, then ``model.generate(..., cache=cache)`` (``past_key_values=``
+before transformers 5.24; :func:`cache_kwargs` picks the keyword).
 
 Also :func:`prefill` (chunked prompt reading, so dynamic methods hold their budget while the prompt
 streams in) and :func:`generate` (greedy decoding with timings and the cache's accounting), which the
@@ -8,6 +9,8 @@ CLI, the bench and the examples use.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import time
 from typing import Any
 
@@ -71,6 +74,25 @@ def model_geometry(model: torch.nn.Module) -> Geometry:
     )
 
 
+
+@functools.cache
+def _cache_keyword(forward_owner: type) -> str:
+    parameters = inspect.signature(forward_owner.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The keyword argument passing ``cache`` to ``model``'s ``forward`` or ``generate``.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns, and goes in a later
+    release); this gives ``{"cache": cache}`` where the model takes the new name and
+    ``{"past_key_values": cache}`` where it does not, so one call works on every supported version::
+
+        model.generate(ids, **kvstack.cache_kwargs(model, cache), max_new_tokens=32)
+    """
+    return {_cache_keyword(type(model)): cache}
+
+
 def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int = 0) -> KVStackCache:
     """Build a cache applying ``spec`` to ``model`` and select kvstack's attention function on the model.
 
@@ -86,7 +108,7 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
     Examples
     --------
     >>> cache = kvstack.make_cache(model, "streamingllm(budget=512)")
-    >>> out = model.generate(ids, past_key_values=cache, max_new_tokens=32)
+    >>> out = model.generate(ids, **kvstack.cache_kwargs(model, cache), max_new_tokens=32)
     """
     method = parse(spec)
     codec = None
@@ -195,7 +217,7 @@ def prefill(
             if attention_mask is not None:
                 kwargs["attention_mask"] = attention_mask[:, :stop]
                 kwargs["position_ids"] = positions[:, start:stop]
-            out = model(input_ids=input_ids[:, start:stop], past_key_values=cache, use_cache=True,
+            out = model(input_ids=input_ids[:, start:stop], **cache_kwargs(model, cache), use_cache=True,
                         logits_to_keep=1, **kwargs)
             logits = out.logits[:, -1]
     finally:
@@ -283,7 +305,7 @@ def generate(
     generated = [int(token)]
     start = time.perf_counter()
     while len(generated) < max_new_tokens and generated[-1] not in eos:
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, **cache_kwargs(model, cache), use_cache=True)
         token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
         generated.append(int(token))
     decode_seconds = time.perf_counter() - start

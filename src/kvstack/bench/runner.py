@@ -470,7 +470,7 @@ def _mean(values: Sequence[float | None]) -> float | None:
 @torch.no_grad()
 def _generation_sample(model: torch.nn.Module, tokenizer: Any, cell: Cell, sample: Sample, limit: int,
                        eos: set[int], device: torch.device, seed: int) -> dict[str, Any]:
-    from kvstack.api import make_cache, prefill
+    from kvstack.api import cache_kwargs, make_cache, prefill
 
     ids = torch.tensor([sample.input_ids], dtype=torch.long, device=device)
     cache = make_cache(model, cell.method.spec, seed=seed)
@@ -485,7 +485,7 @@ def _generation_sample(model: torch.nn.Module, tokenizer: Any, cell: Cell, sampl
     after_prompt = cache.summary()
     settled = False
     while len(generated) < limit and generated[-1] not in eos:
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, **cache_kwargs(model, cache), use_cache=True)
         token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
         generated.append(int(token))
         if score_settled(cell.task.scorer, tokenizer.decode(generated, skip_special_tokens=True), sample.answers):
@@ -513,7 +513,7 @@ def _generation_sample(model: torch.nn.Module, tokenizer: Any, cell: Cell, sampl
 @torch.no_grad()
 def _perplexity_sample(model: torch.nn.Module, cell: Cell, sample: Sample, chunk: int, device: torch.device,
                        seed: int) -> dict[str, Any]:
-    from kvstack.api import make_cache, prefill
+    from kvstack.api import cache_kwargs, make_cache, prefill
 
     ids = torch.tensor([sample.input_ids], dtype=torch.long, device=device)
     length = ids.shape[1]
@@ -528,7 +528,7 @@ def _perplexity_sample(model: torch.nn.Module, cell: Cell, sample: Sample, chunk
     nll = 0.0
     for begin in range(context, length, chunk):
         stop = min(begin + chunk, length)
-        out = model(input_ids=ids[:, begin:stop], past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids[:, begin:stop], **cache_kwargs(model, cache), use_cache=True)
         logits = torch.cat([last.unsqueeze(1), out.logits[:, :-1]], dim=1).float()  # [1, n, V]
         targets = ids[:, begin:stop]
         nll += float(torch.nn.functional.cross_entropy(logits[0], targets[0], reduction="sum"))
@@ -821,14 +821,14 @@ def run_bench(
 @torch.no_grad()
 def _warm_up(model: torch.nn.Module) -> None:
     """One short prefill and decode step, so the first cell's timings do not pay one-off start-up costs."""
-    from kvstack.api import make_cache, prefill
+    from kvstack.api import cache_kwargs, make_cache, prefill
 
     device = next(model.parameters()).device
     vocab = int(getattr(model.config, "vocab_size", 2) or 2)
     ids = (torch.arange(32, device=device) % max(vocab - 1, 1) + 1).unsqueeze(0)
     cache = make_cache(model, "full")
     logits = prefill(model, ids, cache)
-    model(input_ids=logits.argmax(dim=-1, keepdim=True), past_key_values=cache, use_cache=True)
+    model(input_ids=logits.argmax(dim=-1, keepdim=True), **cache_kwargs(model, cache), use_cache=True)
 
 
 def _make_sample(cell: Cell, tokenizer: Any, config: BenchConfig, index: int) -> Sample:

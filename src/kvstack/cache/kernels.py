@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pathlib
 import sys
 from typing import Any
 
@@ -343,18 +344,45 @@ std::vector<torch::Tensor> attention_with_column_sums(torch::Tensor query, torch
 """
 
 
+_MODULE_NAME = "kvstack_kernels_v6"
+
+
+def build_directory() -> pathlib.Path:
+    """Where the kernels are compiled and cached: ``kvstack_kernels_v6-py3XX-torchX.Y.Z`` under
+    ``$TORCH_EXTENSIONS_DIR`` when set, else under PyTorch's default extension root."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    version = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
+    return pathlib.Path(root) / f"{_MODULE_NAME}-{version}"
+
+
 @functools.lru_cache(maxsize=1)
 def _module() -> Any:
+    """Compile (or load the cached build of) the kernels.
+
+    PyTorch guards a build with a ``lock`` file that it deletes when the build ends; a process killed
+    mid-build leaves it behind and every later build waits on it forever. kvstack builds under its own
+    ``filelock`` (an OS lock, released when its holder dies), so a ``lock`` file found while holding it was
+    left by a dead build and is removed.
+    """
+    from filelock import FileLock
     from torch.utils.cpp_extension import load_inline
 
-    return load_inline(
-        name="kvstack_kernels_v6",
-        cpp_sources=_SOURCE,
-        functions=["packed_scores", "packed_weighted_values", "paged_attention_forward", "attention_with_column_sums"],
-        extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        verbose=False,
-    )
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(directory / "kvstack-build.lock")):
+        (directory / "lock").unlink(missing_ok=True)
+        return load_inline(
+            name=_MODULE_NAME,
+            cpp_sources=_SOURCE,
+            functions=["packed_scores", "packed_weighted_values", "paged_attention_forward",
+                       "attention_with_column_sums"],
+            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+            verbose=False,
+        )
 
 
 @functools.lru_cache(maxsize=1)

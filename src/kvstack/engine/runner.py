@@ -63,7 +63,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
-from kvstack.api import model_geometry
+from kvstack.api import cache_kwargs, model_geometry
 from kvstack.engine.paged import PackedPlan, PagedKVPool, paged_attention_packed
 from kvstack.errors import KVStackError
 
@@ -505,7 +505,7 @@ class ModelRunner:
                 output = self.model(
                     input_ids=input_ids,
                     position_ids=position_ids,
-                    past_key_values=cache,
+                    **cache_kwargs(self.model, cache),
                     use_cache=True,
                     logits_to_keep=keep,
                 )
