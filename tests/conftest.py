@@ -25,6 +25,8 @@ from transformers import (
 )
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+import kvstack
+
 VOCAB = 128
 ARCHS = ("llama", "qwen2", "mistral")
 
@@ -166,7 +168,7 @@ def reference_qk(model: torch.nn.Module, ids: torch.Tensor) -> tuple[list[torch.
     cache = DynamicCache(config=config)
     try:
         with torch.no_grad():
-            model(ids, past_key_values=cache, use_cache=True)
+            model(ids, **kvstack.cache_kwargs(model, cache), use_cache=True)
     finally:
         for handle in hooks:
             handle.remove()

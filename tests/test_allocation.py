@@ -116,7 +116,7 @@ def test_pyramidkv_layer_budgets(layers):
     for layer in cache.layers:  # the observation window is kept by every layer
         for positions in kept_sets(layer):
             assert set(range(68, 100)) <= positions
-    model(random_ids(1), past_key_values=cache)
+    model(random_ids(1), **kvstack.cache_kwargs(model, cache))
     assert [int(layer.head_lengths()[0, 0]) for layer in cache.layers] == [k + 1 for k in kept]
 
 
@@ -152,7 +152,7 @@ def test_adakv_head_budgets_vary_and_sum_to_the_layer_budget():
     assert uneven, "head budgets never differed: the test shows nothing"
     assert cache.kept_entries() == 2 * 2 * 2 * 40
     before = [layer.head_lengths().clone() for layer in cache.layers]
-    model(random_ids(1, batch=2), past_key_values=cache)
+    model(random_ids(1, batch=2), **kvstack.cache_kwargs(model, cache))
     for layer, counts in zip(cache.layers, before, strict=True):
         assert torch.equal(layer.head_lengths(), counts + 1)
 

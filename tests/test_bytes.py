@@ -63,7 +63,7 @@ def test_kv_bytes_close_to_theory(model, name):
     logits = kvstack.prefill(model, random_ids(PROMPT), cache, chunk_size=chunk)
     for step in range(6):
         if step:
-            logits = model(logits.argmax(-1, keepdim=True), past_key_values=cache).logits[:, -1]
+            logits = model(logits.argmax(-1, keepdim=True), **kvstack.cache_kwargs(model, cache)).logits[:, -1]
         grown = step if name not in DYNAMIC else 0
         # Entries computed here: every (layer, head) keeps the budget on average (+ decoding growth).
         expected = _entry_bytes(LAYERS * KV_HEADS * (BUDGET + grown))
@@ -97,11 +97,11 @@ def test_adakv_bytes_follow_uneven_head_budgets(model):
 def test_full_kv_bytes_formula_and_dynamic_cache(model, batch):
     ids = random_ids(PROMPT, batch=batch)
     cache = kvstack.make_cache(model, "full")
-    model(ids, past_key_values=cache)
+    model(ids, **kvstack.cache_kwargs(model, cache))
     expected = PROMPT * LAYERS * KV_HEADS * HEAD_DIM * 2 * ELEMENT * batch
     assert cache.full_kv_bytes() == expected
     reference = DynamicCache(config=model.config)
-    model(ids, past_key_values=reference)
+    model(ids, **kvstack.cache_kwargs(model, reference))
     assert sum(layer.keys.nbytes + layer.values.nbytes for layer in reference.layers) == expected
     assert expected <= cache.kv_bytes() <= 1.05 * expected
     assert cache.theoretical_kv_bytes() == expected
@@ -123,7 +123,7 @@ def test_full_kv_bytes_counts_padding(model):
 def test_eviction_frees_memory(model, spec, batch):
     """After compression the tensors themselves are small, not just a shorter view of the old ones."""
     cache = kvstack.make_cache(model, spec)
-    model(random_ids(PROMPT, batch=batch), past_key_values=cache)  # one forward, no end_prompt() help
+    model(random_ids(PROMPT, batch=batch), **kvstack.cache_kwargs(model, cache))  # one forward, no end_prompt() help
     for layer in cache.layers:
         budget = layer.budget
         slack = budget // 64 + 2
@@ -135,7 +135,7 @@ def test_eviction_frees_memory(model, spec, batch):
 
 def test_adakv_eviction_frees_memory(model):
     cache = kvstack.make_cache(model, "adakv(snapkv(budget=200))")
-    model(random_ids(PROMPT), past_key_values=cache)
+    model(random_ids(PROMPT), **kvstack.cache_kwargs(model, cache))
     for layer in cache.layers:
         assert layer.keys.numel() == 0
         stored = sum(t.untyped_storage().nbytes() for t in layer.ragged.keys)
@@ -181,7 +181,7 @@ def test_empty_cache_reports_zero(model):
 def test_a_prompt_read_in_one_forward_is_stored_without_spare_slots(model, spec):
     """The prompt's last chunk is encoded into exactly-sized tensors: its peak holds no growth room."""
     cache = kvstack.make_cache(model, spec)
-    model(random_ids(PROMPT + 7), past_key_values=cache)  # one forward, no end_prompt() trimming
+    model(random_ids(PROMPT + 7), **kvstack.cache_kwargs(model, cache))  # one forward, no end_prompt() trimming
     for layer in cache.layers:
         region = layer.region
         assert region.length > 0 and region.capacity == region.length
@@ -190,5 +190,5 @@ def test_a_prompt_read_in_one_forward_is_stored_without_spare_slots(model, spec)
     before = cache.kv_bytes()
     cache.end_prompt()
     assert cache.kv_bytes() == before  # nothing left to trim
-    model(random_ids(1), past_key_values=cache)  # decoding regrows with room
+    model(random_ids(1), **kvstack.cache_kwargs(model, cache))  # decoding regrows with room
     assert all(layer.capacity > layer.length for layer in cache.layers)

@@ -33,12 +33,12 @@ def _decode_compare(model, ref, ids, cache, steps: int, atol: float, prefill_kwa
     """Prefill ``ids`` into ``cache`` (kvstack) and a DynamicCache, then decode greedily; compare logits."""
     logits = kvstack.prefill(model, ids, cache, **(prefill_kwargs or {}))
     ref_cache = DynamicCache(config=ref.config)
-    ref_logits = ref(ids, past_key_values=ref_cache, use_cache=True).logits[:, -1]
+    ref_logits = ref(ids, **kvstack.cache_kwargs(ref, ref_cache), use_cache=True).logits[:, -1]
     torch.testing.assert_close(logits, ref_logits, atol=atol, rtol=0)
     token = ref_logits.argmax(-1, keepdim=True)
     for _ in range(steps):
-        out = model(token, past_key_values=cache, use_cache=True).logits[:, -1]
-        ref_out = ref(token, past_key_values=ref_cache, use_cache=True).logits[:, -1]
+        out = model(token, **kvstack.cache_kwargs(model, cache), use_cache=True).logits[:, -1]
+        ref_out = ref(token, **kvstack.cache_kwargs(ref, ref_cache), use_cache=True).logits[:, -1]
         torch.testing.assert_close(out, ref_out, atol=atol, rtol=0)
         token = ref_out.argmax(-1, keepdim=True)
     return cache, ref_cache
@@ -63,7 +63,8 @@ def test_full_generate_equals_plain_generate(arch):
     model, ref = build_model(arch), build_model(arch)
     ids = random_ids(25, seed=4)
     expected = ref.generate(ids, max_new_tokens=12, do_sample=False)
-    got = model.generate(ids, past_key_values=kvstack.make_cache(model, "full"), max_new_tokens=12, do_sample=False)
+    cache = kvstack.make_cache(model, "full")
+    got = model.generate(ids, **kvstack.cache_kwargs(model, cache), max_new_tokens=12, do_sample=False)
     assert torch.equal(got, expected)
 
 
@@ -106,7 +107,7 @@ def test_full_generate_left_padded_batch(arch):
     model, ref = build_model(arch), build_model(arch)
     ids, mask = _left_padded_batch()
     expected = ref.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
-    got = model.generate(ids, attention_mask=mask, past_key_values=kvstack.make_cache(model, "full"),
+    got = model.generate(ids, attention_mask=mask, **kvstack.cache_kwargs(model, kvstack.make_cache(model, "full")),
                          max_new_tokens=10, do_sample=False)
     assert torch.equal(got, expected)
     # The padded row continues exactly as the same sequence without padding, alone.
@@ -178,7 +179,7 @@ def test_ratio_zero_equals_full(name):
     for layer in cache.layers:
         assert int(layer.head_lengths().sum()) == 2 * (48 + steps)
     if name in DYNAMIC:
-        model(random_ids(1), past_key_values=cache)
+        model(random_ids(1), **kvstack.cache_kwargs(model, cache))
         assert [layer.length for layer in cache.layers] == [48, 48]
 
 
@@ -242,8 +243,8 @@ def _run_against_reference(spec: str, prompt: int, chunks: list[tuple[int, int]]
     for start, stop in chunks:
         _reference_masks.clear()
         _reference_masks.update(_visibility(cache, start, stop, num_q_heads))
-        out = model(ids[:, start:stop], past_key_values=cache, use_cache=True).logits
-        ref_out = ref(ids[:, start:stop], past_key_values=ref_cache, use_cache=True).logits
+        out = model(ids[:, start:stop], **kvstack.cache_kwargs(model, cache), use_cache=True).logits
+        ref_out = ref(ids[:, start:stop], **kvstack.cache_kwargs(ref, ref_cache), use_cache=True).logits
         torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=0)
         evicted_any |= cache.kept_entries() < cache.layers[0].seen * 2 * len(cache.layers)
     token = ref_out[:, -1].argmax(-1, keepdim=True)
@@ -251,8 +252,8 @@ def _run_against_reference(spec: str, prompt: int, chunks: list[tuple[int, int]]
     for _ in range(steps):
         _reference_masks.clear()
         _reference_masks.update(_visibility(cache, position, position + 1, num_q_heads))
-        out = model(token, past_key_values=cache, use_cache=True).logits[:, -1]
-        ref_out = ref(token, past_key_values=ref_cache, use_cache=True).logits[:, -1]
+        out = model(token, **kvstack.cache_kwargs(model, cache), use_cache=True).logits[:, -1]
+        ref_out = ref(token, **kvstack.cache_kwargs(ref, ref_cache), use_cache=True).logits[:, -1]
         torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=0)
         token = ref_out.argmax(-1, keepdim=True)
         position += 1
@@ -287,16 +288,17 @@ def test_streamingllm_generate_equals_loop_with_explicit_positions(budget):
     model = build_model("llama")
     ids = random_ids(40, seed=11)
     new = 10
-    out = model.generate(ids, past_key_values=kvstack.make_cache(model, f"streamingllm(budget={budget})"),
-                         max_new_tokens=new, do_sample=False)
+    generated = kvstack.make_cache(model, f"streamingllm(budget={budget})")
+    out = model.generate(ids, **kvstack.cache_kwargs(model, generated), max_new_tokens=new, do_sample=False)
     cache = kvstack.make_cache(model, f"streamingllm(budget={budget})")
-    logits = model(ids, past_key_values=cache, position_ids=torch.arange(40).unsqueeze(0)).logits[:, -1]
+    logits = model(ids, **kvstack.cache_kwargs(model, cache), position_ids=torch.arange(40).unsqueeze(0)).logits[:, -1]
     tokens = []
     for step in range(new):
         token = logits.argmax(-1, keepdim=True)
         tokens.append(int(token))
         if step < new - 1:
-            logits = model(token, past_key_values=cache, position_ids=torch.tensor([[40 + step]])).logits[:, -1]
+            position = torch.tensor([[40 + step]])
+            logits = model(token, **kvstack.cache_kwargs(model, cache), position_ids=position).logits[:, -1]
     assert out[0, 40:].tolist() == tokens
     assert cache.layers[0].length == budget
 
@@ -323,12 +325,12 @@ def test_streamingllm_cache_positions_differ_after_eviction():
     ids = random_ids(60, seed=14)
     original = kvstack.make_cache(model, "streamingllm(budget=16)")
     by_slot = kvstack.make_cache(model, "streamingllm(budget=16, positions='cache')")
-    a = model(ids, past_key_values=original).logits[:, -1]
-    b = model(ids, past_key_values=by_slot).logits[:, -1]
+    a = model(ids, **kvstack.cache_kwargs(model, original)).logits[:, -1]
+    b = model(ids, **kvstack.cache_kwargs(model, by_slot)).logits[:, -1]
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # the prompt forward sees everything in both
     token = a.argmax(-1, keepdim=True)
-    a = model(token, past_key_values=original).logits[:, -1]
-    b = model(token, past_key_values=by_slot).logits[:, -1]
+    a = model(token, **kvstack.cache_kwargs(model, original)).logits[:, -1]
+    b = model(token, **kvstack.cache_kwargs(model, by_slot)).logits[:, -1]
     assert (a - b).abs().max() > 1e-3
     assert by_slot.layers[0].kept_positions()[0][0].tolist() == original.layers[0].kept_positions()[0][0].tolist()
 
@@ -389,8 +391,8 @@ def test_streamingllm_cache_positions_follow_the_paper(budget, sinks, chunks, co
             for i, layer in enumerate(cache.layers)
         }
         _slot_state["new"] = list(range(start, stop))
-        out = model(tokens, past_key_values=cache).logits
-        expected = ref(tokens, past_key_values=ref_cache).logits
+        out = model(tokens, **kvstack.cache_kwargs(model, cache)).logits
+        expected = ref(tokens, **kvstack.cache_kwargs(ref, ref_cache)).logits
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
         return expected[:, -1].argmax(-1, keepdim=True)
 

@@ -30,7 +30,8 @@ def core_generate(spec: str, prompt: list[int], max_new: int) -> list[int]:
     cache = kvstack.make_cache(model, spec)
     ids = torch.tensor([prompt])
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=max_new,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kvstack.cache_kwargs(model, cache),
+                             max_new_tokens=max_new,
                              do_sample=False)
     return out[0, len(prompt):].tolist()
 

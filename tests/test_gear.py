@@ -149,7 +149,8 @@ def test_replacing_an_entry_re_encodes_its_chunk_on_the_span_basis():
 def _decode_logits(model: torch.nn.Module, spec: str, steps: int = 12) -> tuple[torch.Tensor, kvstack.KVStackCache]:
     cache = kvstack.make_cache(model, spec)
     prefill(model, random_ids(160, seed=3), cache)
-    logits = [model(torch.tensor([[t + 3]]), past_key_values=cache, use_cache=True).logits for t in range(steps)]
+    logits = [model(torch.tensor([[t + 3]]), **kvstack.cache_kwargs(model, cache), use_cache=True).logits
+              for t in range(steps)]
     return torch.cat(logits, dim=1).detach(), cache
 
 

@@ -56,7 +56,7 @@ def _run(model, spec: str, ids: torch.Tensor, chunk_size=None, decode: int = 0, 
     with torch.no_grad():
         logits = kvstack.prefill(model, ids, cache, chunk_size=chunk_size)
         for _ in range(decode):
-            logits = model(logits.argmax(-1, keepdim=True), past_key_values=cache).logits[:, -1]
+            logits = model(logits.argmax(-1, keepdim=True), **kvstack.cache_kwargs(model, cache)).logits[:, -1]
     return cache
 
 
@@ -75,7 +75,7 @@ def test_uniform_methods_keep_exactly_the_budget(llama, name):
     assert cache.tokens_kept() == 40
     assert cache.tokens_seen() == 100
     for step in range(1, 11):
-        llama(random_ids(1, seed=step), past_key_values=cache)
+        llama(random_ids(1, seed=step), **kvstack.cache_kwargs(llama, cache))
         expected = 40 + step if name in STATIC else 40
         for layer in cache.layers:
             assert layer.head_lengths().tolist() == [[expected, expected]]
@@ -111,7 +111,7 @@ def test_dynamic_methods_hold_budget_through_chunked_prefill(llama, name, monkey
         for layer in cache.layers:
             assert layer.keys.shape[2] <= budget + chunk + (budget + chunk) // 64 + 2
         for step in range(10):
-            llama(random_ids(1, seed=step), past_key_values=cache)
+            llama(random_ids(1, seed=step), **kvstack.cache_kwargs(llama, cache))
             assert after[-1] == [budget, budget]
     finally:
         handle.remove()
@@ -161,27 +161,28 @@ def test_ratio_keeps_rounded_fraction_of_the_prompt(llama, name, spec, ratio, pr
 def test_ratio_budget_with_generate(llama):
     """Without kvstack.prefill the first forward is the prompt: ratio refers to it."""
     cache = kvstack.make_cache(llama, "h2o(ratio=0.75)")
-    llama.generate(random_ids(80), past_key_values=cache, max_new_tokens=6, do_sample=False)
+    llama.generate(random_ids(80), **kvstack.cache_kwargs(llama, cache), max_new_tokens=6, do_sample=False)
     assert [layer.length for layer in cache.layers] == [20, 20]
 
 
 def test_reset_cache_can_be_reused(llama):
     ref = build_model("llama")
     cache = kvstack.make_cache(llama, "full")
-    llama(random_ids(30), past_key_values=cache)
+    llama(random_ids(30), **kvstack.cache_kwargs(llama, cache))
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.kept_entries() == 0
     ids = random_ids(20, seed=1)
-    torch.testing.assert_close(llama(ids, past_key_values=cache).logits, ref(ids).logits, atol=1e-5, rtol=0)
+    logits = llama(ids, **kvstack.cache_kwargs(llama, cache)).logits
+    torch.testing.assert_close(logits, ref(ids).logits, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("spec", ["snapkv(ratio=0.5)", "keynorm(ratio=0.5)", "h2o(ratio=0.5)"])
 def test_reset_cache_recomputes_ratio_budget(llama, spec):
     cache = kvstack.make_cache(llama, spec)
-    llama(random_ids(100), past_key_values=cache)
+    llama(random_ids(100), **kvstack.cache_kwargs(llama, cache))
     assert [layer.length for layer in cache.layers] == [50, 50]
     cache.reset()
-    llama(random_ids(80, seed=1), past_key_values=cache)  # e.g. model.generate on a new prompt
+    llama(random_ids(80, seed=1), **kvstack.cache_kwargs(llama, cache))  # e.g. model.generate on a new prompt
     assert [layer.length for layer in cache.layers] == [40, 40]
 
 
@@ -223,7 +224,7 @@ def test_streamingllm_keeps_sinks_and_recent(length, budget, sinks, decode, chun
     seen = length
     for step in range(decode + 1):
         if step:
-            logits = model(logits.argmax(-1, keepdim=True), past_key_values=cache).logits[:, -1]
+            logits = model(logits.argmax(-1, keepdim=True), **kvstack.cache_kwargs(model, cache)).logits[:, -1]
             seen += 1
         if seen <= budget:
             expected = set(range(seen))
@@ -380,7 +381,7 @@ def test_recent_window_always_kept(length, budget, decode, chunk, recent, method
     seen = length
     for step in range(decode + 1):
         if step:
-            logits = model(logits.argmax(-1, keepdim=True), past_key_values=cache).logits[:, -1]
+            logits = model(logits.argmax(-1, keepdim=True), **kvstack.cache_kwargs(model, cache)).logits[:, -1]
             seen += 1
         for layer in cache.layers:
             for kept in kept_sets(layer):
@@ -511,7 +512,7 @@ def test_dynamic_selection_step_by_step(spec):
             else:
                 tokens, start, stop = token, stop, stop + 1
             held = [kept_sets(layer) if layer.is_initialized else [set(), set()] for layer in cache.layers]
-            logits = model(tokens, past_key_values=cache).logits[:, -1]
+            logits = model(tokens, **kvstack.cache_kwargs(model, cache)).logits[:, -1]
             token = logits.argmax(-1, keepdim=True)
             new = list(range(start, stop))
             for index, layer in enumerate(cache.layers):
@@ -583,8 +584,9 @@ def test_left_padded_row_decodes_like_the_row_alone(spec):
         tokens = torch.cat([logits[:1].argmax(-1, keepdim=True), token])
         mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
         positions = torch.tensor([[40 + step], [40 - pads + step]])
-        logits = model(tokens, past_key_values=batch, attention_mask=mask, position_ids=positions).logits[:, -1]
-        alone_logits = model(token, past_key_values=alone).logits[:, -1]
+        logits = model(tokens, **kvstack.cache_kwargs(model, batch), attention_mask=mask,
+                       position_ids=positions).logits[:, -1]
+        alone_logits = model(token, **kvstack.cache_kwargs(model, alone)).logits[:, -1]
         for layer, single in zip(batch.layers, alone.layers, strict=True):
             assert kept_sets(layer, b=1) == kept_sets(single, b=0), f"step {step}: the padded row kept other tokens"
         torch.testing.assert_close(logits[1], alone_logits[0], atol=1e-4, rtol=0)

@@ -21,7 +21,8 @@ def greedy(model: torch.nn.Module, spec: str, new: int = 8) -> tuple[list[int], 
     cache = kvstack.make_cache(model, spec)
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=new,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kvstack.cache_kwargs(model, cache),
+                             max_new_tokens=new,
                              do_sample=False)
     return out[0, len(PROMPT):].tolist(), cache
 

@@ -309,7 +309,7 @@ def test_more_bits_give_logits_closer_to_the_full_cache():
     def logits(spec: str) -> torch.Tensor:
         cache = kvstack.make_cache(model, spec)
         prefill(model, ids, cache)
-        return model(follow, past_key_values=cache, use_cache=True).logits
+        return model(follow, **kvstack.cache_kwargs(model, cache), use_cache=True).logits
 
     reference = logits("full")
     errors = [float((logits(f"kivi(bits={b}, group_size=16, residual=0)") - reference).abs().mean()) for b in (8, 4, 2)]
@@ -334,7 +334,7 @@ def test_attention_decodes_one_block_at_a_time_while_decoding(monkeypatch, spec)
     monkeypatch.setattr(quantized, "unpack_float", spy)
     monkeypatch.setattr(QuantizedRegion, "decode_all", lambda self: pytest.fail("a whole layer was decoded"))
     for token in range(5):
-        model(torch.tensor([[token + 3]]), past_key_values=cache, use_cache=True)
+        model(torch.tensor([[token + 3]]), **kvstack.cache_kwargs(model, cache), use_cache=True)
     assert decoded_tokens and max(decoded_tokens) == 32 < cache.layers[0].encoded_entries()
 
 
@@ -385,7 +385,7 @@ def test_fused_decoding_decodes_no_block_at_all(monkeypatch):
     prefill(model, random_ids(200), cache)
     monkeypatch.setattr(quantized, "unpack_float", lambda *a: pytest.fail("a block was decoded"))
     monkeypatch.setattr(QuantizedRegion, "decode_all", lambda self: pytest.fail("a whole layer was decoded"))
-    model(torch.tensor([[5]]), past_key_values=cache, use_cache=True)
+    model(torch.tensor([[5]]), **kvstack.cache_kwargs(model, cache), use_cache=True)
 
 
 def test_static_selection_then_codec_keeps_what_the_selection_alone_keeps():
@@ -447,7 +447,7 @@ def test_headwise_heads_flush_their_own_chunks_while_decoding():
     for layer in cache.layers:
         assert [r.length for r in layer.ragged.regions] == [64, 64] and layer.ragged.lengths == [26, 26]
     for step in range(40):
-        model(torch.tensor([[step + 3]]), past_key_values=cache, use_cache=True)
+        model(torch.tensor([[step + 3]]), **kvstack.cache_kwargs(model, cache), use_cache=True)
     for layer in cache.layers:  # 130 entries: (130 - 16) // 32 whole chunks encoded, the rest in full precision
         assert [r.length for r in layer.ragged.regions] == [96, 96] and layer.ragged.lengths == [34, 34]
         assert all(p.tolist() == list(range(130)) for p in layer.kept_positions()[0])
@@ -473,15 +473,15 @@ def test_headwise_budgets_with_int8_decode_like_the_uncoded_method(batch):
     for _ in range(20):
         mask = torch.cat((mask, torch.ones(batch, 1, dtype=mask.dtype)), dim=1)
         kwargs = {"attention_mask": mask} if batch > 1 else {}
-        expected = model(token, past_key_values=alone, use_cache=True, **kwargs).logits
-        got = model(token, past_key_values=coded, use_cache=True, **kwargs).logits
+        expected = model(token, **kvstack.cache_kwargs(model, alone), use_cache=True, **kwargs).logits
+        got = model(token, **kvstack.cache_kwargs(model, coded), use_cache=True, **kwargs).logits
         torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)
     # a multi-token chunk (a next turn) attends block by block over each head's region and tail
     chunk = torch.arange(9, 14).repeat(batch, 1)
     mask = torch.cat((mask, torch.ones(batch, 5, dtype=mask.dtype)), dim=1)
     kwargs = {"attention_mask": mask} if batch > 1 else {}
-    expected = model(chunk, past_key_values=alone, use_cache=True, **kwargs).logits
-    got = model(chunk, past_key_values=coded, use_cache=True, **kwargs).logits
+    expected = model(chunk, **kvstack.cache_kwargs(model, alone), use_cache=True, **kwargs).logits
+    got = model(chunk, **kvstack.cache_kwargs(model, coded), use_cache=True, **kwargs).logits
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)
     assert coded.tokens_kept() == alone.tokens_kept()
 
@@ -492,7 +492,7 @@ def test_streamingllm_with_a_codec_keeps_exactly_sinks_and_the_recent_window(cod
     cache = kvstack.make_cache(model, f"streamingllm(budget=64, sinks=4) + {codec}")
     prefill(model, random_ids(150), cache)
     for step in range(40):
-        model(torch.tensor([[step % 100 + 3]]), past_key_values=cache, use_cache=True)
+        model(torch.tensor([[step % 100 + 3]]), **kvstack.cache_kwargs(model, cache), use_cache=True)
         seen = 151 + step
         for layer in cache.layers:
             assert layer.encoded_entries() > 0
@@ -512,7 +512,7 @@ def test_streamingllm_cache_positions_with_a_codec_attend_at_slot_positions(code
     cache = kvstack.make_cache(model, spec)
     prefill(model, random_ids(150), cache)
     for step in range(5):
-        model(torch.tensor([[step + 3]]), past_key_values=cache, use_cache=True)
+        model(torch.tensor([[step + 3]]), **kvstack.cache_kwargs(model, cache), use_cache=True)
     layer, inv_freq = cache.layers[1], cache.rope_inv_freq
     assert layer.encoded_entries() > 0
     attend_encoded, checked = layer._attend_encoded, []
@@ -538,7 +538,7 @@ def test_streamingllm_cache_positions_with_a_codec_attend_at_slot_positions(code
 
     layer._attend_encoded = checking
     for step in range(3):
-        model(torch.tensor([[step + 9]]), past_key_values=cache, use_cache=True)
+        model(torch.tensor([[step + 9]]), **kvstack.cache_kwargs(model, cache), use_cache=True)
     assert checked == [64, 64, 64]  # budget 64 kept, the query one slot after them
 
 
@@ -551,8 +551,8 @@ def test_streamingllm_cache_positions_with_int8_decode_like_the_uncoded_method()
     prefill(model, ids, coded)
     for step in range(24):
         token = torch.tensor([[step % 50 + 3]])
-        expected = model(token, past_key_values=alone, use_cache=True).logits
-        got = model(token, past_key_values=coded, use_cache=True).logits
+        expected = model(token, **kvstack.cache_kwargs(model, alone), use_cache=True).logits
+        got = model(token, **kvstack.cache_kwargs(model, coded), use_cache=True).logits
         torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)
         kept = [[p.tolist() for p in layer.kept_positions()[0]] for layer in (coded.layers[0], alone.layers[0])]
         assert kept[0] == kept[1] and coded.layers[0].encoded_entries() > 0
@@ -575,11 +575,11 @@ def test_a_multi_token_chunk_over_encoded_entries_decodes_them_then_evicts_like_
     for cache in (alone, coded):
         prefill(model, ids, cache)
         for step in range(4):
-            model(torch.tensor([[step + 3]]), past_key_values=cache, use_cache=True)
+            model(torch.tensor([[step + 3]]), **kvstack.cache_kwargs(model, cache), use_cache=True)
     assert all(layer.encoded_entries() > 0 for layer in coded.layers)
     chunk = torch.tensor([[5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45, 49]])
-    expected = model(chunk, past_key_values=alone, use_cache=True).logits
-    got = model(chunk, past_key_values=coded, use_cache=True).logits
+    expected = model(chunk, **kvstack.cache_kwargs(model, alone), use_cache=True).logits
+    got = model(chunk, **kvstack.cache_kwargs(model, coded), use_cache=True).logits
     assert len(unflushed) == len(coded.layers) and min(unflushed) > 0
     tolerance = 2e-2 if "bits=8" in codec else 2e-1
     torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
@@ -589,8 +589,8 @@ def test_a_multi_token_chunk_over_encoded_entries_decodes_them_then_evicts_like_
             assert positions.tolist() == uncoded.tolist() == [0, 1, 2, 3, *range(seen - 60, seen)]
     for step in range(20):  # decoding goes on at the budget and encodes again
         token = torch.tensor([[step + 60]])
-        expected = model(token, past_key_values=alone, use_cache=True).logits
-        got = model(token, past_key_values=coded, use_cache=True).logits
+        expected = model(token, **kvstack.cache_kwargs(model, alone), use_cache=True).logits
+        got = model(token, **kvstack.cache_kwargs(model, coded), use_cache=True).logits
         torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
     for layer in coded.layers:
         assert layer.encoded_entries() > 0 and all(len(p) == 64 for p in layer.kept_positions()[0])
@@ -602,7 +602,7 @@ def test_dynamic_selection_with_a_codec_holds_its_budget_with_distinct_entries(n
     cache = kvstack.make_cache(model, f"{name}(budget=48) + kivi(bits=4, group_size=16, residual=16)")
     prefill(model, random_ids(120), cache, chunk_size=32)
     for step in range(30):
-        model(torch.tensor([[step + 3]]), past_key_values=cache, use_cache=True)
+        model(torch.tensor([[step + 3]]), **kvstack.cache_kwargs(model, cache), use_cache=True)
     for layer in cache.layers:
         assert layer.encoded_entries() > 0
         for positions in layer.kept_positions()[0]:
@@ -628,7 +628,7 @@ def test_eviction_inside_the_region_keeps_each_heads_outlier_channels():
 
         layer.region.replace_entry = spy
     for step in range(30):
-        model(torch.tensor([[step + 3]]), past_key_values=cache, use_cache=True)
+        model(torch.tensor([[step + 3]]), **kvstack.cache_kwargs(model, cache), use_cache=True)
     assert replaced  # some evictions landed inside the region
     for layer, order in zip(cache.layers, orders, strict=True):
         assert torch.equal(layer.region.keys.order, order)
@@ -643,7 +643,7 @@ def test_eviction_inside_the_region_keeps_each_heads_outlier_channels():
 def test_generate_with_a_codec_runs_and_reports_its_label():
     model = head32_model()
     cache = kvstack.make_cache(model, "h2o(budget=40) + kivi(bits=2, group_size=16)")
-    out = model.generate(random_ids(60), past_key_values=cache, max_new_tokens=8, do_sample=False)
+    out = model.generate(random_ids(60), **kvstack.cache_kwargs(model, cache), max_new_tokens=8, do_sample=False)
     assert out.shape == (1, 68)
     assert cache.label() == "h2o(budget=40) + kivi(group_size=16)"
 
@@ -706,7 +706,7 @@ def test_palu_at_full_rank_reconstructs_exactly(calibrated):
     for spec in ("full", "palu(rank=32, residual=0)"):
         cache = kvstack.make_cache(calibrated, spec)
         prefill(calibrated, ids, cache)
-        logits[spec] = calibrated(follow, past_key_values=cache, use_cache=True).logits
+        logits[spec] = calibrated(follow, **kvstack.cache_kwargs(calibrated, cache), use_cache=True).logits
     torch.testing.assert_close(logits["palu(rank=32, residual=0)"], logits["full"], atol=2e-4, rtol=1e-3)
 
 
@@ -716,7 +716,7 @@ def test_palu_at_half_rank_holds_about_half_the_bytes_and_costs_accuracy_gracefu
     for spec in ("full", "palu(rank=16, residual=0)", "palu(rank=4, residual=0)"):
         caches[spec] = kvstack.make_cache(calibrated, spec)
         prefill(calibrated, ids, caches[spec])
-        logits[spec] = calibrated(follow, past_key_values=caches[spec], use_cache=True).logits
+        logits[spec] = calibrated(follow, **kvstack.cache_kwargs(calibrated, caches[spec]), use_cache=True).logits
     ratio = caches["palu(rank=16, residual=0)"].kv_bytes() / caches["full"].kv_bytes()
     assert 0.45 < ratio < 0.6  # latents are half of the entries; positions and the projections on top
     error_16 = float((logits["palu(rank=16, residual=0)"] - logits["full"]).abs().mean())
@@ -757,7 +757,7 @@ def test_smoothing_divides_key_pairs_by_calibrated_factors_and_reads_back_exactl
     for spec in ("full", "quant(bits=8, group_size=16, smooth=0.5)", "kivi(bits=8, group_size=16, smooth=0.5)"):
         cache = kvstack.make_cache(calibrated, spec)
         prefill(calibrated, ids, cache)
-        logits[spec] = calibrated(torch.tensor([[5]]), past_key_values=cache, use_cache=True).logits
+        logits[spec] = calibrated(torch.tensor([[5]]), **kvstack.cache_kwargs(calibrated, cache), use_cache=True).logits
     for spec in list(logits)[1:]:
         torch.testing.assert_close(logits[spec], logits["full"], atol=0.05, rtol=0.05)
 
@@ -793,10 +793,11 @@ def test_palu_split_ranks_hold_the_bytes_of_their_mean_rank(calibrated):
 def test_loki_attending_to_everything_equals_the_full_cache():
     model = head32_model()
     ids = random_ids(90)
-    reference = model.generate(ids, past_key_values=kvstack.make_cache(model, "full"), max_new_tokens=12,
+    reference = model.generate(ids, **kvstack.cache_kwargs(model, kvstack.make_cache(model, "full")), max_new_tokens=12,
                                do_sample=False, output_scores=True, return_dict_in_generate=True)
     loki = kvstack.make_cache(model, "loki(ratio=0.0, rank=4)")
-    out = model.generate(ids, past_key_values=loki, max_new_tokens=12, do_sample=False, output_scores=True,
+    out = model.generate(ids, **kvstack.cache_kwargs(model, loki), max_new_tokens=12, do_sample=False,
+                         output_scores=True,
                          return_dict_in_generate=True)
     assert torch.equal(out.sequences, reference.sequences)
     for ours, theirs in zip(out.scores, reference.scores, strict=True):
@@ -876,7 +877,7 @@ def test_loki_with_a_codec_attends_to_the_top_entries_of_region_and_slots(codec,
 
         layer._attend_low_rank_scored = checking
         for step in range(3):
-            model(torch.tensor([[step + 5]]), past_key_values=cache, use_cache=True)
+            model(torch.tensor([[step + 5]]), **kvstack.cache_kwargs(model, cache), use_cache=True)
         assert checked == [1, 1, 1]
 
 
@@ -891,9 +892,10 @@ def test_loki_attending_to_everything_with_a_codec_equals_the_codec_alone():
     prefill(model, ids, chunked, chunk_size=32)  # nothing is encoded before the basis is fitted on every key
     token = torch.tensor([[7]])
     for _ in range(6):
-        expected = model(token, past_key_values=alone, use_cache=True).logits
+        expected = model(token, **kvstack.cache_kwargs(model, alone), use_cache=True).logits
         for cache in (loki, chunked):
-            torch.testing.assert_close(model(token, past_key_values=cache, use_cache=True).logits, expected,
+            got = model(token, **kvstack.cache_kwargs(model, cache), use_cache=True).logits
+            torch.testing.assert_close(got, expected,
                                        atol=1e-4, rtol=1e-4)
         token = expected[:, -1].argmax(-1, keepdim=True)
     assert loki.layers[0].encoded_entries() == alone.layers[0].encoded_entries() > 0
