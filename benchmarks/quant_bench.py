@@ -280,13 +280,18 @@ def _memory_comparison(name: str, kivi: dict, quanto: dict) -> list[str]:
     """Report lines comparing one KIVI-2 memory row with quanto-2's: decoding peak, whole-run peak, bytes held."""
     decode_gap = (kivi["decode_peak_rss"] - quanto["decode_peak_rss"]) / 2**20
     run_gap = (kivi["peak_rss"] - quanto["peak_rss"]) / 2**20
+    def growth(row: dict) -> float:
+        return row["prompt_peak_rss"] - row["base_rss"]
+
+    growth_gap = (growth(kivi) - growth(quanto)) / 2**20
     lines = [f"{name} vs quanto-2: decoding peak {decode_gap:+.1f} MB ({'lower' if decode_gap < 0 else 'not lower'}); "
-             f"whole-run peak, prompt included, {run_gap:+.1f} MB ({'lower' if run_gap < 0 else 'not lower'}).", ""]
+             f"whole-run peak, prompt included, {run_gap:+.1f} MB ({'lower' if run_gap < 0 else 'not lower'}); "
+             f"growth of RSS while reading the prompt {growth_gap:+.1f} MB.", ""]
     held_gap = kivi.get("cache_bytes_after_prompt", 0) - quanto.get("cache_bytes_after_prompt", 0)
     if held_gap > 0:
         lines += [f"After the prompt {name} holds {held_gap / 2**20:.2f} MB more than quanto-2: KIVI keeps its newest "
-                  "tokens in full precision (the residual window) and every token's position, where quanto quantizes "
-                  "the whole prompt and refills its own full-precision window only while decoding.", ""]
+                  "tokens in full precision (the residual window, with their positions), where quanto quantizes the "
+                  "whole prompt and refills its own full-precision window only while decoding.", ""]
     return lines
 
 
