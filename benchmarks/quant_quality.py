@@ -101,8 +101,8 @@ def summarize(records: list[dict], lengths: list[int]) -> dict:
         tasks = [t for t in TASKS if t != "perplexity" and all(t in v for v in by_method.values())]
         table = {}
         for name, cells in by_method.items():
-            entry = {"tasks": len(tasks), "samples": min((cells[t]["samples"] for t in [*tasks, "perplexity"]
-                                                          if t in cells), default=0)}
+            counts = [cells[t]["samples"] for t in [*tasks, "perplexity"] if t in cells]
+            entry = {"tasks": len(tasks), "samples": min(counts, default=0), "samples_max": max(counts, default=0)}
             if tasks:
                 entry["score"] = sum(cells[t]["score"] for t in tasks) / len(tasks)
             if "perplexity" in cells:
@@ -177,9 +177,9 @@ def markdown(summary: dict, runs: list[dict]) -> str:
     lines = [
         "# Quantization quality on the harness (SmolLM2-135M-Instruct, CPU)", "",
         "Made by these runs (each resumable: it skips finished cells, and a larger `--samples` extends them):", "",
-        *(f"- `{run['command']}` ({run['date']})" for run in runs), "",
+        *(f"- `{run['command']}` ({run['date']}{', ' + run['machine'] if run.get('machine') else ''})"
+          for run in runs), "",
         f"Report written: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC  ",
-        f"Machine: {cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}  ",
         "Samples: per task cell, the same samples (same seed and index) for every codec; a codec run with fewer "
         "samples than the full cache is compared with the full cache on the samples it has.", "",
         "Score: mean over the generation tasks listed (0-100, string match); perplexity: long-text prose, "
@@ -204,7 +204,9 @@ def markdown(summary: dict, runs: list[dict]) -> str:
             dppl = f"{100 * entry['perplexity_increase']:+.2f}%" if "perplexity_increase" in entry else "–"
             bar = {True: "met", False: "**missed**"}.get(entry.get("meets_bar"), "")
             changed = f"{entry['answers_worse']} / {entry['answers_better']} of {entry['answers']}"
-            lines.append(f"| {name} | `{spec}` | {entry['samples']} | {score} | {delta} | {changed} | {ppl} | {dppl} "
+            most = entry.get("samples_max", entry["samples"])
+            counts = f"{entry['samples']}" + (f"-{most}" if most > entry["samples"] else "")
+            lines.append(f"| {name} | `{spec}` | {counts} | {score} | {delta} | {changed} | {ppl} | {dppl} "
                          f"| {bar} |")
         lines.append("")
         kivi2, rotated = block["methods"].get("KIVI-2", {}), block["methods"].get("KIVI-2 + Hadamard", {})
@@ -238,7 +240,9 @@ def main() -> None:
             f"'{a}'" if " " in a else a for a in sys.argv[1:])
         with open(out / RUNS_FILE, "a", encoding="utf-8") as fh:  # the runs that made the results
             fh.write(json.dumps({"command": command.strip(),
-                                 "date": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC"}) + "\n")
+                                 "date": f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+                                 "machine": f"{cpu_name()}, {torch.get_num_threads()} torch threads, "
+                                            f"torch {torch.__version__}"}) + "\n")
     records = latest_results(out / "results.jsonl")
     summary = summarize(records, lengths)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
