@@ -272,8 +272,11 @@ def palu_section(model: torch.nn.Module, tokenizer, out: Path, samples: int) -> 
 
 
 def _stamp(section: dict) -> list[str]:
-    """The command and date that produced one section (sections are refreshed separately)."""
-    return [f"Made by `{section['run']}` on {section['date']}.", ""] if "run" in section else []
+    """The command, date and CPU that produced one section (sections are refreshed separately)."""
+    if "run" not in section:
+        return []
+    where = f" ({section['cpu']})" if section.get("cpu") else ""
+    return [f"Made by `{section['run']}` on {section['date']}{where}.", ""]
 
 
 def _memory_comparison(name: str, kivi: dict, quanto: dict) -> list[str]:
@@ -397,7 +400,7 @@ def main() -> None:
                     "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine()})
     sections = set(args.only.split(","))
     model, tokenizer = kvstack.load_model("smollm2-135m")
-    stamp = {"run": results["command"], "date": results["date"]}
+    stamp = {"run": results["command"], "date": results["date"], "cpu": results["machine"]["cpu"]}
     if "palu" in sections:  # first: the bits table needs the calibration too
         results["palu"] = {**palu_section(model, tokenizer, out, args.samples), **stamp}
     if "bits" in sections:
