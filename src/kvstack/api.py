@@ -74,7 +74,6 @@ def model_geometry(model: torch.nn.Module) -> Geometry:
     )
 
 
-
 @functools.cache
 def _cache_keyword(forward_owner: type) -> str:
     parameters = inspect.signature(forward_owner.forward).parameters

@@ -27,8 +27,10 @@ same thing block by block.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import pathlib
+import platform
 import sys
 from typing import Any
 
@@ -347,13 +349,32 @@ std::vector<torch::Tensor> attention_with_column_sums(torch::Tensor query, torch
 _MODULE_NAME = "kvstack_kernels_v6"
 
 
+def _cpu_fingerprint() -> str:
+    """Short hash of this CPU's model and instruction-set flags (the build uses ``-march=native``)."""
+    text = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("model name", "flags", "Features", "CPU part")):
+                    text += line
+                if line.strip() == "":  # the first processor's block is enough
+                    break
+    except OSError:
+        pass
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
 def build_directory() -> pathlib.Path:
-    """Where the kernels are compiled and cached: ``kvstack_kernels_v6-py3XX-torchX.Y.Z`` under
-    ``$TORCH_EXTENSIONS_DIR`` when set, else under PyTorch's default extension root."""
+    """Where the kernels are compiled and cached: ``kvstack_kernels_v6-py3XX-torchX.Y.Z-<cpu hash>`` under
+    ``$TORCH_EXTENSIONS_DIR`` when set, else under PyTorch's default extension root.
+
+    The CPU hash keeps a ``-march=native`` build from being loaded on another CPU model that shares the
+    directory (a home directory mounted on several machines).
+    """
     from torch.utils.cpp_extension import get_default_build_root
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    version = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
+    version = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-{_cpu_fingerprint()}"
     return pathlib.Path(root) / f"{_MODULE_NAME}-{version}"
 
 
