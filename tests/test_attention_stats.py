@@ -137,24 +137,17 @@ def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_load():
 
 def test_the_kernel_build_directory_is_keyed_by_the_cpu(monkeypatch, tmp_path):
     """A ``-march=native`` build made on one CPU model must not be found by another sharing the directory."""
-    import builtins
+    import io
 
     cpus = {"a": "model name\t: CPU A\nflags\t\t: sse avx2\n\n", "b": "model name\t: CPU B\nflags\t\t: sse avx512f\n\n"}
-    real_open = builtins.open
 
     def directory_on(cpu: str):
         def fake_open(path, *args, **kwargs):
-            if str(path) == "/proc/cpuinfo":
-                import io
+            assert str(path) == "/proc/cpuinfo"
+            return io.StringIO(cpus[cpu])
 
-                return io.StringIO(cpus[cpu])
-            return real_open(path, *args, **kwargs)
-
-        monkeypatch.setattr(builtins, "open", fake_open)
-        try:
-            return kernels.build_directory()
-        finally:
-            monkeypatch.setattr(builtins, "open", real_open)
+        monkeypatch.setattr(kernels, "open", fake_open, raising=False)  # shadows the builtin in kernels only
+        return kernels.build_directory()
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     on_a, on_b = directory_on("a"), directory_on("b")

@@ -68,7 +68,6 @@ def test_full_generate_equals_plain_generate(arch):
     assert torch.equal(got, expected)
 
 
-
 def test_cache_kwargs_names_the_keyword_the_installed_transformers_takes_and_generates_without_a_warning():
     import inspect
     import warnings
@@ -93,6 +92,7 @@ def test_cache_kwargs_falls_back_to_past_key_values_for_a_forward_without_cache(
 
     sentinel = object()
     assert kvstack.cache_kwargs(OlderModel(), sentinel) == {"past_key_values": sentinel}
+
 
 def _left_padded_batch():
     ids = random_ids(30, batch=2, seed=5)
