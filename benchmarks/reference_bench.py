@@ -4,6 +4,13 @@ Every registered method at compression ratios 0.25, 0.5 and 0.75, plus the full 
 task suite (RULER subset, passkey, the needle grid, long-text perplexity), 20 samples per cell, at the
 lengths given (default 1k and 2k tokens; add 4096 where the full cache still scores).
 
+Methods that compress once, after the prompt (full, SnapKV, PyramidKV, Ada-KV over SnapKV, key norm,
+random, Loki: 19 of the 34 methods per task cell) read each sample's prompt in one shared forward
+(``BenchConfig.share_prefill``): their scores, bytes and decoding are exactly those of separate runs
+(tests/test_shared_prefill.py, tests/test_bench_run.py), and the grid costs about half as much. Their
+records say ``prefill_shared_by``; for them ``prefill_s`` is the shared forward's time and the peak memory
+is the group's. Records without ``prefill_shared_by`` (the earlier cells) ran one method at a time.
+
 The run is :func:`kvstack.bench.run_bench`, so it is resumable: finished cells are keyed in
 ``results.jsonl`` and skipped, and the same command carries on where an earlier (or interrupted) run
 stopped. ``--max-minutes`` ends the run cleanly after the cell under way, so a long grid can be spread
@@ -62,7 +69,7 @@ def reference_config(lengths: list[int], out_dir: str, samples: int = SAMPLES) -
     """The reference grid."""
     return BenchConfig(
         methods=reference_methods(), ratios=list(RATIOS), tasks=[*TASK_ORDER, *sorted(set(TASKS) - set(TASK_ORDER))],
-        lengths=lengths, samples=samples, out_dir=out_dir, progress=sys.stderr.isatty(),
+        lengths=lengths, samples=samples, out_dir=out_dir, progress=sys.stderr.isatty(), share_prefill=True,
     )
 
 
@@ -91,7 +98,9 @@ def write_progress(out_dir: Path, config: BenchConfig, command: str, started: st
         f"- machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), Python {platform.python_version()}",
         f"- grid: {len(reference_methods())} method templates x ratios {RATIOS} on {len(config.tasks)} tasks, "
-        f"{config.samples} samples per cell", "",
+        f"{config.samples} samples per cell",
+        "- methods that compress after the prompt share each sample's prompt forward (same results as separate "
+        "runs; `prefill_shared_by` in their records; earlier records ran one method at a time)", "",
         "| length | cells done | cells planned |", "| --- | --- | --- |",
     ]
     for length in config.lengths:

@@ -181,6 +181,52 @@ def test_more_samples_extend_finished_cells_and_match_a_fresh_run(tmp_path, mode
     assert all(r["samples"] == 3 for r in latest_results(tmp_path / "grown" / RESULTS_FILE))
 
 
+SHARED_METHODS = ["snapkv(ratio={ratio})", "keynorm(ratio={ratio})", "random(ratio={ratio})", "h2o(ratio={ratio})"]
+COMPARED = ("score", "score_std", "kv_bytes", "full_kv_bytes", "compression_ratio", "tokens_kept",
+            "kv_bytes_prefill", "compression_ratio_prefill", "prompt_tokens", "new_tokens", "samples")
+
+
+def test_a_shared_prefill_gives_exactly_the_records_of_separate_runs(tmp_path, model, tokenizer, prose_file):  # noqa: F811
+    values = {"methods": SHARED_METHODS, "tasks": ["passkey", "perplexity"], "lengths": [160]}
+    separate = run_bench(small_config(tmp_path / "separate", prose_file, **values), model, tokenizer)
+    shared = run_bench(small_config(tmp_path / "shared", prose_file, share_prefill=True, **values), model, tokenizer)
+    assert shared.ran == separate.ran == 10
+    by_key = {r["key"]: r for r in separate.records}
+    for record in shared.records:
+        expected = by_key[record["key"]]  # the same cell keys: sharing is not part of a cell's configuration
+        for name in COMPARED:
+            assert record[name] == expected[name], (record["method"], name)
+        for ours, theirs in zip(record["per_sample"], expected["per_sample"], strict=True):
+            for name in ("score", "prediction", "new_tokens", "nll_sum", "kv_bytes"):
+                assert ours.get(name) == theirs.get(name), (record["method"], name)
+        assert expected["prefill_shared_by"] == 1
+        assert record["prefill_shared_by"] == (1 if record["method"].startswith("h2o") else 4)
+
+
+def test_a_shared_prefill_extends_finished_cells_with_only_the_missing_samples(
+        tmp_path, model, tokenizer, prose_file, monkeypatch):  # noqa: F811
+    import kvstack.bench.runner as runner
+
+    values = {"methods": SHARED_METHODS[:2], "tasks": ["passkey"], "lengths": [160], "share_prefill": True}
+    run_bench(small_config(tmp_path / "grown", prose_file, samples=1, **values), model, tokenizer)
+    measured: list[tuple[int, int]] = []
+    original = runner.run_cells_shared
+
+    def counting(model, tokenizer, cells, samples, *args, **kwargs):
+        measured.append((len(cells), len(samples)))
+        return original(model, tokenizer, cells, samples, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_cells_shared", counting)
+    grown = run_bench(small_config(tmp_path / "grown", prose_file, samples=2, **values), model, tokenizer)
+    assert grown.ran == 3 and measured == [(3, 1)]  # full, snapkv, keynorm together, only sample 1
+    fresh = run_bench(small_config(tmp_path / "fresh", prose_file, samples=2, **values), model, tokenizer)
+    by_key = {r["key"]: r for r in fresh.records}
+    for record in grown.records:
+        assert record["extended_from"]["samples"] == 1
+        for name in COMPARED:
+            assert record[name] == pytest.approx(by_key[record["key"]][name], rel=1e-12), name
+
+
 def test_append_result_starts_a_fresh_line_after_a_torn_one(tmp_path):
     path = tmp_path / RESULTS_FILE
     path.write_text('{"key": "a"}\n{"key": "b", "trunc')

@@ -7,7 +7,7 @@
     cache.kv_bytes(), cache.full_kv_bytes()
 """
 
-from kvstack.api import InputError, cache_kwargs, generate, make_cache, prefill
+from kvstack.api import InputError, cache_kwargs, generate, make_cache, prefill, prefill_shared
 from kvstack.cache import KVStackCache
 from kvstack.spec import SpecError, describe, list_methods, parse
 
@@ -31,5 +31,6 @@ __all__ = [
     "make_cache",
     "parse",
     "prefill",
+    "prefill_shared",
 ]
 __version__ = "0.1.0"

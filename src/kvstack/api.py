@@ -225,6 +225,51 @@ def prefill(
     return logits
 
 
+@torch.no_grad()
+def prefill_shared(model: torch.nn.Module, input_ids: torch.Tensor, caches: list[KVStackCache]) -> torch.Tensor:
+    """Read one prompt into several caches with a single forward (see :mod:`kvstack.cache.shared`).
+
+    Every cache ends exactly as :func:`prefill` would leave it; the prompt forward, the bulk of the work,
+    runs once. The methods must compress once, after the prompt (SnapKV, PyramidKV, Ada-KV over SnapKV,
+    key norm, random, Loki, full), without a codec.
+
+    Parameters
+    ----------
+    input_ids:
+        ``[B, T]`` prompt tokens (no padding).
+    caches:
+        Empty caches made by :func:`make_cache` for ``model``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, V]`` logits of the last prompt position (the same for every cache).
+
+    Raises
+    ------
+    InputError
+        For no caches, or a cache whose method cannot share the forward (the message names it and why).
+    """
+    from kvstack.cache.shared import SharedPrefillCache
+
+    check_prompt(input_ids, model)
+    if not caches:
+        raise InputError("prefill_shared needs at least one cache")
+    if len(caches) == 1:
+        return prefill(model, input_ids, caches[0])
+    try:
+        shared = SharedPrefillCache(caches)
+    except ValueError as err:
+        raise InputError(f"{err}; give it static methods without a codec, or use prefill() per cache") from None
+    length = input_ids.shape[1]
+    for cache in caches:
+        cache.begin_prompt(length)
+    out = model(input_ids=input_ids, **cache_kwargs(model, shared), use_cache=True, logits_to_keep=1)
+    for cache in caches:
+        cache.end_prompt()
+    return out.logits[:, -1]
+
+
 @dataclasses.dataclass
 class GenerationResult:
     """One greedy generation with its timings and the cache's accounting."""

@@ -56,6 +56,9 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
                              f"tasks {','.join(QUICK['tasks'])}, lengths {','.join(map(str, QUICK['lengths']))}, "
                              f"{QUICK['samples']} samples, full/streamingllm/snapkv/h2o at ratio 0.5; "
                              "other options override it")
+    parser.add_argument("--share-prefill", action="store_true",
+                        help="methods that compress after the prompt read each prompt in one shared forward "
+                             "(same results, much faster; their prefill time and peak memory are the group's)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
@@ -137,6 +140,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         values["device"] = args.device
     values["out_dir"] = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
     values["plots"] = not args.no_plots
+    values["share_prefill"] = bool(args.share_prefill)
     values["progress"] = not args.no_progress
     return BenchConfig.quick(**values) if args.quick else BenchConfig(**values)
 

@@ -77,6 +77,12 @@ class BenchConfig:
         Add ``full`` when it is not among ``methods``.
     plots, progress:
         Draw PNG plots; show a progress bar.
+    share_prefill:
+        Let the methods that compress once, after the prompt (SnapKV, PyramidKV, key norm, random, Loki,
+        full ...) read each sample's prompt in one shared forward (:func:`kvstack.prefill_shared`). Their
+        scores, bytes and decoding are exactly those of separate runs; their ``prefill_s`` is then the
+        shared forward's time and their peak memory that of the whole group (records say
+        ``prefill_shared_by``). Not part of cell keys.
     """
 
     model: str = "smollm2-135m"
@@ -99,6 +105,7 @@ class BenchConfig:
     baseline: bool = True
     plots: bool = True
     progress: bool = True
+    share_prefill: bool = False
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:

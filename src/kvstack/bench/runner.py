@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import math
@@ -467,18 +468,48 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return statistics.fmean(present) if present else None
 
 
-@torch.no_grad()
-def _generation_sample(model: torch.nn.Module, tokenizer: Any, cell: Cell, sample: Sample, limit: int,
-                       eos: set[int], device: torch.device, seed: int) -> dict[str, Any]:
-    from kvstack.api import cache_kwargs, make_cache, prefill
+@dataclasses.dataclass
+class Prefilled:
+    """A cache that has read a sample's prompt in a shared forward (see :func:`run_cells_shared`).
 
-    ids = torch.tensor([sample.input_ids], dtype=torch.long, device=device)
+    Attributes
+    ----------
+    cache:
+        The cache, as its own prefill would have left it.
+    logits:
+        ``[1, V]`` logits of the last prompt position.
+    seconds:
+        Wall time of the shared forward.
+    """
+
+    cache: Any
+    logits: torch.Tensor
+    seconds: float
+
+
+def _read_prompt(model: torch.nn.Module, cell: Cell, ids: torch.Tensor, device: torch.device, seed: int,
+                 prefilled: Prefilled | None) -> tuple[Any, torch.Tensor, float, float]:
+    """``(cache, last logits, prefill seconds, start time)``: the prompt read now, or by a shared forward."""
+    from kvstack.api import make_cache, prefill
+
+    if prefilled is not None:
+        return prefilled.cache, prefilled.logits, prefilled.seconds, time.perf_counter() - prefilled.seconds
     cache = make_cache(model, cell.method.spec, seed=seed)
     synchronize(device)
     start = time.perf_counter()
     logits = prefill(model, ids, cache)
     synchronize(device)
-    prefilled = time.perf_counter()
+    return cache, logits, time.perf_counter() - start, start
+
+
+@torch.no_grad()
+def _generation_sample(model: torch.nn.Module, tokenizer: Any, cell: Cell, sample: Sample, limit: int,
+                       eos: set[int], device: torch.device, seed: int,
+                       prefilled: Prefilled | None = None) -> dict[str, Any]:
+    from kvstack.api import cache_kwargs
+
+    ids = torch.tensor([sample.input_ids], dtype=torch.long, device=device)
+    cache, logits, prefill_s, start = _read_prompt(model, cell, ids, device, seed, prefilled)
     token = logits.argmax(dim=-1, keepdim=True)
     generated = [int(token)]
     first = time.perf_counter()
@@ -501,7 +532,7 @@ def _generation_sample(model: torch.nn.Module, tokenizer: Any, cell: Cell, sampl
         "answers": sample.answers,
         "tokens": len(sample.input_ids),
         "new_tokens": len(generated),
-        "prefill_s": prefilled - start,
+        "prefill_s": prefill_s,
         "ttft_s": first - start,
         "decode_s": end - first,
         "cache_prefill": after_prompt,
@@ -510,20 +541,29 @@ def _generation_sample(model: torch.nn.Module, tokenizer: Any, cell: Cell, sampl
     }
 
 
+def _prompt_ids(cell: Cell, sample: Sample, device: torch.device) -> torch.Tensor:
+    """``[1, T]`` the tokens a cell's cache reads as its prompt (a perplexity sample's context half)."""
+    ids = torch.tensor([sample.input_ids], dtype=torch.long, device=device)
+    if cell.task.kind == "perplexity":
+        return ids[:, : _perplexity_context(sample)]
+    return ids
+
+
+def _perplexity_context(sample: Sample) -> int:
+    return int(sample.metadata.get("context_tokens") or max(1, len(sample.input_ids) // 2))
+
+
 @torch.no_grad()
 def _perplexity_sample(model: torch.nn.Module, cell: Cell, sample: Sample, chunk: int, device: torch.device,
-                       seed: int) -> dict[str, Any]:
-    from kvstack.api import cache_kwargs, make_cache, prefill
+                       seed: int, prefilled: Prefilled | None = None) -> dict[str, Any]:
+    from kvstack.api import cache_kwargs
 
     ids = torch.tensor([sample.input_ids], dtype=torch.long, device=device)
     length = ids.shape[1]
-    context = int(sample.metadata.get("context_tokens") or max(1, length // 2))
-    cache = make_cache(model, cell.method.spec, seed=seed)
-    synchronize(device)
-    start = time.perf_counter()
-    last = prefill(model, ids[:, :context], cache)  # [1, V] logits predicting token `context`
-    synchronize(device)
-    prefilled = time.perf_counter()
+    context = _perplexity_context(sample)
+    # last: [1, V] logits predicting token `context`
+    cache, last, prefill_s, _ = _read_prompt(model, cell, ids[:, :context], device, seed, prefilled)
+    prefilled_at = time.perf_counter()
     after_prompt = cache.summary()
     nll = 0.0
     for begin in range(context, length, chunk):
@@ -542,8 +582,8 @@ def _perplexity_sample(model: torch.nn.Module, cell: Cell, sample: Sample, chunk
         "scored_tokens": scored,
         "tokens": length,
         "context_tokens": context,
-        "prefill_s": prefilled - start,
-        "stream_s": end - prefilled,
+        "prefill_s": prefill_s,
+        "stream_s": end - prefilled_at,
         "cache_prefill": after_prompt,
         "cache": cache.summary(),
         "metadata": sample.metadata,
@@ -584,7 +624,7 @@ def _sample_summary(rows: Sequence[dict[str, Any]], perplexity: bool) -> dict[st
 
 
 def _aggregate(cell: Cell, rows: list[dict[str, Any]], memory: PeakMemory, wall: float, model_name: str,
-               device: torch.device, config: BenchConfig) -> dict[str, Any]:
+               device: torch.device, config: BenchConfig, shared_by: int = 1) -> dict[str, Any]:
     task = cell.task
     perplexity = task.kind == "perplexity"
     held = sum(r["cache"]["kv_bytes"] for r in rows)
@@ -637,6 +677,7 @@ def _aggregate(cell: Cell, rows: list[dict[str, Any]], memory: PeakMemory, wall:
                                  if memory.peak_rss is not None and memory.base_rss is not None else None),
         "peak_rss_method": memory.method,
         "peak_gpu_bytes": memory.peak_gpu,
+        "prefill_shared_by": shared_by,
         "wall_s": wall,
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
@@ -661,6 +702,61 @@ def run_cell(model: torch.nn.Module, tokenizer: Any, cell: Cell, samples: Sequen
             else:
                 rows.append(_generation_sample(model, tokenizer, cell, sample, limit, eos, device, config.seed))
     return _aggregate(cell, rows, memory, time.perf_counter() - started, model_name, device, config)
+
+
+def shares_prefill(cell: Cell) -> bool:
+    """Whether ``cell``'s method can read its prompts in a forward shared with other methods."""
+    from kvstack.cache.shared import method_share_blocker
+    from kvstack.methods.base import Composed
+
+    method = parse(cell.method.spec)
+    if isinstance(method, Composed):
+        return method_share_blocker(method.selection, method.codec) is None
+    return method_share_blocker(method) is None
+
+
+def run_cells_shared(model: torch.nn.Module, tokenizer: Any, cells: Sequence[Cell], samples: Sequence[Sample],
+                     config: BenchConfig, model_name: str,
+                     on_sample: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+    """Measure ``cells`` (one task, length and query mode; methods that can share) over ``samples``.
+
+    Each sample's prompt is read once for every cell (:func:`kvstack.prefill_shared`); then each cell
+    decodes (or streams, for perplexity) from its own cache, which is freed before the next. Scores,
+    bytes and tokens are exactly those :func:`run_cell` measures. ``prefill_s`` is the shared forward's
+    time; peak memory is the whole group's; ``wall_s`` is the group's wall time over the cell count.
+    ``on_sample`` is called after each sample.
+    """
+    from kvstack.api import make_cache, prefill_shared
+
+    device = next(model.parameters()).device
+    eos = _eos_ids(model, tokenizer)
+    limit = max_new_tokens(cells[0].task, config)
+    started = time.perf_counter()
+    rows: list[list[dict[str, Any]]] = [[] for _ in cells]
+    with PeakMemory(device) as memory:
+        for sample in samples:
+            ids = _prompt_ids(cells[0], sample, device)
+            caches = [make_cache(model, cell.method.spec, seed=config.seed) for cell in cells]
+            synchronize(device)
+            start = time.perf_counter()
+            logits = prefill_shared(model, ids, caches)
+            synchronize(device)
+            seconds = time.perf_counter() - start
+            for index, cell in enumerate(cells):
+                prefilled = Prefilled(caches[index], logits, seconds)
+                caches[index] = None  # the cell's row keeps no reference: its cache is freed after it
+                if cell.task.kind == "perplexity":
+                    row = _perplexity_sample(model, cell, sample, config.ppl_chunk, device, config.seed, prefilled)
+                else:
+                    row = _generation_sample(model, tokenizer, cell, sample, limit, eos, device, config.seed,
+                                             prefilled)
+                rows[index].append(row)
+                del prefilled
+            if on_sample is not None:
+                on_sample()
+    wall = (time.perf_counter() - started) / len(cells)
+    return [_aggregate(cell, cell_rows, memory, wall, model_name, device, config, shared_by=len(cells))
+            for cell, cell_rows in zip(cells, rows, strict=True)]
 
 
 def _cell_line(record: dict[str, Any]) -> str:
@@ -794,20 +890,28 @@ def run_bench(
                 first = members[0]
                 samples = [first_samples.pop(key)]
                 samples += [_make_sample(first, tokenizer, config, i) for i in range(1, config.samples)]
-                for cell in members:
+                for batch in _prefill_batches(members, prefix, config.share_prefill):
+                    cell = batch[0]
                     variant = f" {cell.task.variant}" if cell.task.variant else ""
-                    progress.describe(f"{cell.task.name}{variant} L={cell.length} {cell.method.label}")
                     earlier = prefix.get(cell.key)
                     skip = earlier["samples"] if earlier else 0
-                    record = run_cell(model, tokenizer, cell, samples[skip:], config, config.model)
-                    if earlier:
-                        record = merge_records(earlier, record, cell)
-                    append_result(results_path, record)
-                    ran += 1
-                    progress.advance(len(samples) - skip)
-                    progress.print(_cell_line(record))
-                    if on_cell is not None:
-                        on_cell(record)
+                    if len(batch) == 1:
+                        progress.describe(f"{cell.task.name}{variant} L={cell.length} {cell.method.label}")
+                        records = [run_cell(model, tokenizer, cell, samples[skip:], config, config.model)]
+                        progress.advance(len(samples) - skip)
+                    else:
+                        progress.describe(f"{cell.task.name}{variant} L={cell.length} {len(batch)} methods, "
+                                          "one prompt forward")
+                        records = run_cells_shared(model, tokenizer, batch, samples[skip:], config, config.model,
+                                                   on_sample=functools.partial(progress.advance, len(batch)))
+                    for cell, record in zip(batch, records, strict=True):
+                        if cell.key in prefix:
+                            record = merge_records(prefix[cell.key], record, cell)
+                        append_result(results_path, record)
+                        ran += 1
+                        progress.print(_cell_line(record))
+                        if on_cell is not None:
+                            on_cell(record)
         finally:
             progress.close()
     records = latest_results(results_path)
@@ -816,6 +920,24 @@ def run_bench(
 
     files = write_reports(out_dir, records, plots=config.plots)
     return BenchResult(out_dir=out_dir, records=records, ran=ran, skipped=len(cells) - len(pending), files=files)
+
+
+def _prefill_batches(members: Sequence[Cell], prefix: dict[str, dict[str, Any]], share: bool) -> list[list[Cell]]:
+    """Cells of one sample group in the order they run: lists of one cell, or of cells sharing a prefill.
+
+    With ``share``, cells whose methods can share (:func:`shares_prefill`) and that lack the same number of
+    samples run together, first; every other cell runs alone.
+    """
+    if not share:
+        return [[cell] for cell in members]
+    together: dict[int, list[Cell]] = {}
+    alone = []
+    for cell in members:
+        if shares_prefill(cell):
+            together.setdefault(prefix[cell.key]["samples"] if cell.key in prefix else 0, []).append(cell)
+        else:
+            alone.append([cell])
+    return [*together.values(), *alone]
 
 
 @torch.no_grad()

@@ -307,6 +307,7 @@ class KVStackLayer(CacheLayerMixin):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
         scaling: float,
+        shared: SharedPromptAttention | None = None,
     ) -> torch.Tensor:
         """Finish one forward step of this layer: attention over the kept entries, then eviction.
 
@@ -320,6 +321,10 @@ class KVStackLayer(CacheLayerMixin):
             ``[B or 1, q]`` true positions of the new tokens (None: consecutive after ``seen``).
         scaling:
             Softmax scale, usually ``D ** -0.5``.
+        shared:
+            This prompt forward's attention, already computed for several caches reading the same prompt
+            (see :class:`kvstack.cache.shared.SharedPrefillCache`); this layer then only does its own
+            bookkeeping and compression.
 
         Returns
         -------
@@ -355,7 +360,11 @@ class KVStackLayer(CacheLayerMixin):
         if compress_now:
             needs |= set(method.needs)
 
-        if self.pca_basis is not None:
+        if shared is not None:
+            if self.length != q_len or self.encoded_entries() or self.has_padding or self.pca_basis is not None:
+                raise RuntimeError("a shared prompt attention applies only to the first forward into an empty layer")
+            output, stats = shared.output, shared.stats(needs, method.window_queries())
+        elif self.pca_basis is not None:
             self._rotate_new_keys(q_len)
             output, stats = self._attend_low_rank_scored(query, causal, q_len, scaling), AttentionStats()
         elif self.encoded_entries():
@@ -983,6 +992,132 @@ class RaggedHeads:
         return output[0].transpose(0, 1)
 
 
+def _block_mask(
+    causal: torch.Tensor | None, past_valid: torch.Tensor | None, q_len: int, past: int, start: int, stop: int,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """``[B or 1, H or 1, rows, L]`` bool mask of queries ``start:stop`` over ``past + q_len`` entries.
+
+    None when nothing is masked (a single query with no cached padding).
+    """
+    rows = stop - start
+    if causal is None and past_valid is None and q_len == 1:
+        return None
+    if causal is None:
+        tail = torch.ones(rows, q_len, dtype=torch.bool, device=device).tril(start).view(1, 1, rows, q_len)
+    else:
+        tail = causal[:, :, start:stop]
+    if past_valid is None:
+        past_part = torch.ones(1, 1, rows, past, dtype=torch.bool, device=device)
+    else:
+        past_part = past_valid.unsqueeze(2).expand(-1, -1, rows, -1)
+    shape = (max(tail.shape[0], past_part.shape[0]), past_part.shape[1], rows)
+    mask = torch.cat((past_part.expand(*shape, past), tail.expand(*shape, q_len)), dim=-1)
+    if causal is not None or past_valid is not None:
+        # A padding query may see nothing; let it see everything (its output is never used) so that
+        # no NaN reaches the padding token's hidden state and, through its cached values, real rows.
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return mask
+
+
+def _sdpa_output(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    causal: torch.Tensor | None,
+    past_valid: torch.Tensor | None,
+    scaling: float,
+    block_mask: Callable[[int, int], torch.Tensor | None],
+) -> torch.Tensor:
+    """``[B, Hq, q, D]`` attention output by PyTorch's scaled-dot-product attention (no weights kept)."""
+    q_len, length = query.shape[2], keys.shape[2]
+    group = query.shape[1] // keys.shape[1]
+    if causal is None and past_valid is None and (q_len == 1 or length == q_len):
+        return F.scaled_dot_product_attention(
+            query, keys, values, is_causal=q_len > 1, scale=scaling, enable_gqa=group > 1
+        )
+    mask = block_mask(0, q_len)
+    if mask is not None and mask.shape[1] > 1:  # per-KV-head mask -> per query head
+        mask = mask.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(mask.shape[0], -1, q_len, length)
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=group > 1)
+
+
+def _trailing_query_stats(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    block_mask: Callable[[int, int], torch.Tensor | None],
+    scaling: float,
+    needs: set[str] | frozenset[str],
+    window: int,
+) -> AttentionStats:
+    """The ``window`` and ``last`` statistics: softmax weights of the trailing queries only.
+
+    ``query`` ``[B, Hq, q, D]``, ``keys`` ``[B, H, L, D]``; ``block_mask(start, stop)`` gives the mask of
+    queries ``start:stop``. Weights are computed for the most trailing rows any statistic needs.
+    """
+    q_len = query.shape[2]
+    stats = AttentionStats()
+    wanted = []
+    if STAT_WINDOW in needs and window > 0:
+        wanted.append(min(window, q_len))
+    if STAT_LAST in needs:
+        wanted.append(1)
+    if wanted:
+        rows = max(wanted)
+        weights = _weights(query[:, :, q_len - rows :], keys, block_mask(q_len - rows, q_len), scaling)
+        if STAT_WINDOW in needs:
+            stats.window = weights[:, :, rows - min(window, q_len):]
+        if STAT_LAST in needs:
+            stats.last = weights[:, :, -1]
+    return stats
+
+
+class SharedPromptAttention:
+    """One prompt forward's attention, computed once for several caches that read the same prompt.
+
+    It applies to a first forward into empty layers without padding, for methods whose statistics come
+    from the trailing queries only (``window``, ``last``). The output is computed by the same call each
+    cache's own forward makes (:func:`attention_with_stats`), and each distinct statistics request once,
+    the same way, so every cache ends exactly as its own prefill would leave it.
+
+    Parameters
+    ----------
+    query:
+        ``[B, Hq, q, D]`` the prompt's queries.
+    keys, values:
+        ``[B, H, q, D]`` the prompt's keys and values.
+    causal:
+        ``[B, 1, q, q]`` bool mask of the prompt, or None (plain causal).
+    scaling:
+        Softmax scale.
+
+    Attributes
+    ----------
+    output:
+        ``[B, q, Hq, D]`` attention output, as transformers' attention functions return it.
+    """
+
+    def __init__(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, causal: torch.Tensor | None,
+                 scaling: float) -> None:
+        q_len = query.shape[2]
+        if keys.shape[2] != q_len:
+            raise ValueError(f"shared prompt attention needs empty layers: {keys.shape[2]} entries for {q_len} queries")
+        self.query, self.keys, self.scaling = query, keys, scaling
+        self._block_mask = functools.partial(_block_mask, causal, None, q_len, 0, device=query.device)
+        self.output = _sdpa_output(query, keys, values, causal, None, scaling, self._block_mask).transpose(1, 2)
+        self._stats: dict[tuple[frozenset[str], int], AttentionStats] = {}
+
+    def stats(self, needs: set[str] | frozenset[str], window: int) -> AttentionStats:
+        """The statistics ``needs`` (a subset of ``{"window", "last"}``) with a ``window``-query window."""
+        if set(needs) - {STAT_WINDOW, STAT_LAST}:
+            raise ValueError(f"shared prompt attention gives only window/last statistics, not {sorted(needs)}")
+        key = (frozenset(needs), int(window))
+        if key not in self._stats:
+            self._stats[key] = _trailing_query_stats(self.query, self.keys, self._block_mask, self.scaling, needs,
+                                                     window)
+        return self._stats[key]
+
+
 def attention_with_stats(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -1026,50 +1161,11 @@ def attention_with_stats(
     eager = bool(needs & {STAT_COLSUM, STAT_BELOW_MEAN}) or (STAT_LAST in needs and q_len == 1)
 
     def block_mask(start: int, stop: int) -> torch.Tensor | None:
-        """``[B or 1, H or 1, rows, L]`` bool for queries ``start:stop``; None when nothing is masked."""
-        rows = stop - start
-        if causal is None and past_valid is None and q_len == 1:
-            return None
-        if causal is None:
-            tail = torch.ones(rows, q_len, dtype=torch.bool, device=query.device).tril(start).view(1, 1, rows, q_len)
-        else:
-            tail = causal[:, :, start:stop]
-        if past_valid is None:
-            past_part = torch.ones(1, 1, rows, past, dtype=torch.bool, device=query.device)
-        else:
-            past_part = past_valid.unsqueeze(2).expand(-1, -1, rows, -1)
-        shape = (max(tail.shape[0], past_part.shape[0]), past_part.shape[1], rows)
-        mask = torch.cat((past_part.expand(*shape, past), tail.expand(*shape, q_len)), dim=-1)
-        if causal is not None or past_valid is not None:
-            # A padding query may see nothing; let it see everything (its output is never used) so that
-            # no NaN reaches the padding token's hidden state and, through its cached values, real rows.
-            mask = mask | ~mask.any(dim=-1, keepdim=True)
-        return mask
+        return _block_mask(causal, past_valid, q_len, past, start, stop, query.device)
 
     if not eager:
-        if causal is None and past_valid is None and (q_len == 1 or past == 0):
-            output = F.scaled_dot_product_attention(
-                query, keys, values, is_causal=q_len > 1, scale=scaling, enable_gqa=group > 1
-            )
-        else:
-            mask = block_mask(0, q_len)
-            if mask is not None and mask.shape[1] > 1:  # per-KV-head mask -> per query head
-                mask = mask.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(mask.shape[0], -1, q_len, length)
-            output = F.scaled_dot_product_attention(
-                query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=group > 1
-            )
-        wanted = []
-        if STAT_WINDOW in needs and window > 0:
-            wanted.append(min(window, q_len))
-        if STAT_LAST in needs:
-            wanted.append(1)
-        if wanted:
-            rows = max(wanted)
-            weights = _weights(query[:, :, q_len - rows :], keys, block_mask(q_len - rows, q_len), scaling)
-            if STAT_WINDOW in needs:
-                stats.window = weights[:, :, rows - min(window, q_len):]
-            if STAT_LAST in needs:
-                stats.last = weights[:, :, -1]
+        output = _sdpa_output(query, keys, values, causal, past_valid, scaling, block_mask)
+        stats = _trailing_query_stats(query, keys, block_mask, scaling, needs, window)
         return output.transpose(1, 2), stats
 
     if (

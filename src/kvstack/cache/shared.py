@@ -1,0 +1,149 @@
+"""One prompt forward for several caches: every static method of a comparison reads the prompt once.
+
+A method that compresses once, when the prompt has been read (SnapKV, PyramidKV, Ada-KV over SnapKV,
+key norm, random, Loki, the full cache), sees exactly the same prompt forward as the full cache: every
+layer attends to every prompt token, and only afterwards is the layer's cache cut down. When several
+such methods are compared on one prompt, that forward (about nine tenths of a 2k-token cell on a CPU) can
+run once. :class:`SharedPrefillCache` is the transformers ``Cache`` that forward is given: it stores each
+layer's new keys and values in every member cache, computes the layer's attention once
+(:class:`~kvstack.cache.layer.SharedPromptAttention`), and lets each member do its own bookkeeping and
+compression with the statistics its method asks for. Afterwards each member is an ordinary cache, in
+exactly the state its own prefill would leave it (the tests compare them tensor by tensor), and decodes
+on its own.
+
+Methods that evict while the prompt is read, accumulate per-entry state, need column statistics of the
+whole attention matrix, or encode with a codec cannot share: :func:`share_blocker` says why.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvstack.cache.cache import KVStackCache
+from kvstack.cache.layer import KVStackLayer, SharedPromptAttention, chunk_masks
+from kvstack.methods.base import STAT_LAST, STAT_WINDOW
+
+__all__ = ["SharedPrefillCache", "method_share_blocker", "share_blocker"]
+
+
+def method_share_blocker(method: Any, codec: Any = None) -> str | None:
+    """Why caches of ``method`` (with ``codec``) cannot read a prompt in a shared forward, or None."""
+    if codec is not None:
+        return f"it encodes entries with {codec.label()}"
+    if method.dynamic:
+        return "its method evicts while the prompt is read"
+    if method.state_names:
+        return f"its method accumulates per-entry state ({', '.join(method.state_names)})"
+    if set(method.needs) - {STAT_WINDOW, STAT_LAST}:
+        return f"its method needs statistics of the whole attention matrix ({', '.join(sorted(method.needs))})"
+    if method.uses_cache_positions():
+        return "its method re-assigns positions inside the cache"
+    if hasattr(method, "demotion_codec"):
+        return "its method stores evicted entries at low precision"
+    return None
+
+
+def share_blocker(cache: KVStackCache) -> str | None:
+    """Why ``cache`` cannot read its prompt in a shared forward, or None when it can."""
+    reason = method_share_blocker(cache.method, cache.codec)
+    if reason is None and cache.tokens_seen():
+        return "it already holds tokens"
+    return reason
+
+
+class SharedPrefillLayer(CacheLayerMixin):
+    """Layer ``layer_idx`` of a :class:`SharedPrefillCache`: the member caches' layers, attended once."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, layer_idx: int, members: list[KVStackLayer]) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.members = members
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Nothing to set up: the member layers initialise themselves."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple:
+        """Store the chunk in every member; see :meth:`SharedPrefillCache.update`."""
+        results = [member.update(key_states, value_states, *args, **kwargs) for member in self.members]
+        from kvstack.attention import set_pending
+
+        set_pending(self)  # the attention function hands the queries to this layer, not to the last member
+        return results[0]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.members[0].get_mask_sizes(query_length)
+
+    def get_seq_length(self) -> int:
+        return self.members[0].get_seq_length()
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        scaling: float,
+    ) -> torch.Tensor:
+        """Attention once for every member, then each member's own bookkeeping and compression.
+
+        ``query`` ``[B, Hq, q, D]``; returns ``[B, q, Hq, D]`` (the same for every member).
+        """
+        first = self.members[0]
+        batch, _, q_len, _ = query.shape
+        causal, valid = chunk_masks(attention_mask, batch, q_len, query.device)
+        if first.length != q_len or (valid is not None and not bool(valid.all())):
+            raise RuntimeError("a shared prefill is one unpadded forward into empty caches")
+        shared = SharedPromptAttention(query, first.keys[:, :, :q_len], first.values[:, :, :q_len], causal, scaling)
+        for member in self.members:
+            member.attend(query, attention_mask, position_ids, scaling, shared=shared)
+        return shared.output
+
+
+class SharedPrefillCache(Cache):
+    """A transformers ``Cache`` that feeds one prompt forward to several empty :class:`KVStackCache` s.
+
+    Pass it to the model for one unpadded prompt forward (:func:`kvstack.prefill_shared` does); the
+    member caches then hold what their own prefill would have left, and are used on their own.
+
+    Parameters
+    ----------
+    caches:
+        Empty caches of the same model whose methods can share (see :func:`share_blocker`).
+
+    Raises
+    ------
+    ValueError
+        For no caches, caches of different models, or a cache that cannot share (the message says why).
+    """
+
+    def __init__(self, caches: list[KVStackCache]) -> None:
+        if not caches:
+            raise ValueError("a shared prefill needs at least one cache")
+        shapes = {(len(cache.layers), cache.group_size) for cache in caches}
+        if len(shapes) > 1:
+            raise ValueError("the caches of a shared prefill must belong to the same model")
+        for index, cache in enumerate(caches):
+            reason = share_blocker(cache)
+            if reason is not None:
+                raise ValueError(f"cache {index} ({cache.label()}) cannot share a prompt forward: {reason}")
+        self.caches = list(caches)
+        super().__init__(layers=[SharedPrefillLayer(i, [cache.layers[i] for cache in caches])
+                                 for i in range(len(caches[0].layers))])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new ``[B, H, q, D]`` keys and values in every member (each keeps its own copy)."""
+        for cache in self.caches:
+            if cache.context_length is None:
+                cache.context_length = key_states.shape[2]
+        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
