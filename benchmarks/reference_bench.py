@@ -16,10 +16,15 @@ The run is :func:`kvstack.bench.run_bench`, so it is resumable: finished cells a
 stopped. ``--max-minutes`` ends the run cleanly after the cell under way, so a long grid can be spread
 over several sessions; ``PROGRESS.md`` says how much of the grid is done.
 
+Lengths above ``--screen-above`` (2048) are screened first, as the issue asks for them only "where the
+full cache still scores": the full cache runs on every task cell at that length, and the other methods
+then run only on the task cells where its mean score reaches ``--full-floor`` (20 points, 4 of 20
+samples), plus perplexity. PROGRESS.md lists the full cache's screening scores and what was kept.
+
 Usage::
 
-    python benchmarks/reference_bench.py [--lengths 1024,2048] [--max-minutes 90]
-        [--out benchmarks/results/reference]
+    python benchmarks/reference_bench.py [--lengths 1024,2048,4096] [--max-minutes 90]
+        [--out benchmarks/results/reference] [--screen-above 2048] [--full-floor 20]
 """
 
 from __future__ import annotations
@@ -65,12 +70,46 @@ def reference_methods() -> list[str]:
     return ["full", *templates]
 
 
-def reference_config(lengths: list[int], out_dir: str, samples: int = SAMPLES) -> BenchConfig:
-    """The reference grid."""
+ALL_TASKS = [*TASK_ORDER, *sorted(set(TASKS) - set(TASK_ORDER))]
+SCREEN_ABOVE = 2048  # longer lengths run the grid only where the full cache still scores
+FULL_FLOOR = 20.0  # mean score (points) the full cache must reach on a task cell for the grid to run there
+
+
+def reference_config(lengths: list[int], out_dir: str, samples: int = SAMPLES, *, methods: list[str] | None = None,
+                     tasks: list[str] | None = None, depths: list[float] | None = None) -> BenchConfig:
+    """The reference grid (or a part of it: some methods, tasks or needle depths)."""
+    extra = {} if depths is None else {"depths": depths}
     return BenchConfig(
-        methods=reference_methods(), ratios=list(RATIOS), tasks=[*TASK_ORDER, *sorted(set(TASKS) - set(TASK_ORDER))],
-        lengths=lengths, samples=samples, out_dir=out_dir, progress=sys.stderr.isatty(), share_prefill=True,
+        methods=reference_methods() if methods is None else methods, ratios=list(RATIOS),
+        tasks=list(ALL_TASKS if tasks is None else tasks), lengths=lengths, samples=samples, out_dir=out_dir,
+        progress=sys.stderr.isatty(), share_prefill=True, **extra,
     )
+
+
+def screening(out_dir: str, length: int, samples: int, floor: float) -> tuple[dict[tuple[str, str], float], bool]:
+    """The full cache's mean score on each task cell at ``length`` and whether every cell is finished."""
+    screen = reference_config([length], out_dir, samples, methods=["full"])
+    done = {record["key"]: record for record in read_results(Path(out_dir) / "results.jsonl")}
+    scores = {(cell.task.name, cell.task.variant): done[cell.key]["score"]
+              for cell in plan_cells(screen) if cell.key in done}
+    return scores, len(scores) == len(plan_cells(screen))
+
+
+def length_config(out_dir: str, length: int, samples: int, screen_above: int, floor: float) -> BenchConfig | None:
+    """What the grid runs at ``length``: everything, or (above ``screen_above``, once the full cache has been
+    screened) the task cells where the full cache reaches ``floor``, plus perplexity; None when none does.
+    While the screening is unfinished, the screening itself (the full cache on every task cell)."""
+    if length <= screen_above:
+        return reference_config([length], out_dir, samples)
+    scores, finished = screening(out_dir, length, samples, floor)
+    if not finished:
+        return reference_config([length], out_dir, samples, methods=["full"])
+    kept = {(task, variant) for (task, variant), score in scores.items() if task == "perplexity" or score >= floor}
+    tasks = [name for name in ALL_TASKS if any(task == name for task, _ in kept)]
+    depths = sorted(float(variant.split("=")[1]) for task, variant in kept if task == "niah")
+    if not tasks:
+        return None
+    return reference_config([length], out_dir, samples, tasks=tasks, depths=depths or None)
 
 
 def cpu_name() -> str:
@@ -83,10 +122,15 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def write_progress(out_dir: Path, config: BenchConfig, command: str, started: str, stopped_early: bool,
-                   report_only: bool = False) -> None:
+def write_progress(out_dir: Path, lengths: list[int], samples: int, command: str, started: str,
+                   stopped_early: bool, report_only: bool = False, screen_above: int = SCREEN_ABOVE,
+                   floor: float = FULL_FLOOR) -> None:
     """``PROGRESS.md``: the command, machine, and how many cells of the grid are finished, per length."""
-    planned = plan_cells(config)
+    config = reference_config(lengths, str(out_dir), samples)
+    planned = []
+    for length in lengths:
+        at_length = length_config(str(out_dir), length, samples, screen_above, floor)
+        planned += plan_cells(at_length) if at_length is not None else []
     done = {record["key"] for record in read_results(out_dir / "results.jsonl")}
     lines = [
         "# Reference results: progress", "",
@@ -103,13 +147,28 @@ def write_progress(out_dir: Path, config: BenchConfig, command: str, started: st
         "runs; `prefill_shared_by` in their records; earlier records ran one method at a time)", "",
         "| length | cells done | cells planned |", "| --- | --- | --- |",
     ]
-    for length in config.lengths:
+    for length in lengths:
         cells = [cell for cell in planned if cell.length == length]
         finished = sum(cell.key in done for cell in cells)
         lines.append(f"| {length} | {finished} | {len(cells)} |")
     tasks_done = sorted({(cell.task.name, cell.task.variant, cell.length) for cell in planned if cell.key in done})
     lines += ["", "Task cells with at least one method finished: "
               + (", ".join(f"{t}{' ' + v if v else ''}@{n}" for t, v, n in tasks_done) or "none"), ""]
+    for length in lengths:
+        if length <= screen_above:
+            continue
+        scores, finished = screening(str(out_dir), length, samples, floor)
+        status = "finished" if finished else f"{len(scores)} task cells so far"
+        lines += [f"Screening at {length} tokens ({status}): the full cache's mean score per task cell; the grid "
+                  f"runs where it reaches {floor:g} (and on perplexity).", "",
+                  "| task cell | full cache | grid |", "| --- | ---: | --- |"]
+        for (task, variant), score in sorted(scores.items()):
+            if task == "perplexity":
+                lines.append(f"| perplexity | {score:.2f} (perplexity) | yes (always) |")
+                continue
+            name = f"{task} {variant}" if variant else task
+            lines.append(f"| {name} | {score:.2f} | {'yes' if score >= floor else 'no'} |")
+        lines.append("")
     records = latest_results(out_dir / "results.jsonl")
     for length in config.lengths:
         lines += [f"## Summary at {length} tokens", "", summary_table(records, length), ""]
@@ -180,12 +239,19 @@ def main() -> int:
                         help="stop after the cell that ends past this many minutes (resume with the same command)")
     parser.add_argument("--report-only", action="store_true",
                         help="only rewrite the tables, plots and PROGRESS.md from results.jsonl")
+    parser.add_argument("--screen-above", type=int, default=SCREEN_ABOVE,
+                        help="lengths above this run the grid only where the full cache scores (default 2048)")
+    parser.add_argument("--full-floor", type=float, default=FULL_FLOOR,
+                        help="the full cache's mean score a task cell needs at a screened length (default 20)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     lengths = [int(item) for item in args.lengths.split(",") if item.strip()]
-    config = reference_config(lengths, args.out, args.samples)
+    screen = {"screen_above": args.screen_above, "floor": args.full_floor}
+    options = "".join(f" --{name} {value:g}" for name, value, default in (
+        ("screen-above", args.screen_above, SCREEN_ABOVE), ("full-floor", args.full_floor, FULL_FLOOR))
+        if value != default and any(length > args.screen_above for length in lengths))
     command = (f"python benchmarks/reference_bench.py --lengths {args.lengths} --samples {args.samples} "
-               f"--out {args.out} [--max-minutes M]")  # the command that runs (or continues) this grid
+               f"--out {args.out}{options} [--max-minutes M]")  # the command that runs (or continues) this grid
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
 
@@ -201,18 +267,22 @@ def main() -> int:
 
         records = latest_results(Path(args.out) / "results.jsonl")
         write_reports(Path(args.out), records, plots=True)
-        write_progress(Path(args.out), config, command, started, stopped_early=True, report_only=True)
+        write_progress(Path(args.out), lengths, args.samples, command, started, stopped_early=True,
+                       report_only=True, **screen)
         return 0
     try:
         for length in lengths:  # one length at a time, so a partial run completes the shorter lengths first
-            run_bench(reference_config([length], args.out, args.samples), on_cell=on_cell)
+            while (config := length_config(args.out, length, args.samples, **screen)) is not None:
+                run_bench(config, on_cell=on_cell)
+                if config.methods != ["full"] or length <= args.screen_above:
+                    break  # the grid at this length is done; after a screening, the loop runs what it kept
     except _DeadlineError:
         stopped_early = True
         from kvstack.bench.report import write_reports
 
         records = latest_results(Path(args.out) / "results.jsonl")
         write_reports(Path(args.out), records, plots=True)
-    write_progress(Path(args.out), config, command, started, stopped_early)
+    write_progress(Path(args.out), lengths, args.samples, command, started, stopped_early, **screen)
     return 0
 
 
