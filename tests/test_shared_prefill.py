@@ -109,3 +109,27 @@ def test_prefill_shared_refuses_a_cache_that_already_holds_tokens() -> None:
         kvstack.prefill_shared(model, random_ids(16), [kvstack.make_cache(model, "full"), used])
     with pytest.raises(kvstack.InputError, match="at least one cache"):
         kvstack.prefill_shared(model, random_ids(16), [])
+
+
+@pytest.mark.parametrize("spec", ["full", "snapkv(budget=10, window=4)", "adakv(snapkv(budget=10, window=4))",
+                                  "h2o(budget=10)", "loki(budget=10, rank=4)", "kivi(bits=2, group_size=8, residual=8)",
+                                  "mikv(h2o(budget=10), group_size=8)"])
+def test_a_dropped_cache_is_freed_at_once_without_the_garbage_collector(spec: str) -> None:
+    """No reference cycle keeps a used cache's tensors alive: benchmarks that make a cache per sample
+    would otherwise hold every earlier sample's cache until the collector's next full pass."""
+    import gc
+    import weakref
+
+    model = build_peaky("llama", hidden_size=128)
+    caches = [kvstack.make_cache(model, spec), kvstack.make_cache(model, "full")]
+    logits = kvstack.prefill(model, random_ids(40), caches[0])
+    _decode(model, caches[0], logits, 2)
+    kvstack.prefill_shared(model, random_ids(40), [caches[1], kvstack.make_cache(model, "keynorm(budget=8)")])
+    alive = [weakref.ref(cache) for cache in caches]
+    gc.collect()
+    gc.disable()
+    try:
+        caches.clear()
+        assert [ref() for ref in alive] == [None, None]
+    finally:
+        gc.enable()

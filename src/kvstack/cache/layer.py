@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -101,7 +102,9 @@ class KVStackLayer(CacheLayerMixin):
 
     def __init__(self, owner: KVStackCache, layer_idx: int) -> None:
         super().__init__()
-        self.owner = owner
+        # A weak reference: the cache owns its layers, and no cycle keeps a dropped cache (and its tensors)
+        # alive until the garbage collector's next full pass.
+        self._owner = weakref.ref(owner)
         self.layer_idx = layer_idx
         self.length = 0  # live slots per head (uniform layout)
         self.seen = 0  # logical tokens seen, padding included
@@ -117,6 +120,14 @@ class KVStackLayer(CacheLayerMixin):
         self.region: QuantizedRegion | None = None  # entries a codec has encoded (they precede the slots)
         self.demoted: QuantizedRegion | None = None  # entries MiKV evicted to low precision (attended first)
         self.pca_basis: torch.Tensor | None = None  # [B, H, D, D] Loki's per-head key basis (keys stored rotated)
+
+    @property
+    def owner(self) -> KVStackCache:
+        """The cache this layer belongs to."""
+        owner = self._owner()
+        if owner is None:
+            raise RuntimeError("this cache layer's KVStackCache no longer exists; keep the cache, not its layers")
+        return owner
 
     # ---------------------------------------------------------------- transformers CacheLayerMixin
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
