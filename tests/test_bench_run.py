@@ -227,6 +227,20 @@ def test_a_shared_prefill_extends_finished_cells_with_only_the_missing_samples(
             assert record[name] == pytest.approx(by_key[record["key"]][name], rel=1e-12), name
 
 
+def test_a_callback_that_stops_the_run_loses_no_cell_of_a_shared_prefill(tmp_path, model, tokenizer,  # noqa: F811
+                                                                          prose_file):  # noqa: F811
+    config = small_config(tmp_path, prose_file, methods=SHARED_METHODS, tasks=["passkey"], lengths=[160],
+                          share_prefill=True)
+
+    def stop(record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(config, model, tokenizer, on_cell=stop)
+    saved = read_results(tmp_path / RESULTS_FILE)
+    assert len(saved) == 4 and {r["prefill_shared_by"] for r in saved} == {4}  # the whole shared batch
+
+
 def test_append_result_starts_a_fresh_line_after_a_torn_one(tmp_path):
     path = tmp_path / RESULTS_FILE
     path.write_text('{"key": "a"}\n{"key": "b", "trunc')

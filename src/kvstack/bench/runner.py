@@ -904,12 +904,15 @@ def run_bench(
                                           "one prompt forward")
                         records = run_cells_shared(model, tokenizer, batch, samples[skip:], config, config.model,
                                                    on_sample=functools.partial(progress.advance, len(batch)))
+                    written = []
                     for cell, record in zip(batch, records, strict=True):
                         if cell.key in prefix:
                             record = merge_records(prefix[cell.key], record, cell)
                         append_result(results_path, record)
+                        written.append(record)
                         ran += 1
                         progress.print(_cell_line(record))
+                    for record in written:  # every record of a batch is saved before a callback may stop the run
                         if on_cell is not None:
                             on_cell(record)
         finally:
