@@ -90,9 +90,9 @@ def screening(out_dir: str, length: int, samples: int, floor: float) -> tuple[di
     """The full cache's mean score on each task cell at ``length`` and whether every cell is finished."""
     screen = reference_config([length], out_dir, samples, methods=["full"])
     done = {record["key"]: record for record in read_results(Path(out_dir) / "results.jsonl")}
-    scores = {(cell.task.name, cell.task.variant): done[cell.key]["score"]
-              for cell in plan_cells(screen) if cell.key in done}
-    return scores, len(scores) == len(plan_cells(screen))
+    cells = plan_cells(screen)
+    scores = {(cell.task.name, cell.task.variant): done[cell.key]["score"] for cell in cells if cell.key in done}
+    return scores, len(scores) == len(cells)
 
 
 def length_config(out_dir: str, length: int, samples: int, screen_above: int, floor: float) -> BenchConfig | None:

@@ -373,7 +373,8 @@ class KVStackLayer(CacheLayerMixin):
 
         if shared is not None:
             if self.length != q_len or self.encoded_entries() or self.has_padding or self.pca_basis is not None:
-                raise RuntimeError("a shared prompt attention applies only to the first forward into an empty layer")
+                raise RuntimeError("a shared prompt attention applies only to an unpadded first forward into an "
+                                   "empty layer")
             output, stats = shared.output, shared.stats(needs, method.window_queries())
         elif self.pca_basis is not None:
             self._rotate_new_keys(q_len)

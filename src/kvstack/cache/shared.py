@@ -100,9 +100,8 @@ class SharedPrefillLayer(CacheLayerMixin):
         """
         first = self.members[0]
         batch, _, q_len, _ = query.shape
-        causal, valid = chunk_masks(attention_mask, batch, q_len, query.device)
-        if first.length != q_len or (valid is not None and not bool(valid.all())):
-            raise RuntimeError("a shared prefill is one unpadded forward into empty caches")
+        causal, _ = chunk_masks(attention_mask, batch, q_len, query.device)
+        # Each member refuses the shared result unless this is an unpadded first forward into it.
         shared = SharedPromptAttention(query, first.keys[:, :, :q_len], first.values[:, :, :q_len], causal, scaling)
         for member in self.members:
             member.attend(query, attention_mask, position_ids, scaling, shared=shared)
