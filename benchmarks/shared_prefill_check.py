@@ -1,0 +1,76 @@
+"""The shared prompt forward on SmolLM2 against the committed reference grid (which ran methods one by one).
+
+Runs every reference method that can share a prefill (full, SnapKV, PyramidKV, Ada-KV over SnapKV, key
+norm, random, Loki at ratios 0.25 / 0.5 / 0.75) on the first ``--samples`` passkey samples at 2048 tokens
+with ``share_prefill=True``, and compares each sample's prediction and KV bytes with the same sample of
+the committed 2k passkey cells in ``benchmarks/results/reference/results.jsonl``, which were measured one
+method at a time. Writes ``benchmarks/results/shared_prefill/README.md``.
+
+Usage::
+
+    python benchmarks/shared_prefill_check.py [--samples 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from reference_bench import RATIOS, cpu_name, reference_methods
+
+from kvstack.bench import BenchConfig, latest_results, plan_cells, run_bench
+from kvstack.bench.runner import shares_prefill
+
+REFERENCE = Path(__file__).parent / "results" / "reference" / "results.jsonl"
+OUT = Path(__file__).parent / "results" / "shared_prefill"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    probe = BenchConfig(methods=reference_methods(), ratios=list(RATIOS), tasks=["passkey"], lengths=[2048])
+    methods = [cell.method.spec for cell in plan_cells(probe) if shares_prefill(cell)]
+    reference = {r["method"]: r for r in latest_results(REFERENCE) if r["length"] == 2048 and r["task"] == "passkey"
+                 and not r.get("prefill_shared_by", 1) > 1}
+    with tempfile.TemporaryDirectory() as tmp:
+        config = BenchConfig(methods=methods, tasks=["passkey"], lengths=[2048], samples=args.samples,
+                             share_prefill=True, out_dir=tmp, progress=False, plots=False)
+        started = time.perf_counter()
+        result = run_bench(config)
+        wall = time.perf_counter() - started
+    rows, same, compared = [], 0, 0
+    for record in sorted(result.records, key=lambda r: r["method"]):
+        expected = reference[record["method"]]["per_sample"]
+        matches = [ours["prediction"] == theirs["prediction"] and ours["kv_bytes"] == theirs["kv_bytes"]
+                   for ours, theirs in zip(record["per_sample"], expected, strict=False)]
+        same, compared = same + sum(matches), compared + len(matches)
+        rows.append(f"| `{record['method']}` | {record['prefill_shared_by']} | {sum(matches)} / {len(matches)} |")
+    lines = [
+        "# Shared prompt forward vs methods run one at a time (SmolLM2-135M-Instruct)", "",
+        f"Made by `python benchmarks/shared_prefill_check.py --samples {args.samples}` on "
+        f"{dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')} ({cpu_name()}, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}); run time {wall:.0f} s.", "",
+        f"Passkey at 2048 tokens, the first {args.samples} samples: predictions and KV bytes of each method with "
+        "one shared prompt forward, against the same samples of the committed reference cells (one method at a "
+        "time).", "",
+        f"**{same} of {compared} samples identical.**", "",
+        "| method | caches per forward | samples identical |", "| --- | ---: | ---: |", *rows, "",
+    ]
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "README.md").write_text("\n".join(lines))
+    print(f"{same} of {compared} samples identical")
+    return 0 if same == compared else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
