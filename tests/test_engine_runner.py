@@ -196,3 +196,35 @@ def test_model_outside_runner_fails_clearly_then_restores() -> None:
     with torch.no_grad():
         expected = build_model("llama")(torch.tensor([[5, 6, 7]])).logits
     torch.testing.assert_close(logits, expected)
+
+
+def test_a_step_cache_is_freed_at_once_without_the_garbage_collector(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step's PagedBatchCache and its layers form no reference cycle: it goes when the step ends."""
+    import gc
+    import weakref
+
+    from kvstack.engine import runner as runner_module
+
+    made: list[weakref.ref] = []
+
+    class Recorded(runner_module.PagedBatchCache):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(weakref.ref(self))
+
+    monkeypatch.setattr(runner_module, "PagedBatchCache", Recorded)
+    runner, manager = make_runner("llama")
+    prompt = prompt_of(6, seed=3)
+    manager.allocate_prompt("a", prompt)
+    gc.collect()
+    gc.disable()
+    try:
+        logits = runner.step([SequenceChunk(manager.block_table("a"), 0, prompt)])
+        assert logits.shape == (1, VOCAB) and len(made) == 1
+        assert made[0]() is None
+    finally:
+        gc.enable()
+    chunk = SequenceChunk(manager.block_table("a"), 0, prompt)
+    layer = runner_module.PagedCacheLayer(Recorded(runner.pool, [chunk]), 0)
+    with pytest.raises(RuntimeError, match="no longer exists"):
+        _ = layer.owner

@@ -54,6 +54,7 @@ Limitations
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -196,9 +197,18 @@ class PagedCacheLayer(CacheLayerMixin):
 
     def __init__(self, owner: PagedBatchCache, layer_idx: int) -> None:
         super().__init__()
-        self.owner = owner
+        # Weak, as in KVStackLayer: the step's cache owns its layers, and no cycle outlives the step.
+        self._owner = weakref.ref(owner)
         self.layer_idx = layer_idx
         self.pending = False
+
+    @property
+    def owner(self) -> PagedBatchCache:
+        """The step's cache this layer belongs to."""
+        owner = self._owner()
+        if owner is None:
+            raise RuntimeError("this paged layer's PagedBatchCache no longer exists; keep the cache, not its layers")
+        return owner
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Record dtype and device; nothing is allocated (the pool holds the KV)."""
