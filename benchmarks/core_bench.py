@@ -45,18 +45,21 @@ BYTES_METHODS = [
 ]
 
 
-def machine() -> dict[str, str | int]:
-    """Where the numbers come from."""
-    cpu = "unknown"
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict[str, str | int]:
+    """Where the numbers come from."""
     return {
-        "cpu": cpu, "cores": os.cpu_count() or 0, "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_name(), "cores": os.cpu_count() or 0, "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__,
         "transformers": __import__("transformers").__version__, "platform": platform.platform(),
     }

@@ -25,7 +25,7 @@ from pathlib import Path
 from kvstack.bench import BenchConfig, latest_results, run_bench
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quant_quality import cpu_name
+from core_bench import cpu_name
 
 METHODS = [
     "full",

@@ -26,12 +26,14 @@ import argparse
 import datetime as dt
 import json
 import math
-import platform
 import statistics
 import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from core_bench import cpu_name
 
 from kvstack.bench import BenchConfig, latest_results, run_bench
 
@@ -73,13 +75,6 @@ TASKS = [
     "perplexity", "niah_single_noise", "niah_single_prose", "niah_multikey", "vt", "fwe", "cwe", "niah_multiquery",
     "niah_multivalue",
 ]  # perplexity and the single needles first, so a partial run already compares every codec on them
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def summarize(records: list[dict], lengths: list[int]) -> dict:

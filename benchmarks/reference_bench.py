@@ -40,6 +40,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from core_bench import cpu_name
+
 from kvstack.bench import TASKS, BenchConfig, latest_results, plan_cells, read_results, run_bench
 from kvstack.spec import list_methods
 
@@ -110,16 +113,6 @@ def length_config(out_dir: str, length: int, samples: int, screen_above: int, fl
     if not tasks:
         return None
     return reference_config([length], out_dir, samples, tasks=tasks, depths=depths or None)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def write_progress(out_dir: Path, lengths: list[int], samples: int, command: str, started: str,

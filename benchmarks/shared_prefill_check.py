@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from reference_bench import RATIOS, cpu_name, reference_methods
+from core_bench import cpu_name
+from reference_bench import RATIOS, reference_methods
 
 from kvstack.bench import BenchConfig, latest_results, plan_cells, run_bench
 from kvstack.bench.runner import shares_prefill
