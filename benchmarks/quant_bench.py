@@ -8,7 +8,8 @@ Everything compared is measured in the same run, on the same machine, with SmolL
 2. ``decode``: ms/token decoding at 4k tokens of context: transformers' ``DynamicCache`` and
    ``QuantizedCache(backend="quanto", nbits=2 / 4)`` against kvstack ``full``, ``kivi(bits=2)`` and
    ``kivi(bits=4)``, rounds alternating the order;
-3. ``memory``: peak RSS of a 4k prompt + 128 decoded tokens, each cache in a fresh process (the high-water
+3. ``memory``: peak RSS of a 4k prompt + 128 decoded tokens, each cache in a fresh process, medians over
+   ``--memory-rounds`` rounds, the order reversed every other round (the high-water
    mark is reset after the model is loaded and a warm-up, and again after the prompt to isolate
    decoding; glibc is told to map large blocks and return them when freed, so RSS follows live memory),
    and the largest block kvstack decodes at once against a whole layer in full precision;
@@ -203,19 +204,33 @@ print(json.dumps({{"base_rss": base, "prompt_peak_rss": prompt_peak, "after_prom
 """
 
 
-def memory_section() -> dict:
+MEMORY_KEYS = ("base_rss", "prompt_peak_rss", "after_prompt_rss", "decode_peak_rss", "peak_rss")
+
+
+def memory_section(rounds: int) -> dict:
+    """Peak RSS of each cache over ``rounds`` fresh processes (the order reversed every other round).
+
+    Each row holds the median of every figure over the rounds; ``runs`` keeps every process's figures,
+    round by round, so paired comparisons (same round, neighbouring processes) can be made.
+    """
+    cases = ["dynamic-cache", "quanto-2", "full", *KIVI2_CASES.values()]
+    runs: dict[str, list[dict]] = {case: [] for case in cases}
+    for round_index in range(rounds):
+        for case in cases if round_index % 2 == 0 else cases[::-1]:
+            code = CHILD.format(bench_dir=str(Path(__file__).parent), threads=torch.get_num_threads(), case=case,
+                                decoded=DECODED)
+            # Large blocks are mmapped and returned on free, so RSS follows live memory, not allocator history.
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            row["peak_rss"] = max(row["prompt_peak_rss"], row["decode_peak_rss"])
+            runs[case].append(row)
+            print(f"memory round {round_index + 1} {case}: peak {row['peak_rss'] / 2**20:.1f} MB", flush=True)
     rows = {}
-    for case in ("dynamic-cache", "quanto-2", "full", *KIVI2_CASES.values()):
-        code = CHILD.format(bench_dir=str(Path(__file__).parent), threads=torch.get_num_threads(), case=case,
-                            decoded=DECODED)
-        # Large blocks are mmapped and returned on free, so RSS follows live memory, not allocator history.
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-        row = json.loads(out.stdout.strip().splitlines()[-1])
-        row["peak_rss"] = max(row["prompt_peak_rss"], row["decode_peak_rss"])
-        rows[case] = row
-        print(f"memory {case}: peak {row['peak_rss'] / 2**20:.1f} MB", flush=True)
-    return {"length": LENGTH, "decoded": DECODED, "rows": rows}
+    for case, case_runs in runs.items():
+        rows[case] = {key: statistics.median(run[key] for run in case_runs) for key in MEMORY_KEYS}
+        rows[case]["cache_bytes_after_prompt"] = case_runs[0]["cache_bytes_after_prompt"]
+    return {"length": LENGTH, "decoded": DECODED, "rounds": rounds, "rows": rows, "runs": runs}
 
 
 @torch.no_grad()
@@ -279,17 +294,25 @@ def _stamp(section: dict) -> list[str]:
     return [f"Made by `{section['run']}` on {section['date']}{where}.", ""]
 
 
-def _memory_comparison(name: str, kivi: dict, quanto: dict) -> list[str]:
-    """Report lines comparing one KIVI-2 memory row with quanto-2's: decoding peak, whole-run peak, bytes held."""
+def _memory_comparison(
+    name: str, kivi: dict, quanto: dict, kivi_runs: list[dict], quanto_runs: list[dict]
+) -> list[str]:
+    """Report lines comparing one KIVI-2 memory row (medians) with quanto-2's: decoding peak, whole-run peak,
+    bytes held, and in how many rounds KIVI-2's whole-run peak was the lower of the two."""
     decode_gap = (kivi["decode_peak_rss"] - quanto["decode_peak_rss"]) / 2**20
     run_gap = (kivi["peak_rss"] - quanto["peak_rss"]) / 2**20
     def growth(row: dict) -> float:
         return row["prompt_peak_rss"] - row["base_rss"]
 
     growth_gap = (growth(kivi) - growth(quanto)) / 2**20
-    lines = [f"{name} vs quanto-2: decoding peak {decode_gap:+.1f} MB ({'lower' if decode_gap < 0 else 'not lower'}); "
-             f"whole-run peak, prompt included, {run_gap:+.1f} MB ({'lower' if run_gap < 0 else 'not lower'}); "
-             f"growth of RSS while reading the prompt {growth_gap:+.1f} MB.", ""]
+    paired = [(k["peak_rss"] - q["peak_rss"]) / 2**20 for k, q in zip(kivi_runs, quanto_runs, strict=True)]
+    lower = sum(gap < 0 for gap in paired)
+    lines = [f"{name} vs quanto-2 (medians): decoding peak {decode_gap:+.1f} MB "
+             f"({'lower' if decode_gap < 0 else 'not lower'}); whole-run peak, prompt included, {run_gap:+.1f} MB "
+             f"({'lower' if run_gap < 0 else 'not lower'}); growth of RSS while reading the prompt "
+             f"{growth_gap:+.1f} MB. "
+             f"Whole-run peak lower in {lower} of {len(paired)} rounds (per round: "
+             f"{', '.join(f'{gap:+.1f}' for gap in paired)} MB).", ""]
     held_gap = kivi.get("cache_bytes_after_prompt", 0) - quanto.get("cache_bytes_after_prompt", 0)
     if held_gap > 0:
         lines += [f"After the prompt {name} holds {held_gap / 2**20:.2f} MB more than quanto-2: KIVI keeps its newest "
@@ -337,20 +360,23 @@ def markdown(results: dict) -> str:
     if "memory" in results:
         r = results["memory"]["rows"]
         mem = results["memory"]
-        lines += [f"## Peak RSS, {mem['length']}-token prompt + {mem['decoded']} tokens, fresh process each", "",
+        runs = mem.get("runs", {case: [row] for case, row in r.items()})
+        lines += [f"## Peak RSS, {mem['length']}-token prompt + {mem['decoded']} tokens, fresh process each "
+                  f"(median of {mem.get('rounds', 1)})", "",
                   *_stamp(mem),
-                  "| cache | peak RSS MB (prompt + decode) | decode-only peak MB | RSS before prompt MB | "
-                  "cache tensors after the prompt MB |",
-                  "| --- | ---: | ---: | ---: | ---: |"]
+                  "| cache | peak RSS MB (prompt + decode) | range over rounds MB | decode-only peak MB | "
+                  "RSS before prompt MB | cache tensors after the prompt MB |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for case, row in r.items():
             held = row.get("cache_bytes_after_prompt")
             held_text = "–" if held is None else f"{held / 2**20:.2f}"
-            lines.append(f"| {case} | {row['peak_rss'] / 2**20:.1f} | {row['decode_peak_rss'] / 2**20:.1f} | "
-                         f"{row['base_rss'] / 2**20:.1f} | {held_text} |")
+            peaks = [run["peak_rss"] / 2**20 for run in runs[case]]
+            lines.append(f"| {case} | {row['peak_rss'] / 2**20:.1f} | {min(peaks):.1f}–{max(peaks):.1f} | "
+                         f"{row['decode_peak_rss'] / 2**20:.1f} | {row['base_rss'] / 2**20:.1f} | {held_text} |")
         lines.append("")
         for name, spec in KIVI2_CASES.items():
             if spec in r:
-                lines += _memory_comparison(name, r[spec], r["quanto-2"])
+                lines += _memory_comparison(name, r[spec], r["quanto-2"], runs[spec], runs["quanto-2"])
     if "block" in results:
         k = results["block"]
         sizes = k["largest_decoded_bytes"]
@@ -389,6 +415,7 @@ def main() -> None:
     parser.add_argument("--only", default="bits,decode,memory,palu")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--memory-rounds", type=int, default=3, help="fresh processes per cache (memory)")
     parser.add_argument("--samples", type=int, default=10, help="perplexity samples per length (palu)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -408,7 +435,7 @@ def main() -> None:
     if "decode" in sections:
         results["decode"] = {**decode_section(model, args.rounds, args.steps), **stamp}
     if "memory" in sections:
-        results["memory"] = {**memory_section(), **stamp}
+        results["memory"] = {**memory_section(args.memory_rounds), **stamp}
         results["block"] = {**block_section(model), **stamp}
     path.write_text(json.dumps(results, indent=2))
     (out / "README.md").write_text(markdown(results))
