@@ -418,6 +418,8 @@ def main() -> None:
     parser.add_argument("--memory-rounds", type=int, default=3, help="fresh processes per cache (memory)")
     parser.add_argument("--samples", type=int, default=10, help="perplexity samples per length (palu)")
     args = parser.parse_args()
+    if args.memory_rounds < 1:
+        parser.error(f"--memory-rounds must be >= 1, got {args.memory_rounds}")
     torch.set_num_threads(os.cpu_count() or 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
