@@ -22,7 +22,7 @@ import functools
 import os
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -92,9 +92,36 @@ def chunk_masks(attention_mask: torch.Tensor | None, batch: int, q_len: int, dev
     return mask, valid
 
 
+CacheT = TypeVar("CacheT")
+
+
+class WeakOwner(Generic[CacheT]):
+    """A cache layer's link to the cache that owns it, held weakly (a descriptor).
+
+    The cache owns its layers; a strong link back would form a reference cycle, and a dropped cache, with
+    every tensor it holds, would then live on until the garbage collector's next full pass. Reading the
+    attribute after the cache is gone raises a one-line error.
+    """
+
+    def __set_name__(self, layer_class: type, name: str) -> None:
+        self.slot = f"_{name}_ref"
+
+    def __get__(self, layer: Any, layer_class: type | None = None) -> CacheT:
+        if layer is None:
+            return self  # type: ignore[return-value]  # the descriptor itself, read from the class
+        cache = getattr(layer, self.slot)()
+        if cache is None:
+            raise RuntimeError(f"this {type(layer).__name__}'s cache no longer exists; keep the cache, not its layers")
+        return cache
+
+    def __set__(self, layer: Any, cache: CacheT) -> None:
+        setattr(layer, self.slot, weakref.ref(cache))
+
+
 class KVStackLayer(CacheLayerMixin):
     """A ``CacheLayerMixin`` whose contents a kvstack method decides. See the module docstring."""
 
+    owner: WeakOwner[KVStackCache] = WeakOwner()  # the cache this layer belongs to
     is_sliding = False
     is_compileable = False
     is_croppable = False
@@ -102,9 +129,7 @@ class KVStackLayer(CacheLayerMixin):
 
     def __init__(self, owner: KVStackCache, layer_idx: int) -> None:
         super().__init__()
-        # A weak reference: the cache owns its layers, and no cycle keeps a dropped cache (and its tensors)
-        # alive until the garbage collector's next full pass.
-        self._owner = weakref.ref(owner)
+        self.owner = owner
         self.layer_idx = layer_idx
         self.length = 0  # live slots per head (uniform layout)
         self.seen = 0  # logical tokens seen, padding included
@@ -120,14 +145,6 @@ class KVStackLayer(CacheLayerMixin):
         self.region: QuantizedRegion | None = None  # entries a codec has encoded (they precede the slots)
         self.demoted: QuantizedRegion | None = None  # entries MiKV evicted to low precision (attended first)
         self.pca_basis: torch.Tensor | None = None  # [B, H, D, D] Loki's per-head key basis (keys stored rotated)
-
-    @property
-    def owner(self) -> KVStackCache:
-        """The cache this layer belongs to."""
-        owner = self._owner()
-        if owner is None:
-            raise RuntimeError("this cache layer's KVStackCache no longer exists; keep the cache, not its layers")
-        return owner
 
     # ---------------------------------------------------------------- transformers CacheLayerMixin
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:

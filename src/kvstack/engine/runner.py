@@ -54,7 +54,6 @@ Limitations
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +64,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
 from kvstack.api import cache_kwargs, model_geometry
+from kvstack.cache.layer import WeakOwner
 from kvstack.engine.paged import PackedPlan, PagedKVPool, paged_attention_packed
 from kvstack.errors import KVStackError
 
@@ -190,6 +190,7 @@ class PagedCacheLayer(CacheLayerMixin):
         Model layer index.
     """
 
+    owner: WeakOwner[PagedBatchCache] = WeakOwner()  # the cache this layer belongs to
     is_sliding = False
     is_compileable = False
     is_croppable = False
@@ -197,18 +198,9 @@ class PagedCacheLayer(CacheLayerMixin):
 
     def __init__(self, owner: PagedBatchCache, layer_idx: int) -> None:
         super().__init__()
-        # Weak, as in KVStackLayer: the step's cache owns its layers, and no cycle outlives the step.
-        self._owner = weakref.ref(owner)
+        self.owner = owner  # weak: the step's cache goes when the step ends
         self.layer_idx = layer_idx
         self.pending = False
-
-    @property
-    def owner(self) -> PagedBatchCache:
-        """The step's cache this layer belongs to."""
-        owner = self._owner()
-        if owner is None:
-            raise RuntimeError("this paged layer's PagedBatchCache no longer exists; keep the cache, not its layers")
-        return owner
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Record dtype and device; nothing is allocated (the pool holds the KV)."""
