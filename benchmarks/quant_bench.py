@@ -215,12 +215,12 @@ def memory_section(rounds: int) -> dict:
     """
     cases = ["dynamic-cache", "quanto-2", "full", *KIVI2_CASES.values()]
     runs: dict[str, list[dict]] = {case: [] for case in cases}
+    # Large blocks are mmapped and returned on free, so RSS follows live memory, not allocator history.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
     for round_index in range(rounds):
         for case in cases if round_index % 2 == 0 else cases[::-1]:
             code = CHILD.format(bench_dir=str(Path(__file__).parent), threads=torch.get_num_threads(), case=case,
                                 decoded=DECODED)
-            # Large blocks are mmapped and returned on free, so RSS follows live memory, not allocator history.
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
             row = json.loads(out.stdout.strip().splitlines()[-1])
             row["peak_rss"] = max(row["prompt_peak_rss"], row["decode_peak_rss"])
