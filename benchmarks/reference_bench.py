@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from core_bench import cpu_name
 
 from kvstack.bench import TASKS, BenchConfig, latest_results, plan_cells, read_results, run_bench
+from kvstack.bench.report import comparable_cells
 from kvstack.spec import list_methods
 
 RATIOS = [0.25, 0.5, 0.75]
@@ -179,18 +180,9 @@ def summary_table(records: list[dict], length: int) -> str:
     for record in records:
         if record["length"] == length:
             cells.setdefault((record["task"], record["variant"]), {})[record["method"]] = record
-    finished: dict[str, int] = {}
-    for key, by_method in cells.items():
-        if key[0] != "perplexity":
-            for method in by_method:
-                finished[method] = finished.get(method, 0) + 1
-    best: tuple[int, int, set[str], list[tuple[str, str]]] = (0, 0, set(), [])
-    for threshold in sorted(set(finished.values()), reverse=True):
-        shown = {method for method, count in finished.items() if count >= threshold}
-        tasks = sorted(k for k, by_method in cells.items() if k[0] != "perplexity" and shown <= set(by_method))
-        if tasks and (len(shown) * len(tasks), len(shown)) > best[:2]:
-            best = (len(shown) * len(tasks), len(shown), shown, tasks)
-    _, _, methods, generation = best
+    methods, compared = comparable_cells([r for r in records if r["length"] == length and r["task"] != "perplexity"])
+    generation = [(task, variant) for _, task, variant, _, _ in compared]
+    finished = {str(r["method"]) for r in records if r["length"] == length and r["task"] != "perplexity"}
     if not generation or "full" not in methods:
         return f"No task is finished for every method at {length} tokens yet."
     pending = sorted(set(finished) - methods)

@@ -26,7 +26,8 @@ from kvstack.bench.config import split_top_level
 from kvstack.bench.metrics import PeakMemory
 from kvstack.bench.runner import RESULTS_FILE, append_result
 
-PLOTS = ("score_vs_compression.png", "needle_heatmap.png", "kv_bytes_vs_length.png", "decode_speed_vs_length.png")
+PLOTS = ("score_vs_compression_mean.png", "score_vs_compression.png", "needle_heatmap.png", "kv_bytes_vs_length.png",
+         "decode_speed_vs_length.png")
 
 
 def small_config(out: Path, prose: str, **overrides) -> BenchConfig:

@@ -4,13 +4,17 @@ Files written in the output directory:
 
 * ``summary.csv``: one row per cell (per-sample details stay in ``results.jsonl``);
 * ``results.md``: score by method and length for each task, then every cell with its costs;
-* ``score_vs_compression.png``: per task, score against the compression ratio achieved (from the
-  cache's own byte accounting), one line per method, the full cache as a dashed baseline;
+* ``score_vs_compression_mean.png``: per context length, the mean score over the generation task cells
+  every method shown has finished (the same work for each), against the compression ratio achieved
+  (from the cache's own byte accounting), one line per method, the full cache as a dashed baseline;
+* ``score_vs_compression.png``: the same per task (perplexity included), means over lengths and variants;
 * ``needle_heatmap.png``: the ``niah`` grid, depth x length, one panel per method;
 * ``kv_bytes_vs_length.png`` and ``decode_speed_vs_length.png``: KV bytes held and decode tokens/s
   against context length (generation tasks), one line per method.
 
-A plot whose data is absent (e.g. no ``niah`` cells) is not drawn.
+A plot whose data is absent (e.g. no ``niah`` cells) is not drawn. Each method keeps one colour and marker
+in every plot. Where the full cache ran cells the other methods did not (a screened length), its baseline
+is taken over the cells they ran.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 
 from kvstack.bench.scoring import HIGHER_IS_BETTER
 
-__all__ = ["CSV_COLUMNS", "write_csv", "write_markdown", "write_plots", "write_reports"]
+__all__ = ["CSV_COLUMNS", "comparable_cells", "write_csv", "write_markdown", "write_plots", "write_reports"]
 
 CSV_COLUMNS = (
     "model", "task", "variant", "depth", "length", "query_mode", "method", "method_group", "ratio", "budget",
@@ -164,40 +168,172 @@ def _grid(count: int) -> tuple[int, int]:
     return math.ceil(count / columns), columns
 
 
+CellId = tuple[str, str, str, int, str]  # (model, task, variant, length, query mode)
+
+
+def _cell_id(record: dict[str, Any]) -> CellId:
+    return (str(record["model"]), str(record["task"]), str(record["variant"]), int(record["length"]),
+            str(record["query_mode"]))
+
+
+def comparable_cells(records: Sequence[dict[str, Any]]) -> tuple[set[str], list[CellId]]:
+    """The methods and task cells to compare over the same work: every method shown finished every cell.
+
+    While a grid fills, methods have finished different cells. The candidates are the sets "the methods that
+    finished at least n cells" (for each n; when the grid fills cell by cell these include the best choice)
+    and "the methods that finished cell c" (for each cell, so some choice always exists). The chosen one
+    compares the most (method, cell) results, ties going to more methods, then to the earlier candidate.
+    Returns ``(methods, cells)``; both empty without records.
+    """
+    by_cell: dict[CellId, set[str]] = defaultdict(set)
+    for record in records:
+        by_cell[_cell_id(record)].add(str(record["method"]))
+    finished: dict[str, int] = defaultdict(int)
+    for methods in by_cell.values():
+        for method in methods:
+            finished[method] += 1
+    candidates = [{method for method, count in finished.items() if count >= threshold}
+                  for threshold in sorted(set(finished.values()), reverse=True)]
+    candidates += [by_cell[cell] for cell in sorted(by_cell)]
+    best: tuple[int, int, set[str], list[CellId]] = (0, 0, set(), [])
+    for shown in candidates:
+        cells = sorted(cell for cell, methods in by_cell.items() if shown <= methods)
+        if cells and (len(shown) * len(cells), len(shown)) > best[:2]:
+            best = (len(shown) * len(cells), len(shown), set(shown), cells)
+    return best[2], best[3]
+
+
+def _baseline_on_shared_cells(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` without the full cache's cells that no other method ran (a screened length's extra cells)."""
+    others = {_cell_id(r) for r in records if r["method_group"] != "full"}
+    if not others:
+        return list(records)
+    return [r for r in records if r["method_group"] != "full" or _cell_id(r) in others]
+
+
+def _styles(records: Sequence[dict[str, Any]], several_models: bool, key: str) -> dict[str, dict[str, Any]]:
+    """One colour and marker per label, the same in every panel; the full cache black and dashed."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab20"].colors
+    markers = "osD^vPX<>hp"
+    labels = sorted({_label(r, several_models, key) for r in records})
+    styles: dict[str, dict[str, Any]] = {}
+    index = 0
+    for label in labels:
+        if label.endswith("full"):
+            styles[label] = {"color": "black", "linestyle": "--", "marker": "*"}
+            continue
+        colour = palette[(2 * index) % 20 + (index // 10) % 2]  # the dark shades of tab20 first, then the light
+        styles[label] = {"color": colour, "marker": markers[index % len(markers)]}
+        index += 1
+    return styles
+
+
+def _x_limits(xs: Iterable[float]) -> tuple[float, float]:
+    """The compression-ratio axis: 0 to 1, widened to show a negative ratio (a method holding extra state)."""
+    return min([-0.03, *(x - 0.03 for x in xs)]), 1.0
+
+
+def _mean_points(cells: Sequence[dict[str, Any]], several: bool) -> dict[str, list[tuple[float, float]]]:
+    """Per method group: ``(mean compression ratio, mean score)`` per method, sorted by ratio."""
+    points: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    for r in cells:
+        points[_label(r, several, "method_group")][str(r["method"])].append(
+            (float(r["compression_ratio"]), float(r["score"])))
+    return {group: sorted((statistics.fmean(p[0] for p in v), statistics.fmean(p[1] for p in v))
+                          for v in methods.values())
+            for group, methods in points.items()}
+
+
+def _draw_score_panel(ax: Any, points: dict[str, list[tuple[float, float]]], styles: dict[str, dict[str, Any]],
+                      title: str, ylabel: str) -> None:
+    for group, xy in sorted(points.items(), key=lambda item: (not item[0].endswith("full"), item[0])):
+        style = styles[group]
+        if group.endswith("full"):
+            ax.axhline(xy[0][1], color="black", linestyle="--", linewidth=1.2)
+            ax.plot([x for x, _ in xy], [y for _, y in xy], "k*", markersize=10)
+        else:
+            ax.plot([x for x, _ in xy], [y for _, y in xy], color=style["color"], marker=style["marker"])
+    ax.set_title(title)
+    ax.set_xlabel("compression ratio achieved (1 − bytes held / full)")
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(*_x_limits(x for xy in points.values() for x, _ in xy))
+    ax.grid(alpha=0.3)
+
+
+def _figure_legend(fig: Any, styles: dict[str, dict[str, Any]], shown: set[str]) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = []
+    for label in sorted(shown, key=lambda item: (not item.endswith("full"), item)):
+        style = styles[label]
+        text = f"{label} (baseline)" if label.endswith("full") else label
+        handles.append(Line2D([], [], color=style["color"], marker=style["marker"],
+                              linestyle=style.get("linestyle", "-"), label=text))
+    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 0.0))
+
+
+def _above_legend(fig: Any, entries: int) -> tuple[float, float, float, float]:
+    """The part of ``fig`` left for the panels above :func:`_figure_legend`'s rows (about 0.17 inch each)."""
+    height = float(fig.get_size_inches()[1])
+    return 0.0, (0.17 * math.ceil(entries / 4) + 0.06) / height, 1.0, 1.0
+
+
 def plot_score_vs_compression(path: Path, records: Sequence[dict[str, Any]]) -> Path | None:
     """Per task: score against achieved compression ratio, one line per method group, full dashed."""
     if not records:
         return None
     plt = _pyplot()
+    records = _baseline_on_shared_cells(records)
     several = len({r["model"] for r in records}) > 1
+    styles = _styles(records, several, "method_group")
     tasks = sorted({str(r["task"]) for r in records})
     rows, columns = _grid(len(tasks))
-    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.6 * rows + 1.0), squeeze=False)
+    shown: set[str] = set()
     for ax, task in zip(axes.flat, tasks, strict=False):
         cells = [r for r in records if r["task"] == task]
-        points: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
-        for r in cells:
-            points[_label(r, several, "method_group")][str(r["method"])].append(
-                (float(r["compression_ratio"]), float(r["score"])))
-        for group, methods in sorted(points.items()):
-            xy = sorted((statistics.fmean(p[0] for p in v), statistics.fmean(p[1] for p in v))
-                        for v in methods.values())
-            if group.endswith("full"):
-                ax.axhline(xy[0][1], color="black", linestyle="--", linewidth=1.2, label=f"{group} (baseline)")
-                ax.plot([x for x, _ in xy], [y for _, y in xy], "k*", markersize=9)
-            else:
-                ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=group)
-        scorer = cells[0]["scorer"]
-        ax.set_title(task)
-        ax.set_xlabel("compression ratio achieved (1 − bytes held / full)")
-        ax.set_ylabel("perplexity (lower is better)" if scorer == "perplexity" else "score (0–100)")
-        ax.set_xlim(-0.03, 1.0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        points = _mean_points(cells, several)
+        shown |= set(points)
+        perplexity = cells[0]["scorer"] == "perplexity"
+        _draw_score_panel(ax, points, styles, task,
+                          "perplexity (lower is better)" if perplexity else "score (0–100)")
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
-    fig.suptitle("Score vs compression ratio (mean over lengths, variants and samples)")
-    fig.tight_layout()
+    fig.suptitle("Score vs compression ratio per task (mean over lengths, variants and samples)")
+    _figure_legend(fig, styles, shown)
+    fig.tight_layout(rect=_above_legend(fig, len(shown)))
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_score_vs_compression_mean(path: Path, records: Sequence[dict[str, Any]]) -> Path | None:
+    """Per length: mean generation score over the task cells every method shown finished, vs compression."""
+    generation = [r for r in records if r.get("kind") == "generate"]
+    if not generation:
+        return None
+    plt = _pyplot()
+    several = len({r["model"] for r in generation}) > 1
+    styles = _styles(generation, several, "method_group")
+    lengths = sorted({int(r["length"]) for r in generation})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6.0 * len(lengths), 5.0), squeeze=False)
+    shown: set[str] = set()
+    for ax, length in zip(axes.flat, lengths, strict=True):
+        at_length = [r for r in generation if int(r["length"]) == length]
+        methods, cells = comparable_cells(_baseline_on_shared_cells(at_length))
+        chosen = set(cells)
+        points = _mean_points([r for r in at_length if str(r["method"]) in methods and _cell_id(r) in chosen],
+                              several)
+        shown |= set(points)
+        tasks = len({cell[1:3] for cell in cells})
+        _draw_score_panel(ax, points, styles, f"{length} tokens ({tasks} task cells)",
+                          "mean score over the task cells (0–100)")
+    fig.suptitle("Score vs compression ratio (generation tasks; mean over task cells and samples)")
+    _figure_legend(fig, styles, shown)
+    fig.tight_layout(rect=_above_legend(fig, len(shown)))
     out = _save(fig, path)
     plt.close(fig)
     return out
@@ -278,6 +414,7 @@ def plot_vs_length(path: Path, records: Sequence[dict[str, Any]], field: str, yl
 def write_plots(out_dir: Path, records: Sequence[dict[str, Any]]) -> list[Path]:
     """Every PNG plot that has data (see the module docstring)."""
     files = [
+        plot_score_vs_compression_mean(out_dir / "score_vs_compression_mean.png", records),
         plot_score_vs_compression(out_dir / "score_vs_compression.png", records),
         plot_needle_heatmap(out_dir / "needle_heatmap.png", records),
         plot_vs_length(out_dir / "kv_bytes_vs_length.png", records, "kv_bytes", "KV cache held (MB)",

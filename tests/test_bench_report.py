@@ -1,0 +1,106 @@
+"""Reports: methods are compared over the same cells, and plots draw what the records hold."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvstack.bench import report
+from kvstack.bench.report import comparable_cells
+
+
+def record(method: str, task: str, length: int = 1024, score: float = 50.0, ratio: float = 0.5,
+           variant: str = "", kind: str = "generate") -> dict[str, Any]:
+    group = "full" if method == "full" else method.split("@")[0]
+    return {
+        "model": "m", "task": task, "variant": variant, "length": length, "query_mode": "after",
+        "method": method, "method_group": group, "compression_ratio": 0.0 if method == "full" else ratio,
+        "score": score, "kind": kind, "scorer": "perplexity" if kind == "perplexity" else "string_match_all",
+    }
+
+
+def covers(records: list[dict[str, Any]], methods: set[str]) -> list[tuple]:
+    """Brute force: the cells every method of ``methods`` finished."""
+    by_cell: dict[tuple, set[str]] = {}
+    for r in records:
+        by_cell.setdefault((r["model"], r["task"], r["variant"], r["length"], r["query_mode"]), set()).add(r["method"])
+    return sorted(cell for cell, done in by_cell.items() if methods <= done)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=6), min_size=1, max_size=5))
+def test_a_grid_filled_cell_by_cell_compares_the_best_rectangle(prefixes):
+    """Each method finished a prefix of the same cell order (how the grid fills): the choice is optimal.
+
+    The expectation is a brute force over every subset of methods, maximising (results compared, methods).
+    """
+    order = [f"t{i}" for i in range(6)]
+    records = [record(f"m{j}", task) for j, count in enumerate(prefixes) for task in order[:count]]
+    methods, cells = comparable_cells(records)
+    names = sorted({r["method"] for r in records})
+    best = (0, 0)
+    for size in range(1, len(names) + 1):
+        for subset in itertools.combinations(names, size):
+            shared = covers(records, set(subset))
+            if shared:
+                best = max(best, (len(subset) * len(shared), len(subset)))
+    assert (len(methods) * len(cells), len(methods)) == best
+    assert cells == covers(records, methods)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 5)), min_size=1, max_size=25))
+def test_every_method_chosen_finished_every_cell_chosen(pairs):
+    records = [record(f"m{m}", f"t{t}") for m, t in set(pairs)]
+    methods, cells = comparable_cells(records)
+    assert methods and cells
+    done = {(r["method"], r["task"]) for r in records}
+    assert all((method, cell[1]) in done for method in methods for cell in cells)
+
+
+def test_the_full_cache_baseline_ignores_cells_no_other_method_ran():
+    records = [
+        record("full", "a", 1024, score=80), record("full", "b", 1024, score=20),  # b: screened out for the rest
+        record("snapkv@0.5", "a", 1024, score=60),
+    ]
+    kept = report._baseline_on_shared_cells(records)
+    assert sorted((r["method"], r["task"]) for r in kept) == [("full", "a"), ("snapkv@0.5", "a")]
+    assert report._baseline_on_shared_cells(records[:2]) == records[:2]  # the full cache alone keeps everything
+
+
+def test_the_mean_plot_compares_every_method_on_the_same_cells(tmp_path, monkeypatch):
+    drawn: dict[str, dict[str, list[tuple[float, float]]]] = {}
+
+    def capture(ax, points, styles, title, ylabel):
+        drawn[title] = points
+
+    monkeypatch.setattr(report, "_draw_score_panel", capture)
+    records = [
+        record("full", "a", score=90), record("full", "b", score=70), record("full", "c", score=10),
+        record("snapkv@0.5", "a", score=60, ratio=0.5), record("snapkv@0.5", "b", score=40, ratio=0.5),
+        record("snapkv@0.75", "a", score=30, ratio=0.75), record("snapkv@0.75", "b", score=10, ratio=0.625),
+        record("h2o@0.5", "a", score=5, ratio=0.5),  # fewer cells: left out rather than averaged over less work
+        record("full", "p", score=15.0, kind="perplexity"),
+    ]
+    path = report.plot_score_vs_compression_mean(tmp_path / "mean.png", records)
+    assert path is not None and path.exists()
+    (title, points), = drawn.items()
+    assert title == "1024 tokens (2 task cells)"
+    assert points == {"full": [(0.0, 80.0)], "snapkv": [(0.5, 50.0), (0.6875, 20.0)]}
+
+
+def test_every_method_keeps_one_style_and_the_full_cache_is_black():
+    records = [record(f"method{i}@0.5", "a") for i in range(23)] + [record("full", "a")]
+    styles = report._styles(records, False, "method_group")
+    assert styles["full"]["color"] == "black"
+    others = [(style["color"], style["marker"]) for label, style in styles.items() if label != "full"]
+    assert len(set(others)) == len(others) == 23
+
+
+def test_the_compression_axis_shows_negative_ratios():
+    assert report._x_limits([0.2, 0.5]) == (-0.03, 1.0)
+    low, high = report._x_limits([-0.05, 0.5])
+    assert low < -0.05 and high == 1.0
