@@ -300,6 +300,8 @@ def test_cli_bench_runs_end_to_end_and_resumes(tmp_path, tiny_loader, prose_file
         (["--ratios", "1.5"], r"ratios are fractions evicted, in \[0, 1\)"),
         (["--methods", "snapkv(ratio=0.5"], "cannot parse"),
         (["--query-mode", "before"], "unknown mode 'before'"),
+        (["--device", "gpu"], "invalid device 'gpu'; use 'cpu'"),
+        (["--device", "cuda:99"], r"CUDA is not available on this machine|has \d+ CUDA device\(s\)"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_loses_nothing(tmp_path, tiny_loader, prose_file, capsys, extra, message):  # noqa: F811
@@ -326,6 +328,7 @@ def test_errors_before_loading_do_not_load_the_model(tmp_path, monkeypatch, pros
     monkeypatch.setattr(kvstack.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     assert cli.main(bench_args(tmp_path, prose_file, "--tasks", "bogus")) == 2
     assert cli.main(bench_args(tmp_path, prose_file, "--samples", "0")) == 2
+    assert cli.main(bench_args(tmp_path, prose_file, "--device", "gpu")) == 2
     assert "valid tasks" in capsys.readouterr().err
 
 

@@ -16,6 +16,7 @@ from kvstack.models import (
     DEFAULT_MODEL,
     MANIFEST_NAME,
     MODEL_ALIASES,
+    DeviceError,
     ModelLoadError,
     kvstack_home,
     load_model,
@@ -57,8 +58,14 @@ def test_resolve_device():
     assert resolve_device(None).type == expected
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device(torch.device("cpu")) == torch.device("cpu")
-    with pytest.raises(ValueError, match="invalid device"):
+    with pytest.raises(DeviceError, match="invalid device 'not-a-device'; use 'cpu'"):
         resolve_device("not-a-device")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    message = "CUDA is not available on this machine" if count == 0 else f"has {count} CUDA device"
+    with pytest.raises(DeviceError, match=message):
+        resolve_device(f"cuda:{count}")  # one past the last device this machine has
+    with pytest.raises(DeviceError, match=message):
+        resolve_device(torch.device(f"cuda:{count}"))
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "MODEL_ALIASES",
     "TINY_ARCHS",
+    "DeviceError",
     "ModelLoadError",
     "kvstack_home",
     "load_model",
@@ -100,6 +101,10 @@ class ModelLoadError(KVStackError):
     """A model could not be found or loaded; the message is one line naming the problem and the choices."""
 
 
+class DeviceError(KVStackError):
+    """A device argument that is not a device, or names one this machine does not have (one line)."""
+
+
 class _CorruptEntryError(Exception):
     """Internal: the cached model directory failed its integrity check."""
 
@@ -142,17 +147,28 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
     Raises
     ------
-    ValueError
-        If ``device`` is not a valid device string.
+    DeviceError
+        (a ``ValueError``) If ``device`` is not a device, or names a CUDA or MPS device this machine lacks.
     """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(device, torch.device):
-        return device
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"invalid device {device!r}; use 'cpu', 'cuda', 'cuda:N' or None (auto)") from err
+        target = device
+    else:
+        try:
+            target = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise DeviceError(f"invalid device {device!r}; use 'cpu', 'cuda', 'cuda:N' or None (auto)") from None
+    if target.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"device {str(target)!r}: CUDA is not available on this machine; use 'cpu'")
+        if target.index is not None and target.index >= count:
+            raise DeviceError(f"device {str(target)!r}: this machine has {count} CUDA device(s), "
+                              f"cuda:0 to cuda:{count - 1}; use one of them or 'cpu'")
+    elif target.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {str(target)!r}: MPS is not available on this machine; use 'cpu'")
+    return target
 
 
 def _valid_choices() -> str:
@@ -510,8 +526,8 @@ def load_model(
     ModelLoadError
         If ``name_or_path`` is neither an alias nor a directory with ``config.json``, if the directory
         cannot be loaded, or if the default model cannot be downloaded or converted.
-    ValueError
-        If ``device`` is not a valid device.
+    DeviceError
+        If ``device`` is not a valid device, or one this machine lacks (see :func:`resolve_device`).
     """
     target = resolve_device(device)
     if not isinstance(name_or_path, (str, os.PathLike)):

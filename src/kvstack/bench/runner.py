@@ -390,6 +390,10 @@ def validate_config(config: BenchConfig) -> None:
     for budget in config.budgets:
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise BenchError(f"budgets are positive token counts; got {budget!r}")
+    if config.device is not None:
+        from kvstack.models import resolve_device
+
+        resolve_device(config.device)  # DeviceError (one line) for a device this machine lacks, before loading
 
 
 def _check_context(cells: Sequence[Cell], model: torch.nn.Module, config: BenchConfig) -> None:
