@@ -75,6 +75,9 @@ def test_cell_keys_are_stable_and_distinct(tmp_path, prose_file):  # noqa: F811
     assert len({c.key for c in cells}) == len(cells)
     assert [c.key for c in plan_cells(small_config(tmp_path / "other", prose_file))] == [c.key for c in cells]
     assert plan_cells(small_config(tmp_path, prose_file, seed=1))[0].key != cells[0].key
+    repeated = small_config(tmp_path, prose_file, tasks=["passkey", "niah", "passkey", "perplexity"],
+                            lengths=[160, 320, 160])
+    assert [c.key for c in plan_cells(repeated)] == [c.key for c in cells]  # given twice, planned once
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -378,11 +381,24 @@ def test_results_jsonl_lines_are_plain_json(tmp_path, model, tokenizer, prose_fi
         assert record["config"]["ppl_chunk"] == 64 and record["task"] == "perplexity"
 
 
+def test_another_model_is_not_labelled_as_the_default_one(tmp_path, model, tokenizer, prose_file):  # noqa: F811
+    with pytest.raises(BenchError, match=r"names the default model \(smollm2-135m\).*num_hidden_layers="):
+        run_bench(small_config(tmp_path, prose_file, model="SmolLM2-135M-Instruct"), model, tokenizer)
+    assert not (tmp_path / RESULTS_FILE).exists()
+
+
 def test_a_tiny_context_model_is_refused_beyond_its_context(tmp_path, tokenizer, prose_file):  # noqa: F811
     short = tiny_llama(len(tokenizer), max_context=256)
-    with pytest.raises(BenchError, match="beyond the model's context of 256 tokens; use lengths <= 250"):
+    # prompts are sized within 2%: 247 may become 251 tokens, and 251 + 6 generated exceed 256
+    with pytest.raises(BenchError, match="beyond the model's context of 256 tokens; use lengths <= 246"):
         run_bench(small_config(tmp_path, prose_file, tasks=["passkey"], lengths=[300]), short, tokenizer)
+    with pytest.raises(BenchError, match="up to 251 tokens"):
+        run_bench(small_config(tmp_path, prose_file, tasks=["passkey"], lengths=[247]), short, tokenizer)
     assert not (tmp_path / RESULTS_FILE).exists()
+    result = run_bench(small_config(tmp_path, prose_file, tasks=["passkey"], lengths=[246], samples=1,
+                                    methods=["full"]), short, tokenizer)
+    (record,) = result.records
+    assert all(row["tokens"] + row["new_tokens"] <= 256 for row in record["per_sample"])
 
 
 def test_decoding_stops_only_once_the_substring_score_cannot_change():

@@ -50,12 +50,14 @@ from kvstack.errors import KVStackError
 
 __all__ = [
     "DEFAULT_MODEL",
+    "DEFAULT_MODEL_SHAPE",
     "MODEL_ALIASES",
     "TINY_ARCHS",
     "DeviceError",
     "ModelLoadError",
     "kvstack_home",
     "load_model",
+    "names_default_model",
     "resolve_device",
     "tiny_model",
 ]
@@ -72,6 +74,16 @@ MODEL_ALIASES: tuple[str, ...] = (
 """Names accepted for the default model (matched case-insensitively)."""
 
 _ALIAS_KEYS = frozenset(alias.lower() for alias in MODEL_ALIASES)
+
+DEFAULT_MODEL_SHAPE: dict[str, int] = {
+    "num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
+}
+"""The default model's configuration values that tell it apart (see :func:`names_default_model`)."""
+
+
+def names_default_model(name: str) -> bool:
+    """Whether ``name`` is one of :data:`MODEL_ALIASES` (case-insensitively)."""
+    return name.strip().lower() in _ALIAS_KEYS
 
 # Where the default model comes from. The wheel version is pinned, so the GGUF member's size and CRC-32
 # are known in advance and a previously extracted GGUF can be checked without the wheel.
@@ -534,7 +546,7 @@ def load_model(
         raise ModelLoadError(f"model must be a name or a path, got {type(name_or_path).__name__}; "
                              f"choose {_valid_choices()}")
     name = os.fspath(name_or_path)
-    if name.strip().lower() in _ALIAS_KEYS:
+    if names_default_model(name):
         model, tokenizer = _load_default(dtype)
         return _finish(model, tokenizer, target)
     path = pathlib.Path(name).expanduser()

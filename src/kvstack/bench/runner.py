@@ -47,7 +47,8 @@ import torch
 from kvstack.bench.config import QUERY_MODES, BenchConfig, BenchError
 from kvstack.bench.metrics import PeakMemory, synchronize
 from kvstack.bench.scoring import score as score_text
-from kvstack.bench.tasks import Sample, Task, make_tasks
+from kvstack.bench.tasks import LENGTH_TOLERANCE, Sample, Task, make_tasks
+from kvstack.models import DEFAULT_MODEL, DEFAULT_MODEL_SHAPE, names_default_model
 from kvstack.spec import parse
 
 __all__ = [
@@ -215,7 +216,7 @@ def cell_key(config: dict[str, Any]) -> str:
 
 
 def plan_cells(config: BenchConfig, model_name: str | None = None) -> list[Cell]:
-    """Every cell of ``config``, in run order (task, length, query mode, then method)."""
+    """Every cell of ``config``, once each, in run order (task, length, query mode, then method)."""
     tasks = make_tasks(config.tasks, prose=config.prose, depths=config.depths)
     methods = expand_methods(config.methods, config.ratios, config.budgets, config.baseline)
     cells = []
@@ -226,7 +227,8 @@ def plan_cells(config: BenchConfig, model_name: str | None = None) -> list[Cell]
                 for method in methods:
                     settings = cell_config(model_name or config.model, task, length, mode, method, config)
                     cells.append(Cell(task, int(length), mode, method, settings, cell_key(settings)))
-    return cells
+    unique = {cell.key: cell for cell in reversed(cells)}  # a task or length given twice is one cell, run once
+    return [cell for cell in cells if unique.get(cell.key) is cell]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -403,13 +405,29 @@ def _check_context(cells: Sequence[Cell], model: torch.nn.Module, config: BenchC
     if limit is None:
         return
     for cell in cells:
-        needed = cell.length + max_new_tokens(cell.task, config)
-        if needed > limit:
-            fitting = limit - max_new_tokens(cell.task, config)
+        generated = max_new_tokens(cell.task, config)
+        if _longest_prompt(cell.length) + generated > limit:
+            fitting = next((n for n in range(limit - generated, 0, -1) if _longest_prompt(n) + generated <= limit), 0)
             raise BenchError(
-                f"length {cell.length} (+{max_new_tokens(cell.task, config)} tokens to generate) is beyond the "
-                f"model's context of {limit} tokens; use lengths <= {fitting}"
+                f"length {cell.length} (a prompt of up to {_longest_prompt(cell.length)} tokens, sized within 2%, "
+                f"+{generated} tokens to generate) is beyond the model's context of {limit} tokens; "
+                f"use lengths <= {fitting}"
             )
+
+
+def _check_default_model(model: torch.nn.Module) -> None:
+    """Refuse a given model that is not the default one while ``config.model`` (the results' label) names it."""
+    model_config = getattr(model, "config", None)
+    found = {name: getattr(model_config, name, None) for name in DEFAULT_MODEL_SHAPE}
+    if found != DEFAULT_MODEL_SHAPE:
+        shape = ", ".join(f"{name}={value}" for name, value in found.items())
+        raise BenchError(f"config.model names the default model ({DEFAULT_MODEL}), which labels every result, but "
+                         f"the model given is another ({shape}); set BenchConfig(model=...) to its name")
+
+
+def _longest_prompt(length: int) -> int:
+    """The most tokens a prompt sized to ``length`` can have (tasks size within 2%, at least 1 token)."""
+    return length + math.floor(max(1.0, LENGTH_TOLERANCE * length))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -875,6 +893,8 @@ def run_bench(
             from kvstack.models import load_model
 
             model, tokenizer = load_model(config.model, device=config.device)
+        elif names_default_model(config.model):
+            _check_default_model(model)
         if tokenizer is None:
             raise BenchError("run_bench was given a model without its tokenizer; pass tokenizer=...")
         model.eval()
