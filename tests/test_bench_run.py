@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 from pathlib import Path
 
@@ -379,6 +380,26 @@ def test_results_jsonl_lines_are_plain_json(tmp_path, model, tokenizer, prose_fi
     for line in lines:
         record = json.loads(line)
         assert record["config"]["ppl_chunk"] == 64 and record["task"] == "perplexity"
+
+
+@pytest.mark.parametrize("chunk", [7, 64])
+def test_the_full_cache_streamed_perplexity_is_the_model_s_own(tmp_path, model, tokenizer, prose_file, chunk):  # noqa: F811
+    """Expected: one plain forward over the whole excerpt, no kvstack cache, scored on its second half."""
+    from kvstack.bench.runner import _make_sample
+
+    config = small_config(tmp_path, prose_file, methods=["full"], tasks=["perplexity"], lengths=[160], ppl_chunk=chunk)
+    (record,) = run_bench(config, model, tokenizer).records
+    (cell,) = plan_cells(config)
+    nll, scored = 0.0, 0
+    for index, row in enumerate(record["per_sample"]):
+        ids = torch.tensor([_make_sample(cell, tokenizer, config, index).input_ids])
+        context = row["context_tokens"]
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits[0, context - 1:-1].float()
+        expected = torch.nn.functional.cross_entropy(logits, ids[0, context:], reduction="sum").item()
+        assert row["nll_sum"] == pytest.approx(expected, rel=1e-4)
+        nll, scored = nll + expected, scored + ids.shape[1] - context
+    assert record["score"] == pytest.approx(math.exp(nll / scored), rel=1e-4)
 
 
 def test_another_model_is_not_labelled_as_the_default_one(tmp_path, model, tokenizer, prose_file):  # noqa: F811
