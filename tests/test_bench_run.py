@@ -155,6 +155,45 @@ def test_an_interrupted_run_resumes_without_redoing_finished_cells(tmp_path, mod
     assert third.ran == 0 and third.skipped == total
 
 
+KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import kvstack.bench.runner as runner
+from test_bench_helpers import tiny_llama, word_tokenizer
+from test_bench_run import small_config
+
+tokenizer = word_tokenizer({prose!r})
+model = tiny_llama(len(tokenizer))
+finished = []
+measure = runner._generation_sample
+
+def killed_inside_the_third_cell(*args, **kwargs):
+    if len(finished) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, no exception: the process is gone mid-cell
+    return measure(*args, **kwargs)
+
+runner._generation_sample = killed_inside_the_third_cell
+runner.run_bench(small_config(runner.Path({out!r}), {prose!r}), model, tokenizer, on_cell=finished.append)
+"""
+
+
+def test_a_killed_run_keeps_its_finished_cells_and_resumes(tmp_path, model, tokenizer, prose_file):  # noqa: F811
+    import signal
+    import subprocess
+    import sys
+
+    script = KILLED_RUN.format(tests=str(Path(__file__).parent), prose=prose_file, out=str(tmp_path))
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    saved = read_results(tmp_path / RESULTS_FILE)
+    assert len(saved) == 2
+    config = small_config(tmp_path, prose_file)
+    result = run_bench(config, model, tokenizer)
+    total = len(plan_cells(config))
+    assert result.skipped == 2 and result.ran == total - 2
+    assert read_results(tmp_path / RESULTS_FILE)[:2] == saved
+
+
 def test_more_samples_extend_finished_cells_and_match_a_fresh_run(tmp_path, model, tokenizer, prose_file,  # noqa: F811
                                                                   monkeypatch):
     import kvstack.bench.runner as runner
