@@ -116,15 +116,30 @@ def length_config(out_dir: str, length: int, samples: int, screen_above: int, fl
     return reference_config([length], out_dir, samples, tasks=tasks, depths=depths or None)
 
 
+def planned_cells(out_dir: str, lengths: list[int], samples: int, screen_above: int = SCREEN_ABOVE,
+                  floor: float = FULL_FLOOR) -> list:
+    """Every cell the grid runs at ``lengths`` (at a screened length: the screening, then what it kept)."""
+    planned = []
+    for length in lengths:
+        at_length = length_config(out_dir, length, samples, screen_above, floor)
+        planned += plan_cells(at_length) if at_length is not None else []
+        if length > screen_above and at_length is not None and at_length.methods != ["full"]:
+            planned += plan_cells(reference_config([length], out_dir, samples, methods=["full"]))
+    return list({cell.key: cell for cell in planned}.values())
+
+
+def grid_records(out_dir: str, lengths: list[int], samples: int, **screen: float) -> list[dict]:
+    """The latest record of each cell of the grid; records of other settings in the same file are left out."""
+    keys = {cell.key for cell in planned_cells(out_dir, lengths, samples, **screen)}
+    return [record for record in latest_results(Path(out_dir) / "results.jsonl") if record["key"] in keys]
+
+
 def write_progress(out_dir: Path, lengths: list[int], samples: int, command: str, started: str,
                    stopped_early: bool, report_only: bool = False, screen_above: int = SCREEN_ABOVE,
                    floor: float = FULL_FLOOR) -> None:
     """``PROGRESS.md``: the command, machine, and how many cells of the grid are finished, per length."""
     config = reference_config(lengths, str(out_dir), samples)
-    planned = []
-    for length in lengths:
-        at_length = length_config(str(out_dir), length, samples, screen_above, floor)
-        planned += plan_cells(at_length) if at_length is not None else []
+    planned = planned_cells(str(out_dir), lengths, samples, screen_above, floor)
     done = {record["key"] for record in read_results(out_dir / "results.jsonl")}
     lines = [
         "# Reference results: progress", "",
@@ -163,7 +178,7 @@ def write_progress(out_dir: Path, lengths: list[int], samples: int, command: str
             name = f"{task} {variant}" if variant else task
             lines.append(f"| {name} | {score:.2f} | {'yes' if score >= floor else 'no'} |")
         lines.append("")
-    records = latest_results(out_dir / "results.jsonl")
+    records = grid_records(str(out_dir), lengths, samples, screen_above=screen_above, floor=floor)
     for length in config.lengths:
         lines += [f"## Summary at {length} tokens", "", summary_table(records, length), ""]
     (out_dir / "PROGRESS.md").write_text("\n".join(lines))
@@ -250,8 +265,7 @@ def main() -> int:
     if args.report_only:
         from kvstack.bench.report import write_reports
 
-        records = latest_results(Path(args.out) / "results.jsonl")
-        write_reports(Path(args.out), records, plots=True)
+        write_reports(Path(args.out), grid_records(args.out, lengths, args.samples, **screen), plots=True)
         write_progress(Path(args.out), lengths, args.samples, command, started, stopped_early=True,
                        report_only=True, **screen)
         return 0
@@ -265,8 +279,7 @@ def main() -> int:
         stopped_early = True
         from kvstack.bench.report import write_reports
 
-        records = latest_results(Path(args.out) / "results.jsonl")
-        write_reports(Path(args.out), records, plots=True)
+        write_reports(Path(args.out), grid_records(args.out, lengths, args.samples, **screen), plots=True)
     write_progress(Path(args.out), lengths, args.samples, command, started, stopped_early, **screen)
     return 0
 

@@ -418,7 +418,22 @@ def test_results_jsonl_lines_are_plain_json(tmp_path, model, tokenizer, prose_fi
     assert len(lines) == 3
     for line in lines:
         record = json.loads(line)
-        assert record["config"]["ppl_chunk"] == 64 and record["task"] == "perplexity"
+        chunk = 8 if record["dynamic"] else 64  # methods that evict as the text streams: ppl_stream_chunk
+        assert record["config"]["ppl_chunk"] == chunk and record["task"] == "perplexity"
+
+
+def test_the_streaming_chunk_applies_to_methods_that_evict_as_the_text_streams(tmp_path, prose_file):  # noqa: F811
+    def keys(**overrides):
+        cells = plan_cells(small_config(tmp_path, prose_file, tasks=["perplexity"], **overrides))
+        return {cell.method.label: cell.key for cell in cells}
+
+    base, other_chunk, other_stream = keys(), keys(ppl_chunk=32), keys(ppl_stream_chunk=1)
+    dynamic = "streamingllm(ratio=0.5)"
+    assert other_chunk[dynamic] == base[dynamic] != other_stream[dynamic]
+    for static in ("full", "snapkv(ratio=0.5)"):
+        assert other_stream[static] == base[static] != other_chunk[static]
+    with pytest.raises(BenchError, match="ppl_stream_chunk must be a positive integer"):
+        run_bench(small_config(tmp_path, prose_file, ppl_stream_chunk=0), None, None)
 
 
 @pytest.mark.parametrize("chunk", [7, 64])

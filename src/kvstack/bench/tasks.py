@@ -755,8 +755,9 @@ class Perplexity(Task):
     A sample is an excerpt of exactly ``length`` tokens (no chat template) starting at a random
     paragraph. The runner reads the first ``context_fraction`` as a prompt (the method's own prompt
     behaviour: dynamic methods evict while it streams in, static ones compress once at its end), then
-    streams the rest in ``ppl_chunk``-token forwards through the same cache and scores every token of
-    the rest: perplexity = exp(mean NLL), lower is better.
+    streams the rest through the same cache (``ppl_stream_chunk`` tokens per forward for methods that evict
+    as it streams, ``ppl_chunk`` otherwise) and scores every token of the rest: perplexity = exp(mean NLL),
+    lower is better.
     """
 
     name = "perplexity"
