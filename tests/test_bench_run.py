@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -486,3 +487,152 @@ def test_decoding_stops_only_once_the_substring_score_cannot_change():
     assert not score_settled("perplexity", "anything", ["x"])  # teacher-forced cells never decode
     # Appending text never lowers a settled score: every extension still contains the references.
     assert score_settled("string_match_all", "The keys are 12 and 7, then more text", ["12", "7"])
+
+
+# ------------------------------------------------------------------------------------------------ what reports show
+
+
+def _record(key: str, method: str, seed: int, finished_at: str, length: int = 160) -> dict:
+    return {"key": key, "model": "tiny", "method": method, "task": "passkey", "variant": "", "length": length,
+            "query_mode": "after", "seed": seed, "finished_at": finished_at}
+
+
+def test_reports_show_one_measurement_per_cell_preferring_the_run_s_own():
+    from kvstack.bench import reported_results
+
+    records = [_record("a0", "full", 0, "2026-01-02"), _record("b0", "snapkv", 0, "2026-01-01"),
+               _record("a1", "full", 1, "2026-01-01"), _record("c0", "full", 0, "2026-01-01", length=320)]
+    shown, left_out = reported_results(records)  # no preference: the one finished last
+    assert [r["key"] for r in shown] == ["a0", "b0", "c0"] and [r["key"] for r in left_out] == ["a1"]
+    shown, left_out = reported_results(records, prefer={"a1"})
+    assert [r["key"] for r in shown] == ["b0", "a1", "c0"] and [r["key"] for r in left_out] == ["a0"]
+
+
+def test_a_second_seed_in_the_same_directory_is_reported_alone(tmp_path, model, tokenizer, prose_file):  # noqa: F811
+    settings = dict(tasks=["passkey"], lengths=[160], samples=1, methods=["snapkv(ratio={ratio})"])
+    first = run_bench(small_config(tmp_path, prose_file, **settings), model, tokenizer)
+    second = run_bench(small_config(tmp_path, prose_file, seed=1, **settings), model, tokenizer)
+    assert first.left_out == 0 and second.left_out == 2 and len(read_results(tmp_path / RESULTS_FILE)) == 4
+    assert {r["seed"] for r in second.records} == {1} and len(second.records) == 2
+    rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert sorted(row["key"] for row in rows) == sorted(r["key"] for r in second.records)
+    markdown = (tmp_path / "results.md").read_text()
+    assert "2 other records in results.jsonl" in markdown
+    full = next(r for r in second.records if r["method"] == "full")
+    assert f"| `full` | {full['compression_ratio']:.2f} | {full['score']:.2f} |" in markdown  # not a mean of seeds
+    # the first seed again: its own records are reported, nothing is re-run
+    again = run_bench(small_config(tmp_path, prose_file, **settings), model, tokenizer)
+    assert again.ran == 0 and {r["seed"] for r in again.records} == {0} and again.left_out == 2
+
+
+# ------------------------------------------------------------------------------------------------ keys
+
+
+def test_the_device_is_part_of_a_cell_key_and_cpu_keys_are_unchanged(tmp_path, prose_file):  # noqa: F811
+    from kvstack.bench.runner import cell_key
+
+    config = small_config(tmp_path, prose_file, tasks=["passkey"], lengths=[160])
+    cpu = plan_cells(config, device="cpu")
+    cuda = plan_cells(config, device=torch.device("cuda", 1))
+    assert all("device" not in cell.config for cell in cpu)
+    assert all(cell.config["device"] == "cuda" for cell in cuda)
+    assert all(c.key != g.key and cell_key({k: v for k, v in g.config.items() if k != "device"}) == c.key
+               for c, g in zip(cpu, cuda, strict=True))
+
+
+@pytest.mark.parametrize(("method", "task", "variant", "length"), [
+    ("full", "niah_single_noise", "", 1024),
+    ("random(ratio=0.75)", "niah", "depth=1.00", 1024),
+    ("adakv(h2o(ratio=0.5))", "niah_multikey", "", 2048),
+    ("snapkv(ratio=0.5)", "perplexity", "", 2048),
+    ("streamingllm(ratio=0.5)", "perplexity", "", 1024),  # the first one: streamed 256 tokens per forward
+])
+def test_the_committed_reference_cells_keep_their_keys(tmp_path, method, task, variant, length):
+    """A change to what a key hashes would silently re-run every committed reference cell."""
+    path = Path(__file__).parents[1] / "benchmarks" / "results" / "reference" / "results.jsonl"
+    record = next(r for r in read_results(path)
+                  if (r["method"], r["task"], r["variant"], r["length"]) == (method, task, variant, length))
+    settings = record["config"]
+    config = BenchConfig(
+        model=settings["model"], methods=[method], tasks=[task], lengths=[length], samples=settings["samples"],
+        seed=settings["seed"], depths=None if record["depth"] is None else [record["depth"]],
+        ppl_stream_chunk=settings["ppl_chunk"] or 8, out_dir=str(tmp_path), progress=False,
+    )
+    planned = {(cell.method.label, cell.task.variant): cell.key for cell in plan_cells(config, device="cpu")}
+    assert planned[(method, variant)] == record["key"]
+
+
+def test_a_perplexity_excerpt_may_fill_the_whole_context(tmp_path, tokenizer, prose_file):  # noqa: F811
+    short = tiny_llama(len(tokenizer), max_context=256)
+    result = run_bench(small_config(tmp_path, prose_file, tasks=["perplexity"], lengths=[256], samples=1,
+                                    methods=["full"]), short, tokenizer)
+    (record,) = result.records
+    assert record["prompt_tokens"] == 256 and math.isfinite(record["score"])
+    with pytest.raises(BenchError, match="a passkey prompt of up to 261 tokens, sized within 2%"):
+        run_bench(small_config(tmp_path, prose_file, tasks=["passkey"], lengths=[256]), short, tokenizer)
+
+
+# ------------------------------------------------------------------------------------------------ task plugins
+
+TASK_MODULE = '''
+from kvstack.bench.tasks import Parts, Task, noise_words, place, register_task
+
+
+@register_task
+class {cls}(Task):
+    name = "{name}"
+    description = "which colour was named"
+    scorer = "string_match_part"
+    max_new_tokens = 4
+
+    def build(self, rng, size, length):
+        colour = rng.choice(["red", "blue", "green"])
+        context = place(noise_words(size), [(rng.random(), f"The colour we want is {{colour}}.")])
+        return Parts("Read the text.", context, "Which colour do we want?", [colour], "The colour is")
+'''
+
+
+@pytest.fixture
+def fresh_task_registry(monkeypatch):
+    from kvstack.bench import tasks
+
+    monkeypatch.setattr(tasks, "TASKS", dict(tasks.TASKS))
+    monkeypatch.setattr(tasks, "_loaded_entry_points", set())
+    return tasks
+
+
+def test_cli_runs_a_task_from_a_task_module(tmp_path, tiny_loader, prose_file, capsys, fresh_task_registry):  # noqa: F811
+    module = tmp_path / "colour_tasks.py"
+    module.write_text(TASK_MODULE.format(cls="Colour", name="colour"))
+    assert cli.main(["bench", "--task-module", str(module), "--list-tasks"]) == 0
+    assert re.search(r"^colour +which colour was named  \[string_match_part\]$", capsys.readouterr().out, re.M)
+    args = bench_args(tmp_path / "out", prose_file, "--task-module", str(module))
+    args[args.index("--tasks") + 1] = "colour,passkey"
+    assert cli.main(args) == 0
+    assert "4 cells run, 0 already done" in capsys.readouterr().out
+    assert {r["task"] for r in read_results(tmp_path / "out" / RESULTS_FILE)} == {"colour", "passkey"}
+
+
+def test_a_task_module_that_cannot_be_imported_is_a_one_line_usage_error(tmp_path, capsys, fresh_task_registry):
+    broken = tmp_path / "broken_tasks.py"
+    broken.write_text("raise RuntimeError('no colours today')\n")
+    for module, message in [(str(broken), "failed to import: RuntimeError: no colours today"),
+                            (str(tmp_path / "missing.py"), "no such file"),
+                            ("no_such_package.tasks", "failed to import: ModuleNotFoundError")]:
+        assert cli.main(["bench", "--task-module", module, "--list-tasks"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_installed_package_s_tasks_load_from_their_entry_point(tmp_path, monkeypatch, fresh_task_registry):
+    (tmp_path / "shade_pkg.py").write_text(TASK_MODULE.format(cls="Shade", name="shade"))
+    info = tmp_path / "shade_pkg-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: shade-pkg\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[kvstack.tasks]\nshade = shade_pkg\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "shade_pkg", raising=False)
+    tasks = fresh_task_registry
+    assert "shade" not in tasks.TASKS
+    (task,) = tasks.make_tasks(["shade"])  # an unknown name loads the plugins, then resolves
+    assert task.name == "shade" and tasks.load_task_plugins() == []  # each entry point loads once

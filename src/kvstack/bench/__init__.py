@@ -16,7 +16,15 @@ A new task is one small class registered with :func:`register_task` (see :mod:`k
 """
 
 from kvstack.bench.config import QUICK, BenchConfig, BenchError
-from kvstack.bench.runner import BenchResult, expand_methods, latest_results, plan_cells, read_results, run_bench
+from kvstack.bench.runner import (
+    BenchResult,
+    expand_methods,
+    latest_results,
+    plan_cells,
+    read_results,
+    reported_results,
+    run_bench,
+)
 from kvstack.bench.scoring import string_match_all, string_match_part
 from kvstack.bench.tasks import TASKS, Parts, Sample, Task, get_task, make_tasks, register_task
 
@@ -36,6 +44,7 @@ __all__ = [
     "plan_cells",
     "read_results",
     "register_task",
+    "reported_results",
     "run_bench",
     "string_match_all",
     "string_match_part",

@@ -36,6 +36,9 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("--ratios", default=None, help="compression ratios (fraction evicted), e.g. 0.25,0.5,0.75")
     parser.add_argument("--budgets", default=None, help="budgets (entries kept per head), e.g. 128,256")
     parser.add_argument("--tasks", default=None, help="comma-separated task names (see --list-tasks)")
+    parser.add_argument("--task-module", action="append", default=None, metavar="MODULE",
+                        help="import a module of @register_task classes first: a .py file or a dotted module "
+                             "name (repeatable); installed packages' 'kvstack.tasks' entry points load by themselves")
     parser.add_argument("--lengths", default=None, help="prompt lengths in tokens, e.g. 1024,2k,4k")
     parser.add_argument("--samples", type=int, default=None, help="samples per cell (default 3; --quick: 2)")
     parser.add_argument("--seed", type=int, default=None, help="seed of samples and random methods (default 0)")
@@ -152,9 +155,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run ``kvstack bench``; returns the exit status."""
-    from kvstack.bench.tasks import TASKS
+    from kvstack.bench.tasks import TASKS, import_task_module, load_task_plugins
 
+    for module in args.task_module or []:
+        import_task_module(module)
     if args.list_tasks:
+        load_task_plugins()
         width = max(len(name) for name in TASKS)
         for name, cls in sorted(TASKS.items()):
             print(f"{name:<{width}}  {cls.description}  [{cls.scorer}]")
@@ -164,13 +170,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         from kvstack.bench.report import write_reports
-        from kvstack.bench.runner import RESULTS_FILE, ensure_output_dir, latest_results
+        from kvstack.bench.runner import RESULTS_FILE, ensure_output_dir, latest_results, reported_results
 
         out_dir = ensure_output_dir(config.out_dir)
-        records = latest_results(Path(out_dir) / RESULTS_FILE)
+        records, left_out = reported_results(latest_results(Path(out_dir) / RESULTS_FILE))
         if not records:
             raise BenchError(f"no results in {out_dir / RESULTS_FILE}; run kvstack bench first")
-        files = write_reports(out_dir, records, plots=config.plots)
+        files = write_reports(out_dir, records, plots=config.plots, left_out=len(left_out))
         print(f"wrote {', '.join(f.name for f in files)} in {out_dir} ({len(records)} cells)")
         return 0
 
@@ -182,7 +188,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"kvstack bench: interrupted; every finished cell is saved in {config.out_dir}/results.jsonl. "
               "Run the same command again to resume.", file=sys.stderr)
         raise
-    print(f"{result.ran} cells run, {result.skipped} already done; {len(result.records)} cells in "
-          f"{result.out_dir / 'results.jsonl'}")
+    other = f" ({result.left_out} other measurements of them not reported)" if result.left_out else ""
+    print(f"{result.ran} cells run, {result.skipped} already done; {len(result.records)} cells reported from "
+          f"{result.out_dir / 'results.jsonl'}{other}")
     print(f"wrote {', '.join(f.name for f in result.files)} in {result.out_dir}")
     return 0

@@ -80,13 +80,22 @@ def _direction(scorer: str) -> str:
     return "higher is better" if HIGHER_IS_BETTER.get(scorer, True) else "lower is better"
 
 
-def write_markdown(path: Path, records: Sequence[dict[str, Any]]) -> Path:
-    """Score tables per task (method x length) and a table of every cell with its costs."""
+def write_markdown(path: Path, records: Sequence[dict[str, Any]], left_out: int = 0) -> Path:
+    """Score tables per task (method x length) and a table of every cell with its costs.
+
+    ``left_out``: records of ``results.jsonl`` not shown (other measurements of a cell shown), mentioned.
+    """
     lines = ["# kvstack bench results", ""]
     models = sorted({str(r["model"]) for r in records})
     lines.append(f"Model(s): {', '.join(models) or '–'}. Cells: {len(records)}. Score: RULER string match ×100 "
                  "(higher is better) or perplexity (lower is better); compression ratio (CR) = 1 − KV bytes held / "
                  "bytes of a full cache of the same tokens, from the cache's own accounting at the end of the cell.")
+    if left_out:
+        lines.append("")
+        lines.append(f"{left_out} other record{'s' if left_out != 1 else ''} in results.jsonl "
+                     f"{'measure cells' if left_out != 1 else 'measures a cell'} shown here with another seed, "
+                     "sample count, setting or harness version; each cell shows one measurement (the latest "
+                     "run's), so no score averages two runs.")
     lines.append("")
     tables: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for record in records:
@@ -425,10 +434,16 @@ def write_plots(out_dir: Path, records: Sequence[dict[str, Any]]) -> list[Path]:
     return [f for f in files if f is not None]
 
 
-def write_reports(out_dir: str | os.PathLike[str], records: Sequence[dict[str, Any]], plots: bool = True) -> list[Path]:
-    """Write ``summary.csv``, ``results.md`` and (when ``plots``) the PNGs; returns the paths written."""
+def write_reports(out_dir: str | os.PathLike[str], records: Sequence[dict[str, Any]], plots: bool = True,
+                  left_out: int = 0) -> list[Path]:
+    """Write ``summary.csv``, ``results.md`` and (when ``plots``) the PNGs; returns the paths written.
+
+    ``records`` hold one record per cell identity (:func:`kvstack.bench.runner.reported_results`);
+    ``left_out`` counts the other measurements ``results.jsonl`` holds, which ``results.md`` mentions.
+    """
     directory = Path(out_dir)
-    files = [write_csv(directory / "summary.csv", records), write_markdown(directory / "results.md", records)]
+    files = [write_csv(directory / "summary.csv", records),
+             write_markdown(directory / "results.md", records, left_out=left_out)]
     if plots and records:
         files += write_plots(directory, records)
     return files

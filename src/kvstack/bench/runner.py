@@ -38,7 +38,7 @@ import re
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ __all__ = [
     "expand_methods",
     "plan_cells",
     "read_results",
+    "reported_results",
     "run_bench",
 ]
 
@@ -195,10 +196,18 @@ def perplexity_chunk(method: MethodRun, config: BenchConfig) -> int:
 
 
 def cell_config(model_name: str, task: Task, length: int, query_mode: str, method: MethodRun,
-                config: BenchConfig) -> dict[str, Any]:
-    """Everything that determines a cell's result; its hash is the cell key."""
+                config: BenchConfig, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Everything that determines a cell's result; its hash is the cell key.
+
+    The device's type is part of it (timings differ between devices, and so may the last bits of every
+    sum): a cell measured on ``cuda`` is another cell than the same one on the CPU, and neither is
+    skipped for the other. The CPU is left out of the dictionary, so CPU cells keep the keys they had
+    before devices were keyed.
+    """
     perplexity = task.kind == "perplexity"
+    device_type = torch.device(device).type
     return {
+        **({} if device_type == "cpu" else {"device": device_type}),
         "harness_version": HARNESS_VERSION,
         "model": model_name,
         "method": method.label,
@@ -221,8 +230,17 @@ def cell_key(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def plan_cells(config: BenchConfig, model_name: str | None = None) -> list[Cell]:
-    """Every cell of ``config``, once each, in run order (task, length, query mode, then method)."""
+def plan_cells(config: BenchConfig, model_name: str | None = None,
+               device: torch.device | str | None = None) -> list[Cell]:
+    """Every cell of ``config``, once each, in run order (task, length, query mode, then method).
+
+    ``device`` is where the cells run (it is part of their keys); None: ``config.device`` as
+    :func:`kvstack.models.resolve_device` resolves it (CUDA when available).
+    """
+    if device is None:
+        from kvstack.models import resolve_device
+
+        device = resolve_device(config.device)
     tasks = make_tasks(config.tasks, prose=config.prose, depths=config.depths)
     methods = expand_methods(config.methods, config.ratios, config.budgets, config.baseline)
     cells = []
@@ -231,7 +249,8 @@ def plan_cells(config: BenchConfig, model_name: str | None = None) -> list[Cell]
         for length in config.lengths:
             for mode in modes:
                 for method in methods:
-                    settings = cell_config(model_name or config.model, task, length, mode, method, config)
+                    settings = cell_config(model_name or config.model, task, length, mode, method, config,
+                                           device)
                     cells.append(Cell(task, int(length), mode, method, settings, cell_key(settings)))
     unique = {cell.key: cell for cell in reversed(cells)}  # a task or length given twice is one cell, run once
     return [cell for cell in cells if unique.get(cell.key) is cell]
@@ -270,6 +289,52 @@ def latest_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     latest = {record["key"]: record for record in read_results(path)}
     extended = {record["extended_from"]["key"] for record in latest.values() if record.get("extended_from")}
     return [record for key, record in latest.items() if key not in extended]
+
+
+def cell_identity(record: dict[str, Any]) -> tuple[str, str, str, str, int, str]:
+    """What a report row stands for: (model, method, task, variant, length, query mode).
+
+    Records of one identity that differ in anything else (seed, sample count, harness or task version,
+    chat template, answer prefix, decode limit, prose file, device) are different measurements of it.
+    """
+    return (str(record["model"]), str(record["method"]), str(record["task"]), str(record.get("variant", "")),
+            int(record["length"]), str(record["query_mode"]))
+
+
+def reported_results(records: Sequence[dict[str, Any]],
+                     prefer: Collection[str] = ()) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The records a report shows, one per :func:`cell_identity`, and the ones it leaves out.
+
+    Reports average over variants and lengths, so two measurements of one identity (say ``--seed 0``
+    and ``--seed 1`` written to the same directory) must not both reach them. Where several records
+    share an identity the report keeps the one whose key is in ``prefer`` (the cells the current run
+    planned), else the one finished last; ``results.jsonl`` keeps every record.
+
+    Parameters
+    ----------
+    records:
+        One record per cell key, e.g. :func:`latest_results`.
+    prefer:
+        Cell keys that win over other records of their identity.
+
+    Returns
+    -------
+    (shown, left_out)
+        ``shown`` in the order of ``records``.
+    """
+    chosen: dict[tuple[str, str, str, str, int, str], dict[str, Any]] = {}
+    for record in records:
+        identity = cell_identity(record)
+        held = chosen.get(identity)
+        if held is None or _report_rank(record, prefer) > _report_rank(held, prefer):
+            chosen[identity] = record
+    kept = {id(record) for record in chosen.values()}
+    shown = [record for record in records if id(record) in kept]
+    return shown, [record for record in records if id(record) not in kept]
+
+
+def _report_rank(record: dict[str, Any], prefer: Collection[str]) -> tuple[bool, str]:
+    return record["key"] in prefer, str(record.get("finished_at") or "")
 
 
 def _without_samples(config: dict[str, Any]) -> str:
@@ -414,10 +479,13 @@ def _check_context(cells: Sequence[Cell], model: torch.nn.Module, config: BenchC
         return
     for cell in cells:
         generated = max_new_tokens(cell.task, config)
-        if _longest_prompt(cell.length) + generated > limit:
-            fitting = next((n for n in range(limit - generated, 0, -1) if _longest_prompt(n) + generated <= limit), 0)
+        longest = _longest_prompt(cell.task, cell.length)
+        if longest + generated > limit:
+            fitting = next((n for n in range(limit - generated, 0, -1)
+                            if _longest_prompt(cell.task, n) + generated <= limit), 0)
+            sized = "" if longest == cell.length else ", sized within 2%"
             raise BenchError(
-                f"length {cell.length} (a prompt of up to {_longest_prompt(cell.length)} tokens, sized within 2%, "
+                f"length {cell.length} (a {cell.task.name} prompt of up to {longest} tokens{sized}, "
                 f"+{generated} tokens to generate) is beyond the model's context of {limit} tokens; "
                 f"use lengths <= {fitting}"
             )
@@ -433,8 +501,11 @@ def _check_default_model(model: torch.nn.Module) -> None:
                          f"the model given is another ({shape}); set BenchConfig(model=...) to its name")
 
 
-def _longest_prompt(length: int) -> int:
-    """The most tokens a prompt sized to ``length`` can have (tasks size within 2%, at least 1 token)."""
+def _longest_prompt(task: Task, length: int) -> int:
+    """The most tokens a prompt of ``task`` sized to ``length`` can have: generation tasks size within 2% (at
+    least 1 token), a perplexity excerpt is exactly ``length`` tokens."""
+    if task.kind == "perplexity":
+        return length
     return length + math.floor(max(1.0, LENGTH_TOLERANCE * length))
 
 
@@ -452,11 +523,16 @@ class BenchResult:
     out_dir:
         The output directory.
     records:
-        Every record now in ``results.jsonl`` (this run's and earlier ones'), one per cell key.
+        The records the reports show (this run's and earlier ones'): one per (model, method, task,
+        variant, length, query mode), this run's cells winning over other measurements of the same
+        (:func:`reported_results`).
     ran, skipped:
         Cells measured by this run / skipped because ``results.jsonl`` already had them.
     files:
         Report files written (CSV, Markdown, PNGs).
+    left_out:
+        Records in ``results.jsonl`` the reports leave out: other measurements (another seed, sample count,
+        setting or harness version) of a cell identity shown.
     """
 
     out_dir: Path
@@ -464,6 +540,7 @@ class BenchResult:
     ran: int
     skipped: int
     files: list[Path]
+    left_out: int = 0
 
 
 def _sample_rng(seed: int, task: Task, length: int, index: int) -> random.Random:
@@ -887,7 +964,7 @@ def run_bench(
         context or too short for a task, an unwritable output directory, a bad method spec.
     """
     validate_config(config)
-    cells = plan_cells(config)
+    cells = plan_cells(config, device=None if model is None else next(model.parameters()).device)
     out_dir = ensure_output_dir(config.out_dir)
     results_path = out_dir / RESULTS_FILE
     finished = read_results(results_path)
@@ -951,12 +1028,13 @@ def run_bench(
                             on_cell(record)
         finally:
             progress.close()
-    records = latest_results(results_path)
+    records, left_out = reported_results(latest_results(results_path), prefer={cell.key for cell in cells})
     _write_config(out_dir, config)
     from kvstack.bench.report import write_reports
 
-    files = write_reports(out_dir, records, plots=config.plots)
-    return BenchResult(out_dir=out_dir, records=records, ran=ran, skipped=len(cells) - len(pending), files=files)
+    files = write_reports(out_dir, records, plots=config.plots, left_out=len(left_out))
+    return BenchResult(out_dir=out_dir, records=records, ran=ran, skipped=len(cells) - len(pending), files=files,
+                       left_out=len(left_out))
 
 
 def _prefill_batches(members: Sequence[Cell], prefix: dict[str, dict[str, Any]], share: bool) -> list[list[Cell]]:

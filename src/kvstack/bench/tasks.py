@@ -20,6 +20,10 @@ A new task is one small class::
             return Parts("Read the text.", context, "Which capital do we want?", [city], "The capital is")
 
 ``build(rng, size, length)`` must use only ``rng`` for randomness and grow the prompt with ``size``.
+
+From the command line, ``kvstack bench --task-module mytasks.py`` (or a dotted module name) imports such
+a module first; an installed package can also declare its tasks under the ``kvstack.tasks`` entry-point
+group, and they load when a task name is not found (and for ``--list-tasks``).
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ __all__ = [
     "Task",
     "build_input_ids",
     "get_task",
+    "import_task_module",
+    "load_task_plugins",
     "make_tasks",
     "noise_words",
     "place",
@@ -398,14 +404,96 @@ def register_task(cls: type[Task]) -> type[Task]:
     return cls
 
 
+TASK_ENTRY_POINTS = "kvstack.tasks"
+"""Entry-point group of installed packages' tasks: each entry names a module (importing it registers its
+tasks) or a :class:`Task` subclass (registered as it loads)."""
+
+_loaded_entry_points: set[str] = set()
+
+
+def load_task_plugins() -> list[str]:
+    """Register the tasks of every installed package that declares them under :data:`TASK_ENTRY_POINTS`.
+
+    A package's ``pyproject.toml`` says ``[project.entry-points."kvstack.tasks"] mine = "mypkg.tasks"``;
+    each entry point is loaded once per process. Returns the names of the entry points loaded now.
+
+    Raises
+    ------
+    BenchError
+        If an entry point cannot be loaded (the message names it and the error).
+    """
+    from importlib.metadata import entry_points
+
+    loaded = []
+    for entry in entry_points(group=TASK_ENTRY_POINTS):
+        if entry.value in _loaded_entry_points:
+            continue
+        _loaded_entry_points.add(entry.value)  # once, even when it fails: the error is raised, not retried
+        try:
+            target = entry.load()
+        except Exception as error:  # a plugin's own failure, reported in one line
+            raise BenchError(f"the task plugin {entry.name!r} ({entry.value}) failed to load: "
+                             f"{type(error).__name__}: {error}") from None
+        if isinstance(target, type) and issubclass(target, Task):
+            register_task(target)
+        loaded.append(entry.name)
+    return loaded
+
+
+def import_task_module(spec: str) -> list[str]:
+    """Import a module of task classes (a dotted module name, or a path to a ``.py`` file) so that its
+    ``@register_task`` classes are registered; returns the task names it added.
+
+    Raises
+    ------
+    BenchError
+        If the module cannot be found or fails to import (the message names it and the error).
+    """
+    import hashlib
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    before = set(TASKS)
+    path = Path(spec)
+    try:
+        if spec.endswith(".py"):
+            if not path.is_file():
+                raise BenchError(f"task module {spec!r}: no such file; give a .py file or a dotted module name")
+            digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+            name = f"kvstack_task_module_{path.stem}_{digest}"  # one module per file, whatever its stem
+            if name in sys.modules:  # imported before in this process: its tasks are registered
+                return []
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
+            sys.modules[name] = module
+            try:
+                module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+            except BaseException:
+                del sys.modules[name]  # a failed import is not remembered as done
+                raise
+        else:
+            importlib.import_module(spec)
+    except BenchError:
+        raise
+    except Exception as error:
+        raise BenchError(f"task module {spec!r} failed to import: {type(error).__name__}: {error}") from None
+    return sorted(set(TASKS) - before)
+
+
 def get_task(name: str, **options: Any) -> Task:
     """An instance of the task ``name``; ``options`` (``prose``, ``depths``) go to its constructor.
+
+    A name no task is registered under first loads the installed task plugins (:func:`load_task_plugins`).
 
     Raises
     ------
     BenchError
         If no task is registered under ``name``; the message lists the valid names.
     """
+    if name not in TASKS:
+        load_task_plugins()
     if name not in TASKS:
         import difflib
 
