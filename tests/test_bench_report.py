@@ -104,3 +104,42 @@ def test_the_compression_axis_shows_negative_ratios():
     assert report._x_limits([0.2, 0.5]) == (-0.03, 1.0)
     low, high = report._x_limits([-0.05, 0.5])
     assert low < -0.05 and high == 1.0
+
+
+def needle(method: str, depth: float, length: int, score: float, ratio: float = 0.5) -> dict[str, Any]:
+    return {**record(method, "niah", length, score, ratio, variant=f"depth={depth:.2f}"), "depth": depth,
+            "ratio": None if method == "full" else ratio}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["full", "snapkv@0.75", "snapkv@0.25", "h2o@0.5"]),
+                          st.sampled_from([0.0, 0.5, 1.0]), st.sampled_from([512, 1024]),
+                          st.floats(min_value=0, max_value=100)), min_size=1, max_size=30))
+def test_the_needle_grid_holds_each_cell_s_mean_with_the_full_cache_first(rows):
+    records = [needle(m, d, n, s, ratio=float(m.split("@")[1]) if "@" in m else 0.5) for m, d, n, s in rows]
+    methods, depths, lengths, score = report.needle_grid(records)
+    assert depths == sorted({d for _, d, _, _ in rows}) and lengths == sorted({n for _, _, n, _ in rows})
+    expected = {}
+    for m, d, n, s in rows:
+        expected.setdefault((m, d, n), []).append(s)
+    assert score.keys() == expected.keys()
+    for key, scores in expected.items():
+        assert abs(score[key] - sum(scores) / len(scores)) <= 1e-9 * max(1.0, max(scores))
+    order = ["full", "h2o@0.5", "snapkv@0.25", "snapkv@0.75"]  # the full cache, then by group and ratio
+    assert methods == [m for m in order if m in {m for m, _, _, _ in rows}]
+
+
+def test_the_needle_heatmap_has_a_row_per_method_and_a_panel_per_length(tmp_path):
+    from PIL import Image
+
+    few = [needle(m, d, n, 50.0) for m in ("full", "snapkv@0.5") for d in (0.0, 1.0) for n in (512, 1024)]
+    depths = (0.0, 0.25, 0.5, 0.75, 1.0)
+    many = [needle(f"m{i}@0.5", d, n, 50.0) for i in range(30) for d in depths for n in (512, 1024)]
+    one_length = [r for r in many if r["length"] == 512]
+    sizes = {}
+    for name, records in (("few", few), ("many", many), ("one", one_length)):
+        path = report.plot_needle_heatmap(tmp_path / f"{name}.png", records)
+        sizes[name] = Image.open(path).size
+    assert sizes["many"][1] > 3 * sizes["few"][1]  # rows grow with the methods
+    assert sizes["many"][0] > 1.25 * sizes["one"][0]  # panels grow with the lengths
+    assert report.plot_needle_heatmap(tmp_path / "none.png", [record("full", "passkey")]) is None

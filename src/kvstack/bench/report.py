@@ -8,7 +8,7 @@ Files written in the output directory:
   every method shown has finished (the same work for each), against the compression ratio achieved
   (from the cache's own byte accounting), one line per method, the full cache as a dashed baseline;
 * ``score_vs_compression.png``: the same per task (perplexity included), means over lengths and variants;
-* ``needle_heatmap.png``: the ``niah`` grid, depth x length, one panel per method;
+* ``needle_heatmap.png``: the ``niah`` grid, depth x length: one panel per length, a row per method;
 * ``kv_bytes_vs_length.png`` and ``decode_speed_vs_length.png``: KV bytes held and decode tokens/s
   against context length (generation tasks), one line per method.
 
@@ -30,7 +30,8 @@ from typing import Any
 
 from kvstack.bench.scoring import HIGHER_IS_BETTER
 
-__all__ = ["CSV_COLUMNS", "comparable_cells", "write_csv", "write_markdown", "write_plots", "write_reports"]
+__all__ = ["CSV_COLUMNS", "comparable_cells", "needle_grid", "write_csv", "write_markdown", "write_plots",
+           "write_reports"]
 
 CSV_COLUMNS = (
     "model", "task", "variant", "depth", "length", "query_mode", "method", "method_group", "ratio", "budget",
@@ -348,45 +349,57 @@ def plot_score_vs_compression_mean(path: Path, records: Sequence[dict[str, Any]]
     return out
 
 
-def plot_needle_heatmap(path: Path, records: Sequence[dict[str, Any]], task: str = "niah") -> Path | None:
-    """The needle grid: mean score by depth (rows) and length (columns), one panel per method."""
+NeedleGrid = tuple[list[str], list[float], list[int], dict[tuple[str, float, int], float]]
+
+
+def needle_grid(records: Sequence[dict[str, Any]], task: str = "niah") -> NeedleGrid:
+    """The needle grid's mean scores: ``(methods, depths, lengths, score)``.
+
+    ``score[(method, depth, length)]`` is the mean over the records of that cell (present only where one
+    finished). Methods come in table order: the full cache first, then by method group, ratio and budget.
+    """
     cells = [r for r in records if r["task"] == task and r.get("depth") is not None]
-    if not cells:
+    several = len({r["model"] for r in cells}) > 1
+    order: dict[str, tuple] = {}
+    sums: dict[tuple[str, float, int], list[float]] = defaultdict(list)
+    for r in cells:
+        method = _label(r, several)
+        rank = (str(r["model"]), r["method"] != "full", str(r.get("method_group")), float(r.get("ratio") or 0.0),
+                int(r.get("budget") or 0), method)
+        order[method] = min(order.get(method, rank), rank)
+        sums[(method, float(r["depth"]), int(r["length"]))].append(float(r["score"]))
+    methods = sorted(order, key=order.__getitem__)
+    depths = sorted({key[1] for key in sums})
+    lengths = sorted({key[2] for key in sums})
+    return methods, depths, lengths, {key: statistics.fmean(scores) for key, scores in sums.items()}
+
+
+def plot_needle_heatmap(path: Path, records: Sequence[dict[str, Any]], task: str = "niah") -> Path | None:
+    """The needle grid: mean score by method (rows) and needle depth (columns), one panel per context length,
+    so a method's row reads across depths and, panel to panel, across lengths."""
+    methods, depths, lengths, score = needle_grid(records, task)
+    if not methods:
         return None
     plt = _pyplot()
-    several = len({r["model"] for r in cells}) > 1
-    methods = sorted({_label(r, several) for r in cells}, key=lambda m: (not m.endswith("full"), m))
-    depths = sorted({float(r["depth"]) for r in cells})
-    lengths = sorted({int(r["length"]) for r in cells})
-    rows, columns = _grid(len(methods))
-    size = (max(4.2, 1.1 * len(lengths) + 2.2) * columns + 1.0, (0.45 * len(depths) + 2.0) * rows + 0.6)
-    fig, axes = plt.subplots(rows, columns, figsize=size, squeeze=False, layout="constrained")
+    label_width = 0.075 * max(len(m) for m in methods) + 0.4  # inches for the method names of the first panel
+    panel_width = 0.62 * len(depths) + 0.5
+    size = (max(6.4, label_width + panel_width * len(lengths) + 1.4), 0.3 * len(methods) + 1.7)  # room for the title
+    fig, axes = plt.subplots(1, len(lengths), figsize=size, squeeze=False, sharey=True, layout="constrained")
     image = None
-    for index, (ax, method) in enumerate(zip(axes.flat, methods, strict=False)):
-        grid = [[math.nan] * len(lengths) for _ in depths]
-        for i, depth in enumerate(depths):
-            for j, length in enumerate(lengths):
-                at = [float(r["score"]) for r in cells
-                      if _label(r, several) == method and float(r["depth"]) == depth and int(r["length"]) == length]
-                if at:
-                    grid[i][j] = statistics.fmean(at)
-        image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
-        for i in range(len(depths)):
-            for j in range(len(lengths)):
-                if not math.isnan(grid[i][j]):
-                    ax.text(j, i, f"{grid[i][j]:.0f}", ha="center", va="center", fontsize=8)
-        ax.set_xticks(range(len(lengths)), [str(length) for length in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-        if index >= len(methods) - columns:
-            ax.set_xlabel("context length (tokens)")
-        if index % columns == 0:
-            ax.set_ylabel("needle depth")
-        ax.set_title(method, fontsize=9)
-    for ax in list(axes.flat)[len(methods):]:
-        ax.axis("off")
+    for ax, length in zip(axes.flat, lengths, strict=True):
+        grid = [[score.get((method, depth, length), math.nan) for depth in depths] for method in methods]
+        image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto", interpolation="nearest")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                if not math.isnan(value):
+                    ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=8)
+        ax.set_yticks(range(len(methods)), methods, fontsize=8)
+        ax.set_xlabel("needle depth")
+        ax.set_title(f"{length} tokens", fontsize=10)
     if image is not None:
-        fig.colorbar(image, ax=list(axes.flat), shrink=0.8, label="score")
-    fig.suptitle("Needle in a haystack: score by depth and length")
+        fig.colorbar(image, ax=list(axes.flat), shrink=min(1.0, 6.0 / max(len(methods), 1) + 0.4), label="score")
+    fig.suptitle("Needle in a haystack: score by needle depth and context length (mean over samples)")
     out = _save(fig, path)
     plt.close(fig)
     return out
