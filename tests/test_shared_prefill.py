@@ -133,3 +133,83 @@ def test_a_dropped_cache_is_freed_at_once_without_the_garbage_collector(spec: st
         assert [ref() for ref in alive] == [None, None]
     finally:
         gc.enable()
+
+
+# ------------------------------------------------------------------------------------------------ dynamic methods
+# Methods that evict as they read share the prompt chunks read before each first evicts
+# (kvstack.prefill_shared_chunks); the expectation is again each method's own chunked prefill.
+
+DYNAMIC_GROUPS = [  # one group per share key: the same attention statistics
+    ["streamingllm(budget={b})", "streamingllm(budget={b2}, sinks=2)"],
+    ["tova(budget={b})", "tova(budget={b2})"],
+    ["h2o(budget={b})", "h2o(budget={b2})", "h2o(budget={b}, recent=3)"],
+    ["scissorhands(budget={b}, history=4)", "scissorhands(budget={b2}, history=4)"],
+]
+
+
+def _state(cache: kvstack.KVStackCache) -> list:
+    return [[(name, tensor[:, :, : layer.length].tolist()) for name, tensor in sorted(layer.state.items())]
+            for layer in cache.layers if layer.ragged is None]
+
+
+def _check_shared_chunks_equal_own(model: torch.nn.Module, ids: torch.Tensor, specs: list[str], chunk: int,
+                                   steps: int = 3) -> list:
+    own = []
+    for spec in specs:
+        cache = kvstack.make_cache(model, spec, seed=3)
+        logits = kvstack.prefill(model, ids, cache, chunk_size=chunk)
+        own.append((cache, logits, cache.kv_bytes(), _kept(cache), _state(cache)))
+    caches = [kvstack.make_cache(model, spec, seed=3) for spec in specs]
+    reads = kvstack.prefill_shared_chunks(model, ids, caches, chunk_size=chunk)
+    for spec, cache, read, (own_cache, own_logits, own_bytes, own_kept, own_state) in zip(
+            specs, caches, reads, own, strict=True):
+        assert torch.equal(read.logits, own_logits), spec
+        assert cache.kv_bytes() == own_bytes, spec
+        assert _kept(cache) == own_kept, spec
+        assert _state(cache) == own_state, spec
+        assert cache.summary() == own_cache.summary(), spec
+        for a, b in zip(_decode(model, cache, read.logits, steps), _decode(model, own_cache, own_logits, steps),
+                        strict=True):
+            assert torch.equal(a, b), spec
+    return reads
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("group", DYNAMIC_GROUPS)
+def test_dynamic_methods_end_a_shared_chunked_prefill_exactly_as_their_own(arch: str, group: list[str]) -> None:
+    model = build_peaky(arch, num_hidden_layers=3)
+    ids = random_ids(64, seed=5)
+    reads = _check_shared_chunks_equal_own(model, ids, [spec.format(b=20, b2=40) for spec in group], chunk=16)
+    # chunks of 16: a budget of 20 evicts after the second chunk, 40 after the third; until then the group
+    # reads together
+    shared = {spec.format(b=20, b2=40): read.chunks_shared for spec, read in zip(group, reads, strict=True)}
+    assert max(shared.values()) >= 2 and all(read.chunks == 4 for read in reads)
+
+
+@settings(max_examples=10, deadline=None)
+@given(length=st.integers(min_value=6, max_value=90), chunk=st.integers(min_value=3, max_value=24),
+       budgets=st.lists(st.integers(min_value=8, max_value=60), min_size=2, max_size=3),
+       group=st.sampled_from(DYNAMIC_GROUPS), seed=st.integers(min_value=0, max_value=10_000))
+def test_shared_chunks_match_own_chunked_prefill_on_random_prompts(length: int, chunk: int, budgets: list[int],
+                                                                   group: list[str], seed: int) -> None:
+    model = build_peaky("llama", seed=seed % 3)
+    ids = random_ids(length, seed=seed)
+    specs = [spec.format(b=budgets[0], b2=budgets[1]) for spec in group]
+    if len(budgets) > 2:
+        specs.append(group[0].format(b=budgets[2], b2=budgets[2]))
+    _check_shared_chunks_equal_own(model, ids, specs, chunk=chunk, steps=2)
+
+
+@pytest.mark.parametrize(("specs", "message"), [
+    (["h2o(budget=8)", "snapkv(budget=8, window=4)"], "evict as they read"),
+    (["h2o(budget=8)", "adakv(h2o(budget=8))"], "evict as they read"),  # Ada-KV compresses once
+    (["h2o(budget=8)", "streamingllm(budget=8)"], "same attention statistics"),
+    (["h2o(budget=8)", "h2o(budget=8) + kivi(bits=2)"], "without a codec"),
+    (["streamingllm(budget=8, positions='cache')", "streamingllm(budget=8)"], "evict as they read"),
+])
+def test_prefill_shared_chunks_refuses_caches_that_cannot_share(specs: list[str], message: str) -> None:
+    model = build_peaky("llama", hidden_size=128)
+    caches = [kvstack.make_cache(model, spec) for spec in specs]
+    with pytest.raises(kvstack.InputError, match=message):
+        kvstack.prefill_shared_chunks(model, random_ids(24), caches, chunk_size=8)
+    assert all(cache.tokens_seen() == 0 for cache in caches)

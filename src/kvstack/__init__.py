@@ -7,7 +7,15 @@
     cache.kv_bytes(), cache.full_kv_bytes()
 """
 
-from kvstack.api import InputError, cache_kwargs, generate, make_cache, prefill, prefill_shared
+from kvstack.api import (
+    InputError,
+    cache_kwargs,
+    generate,
+    make_cache,
+    prefill,
+    prefill_shared,
+    prefill_shared_chunks,
+)
 from kvstack.cache import KVStackCache
 from kvstack.spec import SpecError, describe, list_methods, parse
 
@@ -32,5 +40,6 @@ __all__ = [
     "parse",
     "prefill",
     "prefill_shared",
+    "prefill_shared_chunks",
 ]
 __version__ = "0.1.0"

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -205,13 +206,30 @@ def prefill(
     if chunk_size is not None and chunk_size < 1:
         raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
     length = input_ids.shape[1]
-    positions = positions_from_mask(attention_mask) if attention_mask is not None else None
     cache.begin_prompt(length)
     bounds = chunk_bounds(length, chunk_size, cache.method.window_queries())
+    logits, _ = _read_chunks(model, input_ids, cache, [cache], bounds, attention_mask)
+    cache.end_prompt()
+    return logits
+
+
+def _read_chunks(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any, members: list[KVStackCache],
+                 bounds: list[tuple[int, int]], attention_mask: torch.Tensor | None = None,
+                 stop_after: Callable[[], bool] | None = None) -> tuple[torch.Tensor, int]:
+    """Forward the prompt chunks ``bounds`` (the prompt's last ones) through ``cache``.
+
+    ``members`` are the :class:`KVStackCache` s reading them (``[cache]``, or a shared cache's members);
+    each chunk tells them whether more of the prompt follows. ``stop_after``, called after each chunk,
+    ends the reading early when it returns True. Returns ``[B, V]`` logits of the last chunk read and the
+    number of chunks read.
+    """
+    positions = positions_from_mask(attention_mask) if attention_mask is not None else None
     logits = None
+    read = 0
     try:
         for index, (start, stop) in enumerate(bounds):
-            cache.more_prompt_follows = index < len(bounds) - 1
+            for member in members:
+                member.more_prompt_follows = index < len(bounds) - 1
             kwargs: dict[str, Any] = {}
             if attention_mask is not None:
                 kwargs["attention_mask"] = attention_mask[:, :stop]
@@ -219,10 +237,13 @@ def prefill(
             out = model(input_ids=input_ids[:, start:stop], **cache_kwargs(model, cache), use_cache=True,
                         logits_to_keep=1, **kwargs)
             logits = out.logits[:, -1]
+            read = index + 1
+            if stop_after is not None and stop_after():
+                break
     finally:
-        cache.more_prompt_follows = False
-    cache.end_prompt()
-    return logits
+        for member in members:
+            member.more_prompt_follows = False
+    return logits, read
 
 
 @torch.no_grad()
@@ -268,6 +289,115 @@ def prefill_shared(model: torch.nn.Module, input_ids: torch.Tensor, caches: list
     for cache in caches:
         cache.end_prompt()
     return out.logits[:, -1]
+
+
+@dataclasses.dataclass
+class PromptRead:
+    """How one cache of :func:`prefill_shared_chunks` read its prompt.
+
+    Attributes
+    ----------
+    logits:
+        ``[B, V]`` logits of the last prompt position.
+    seconds:
+        Wall time of the forwards this cache took part in (the shared chunks counted whole, as its own).
+    chunks_shared:
+        Prompt chunks it read in a forward shared with other caches.
+    chunks:
+        Prompt chunks in all.
+    """
+
+    logits: torch.Tensor
+    seconds: float
+    chunks_shared: int
+    chunks: int
+
+
+@torch.no_grad()
+def prefill_shared_chunks(model: torch.nn.Module, input_ids: torch.Tensor, caches: list[KVStackCache],
+                          chunk_size: int = DEFAULT_CHUNK) -> list[PromptRead]:
+    """Read one prompt into several caches of methods that evict as they read, sharing what they can.
+
+    Each cache reads the prompt in the chunks :func:`prefill` gives it. Until a cache first exceeds its
+    budget it holds every token, as the full cache does, so caches whose methods ask for the same
+    attention statistics (:func:`kvstack.cache.shared.chunk_share_key`: e.g. StreamingLLM and TOVA; H2O
+    at every ratio and Ada-KV over H2O for its first chunk) read those chunks in one forward; each
+    evicts for itself, and a cache that has evicted reads the rest alone. Every cache ends exactly as
+    :func:`prefill` would leave it (tests/test_shared_prefill.py compares them tensor by tensor).
+
+    Parameters
+    ----------
+    input_ids:
+        ``[B, T]`` prompt tokens (no padding).
+    caches:
+        Empty caches made by :func:`make_cache` for ``model``, of methods with equal share keys.
+    chunk_size:
+        Tokens per chunk, as :func:`prefill`'s (512 by default for these methods).
+
+    Returns
+    -------
+    list[PromptRead]
+        One per cache, in order.
+
+    Raises
+    ------
+    InputError
+        For no caches, or caches that cannot share prompt chunks (the message says why).
+    """
+    from kvstack.cache.shared import SharedPrefillCache, chunk_share_key
+
+    check_prompt(input_ids, model)
+    if not caches:
+        raise InputError("prefill_shared_chunks needs at least one cache")
+    keys = {chunk_share_key(cache) for cache in caches}
+    if None in keys or len(keys) > 1 or any(cache.tokens_seen() for cache in caches):
+        raise InputError("prefill_shared_chunks takes empty caches of methods that evict as they read, without a "
+                         "codec, asking for the same attention statistics (kvstack.cache.shared.chunk_share_key)")
+    if chunk_size < 1:
+        raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
+    length = input_ids.shape[1]
+    bounds = chunk_bounds(length, chunk_size, caches[0].method.window_queries())
+    for cache in caches:
+        cache.begin_prompt(length)
+    reads: list[PromptRead | None] = [None] * len(caches)
+    group = list(range(len(caches)))
+    shared_chunks = 0
+    shared_seconds = 0.0
+    logits = None
+    while len(group) > 1 and shared_chunks < len(bounds):
+        members = [caches[i] for i in group]
+        shared = SharedPrefillCache(members, chunked=True)
+        start = time.perf_counter()
+        logits, _ = _read_chunks(model, input_ids, shared, members, bounds[shared_chunks:],
+                                 stop_after=lambda: True)  # one chunk, then regroup
+        _synchronize(input_ids.device)
+        shared_seconds += time.perf_counter() - start
+        shared_chunks += 1
+        left = [i for i in group if chunk_share_key(caches[i]) is None]  # evicted: the rest on its own
+        group = [i for i in group if i not in left]
+        for i in left:
+            reads[i] = _read_alone(model, input_ids, caches[i], bounds, shared_chunks, shared_seconds, logits)
+    for i in group:
+        reads[i] = _read_alone(model, input_ids, caches[i], bounds, shared_chunks, shared_seconds, logits)
+    for cache in caches:
+        cache.end_prompt()
+    return [read for read in reads if read is not None]
+
+
+def _read_alone(model: torch.nn.Module, input_ids: torch.Tensor, cache: KVStackCache, bounds: list[tuple[int, int]],
+                shared_chunks: int, shared_seconds: float, logits: torch.Tensor | None) -> PromptRead:
+    """The chunks after the first ``shared_chunks`` (read together) for ``cache`` alone."""
+    start = time.perf_counter()
+    if shared_chunks < len(bounds):
+        logits, _ = _read_chunks(model, input_ids, cache, [cache], bounds[shared_chunks:])
+    _synchronize(input_ids.device)
+    assert logits is not None
+    return PromptRead(logits, shared_seconds + time.perf_counter() - start, shared_chunks, len(bounds))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @dataclasses.dataclass

@@ -586,7 +586,7 @@ class Prefilled:
     logits:
         ``[1, V]`` logits of the last prompt position.
     seconds:
-        Wall time of the shared forward.
+        Wall time of the prompt's reading: the shared forward, or (chunks) the chunks this cache read.
     """
 
     cache: Any
@@ -812,29 +812,46 @@ def run_cell(model: torch.nn.Module, tokenizer: Any, cell: Cell, samples: Sequen
     return _aggregate(cell, rows, memory, time.perf_counter() - started, model_name, device, config)
 
 
-def shares_prefill(cell: Cell) -> bool:
-    """Whether ``cell``'s method can read its prompts in a forward shared with other methods."""
-    from kvstack.cache.shared import method_share_blocker
+def prefill_share_key(cell: Cell) -> tuple | None:
+    """Which cells ``cell`` can read its prompts together with, or None when it reads them alone.
+
+    ``("prompt",)``: a method that compresses once, after the prompt; such cells share one prompt forward
+    (:func:`kvstack.prefill_shared`). ``("chunks", key)``: a method that evicts as it reads; cells with the
+    same key share the prompt chunks read before each first evicts (:func:`kvstack.prefill_shared_chunks`).
+    """
+    from kvstack.cache.shared import method_chunk_share_key, method_share_blocker
     from kvstack.methods.base import Composed
 
     method = parse(cell.method.spec)
-    if isinstance(method, Composed):
-        return method_share_blocker(method.selection, method.codec) is None
-    return method_share_blocker(method) is None
+    selection, codec = (method.selection, method.codec) if isinstance(method, Composed) else (method, None)
+    if method_share_blocker(selection, codec) is None:
+        return ("prompt",)
+    key = method_chunk_share_key(selection, codec)
+    return None if key is None else ("chunks", key)
+
+
+def shares_prefill(cell: Cell) -> bool:
+    """Whether ``cell``'s method can read its prompts in forwards shared with other methods."""
+    return prefill_share_key(cell) is not None
 
 
 def run_cells_shared(model: torch.nn.Module, tokenizer: Any, cells: Sequence[Cell], samples: Sequence[Sample],
                      config: BenchConfig, model_name: str,
                      on_sample: Callable[[], None] | None = None) -> list[dict[str, Any]]:
-    """Measure ``cells`` (one task, length and query mode; methods that can share) over ``samples``.
+    """Measure ``cells`` (one task, length and query mode; methods with one :func:`prefill_share_key`) over
+    ``samples``.
 
-    Each sample's prompt is read once for every cell (:func:`kvstack.prefill_shared`); then each cell
-    decodes (or streams, for perplexity) from its own cache, which is freed before the next. Scores,
-    bytes and tokens are exactly those :func:`run_cell` measures. ``prefill_s`` is the shared forward's
-    time; peak memory is the whole group's; ``wall_s`` is the group's wall time over the cell count.
-    ``on_sample`` is called after each sample.
+    Each sample's prompt is read once for every cell (:func:`kvstack.prefill_shared`), or, for methods that
+    evict as they read, its chunks are read together until each cache first evicts
+    (:func:`kvstack.prefill_shared_chunks`); then each cell decodes (or streams, for perplexity) from its
+    own cache, which is freed before the next. Scores, bytes and tokens are exactly those :func:`run_cell`
+    measures. ``prefill_s`` is the shared forward's time (with chunks: the chunks each cache read, shared
+    ones counted whole); peak memory is the whole group's; ``wall_s`` is the group's wall time over the
+    cell count. ``on_sample`` is called after each sample.
     """
-    from kvstack.api import make_cache, prefill_shared
+    from kvstack.api import make_cache, prefill_shared, prefill_shared_chunks
+
+    chunked = prefill_share_key(cells[0]) != ("prompt",)
 
     device = next(model.parameters()).device
     eos = _eos_ids(model, tokenizer)
@@ -847,11 +864,16 @@ def run_cells_shared(model: torch.nn.Module, tokenizer: Any, cells: Sequence[Cel
             caches = [make_cache(model, cell.method.spec, seed=config.seed) for cell in cells]
             synchronize(device)
             start = time.perf_counter()
-            logits = prefill_shared(model, ids, caches)
-            synchronize(device)
-            seconds = time.perf_counter() - start
+            if chunked:
+                reads = prefill_shared_chunks(model, ids, caches)
+                read_by = [(read.logits, read.seconds) for read in reads]
+                shared_chunks = [read.chunks_shared for read in reads]
+            else:
+                logits = prefill_shared(model, ids, caches)
+                synchronize(device)
+                read_by = [(logits, time.perf_counter() - start)] * len(cells)
             for index, cell in enumerate(cells):
-                prefilled = Prefilled(caches[index], logits, seconds)
+                prefilled = Prefilled(caches[index], *read_by[index])
                 caches[index] = None  # the cell's row keeps no reference: its cache is freed after it
                 if cell.task.kind == "perplexity":
                     row = _perplexity_sample(model, cell, sample, perplexity_chunk(cell.method, config), device,
@@ -859,6 +881,8 @@ def run_cells_shared(model: torch.nn.Module, tokenizer: Any, cells: Sequence[Cel
                 else:
                     row = _generation_sample(model, tokenizer, cell, sample, limit, eos, device, config.seed,
                                              prefilled)
+                if chunked:
+                    row["prompt_chunks_shared"] = shared_chunks[index]  # read with the group, before evicting
                 rows[index].append(row)
                 del prefilled
             if on_sample is not None:
@@ -1040,16 +1064,17 @@ def run_bench(
 def _prefill_batches(members: Sequence[Cell], prefix: dict[str, dict[str, Any]], share: bool) -> list[list[Cell]]:
     """Cells of one sample group in the order they run: lists of one cell, or of cells sharing a prefill.
 
-    With ``share``, cells whose methods can share (:func:`shares_prefill`) and that lack the same number of
-    samples run together, first; every other cell runs alone.
+    With ``share``, cells with the same :func:`prefill_share_key` that lack the same number of samples run
+    together, first (a group of one runs alone); every other cell runs alone.
     """
     if not share:
         return [[cell] for cell in members]
-    together: dict[int, list[Cell]] = {}
+    together: dict[tuple, list[Cell]] = {}
     alone = []
     for cell in members:
-        if shares_prefill(cell):
-            together.setdefault(prefix[cell.key]["samples"] if cell.key in prefix else 0, []).append(cell)
+        key = prefill_share_key(cell)
+        if key is not None:
+            together.setdefault((key, prefix[cell.key]["samples"] if cell.key in prefix else 0), []).append(cell)
         else:
             alone.append([cell])
     return [*together.values(), *alone]

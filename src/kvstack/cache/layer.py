@@ -335,7 +335,7 @@ class KVStackLayer(CacheLayerMixin):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
         scaling: float,
-        shared: SharedPromptAttention | None = None,
+        shared: SharedPromptAttention | SharedChunkAttention | None = None,
     ) -> torch.Tensor:
         """Finish one forward step of this layer: attention over the kept entries, then eviction.
 
@@ -350,9 +350,9 @@ class KVStackLayer(CacheLayerMixin):
         scaling:
             Softmax scale, usually ``D ** -0.5``.
         shared:
-            This prompt forward's attention, already computed for several caches reading the same prompt
-            (see :class:`kvstack.cache.shared.SharedPrefillCache`); this layer then only does its own
-            bookkeeping and compression.
+            This prompt forward's (or prompt chunk's) attention, already computed for several caches reading
+            the same prompt (see :class:`kvstack.cache.shared.SharedPrefillCache`); this layer then only does
+            its own bookkeeping and compression.
 
         Returns
         -------
@@ -373,6 +373,9 @@ class KVStackLayer(CacheLayerMixin):
                 self.has_padding = True
         self.next_position = torch.maximum(self.next_position, new_positions.max(dim=-1).values.long() + 1)
 
+        if shared is not None and not self.holds_every_token():
+            raise RuntimeError(f"a shared {type(shared).__name__} applies only to an unpadded layer that holds "
+                               "every token it was given, densely and in full precision")
         if self.ragged is not None:
             self.ragged.append(new_keys, new_values, new_positions)
             output = self.ragged.attend(query, causal, scaling)
@@ -382,16 +385,11 @@ class KVStackLayer(CacheLayerMixin):
         start = self.length - q_len
         self.positions[:, :, start : self.length] = new_positions.unsqueeze(1)
         method = self.owner.method
-        compress_now = self._compression_due(q_len)
-        accumulates = method.dynamic or bool(method.state_names)
-        needs = set(method.needs) - {STAT_WINDOW} if accumulates else set()
-        if compress_now:
-            needs |= set(method.needs)
+        compress_now, needs = self.forward_needs(q_len)
 
         if shared is not None:
-            if self.length != q_len or self.encoded_entries() or self.has_padding or self.pca_basis is not None:
-                raise RuntimeError("a shared prompt attention applies only to an unpadded first forward into an "
-                                   "empty layer")
+            if isinstance(shared, SharedPromptAttention) and self.length != q_len:
+                raise RuntimeError("a shared prompt attention applies only to a first forward into an empty layer")
             output, stats = shared.output, shared.stats(needs, method.window_queries())
         elif self.pca_basis is not None:
             self._rotate_new_keys(q_len)
@@ -696,6 +694,26 @@ class KVStackLayer(CacheLayerMixin):
                 )
             slot = torch.where(in_region, source, slot)
         self._replace_slot(slot)
+
+    def forward_needs(self, q_len: int) -> tuple[bool, set[str]]:
+        """``(compress now, statistics needed)`` for a forward of ``q_len`` new tokens (already stored)."""
+        method = self.owner.method
+        compress_now = self._compression_due(q_len)
+        accumulates = method.dynamic or bool(method.state_names)
+        needs = set(method.needs) - {STAT_WINDOW} if accumulates else set()
+        if compress_now:
+            needs |= set(method.needs)
+        return compress_now, needs
+
+    def holds_every_token(self) -> bool:
+        """True while this layer holds every token it was given, unpadded, as dense full-precision slots: no
+        eviction yet, no head-wise storage, no encoded or demoted entries, no PCA basis. Caches whose layers
+        all do (and read the same tokens) hold the same keys and values, so a chunk's attention over them
+        can be computed once (:class:`SharedChunkAttention`)."""
+        return (
+            self.ragged is None and not self.has_padding and self.pca_basis is None and not self.encoded_entries()
+            and (self.demoted is None or not self.demoted.length) and self.length == self.seen
+        )
 
     def _compression_due(self, q_len: int) -> bool:
         method = self.owner.method
@@ -1145,6 +1163,51 @@ class SharedPromptAttention:
             self._stats[key] = _trailing_query_stats(self.query, self.keys, self._block_mask, self.scaling, needs,
                                                      window)
         return self._stats[key]
+
+
+class SharedChunkAttention:
+    """One prompt chunk's attention, computed once for several caches that hold the same entries.
+
+    Caches of methods that evict while the prompt is read (StreamingLLM, H2O, TOVA, Scissorhands) hold
+    every token, unevicted, until their budget is first exceeded; until then their layers hold the same
+    keys and values, and a chunk's attention over them, with the statistics their methods ask for, is
+    the same call for each (:func:`attention_with_stats`). It is computed here once; each cache then
+    does its own bookkeeping and eviction from it.
+
+    Parameters
+    ----------
+    query:
+        ``[B, Hq, q, D]`` the chunk's queries.
+    keys, values:
+        ``[B, H, L, D]`` every entry, the chunk's ``q`` last.
+    causal:
+        ``[B, 1, q, q]`` bool mask of the chunk, or None (plain causal).
+    query_valid:
+        ``[B, q]`` bool, False for padding queries, or None.
+    scaling:
+        Softmax scale.
+    needs, window:
+        The statistics every sharing cache asks for (:meth:`KVStackLayer.forward_needs`) and the trailing
+        query window.
+
+    Attributes
+    ----------
+    output:
+        ``[B, q, Hq, D]`` attention output, as transformers' attention functions return it.
+    """
+
+    def __init__(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, causal: torch.Tensor | None,
+                 query_valid: torch.Tensor | None, scaling: float, needs: set[str], window: int) -> None:
+        self.request = (frozenset(needs), int(window))
+        self.output, self._stats = attention_with_stats(query, keys, values, causal, None, scaling, set(needs),
+                                                        int(window), query_valid=query_valid)
+
+    def stats(self, needs: set[str] | frozenset[str], window: int) -> AttentionStats:
+        """The statistics computed with the output; ``needs`` and ``window`` must be the ones they were for."""
+        if (frozenset(needs), int(window)) != self.request:
+            raise ValueError(f"this shared chunk computed {sorted(self.request[0])} (window {self.request[1]}), "
+                             f"not {sorted(needs)} (window {window})")
+        return self._stats
 
 
 def attention_with_stats(

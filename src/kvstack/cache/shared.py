@@ -12,7 +12,17 @@ exactly the state its own prefill would leave it (the tests compare them tensor 
 on its own.
 
 Methods that evict while the prompt is read, accumulate per-entry state, need column statistics of the
-whole attention matrix, or encode with a codec cannot share: :func:`share_blocker` says why.
+whole attention matrix, or encode with a codec cannot share that one forward: :func:`share_blocker` says
+why.
+
+Methods that evict while the prompt is read (StreamingLLM, H2O, TOVA, Scissorhands) read it in chunks,
+and until a cache first exceeds its budget it holds every token, exactly as the full cache does. Caches
+whose methods ask for the same attention statistics can share those chunks
+(``SharedPrefillCache(caches, chunked=True)``, one chunk per forward; :func:`kvstack.prefill_shared`
+drives it): each chunk's attention runs once
+(:class:`~kvstack.cache.layer.SharedChunkAttention`) and every cache evicts for itself; a cache that has
+evicted leaves the group and reads the rest of the prompt on its own. :func:`chunk_share_key` says which
+caches can share; at ratio 0.25 of a 2k prompt read in 512-token chunks, every chunk is shared.
 """
 
 from __future__ import annotations
@@ -23,10 +33,10 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvstack.cache.cache import KVStackCache
-from kvstack.cache.layer import KVStackLayer, SharedPromptAttention, chunk_masks
+from kvstack.cache.layer import KVStackLayer, SharedChunkAttention, SharedPromptAttention, chunk_masks
 from kvstack.methods.base import STAT_LAST, STAT_WINDOW
 
-__all__ = ["SharedPrefillCache", "method_share_blocker", "share_blocker"]
+__all__ = ["SharedPrefillCache", "chunk_share_key", "method_chunk_share_key", "method_share_blocker", "share_blocker"]
 
 
 def method_share_blocker(method: Any, codec: Any = None) -> str | None:
@@ -46,6 +56,32 @@ def method_share_blocker(method: Any, codec: Any = None) -> str | None:
     return None
 
 
+ChunkShareKey = tuple[frozenset[str], int]
+
+
+def method_chunk_share_key(method: Any, codec: Any = None) -> ChunkShareKey | None:
+    """What caches of a dynamic ``method`` must agree on to share prompt chunks, or None if they cannot.
+
+    The key is the attention statistics the method asks for at every chunk and its trailing-query window
+    (which also fixes where the prompt's chunks end): caches with equal keys compute the same attention
+    call over the same entries until one of them evicts. Static methods, codecs, in-cache positions and
+    low-precision demotion cannot share chunks (static methods share their single prompt forward instead).
+    """
+    if codec is not None or not method.dynamic or method.uses_cache_positions():
+        return None
+    if hasattr(method, "demotion_codec") or getattr(method, "sparse_attention", False):
+        return None
+    return frozenset(method.needs), int(method.window_queries())
+
+
+def chunk_share_key(cache: KVStackCache) -> ChunkShareKey | None:
+    """:func:`method_chunk_share_key` of ``cache``, or None once it no longer holds every token it read."""
+    key = method_chunk_share_key(cache.method, cache.codec)
+    if key is None or not all(layer.holds_every_token() for layer in cache.layers if layer.is_initialized):
+        return None
+    return key
+
+
 def share_blocker(cache: KVStackCache) -> str | None:
     """Why ``cache`` cannot read its prompt in a shared forward, or None when it can."""
     reason = method_share_blocker(cache.method, cache.codec)
@@ -62,10 +98,11 @@ class SharedPrefillLayer(CacheLayerMixin):
     is_croppable = False
     supports_early_init = False
 
-    def __init__(self, layer_idx: int, members: list[KVStackLayer]) -> None:
+    def __init__(self, layer_idx: int, members: list[KVStackLayer], chunked: bool = False) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.members = members
+        self.chunked = chunked
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Nothing to set up: the member layers initialise themselves."""
@@ -100,9 +137,17 @@ class SharedPrefillLayer(CacheLayerMixin):
         """
         first = self.members[0]
         batch, _, q_len, _ = query.shape
-        causal, _ = chunk_masks(attention_mask, batch, q_len, query.device)
-        # Each member refuses the shared result unless this is an unpadded first forward into it.
-        shared = SharedPromptAttention(query, first.keys[:, :, :q_len], first.values[:, :, :q_len], causal, scaling)
+        causal, valid = chunk_masks(attention_mask, batch, q_len, query.device)
+        # Each member refuses the shared result unless it holds every token (for a first forward: the prompt).
+        if self.chunked:
+            _, needs = first.forward_needs(q_len)
+            shared: SharedPromptAttention | SharedChunkAttention = SharedChunkAttention(
+                query, first.keys[:, :, : first.length], first.values[:, :, : first.length], causal, valid,
+                scaling, needs, first.owner.method.window_queries(),
+            )
+        else:
+            shared = SharedPromptAttention(query, first.keys[:, :, :q_len], first.values[:, :, :q_len], causal,
+                                           scaling)
         for member in self.members:
             member.attend(query, attention_mask, position_ids, scaling, shared=shared)
         return shared.output
@@ -117,7 +162,11 @@ class SharedPrefillCache(Cache):
     Parameters
     ----------
     caches:
-        Empty caches of the same model whose methods can share (see :func:`share_blocker`).
+        Empty caches of the same model whose methods can share (see :func:`share_blocker`); with
+        ``chunked``, caches of dynamic methods with equal :func:`chunk_share_key` that hold every token
+        they have read (the same tokens: the caller feeds them the same chunks).
+    chunked:
+        One chunk of a prompt read in chunks, not a whole prompt in one forward.
 
     Raises
     ------
@@ -125,18 +174,30 @@ class SharedPrefillCache(Cache):
         For no caches, caches of different models, or a cache that cannot share (the message says why).
     """
 
-    def __init__(self, caches: list[KVStackCache]) -> None:
+    def __init__(self, caches: list[KVStackCache], chunked: bool = False) -> None:
         if not caches:
             raise ValueError("a shared prefill needs at least one cache")
         shapes = {(len(cache.layers), cache.group_size) for cache in caches}
         if len(shapes) > 1:
             raise ValueError("the caches of a shared prefill must belong to the same model")
-        for index, cache in enumerate(caches):
-            reason = share_blocker(cache)
-            if reason is not None:
-                raise ValueError(f"cache {index} ({cache.label()}) cannot share a prompt forward: {reason}")
+        if chunked:
+            keys = [chunk_share_key(cache) for cache in caches]
+            for index, key in enumerate(keys):
+                if key is None:
+                    raise ValueError(f"cache {index} ({caches[index].label()}) cannot share prompt chunks: its method "
+                                     "is not one that evicts as it reads (without a codec), or it has evicted already")
+            if len(set(keys)) > 1:
+                raise ValueError("caches sharing prompt chunks must ask for the same attention statistics")
+            if len({cache.tokens_seen() for cache in caches}) > 1:
+                raise ValueError("caches sharing prompt chunks must have read the same tokens")
+        else:
+            for index, cache in enumerate(caches):
+                reason = share_blocker(cache)
+                if reason is not None:
+                    raise ValueError(f"cache {index} ({cache.label()}) cannot share a prompt forward: {reason}")
         self.caches = list(caches)
-        super().__init__(layers=[SharedPrefillLayer(i, [cache.layers[i] for cache in caches])
+        self.chunked = chunked
+        super().__init__(layers=[SharedPrefillLayer(i, [cache.layers[i] for cache in caches], chunked)
                                  for i in range(len(caches[0].layers))])
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
