@@ -6,10 +6,13 @@ lengths given (default 1k and 2k tokens; add 4096 where the full cache still sco
 
 Methods that compress once, after the prompt (full, SnapKV, PyramidKV, Ada-KV over SnapKV, key norm,
 random, Loki: 19 of the 34 methods per task cell) read each sample's prompt in one shared forward
-(``BenchConfig.share_prefill``): their scores, bytes and decoding are exactly those of separate runs
-(tests/test_shared_prefill.py, tests/test_bench_run.py), and the grid costs about half as much. Their
-records say ``prefill_shared_by``; for them ``prefill_s`` is the shared forward's time and the peak memory
-is the group's. Records without ``prefill_shared_by`` (the earlier cells) ran one method at a time.
+(``BenchConfig.share_prefill``); since 2026-12-01 the methods that evict as they read (StreamingLLM, H2O,
+TOVA, Scissorhands: 12 more), grouped by the attention statistics they need, also read together the
+512-token chunks before each first evicts. Their scores, bytes and decoding are exactly those of separate
+runs (tests/test_shared_prefill.py, tests/test_bench_run.py, benchmarks/shared_prefill_check.py). Their
+records say ``prefill_shared_by``; ``prefill_s`` is the shared forward's time (for chunks: the chunks each
+cache read, shared ones counted whole) and the peak memory is the group's. Records without
+``prefill_shared_by`` (the earlier cells) ran one method at a time.
 
 The run is :func:`kvstack.bench.run_bench`, so it is resumable: finished cells are keyed in
 ``results.jsonl`` and skipped, and the same command carries on where an earlier (or interrupted) run
@@ -152,8 +155,9 @@ def write_progress(out_dir: Path, lengths: list[int], samples: int, command: str
         f"({torch.get_num_threads()} threads), Python {platform.python_version()}",
         f"- grid: {len(reference_methods())} method templates x ratios {RATIOS} on {len(config.tasks)} tasks, "
         f"{config.samples} samples per cell",
-        "- methods that compress after the prompt share each sample's prompt forward (same results as separate "
-        "runs; `prefill_shared_by` in their records; earlier records ran one method at a time)", "",
+        "- methods that compress after the prompt share each sample's prompt forward, and (since 2026-12-01) "
+        "methods that evict as they read share the prompt chunks read before each first evicts (same results as "
+        "separate runs; `prefill_shared_by` in their records; earlier records ran one method at a time)", "",
         "| length | cells done | cells planned |", "| --- | --- | --- |",
     ]
     for length in lengths:

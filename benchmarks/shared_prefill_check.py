@@ -8,9 +8,13 @@ read (StreamingLLM, H2O, TOVA, Scissorhands), grouped by the attention statistic
 the same sample of the committed 2k passkey cells in ``benchmarks/results/reference/results.jsonl``,
 which were measured one method at a time. Writes ``benchmarks/results/shared_prefill/README.md``.
 
+It then times, on one 2048-token passkey prompt, each family of methods that evict as they read (the three
+ratios) read one at a time and read together (``--rounds`` rounds, the order alternating; medians), all in
+the same process: the prefill the grid saves.
+
 Usage::
 
-    python benchmarks/shared_prefill_check.py [--samples 3]
+    python benchmarks/shared_prefill_check.py [--samples 3] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -39,7 +43,10 @@ OUT = Path(__file__).parent / "results" / "shared_prefill"
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if args.samples < 1 or args.rounds < 1:
+        parser.error("--samples and --rounds must be at least 1")
     torch.set_num_threads(os.cpu_count() or 1)
     probe = BenchConfig(methods=reference_methods(), ratios=list(RATIOS), tasks=["passkey"], lengths=[2048])
     methods = [cell.method.spec for cell in plan_cells(probe) if shares_prefill(cell)]
@@ -73,11 +80,51 @@ def main() -> int:
         f"**{same} of {compared} samples identical.**", "",
         "| method | caches sharing | read together (mean per sample) | samples identical |",
         "| --- | ---: | --- | ---: |", *rows, "",
+        *chunk_timing(args.rounds),
     ]
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "README.md").write_text("\n".join(lines))
     print(f"{same} of {compared} samples identical")
     return 0 if same == compared else 1
+
+
+def chunk_timing(rounds: int) -> list[str]:
+    """Markdown: prefill seconds of each dynamic family's three ratios, one at a time vs sharing chunks."""
+    import random
+    import statistics
+
+    import kvstack
+    from kvstack.bench.tasks import get_task
+
+    model, tokenizer = kvstack.load_model("smollm2-135m")
+    ids = torch.tensor([get_task("passkey").generate(tokenizer, 2048, random.Random(0)).input_ids])
+    families = ["streamingllm", "h2o", "tova", "scissorhands"]
+    lines = [f"## Prefill time: one at a time vs chunks read together ({ids.shape[1]} tokens, 512-token chunks)", "",
+             f"Each family at ratios {', '.join(map(str, RATIOS))}: the three prefills one after another, and one "
+             f"`kvstack.prefill_shared_chunks` call; median of {rounds} rounds, the order alternating, one process.",
+             "", "| methods | one at a time s | together s | saved |", "| --- | ---: | ---: | ---: |"]
+    totals = [0.0, 0.0]
+    for family in families:
+        specs = [f"{family}(ratio={ratio})" for ratio in RATIOS]
+        alone, together = [], []
+        for round_index in range(rounds):
+            for kind in (("alone", "together") if round_index % 2 == 0 else ("together", "alone")):
+                caches = [kvstack.make_cache(model, spec) for spec in specs]
+                started = time.perf_counter()
+                if kind == "alone":
+                    for cache in caches:
+                        kvstack.prefill(model, ids, cache)
+                    alone.append(time.perf_counter() - started)
+                else:
+                    kvstack.prefill_shared_chunks(model, ids, caches)
+                    together.append(time.perf_counter() - started)
+                del caches
+        one, shared = statistics.median(alone), statistics.median(together)
+        totals[0] += one
+        totals[1] += shared
+        lines.append(f"| `{family}` x 3 | {one:.2f} | {shared:.2f} | {1 - shared / one:.0%} |")
+    lines += [f"| all four | {totals[0]:.2f} | {totals[1]:.2f} | {1 - totals[1] / totals[0]:.0%} |", ""]
+    return lines
 
 
 if __name__ == "__main__":
