@@ -68,6 +68,17 @@ def test_every_static_method_ends_a_shared_prefill_exactly_as_its_own(arch: str)
     _check_shared_equals_own(model, ids, [spec.format(b=12) for spec in SHAREABLE])
 
 
+@pytest.mark.parametrize("specs", [
+    ["loki(budget=12, rank=4)", "snapkv(budget=12, window=4)"],  # Loki rotates its keys in place
+    ["snapkv(budget=47, window=4)", "snapkv(budget=12, window=8)"],  # one entry evicted: a slot overwritten
+])
+def test_a_member_changing_its_keys_in_place_does_not_change_what_the_others_see(specs: list[str]) -> None:
+    """The first member's keys are the shared attention's; every statistic is taken before any member
+    compresses, so the order of the caches does not matter."""
+    model = build_peaky("llama", num_hidden_layers=2)
+    _check_shared_equals_own(model, random_ids(48, seed=11), specs, steps=2)
+
+
 def test_a_shared_prefill_of_a_batch_equals_each_own_prefill() -> None:
     model = build_peaky("llama", hidden_size=96, num_attention_heads=6, num_key_value_heads=2)
     ids = random_ids(40, batch=2, seed=7)

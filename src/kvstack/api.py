@@ -315,14 +315,14 @@ class PromptRead:
 
 @torch.no_grad()
 def prefill_shared_chunks(model: torch.nn.Module, input_ids: torch.Tensor, caches: list[KVStackCache],
-                          chunk_size: int = DEFAULT_CHUNK) -> list[PromptRead]:
+                          chunk_size: int | None = DEFAULT_CHUNK) -> list[PromptRead]:
     """Read one prompt into several caches of methods that evict as they read, sharing what they can.
 
     Each cache reads the prompt in the chunks :func:`prefill` gives it. Until a cache first exceeds its
     budget it holds every token, as the full cache does, so caches whose methods ask for the same
-    attention statistics (:func:`kvstack.cache.shared.chunk_share_key`: e.g. StreamingLLM and TOVA; H2O
-    at every ratio and Ada-KV over H2O for its first chunk) read those chunks in one forward; each
-    evicts for itself, and a cache that has evicted reads the rest alone. Every cache ends exactly as
+    attention statistics (:func:`kvstack.cache.shared.chunk_share_key`: one method at several ratios or
+    budgets, say) read those chunks in one forward; each evicts for itself, and a cache that has evicted
+    reads the rest alone. Every cache ends exactly as
     :func:`prefill` would leave it (tests/test_shared_prefill.py compares them tensor by tensor).
 
     Parameters
@@ -332,7 +332,7 @@ def prefill_shared_chunks(model: torch.nn.Module, input_ids: torch.Tensor, cache
     caches:
         Empty caches made by :func:`make_cache` for ``model``, of methods with equal share keys.
     chunk_size:
-        Tokens per chunk, as :func:`prefill`'s (512 by default for these methods).
+        Tokens per chunk, as :func:`prefill`'s (512 by default for these methods; None: one forward).
 
     Returns
     -------
@@ -353,7 +353,7 @@ def prefill_shared_chunks(model: torch.nn.Module, input_ids: torch.Tensor, cache
     if None in keys or len(keys) > 1 or any(cache.tokens_seen() for cache in caches):
         raise InputError("prefill_shared_chunks takes empty caches of methods that evict as they read, without a "
                          "codec, asking for the same attention statistics (kvstack.cache.shared.chunk_share_key)")
-    if chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:
         raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
     length = input_ids.shape[1]
     bounds = chunk_bounds(length, chunk_size, caches[0].method.window_queries())

@@ -18,7 +18,7 @@ why.
 Methods that evict while the prompt is read (StreamingLLM, H2O, TOVA, Scissorhands) read it in chunks,
 and until a cache first exceeds its budget it holds every token, exactly as the full cache does. Caches
 whose methods ask for the same attention statistics can share those chunks
-(``SharedPrefillCache(caches, chunked=True)``, one chunk per forward; :func:`kvstack.prefill_shared`
+(``SharedPrefillCache(caches, chunked=True)``, one chunk per forward; :func:`kvstack.prefill_shared_chunks`
 drives it): each chunk's attention runs once
 (:class:`~kvstack.cache.layer.SharedChunkAttention`) and every cache evicts for itself; a cache that has
 evicted leaves the group and reads the rest of the prompt on its own. :func:`chunk_share_key` says which
@@ -148,6 +148,11 @@ class SharedPrefillLayer(CacheLayerMixin):
         else:
             shared = SharedPromptAttention(query, first.keys[:, :, :q_len], first.values[:, :, :q_len], causal,
                                            scaling)
+            # Every member's statistics before any member compresses: a compressing member may change its
+            # keys in place (Loki rotates them, a single eviction overwrites a slot), and the first member's
+            # keys are the ones the statistics are taken from.
+            for member in self.members:
+                shared.stats(member.forward_needs(q_len)[1], member.owner.method.window_queries())
         for member in self.members:
             member.attend(query, attention_mask, position_ids, scaling, shared=shared)
         return shared.output
