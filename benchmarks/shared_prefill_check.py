@@ -70,7 +70,7 @@ def main() -> int:
                     f"{sum(matches)} / {len(matches)} |")
     lines = [
         "# Shared prompt forward vs methods run one at a time (SmolLM2-135M-Instruct)", "",
-        f"Made by `python benchmarks/shared_prefill_check.py --samples {args.samples}` on "
+        f"Made by `python benchmarks/shared_prefill_check.py --samples {args.samples} --rounds {args.rounds}` on "
         f"{dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')} ({cpu_name()}, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}); run time {wall:.0f} s.", "",
         f"Passkey at 2048 tokens, the first {args.samples} samples: predictions and KV bytes of each method "
