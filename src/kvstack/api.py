@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import inspect
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -208,26 +207,24 @@ def prefill(
     length = input_ids.shape[1]
     cache.begin_prompt(length)
     bounds = chunk_bounds(length, chunk_size, cache.method.window_queries())
-    logits, _ = _read_chunks(model, input_ids, cache, [cache], bounds, attention_mask)
+    logits = _read_chunks(model, input_ids, cache, [cache], bounds, attention_mask)
     cache.end_prompt()
     return logits
 
 
 def _read_chunks(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any, members: list[KVStackCache],
                  bounds: list[tuple[int, int]], attention_mask: torch.Tensor | None = None,
-                 stop_after: Callable[[], bool] | None = None) -> tuple[torch.Tensor, int]:
-    """Forward the prompt chunks ``bounds`` (the prompt's last ones) through ``cache``.
+                 limit: int | None = None) -> torch.Tensor:
+    """Forward the prompt chunks ``bounds`` (the prompt's last ones; the first ``limit`` of them) through
+    ``cache``; returns ``[B, V]`` logits of the last chunk read.
 
     ``members`` are the :class:`KVStackCache` s reading them (``[cache]``, or a shared cache's members);
-    each chunk tells them whether more of the prompt follows. ``stop_after``, called after each chunk,
-    ends the reading early when it returns True. Returns ``[B, V]`` logits of the last chunk read and the
-    number of chunks read.
+    each chunk tells them whether more of the prompt follows.
     """
     positions = positions_from_mask(attention_mask) if attention_mask is not None else None
     logits = None
-    read = 0
     try:
-        for index, (start, stop) in enumerate(bounds):
+        for index, (start, stop) in enumerate(bounds[:limit]):
             for member in members:
                 member.more_prompt_follows = index < len(bounds) - 1
             kwargs: dict[str, Any] = {}
@@ -237,13 +234,10 @@ def _read_chunks(model: torch.nn.Module, input_ids: torch.Tensor, cache: Any, me
             out = model(input_ids=input_ids[:, start:stop], **cache_kwargs(model, cache), use_cache=True,
                         logits_to_keep=1, **kwargs)
             logits = out.logits[:, -1]
-            read = index + 1
-            if stop_after is not None and stop_after():
-                break
     finally:
         for member in members:
             member.more_prompt_follows = False
-    return logits, read
+    return logits
 
 
 @torch.no_grad()
@@ -368,9 +362,8 @@ def prefill_shared_chunks(model: torch.nn.Module, input_ids: torch.Tensor, cache
         members = [caches[i] for i in group]
         shared = SharedPrefillCache(members, chunked=True)
         start = time.perf_counter()
-        logits, _ = _read_chunks(model, input_ids, shared, members, bounds[shared_chunks:],
-                                 stop_after=lambda: True)  # one chunk, then regroup
-        _synchronize(input_ids.device)
+        logits = _read_chunks(model, input_ids, shared, members, bounds[shared_chunks:], limit=1)  # then regroup
+        synchronize(input_ids.device)
         shared_seconds += time.perf_counter() - start
         shared_chunks += 1
         left = [i for i in group if chunk_share_key(caches[i]) is None]  # evicted: the rest on its own
@@ -389,14 +382,15 @@ def _read_alone(model: torch.nn.Module, input_ids: torch.Tensor, cache: KVStackC
     """The chunks after the first ``shared_chunks`` (read together) for ``cache`` alone."""
     start = time.perf_counter()
     if shared_chunks < len(bounds):
-        logits, _ = _read_chunks(model, input_ids, cache, [cache], bounds[shared_chunks:])
-    _synchronize(input_ids.device)
+        logits = _read_chunks(model, input_ids, cache, [cache], bounds[shared_chunks:])
+    synchronize(input_ids.device)
     assert logits is not None
     return PromptRead(logits, shared_seconds + time.perf_counter() - start, shared_chunks, len(bounds))
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
+def synchronize(device: torch.device | str | None) -> None:
+    """Wait for queued kernels on a CUDA ``device`` (no-op on CPU), so wall clocks are honest."""
+    if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 

@@ -30,6 +30,8 @@ from types import TracebackType
 
 import torch
 
+from kvstack.api import synchronize  # the one wait for CUDA kernels; the bench's timings use it
+
 __all__ = ["PeakMemory", "current_rss", "release_free_memory", "synchronize"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -73,12 +75,6 @@ def _reset_high_water_mark() -> bool:
         return False
     peak, rss = _status_bytes("VmHWM:"), _status_bytes("VmRSS:")
     return peak is not None and rss is not None and peak <= rss + 64 * 1024 * 1024
-
-
-def synchronize(device: torch.device | str | None) -> None:
-    """Wait for queued kernels on a CUDA ``device`` (no-op on CPU), so wall clocks are honest."""
-    if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class PeakMemory:

@@ -457,10 +457,10 @@ def import_task_module(spec: str) -> list[str]:
 
     before = set(TASKS)
     path = Path(spec)
+    if spec.endswith(".py") and not path.is_file():
+        raise BenchError(f"task module {spec!r}: no such file; give a .py file or a dotted module name")
     try:
         if spec.endswith(".py"):
-            if not path.is_file():
-                raise BenchError(f"task module {spec!r}: no such file; give a .py file or a dotted module name")
             digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
             name = f"kvstack_task_module_{path.stem}_{digest}"  # one module per file, whatever its stem
             if name in sys.modules:  # imported before in this process: its tasks are registered
@@ -475,8 +475,6 @@ def import_task_module(spec: str) -> list[str]:
                 raise
         else:
             importlib.import_module(spec)
-    except BenchError:
-        raise
     except Exception as error:
         raise BenchError(f"task module {spec!r} failed to import: {type(error).__name__}: {error}") from None
     return sorted(set(TASKS) - before)

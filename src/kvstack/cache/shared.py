@@ -201,7 +201,6 @@ class SharedPrefillCache(Cache):
                 if reason is not None:
                     raise ValueError(f"cache {index} ({cache.label()}) cannot share a prompt forward: {reason}")
         self.caches = list(caches)
-        self.chunked = chunked
         super().__init__(layers=[SharedPrefillLayer(i, [cache.layers[i] for cache in caches], chunked)
                                  for i in range(len(caches[0].layers))])
 
