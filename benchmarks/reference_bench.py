@@ -8,8 +8,10 @@ Methods that compress once, after the prompt (full, SnapKV, PyramidKV, Ada-KV ov
 random, Loki: 19 of the 34 methods per task cell) read each sample's prompt in one shared forward
 (``BenchConfig.share_prefill``); since 2026-12-01 the methods that evict as they read (StreamingLLM, H2O,
 TOVA, Scissorhands: 12 more), grouped by the attention statistics they need, also read together the
-512-token chunks before each first evicts. Their scores, bytes and decoding are exactly those of separate
-runs (tests/test_shared_prefill.py, tests/test_bench_run.py, benchmarks/shared_prefill_check.py). Their
+512-token chunks before each first evicts; and later on 2026-12-01, Ada-KV over H2O's three ratios (it
+compresses once, with the scores H2O accumulates over the prompt) share one prompt forward that computes
+those column statistics. Their scores, bytes and decoding are exactly those of separate runs
+(tests/test_shared_prefill.py, tests/test_bench_run.py, benchmarks/shared_prefill_check.py). Their
 records say ``prefill_shared_by``; ``prefill_s`` is the shared forward's time (for chunks: the chunks each
 cache read, shared ones counted whole) and the peak memory is the group's. Records without
 ``prefill_shared_by`` (the earlier cells) ran one method at a time.
@@ -156,7 +158,8 @@ def write_progress(out_dir: Path, lengths: list[int], samples: int, command: str
         f"- grid: {len(reference_methods())} method templates x ratios {RATIOS} on {len(config.tasks)} tasks, "
         f"{config.samples} samples per cell",
         "- methods that compress after the prompt share each sample's prompt forward, and (since 2026-12-01) "
-        "methods that evict as they read share the prompt chunks read before each first evicts (same results as "
+        "methods that evict as they read share the prompt chunks read before each first evicts; later that day, "
+        "Ada-KV over H2O's three ratios share a prompt forward with H2O's column statistics (same results as "
         "separate runs; `prefill_shared_by` in their records; earlier records ran one method at a time)", "",
         "| length | cells done | cells planned |", "| --- | --- | --- |",
     ]

@@ -2,15 +2,19 @@
 
 Runs every reference method that can share its prompt's reading on the first ``--samples`` passkey samples
 at 2048 tokens with ``share_prefill=True``: the methods that compress once after the prompt (full, SnapKV,
-PyramidKV, Ada-KV over SnapKV, key norm, random, Loki) share one prompt forward; those that evict as they
+PyramidKV, Ada-KV over SnapKV, key norm, random, Loki) share one prompt forward (Ada-KV over H2O's three
+ratios another, with column statistics); those that evict as they
 read (StreamingLLM, H2O, TOVA, Scissorhands), grouped by the attention statistics they need, share the
 512-token chunks read before each first evicts. Each sample's prediction and KV bytes are compared with
 the same sample of the committed 2k passkey cells in ``benchmarks/results/reference/results.jsonl``,
 which were measured one method at a time. Writes ``benchmarks/results/shared_prefill/README.md``.
 
+Ada-KV over H2O compresses once with the scores H2O accumulates over the prompt: its three ratios share
+one prompt forward that computes those column statistics.
+
 It then times, on one 2048-token passkey prompt, each family of methods that evict as they read (the three
-ratios) read one at a time and read together (``--rounds`` rounds, the order alternating; medians), all in
-the same process: the prefill the grid saves.
+ratios), and Ada-KV over H2O, read one at a time and read together (``--rounds`` rounds, the order
+alternating; medians), all in the same process: the prefill the grid saves.
 
 Usage::
 
@@ -74,8 +78,9 @@ def main() -> int:
         f"{dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')} ({cpu_name()}, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}); run time {wall:.0f} s.", "",
         f"Passkey at 2048 tokens, the first {args.samples} samples: predictions and KV bytes of each method "
-        "reading its prompt with others (one shared forward for the methods that compress after the prompt; "
-        "the 512-token chunks read before each cache first evicts, for those that evict as they read), against "
+        "reading its prompt with others (one shared forward for the methods that compress after the prompt, "
+        "another for Ada-KV over H2O's ratios; the 512-token chunks read before each cache first evicts, for "
+        "those that evict as they read), against "
         "the same samples of the committed reference cells (one method at a time).", "",
         f"**{same} of {compared} samples identical.**", "",
         "| method | caches sharing | read together (mean per sample) | samples identical |",
@@ -89,7 +94,8 @@ def main() -> int:
 
 
 def chunk_timing(rounds: int) -> list[str]:
-    """Markdown: prefill seconds of each dynamic family's three ratios, one at a time vs sharing chunks."""
+    """Markdown: prefill seconds of each dynamic family's three ratios, one at a time vs sharing chunks, and
+    of Ada-KV over H2O's three ratios, one at a time vs one shared forward."""
     import random
     import statistics
 
@@ -98,14 +104,16 @@ def chunk_timing(rounds: int) -> list[str]:
 
     model, tokenizer = kvstack.load_model("smollm2-135m")
     ids = torch.tensor([get_task("passkey").generate(tokenizer, 2048, random.Random(0)).input_ids])
-    families = ["streamingllm", "h2o", "tova", "scissorhands"]
-    lines = [f"## Prefill time: one at a time vs chunks read together ({ids.shape[1]} tokens, 512-token chunks)", "",
+    families = {name: f"{name}(ratio={{}})" for name in ("streamingllm", "h2o", "tova", "scissorhands")}
+    families["adakv(h2o)"] = "adakv(h2o(ratio={}))"
+    lines = [f"## Prefill time: one at a time vs read together ({ids.shape[1]} tokens, 512-token chunks)", "",
              f"Each family at ratios {', '.join(map(str, RATIOS))}: the three prefills one after another, and one "
-             f"`kvstack.prefill_shared_chunks` call; median of {rounds} rounds, the order alternating, one process.",
+             "`kvstack.prefill_shared_chunks` call (one `kvstack.prefill_shared` call for Ada-KV over H2O, which "
+             f"reads its prompt in one forward); median of {rounds} rounds, the order alternating, one process.",
              "", "| methods | one at a time s | together s | saved |", "| --- | ---: | ---: | ---: |"]
     totals = [0.0, 0.0]
-    for family in families:
-        specs = [f"{family}(ratio={ratio})" for ratio in RATIOS]
+    for family, pattern in families.items():
+        specs = [pattern.format(ratio) for ratio in RATIOS]
         alone, together = [], []
         for round_index in range(rounds):
             for kind in (("alone", "together") if round_index % 2 == 0 else ("together", "alone")):
@@ -115,15 +123,17 @@ def chunk_timing(rounds: int) -> list[str]:
                     for cache in caches:
                         kvstack.prefill(model, ids, cache)
                     alone.append(time.perf_counter() - started)
-                else:
+                elif caches[0].method.dynamic:
                     kvstack.prefill_shared_chunks(model, ids, caches)
+                else:
+                    kvstack.prefill_shared(model, ids, caches)
                     together.append(time.perf_counter() - started)
                 del caches
         one, shared = statistics.median(alone), statistics.median(together)
         totals[0] += one
         totals[1] += shared
         lines.append(f"| `{family}` x 3 | {one:.2f} | {shared:.2f} | {1 - shared / one:.0%} |")
-    lines += [f"| all four | {totals[0]:.2f} | {totals[1]:.2f} | {1 - totals[1] / totals[0]:.0%} |", ""]
+    lines += [f"| all five | {totals[0]:.2f} | {totals[1]:.2f} | {1 - totals[1] / totals[0]:.0%} |", ""]
     return lines
 
 

@@ -43,18 +43,24 @@ def _kept(cache: kvstack.KVStackCache) -> list:
     return [[p.tolist() for p in row] for layer in cache.layers for row in layer.kept_positions()]
 
 
+def _state(cache: kvstack.KVStackCache) -> list:
+    return [[(name, tensor[:, :, : layer.length].tolist()) for name, tensor in sorted(layer.state.items())]
+            for layer in cache.layers if layer.ragged is None]
+
+
 def _check_shared_equals_own(model: torch.nn.Module, ids: torch.Tensor, specs: list[str], steps: int = 4) -> None:
     own = []
     for spec in specs:
         cache = kvstack.make_cache(model, spec, seed=3)
         logits = kvstack.prefill(model, ids, cache)
-        own.append((cache, logits, cache.kv_bytes(), _kept(cache)))
+        own.append((cache, logits, cache.kv_bytes(), _kept(cache), _state(cache)))
     caches = [kvstack.make_cache(model, spec, seed=3) for spec in specs]
     shared_logits = kvstack.prefill_shared(model, ids, caches)
-    for spec, cache, (own_cache, own_logits, own_bytes, own_kept) in zip(specs, caches, own, strict=True):
+    for spec, cache, (own_cache, own_logits, own_bytes, own_kept, own_state) in zip(specs, caches, own, strict=True):
         assert torch.equal(shared_logits, own_logits), spec
         assert cache.kv_bytes() == own_bytes, spec
         assert _kept(cache) == own_kept, spec
+        assert _state(cache) == own_state, spec
         assert cache.summary() == own_cache.summary(), spec
         for a, b in zip(_decode(model, cache, shared_logits, steps), _decode(model, own_cache, own_logits, steps),
                         strict=True):
@@ -94,6 +100,54 @@ def test_shared_prefill_matches_own_prefill_on_random_prompts_and_budgets(length
     specs = ["full", f"snapkv(budget={budget}, window=4)", f"random(budget={budget})",
              f"adakv(snapkv(budget={budget}, window=4), floor=0.2)"]
     _check_shared_equals_own(model, ids, specs, steps=2)
+
+
+# Static methods with per-entry state (Ada-KV over H2O or Scissorhands: scores accumulated over the whole
+# prompt, applied once) share a forward that computes those statistics, with caches asking for the same.
+STATS_GROUPS = [
+    ["adakv(h2o(budget={b}))", "adakv(h2o(budget={b2}))", "adakv(h2o(budget={b}, recent=3), floor=0.5)"],
+    ["adakv(scissorhands(budget={b}, history=4))", "adakv(scissorhands(budget={b2}, history=4))"],
+]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("group", STATS_GROUPS)
+def test_static_methods_with_state_end_a_shared_prefill_exactly_as_their_own(arch: str, group: list[str]) -> None:
+    model = build_peaky(arch, num_hidden_layers=3)
+    _check_shared_equals_own(model, random_ids(48, seed=5), [spec.format(b=12, b2=30) for spec in group])
+
+
+@settings(max_examples=8, deadline=None)
+@given(length=st.integers(min_value=6, max_value=70), budgets=st.lists(st.integers(min_value=4, max_value=60),
+                                                                        min_size=2, max_size=2),
+       group=st.sampled_from(STATS_GROUPS), seed=st.integers(min_value=0, max_value=10_000))
+def test_shared_stats_prefill_matches_own_prefill_on_random_prompts(length: int, budgets: list[int],
+                                                                   group: list[str], seed: int) -> None:
+    model = build_peaky("llama", seed=seed % 3)
+    specs = [spec.format(b=budgets[0], b2=budgets[1]) for spec in group]
+    _check_shared_equals_own(model, random_ids(length, seed=seed), specs, steps=2)
+
+
+@pytest.mark.parametrize(("specs", "message"), [
+    (["full", "adakv(h2o(budget=8))"], r"cache 1 \(.*\) .*accumulates per-entry state.*same statistics"),
+    (["adakv(h2o(budget=8))", "full"], r"cache 0 \(.*\) .*accumulates per-entry state.*same statistics"),
+    (["adakv(h2o(budget=8))", "adakv(scissorhands(budget=8))"], r"cache 0 .*same statistics"),
+    (["adakv(h2o(budget=8))", "h2o(budget=8)"], r"cache 0 .*same statistics"),
+])
+def test_a_static_method_with_state_shares_only_with_the_same_statistics(specs: list[str], message: str) -> None:
+    model = build_peaky("llama")
+    caches = [kvstack.make_cache(model, spec) for spec in specs]
+    with pytest.raises(kvstack.InputError, match=message):
+        kvstack.prefill_shared(model, random_ids(24), caches)
+    assert all(cache.tokens_seen() == 0 for cache in caches)
+
+
+def test_a_shared_stats_prefill_refuses_a_cache_that_already_holds_tokens() -> None:
+    model = build_peaky("llama")
+    used = kvstack.make_cache(model, "adakv(h2o(budget=8))")
+    kvstack.prefill(model, random_ids(8), used)
+    with pytest.raises(kvstack.InputError, match=r"cache 1 .*already holds tokens"):
+        kvstack.prefill_shared(model, random_ids(16), [kvstack.make_cache(model, "adakv(h2o(budget=4))"), used])
 
 
 @pytest.mark.parametrize(("spec", "reason"), [
@@ -156,11 +210,6 @@ DYNAMIC_GROUPS = [  # one group per share key: the same attention statistics
     ["h2o(budget={b})", "h2o(budget={b2})", "h2o(budget={b}, recent=3)"],
     ["scissorhands(budget={b}, history=4)", "scissorhands(budget={b2}, history=4)"],
 ]
-
-
-def _state(cache: kvstack.KVStackCache) -> list:
-    return [[(name, tensor[:, :, : layer.length].tolist()) for name, tensor in sorted(layer.state.items())]
-            for layer in cache.layers if layer.ragged is None]
 
 
 def _check_shared_chunks_equal_own(model: torch.nn.Module, ids: torch.Tensor, specs: list[str], chunk: int,

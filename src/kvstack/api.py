@@ -246,7 +246,9 @@ def prefill_shared(model: torch.nn.Module, input_ids: torch.Tensor, caches: list
 
     Every cache ends exactly as :func:`prefill` would leave it; the prompt forward, the bulk of the work,
     runs once. The methods must compress once, after the prompt (SnapKV, PyramidKV, Ada-KV over SnapKV,
-    key norm, random, Loki, full), without a codec.
+    key norm, random, Loki, full), without a codec. Methods of that kind with per-entry state or
+    whole-matrix statistics (Ada-KV over H2O) share it only with caches asking for the same statistics
+    (:func:`kvstack.cache.shared.method_stats_share_key`: one method at several ratios).
 
     Parameters
     ----------

@@ -86,9 +86,11 @@ class BenchConfig:
         Draw PNG plots; show a progress bar.
     share_prefill:
         Let the methods that compress once, after the prompt (SnapKV, PyramidKV, key norm, random, Loki,
-        full ...) read each sample's prompt in one shared forward (:func:`kvstack.prefill_shared`). Their
-        scores, bytes and decoding are exactly those of separate runs; their ``prefill_s`` is then the
-        shared forward's time and their peak memory that of the whole group (records say
+        full ...) read each sample's prompt in one shared forward (:func:`kvstack.prefill_shared`; Ada-KV
+        over H2O in another, with the ratios of the same method), and the methods that evict as they read
+        share the prompt chunks read before each first evicts (:func:`kvstack.prefill_shared_chunks`).
+        Their scores, bytes and decoding are exactly those of separate runs; their ``prefill_s`` is then
+        the shared forward's time and their peak memory that of the whole group (records say
         ``prefill_shared_by``). Not part of cell keys.
     """
 

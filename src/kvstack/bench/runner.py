@@ -816,16 +816,21 @@ def prefill_share_key(cell: Cell) -> tuple | None:
     """Which cells ``cell`` can read its prompts together with, or None when it reads them alone.
 
     ``("prompt",)``: a method that compresses once, after the prompt; such cells share one prompt forward
-    (:func:`kvstack.prefill_shared`). ``("chunks", key)``: a method that evicts as it reads; cells with the
-    same key share the prompt chunks read before each first evicts (:func:`kvstack.prefill_shared_chunks`).
+    (:func:`kvstack.prefill_shared`). ``("prompt", key)``: such a method with per-entry state or
+    whole-matrix statistics (Ada-KV over H2O); cells with the same key share one prompt forward computing
+    those statistics. ``("chunks", key)``: a method that evicts as it reads; cells with the same key share
+    the prompt chunks read before each first evicts (:func:`kvstack.prefill_shared_chunks`).
     """
-    from kvstack.cache.shared import method_chunk_share_key, method_share_blocker
+    from kvstack.cache.shared import method_chunk_share_key, method_share_blocker, method_stats_share_key
     from kvstack.methods.base import Composed
 
     method = parse(cell.method.spec)
     selection, codec = (method.selection, method.codec) if isinstance(method, Composed) else (method, None)
     if method_share_blocker(selection, codec) is None:
         return ("prompt",)
+    key = method_stats_share_key(selection, codec)
+    if key is not None:
+        return ("prompt", key)
     key = method_chunk_share_key(selection, codec)
     return None if key is None else ("chunks", key)
 
@@ -851,7 +856,7 @@ def run_cells_shared(model: torch.nn.Module, tokenizer: Any, cells: Sequence[Cel
     """
     from kvstack.api import make_cache, prefill_shared, prefill_shared_chunks
 
-    chunked = prefill_share_key(cells[0]) != ("prompt",)
+    chunked = prefill_share_key(cells[0])[0] == "chunks"
 
     device = next(model.parameters()).device
     eos = _eos_ids(model, tokenizer)

@@ -13,7 +13,9 @@ on its own.
 
 Methods that evict while the prompt is read, accumulate per-entry state, need column statistics of the
 whole attention matrix, or encode with a codec cannot share that one forward: :func:`share_blocker` says
-why.
+why. Static methods with state or whole-matrix statistics (Ada-KV over H2O, which compresses once with
+the scores H2O accumulates over the prompt) can share a forward that computes those statistics, with
+caches that ask for the same ones (:func:`method_stats_share_key`): one method at several ratios.
 
 Methods that evict while the prompt is read (StreamingLLM, H2O, TOVA, Scissorhands) read it in chunks,
 and until a cache first exceeds its budget it holds every token, exactly as the full cache does. Caches
@@ -36,7 +38,10 @@ from kvstack.cache.cache import KVStackCache
 from kvstack.cache.layer import KVStackLayer, SharedChunkAttention, SharedPromptAttention, chunk_masks
 from kvstack.methods.base import STAT_LAST, STAT_WINDOW
 
-__all__ = ["SharedPrefillCache", "chunk_share_key", "method_chunk_share_key", "method_share_blocker", "share_blocker"]
+__all__ = [
+    "SharedPrefillCache", "chunk_share_key", "method_chunk_share_key", "method_share_blocker", "method_stats_share_key",
+    "share_blocker",
+]
 
 
 def method_share_blocker(method: Any, codec: Any = None) -> str | None:
@@ -57,6 +62,26 @@ def method_share_blocker(method: Any, codec: Any = None) -> str | None:
 
 
 ChunkShareKey = tuple[frozenset[str], int]
+
+
+def method_stats_share_key(method: Any, codec: Any = None) -> ChunkShareKey | None:
+    """What caches of a static ``method`` with per-entry state or whole-matrix statistics must agree on to
+    read a prompt in one shared forward, or None if such caches cannot share one.
+
+    Ada-KV over H2O (or Scissorhands) compresses once, after the prompt, with the scores its inner method
+    accumulates over the whole prompt forward. That forward computes the column statistics of every
+    layer's attention, the costly part of its prefill; caches whose methods ask for the same statistics
+    (one method at several ratios) can share it. The key is those statistics and the trailing-query window.
+    None for methods that can share the plain prompt forward (no :func:`method_share_blocker`), dynamic
+    methods, codecs, in-cache positions and low-precision demotion.
+    """
+    if codec is not None or method.dynamic or method.uses_cache_positions():
+        return None
+    if hasattr(method, "demotion_codec") or getattr(method, "sparse_attention", False):
+        return None
+    if method_share_blocker(method, codec) is None:
+        return None
+    return frozenset(method.needs), int(method.window_queries())
 
 
 def method_chunk_share_key(method: Any, codec: Any = None) -> ChunkShareKey | None:
@@ -91,18 +116,23 @@ def share_blocker(cache: KVStackCache) -> str | None:
 
 
 class SharedPrefillLayer(CacheLayerMixin):
-    """Layer ``layer_idx`` of a :class:`SharedPrefillCache`: the member caches' layers, attended once."""
+    """Layer ``layer_idx`` of a :class:`SharedPrefillCache`: the member caches' layers, attended once.
+
+    ``member_stats``: compute the attention with the statistics the members' methods ask for
+    (:class:`SharedChunkAttention`: a prompt chunk, or a whole prompt of methods with state) rather than
+    the plain prompt attention with trailing-query statistics (:class:`SharedPromptAttention`).
+    """
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
     supports_early_init = False
 
-    def __init__(self, layer_idx: int, members: list[KVStackLayer], chunked: bool = False) -> None:
+    def __init__(self, layer_idx: int, members: list[KVStackLayer], member_stats: bool = False) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.members = members
-        self.chunked = chunked
+        self.member_stats = member_stats
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Nothing to set up: the member layers initialise themselves."""
@@ -139,7 +169,7 @@ class SharedPrefillLayer(CacheLayerMixin):
         batch, _, q_len, _ = query.shape
         causal, valid = chunk_masks(attention_mask, batch, q_len, query.device)
         # Each member refuses the shared result unless it holds every token (for a first forward: the prompt).
-        if self.chunked:
+        if self.member_stats:
             _, needs = first.forward_needs(q_len)
             shared: SharedPromptAttention | SharedChunkAttention = SharedChunkAttention(
                 query, first.keys[:, :, : first.length], first.values[:, :, : first.length], causal, valid,
@@ -167,8 +197,9 @@ class SharedPrefillCache(Cache):
     Parameters
     ----------
     caches:
-        Empty caches of the same model whose methods can share (see :func:`share_blocker`); with
-        ``chunked``, caches of dynamic methods with equal :func:`chunk_share_key` that hold every token
+        Empty caches of the same model whose methods can share (see :func:`share_blocker`), or empty caches
+        of static methods with equal :func:`method_stats_share_key` (Ada-KV over H2O at several ratios);
+        with ``chunked``, caches of dynamic methods with equal :func:`chunk_share_key` that hold every token
         they have read (the same tokens: the caller feeds them the same chunks).
     chunked:
         One chunk of a prompt read in chunks, not a whole prompt in one forward.
@@ -195,13 +226,22 @@ class SharedPrefillCache(Cache):
                 raise ValueError("caches sharing prompt chunks must ask for the same attention statistics")
             if len({cache.tokens_seen() for cache in caches}) > 1:
                 raise ValueError("caches sharing prompt chunks must have read the same tokens")
+            member_stats = True
         else:
+            # Methods with state or whole-matrix statistics share a forward computing those statistics, with
+            # caches asking for the same ones; every other member shares the plain prompt attention.
+            stats_keys = [method_stats_share_key(cache.method, cache.codec) for cache in caches]
+            member_stats = stats_keys[0] is not None and len(set(stats_keys)) == 1
             for index, cache in enumerate(caches):
                 reason = share_blocker(cache)
+                if member_stats and reason is not None:
+                    reason = "it already holds tokens" if cache.tokens_seen() else None
+                elif reason is not None and stats_keys[index] is not None:
+                    reason += " (it can share one only with caches of methods asking for the same statistics)"
                 if reason is not None:
                     raise ValueError(f"cache {index} ({cache.label()}) cannot share a prompt forward: {reason}")
         self.caches = list(caches)
-        super().__init__(layers=[SharedPrefillLayer(i, [cache.layers[i] for cache in caches], chunked)
+        super().__init__(layers=[SharedPrefillLayer(i, [cache.layers[i] for cache in caches], member_stats)
                                  for i in range(len(caches[0].layers))])
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
