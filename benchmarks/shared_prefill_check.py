@@ -123,10 +123,11 @@ def chunk_timing(rounds: int) -> list[str]:
                     for cache in caches:
                         kvstack.prefill(model, ids, cache)
                     alone.append(time.perf_counter() - started)
-                elif caches[0].method.dynamic:
-                    kvstack.prefill_shared_chunks(model, ids, caches)
                 else:
-                    kvstack.prefill_shared(model, ids, caches)
+                    if caches[0].method.dynamic:
+                        kvstack.prefill_shared_chunks(model, ids, caches)
+                    else:
+                        kvstack.prefill_shared(model, ids, caches)
                     together.append(time.perf_counter() - started)
                 del caches
         one, shared = statistics.median(alone), statistics.median(together)
