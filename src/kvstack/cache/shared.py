@@ -61,10 +61,20 @@ def method_share_blocker(method: Any, codec: Any = None) -> str | None:
     return None
 
 
-ChunkShareKey = tuple[frozenset[str], int]
+StatsShareKey = tuple[frozenset[str], int]  # the attention statistics a method asks for, its query window
 
 
-def method_stats_share_key(method: Any, codec: Any = None) -> ChunkShareKey | None:
+def _statistics_key(method: Any, codec: Any, dynamic: bool) -> StatsShareKey | None:
+    """``method``'s statistics and trailing-query window if it is ``dynamic`` as asked and attends over
+    plain dense entries (no codec, in-cache positions, low-precision demotion or sparse attention); else None."""
+    if codec is not None or method.dynamic != dynamic or method.uses_cache_positions():
+        return None
+    if hasattr(method, "demotion_codec") or getattr(method, "sparse_attention", False):
+        return None
+    return frozenset(method.needs), int(method.window_queries())
+
+
+def method_stats_share_key(method: Any, codec: Any = None) -> StatsShareKey | None:
     """What caches of a static ``method`` with per-entry state or whole-matrix statistics must agree on to
     read a prompt in one shared forward, or None if such caches cannot share one.
 
@@ -75,16 +85,12 @@ def method_stats_share_key(method: Any, codec: Any = None) -> ChunkShareKey | No
     None for methods that can share the plain prompt forward (no :func:`method_share_blocker`), dynamic
     methods, codecs, in-cache positions and low-precision demotion.
     """
-    if codec is not None or method.dynamic or method.uses_cache_positions():
-        return None
-    if hasattr(method, "demotion_codec") or getattr(method, "sparse_attention", False):
-        return None
     if method_share_blocker(method, codec) is None:
         return None
-    return frozenset(method.needs), int(method.window_queries())
+    return _statistics_key(method, codec, dynamic=False)
 
 
-def method_chunk_share_key(method: Any, codec: Any = None) -> ChunkShareKey | None:
+def method_chunk_share_key(method: Any, codec: Any = None) -> StatsShareKey | None:
     """What caches of a dynamic ``method`` must agree on to share prompt chunks, or None if they cannot.
 
     The key is the attention statistics the method asks for at every chunk and its trailing-query window
@@ -92,14 +98,10 @@ def method_chunk_share_key(method: Any, codec: Any = None) -> ChunkShareKey | No
     call over the same entries until one of them evicts. Static methods, codecs, in-cache positions and
     low-precision demotion cannot share chunks (static methods share their single prompt forward instead).
     """
-    if codec is not None or not method.dynamic or method.uses_cache_positions():
-        return None
-    if hasattr(method, "demotion_codec") or getattr(method, "sparse_attention", False):
-        return None
-    return frozenset(method.needs), int(method.window_queries())
+    return _statistics_key(method, codec, dynamic=True)
 
 
-def chunk_share_key(cache: KVStackCache) -> ChunkShareKey | None:
+def chunk_share_key(cache: KVStackCache) -> StatsShareKey | None:
     """:func:`method_chunk_share_key` of ``cache``, or None once it no longer holds every token it read."""
     key = method_chunk_share_key(cache.method, cache.codec)
     if key is None or not all(layer.holds_every_token() for layer in cache.layers if layer.is_initialized):
@@ -233,11 +235,12 @@ class SharedPrefillCache(Cache):
             stats_keys = [method_stats_share_key(cache.method, cache.codec) for cache in caches]
             member_stats = stats_keys[0] is not None and len(set(stats_keys)) == 1
             for index, cache in enumerate(caches):
-                reason = share_blocker(cache)
-                if member_stats and reason is not None:
+                if member_stats:  # every method can share this forward: only a used cache cannot
                     reason = "it already holds tokens" if cache.tokens_seen() else None
-                elif reason is not None and stats_keys[index] is not None:
-                    reason += " (it can share one only with caches of methods asking for the same statistics)"
+                else:
+                    reason = share_blocker(cache)
+                    if reason is not None and stats_keys[index] is not None:
+                        reason += " (it can share one only with caches of methods asking for the same statistics)"
                 if reason is not None:
                     raise ValueError(f"cache {index} ({cache.label()}) cannot share a prompt forward: {reason}")
         self.caches = list(caches)
