@@ -10,7 +10,10 @@ random, Loki: 19 of the 34 methods per task cell) read each sample's prompt in o
 TOVA, Scissorhands: 12 more), grouped by the attention statistics they need, also read together the
 512-token chunks before each first evicts; and later on 2026-12-01, Ada-KV over H2O's three ratios (it
 compresses once, with the scores H2O accumulates over the prompt) share one prompt forward that computes
-those column statistics. Their scores, bytes and decoding are exactly those of separate runs
+those column statistics. Since the 2k needle grid (2026-12-01, afternoon), H2O and Scissorhands read
+their chunks together (one attention call computes both statistics), as do StreamingLLM and TOVA: groups of
+six rather than three.
+Their scores, bytes and decoding are exactly those of separate runs
 (tests/test_shared_prefill.py, tests/test_bench_run.py, benchmarks/shared_prefill_check.py). Their
 records say ``prefill_shared_by``; ``prefill_s`` is the shared forward's time (for chunks: the chunks each
 cache read, shared ones counted whole) and the peak memory is the group's. Records without
@@ -159,7 +162,8 @@ def write_progress(out_dir: Path, lengths: list[int], samples: int, command: str
         f"{config.samples} samples per cell",
         "- methods that compress after the prompt share each sample's prompt forward, and (since 2026-12-01) "
         "methods that evict as they read share the prompt chunks read before each first evicts; later that day, "
-        "Ada-KV over H2O's three ratios share a prompt forward with H2O's column statistics (same results as "
+        "Ada-KV over H2O's three ratios share a prompt forward with H2O's column statistics; from the 2k needle "
+        "grid on, H2O with Scissorhands and StreamingLLM with TOVA share chunks in groups of six (same results as "
         "separate runs; `prefill_shared_by` in their records; earlier records ran one method at a time)", "",
         "| length | cells done | cells planned |", "| --- | --- | --- |",
     ]

@@ -4,7 +4,8 @@ Runs every reference method that can share its prompt's reading on the first ``-
 at 2048 tokens with ``share_prefill=True``: the methods that compress once after the prompt (full, SnapKV,
 PyramidKV, Ada-KV over SnapKV, key norm, random, Loki) share one prompt forward (Ada-KV over H2O's three
 ratios another, with column statistics); those that evict as they
-read (StreamingLLM, H2O, TOVA, Scissorhands), grouped by the attention statistics they need, share the
+read (StreamingLLM, H2O, TOVA, Scissorhands), grouped by the statistics one attention call computes (H2O
+with Scissorhands: column sums and below-mean counts in one pass; StreamingLLM with TOVA), share the
 512-token chunks read before each first evicts. Each sample's prediction and KV bytes are compared with
 the same sample of the committed 2k passkey cells in ``benchmarks/results/reference/results.jsonl``,
 which were measured one method at a time. Writes ``benchmarks/results/shared_prefill/README.md``.
@@ -14,7 +15,8 @@ one prompt forward that computes those column statistics.
 
 It then times, on one 2048-token passkey prompt, each family of methods that evict as they read (the three
 ratios), and Ada-KV over H2O, read one at a time and read together (``--rounds`` rounds, the order
-alternating; medians), all in the same process: the prefill the grid saves.
+alternating; medians), all in the same process: the prefill the grid saves. Last, H2O with Scissorhands and
+StreamingLLM with TOVA: each family's three ratios sharing chunks (two calls) against all six in one.
 
 Usage::
 
@@ -135,6 +137,26 @@ def chunk_timing(rounds: int) -> list[str]:
         totals[1] += shared
         lines.append(f"| `{family}` x 3 | {one:.2f} | {shared:.2f} | {1 - shared / one:.0%} |")
     lines += [f"| all five | {totals[0]:.2f} | {totals[1]:.2f} | {1 - totals[1] / totals[0]:.0%} |", ""]
+    lines += [f"## Prefill time: by family vs two families together ({ids.shape[1]} tokens)", "",
+              f"Each pair's six caches (both families at ratios {', '.join(map(str, RATIOS))}): one "
+              "`kvstack.prefill_shared_chunks` call per family, against one call for all six (their statistics "
+              f"come from one attention call); median of {rounds} rounds, the order alternating, one process.", "",
+              "| families | by family s | together s | saved |", "| --- | ---: | ---: | ---: |"]
+    for pair in (("h2o", "scissorhands"), ("streamingllm", "tova")):
+        by_family = [[f"{name}(ratio={ratio})" for ratio in RATIOS] for name in pair]
+        apart, joined = [], []
+        for round_index in range(rounds):
+            for kind in (("apart", "joined") if round_index % 2 == 0 else ("joined", "apart")):
+                groups = by_family if kind == "apart" else [by_family[0] + by_family[1]]
+                caches = [[kvstack.make_cache(model, spec) for spec in group] for group in groups]
+                started = time.perf_counter()
+                for group_caches in caches:
+                    kvstack.prefill_shared_chunks(model, ids, group_caches)
+                (apart if kind == "apart" else joined).append(time.perf_counter() - started)
+                del caches
+        one, shared = statistics.median(apart), statistics.median(joined)
+        lines.append(f"| `{pair[0]}` + `{pair[1]}` x 3 | {one:.2f} | {shared:.2f} | {1 - shared / one:.0%} |")
+    lines.append("")
     return lines
 
 

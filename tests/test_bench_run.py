@@ -253,14 +253,18 @@ def test_a_shared_prefill_gives_exactly_the_records_of_separate_runs(tmp_path, m
 def test_methods_that_evict_as_they_read_share_chunks_and_give_the_records_of_separate_runs(
         tmp_path, model, tokenizer, prose_file):  # noqa: F811
     # 1100 tokens: chunks of 512, 512 and 76; ratio 0.75 (budget 275) evicts after the first, ratio 0.25
-    # (825) and a budget of 900 after the second; StreamingLLM's statistics differ from H2O's: its own group
-    values = {"methods": ["h2o(ratio={ratio})", "h2o(budget=900)", "streamingllm(ratio={ratio})"],
+    # (825) and a budget of 900 after the second. H2O and Scissorhands share chunks (column statistics, one
+    # pass), StreamingLLM and TOVA another group (the last query's weights); the two groups do not mix.
+    values = {"methods": ["h2o(ratio={ratio})", "h2o(budget=900)", "scissorhands(ratio={ratio})",
+                          "streamingllm(ratio={ratio})", "tova(ratio={ratio})"],
               "ratios": [0.25, 0.75], "tasks": ["passkey", "perplexity"], "lengths": [1100], "samples": 2}
     separate = run_bench(small_config(tmp_path / "separate", prose_file, **values), model, tokenizer)
     shared = run_bench(small_config(tmp_path / "shared", prose_file, share_prefill=True, **values), model, tokenizer)
     by_key = {r["key"]: r for r in separate.records}
     expected_chunks = {"h2o(ratio=0.75)": 1, "h2o(ratio=0.25)": 2, "h2o(budget=900)": 2,
-                       "streamingllm(ratio=0.25)": 1, "streamingllm(ratio=0.75)": 1}
+                       "scissorhands(ratio=0.75)": 1, "scissorhands(ratio=0.25)": 2,
+                       "streamingllm(ratio=0.75)": 1, "streamingllm(ratio=0.25)": 2,
+                       "tova(ratio=0.75)": 1, "tova(ratio=0.25)": 2}
     for record in shared.records:
         expected = by_key[record["key"]]
         for name in COMPARED:
@@ -271,7 +275,8 @@ def test_methods_that_evict_as_they_read_share_chunks_and_give_the_records_of_se
         if record["method"] == "full":
             assert record["prefill_shared_by"] == 1
             continue
-        assert record["prefill_shared_by"] == (3 if record["method"].startswith("h2o") else 2), record["method"]
+        column_statistics = record["method"].startswith(("h2o", "scissorhands"))
+        assert record["prefill_shared_by"] == (5 if column_statistics else 4), record["method"]
         if record["task"] == "passkey":  # perplexity reads half the text as its prompt: 550 tokens, 2 chunks
             assert {row["prompt_chunks_shared"] for row in record["per_sample"]} == {expected_chunks[record["method"]]}
 

@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvstack
-from kvstack.cache.shared import share_blocker
+from kvstack.cache.layer import SharedChunkAttention, attention_with_stats
+from kvstack.cache.shared import chunk_share_key, share_blocker
 
 SHAREABLE = [
     "full",
@@ -204,11 +205,15 @@ def test_a_dropped_cache_is_freed_at_once_without_the_garbage_collector(spec: st
 # Methods that evict as they read share the prompt chunks read before each first evicts
 # (kvstack.prefill_shared_chunks); the expectation is again each method's own chunked prefill.
 
-DYNAMIC_GROUPS = [  # one group per share key: the same attention statistics
+DYNAMIC_GROUPS = [  # one group per share key: statistics one attention call computes
     ["streamingllm(budget={b})", "streamingllm(budget={b2}, sinks=2)"],
     ["tova(budget={b})", "tova(budget={b2})"],
     ["h2o(budget={b})", "h2o(budget={b2})", "h2o(budget={b}, recent=3)"],
     ["scissorhands(budget={b}, history=4)", "scissorhands(budget={b2}, history=4)"],
+    # column sums and below-mean counts come from one pass; the last query's weights apart from the output
+    ["h2o(budget={b})", "scissorhands(budget={b2}, history=4)", "scissorhands(budget={b}, history=4)",
+     "h2o(budget={b2}, recent=3)"],
+    ["tova(budget={b})", "streamingllm(budget={b2})", "streamingllm(budget={b}, sinks=2)", "tova(budget={b2})"],
 ]
 
 
@@ -258,6 +263,77 @@ def test_shared_chunks_match_own_chunked_prefill_on_random_prompts(length: int, 
     if len(budgets) > 2:
         specs.append(group[0].format(b=budgets[2], b2=budgets[2]))
     _check_shared_chunks_equal_own(model, ids, specs, chunk=chunk, steps=2)
+
+
+def test_methods_share_chunks_when_one_attention_call_computes_their_statistics() -> None:
+    model = build_peaky("llama")
+    keys = {spec: chunk_share_key(kvstack.make_cache(model, spec)) for spec in (
+        "h2o(budget=8)", "scissorhands(budget=8)", "h2o(budget=20, recent=3)", "tova(budget=8)",
+        "streamingllm(budget=8)", "streamingllm(budget=30, sinks=2)")}
+    assert len({keys["h2o(budget=8)"], keys["scissorhands(budget=8)"], keys["h2o(budget=20, recent=3)"]}) == 1
+    assert len({keys["tova(budget=8)"], keys["streamingllm(budget=8)"], keys["streamingllm(budget=30, sinks=2)"]}) == 1
+    assert keys["h2o(budget=8)"] != keys["tova(budget=8)"]
+
+
+def test_a_one_token_chunk_that_tova_and_streamingllm_would_attend_differently_is_read_alone() -> None:
+    # 33 tokens in chunks of 16: the last chunk is one token, where TOVA's forward takes the last query's
+    # weights eagerly and StreamingLLM's does not; with budgets that never evict, the first two chunks are shared
+    model = build_peaky("llama", num_hidden_layers=3)
+    specs = ["tova(budget=40)", "streamingllm(budget=40)"]
+    reads = _check_shared_chunks_equal_own(model, random_ids(33, seed=2), specs, chunk=16)
+    assert [(read.chunks_shared, read.chunks) for read in reads] == [(2, 3), (2, 3)]
+
+
+def test_h2o_and_scissorhands_with_bf16_statistics_read_alone_as_their_forwards_differ(monkeypatch) -> None:
+    # bf16 statistics: H2O's column sums alone come from a transposed flash call, Scissorhands' do not
+    monkeypatch.setenv("KVSTACK_STATS_PRECISION", "bf16")
+    model = build_peaky("llama", num_hidden_layers=3)
+    specs = ["h2o(budget=20)", "scissorhands(budget=40, history=4)", "h2o(budget=40)"]
+    reads = _check_shared_chunks_equal_own(model, random_ids(48, seed=4), specs, chunk=16)
+    assert [read.chunks_shared for read in reads] == [0, 0, 0]
+
+
+def _random_chunk(seed: int, q_len: int, past: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(1, 4, q_len, 8, generator=generator) * 2
+    keys = torch.randn(1, 2, past + q_len, 8, generator=generator) * 2
+    return query, keys, torch.randn(1, 2, past + q_len, 8, generator=generator)
+
+
+@settings(max_examples=25, deadline=None)
+@given(q_len=st.integers(min_value=1, max_value=40), past=st.integers(min_value=0, max_value=40),
+       family=st.sampled_from([[{"colsum"}, {"below_mean"}, {"colsum", "below_mean"}], [set(), {"last"}]]),
+       padded=st.booleans(), seed=st.integers(min_value=0, max_value=10_000))
+def test_a_shared_chunk_gives_each_request_what_its_own_attention_computes(
+        q_len: int, past: int, family: list[set[str]], padded: bool, seed: int) -> None:
+    query, keys, values = _random_chunk(seed, q_len, past)
+    causal = None
+    if padded:  # a chunk mask with the first query row seeing only itself among the chunk's entries
+        causal = torch.ones(q_len, q_len, dtype=torch.bool).tril().view(1, 1, q_len, q_len).clone()
+        causal[..., :, 0] = torch.arange(q_len) == 0
+    requests = [(needs, 0) for needs in family]
+    try:
+        shared = SharedChunkAttention(query, keys, values, causal, None, 0.35, requests)
+    except ValueError as err:  # only when the requests' own forwards would compute it differently
+        assert "another way" in str(err) and q_len == 1 and family[0] == set()
+        return
+    for needs, window in requests:
+        output, stats = attention_with_stats(query, keys, values, causal, None, 0.35, set(needs), window)
+        assert torch.equal(shared.output, output), sorted(needs)
+        got = shared.stats(needs, window)
+        for field in ("window", "colsum", "below_mean", "queries_seen", "last"):
+            mine, theirs = getattr(got, field), getattr(stats, field)
+            assert (mine is None) == (theirs is None), (sorted(needs), field)
+            assert mine is None or torch.equal(mine, theirs), (sorted(needs), field)
+
+
+def test_a_shared_chunk_refuses_a_request_it_was_not_computed_for() -> None:
+    query, keys, values = _random_chunk(0, 6, 4)
+    shared = SharedChunkAttention(query, keys, values, None, None, 0.35, [({"colsum"}, 0)])
+    with pytest.raises(ValueError, match="computed for"):
+        shared.stats({"below_mean"}, 0)
+    with pytest.raises(ValueError, match="one query window"):
+        SharedChunkAttention(query, keys, values, None, None, 0.35, [({"colsum"}, 0), ({"colsum"}, 2)])
 
 
 @pytest.mark.parametrize(("specs", "message"), [

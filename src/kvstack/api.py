@@ -315,10 +315,12 @@ def prefill_shared_chunks(model: torch.nn.Module, input_ids: torch.Tensor, cache
     """Read one prompt into several caches of methods that evict as they read, sharing what they can.
 
     Each cache reads the prompt in the chunks :func:`prefill` gives it. Until a cache first exceeds its
-    budget it holds every token, as the full cache does, so caches whose methods ask for the same
-    attention statistics (:func:`kvstack.cache.shared.chunk_share_key`: one method at several ratios or
-    budgets, say) read those chunks in one forward; each evicts for itself, and a cache that has evicted
-    reads the rest alone. Every cache ends exactly as
+    budget it holds every token, as the full cache does, so caches whose methods' statistics one attention
+    call computes (:func:`kvstack.cache.shared.chunk_share_key`: one method at several ratios or budgets,
+    H2O with Scissorhands, StreamingLLM with TOVA) read those chunks in one forward; each evicts for
+    itself, and a cache that has evicted reads the rest alone. Should the caches' own forwards compute a
+    chunk's attention by different calls (:func:`kvstack.cache.shared.chunk_routes_agree`: a one-token
+    chunk, bf16 statistics), each reads the rest alone from there. Every cache ends exactly as
     :func:`prefill` would leave it (tests/test_shared_prefill.py compares them tensor by tensor).
 
     Parameters
@@ -340,7 +342,7 @@ def prefill_shared_chunks(model: torch.nn.Module, input_ids: torch.Tensor, cache
     InputError
         For no caches, or caches that cannot share prompt chunks (the message says why).
     """
-    from kvstack.cache.shared import SharedPrefillCache, chunk_share_key
+    from kvstack.cache.shared import SharedPrefillCache, chunk_routes_agree, chunk_share_key
 
     check_prompt(input_ids, model)
     if not caches:
@@ -348,7 +350,8 @@ def prefill_shared_chunks(model: torch.nn.Module, input_ids: torch.Tensor, cache
     keys = {chunk_share_key(cache) for cache in caches}
     if None in keys or len(keys) > 1 or any(cache.tokens_seen() for cache in caches):
         raise InputError("prefill_shared_chunks takes empty caches of methods that evict as they read, without a "
-                         "codec, asking for the same attention statistics (kvstack.cache.shared.chunk_share_key)")
+                         "codec, asking for the same attention statistics or ones a single attention call computes "
+                         "(kvstack.cache.shared.chunk_share_key)")
     if chunk_size is not None and chunk_size < 1:
         raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
     length = input_ids.shape[1]
@@ -360,8 +363,13 @@ def prefill_shared_chunks(model: torch.nn.Module, input_ids: torch.Tensor, cache
     shared_chunks = 0
     shared_seconds = 0.0
     logits = None
+    num_q_heads, dtype = int(model.config.num_attention_heads), next(model.parameters()).dtype
     while len(group) > 1 and shared_chunks < len(bounds):
         members = [caches[i] for i in group]
+        chunk_start, chunk_stop = bounds[shared_chunks]
+        if not chunk_routes_agree(members, q_len=chunk_stop - chunk_start, length=chunk_stop,
+                                  num_q_heads=num_q_heads, device=input_ids.device, dtype=dtype):
+            break  # their attention would be computed by different calls: each reads the rest on its own
         shared = SharedPrefillCache(members, chunked=True)
         start = time.perf_counter()
         logits = _read_chunks(model, input_ids, shared, members, bounds[shared_chunks:], limit=1)  # then regroup

@@ -18,6 +18,7 @@ RoPE position) versus ``length`` (entries held).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import weakref
@@ -1170,9 +1171,14 @@ class SharedChunkAttention:
 
     Caches of methods that evict while the prompt is read (StreamingLLM, H2O, TOVA, Scissorhands) hold
     every token, unevicted, until their budget is first exceeded; until then their layers hold the same
-    keys and values, and a chunk's attention over them, with the statistics their methods ask for, is
-    the same call for each (:func:`attention_with_stats`). It is computed here once; each cache then
-    does its own bookkeeping and eviction from it.
+    keys and values. A chunk's attention over them is computed here once, with every statistic any of
+    them asks for (:func:`attention_with_stats`); each cache then does its own bookkeeping and eviction
+    from it, with exactly the statistics its own forward would compute. That holds when every request
+    takes the route the union takes (:func:`attention_route`; checked here): on one route the output is
+    the same call and each statistic the same arithmetic. Column sums are then those of the union call
+    (a forward asking for below-mean counts alone computes them too); below-mean counts go only to the
+    caches that ask for them; trailing-query statistics are taken for each distinct request, as its own
+    forward takes them.
 
     Parameters
     ----------
@@ -1186,28 +1192,111 @@ class SharedChunkAttention:
         ``[B, q]`` bool, False for padding queries, or None.
     scaling:
         Softmax scale.
-    needs, window:
-        The statistics every sharing cache asks for (:meth:`KVStackLayer.forward_needs`) and the trailing
-        query window.
+    requests:
+        Each sharing cache's ``(statistics, trailing-query window)`` (:meth:`KVStackLayer.forward_needs`
+        and the method's window); all with the same window.
 
     Attributes
     ----------
     output:
         ``[B, q, Hq, D]`` attention output, as transformers' attention functions return it.
+
+    Raises
+    ------
+    ValueError
+        For no requests, different windows, or a request whose own forward would take another route.
     """
 
     def __init__(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, causal: torch.Tensor | None,
-                 query_valid: torch.Tensor | None, scaling: float, needs: set[str], window: int) -> None:
-        self.request = (frozenset(needs), int(window))
-        self.output, self._stats = attention_with_stats(query, keys, values, causal, None, scaling, set(needs),
-                                                        int(window), query_valid=query_valid)
+                 query_valid: torch.Tensor | None, scaling: float,
+                 requests: list[tuple[set[str] | frozenset[str], int]]) -> None:
+        distinct = list(dict.fromkeys((frozenset(needs), int(window)) for needs, window in requests))
+        if not distinct:
+            raise ValueError("a shared chunk attention needs at least one request")
+        windows = {window for _, window in distinct}
+        if len(windows) > 1:
+            raise ValueError(f"caches sharing a chunk must have one query window, not {sorted(windows)}")
+        window = windows.pop()
+        union = frozenset().union(*(needs for needs, _ in distinct))
+        q_len = query.shape[2]
+        route_of = functools.partial(attention_route, q_len=q_len, length=keys.shape[2], num_q_heads=query.shape[1],
+                                     device=query.device, dtype=query.dtype, padded=causal is not None,
+                                     query_padded=query_valid is not None)
+        route = route_of(union)
+        for needs, _ in distinct:
+            if route_of(needs) != route:
+                raise ValueError(f"a cache asking for {sorted(needs)} computes its attention another way "
+                                 f"({route_of(needs)}) than the shared chunk ({route}, for {sorted(union)})")
+        self.output, union_stats = attention_with_stats(query, keys, values, causal, None, scaling, set(union),
+                                                        window, query_valid=query_valid)
+        block_mask = functools.partial(_block_mask, causal, None, q_len, keys.shape[2] - q_len, device=query.device)
+        self._stats: dict[tuple[frozenset[str], int], AttentionStats] = {}
+        for needs, _ in distinct:
+            if needs == union:
+                self._stats[(needs, window)] = union_stats
+                continue
+            stats = dataclasses.replace(union_stats, window=None, last=None)
+            if STAT_BELOW_MEAN not in needs:
+                stats.below_mean = stats.queries_seen = None
+            if route == ROUTE_SDPA:  # trailing-query statistics as the request's own forward takes them
+                trailing = _trailing_query_stats(query, keys, block_mask, scaling, needs, window)
+                stats.window, stats.last = trailing.window, trailing.last
+            elif needs & {STAT_WINDOW, STAT_LAST}:
+                raise ValueError(f"a shared chunk with column statistics cannot also serve {sorted(needs)}")
+            self._stats[(needs, window)] = stats
 
     def stats(self, needs: set[str] | frozenset[str], window: int) -> AttentionStats:
-        """The statistics computed with the output; ``needs`` and ``window`` must be the ones they were for."""
-        if (frozenset(needs), int(window)) != self.request:
-            raise ValueError(f"this shared chunk computed {sorted(self.request[0])} (window {self.request[1]}), "
-                             f"not {sorted(needs)} (window {window})")
-        return self._stats
+        """The statistics for one of the requests the chunk was computed for."""
+        request = (frozenset(needs), int(window))
+        if request not in self._stats:
+            raise ValueError(f"this shared chunk was computed for {sorted(sorted(n) for n, _ in self._stats)} "
+                             f"(window {next(iter(self._stats))[1]}), not {sorted(needs)} (window {window})")
+        return self._stats[request]
+
+
+ROUTE_SDPA = "sdpa"  # PyTorch's attention for the output; window / last statistics from the trailing queries
+ROUTE_FUSED = "fused"  # kvstack's fused CPU kernel: output, column sums and below-mean counts in one pass
+ROUTE_FLASH = "flash"  # PyTorch's CPU flash attention, then the weights recomputed block by block for statistics
+ROUTE_FLASH_TRANSPOSED = "flash-transposed"  # flash attention, column sums from a flash call on the transpose
+ROUTE_EAGER = "eager"  # weights materialised block by block over the queries
+
+
+def attention_route(
+    needs: set[str] | frozenset[str],
+    *,
+    q_len: int,
+    length: int,
+    num_q_heads: int,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    padded: bool = False,
+    query_padded: bool = False,
+) -> str:
+    """Which computation :func:`attention_with_stats` makes for a forward of ``q_len`` queries over ``length``
+    entries asking for the statistics ``needs``: one of the ``ROUTE_*`` names.
+
+    Forwards on the same route compute the output by the same call, whatever statistics they ask for;
+    on the column routes (all but ``sdpa``) the column sums are the same arithmetic whether or not
+    below-mean counts are also taken, and on ``sdpa`` the trailing-query statistics are computed apart
+    from the output. So caches whose requests take one route can share one forward
+    (:class:`SharedChunkAttention`). ``padded``: a chunk mask or cached padding; ``query_padded``: padding
+    queries.
+    """
+    column = bool(needs & {STAT_COLSUM, STAT_BELOW_MEAN})
+    if not column and not (STAT_LAST in needs and q_len == 1):
+        return ROUTE_SDPA
+    on_cpu = torch.device(device).type == "cpu"
+    if (
+        on_cpu and dtype == torch.float32 and not padded and not query_padded
+        and needs <= {STAT_COLSUM, STAT_BELOW_MEAN} and stats_precision() != "bf16" and kernels.available()
+    ):
+        return ROUTE_FUSED
+    if q_len > 1 and on_cpu:
+        low_precision = _use_bf16_stats(num_q_heads * min(q_len, QUERY_BLOCK) * length)
+        if low_precision and not padded and needs <= {STAT_COLSUM}:
+            return ROUTE_FLASH_TRANSPOSED
+        return ROUTE_FLASH
+    return ROUTE_EAGER
 
 
 def attention_with_stats(
@@ -1250,21 +1339,19 @@ def attention_with_stats(
     group = num_q_heads // heads
     past = length - q_len
     stats = AttentionStats()
-    eager = bool(needs & {STAT_COLSUM, STAT_BELOW_MEAN}) or (STAT_LAST in needs and q_len == 1)
+    route = attention_route(needs, q_len=q_len, length=length, num_q_heads=num_q_heads, device=query.device,
+                            dtype=query.dtype, padded=causal is not None or past_valid is not None,
+                            query_padded=query_valid is not None)
 
     def block_mask(start: int, stop: int) -> torch.Tensor | None:
         return _block_mask(causal, past_valid, q_len, past, start, stop, query.device)
 
-    if not eager:
+    if route == ROUTE_SDPA:
         output = _sdpa_output(query, keys, values, causal, past_valid, scaling, block_mask)
         stats = _trailing_query_stats(query, keys, block_mask, scaling, needs, window)
         return output.transpose(1, 2), stats
 
-    if (
-        query.device.type == "cpu" and query.dtype == torch.float32 and causal is None and past_valid is None
-        and query_valid is None and needs <= {STAT_COLSUM, STAT_BELOW_MEAN} and stats_precision() != "bf16"
-        and kernels.available()
-    ):  # one fused pass, exact in float32: softmax, output and column statistics per tile of query rows
+    if route == ROUTE_FUSED:  # one fused pass, exact in float32: softmax, output and column statistics per tile
         output, stats.colsum, stats.below_mean = kernels.attention_with_column_sums(
             query, keys, values, scaling, STAT_BELOW_MEAN in needs
         )
@@ -1272,9 +1359,10 @@ def attention_with_stats(
             stats.queries_seen = _causal_rows_seeing(batch, heads, length, q_len, group, query.device)
         return output.transpose(1, 2), stats
 
-    if q_len > 1 and query.device.type == "cpu":
+    if route in (ROUTE_FLASH, ROUTE_FLASH_TRANSPOSED):
         return _flash_attention_with_column_stats(
-            query, keys, values, causal, past_valid, block_mask, scaling, needs, window, query_valid
+            query, keys, values, causal, past_valid, block_mask, scaling, needs, window, query_valid,
+            transposed_column_sums=route == ROUTE_FLASH_TRANSPOSED,
         )
 
     # Eager, block by block over queries: weights are materialised one block at a time.
@@ -1371,6 +1459,7 @@ def _flash_attention_with_column_stats(
     needs: set[str],
     window: int,
     query_valid: torch.Tensor | None,
+    transposed_column_sums: bool = False,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Column statistics (H2O's received attention, Scissorhands' below-mean counts) for a multi-token chunk.
 
@@ -1412,7 +1501,7 @@ def _flash_attention_with_column_stats(
     del repeated_keys, repeated_values, bias
     stats = AttentionStats()
     low_precision = _use_bf16_stats(num_q_heads * min(q_len, QUERY_BLOCK) * length)
-    if low_precision and not padded and needs <= {STAT_COLSUM}:
+    if transposed_column_sums:  # only column sums, unpadded, bf16 statistics (see attention_route)
         stats.colsum = _column_sums_by_transposed_flash(query, keys, lse, scaling)
         return output.transpose(1, 2), stats
     colsum = torch.zeros(batch, heads, length, dtype=torch.float32, device=query.device)

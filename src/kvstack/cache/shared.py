@@ -19,12 +19,14 @@ caches that ask for the same ones (:func:`method_stats_share_key`): one method a
 
 Methods that evict while the prompt is read (StreamingLLM, H2O, TOVA, Scissorhands) read it in chunks,
 and until a cache first exceeds its budget it holds every token, exactly as the full cache does. Caches
-whose methods ask for the same attention statistics can share those chunks
+whose methods' statistics one attention call computes can share those chunks
 (``SharedPrefillCache(caches, chunked=True)``, one chunk per forward; :func:`kvstack.prefill_shared_chunks`
-drives it): each chunk's attention runs once
-(:class:`~kvstack.cache.layer.SharedChunkAttention`) and every cache evicts for itself; a cache that has
-evicted leaves the group and reads the rest of the prompt on its own. :func:`chunk_share_key` says which
-caches can share; at ratio 0.25 of a 2k prompt read in 512-token chunks, every chunk is shared.
+drives it): each chunk's attention runs once, with every statistic a member asks for
+(:class:`~kvstack.cache.layer.SharedChunkAttention`), and every cache evicts for itself with exactly the
+statistics its own forward computes; a cache that has evicted leaves the group and reads the rest of the
+prompt on its own. :func:`chunk_share_key` says which caches can share: one method at several ratios, H2O
+with Scissorhands (column sums and below-mean counts come from one pass), StreamingLLM with TOVA. At ratio
+0.25 of a 2k prompt read in 512-token chunks, every chunk is shared.
 """
 
 from __future__ import annotations
@@ -35,12 +37,18 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvstack.cache.cache import KVStackCache
-from kvstack.cache.layer import KVStackLayer, SharedChunkAttention, SharedPromptAttention, chunk_masks
-from kvstack.methods.base import STAT_LAST, STAT_WINDOW
+from kvstack.cache.layer import (
+    KVStackLayer,
+    SharedChunkAttention,
+    SharedPromptAttention,
+    attention_route,
+    chunk_masks,
+)
+from kvstack.methods.base import STAT_BELOW_MEAN, STAT_COLSUM, STAT_LAST, STAT_WINDOW
 
 __all__ = [
-    "SharedPrefillCache", "chunk_share_key", "method_chunk_share_key", "method_share_blocker", "method_stats_share_key",
-    "share_blocker",
+    "SharedPrefillCache", "chunk_routes_agree", "chunk_share_key", "method_chunk_share_key", "method_share_blocker",
+    "method_stats_share_key", "share_blocker", "shared_chunk_statistics",
 ]
 
 
@@ -90,15 +98,53 @@ def method_stats_share_key(method: Any, codec: Any = None) -> StatsShareKey | No
     return _statistics_key(method, codec, dynamic=False)
 
 
+COLUMN_STATISTICS = frozenset({STAT_COLSUM, STAT_BELOW_MEAN})
+LAST_QUERY_STATISTICS = frozenset({STAT_LAST})
+
+
+def shared_chunk_statistics(needs: frozenset[str]) -> frozenset[str]:
+    """The statistics a chunk shared by a method asking for ``needs`` computes: what caches sharing it agree on.
+
+    Column sums and below-mean counts come from one pass over the weights, and the column sums do not
+    depend on whether the counts are also taken: H2O (column sums) and Scissorhands (counts) share chunks
+    computing both. A chunk's output does not depend on the last query's weights being taken (they are
+    computed apart from it): StreamingLLM (no statistics) and TOVA (the last query's weights) share chunks
+    too. Any other request is shared only with equal ones.
+    """
+    if needs and needs <= COLUMN_STATISTICS:
+        return COLUMN_STATISTICS
+    if needs <= LAST_QUERY_STATISTICS:
+        return LAST_QUERY_STATISTICS
+    return needs
+
+
 def method_chunk_share_key(method: Any, codec: Any = None) -> StatsShareKey | None:
     """What caches of a dynamic ``method`` must agree on to share prompt chunks, or None if they cannot.
 
-    The key is the attention statistics the method asks for at every chunk and its trailing-query window
-    (which also fixes where the prompt's chunks end): caches with equal keys compute the same attention
-    call over the same entries until one of them evicts. Static methods, codecs, in-cache positions and
-    low-precision demotion cannot share chunks (static methods share their single prompt forward instead).
+    The key is the statistics the shared chunks compute (:func:`shared_chunk_statistics` of those the method
+    asks for at every chunk) and its trailing-query window (which also fixes where the prompt's chunks end):
+    caches with equal keys compute their attention over the same entries by one call, each taking the
+    statistics its own forward would, until one of them evicts. Static methods, codecs, in-cache positions
+    and low-precision demotion cannot share chunks (static methods share their single prompt forward instead).
     """
-    return _statistics_key(method, codec, dynamic=True)
+    key = _statistics_key(method, codec, dynamic=True)
+    return None if key is None else (shared_chunk_statistics(key[0]), key[1])
+
+
+def chunk_routes_agree(caches: list[KVStackCache], *, q_len: int, length: int, num_q_heads: int,
+                       device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether every cache's own forward over an unpadded chunk of ``q_len`` queries (``length`` entries in all,
+    as each holds every token) computes its attention by the same route (:func:`attention_route`), so that one
+    :class:`SharedChunkAttention` serves them all. Caches with equal :func:`chunk_share_key` disagree only in
+    corner cases: a one-token chunk (TOVA takes the last query's weights eagerly, StreamingLLM does not), or
+    bf16 statistics on a CPU (H2O's column sums alone come from a transposed flash call)."""
+    routes = set()
+    for cache in caches:
+        needs = frozenset(cache.method.needs)
+        for request in (needs - {STAT_WINDOW}, needs):  # before and at the chunk that compresses
+            routes.add(attention_route(request, q_len=q_len, length=length, num_q_heads=num_q_heads, device=device,
+                                       dtype=dtype))
+    return len(routes) <= 1
 
 
 def chunk_share_key(cache: KVStackCache) -> StatsShareKey | None:
@@ -172,10 +218,11 @@ class SharedPrefillLayer(CacheLayerMixin):
         causal, valid = chunk_masks(attention_mask, batch, q_len, query.device)
         # Each member refuses the shared result unless it holds every token (for a first forward: the prompt).
         if self.member_stats:
-            _, needs = first.forward_needs(q_len)
+            requests = [(member.forward_needs(q_len)[1], member.owner.method.window_queries())
+                        for member in self.members]
             shared: SharedPromptAttention | SharedChunkAttention = SharedChunkAttention(
                 query, first.keys[:, :, : first.length], first.values[:, :, : first.length], causal, valid,
-                scaling, needs, first.owner.method.window_queries(),
+                scaling, requests,
             )
         else:
             shared = SharedPromptAttention(query, first.keys[:, :, :q_len], first.values[:, :, :q_len], causal,
@@ -225,7 +272,8 @@ class SharedPrefillCache(Cache):
                     raise ValueError(f"cache {index} ({caches[index].label()}) cannot share prompt chunks: its method "
                                      "is not one that evicts as it reads (without a codec), or it has evicted already")
             if len(set(keys)) > 1:
-                raise ValueError("caches sharing prompt chunks must ask for the same attention statistics")
+                raise ValueError("caches sharing prompt chunks must ask for the same attention statistics, or ones "
+                                 "a single attention call computes (kvstack.cache.shared.shared_chunk_statistics)")
             if len({cache.tokens_seen() for cache in caches}) > 1:
                 raise ValueError("caches sharing prompt chunks must have read the same tokens")
             member_stats = True
