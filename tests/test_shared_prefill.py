@@ -7,6 +7,9 @@ must all be equal, bit for bit.
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import pytest
 import torch
 from conftest import build_peaky, random_ids
@@ -14,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvstack
-from kvstack.cache.layer import SharedChunkAttention, attention_with_stats
+from kvstack.cache.layer import SharedChunkAttention, attention_route, attention_with_stats
 from kvstack.cache.shared import chunk_share_key, share_blocker
 
 SHAREABLE = [
@@ -275,22 +278,24 @@ def test_methods_share_chunks_when_one_attention_call_computes_their_statistics(
     assert keys["h2o(budget=8)"] != keys["tova(budget=8)"]
 
 
-def test_a_one_token_chunk_that_tova_and_streamingllm_would_attend_differently_is_read_alone() -> None:
+def test_a_one_token_chunk_that_tova_and_streamingllm_would_attend_differently_splits_their_group() -> None:
     # 33 tokens in chunks of 16: the last chunk is one token, where TOVA's forward takes the last query's
-    # weights eagerly and StreamingLLM's does not; with budgets that never evict, the first two chunks are shared
+    # weights eagerly and StreamingLLM's does not; with budgets that never evict, all read the first two
+    # chunks together, and the two TOVA caches the last one too
     model = build_peaky("llama", num_hidden_layers=3)
-    specs = ["tova(budget=40)", "streamingllm(budget=40)"]
+    specs = ["tova(budget=40)", "streamingllm(budget=40)", "tova(budget=50)"]
     reads = _check_shared_chunks_equal_own(model, random_ids(33, seed=2), specs, chunk=16)
-    assert [(read.chunks_shared, read.chunks) for read in reads] == [(2, 3), (2, 3)]
+    assert [(read.chunks_shared, read.chunks) for read in reads] == [(3, 3), (2, 3), (3, 3)]
 
 
-def test_h2o_and_scissorhands_with_bf16_statistics_read_alone_as_their_forwards_differ(monkeypatch) -> None:
+def test_with_bf16_statistics_h2o_shares_chunks_with_h2o_and_scissorhands_reads_alone(monkeypatch) -> None:
     # bf16 statistics: H2O's column sums alone come from a transposed flash call, Scissorhands' do not
     monkeypatch.setenv("KVSTACK_STATS_PRECISION", "bf16")
     model = build_peaky("llama", num_hidden_layers=3)
     specs = ["h2o(budget=20)", "scissorhands(budget=40, history=4)", "h2o(budget=40)"]
     reads = _check_shared_chunks_equal_own(model, random_ids(48, seed=4), specs, chunk=16)
-    assert [read.chunks_shared for read in reads] == [0, 0, 0]
+    # chunks of 16: the budget of 20 evicts at the second chunk, after which the other H2O cache reads alone
+    assert [read.chunks_shared for read in reads] == [2, 0, 2]
 
 
 def _random_chunk(seed: int, q_len: int, past: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -300,31 +305,42 @@ def _random_chunk(seed: int, q_len: int, past: int) -> tuple[torch.Tensor, torch
     return query, keys, torch.randn(1, 2, past + q_len, 8, generator=generator)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(q_len=st.integers(min_value=1, max_value=40), past=st.integers(min_value=0, max_value=40),
        family=st.sampled_from([[{"colsum"}, {"below_mean"}, {"colsum", "below_mean"}], [set(), {"last"}]]),
-       padded=st.booleans(), seed=st.integers(min_value=0, max_value=10_000))
+       padding=st.sampled_from(["none", "mask", "queries"]), kernels_on=st.booleans(),
+       precision=st.sampled_from(["auto", "fp32", "bf16"]), seed=st.integers(min_value=0, max_value=10_000))
 def test_a_shared_chunk_gives_each_request_what_its_own_attention_computes(
-        q_len: int, past: int, family: list[set[str]], padded: bool, seed: int) -> None:
+        q_len: int, past: int, family: list[set[str]], padding: str, kernels_on: bool, precision: str,
+        seed: int) -> None:
     query, keys, values = _random_chunk(seed, q_len, past)
-    causal = None
-    if padded:  # a chunk mask with the first query row seeing only itself among the chunk's entries
+    causal = query_valid = None
+    if padding == "mask":  # a chunk mask with the chunk's first entry hidden from every later query
         causal = torch.ones(q_len, q_len, dtype=torch.bool).tril().view(1, 1, q_len, q_len).clone()
         causal[..., :, 0] = torch.arange(q_len) == 0
+    elif padding == "queries":  # the chunk's first queries are padding
+        query_valid = (torch.arange(q_len) >= q_len // 3).view(1, q_len)
     requests = [(needs, 0) for needs in family]
-    try:
-        shared = SharedChunkAttention(query, keys, values, causal, None, 0.35, requests)
-    except ValueError as err:  # only when the requests' own forwards would compute it differently
-        assert "another way" in str(err) and q_len == 1 and family[0] == set()
-        return
-    for needs, window in requests:
-        output, stats = attention_with_stats(query, keys, values, causal, None, 0.35, set(needs), window)
-        assert torch.equal(shared.output, output), sorted(needs)
-        got = shared.stats(needs, window)
-        for field in ("window", "colsum", "below_mean", "queries_seen", "last"):
-            mine, theirs = getattr(got, field), getattr(stats, field)
-            assert (mine is None) == (theirs is None), (sorted(needs), field)
-            assert mine is None or torch.equal(mine, theirs), (sorted(needs), field)
+    environment = {"KVSTACK_KERNELS": "1" if kernels_on else "0", "KVSTACK_STATS_PRECISION": precision}
+    with mock.patch.dict(os.environ, environment):
+        routes = {attention_route(needs, q_len=q_len, length=past + q_len, num_q_heads=4, device="cpu",
+                                  dtype=torch.float32, padded=causal is not None,
+                                  query_padded=query_valid is not None)
+                  for needs in [*family, frozenset().union(*family)]}
+        if len(routes) > 1:  # the requests' own forwards would compute the attention by different calls
+            with pytest.raises(ValueError, match="another way"):
+                SharedChunkAttention(query, keys, values, causal, query_valid, 0.35, requests)
+            return
+        shared = SharedChunkAttention(query, keys, values, causal, query_valid, 0.35, requests)
+        for needs, window in requests:
+            output, stats = attention_with_stats(query, keys, values, causal, None, 0.35, set(needs), window,
+                                                 query_valid=query_valid)
+            assert torch.equal(shared.output, output), sorted(needs)
+            got = shared.stats(needs, window)
+            for field in ("window", "colsum", "below_mean", "queries_seen", "last"):
+                mine, theirs = getattr(got, field), getattr(stats, field)
+                assert (mine is None) == (theirs is None), (sorted(needs), field)
+                assert mine is None or torch.equal(mine, theirs), (sorted(needs), field)
 
 
 def test_a_shared_chunk_refuses_a_request_it_was_not_computed_for() -> None:

@@ -41,12 +41,30 @@ class Geometry:
     rope_inv_freq: torch.Tensor | None
 
 
+def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's attention modules: those with ``q_proj``, ``k_proj``, ``v_proj`` and a ``layer_idx``."""
+    return [m for m in model.modules()
+            if hasattr(m, "layer_idx") and all(hasattr(m, p) for p in ("q_proj", "k_proj", "v_proj"))]
+
+
+def attention_placements(model: torch.nn.Module) -> set[tuple[torch.device, torch.dtype]]:
+    """The devices and dtypes the model's attention layers compute their queries on (their ``q_proj``
+    weights'; the model's dtype for a weight that is not floating point, as quantized layers compute in it)."""
+    placements = set()
+    for module in _attention_modules(model):
+        weight = getattr(module.q_proj, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            placements.add((weight.device, weight.dtype))
+        else:
+            parameter = next(model.parameters())
+            device = parameter.device if weight is None else weight.device
+            placements.add((device, getattr(model, "dtype", parameter.dtype)))
+    return placements
+
+
 def model_geometry(model: torch.nn.Module) -> Geometry:
     """Read the attention geometry; raise :class:`InputError` for a model kvstack cannot drive."""
-    attention_modules = [
-        m for m in model.modules()
-        if hasattr(m, "layer_idx") and all(hasattr(m, p) for p in ("q_proj", "k_proj", "v_proj"))
-    ]
+    attention_modules = _attention_modules(model)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
         config = config.get_text_config()
@@ -318,9 +336,10 @@ def prefill_shared_chunks(model: torch.nn.Module, input_ids: torch.Tensor, cache
     budget it holds every token, as the full cache does, so caches whose methods' statistics one attention
     call computes (:func:`kvstack.cache.shared.chunk_share_key`: one method at several ratios or budgets,
     H2O with Scissorhands, StreamingLLM with TOVA) read those chunks in one forward; each evicts for
-    itself, and a cache that has evicted reads the rest alone. Should the caches' own forwards compute a
-    chunk's attention by different calls (:func:`kvstack.cache.shared.chunk_routes_agree`: a one-token
-    chunk, bf16 statistics), each reads the rest alone from there. Every cache ends exactly as
+    itself, and a cache that has evicted reads the rest alone. Before each chunk the caches still reading
+    together are split by how their own forwards would compute its attention
+    (:func:`kvstack.cache.shared.chunk_route_groups`: a one-token chunk, bf16 statistics); a cache left
+    in a group of its own reads the rest alone. Every cache ends exactly as
     :func:`prefill` would leave it (tests/test_shared_prefill.py compares them tensor by tensor).
 
     Parameters
@@ -342,7 +361,7 @@ def prefill_shared_chunks(model: torch.nn.Module, input_ids: torch.Tensor, cache
     InputError
         For no caches, or caches that cannot share prompt chunks (the message says why).
     """
-    from kvstack.cache.shared import SharedPrefillCache, chunk_routes_agree, chunk_share_key
+    from kvstack.cache.shared import SharedPrefillCache, chunk_route_groups, chunk_share_key
 
     check_prompt(input_ids, model)
     if not caches:
@@ -359,43 +378,53 @@ def prefill_shared_chunks(model: torch.nn.Module, input_ids: torch.Tensor, cache
     for cache in caches:
         cache.begin_prompt(length)
     reads: list[PromptRead | None] = [None] * len(caches)
-    group = list(range(len(caches)))
-    shared_chunks = 0
-    shared_seconds = 0.0
-    logits = None
-    num_q_heads, dtype = int(model.config.num_attention_heads), next(model.parameters()).dtype
-    while len(group) > 1 and shared_chunks < len(bounds):
-        members = [caches[i] for i in group]
-        chunk_start, chunk_stop = bounds[shared_chunks]
-        if not chunk_routes_agree(members, q_len=chunk_stop - chunk_start, length=chunk_stop,
-                                  num_q_heads=num_q_heads, device=input_ids.device, dtype=dtype):
-            break  # their attention would be computed by different calls: each reads the rest on its own
-        shared = SharedPrefillCache(members, chunked=True)
+    seconds, chunks_shared = [0.0] * len(caches), [0] * len(caches)
+    last_logits: list[torch.Tensor | None] = [None] * len(caches)
+    num_q_heads = model_geometry(model).num_q_heads
+    placements = attention_placements(model)
+
+    def read_rest_alone(i: int, chunk: int) -> None:
+        """Cache ``i`` reads chunks ``chunk`` onwards on its own."""
         start = time.perf_counter()
-        logits = _read_chunks(model, input_ids, shared, members, bounds[shared_chunks:], limit=1)  # then regroup
+        logits = last_logits[i]
+        if chunk < len(bounds):
+            logits = _read_chunks(model, input_ids, caches[i], [caches[i]], bounds[chunk:])
         synchronize(input_ids.device)
-        shared_seconds += time.perf_counter() - start
-        shared_chunks += 1
-        left = [i for i in group if chunk_share_key(caches[i]) is None]  # evicted: the rest on its own
-        group = [i for i in group if i not in left]
-        for i in left:
-            reads[i] = _read_alone(model, input_ids, caches[i], bounds, shared_chunks, shared_seconds, logits)
-    for i in group:
-        reads[i] = _read_alone(model, input_ids, caches[i], bounds, shared_chunks, shared_seconds, logits)
+        assert logits is not None
+        reads[i] = PromptRead(logits, seconds[i] + time.perf_counter() - start, chunks_shared[i], len(bounds))
+
+    sharing = list(range(len(caches)))  # caches that hold every token and read each chunk with others
+    for chunk, (chunk_start, chunk_stop) in enumerate(bounds):
+        if len(sharing) < 2:
+            break
+        groups = chunk_route_groups([caches[i] for i in sharing], q_len=chunk_stop - chunk_start,
+                                    length=chunk_stop, num_q_heads=num_q_heads, placements=placements)
+        still_sharing = []
+        for group in ([sharing[j] for j in indices] for indices in groups):
+            if len(group) == 1:  # its attention would be computed by another call than the others'
+                read_rest_alone(group[0], chunk)
+                continue
+            members = [caches[i] for i in group]
+            start = time.perf_counter()
+            logits = _read_chunks(model, input_ids, SharedPrefillCache(members, chunked=True), members,
+                                  bounds[chunk:], limit=1)
+            synchronize(input_ids.device)
+            took = time.perf_counter() - start
+            for i in group:
+                seconds[i] += took
+                chunks_shared[i] += 1
+                last_logits[i] = logits
+                if chunk_share_key(caches[i]) is None:  # evicted: the rest on its own
+                    read_rest_alone(i, chunk + 1)
+                else:
+                    still_sharing.append(i)
+        sharing = still_sharing
+    for i in range(len(caches)):
+        if reads[i] is None:
+            read_rest_alone(i, chunks_shared[i])
     for cache in caches:
         cache.end_prompt()
     return [read for read in reads if read is not None]
-
-
-def _read_alone(model: torch.nn.Module, input_ids: torch.Tensor, cache: KVStackCache, bounds: list[tuple[int, int]],
-                shared_chunks: int, shared_seconds: float, logits: torch.Tensor | None) -> PromptRead:
-    """The chunks after the first ``shared_chunks`` (read together) for ``cache`` alone."""
-    start = time.perf_counter()
-    if shared_chunks < len(bounds):
-        logits = _read_chunks(model, input_ids, cache, [cache], bounds[shared_chunks:])
-    synchronize(input_ids.device)
-    assert logits is not None
-    return PromptRead(logits, shared_seconds + time.perf_counter() - start, shared_chunks, len(bounds))
 
 
 def synchronize(device: torch.device | str | None) -> None:

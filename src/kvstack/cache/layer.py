@@ -1227,6 +1227,9 @@ class SharedChunkAttention:
             if route_of(needs) != route:
                 raise ValueError(f"a cache asking for {sorted(needs)} computes its attention another way "
                                  f"({route_of(needs)}) than the shared chunk ({route}, for {sorted(union)})")
+            if route != ROUTE_SDPA and needs != union and needs & {STAT_WINDOW, STAT_LAST}:
+                raise ValueError(f"a shared chunk with column statistics serves {sorted(needs)} only to caches "
+                                 f"asking for all of {sorted(union)}")
         self.output, union_stats = attention_with_stats(query, keys, values, causal, None, scaling, set(union),
                                                         window, query_valid=query_valid)
         block_mask = functools.partial(_block_mask, causal, None, q_len, keys.shape[2] - q_len, device=query.device)
@@ -1241,8 +1244,6 @@ class SharedChunkAttention:
             if route == ROUTE_SDPA:  # trailing-query statistics as the request's own forward takes them
                 trailing = _trailing_query_stats(query, keys, block_mask, scaling, needs, window)
                 stats.window, stats.last = trailing.window, trailing.last
-            elif needs & {STAT_WINDOW, STAT_LAST}:
-                raise ValueError(f"a shared chunk with column statistics cannot also serve {sorted(needs)}")
             self._stats[(needs, window)] = stats
 
     def stats(self, needs: set[str] | frozenset[str], window: int) -> AttentionStats:

@@ -47,7 +47,7 @@ from kvstack.cache.layer import (
 from kvstack.methods.base import STAT_BELOW_MEAN, STAT_COLSUM, STAT_LAST, STAT_WINDOW
 
 __all__ = [
-    "SharedPrefillCache", "chunk_routes_agree", "chunk_share_key", "method_chunk_share_key", "method_share_blocker",
+    "SharedPrefillCache", "chunk_route_groups", "chunk_share_key", "method_chunk_share_key", "method_share_blocker",
     "method_stats_share_key", "share_blocker", "shared_chunk_statistics",
 ]
 
@@ -131,20 +131,39 @@ def method_chunk_share_key(method: Any, codec: Any = None) -> StatsShareKey | No
     return None if key is None else (shared_chunk_statistics(key[0]), key[1])
 
 
-def chunk_routes_agree(caches: list[KVStackCache], *, q_len: int, length: int, num_q_heads: int,
-                       device: torch.device | str, dtype: torch.dtype) -> bool:
-    """Whether every cache's own forward over an unpadded chunk of ``q_len`` queries (``length`` entries in all,
-    as each holds every token) computes its attention by the same route (:func:`attention_route`), so that one
-    :class:`SharedChunkAttention` serves them all. Caches with equal :func:`chunk_share_key` disagree only in
-    corner cases: a one-token chunk (TOVA takes the last query's weights eagerly, StreamingLLM does not), or
-    bf16 statistics on a CPU (H2O's column sums alone come from a transposed flash call)."""
-    routes = set()
-    for cache in caches:
+AttentionPlacement = tuple[torch.device, torch.dtype]  # where, and in what dtype, a layer's queries are
+
+
+def chunk_route_groups(caches: list[KVStackCache], *, q_len: int, length: int, num_q_heads: int,
+                       placements: set[AttentionPlacement]) -> list[list[int]]:
+    """Indices of ``caches`` (equal :func:`chunk_share_key`, each holding every token) grouped so that one
+    :class:`SharedChunkAttention` serves each group's next chunk: ``q_len`` unpadded queries, ``length``
+    entries in all, on the ``placements`` (device, dtype) of the model's attention layers.
+
+    A group's members' own forwards, and the shared one computing all their statistics, take one route
+    (:func:`attention_route`) on every placement, before and at the chunk that compresses. Equal keys
+    disagree only in corner cases, where a cache ends in a group of its own: a one-token chunk (TOVA takes
+    the last query's weights eagerly, StreamingLLM does not), or bf16 statistics on a CPU (asked for, or
+    chosen for a bf16 model or without the fused kernels: H2O's column sums alone then come from a
+    transposed flash call, Scissorhands' do not).
+    """
+    def routes(needs: frozenset[str]) -> tuple[str, ...]:
+        return tuple(attention_route(needs, q_len=q_len, length=length, num_q_heads=num_q_heads, device=device,
+                                     dtype=dtype) for device, dtype in sorted(placements, key=str))
+
+    by_routes: dict[tuple[str, ...] | None, list[int]] = {}
+    for index, cache in enumerate(caches):
         needs = frozenset(cache.method.needs)
-        for request in (needs - {STAT_WINDOW}, needs):  # before and at the chunk that compresses
-            routes.add(attention_route(request, q_len=q_len, length=length, num_q_heads=num_q_heads, device=device,
-                                       dtype=dtype))
-    return len(routes) <= 1
+        before, at = routes(needs - {STAT_WINDOW}), routes(needs)  # before and at the chunk that compresses
+        by_routes.setdefault(before if before == at else None, []).append(index)
+    groups = []
+    for taken, indices in by_routes.items():
+        union = frozenset().union(*(caches[i].method.needs for i in indices))
+        if taken is not None and routes(union) == taken and routes(union - {STAT_WINDOW}) == taken:
+            groups.append(indices)
+        else:
+            groups += [[i] for i in indices]
+    return groups
 
 
 def chunk_share_key(cache: KVStackCache) -> StatsShareKey | None:

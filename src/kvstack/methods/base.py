@@ -35,6 +35,9 @@ class BudgetError(SpecError):
 class AttentionStats:
     """Statistics of one forward's attention over a layer's entries (cached + new), all per KV head.
 
+    Read-only for methods: caches reading a prompt together share these tensors
+    (:class:`~kvstack.cache.layer.SharedChunkAttention`), across methods too.
+
     Attributes
     ----------
     window:
