@@ -298,6 +298,17 @@ def test_with_bf16_statistics_h2o_shares_chunks_with_h2o_and_scissorhands_reads_
     assert [read.chunks_shared for read in reads] == [2, 0, 2]
 
 
+def test_under_cpu_autocast_h2o_and_scissorhands_read_and_share_chunks_as_their_own() -> None:
+    # bf16 autocast: values arrive in bf16 beside float32 queries and keys (RoPE promotes those); the fused
+    # kernel widens them and runs with autocast off, so each cache's own prefill runs (it used to raise a
+    # dtype error) and the shared chunks still end each cache exactly as its own
+    model = build_peaky("llama", num_hidden_layers=3)
+    specs = ["h2o(budget=20)", "scissorhands(budget=40, history=4)", "h2o(budget=40)"]
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        reads = _check_shared_chunks_equal_own(model, random_ids(48, seed=4), specs, chunk=16)
+    assert [read.chunks_shared for read in reads] == [2, 3, 3]
+
+
 def _random_chunk(seed: int, q_len: int, past: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     query = torch.randn(1, 4, q_len, 8, generator=generator) * 2

@@ -32,6 +32,7 @@ import os
 import pathlib
 import platform
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -420,6 +421,18 @@ def available() -> bool:
     return True
 
 
+# The kernels compute in float32 and call ATen inside; CPU autocast would turn those calls to bf16, so it is
+# off around every kernel (inputs are float32, or widened to it, which is exact from bf16).
+def _no_autocast(kernel: Callable[..., Any]) -> Callable[..., Any]:
+    """``kernel`` run with CPU autocast off (a fresh context per call: autocast keeps its saved state on itself)."""
+    @functools.wraps(kernel)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type="cpu", enabled=False):
+            return kernel(*args, **kwargs)
+    return run
+
+
+@_no_autocast
 def packed_scores(
     codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, query: torch.Tensor, length: int, bits: int,
     group: int, along_tokens: bool,
@@ -434,6 +447,7 @@ def packed_scores(
                                    along_tokens)
 
 
+@_no_autocast
 def packed_weighted_values(
     codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, weights: torch.Tensor, length: int, bits: int,
     group: int, along_tokens: bool,
@@ -443,6 +457,7 @@ def packed_weighted_values(
                                             along_tokens)
 
 
+@_no_autocast
 def paged_attention_forward(
     query: torch.Tensor, kv: torch.Tensor, layer: int, tables: torch.Tensor, token_seq: torch.Tensor,
     token_pos: torch.Tensor, scaling: float,
@@ -461,6 +476,7 @@ COLUMN_SUM_TILE_ROWS = 64  # query rows per task: G * 64 rows of scores stay in 
 COLUMN_SUM_TILE_BYTES = 4 << 20  # fewer rows per task when rows are long, so a tile stays about this size
 
 
+@_no_autocast
 def attention_with_column_sums(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, want_below: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -474,5 +490,7 @@ def attention_with_column_sums(
     """
     group, length = query.shape[1] // keys.shape[1], keys.shape[2]
     rows = max(8, min(COLUMN_SUM_TILE_ROWS, COLUMN_SUM_TILE_BYTES // (4 * group * length)))
+    # Under CPU autocast the values arrive in bf16 beside float32 queries and keys (RoPE promotes those).
+    keys, values = keys.to(query.dtype), values.to(query.dtype)
     result = _module().attention_with_column_sums(query.contiguous(), keys, values, scaling, want_below, rows)
     return result[0], result[1], result[2] if want_below else None
