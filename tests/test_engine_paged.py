@@ -203,6 +203,31 @@ def test_paged_attention_explicit_causal_offsets():
     torch.testing.assert_close(output, dense_reference(query, keys, values, 3, 0.5), atol=ATOL, rtol=0)
 
 
+def test_the_fused_paged_kernel_attends_the_same_under_cpu_autocast():
+    # bf16 autocast around an engine step: the kernel runs with autocast off, so decode rows are the same
+    # float32 attention as without it (to the bit) and still match dense SDPA
+    if not kernels.available():
+        pytest.skip("no C++ compiler for the fused kernels")
+    generator = torch.Generator().manual_seed(5)
+    lengths, new_tokens, heads, group, dim = [13, 7], [1, 1], 2, 3, 8
+    pool = PagedKVPool(8, 1, heads, dim, block_size=4)
+    tables = shuffled_tables([4, 2], 8, seed=5)
+    dense = []
+    for table, length in zip(tables, lengths, strict=True):
+        keys, values = torch.randn(2, heads, length, dim, generator=generator)
+        pool.write(0, table, 0, keys, values)
+        dense.append((keys, values))
+    query = torch.randn(sum(new_tokens), heads * group, dim, generator=generator)  # [T, Hq, D]
+    plain = paged_attention_packed(query, pool, 0, tables, new_tokens, lengths, 0.35)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        under_autocast = paged_attention_packed(query, pool, 0, tables, new_tokens, lengths, 0.35)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, plain, atol=0, rtol=0)
+    for row, ((keys, values), length) in enumerate(zip(dense, lengths, strict=True)):
+        expected = dense_reference(query[row:row + 1].transpose(0, 1), keys, values, length - 1, 0.35)
+        torch.testing.assert_close(under_autocast[row:row + 1].transpose(0, 1), expected, atol=ATOL, rtol=0)
+
+
 def test_paged_attention_errors():
     pool = PagedKVPool(4, 1, 2, 4, block_size=4)
     query = torch.zeros(4, 2, 4)

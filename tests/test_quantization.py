@@ -388,6 +388,55 @@ def test_fused_decoding_decodes_no_block_at_all(monkeypatch):
     model(torch.tensor([[5]]), **kvstack.cache_kwargs(model, cache), use_cache=True)
 
 
+@pytest.mark.parametrize("spec", ["kivi(bits=2, group_size=16)", "quant(bits=4, group_size=16)",
+                                  "kivi(bits=4, group_size=8, rotate='hadamard')"])
+def test_fused_decoding_scores_and_weighs_the_same_under_cpu_autocast(spec):
+    # a region's decode math runs with CPU autocast off: under bf16 autocast its scores, weighted values and
+    # one-token attention are the float32 ones, to the bit (a Hadamard query rotation used to turn bf16 and
+    # the packed kernel then refused it)
+    if not kernels.available():
+        pytest.skip("no C++ compiler for the fused kernels")
+    generator = torch.Generator().manual_seed(7)
+    region = _region(spec)
+    n = 3 * region.chunk
+    region.append(torch.randn(1, 2, n, 32, generator=generator), torch.randn(1, 2, n, 32, generator=generator),
+                  torch.arange(n, dtype=torch.int32).view(1, 1, -1), {})
+    assert region._fused_decoding()
+    query = torch.randn(1, 2, 3, 32, generator=generator)  # [B, H, G, D]
+    weights = torch.softmax(torch.randn(1, 2, 3, region.length, generator=generator), dim=-1)
+    tail_keys, tail_values = torch.randn(2, 1, 2, 5, 32, generator=generator)
+    one = torch.randn(1, 6, 1, 32, generator=generator)  # [B, Hq, 1, D]
+
+    def decode_math() -> tuple[torch.Tensor, ...]:
+        return (region.scores(query), region.weighted_values(weights),
+                region.attend_one(one, tail_keys, tail_values, 0.2))
+
+    plain = decode_math()
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        under_autocast = decode_math()
+    for got, expected in zip(under_autocast, plain, strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    torch.testing.assert_close(region.scores(query.bfloat16()), region.scores(query.bfloat16().float()), atol=0,
+                               rtol=0)  # a bf16 query is widened, not refused
+
+
+def test_decoding_with_a_rotated_codec_under_cpu_autocast_runs_and_stays_close_to_without():
+    model = head32_model()
+    spec = "kivi(bits=4, group_size=8, residual=16, rotate='hadamard')"
+    ids = random_ids(120)
+    logits = []
+    for autocast in (False, True):
+        cache = kvstack.make_cache(model, spec)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=autocast):
+            prefill(model, ids, cache)
+            assert cache.layers[0].encoded_entries() > 0
+            out = model(torch.tensor([[5]]), **kvstack.cache_kwargs(model, cache), use_cache=True)
+        logits.append(out.logits[0, -1].float())
+    # bf16 projections move the logits a little; the quantized attention itself is float32 in both
+    assert torch.nn.functional.cosine_similarity(logits[0], logits[1], dim=0) > 0.99
+
+
 def test_static_selection_then_codec_keeps_what_the_selection_alone_keeps():
     model = head32_model()
     ids = random_ids(150)

@@ -422,17 +422,25 @@ def available() -> bool:
 
 
 # The kernels compute in float32 and call ATen inside; CPU autocast would turn those calls to bf16, so it is
-# off around every kernel (inputs are float32, or widened to it, which is exact from bf16).
-def _no_autocast(kernel: Callable[..., Any]) -> Callable[..., Any]:
-    """``kernel`` run with CPU autocast off (a fresh context per call: autocast keeps its saved state on itself)."""
+# off around every kernel (inputs are float32, or widened to it, which is exact from bf16). Code that feeds
+# them float32 it computes itself (a quantized region's query rotation) runs under it too.
+def without_cpu_autocast(kernel: Callable[..., Any]) -> Callable[..., Any]:
+    """``kernel`` run with CPU autocast off.
+
+    The context is entered only while CPU autocast is on (checking costs a fraction of a microsecond,
+    entering one a few, on every decode step), and a fresh one each time: autocast keeps its saved state
+    on itself.
+    """
     @functools.wraps(kernel)
     def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_autocast_enabled("cpu"):
+            return kernel(*args, **kwargs)
         with torch.autocast(device_type="cpu", enabled=False):
             return kernel(*args, **kwargs)
     return run
 
 
-@_no_autocast
+@without_cpu_autocast
 def packed_scores(
     codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, query: torch.Tensor, length: int, bits: int,
     group: int, along_tokens: bool,
@@ -447,7 +455,7 @@ def packed_scores(
                                    along_tokens)
 
 
-@_no_autocast
+@without_cpu_autocast
 def packed_weighted_values(
     codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, weights: torch.Tensor, length: int, bits: int,
     group: int, along_tokens: bool,
@@ -457,7 +465,7 @@ def packed_weighted_values(
                                             along_tokens)
 
 
-@_no_autocast
+@without_cpu_autocast
 def paged_attention_forward(
     query: torch.Tensor, kv: torch.Tensor, layer: int, tables: torch.Tensor, token_seq: torch.Tensor,
     token_pos: torch.Tensor, scaling: float,
@@ -476,7 +484,7 @@ COLUMN_SUM_TILE_ROWS = 64  # query rows per task: G * 64 rows of scores stay in 
 COLUMN_SUM_TILE_BYTES = 4 << 20  # fewer rows per task when rows are long, so a tile stays about this size
 
 
-@_no_autocast
+@without_cpu_autocast
 def attention_with_column_sums(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, want_below: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

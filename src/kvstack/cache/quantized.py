@@ -678,13 +678,15 @@ class QuantizedRegion:
 
 
     # ------------------------------------------------------------------------------ decoding fast path
+    @kernels.without_cpu_autocast
     def attend_one(
         self, query: torch.Tensor, tail_keys: torch.Tensor, tail_values: torch.Tensor, scaling: float
     ) -> torch.Tensor:
         """Attention of one new token per sequence over ``[region | tail]``, nothing masked, no statistics.
 
         Two passes over the blocks: scores of every block (:meth:`scores`), one softmax over the
-        ``[B, Hq, N + P]`` weights, then the values block by block (:meth:`weighted_values`).
+        ``[B, Hq, N + P]`` weights, then the values block by block (:meth:`weighted_values`), in float32
+        with CPU autocast off; the output is cast back to the query's dtype.
 
         Parameters
         ----------
@@ -706,6 +708,7 @@ class QuantizedRegion:
         output = self.weighted_values(weights[..., :encoded]) + weights[..., encoded:] @ tail_values.float()
         return output.to(query.dtype).view(batch, num_q_heads, 1, head_dim).transpose(1, 2)
 
+    @kernels.without_cpu_autocast
     def scores(self, query: torch.Tensor) -> torch.Tensor:
         """Dot products of query rows with every encoded key, in the model's basis.
 
@@ -715,13 +718,16 @@ class QuantizedRegion:
         Parameters
         ----------
         query:
-            ``[B, H, R, D]`` float32 rows per KV head (e.g. the ``G`` query heads of a group, times scaling).
+            ``[B, H, R, D]`` float32 rows per KV head (e.g. the ``G`` query heads of a group, times scaling);
+            a narrower dtype (bf16 under CPU autocast) is widened, and autocast is off here, so the rotation
+            and the scores are float32 either way.
 
         Returns
         -------
         torch.Tensor
             ``[B, H, R, N]`` float32.
         """
+        query = query.float()
         rotated = query * self.smoothing if self.smoothing is not None else query  # q.(k'l) = (q l).k'
         rotated = rotated @ self.rotation if self.rotates_keys else rotated
         encoded = self.length
@@ -740,9 +746,12 @@ class QuantizedRegion:
                 scores[..., start:stop] = rotated @ keys.transpose(-1, -2)
         return scores
 
+    @kernels.without_cpu_autocast
     def weighted_values(self, weights: torch.Tensor) -> torch.Tensor:
         """``[B, H, R, N]`` float32 weights over every encoded entry applied to their values: ``[B, H, R, D]``
-        float32 in the model's basis (value scales and zero points are folded into the weights)."""
+        float32 in the model's basis (value scales and zero points are folded into the weights); narrower
+        weights are widened, and CPU autocast is off here."""
+        weights = weights.float()
         values = self.values
         if self._fused_decoding():
             out = kernels.packed_weighted_values(
