@@ -422,14 +422,14 @@ def available() -> bool:
 
 
 # The kernels compute in float32 and call ATen inside; CPU autocast would turn those calls to bf16, so it is
-# off around every kernel (inputs are float32, or widened to it, which is exact from bf16). Code that feeds
-# them float32 it computes itself (a quantized region's query rotation) runs under it too.
+# off around every kernel (inputs are float32, or widened to it, which is exact from bf16). A quantized
+# region's decode methods, which compute what they pass in (a rotated query), are wrapped as well.
 def without_cpu_autocast(kernel: Callable[..., Any]) -> Callable[..., Any]:
     """``kernel`` run with CPU autocast off.
 
-    The context is entered only while CPU autocast is on (checking costs a fraction of a microsecond,
-    entering one a few, on every decode step), and a fresh one each time: autocast keeps its saved state
-    on itself.
+    The context is entered only while CPU autocast is on (the check costs a fraction of a microsecond,
+    entering a context a few microseconds, on every decode step), and a fresh one each time: autocast
+    keeps its saved state on itself.
     """
     @functools.wraps(kernel)
     def run(*args: Any, **kwargs: Any) -> Any:
