@@ -32,7 +32,7 @@ samples), plus perplexity. PROGRESS.md lists the full cache's screening scores a
 Usage::
 
     python benchmarks/reference_bench.py [--lengths 1024,2048,4096] [--max-minutes 90]
-        [--out benchmarks/results/reference] [--screen-above 2048] [--full-floor 20]
+        [--out benchmarks/results/reference] [--screen-above 2048] [--full-floor 20] [--tasks niah_multikey]
 """
 
 from __future__ import annotations
@@ -254,7 +254,16 @@ def main() -> int:
                         help="lengths above this run the grid only where the full cache scores (default 2048)")
     parser.add_argument("--full-floor", type=float, default=FULL_FLOOR,
                         help="the full cache's mean score a task cell needs at a screened length (default 20)")
+    parser.add_argument("--tasks", default=None,
+                        help="comma-separated tasks: run only these cells of the grid (its tables and PROGRESS.md "
+                             "still cover the whole grid), e.g. to fit a shorter batch into a session")
     args = parser.parse_args()
+    only_tasks = None if args.tasks is None else [item.strip() for item in args.tasks.split(",") if item.strip()]
+    if only_tasks is not None:
+        unknown = [name for name in only_tasks if name not in ALL_TASKS]
+        if unknown or not only_tasks:
+            parser.error(f"--tasks: unknown or no task {', '.join(unknown) or repr(args.tasks)}; "
+                         f"choose from {', '.join(ALL_TASKS)}")
     torch.set_num_threads(os.cpu_count() or 1)
     lengths = [int(item) for item in args.lengths.split(",") if item.strip()]
     screen = {"screen_above": args.screen_above, "floor": args.full_floor}
@@ -283,9 +292,15 @@ def main() -> int:
     try:
         for length in lengths:  # one length at a time, so a partial run completes the shorter lengths first
             while (config := length_config(args.out, length, args.samples, **screen)) is not None:
+                if only_tasks is not None:
+                    config.tasks = [name for name in config.tasks if name in only_tasks]
+                    if not config.tasks:
+                        break  # none of the tasks asked for is in the grid at this length (yet)
                 run_bench(config, on_cell=on_cell)
                 if config.methods != ["full"] or length <= args.screen_above:
                     break  # the grid at this length is done; after a screening, the loop runs what it kept
+                if only_tasks is not None and not screening(args.out, length, args.samples, args.full_floor)[1]:
+                    break  # the screening of the tasks not asked for is still to run: it decides what is kept
     except _DeadlineError:
         stopped_early = True
         from kvstack.bench.report import write_reports
