@@ -21,8 +21,12 @@ cache read, shared ones counted whole) and the peak memory is the group's. Recor
 
 The run is :func:`kvstack.bench.run_bench`, so it is resumable: finished cells are keyed in
 ``results.jsonl`` and skipped, and the same command carries on where an earlier (or interrupted) run
-stopped. ``--max-minutes`` ends the run cleanly after the cell under way, so a long grid can be spread
-over several sessions; ``PROGRESS.md`` says how much of the grid is done.
+stopped. ``--max-minutes`` ends the run cleanly at the first checkpoint past that time, so a long grid can be spread
+over several sessions; ``PROGRESS.md`` says how much of the grid is done. Since 2026-12-03 a cell (or a batch
+of cells sharing their prompt forwards) saves its progress every 2 samples to ``partial.jsonl``
+(``BenchConfig.checkpoint_every``): a run stopped or killed mid-batch loses at most two samples of it, and the
+next run resumes each cell from its checkpoint, with exactly the records of an uninterrupted run (records say
+``resumed_from_checkpoint``; their timings then come from two processes).
 
 Lengths above ``--screen-above`` (2048) are screened first, as the issue asks for them only "where the
 full cache still scores": the full cache runs on every task cell at that length, and the other methods
@@ -53,6 +57,7 @@ from core_bench import cpu_name
 
 from kvstack.bench import TASKS, BenchConfig, latest_results, plan_cells, read_results, run_bench
 from kvstack.bench.report import comparable_cells
+from kvstack.bench.runner import CHECKPOINT_FILE
 from kvstack.spec import list_methods
 
 RATIOS = [0.25, 0.5, 0.75]
@@ -61,6 +66,7 @@ TASK_ORDER = [
     "niah_multivalue", "niah_multiquery", "vt", "fwe", "cwe", "niah",
 ]  # the single needles and perplexity first, so a partial grid already compares every method on them
 SAMPLES = 20
+CHECKPOINT_EVERY = 2  # samples: a run stopped mid-batch (or killed) loses at most two samples of it
 
 
 class _DeadlineError(Exception):
@@ -94,7 +100,7 @@ def reference_config(lengths: list[int], out_dir: str, samples: int = SAMPLES, *
     return BenchConfig(
         methods=reference_methods() if methods is None else methods, ratios=list(RATIOS),
         tasks=list(ALL_TASKS if tasks is None else tasks), lengths=lengths, samples=samples, out_dir=out_dir,
-        progress=sys.stderr.isatty(), share_prefill=True, **extra,
+        progress=sys.stderr.isatty(), share_prefill=True, checkpoint_every=CHECKPOINT_EVERY, **extra,
     )
 
 
@@ -174,6 +180,11 @@ def write_progress(out_dir: Path, lengths: list[int], samples: int, command: str
     tasks_done = sorted({(cell.task.name, cell.task.variant, cell.length) for cell in planned if cell.key in done})
     lines += ["", "Task cells with at least one method finished: "
               + (", ".join(f"{t}{' ' + v if v else ''}@{n}" for t, v, n in tasks_done) or "none"), ""]
+    under_way = checkpointed(out_dir, planned, done)
+    if under_way:
+        lines += [f"Under way ({CHECKPOINT_FILE}; the same command resumes them from there): "
+                  + ", ".join(f"{name} ({count} cells, {saved} of {samples} samples)"
+                              for name, count, saved in under_way), ""]
     for length in lengths:
         if length <= screen_above:
             continue
@@ -193,6 +204,23 @@ def write_progress(out_dir: Path, lengths: list[int], samples: int, command: str
     for length in config.lengths:
         lines += [f"## Summary at {length} tokens", "", summary_table(records, length), ""]
     (out_dir / "PROGRESS.md").write_text("\n".join(lines))
+
+
+def checkpointed(out_dir: Path, planned: list, done: set[str]) -> list[tuple[str, int, int]]:
+    """Unfinished cells of the grid with a checkpoint: (task cell @ length, cells, samples saved) per group."""
+    unfinished = {_cell_name(cell.config): cell for cell in planned if cell.key not in done}
+    groups: dict[tuple[str, int], int] = {}
+    for record in read_results(out_dir / CHECKPOINT_FILE):
+        cell = unfinished.get(_cell_name(record["config"]))
+        if cell is not None:
+            variant = f" {cell.task.variant}" if cell.task.variant else ""
+            name = (f"{cell.task.name}{variant}@{cell.length}", int(record["samples"]))
+            groups[name] = groups.get(name, 0) + 1
+    return [(name, count, saved) for (name, saved), count in sorted(groups.items())]
+
+
+def _cell_name(config: dict) -> str:
+    return json.dumps({key: value for key, value in config.items() if key != "samples"}, sort_keys=True, default=str)
 
 
 def summary_table(records: list[dict], length: int) -> str:
@@ -247,7 +275,8 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=SAMPLES)
     parser.add_argument("--out", default="benchmarks/results/reference")
     parser.add_argument("--max-minutes", type=float, default=None,
-                        help="stop after the cell that ends past this many minutes (resume with the same command)")
+                        help="stop at the first checkpoint (every 2 samples) or cell past this many minutes "
+                             "(resume with the same command)")
     parser.add_argument("--report-only", action="store_true",
                         help="only rewrite the tables, plots and PROGRESS.md from results.jsonl")
     parser.add_argument("--screen-above", type=int, default=SCREEN_ABOVE,
@@ -281,6 +310,16 @@ def main() -> int:
         if deadline is not None and time.monotonic() > deadline:
             raise _DeadlineError
 
+    def on_checkpoint(records: list[dict]) -> None:
+        first = records[0]
+        variant = f" {first['variant']}" if first["variant"] else ""
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        print(f"{now} checkpoint: {first['task']}{variant} L={first['length']}, {len(records)} cells at "
+              f"{first['samples']} of {args.samples} samples ({first['wall_s'] * len(records):.0f} s so far)",
+              flush=True)
+        if deadline is not None and time.monotonic() > deadline:
+            raise _DeadlineError
+
     stopped_early = False
     if args.report_only:
         from kvstack.bench.report import write_reports
@@ -296,7 +335,7 @@ def main() -> int:
                     config.tasks = [name for name in config.tasks if name in only_tasks]
                     if not config.tasks:
                         break  # none of the tasks asked for is in the grid at this length (yet)
-                run_bench(config, on_cell=on_cell)
+                run_bench(config, on_cell=on_cell, on_checkpoint=on_checkpoint)
                 if config.methods != ["full"] or length <= args.screen_above:
                     break  # the grid at this length is done; after a screening, the loop runs what it kept
                 if only_tasks is not None and not screening(args.out, length, args.samples, args.full_floor)[1]:

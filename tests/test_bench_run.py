@@ -26,7 +26,7 @@ from kvstack.bench import (
 )
 from kvstack.bench.config import split_top_level
 from kvstack.bench.metrics import PeakMemory
-from kvstack.bench.runner import RESULTS_FILE, append_result
+from kvstack.bench.runner import CHECKPOINT_FILE, RESULTS_FILE, append_result
 
 PLOTS = ("score_vs_compression_mean.png", "score_vs_compression.png", "needle_heatmap.png", "kv_bytes_vs_length.png",
          "decode_speed_vs_length.png")
@@ -317,6 +317,110 @@ def test_a_callback_that_stops_the_run_loses_no_cell_of_a_shared_prefill(tmp_pat
         run_bench(config, model, tokenizer, on_cell=stop)
     saved = read_results(tmp_path / RESULTS_FILE)
     assert len(saved) == 4 and {r["prefill_shared_by"] for r in saved} == {4}  # the whole shared batch
+
+
+CHECKPOINTED = {"methods": ["snapkv(ratio={ratio})", "keynorm(ratio={ratio})", "h2o(ratio={ratio})"],
+                "tasks": ["passkey", "perplexity"], "lengths": [160], "samples": 5}
+PER_SAMPLE = ("score", "prediction", "new_tokens", "nll_sum", "kv_bytes", "index")
+
+
+def _same_records(ours: list[dict], theirs: list[dict]) -> None:
+    by_key = {r["key"]: r for r in theirs}
+    assert sorted(by_key) == sorted(r["key"] for r in ours)
+    for record in ours:
+        expected = by_key[record["key"]]
+        for name in COMPARED:
+            assert record[name] == pytest.approx(expected[name], rel=1e-12), (record["method"], name)
+        for mine, other in zip(record["per_sample"], expected["per_sample"], strict=True):
+            for name in PER_SAMPLE:
+                assert mine.get(name) == other.get(name), (record["method"], name)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_a_run_stopped_between_checkpoints_resumes_from_them_and_matches_an_uninterrupted_run(
+        tmp_path, model, tokenizer, prose_file, monkeypatch, share):  # noqa: F811
+    import kvstack.bench.runner as runner
+
+    values = {**CHECKPOINTED, "share_prefill": share}
+    fresh = run_bench(small_config(tmp_path / "fresh", prose_file, **values), model, tokenizer)
+    config = small_config(tmp_path / "stopped", prose_file, checkpoint_every=2, **values)
+    checkpoints: list[list[dict]] = []
+
+    def stop_at_the_second_checkpoint(records):
+        checkpoints.append(records)
+        if len(checkpoints) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(config, model, tokenizer, on_checkpoint=stop_at_the_second_checkpoint)
+    # 2 of 5 samples of the first batch, then 4 of 5: the checkpoint file holds the latest, once per cell
+    assert [{r["samples"] for r in batch} for batch in checkpoints] == [{2}, {4}]
+    saved = read_results(tmp_path / "stopped" / CHECKPOINT_FILE)
+    assert sorted(r["key"] for r in saved) == sorted(r["key"] for r in checkpoints[1])
+    assert all(r["checkpoint"] and r["config"]["samples"] == 4 for r in saved)
+    assert [s["index"] for s in saved[0]["per_sample"]] == [0, 1, 2, 3]
+    assert not read_results(tmp_path / "stopped" / RESULTS_FILE)  # no cell is finished, none is reported
+
+    measured: list[int] = []
+    original = runner._generation_sample
+
+    def counting(*args, **kwargs):
+        measured.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_generation_sample", counting)
+    resumed = run_bench(config, model, tokenizer)
+    cells_in_first_batch = len(checkpoints[1])
+    passkey_cells = sum(1 for r in fresh.records if r["task"] == "passkey")
+    # the stopped batch ran only its last sample; every other passkey cell all five
+    assert len(measured) == cells_in_first_batch * 1 + (passkey_cells - cells_in_first_batch) * 5
+    assert resumed.ran == len(fresh.records)
+    _same_records(resumed.records, fresh.records)
+    stopped_batch = {(r["method"], r["task"]) for r in checkpoints[1]}
+    for record in resumed.records:
+        assert "checkpoint" not in record and "extended_from" not in record
+        assert ("resumed_from_checkpoint" in record) == ((record["method"], record["task"]) in stopped_batch)
+    assert not read_results(tmp_path / "stopped" / CHECKPOINT_FILE)  # finished cells leave no checkpoint
+
+
+def test_checkpoints_of_a_killed_run_survive_and_extend_a_finished_record(tmp_path, model, tokenizer,  # noqa: F811
+                                                                          prose_file):  # noqa: F811
+    values = {**CHECKPOINTED, "tasks": ["passkey"], "share_prefill": True}
+    run_bench(small_config(tmp_path / "grown", prose_file, **{**values, "samples": 1}), model, tokenizer)
+    config = small_config(tmp_path / "grown", prose_file, checkpoint_every=2, **values)
+
+    def die(records):
+        raise SystemExit(9)  # anything that ends the run after a checkpoint
+
+    with pytest.raises(SystemExit):
+        run_bench(config, model, tokenizer, on_checkpoint=die)
+    saved = read_results(tmp_path / "grown" / CHECKPOINT_FILE)
+    assert {r["samples"] for r in saved} == {3}  # the 1-sample records, extended by 2
+    assert all(r["extended_from"]["samples"] == 1 for r in saved)
+    grown = run_bench(config, model, tokenizer)
+    fresh = run_bench(small_config(tmp_path / "fresh", prose_file, **values), model, tokenizer)
+    _same_records(grown.records, fresh.records)
+    stopped_batch = {r["method"] for r in saved}
+    assert stopped_batch and len(stopped_batch) < len(grown.records)
+    for record in grown.records:  # the origin is the finished 1-sample record, not the checkpoint
+        assert record["extended_from"]["samples"] == 1
+        resumed = record.get("resumed_from_checkpoint")
+        assert (resumed["samples"] if resumed else None) == (3 if record["method"] in stopped_batch else None)
+
+
+def test_checkpoints_of_other_settings_and_bad_values_are_left_alone(tmp_path, model, tokenizer,  # noqa: F811
+                                                                     prose_file):  # noqa: F811
+    values = {**CHECKPOINTED, "methods": ["snapkv(ratio={ratio})"], "tasks": ["passkey"]}
+    config = small_config(tmp_path, prose_file, checkpoint_every=2, seed=1, **values)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(config, model, tokenizer, on_checkpoint=lambda records: (_ for _ in ()).throw(KeyboardInterrupt))
+    other_seed = read_results(tmp_path / CHECKPOINT_FILE)
+    result = run_bench(small_config(tmp_path, prose_file, checkpoint_every=2, **values), model, tokenizer)
+    assert all(r["samples"] == 5 and "resumed_from_checkpoint" not in r for r in result.records)
+    assert read_results(tmp_path / CHECKPOINT_FILE) == other_seed  # seed 1's progress is kept for its own run
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(BenchError, match="checkpoint_every must be a positive integer"):
+            run_bench(small_config(tmp_path, prose_file, checkpoint_every=bad, **values), model, tokenizer)
 
 
 def test_append_result_starts_a_fresh_line_after_a_torn_one(tmp_path):

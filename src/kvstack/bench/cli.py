@@ -65,6 +65,9 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("--share-prefill", action="store_true",
                         help="methods that compress after the prompt read each prompt in one shared forward "
                              "(same results, much faster; their prefill time and peak memory are the group's)")
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                        help="save the cell under way every N samples (to partial.jsonl), so an interrupted run "
+                             "loses at most N samples of it; the same command resumes from there")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
@@ -146,6 +149,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         values["answer_prefix"] = False
     if args.device is not None:
         values["device"] = args.device
+    if args.checkpoint_every is not None:
+        values["checkpoint_every"] = args.checkpoint_every
     values["out_dir"] = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
     values["plots"] = not args.no_plots
     values["share_prefill"] = bool(args.share_prefill)
@@ -185,7 +190,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         result = run_bench(config)
     except KeyboardInterrupt:
-        print(f"kvstack bench: interrupted; every finished cell is saved in {config.out_dir}/results.jsonl. "
+        print(f"kvstack bench: interrupted; every finished cell is saved in {config.out_dir}/results.jsonl"
+              + (f" (cells under way: every {config.checkpoint_every} samples, in partial.jsonl)"
+                 if config.checkpoint_every else "") + ". "
               "Run the same command again to resume.", file=sys.stderr)
         raise
     other = f" ({result.left_out} other measurements of them not reported)" if result.left_out else ""

@@ -92,6 +92,12 @@ class BenchConfig:
         Their scores, bytes and decoding are exactly those of separate runs; their ``prefill_s`` is then
         the shared forward's time and their peak memory that of the whole group (records say
         ``prefill_shared_by``). Not part of cell keys.
+    checkpoint_every:
+        Save a cell's (or a shared batch's) progress every this many samples to ``partial.jsonl`` in
+        ``out_dir``, so an interrupted run loses at most that many samples of the cell under way; the next
+        run resumes each cell from its checkpoint (exactly the records of an uninterrupted run: every sample
+        is generated and measured by its index). None: a cell is saved only when all its samples are done.
+        Not part of cell keys.
     """
 
     model: str = "smollm2-135m"
@@ -116,6 +122,7 @@ class BenchConfig:
     plots: bool = True
     progress: bool = True
     share_prefill: bool = False
+    checkpoint_every: int | None = None
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:

@@ -52,6 +52,7 @@ from kvstack.models import DEFAULT_MODEL, DEFAULT_MODEL_SHAPE, names_default_mod
 from kvstack.spec import parse
 
 __all__ = [
+    "CHECKPOINT_FILE",
     "HARNESS_VERSION",
     "RESULTS_FILE",
     "BenchResult",
@@ -71,6 +72,10 @@ HARNESS_VERSION = 2
 """Bumped when a change to the harness changes results; part of every cell key."""
 
 RESULTS_FILE = "results.jsonl"
+
+CHECKPOINT_FILE = "partial.jsonl"
+"""Where :attr:`BenchConfig.checkpoint_every` saves cells still under way: one record per such cell, with the
+samples done so far (its ``config`` and ``key`` say that sample count), removed once the cell is finished."""
 
 _BARE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -404,6 +409,37 @@ def append_result(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
+def save_checkpoints(path: str | os.PathLike[str], records: Sequence[dict[str, Any]],
+                     finished: Sequence[dict[str, Any]] = ()) -> None:
+    """Rewrite the checkpoint file with ``records`` in place of earlier checkpoints of the same cells.
+
+    Checkpoints of the cells of ``finished`` (full records) are dropped too. A cell is named by its
+    configuration without the sample count. The file is replaced atomically (written beside it, then
+    renamed), so an interruption leaves either the old checkpoints or the new ones.
+    """
+    file = Path(path)
+    replaced = {_without_samples(record["config"]) for record in [*records, *finished]}
+    kept = [record for record in read_results(file)
+            if record.get("config") and _without_samples(record["config"]) not in replaced]
+    kept += list(records)
+    if not kept and not file.exists():
+        return
+    tmp = file.with_name(file.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for record in kept:
+            fh.write(json.dumps(record, default=_json_default, allow_nan=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, file)
+
+
+def checkpoint_record(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` (a cell measured over its first ``record['samples']`` samples) keyed as a cell of that many
+    samples: what :func:`extendable_records` resumes from."""
+    config = {**record["config"], "samples": int(record["samples"])}
+    return {**record, "key": cell_key(config), "config": config, "checkpoint": True}
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.tolist()
@@ -459,6 +495,10 @@ def validate_config(config: BenchConfig) -> None:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise BenchError(f"{name} must be a positive integer, got {value!r}")
+    every = config.checkpoint_every
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise BenchError(f"checkpoint_every must be a positive integer (samples) or None, got {every!r}; "
+                         "e.g. --checkpoint-every 5")
     for ratio in config.ratios:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
             raise BenchError(f"ratios are fractions evicted, in [0, 1); got {ratio!r}")
@@ -968,6 +1008,7 @@ def run_bench(
     tokenizer: Any = None,
     *,
     on_cell: Callable[[dict[str, Any]], None] | None = None,
+    on_checkpoint: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> BenchResult:
     """Run (or resume) a bench and write its reports.
 
@@ -981,6 +1022,10 @@ def run_bench(
         results either way.
     on_cell:
         Called with each record right after it is written to ``results.jsonl``.
+    on_checkpoint:
+        With ``config.checkpoint_every``: called with the records of a cell, or of a batch of cells sharing
+        their prompt forwards, right after their progress is saved to ``partial.jsonl`` (see
+        :func:`checkpoint_record`). Either callback may raise to stop the run: what it was given is saved.
 
     Returns
     -------
@@ -999,8 +1044,8 @@ def run_bench(
     finished = read_results(results_path)
     done = {record["key"] for record in finished}
     pending = [cell for cell in cells if cell.key not in done]
-    shorter = extendable_records(finished)
-    # a finished record of the same cell with fewer samples: run only the samples it lacks
+    shorter = extendable_records([*finished, *read_results(out_dir / CHECKPOINT_FILE)])
+    # a finished record of the same cell with fewer samples, or a checkpoint: run only the samples it lacks
     prefix = {cell.key: record for cell in pending
               if (record := shorter.get(_without_samples(cell.config))) and record["samples"] < config.samples}
     ran = 0
@@ -1031,30 +1076,8 @@ def run_bench(
                 samples = [first_samples.pop(key)]
                 samples += [_make_sample(first, tokenizer, config, i) for i in range(1, config.samples)]
                 for batch in _prefill_batches(members, prefix, config.share_prefill):
-                    cell = batch[0]
-                    variant = f" {cell.task.variant}" if cell.task.variant else ""
-                    earlier = prefix.get(cell.key)
-                    skip = earlier["samples"] if earlier else 0
-                    if len(batch) == 1:
-                        progress.describe(f"{cell.task.name}{variant} L={cell.length} {cell.method.label}")
-                        records = [run_cell(model, tokenizer, cell, samples[skip:], config, config.model)]
-                        progress.advance(len(samples) - skip)
-                    else:
-                        progress.describe(f"{cell.task.name}{variant} L={cell.length} {len(batch)} methods, "
-                                          "one prompt forward")
-                        records = run_cells_shared(model, tokenizer, batch, samples[skip:], config, config.model,
-                                                   on_sample=functools.partial(progress.advance, len(batch)))
-                    written = []
-                    for cell, record in zip(batch, records, strict=True):
-                        if cell.key in prefix:
-                            record = merge_records(prefix[cell.key], record, cell)
-                        append_result(results_path, record)
-                        written.append(record)
-                        ran += 1
-                        progress.print(_cell_line(record))
-                    for record in written:  # every record of a batch is saved before a callback may stop the run
-                        if on_cell is not None:
-                            on_cell(record)
+                    ran += _run_batch(model, tokenizer, batch, samples, config, prefix, out_dir, progress,
+                                      on_cell, on_checkpoint)
         finally:
             progress.close()
     records, left_out = reported_results(latest_results(results_path), prefer={cell.key for cell in cells})
@@ -1064,6 +1087,64 @@ def run_bench(
     files = write_reports(out_dir, records, plots=config.plots, left_out=len(left_out))
     return BenchResult(out_dir=out_dir, records=records, ran=ran, skipped=len(cells) - len(pending), files=files,
                        left_out=len(left_out))
+
+
+def _run_batch(model: torch.nn.Module, tokenizer: Any, batch: Sequence[Cell], samples: Sequence[Sample],
+               config: BenchConfig, prefix: dict[str, dict[str, Any]], out_dir: Path, progress: ProgressBar,
+               on_cell: Callable[[dict[str, Any]], None] | None,
+               on_checkpoint: Callable[[list[dict[str, Any]]], None] | None) -> int:
+    """Measure one cell, or cells sharing their prompt forwards, over the samples their records lack; save
+    a checkpoint every ``config.checkpoint_every`` samples and the finished records at the end. Returns
+    the number of records written to ``results.jsonl``."""
+    first = batch[0]
+    variant = f" {first.task.variant}" if first.task.variant else ""
+    label = first.method.label if len(batch) == 1 else f"{len(batch)} methods, one prompt forward"
+    progress.describe(f"{first.task.name}{variant} L={first.length} {label}")
+    so_far: list[dict[str, Any] | None] = [prefix.get(cell.key) for cell in batch]
+    resumed = so_far[0] if so_far[0] is not None and so_far[0].get("checkpoint") else None
+    start = so_far[0]["samples"] if so_far[0] is not None else 0
+    step = config.checkpoint_every or len(samples)
+    checkpoint_path = out_dir / CHECKPOINT_FILE
+    while True:
+        part = samples[start:start + step]
+        if len(batch) == 1:
+            measured = [run_cell(model, tokenizer, first, part, config, config.model)]
+            progress.advance(len(part))
+        else:
+            measured = run_cells_shared(model, tokenizer, batch, part, config, config.model,
+                                        on_sample=functools.partial(progress.advance, len(batch)))
+        records = [record if earlier is None else _extended(earlier, record, cell)
+                   for cell, earlier, record in zip(batch, so_far, measured, strict=True)]
+        start += len(part)
+        if start >= len(samples):
+            break
+        so_far = [checkpoint_record(record) for record in records]
+        save_checkpoints(checkpoint_path, so_far)
+        if on_checkpoint is not None:
+            on_checkpoint(list(so_far))
+    for record in records:
+        if resumed is not None:
+            record["resumed_from_checkpoint"] = {"samples": resumed["samples"], "finished_at": resumed["finished_at"]}
+        append_result(out_dir / RESULTS_FILE, record)
+        progress.print(_cell_line(record))
+    if step < len(samples) or resumed is not None:
+        save_checkpoints(checkpoint_path, [], finished=records)  # the cells' checkpoints are done with
+    for record in records:  # every record of a batch is saved before a callback may stop the run
+        if on_cell is not None:
+            on_cell(record)
+    return len(records)
+
+
+def _extended(earlier: dict[str, Any], later: dict[str, Any], cell: Cell) -> dict[str, Any]:
+    """:func:`merge_records`; extending a checkpoint keeps the checkpoint's own origin (a finished record
+    with fewer samples, or none) rather than naming the checkpoint."""
+    merged = merge_records(earlier, later, cell)
+    if earlier.get("checkpoint"):
+        merged.pop("extended_from", None)
+        if earlier.get("extended_from"):
+            merged["extended_from"] = earlier["extended_from"]
+    merged.pop("checkpoint", None)
+    return merged
 
 
 def _prefill_batches(members: Sequence[Cell], prefix: dict[str, dict[str, Any]], share: bool) -> list[list[Cell]]:
