@@ -405,7 +405,23 @@ def test_checkpoints_of_a_killed_run_survive_and_extend_a_finished_record(tmp_pa
     for record in grown.records:  # the origin is the finished 1-sample record, not the checkpoint
         assert record["extended_from"]["samples"] == 1
         resumed = record.get("resumed_from_checkpoint")
-        assert (resumed["samples"] if resumed else None) == (3 if record["method"] in stopped_batch else None)
+        assert ([r["samples"] for r in resumed] if resumed else None) == (
+            [3] if record["method"] in stopped_batch else None)
+
+
+def test_a_cell_stopped_twice_names_both_checkpoints_it_resumed_from(tmp_path, model, tokenizer,  # noqa: F811
+                                                                     prose_file):  # noqa: F811
+    values = {**CHECKPOINTED, "methods": ["snapkv(ratio={ratio})"], "tasks": ["passkey"], "baseline": False}
+    config = small_config(tmp_path, prose_file, checkpoint_every=2, **values)
+
+    def stop(records):
+        raise KeyboardInterrupt
+
+    for _ in range(2):  # stopped at 2 samples, then (resumed) at 4
+        with pytest.raises(KeyboardInterrupt):
+            run_bench(config, model, tokenizer, on_checkpoint=stop)
+    (record,) = run_bench(config, model, tokenizer).records
+    assert record["samples"] == 5 and [r["samples"] for r in record["resumed_from_checkpoint"]] == [2, 4]
 
 
 def test_checkpoints_of_other_settings_and_bad_values_are_left_alone(tmp_path, model, tokenizer,  # noqa: F811

@@ -1102,6 +1102,9 @@ def _run_batch(model: torch.nn.Module, tokenizer: Any, batch: Sequence[Cell], sa
     progress.describe(f"{first.task.name}{variant} L={first.length} {label}")
     so_far: list[dict[str, Any] | None] = [prefix.get(cell.key) for cell in batch]
     resumed = so_far[0] if so_far[0] is not None and so_far[0].get("checkpoint") else None
+    # where earlier processes stopped: the finished records' timings come from each of them and this one
+    resumes = [] if resumed is None else [*resumed.get("resumed_from_checkpoint", []),
+                                          {"samples": resumed["samples"], "finished_at": resumed["finished_at"]}]
     start = so_far[0]["samples"] if so_far[0] is not None else 0
     step = config.checkpoint_every or len(samples)
     checkpoint_path = out_dir / CHECKPOINT_FILE
@@ -1118,13 +1121,14 @@ def _run_batch(model: torch.nn.Module, tokenizer: Any, batch: Sequence[Cell], sa
         start += len(part)
         if start >= len(samples):
             break
-        so_far = [checkpoint_record(record) for record in records]
+        so_far = [checkpoint_record({**record, "resumed_from_checkpoint": resumes} if resumes else record)
+                  for record in records]
         save_checkpoints(checkpoint_path, so_far)
         if on_checkpoint is not None:
             on_checkpoint(list(so_far))
     for record in records:
-        if resumed is not None:
-            record["resumed_from_checkpoint"] = {"samples": resumed["samples"], "finished_at": resumed["finished_at"]}
+        if resumes:
+            record["resumed_from_checkpoint"] = resumes
         append_result(out_dir / RESULTS_FILE, record)
         progress.print(_cell_line(record))
     if step < len(samples) or resumed is not None:
