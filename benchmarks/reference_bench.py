@@ -26,7 +26,7 @@ over several sessions; ``PROGRESS.md`` says how much of the grid is done. Since 
 of cells sharing their prompt forwards) saves its progress every 2 samples to ``partial.jsonl``
 (``BenchConfig.checkpoint_every``): a run stopped or killed mid-batch loses at most two samples of it, and the
 next run resumes each cell from its checkpoint, with exactly the records of an uninterrupted run (records say
-``resumed_from_checkpoint``; their timings then come from two processes).
+``resumed_from_checkpoint``; their timings then come from more than one process).
 
 Lengths above ``--screen-above`` (2048) are screened first, as the issue asks for them only "where the
 full cache still scores": the full cache runs on every task cell at that length, and the other methods
@@ -57,7 +57,7 @@ from core_bench import cpu_name
 
 from kvstack.bench import TASKS, BenchConfig, latest_results, plan_cells, read_results, run_bench
 from kvstack.bench.report import comparable_cells
-from kvstack.bench.runner import CHECKPOINT_FILE
+from kvstack.bench.runner import CHECKPOINT_FILE, cell_key
 from kvstack.spec import list_methods
 
 RATIOS = [0.25, 0.5, 0.75]
@@ -180,7 +180,7 @@ def write_progress(out_dir: Path, lengths: list[int], samples: int, command: str
     tasks_done = sorted({(cell.task.name, cell.task.variant, cell.length) for cell in planned if cell.key in done})
     lines += ["", "Task cells with at least one method finished: "
               + (", ".join(f"{t}{' ' + v if v else ''}@{n}" for t, v, n in tasks_done) or "none"), ""]
-    under_way = checkpointed(out_dir, planned, done)
+    under_way = checkpointed(out_dir, planned, done, samples)
     if under_way:
         lines += [f"Under way ({CHECKPOINT_FILE}; the same command resumes them from there): "
                   + ", ".join(f"{name} ({count} cells, {saved} of {samples} samples)"
@@ -206,21 +206,18 @@ def write_progress(out_dir: Path, lengths: list[int], samples: int, command: str
     (out_dir / "PROGRESS.md").write_text("\n".join(lines))
 
 
-def checkpointed(out_dir: Path, planned: list, done: set[str]) -> list[tuple[str, int, int]]:
+def checkpointed(out_dir: Path, planned: list, done: set[str], samples: int) -> list[tuple[str, int, int]]:
     """Unfinished cells of the grid with a checkpoint: (task cell @ length, cells, samples saved) per group."""
-    unfinished = {_cell_name(cell.config): cell for cell in planned if cell.key not in done}
+    unfinished = {cell.key: cell for cell in planned if cell.key not in done}
     groups: dict[tuple[str, int], int] = {}
     for record in read_results(out_dir / CHECKPOINT_FILE):
-        cell = unfinished.get(_cell_name(record["config"]))
+        # a checkpoint's config is its cell's but for the samples done so far
+        cell = unfinished.get(cell_key({**record["config"], "samples": samples}))
         if cell is not None:
             variant = f" {cell.task.variant}" if cell.task.variant else ""
             name = (f"{cell.task.name}{variant}@{cell.length}", int(record["samples"]))
             groups[name] = groups.get(name, 0) + 1
     return [(name, count, saved) for (name, saved), count in sorted(groups.items())]
-
-
-def _cell_name(config: dict) -> str:
-    return json.dumps({key: value for key, value in config.items() if key != "samples"}, sort_keys=True, default=str)
 
 
 def summary_table(records: list[dict], length: int) -> str:
