@@ -8,6 +8,8 @@ character-level stub tokenizer.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -36,6 +38,7 @@ def no_model(monkeypatch):
         raise AssertionError("the model must not be loaded for this error")
 
     monkeypatch.setattr(kvstack.models, "load_model", refuse)
+    monkeypatch.setattr(kvstack.models, "load_tokenizer", lambda name: None)
 
 
 @pytest.fixture
@@ -47,6 +50,7 @@ def tiny_loader(monkeypatch):
         return build_model("llama"), CharTokenizer()
 
     monkeypatch.setattr(kvstack.models, "load_model", load)
+    monkeypatch.setattr(kvstack.models, "load_tokenizer", lambda name: None)  # the length check waits for the model
     return calls
 
 
@@ -115,6 +119,31 @@ def test_bad_ratio(capsys, no_model, ratio):
 def test_budget_below_window(capsys, no_model):
     err = usage_error(capsys, ["generate", "--method", "snapkv(budget=10)", "--prompt", "hi"])
     assert "budget >= 32" in err
+
+
+def test_a_bare_word_value_gets_the_parameter_s_own_error(capsys, no_model):
+    err = usage_error(capsys, ["generate", "--method", "snapkv(ratio=abc)", "--prompt", "hi"])
+    assert "ratio must be a number in [0, 1), got 'abc'" in err
+
+
+def test_a_bare_word_for_a_text_parameter_asks_for_quotes(capsys, no_model):
+    err = usage_error(capsys, ["generate", "--method", "quant(rotate=hadamard)", "--prompt", "hi"])
+    assert "quote text values, e.g. rotate='hadamard'" in err
+
+
+def test_a_prompt_too_long_is_refused_by_the_tokenizer_before_the_model_loads(capsys, no_model, monkeypatch):
+    monkeypatch.setattr(kvstack.models, "load_tokenizer", lambda name: (CharTokenizer(), 100))
+    err = usage_error(capsys, ["generate", "--prompt", "x" * 99, "--max-new-tokens", "2", "--no-chat"])
+    assert "the prompt has 99 tokens (+2 to generate)" in err and "context of 100" in err
+
+
+def test_generate_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: smollm2-135m)", "(default: full)", "(default: 64)", "(default: 0)"):
+        assert default in out
 
 
 def test_unparseable_spec(capsys, no_model):
@@ -209,3 +238,34 @@ def test_generate_ratio_too_high_at_run_time(capsys, tiny_loader):
     err = usage_error(capsys, ["generate", "--method", "snapkv(ratio=0.9)", "--prompt", "y" * 100,
                                 "--max-new-tokens", "2"])
     assert "window" in err
+
+
+# ------------------------------------------------------------------------------------------------------
+# the CLI answers at once: help, methods and spec errors import neither torch nor transformers
+# ------------------------------------------------------------------------------------------------------
+
+LIGHT_COMMANDS = [
+    ["--help"], ["methods"], ["methods", "--json"], ["generate", "--help"], ["bench", "--help"],
+    ["engine-bench", "--help"], ["calibrate", "--help"],
+    ["generate", "--method", "snapkv(ratio=abc)", "--prompt", "hi"],
+    ["generate", "--method", "snapky(ratio=0.5)", "--prompt", "hi"],
+]
+
+
+@pytest.mark.parametrize("argv", LIGHT_COMMANDS, ids=" ".join)
+def test_help_methods_and_spec_errors_import_neither_torch_nor_transformers(argv):
+    script = (
+        "import contextlib, io, sys\n"
+        "from kvstack import cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        "    try:\n"
+        f"        code = cli.main({argv!r})\n"
+        "    except SystemExit as exit_:\n"
+        "        code = exit_.code\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules)\n"
+        "print(code, heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    code, heavy = done.stdout.strip().split(" ", 1)
+    assert heavy == "[]", f"kvstack {' '.join(argv)} imported {heavy}"
+    assert code in ("0", "2")

@@ -5,26 +5,45 @@
     cache = kvstack.make_cache(model, "snapkv(ratio=0.5)")
     out = model.generate(ids, **kvstack.cache_kwargs(model, cache), max_new_tokens=32)
     cache.kv_bytes(), cache.full_kv_bytes()
+
+Importing kvstack registers every method (the method families import no torch at module level) and
+nothing heavier: the names below that need torch or transformers import them when first used, so the
+CLI's help, ``kvstack methods`` and spec errors answer at once.
 """
 
-from kvstack.api import (
-    InputError,
-    cache_kwargs,
-    generate,
-    make_cache,
-    prefill,
-    prefill_shared,
-    prefill_shared_chunks,
-)
-from kvstack.cache import KVStackCache
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from kvstack import methods as _methods  # noqa: F401  (registers every method under its spec name)
 from kvstack.spec import SpecError, describe, list_methods, parse
 
+# name -> module that defines it, imported on first use (PEP 562)
+_DEFERRED = {
+    "InputError": "kvstack.api",
+    "cache_kwargs": "kvstack.api",
+    "generate": "kvstack.api",
+    "make_cache": "kvstack.api",
+    "prefill": "kvstack.api",
+    "prefill_shared": "kvstack.api",
+    "prefill_shared_chunks": "kvstack.api",
+    "KVStackCache": "kvstack.cache",
+    "load_model": "kvstack.models",
+}
 
-def load_model(*args, **kwargs):
-    """Load a model and tokenizer; see :func:`kvstack.models.load_model`."""
-    from kvstack.models import load_model as _load
 
-    return _load(*args, **kwargs)
+def __getattr__(name: str) -> Any:
+    module = _DEFERRED.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvstack' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_DEFERRED))
 
 
 __all__ = [

@@ -1,5 +1,8 @@
 """``kvstack`` command line: thin sub-commands over the library.
 
+The parser, ``--help``, ``kvstack methods`` and spec errors import neither torch nor transformers (a few
+seconds); each sub-command imports what it needs once its arguments are checked.
+
 Usage errors (unknown method or parameter, bad budget, empty or over-long prompt, unknown model) print
 one line on stderr and exit with status 2, without a traceback.
 """
@@ -11,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from kvstack.bench.cli import add_bench_parser
+from kvstack.bench.engine_cli import add_engine_bench_parser
 from kvstack.errors import KVStackError
 
 USAGE_ERROR = 2
@@ -45,20 +50,35 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Generate a completion with a method applied, then one summary line."""
+    """Generate a completion with a method applied, then one summary line.
+
+    Every usage error is found before the model loads: the spec, the prompt, and its length (read with the
+    model's tokenizer and config alone, where they are already on disk).
+    """
     from kvstack.spec import parse
 
-    parse(args.method)  # fail on a bad spec before loading the model
+    parse(args.method)
     prompt = _read_prompt(args)
     if not prompt.strip():
         raise UsageError("the prompt is empty; give some text with --prompt or --prompt-file")
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.chunk_size is not None and args.chunk_size < 0:
+        raise UsageError(f"--chunk-size must be >= 0, got {args.chunk_size}")
+
+    from kvstack.api import encode_prompt, generate
+    from kvstack.models import load_model, load_tokenizer, resolve_device
+
+    resolve_device(args.device)
+    tokenizer_and_context = load_tokenizer(args.model)
+    if tokenizer_and_context is not None:
+        tokenizer, context = tokenizer_and_context
+        tokens = encode_prompt(tokenizer, prompt, chat=not args.no_chat).shape[1]
+        if context is not None and tokens + args.max_new_tokens > context:
+            raise UsageError(f"the prompt has {tokens} tokens (+{args.max_new_tokens} to generate), more than the "
+                             f"model's context of {context}; shorten it or lower --max-new-tokens")
 
     import torch
-
-    from kvstack.api import generate
-    from kvstack.models import load_model
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, device=args.device)
@@ -131,16 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     methods.set_defaults(func=cmd_methods)
 
     gen = sub.add_parser("generate", help="generate with a KV-cache method applied")
-    gen.add_argument("--model", default="smollm2-135m", help="model name or local HF directory")
-    gen.add_argument("--method", default="full", help="method spec, e.g. 'snapkv(ratio=0.5)'")
+    gen.add_argument("--model", default="smollm2-135m",
+                     help="model name or local HF directory (default: %(default)s)")
+    gen.add_argument("--method", default="full",
+                     help="method spec, e.g. 'snapkv(ratio=0.5)'; see kvstack methods (default: %(default)s)")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text")
     source.add_argument("--prompt-file", help="file holding the prompt")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default: %(default)s)")
     gen.add_argument("--chunk-size", type=int, default=None,
-                     help="prefill chunk (default: 512 for dynamic methods, one forward otherwise; 0: one forward)")
+                     help="prefill chunk in tokens; 0: one forward (default: 512 for methods that evict as they "
+                          "read, one forward otherwise)")
     gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0, help="seed of random methods (default: %(default)s)")
     gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     gen.add_argument("--summary-stderr", action="store_true", help="print the summary line on stderr")
     gen.set_defaults(func=cmd_generate)
@@ -157,14 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--no-progress", action="store_true", help="no progress bar")
     cal.set_defaults(func=cmd_calibrate)
 
-    try:
-        from kvstack.bench.cli import add_bench_parser
-    except ImportError:
-        pass
-    else:
-        add_bench_parser(sub)
-    from kvstack.engine.bench import add_engine_bench_parser
-
+    add_bench_parser(sub)
     add_engine_bench_parser(sub)
     return parser
 

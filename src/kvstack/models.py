@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from filelock import FileLock
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -57,6 +58,7 @@ __all__ = [
     "ModelLoadError",
     "kvstack_home",
     "load_model",
+    "load_tokenizer",
     "names_default_model",
     "resolve_device",
     "tiny_model",
@@ -542,24 +544,62 @@ def load_model(
         If ``device`` is not a valid device, or one this machine lacks (see :func:`resolve_device`).
     """
     target = resolve_device(device)
+    directory = _model_directory(name_or_path)
+    if names_default_model(os.fspath(name_or_path)):
+        model, tokenizer = _load_default(dtype)
+    else:
+        assert directory is not None
+        model, tokenizer = _load_local(directory, dtype)
+    return _finish(model, tokenizer, target)
+
+
+
+def _model_directory(name_or_path: str | os.PathLike[str]) -> pathlib.Path | None:
+    """The local directory ``name_or_path`` loads from; None for the default model not yet converted.
+
+    Raises
+    ------
+    ModelLoadError
+        If ``name_or_path`` is neither an alias nor a HuggingFace model directory.
+    """
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise ModelLoadError(f"model must be a name or a path, got {type(name_or_path).__name__}; "
                              f"choose {_valid_choices()}")
     name = os.fspath(name_or_path)
     if names_default_model(name):
-        model, tokenizer = _load_default(dtype)
-        return _finish(model, tokenizer, target)
+        entry = kvstack_home() / "models" / _CACHE_ENTRY
+        try:
+            _verify_manifest(entry, check_hashes=False)
+        except _CorruptEntryError:
+            return None  # load_model builds or repairs it
+        return entry
     path = pathlib.Path(name).expanduser()
     if not path.exists():
-        raise ModelLoadError(
-            f"unknown model {name!r}: not an alias and no such path; choose {_valid_choices()}"
-        )
+        raise ModelLoadError(f"unknown model {name!r}: not an alias and no such path; choose {_valid_choices()}")
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ModelLoadError(f"{name!r} is not a HuggingFace model directory (no config.json); "
                              f"choose {_valid_choices()}")
-    model, tokenizer = _load_local(path, dtype)
-    return _finish(model, tokenizer, target)
+    return path
 
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
+) -> tuple[PreTrainedTokenizerBase, int | None] | None:
+    """The tokenizer of a model and its context length, without loading its weights (about a second).
+
+    Lets a command refuse a prompt that is too long before it loads the model. Returns None when only
+    :func:`load_model` can tell (the default model before its first conversion, a directory transformers
+    cannot read); raises :class:`ModelLoadError` for a name that is no model at all.
+    """
+    directory = _model_directory(name_or_path)
+    if directory is None:
+        return None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except Exception:  # load_model reports what is wrong with the directory, in one line
+        return None
+    return tokenizer, getattr(config, "max_position_embeddings", None)
 
 # --------------------------------------------------------------------------------------------------------
 # Tiny random models for unit tests

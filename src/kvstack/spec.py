@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from kvstack.errors import KVStackError
 
-__all__ = ["MethodInfo", "SpecError", "describe", "list_methods", "parse", "register", "registry"]
+__all__ = ["MethodInfo", "SpecError", "describe", "list_methods", "parse", "register", "register_composer", "registry"]
 
 
 class SpecError(KVStackError):
@@ -47,6 +47,7 @@ class MethodInfo:
 
 
 _REGISTRY: dict[str, tuple[type, MethodInfo]] = {}
+_COMPOSER: Callable[[list[Any], str], Any] | None = None
 
 T = TypeVar("T")
 
@@ -88,10 +89,17 @@ def register(name: str, *, category: str, description: str, wraps: bool = False)
     return decorate
 
 
-def registry() -> dict[str, tuple[type, MethodInfo]]:
-    """All registered methods, importing the method families first."""
-    import kvstack.methods  # noqa: F401  (registration side effect)
+def register_composer(compose: Callable[[list[Any], str], Any]) -> None:
+    """Set the function that joins the terms of a ``+`` spec (one selection method, one codec) into one method.
 
+    The method families register it when ``kvstack`` is imported, so the parser names no method module.
+    """
+    global _COMPOSER
+    _COMPOSER = compose
+
+
+def registry() -> dict[str, tuple[type, MethodInfo]]:
+    """All registered methods (``import kvstack`` registers the method families)."""
     return dict(_REGISTRY)
 
 
@@ -115,6 +123,10 @@ def _suggest(word: str, choices: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+class _Unquoted(str):
+    """A bare word given as a parameter value: the method's own check says what the value should be."""
+
+
 def _literal(node: ast.AST, spec: str) -> Any:
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str, bool, type(None))):
         return node.value
@@ -123,7 +135,7 @@ def _literal(node: ast.AST, spec: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return -value
     if isinstance(node, ast.Name) and node.id.lower() not in registry():
-        raise SpecError(f"in {spec!r}: {node.id!r} is not a method; quote text values, e.g. key='{node.id}'")
+        return _Unquoted(node.id)
     if isinstance(node, (ast.Call, ast.Name)):
         return _build(node, spec)
     raise SpecError(f"in {spec!r}: parameter values must be numbers, strings, True/False/None or a method")
@@ -163,11 +175,15 @@ def _build(node: ast.AST, spec: str) -> Any:
     if missing:
         raise SpecError(f"{key} needs {', '.join(missing)}: {info.signature()}")
     try:
-        return cls(**kwargs)
+        method = cls(**kwargs)
     except SpecError:
         raise
     except (TypeError, ValueError) as err:
         raise SpecError(f"{key}: {err}") from None
+    for name, value in kwargs.items():
+        if isinstance(value, _Unquoted):  # a text parameter took it: still ask for quotes, to keep specs exact
+            raise SpecError(f"in {spec!r}: {str(value)!r} is not a method; quote text values, e.g. {name}='{value}'")
+    return method
 
 
 def _terms(node: ast.AST) -> list[ast.AST]:
@@ -197,6 +213,6 @@ def parse(spec: str | Any) -> Any:
     built = [_build(term, text) for term in terms]
     if len(built) == 1 and not getattr(built[0], "is_codec", False):
         return built[0]
-    from kvstack.methods.base import compose
-
-    return compose(built, text)
+    if _COMPOSER is None:
+        raise RuntimeError("no composer registered: import kvstack (it registers the method families)")
+    return _COMPOSER(built, text)

@@ -15,18 +15,36 @@ From the command line: ``kvstack bench --quick`` (see ``kvstack bench --help``).
 A new task is one small class registered with :func:`register_task` (see :mod:`kvstack.bench.tasks`).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from kvstack.bench.config import QUICK, BenchConfig, BenchError
-from kvstack.bench.runner import (
-    BenchResult,
-    expand_methods,
-    latest_results,
-    plan_cells,
-    read_results,
-    reported_results,
-    run_bench,
-)
-from kvstack.bench.scoring import string_match_all, string_match_part
-from kvstack.bench.tasks import TASKS, Parts, Sample, Task, get_task, make_tasks, register_task
+
+# name -> module that defines it, imported on first use (PEP 562): the runner imports torch, and
+# `kvstack bench --help` must not
+_DEFERRED = {
+    **dict.fromkeys(
+        ["BenchResult", "expand_methods", "latest_results", "plan_cells", "read_results", "reported_results",
+         "run_bench"], "kvstack.bench.runner"),
+    **dict.fromkeys(["string_match_all", "string_match_part"], "kvstack.bench.scoring"),
+    **dict.fromkeys(["TASKS", "Parts", "Sample", "Task", "get_task", "make_tasks", "register_task"],
+                    "kvstack.bench.tasks"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _DEFERRED.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvstack.bench' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_DEFERRED))
 
 __all__ = [
     "QUICK",

@@ -36,6 +36,7 @@ import platform
 import random
 import re
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -267,23 +268,59 @@ def plan_cells(config: BenchConfig, model_name: str | None = None,
 
 
 def read_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Records of ``results.jsonl`` (a torn last line from an interrupted write is ignored)."""
+    """Records of ``results.jsonl`` (or ``partial.jsonl``), in file order.
+
+    Only a torn last line, left by an interrupted write (no newline after it), is skipped, with a warning on
+    stderr; :func:`append_result` removes it before the next record. Any other line that is not a record
+    raises :class:`BenchError` naming the file and line, so a report never loses a cell without a word.
+    """
     file = Path(path)
     if not file.exists():
         return []
+    lines = file.read_text(encoding="utf-8").split("\n")
+    unfinished = lines.pop()  # the text after the last newline: "" unless a write was interrupted
     records = []
-    with open(file, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "key" in record:
-                records.append(record)
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            records.append(_parse_record(line, file, number))
+    if unfinished.strip():
+        try:
+            records.append(_parse_record(unfinished, file, len(lines) + 1))
+        except BenchError:
+            print(f"kvstack: {file}:{len(lines) + 1}: skipping a torn last line (an interrupted write)",
+                  file=sys.stderr)
     return records
+
+
+def _parse_record(line: str, file: Path, number: int) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise BenchError(f"{file}:{number}: damaged record ({err.msg} at column {err.colno}); repair or delete "
+                         "that line, then run again") from None
+    if not isinstance(record, dict) or "key" not in record:
+        raise BenchError(f"{file}:{number}: not a kvstack record (no 'key'); repair or delete that line")
+    return record
+
+
+def _drop_torn_tail(fh: Any) -> None:
+    """Cut an unfinished last line (an interrupted write) off the end of ``fh``, opened ``a+b`` / ``r+b``."""
+    end = fh.seek(0, os.SEEK_END)
+    position = end
+    while position > 0:
+        step = min(1 << 16, position)
+        fh.seek(position - step)
+        block = fh.read(step)
+        newline = block.rfind(b"\n")
+        if newline >= 0:
+            position = position - step + newline + 1
+            break
+        position -= step
+    if position == end:
+        return
+    print(f"kvstack: {getattr(fh, 'name', 'results')}: removing a torn last line (an interrupted write)",
+          file=sys.stderr)
+    fh.truncate(position)
 
 
 def latest_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -398,12 +435,9 @@ def merge_records(earlier: dict[str, Any], later: dict[str, Any], cell: Cell) ->
 def append_result(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
     """Append one record as a JSON line, then flush and fsync, so a finished cell survives a crash."""
     line = json.dumps(record, default=_json_default, allow_nan=True) + "\n"
-    with open(path, "a+b") as fh:
+    with open(path, "r+b" if Path(path).exists() else "w+b") as fh:
+        _drop_torn_tail(fh)  # its record was never finished; the file holds only whole lines
         fh.seek(0, os.SEEK_END)
-        if fh.tell() > 0:  # a torn line from an interrupted write: start on a fresh line
-            fh.seek(-1, os.SEEK_END)
-            if fh.read(1) != b"\n":
-                line = "\n" + line
         fh.write(line.encode("utf-8"))
         fh.flush()
         os.fsync(fh.fileno())

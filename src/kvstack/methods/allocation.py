@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import torch
-
+from kvstack.lazy_import import lazy_module
 from kvstack.methods.base import BudgetedMethod, WrapperMethod
 from kvstack.methods.selection import SnapKV
 from kvstack.spec import SpecError, register
+
+torch = lazy_module("torch")
+
 
 
 def pyramid_budgets(average: int, window: int, context: int, num_layers: int, beta: float) -> list[int]:
@@ -73,8 +75,8 @@ class PyramidKV(SnapKV):
     beta: float = 20.0
 
     def __post_init__(self) -> None:
-        if not self.beta >= 1:
-            raise SpecError(f"beta must be >= 1, got {self.beta}")
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta >= 1:
+            raise SpecError(f"beta must be a number >= 1, got {self.beta!r}")
         super().__post_init__()
 
     def layer_budget(self, context_length: int, layer_idx: int, num_layers: int) -> int | None:
@@ -109,8 +111,8 @@ class AdaKV(WrapperMethod):
     def __post_init__(self) -> None:
         if not isinstance(self.inner, BudgetedMethod):
             raise SpecError("adakv wraps a method with a budget, e.g. adakv(snapkv(ratio=0.5))")
-        if not 0.0 <= self.floor <= 1.0:
-            raise SpecError(f"floor must be in [0, 1] (fraction of the per-head budget), got {self.floor}")
+        if isinstance(self.floor, bool) or not isinstance(self.floor, (int, float)) or not 0.0 <= self.floor <= 1.0:
+            raise SpecError(f"floor must be a number in [0, 1] (fraction of the per-head budget), got {self.floor!r}")
         self.adopt_inner()
 
 

@@ -16,9 +16,10 @@ import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-import torch
+from kvstack.lazy_import import lazy_module
+from kvstack.spec import MethodInfo, SpecError, register_composer
 
-from kvstack.spec import MethodInfo, SpecError
+torch = lazy_module("torch")
 
 # The statistics a method can ask the attention function to collect (see AttentionStats).
 STAT_WINDOW = "window"  # softmax weights of the last `window` queries of the prompt
@@ -359,3 +360,6 @@ def compose(terms: list[Any], spec: str) -> Composed:
             "without a codec"
         )
     return Composed(selection, codecs[0])
+
+
+register_composer(compose)

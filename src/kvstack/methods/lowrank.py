@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from kvstack.cache.codecs import CodecError
+from kvstack.contract import CodecError
 from kvstack.methods.base import BudgetedMethod, check_sizes
 from kvstack.methods.quantization import CHUNK_TOKENS, KIVI, Codec, check_outlier_fraction
 from kvstack.spec import register

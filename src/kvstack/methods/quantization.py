@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from kvstack.cache.codecs import CodecError, check_bits, check_group_size
+from kvstack.contract import CodecError, check_bits, check_group_size
 from kvstack.methods.base import WrapperMethod, check_sizes
 from kvstack.spec import MethodInfo, SpecError, register
 

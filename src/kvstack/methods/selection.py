@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-import torch.nn.functional as F
-
+from kvstack.lazy_import import lazy_module
 from kvstack.methods.base import (
     STAT_BELOW_MEAN,
     STAT_COLSUM,
@@ -25,6 +23,9 @@ from kvstack.methods.base import (
     sink_mask,
 )
 from kvstack.spec import SpecError, register
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
 
 
 def pool_along_positions(

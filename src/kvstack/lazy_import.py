@@ -1,0 +1,31 @@
+"""Heavy libraries imported on first use.
+
+The method dataclasses, the spec parser and the CLI's help must answer without importing torch (seconds on a
+busy machine): a module that needs torch only inside its functions binds ``torch = lazy_module("torch")``.
+The first attribute read imports the real module; every attribute read is then cached on the stand-in, so
+later reads cost what a plain module attribute costs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+from typing import Any
+
+__all__ = ["lazy_module"]
+
+
+class _LazyModule(types.ModuleType):
+    """Stands for the module ``__name__`` until an attribute is read; never placed in ``sys.modules``."""
+
+    def __getattr__(self, attribute: str) -> Any:
+        if attribute.startswith("__") and attribute.endswith("__"):
+            raise AttributeError(attribute)  # keep introspection (copy, pickle, inspect) from importing torch
+        value = getattr(importlib.import_module(self.__name__), attribute)
+        setattr(self, attribute, value)
+        return value
+
+
+def lazy_module(name: str) -> Any:
+    """A stand-in for module ``name`` (e.g. ``"torch"``) that imports it when an attribute is first read."""
+    return _LazyModule(name)
