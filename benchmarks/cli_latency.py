@@ -111,7 +111,8 @@ def main() -> int:
     ]
     for row in rows:
         lines.append(
-            f"| `{row['command']}` | {row['before_median_s']:.2f} s ({row['before_min_s']:.2f}-{row['before_max_s']:.2f})"
+            f"| `{row['command']}` | {row['before_median_s']:.2f} s "
+            f"({row['before_min_s']:.2f}-{row['before_max_s']:.2f})"
             f" | {row['after_median_s']:.3f} s ({row['after_min_s']:.3f}-{row['after_max_s']:.3f})"
             f" | {row['speedup']:.0f}x | {row['before_imports_torch']} / {row['after_imports_torch']} |"
         )

@@ -48,8 +48,9 @@ from typing import Any
 import torch
 
 import kvstack
-from kvstack.engine import Engine, SamplingParams, Workload, shared_prefix_workload
-from kvstack.engine.bench import replay
+from kvstack.bench.engine_replay import replay
+from kvstack.bench.workload import Workload, shared_prefix_workload
+from kvstack.engine import Engine, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).parent))
 from core_bench import machine

@@ -29,9 +29,9 @@ import torch
 
 import kvstack
 from kvstack.api import prefill
-from kvstack.bench.prose import load_prose
 from kvstack.cache.quantized import QuantizedRegion
 from kvstack.calibration import get_calibration
+from kvstack.prose import load_prose
 from kvstack.spec import parse
 
 sys.path.insert(0, str(Path(__file__).parent))

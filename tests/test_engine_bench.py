@@ -9,8 +9,9 @@ from conftest import build_model, reference_generate, usage_error
 
 import kvstack.models
 from kvstack import cli
-from kvstack.engine import Engine, Workload, WorkloadRequest, shared_prefix_workload
-from kvstack.engine.bench import replay
+from kvstack.bench.engine_replay import replay
+from kvstack.bench.workload import Workload, WorkloadRequest, shared_prefix_workload
+from kvstack.engine import Engine
 
 VOCAB = 200
 

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvstack.engine.workload import (
+from kvstack.bench.workload import (
     Workload,
     WorkloadRequest,
     load_mooncake_trace,

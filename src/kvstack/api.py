@@ -128,6 +128,7 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
     >>> out = model.generate(ids, **kvstack.cache_kwargs(model, cache), max_new_tokens=32)
     """
     method = parse(spec)
+    label = method.label()
     codec = None
     if isinstance(method, Composed):
         method, codec = method.selection, method.codec
@@ -160,6 +161,7 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
         seed=seed,
         codec=codec,
         calibration=calibration,
+        label=label,
     )
 
 

@@ -649,7 +649,7 @@ def _python_docs_paragraphs() -> tuple[list[str], str]:
 
 
 def _kjv_end_paragraphs(char_budget: int) -> tuple[list[str], str]:
-    from kvstack.bench.prose import prose_paragraphs
+    from kvstack.prose import prose_paragraphs
 
     paragraphs = prose_paragraphs(None)
     chosen: list[str] = []
@@ -665,7 +665,7 @@ def _kjv_end_paragraphs(char_budget: int) -> tuple[list[str], str]:
 
 
 def _file_paragraphs(path: str) -> tuple[list[str], str]:
-    from kvstack.bench.prose import prose_paragraphs
+    from kvstack.prose import prose_paragraphs
 
     try:
         paragraphs = list(prose_paragraphs(path))

@@ -1,13 +1,126 @@
 """What policy (``kvstack.methods``) and storage (``kvstack.cache``) agree on; imports neither.
 
-Today: the parameters a codec may ask storage for (bit widths, group sizes) and how they are validated.
+* the attention statistics a method may ask for (``STAT_*``) and the tensors that carry them
+  (:class:`AttentionStats`);
+* what a method sees of a layer when it scores (:class:`LayerView`);
+* how a codec asks storage to lay out one of keys / values (:class:`TensorFormat`), and the checks of its
+  bit widths and group sizes.
+
+Shapes: ``B`` batch, ``H`` KV heads, ``Hq`` query heads (``Hq = H * G``), ``L`` cached entries in a layer,
+``D`` head dimension. Statistics are per KV head unless said otherwise.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable
+
+from kvstack.lazy_import import lazy_module
 from kvstack.spec import SpecError
 
-__all__ = ["VALID_BITS", "CodecError", "check_bits", "check_group_size"]
+torch = lazy_module("torch")
+
+__all__ = [
+    "STAT_BELOW_MEAN", "STAT_COLSUM", "STAT_LAST", "STAT_WINDOW", "VALID_BITS", "AttentionStats", "CodecError",
+    "LayerView", "TensorFormat", "check_bits", "check_group_size",
+]
+
+# The statistics a method can ask the attention function to collect (see AttentionStats).
+STAT_WINDOW = "window"  # softmax weights of the last `window` queries of the prompt
+STAT_COLSUM = "colsum"  # attention each entry received, summed over this forward's queries
+STAT_BELOW_MEAN = "below_mean"  # how many (query, head) pairs gave an entry less than the mean weight
+STAT_LAST = "last"  # softmax weights of this forward's last query
+
+
+@dataclasses.dataclass
+class AttentionStats:
+    """Statistics of one forward's attention over a layer's entries (cached + new), all per KV head.
+
+    Read-only for methods: caches reading a prompt together share these tensors
+    (shared prefill), across methods too.
+
+    Attributes
+    ----------
+    window:
+        ``[B, Hq, W, L]`` softmax weights of the last ``W`` queries (only at the end of a prompt).
+    colsum:
+        ``[B, H, L]`` attention received by each entry, summed over queries and over the query heads
+        of each KV group.
+    below_mean:
+        ``[B, H, L]`` number of (query, query-head) pairs whose weight on the entry is below
+        ``1 / visible entries``.
+    queries_seen:
+        ``[B, H, L]`` number of (query, query-head) pairs that could see each entry in this forward.
+    last:
+        ``[B, Hq, L]`` softmax weights of the last query.
+    """
+
+    window: torch.Tensor | None = None
+    colsum: torch.Tensor | None = None
+    below_mean: torch.Tensor | None = None
+    queries_seen: torch.Tensor | None = None
+    last: torch.Tensor | None = None
+
+
+@dataclasses.dataclass
+class LayerView:
+    """What a method sees of one layer when it scores.
+
+    Attributes
+    ----------
+    keys, values:
+        ``[B, H, L, D]`` cached entries (keys after RoPE at their true positions). Read lazily: for a
+        layer whose older entries are encoded by a codec, they are decoded only if a method asks.
+    positions:
+        ``[B, H, L]`` int32 true positions; ``-1`` marks padding.
+    next_position:
+        ``[B]`` the position the next token of each sequence will take.
+    state:
+        Per-entry method state, each ``[B, H, L]`` float32 (e.g. H2O's accumulated attention).
+    stats:
+        Attention statistics of the forward that just ran.
+    layer_idx, num_layers:
+        Where this layer sits in the model.
+    generator:
+        The cache's seeded random generator.
+    group_size:
+        ``G = Hq / H``.
+    budget:
+        Entries this layer keeps per KV head after the eviction under way.
+    kv_source:
+        Returns ``(keys, values)``; called at most once, on first access.
+    """
+
+    positions: torch.Tensor
+    next_position: torch.Tensor
+    state: dict[str, torch.Tensor]
+    stats: AttentionStats
+    layer_idx: int
+    num_layers: int
+    generator: torch.Generator
+    group_size: int
+    budget: int
+    kv_source: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+
+    @functools.cached_property
+    def _kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv_source()
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._kv[0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._kv[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.positions.shape[1]
+
+
+
 
 VALID_BITS = (2, 4, 8)
 
@@ -34,3 +147,17 @@ def check_group_size(group_size: object, axis_length: int, axis_name: str = "the
             f"choose a divisor, e.g. {' or '.join(map(str, divisors[:3]))}"
         )
     return group_size
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorFormat:
+    """How one of keys / values is quantized: ``bits``, ``group_size`` and the axis groups run ``along``."""
+
+    bits: int
+    group_size: int
+    along: str  # "channels" (per token) or "tokens" (per channel)
+
+    def check(self, head_dim: int, what: str) -> None:
+        """Raise :class:`CodecError` if the groups cannot tile a ``head_dim``-channel vector."""
+        if self.along == "channels":
+            check_group_size(self.group_size, head_dim, f"the head dimension of the {what}")

@@ -1,4 +1,4 @@
-"""``kvstack engine-bench``: the command-line face of :func:`kvstack.engine.bench.replay`.
+"""``kvstack engine-bench``: the command-line face of :func:`kvstack.bench.engine_replay.replay`.
 
 The parser and the argument checks import no torch, so help and usage errors answer at once; the engine and
 the model are imported only when a replay runs.
@@ -58,7 +58,7 @@ def add_engine_bench_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def _build_workload(args: argparse.Namespace, vocab_size: int) -> Any:
-    from kvstack.engine import workload as wl
+    from kvstack.bench import workload as wl
 
     if args.workload == "shared-prefix":
         return wl.shared_prefix_workload(
@@ -127,7 +127,7 @@ def cmd_engine_bench(args: argparse.Namespace) -> int:
     import platform
 
     _check_args(args)
-    from kvstack.engine.bench import replay
+    from kvstack.bench.engine_replay import replay
     from kvstack.engine.engine import Engine
     from kvstack.models import load_model
 

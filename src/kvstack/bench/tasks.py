@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from kvstack.bench.config import DEFAULT_DEPTHS, QUERY_MODES, BenchError
-from kvstack.bench.prose import prose_paragraphs, prose_words, source_id
+from kvstack.prose import prose_paragraphs, prose_words, source_id
 
 __all__ = [
     "NOISE_TEXT",

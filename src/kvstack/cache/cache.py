@@ -8,7 +8,6 @@ import torch
 from transformers.cache_utils import Cache
 
 from kvstack.cache.layer import KVStackLayer
-from kvstack.methods.base import Composed, Method
 
 
 class KVStackCache(Cache):
@@ -30,13 +29,15 @@ class KVStackCache(Cache):
         window, or None to keep every entry in the model's dtype.
     calibration:
         The model's :class:`~kvstack.calibration.Calibration`, for codecs that need one (``palu``).
+    label:
+        The spec this cache applies, as :meth:`label` returns it (default: built from method and codec).
     seed:
         Seed of the generator random methods draw from.
     """
 
     def __init__(
         self,
-        method: Method,
+        method: Any,
         *,
         num_layers: int,
         num_q_heads: int,
@@ -45,8 +46,10 @@ class KVStackCache(Cache):
         seed: int = 0,
         codec: Any = None,
         calibration: Any = None,
+        label: str | None = None,
     ) -> None:
         self.method = method
+        self._label = label
         self.codec = codec
         self.calibration = calibration
         self.num_layers = num_layers
@@ -113,7 +116,11 @@ class KVStackCache(Cache):
 
     def label(self) -> str:
         """The spec string of what this cache applies (selection and codec)."""
-        return self.method.label() if self.codec is None else Composed(self.method, self.codec).label()
+        if self._label is not None:
+            return self._label
+        if self.codec is None:
+            return self.method.label()
+        return f"{self.method.label()} + {self.codec.label()}" if self.method.compresses() else self.codec.label()
 
     def bits_per_element(self) -> float:
         """``8 * kv_bytes / (entries * D * 2)``: bits held per kept key/value element, all metadata included."""

@@ -31,8 +31,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from kvstack.cache import kernels
 from kvstack.cache.quantized import QuantizedRegion, blockwise_attention
-from kvstack.methods.allocation import headwise_counts
-from kvstack.methods.base import (
+from kvstack.contract import (
     STAT_BELOW_MEAN,
     STAT_COLSUM,
     STAT_LAST,
@@ -806,7 +805,7 @@ class KVStackLayer(CacheLayerMixin):
             scores = scores.masked_fill(protect, float("inf"))
         scores = scores.masked_fill(view.positions < 0, float("-inf"))
         if method.headwise:
-            self._to_ragged(scores, budget, method.floor)
+            self._to_ragged(scores, budget, method)
             return
         drop = encoded + self.length - budget
         if encoded and drop == 1:
@@ -856,8 +855,8 @@ class KVStackLayer(CacheLayerMixin):
         self.capacity = capacity
         self.length = kept
 
-    def _to_ragged(self, scores: torch.Tensor, budget: int, floor: float) -> None:
-        """Head-wise allocation (Ada-KV): per sequence, heads share ``H * budget`` entries."""
+    def _to_ragged(self, scores: torch.Tensor, budget: int, method: Any) -> None:
+        """Head-wise allocation: per sequence, ``method.allocate_heads`` shares ``H * budget`` entries among heads."""
         if self.encoded_entries():  # decode what the codec holds; the scores cover [encoded | slots] in order
             self._unflush()
         codec = self.owner.codec
@@ -872,7 +871,7 @@ class KVStackLayer(CacheLayerMixin):
         ragged = RaggedHeads(self.batch, self.heads, self.head_dim, self.keys.dtype, self.keys.device, head_region)
         live = self.length
         for b in range(self.batch):
-            keep = headwise_counts(scores[b], budget, floor)  # [H, L]
+            keep = method.allocate_heads(scores[b], budget)  # [H, L]
             for h in range(self.heads):
                 index = keep[h].nonzero().squeeze(-1)
                 ragged.set_head(

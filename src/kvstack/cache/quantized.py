@@ -25,8 +25,7 @@ import torch
 
 from kvstack.cache import kernels
 from kvstack.cache.codecs import pack_bits, unpack_float
-from kvstack.methods.base import STAT_BELOW_MEAN, STAT_COLSUM, STAT_LAST, STAT_WINDOW, AttentionStats
-from kvstack.methods.quantization import Codec, TensorFormat
+from kvstack.contract import STAT_BELOW_MEAN, STAT_COLSUM, STAT_LAST, STAT_WINDOW, AttentionStats, TensorFormat
 
 BLOCK_TOKENS = 1024  # entries decoded at a time by attention (rounded to whole chunks)
 ENCODE_TOKENS = 512  # tokens encoded per step when a long prompt is flushed
@@ -433,7 +432,7 @@ class QuantizedRegion:
 
     def __init__(
         self,
-        codec: Codec,
+        codec: Any,
         batch: int,
         heads: int,
         head_dim: int,

@@ -44,7 +44,7 @@ from kvstack.cache.layer import (
     attention_route,
     chunk_masks,
 )
-from kvstack.methods.base import STAT_BELOW_MEAN, STAT_COLSUM, STAT_LAST, STAT_WINDOW
+from kvstack.contract import STAT_BELOW_MEAN, STAT_COLSUM, STAT_LAST, STAT_WINDOW
 
 __all__ = [
     "SharedPrefillCache", "chunk_route_groups", "chunk_share_key", "method_chunk_share_key", "method_share_blocker",

@@ -2,8 +2,9 @@
 scheduler (continuous batching, chunked prefill, preemption by recompute), the paged KV tensor pool with
 attention over block tables, host/disk tiers for evicted prefix blocks, and the model runner (one packed forward
 per step over paged KV). The engine loop (engine.py) ties them together: requests, greedy/top-p sampling,
-per-step outputs, streaming, per-request timing and the storage tiers. workload.py generates and replays the
-workloads ``kvstack engine-bench`` runs."""
+per-step outputs, streaming, per-request timing and the storage tiers. The workloads ``kvstack engine-bench``
+replays, and the replay itself, belong to the bench (:mod:`kvstack.bench.workload`,
+:mod:`kvstack.bench.engine_replay`)."""
 
 from kvstack.engine.blocks import (
     BlockManager,
@@ -28,17 +29,6 @@ from kvstack.engine.scheduler import (
     SequenceStatus,
 )
 from kvstack.engine.tiers import DiskTier, HostTier, TieredStore, TierError
-from kvstack.engine.workload import (
-    Workload,
-    WorkloadRequest,
-    load_mooncake_trace,
-    mooncake_workload,
-    multi_turn_workload,
-    poisson_arrivals,
-    shared_prefix_workload,
-    synthetic_mooncake_trace,
-    write_mooncake_trace,
-)
 
 __all__ = [
     "ATTENTION_NAME",
@@ -70,17 +60,8 @@ __all__ = [
     "SequenceStatus",
     "TierError",
     "TieredStore",
-    "Workload",
-    "WorkloadRequest",
     "block_hash",
     "default_namespace",
-    "load_mooncake_trace",
-    "mooncake_workload",
-    "multi_turn_workload",
     "paged_attention",
     "paged_attention_packed",
-    "poisson_arrivals",
-    "shared_prefix_workload",
-    "synthetic_mooncake_trace",
-    "write_mooncake_trace",
 ]

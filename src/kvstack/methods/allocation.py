@@ -115,6 +115,10 @@ class AdaKV(WrapperMethod):
             raise SpecError(f"floor must be a number in [0, 1] (fraction of the per-head budget), got {self.floor!r}")
         self.adopt_inner()
 
+    def allocate_heads(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
+        """``[H, L]`` bool of the entries each head of one sequence keeps (see :func:`headwise_counts`)."""
+        return headwise_counts(scores, budget, self.floor)
+
 
 def headwise_counts(scores: torch.Tensor, budget: int, floor: float) -> torch.Tensor:
     """Ada-KV allocation for one sequence: how many entries each head keeps, and which.

@@ -11,112 +11,25 @@ over the ``G`` query heads of each KV group before they reach a method.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from collections.abc import Callable
 from typing import Any, ClassVar
 
+from kvstack.contract import (  # noqa: F401  (re-exported: methods import them from here)
+    STAT_BELOW_MEAN,
+    STAT_COLSUM,
+    STAT_LAST,
+    STAT_WINDOW,
+    AttentionStats,
+    LayerView,
+)
 from kvstack.lazy_import import lazy_module
 from kvstack.spec import MethodInfo, SpecError, register_composer
 
 torch = lazy_module("torch")
 
-# The statistics a method can ask the attention function to collect (see AttentionStats).
-STAT_WINDOW = "window"  # softmax weights of the last `window` queries of the prompt
-STAT_COLSUM = "colsum"  # attention each entry received, summed over this forward's queries
-STAT_BELOW_MEAN = "below_mean"  # how many (query, head) pairs gave an entry less than the mean weight
-STAT_LAST = "last"  # softmax weights of this forward's last query
-
 
 class BudgetError(SpecError):
     """A budget that cannot hold what the method always keeps (sinks, windows)."""
-
-
-@dataclasses.dataclass
-class AttentionStats:
-    """Statistics of one forward's attention over a layer's entries (cached + new), all per KV head.
-
-    Read-only for methods: caches reading a prompt together share these tensors
-    (:class:`~kvstack.cache.layer.SharedChunkAttention`), across methods too.
-
-    Attributes
-    ----------
-    window:
-        ``[B, Hq, W, L]`` softmax weights of the last ``W`` queries (only at the end of a prompt).
-    colsum:
-        ``[B, H, L]`` attention received by each entry, summed over queries and over the query heads
-        of each KV group.
-    below_mean:
-        ``[B, H, L]`` number of (query, query-head) pairs whose weight on the entry is below
-        ``1 / visible entries``.
-    queries_seen:
-        ``[B, H, L]`` number of (query, query-head) pairs that could see each entry in this forward.
-    last:
-        ``[B, Hq, L]`` softmax weights of the last query.
-    """
-
-    window: torch.Tensor | None = None
-    colsum: torch.Tensor | None = None
-    below_mean: torch.Tensor | None = None
-    queries_seen: torch.Tensor | None = None
-    last: torch.Tensor | None = None
-
-
-@dataclasses.dataclass
-class LayerView:
-    """What a method sees of one layer when it scores.
-
-    Attributes
-    ----------
-    keys, values:
-        ``[B, H, L, D]`` cached entries (keys after RoPE at their true positions). Read lazily: for a
-        layer whose older entries are encoded by a codec, they are decoded only if a method asks.
-    positions:
-        ``[B, H, L]`` int32 true positions; ``-1`` marks padding.
-    next_position:
-        ``[B]`` the position the next token of each sequence will take.
-    state:
-        Per-entry method state, each ``[B, H, L]`` float32 (e.g. H2O's accumulated attention).
-    stats:
-        Attention statistics of the forward that just ran.
-    layer_idx, num_layers:
-        Where this layer sits in the model.
-    generator:
-        The cache's seeded random generator.
-    group_size:
-        ``G = Hq / H``.
-    budget:
-        Entries this layer keeps per KV head after the eviction under way.
-    kv_source:
-        Returns ``(keys, values)``; called at most once, on first access.
-    """
-
-    positions: torch.Tensor
-    next_position: torch.Tensor
-    state: dict[str, torch.Tensor]
-    stats: AttentionStats
-    layer_idx: int
-    num_layers: int
-    generator: torch.Generator
-    group_size: int
-    budget: int
-    kv_source: Callable[[], tuple[torch.Tensor, torch.Tensor]]
-
-    @functools.cached_property
-    def _kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.kv_source()
-
-    @property
-    def keys(self) -> torch.Tensor:
-        return self._kv[0]
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self._kv[1]
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.positions.shape[1]
 
 
 @dataclasses.dataclass
@@ -133,7 +46,8 @@ class Method:
     state_names:
         Names of per-entry float32 state tensors the layer keeps aligned with the entries.
     headwise:
-        True when heads of one layer may keep different numbers of entries (variable-length storage).
+        True when heads of one layer may keep different numbers of entries (variable-length storage); such
+        a method says which with :meth:`allocate_heads`.
     sparse_attention:
         True when the method restricts which entries each query attends to without evicting (Loki).
     """
@@ -147,6 +61,13 @@ class Method:
     headwise: ClassVar[bool] = False
 
     # -- budget -------------------------------------------------------------------------------------
+    def allocate_heads(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
+        """Head-wise methods only: ``[H, L]`` bool of the entries each head of one sequence keeps.
+
+        ``scores`` ``[H, L]`` (``+inf`` protected, ``-inf`` padding); ``budget`` the average per head.
+        """
+        raise NotImplementedError(f"{type(self).__name__} is not head-wise")
+
     def compresses(self) -> bool:
         """False for methods that keep everything (``full``)."""
         return True

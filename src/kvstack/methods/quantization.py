@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from kvstack.contract import CodecError, check_bits, check_group_size
+from kvstack.contract import CodecError, TensorFormat, check_bits
 from kvstack.methods.base import WrapperMethod, check_sizes
 from kvstack.spec import MethodInfo, SpecError, register
 
@@ -32,20 +32,6 @@ __all__ = ["KIVI", "Codec", "KVQuant", "Quant", "TensorFormat"]
 
 CHUNK_TOKENS = 32  # tokens encoded at a time by per-token codecs (whole key groups for per-channel ones)
 ROTATIONS = (None, "hadamard", "hadamard-values")
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorFormat:
-    """How one of keys / values is quantized: ``bits``, ``group_size`` and the axis groups run ``along``."""
-
-    bits: int
-    group_size: int
-    along: str  # "channels" (per token) or "tokens" (per channel)
-
-    def check(self, head_dim: int, what: str) -> None:
-        """Raise :class:`CodecError` if the groups cannot tile a ``head_dim``-channel vector."""
-        if self.along == "channels":
-            check_group_size(self.group_size, head_dim, f"the head dimension of the {what}")
 
 
 @dataclasses.dataclass

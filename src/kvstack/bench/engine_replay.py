@@ -1,6 +1,6 @@
 """Replay a workload through the engine in real time and measure it: ``kvstack engine-bench``.
 
-:func:`replay` submits each :class:`~kvstack.engine.workload.WorkloadRequest` to an
+:func:`replay` submits each :class:`~kvstack.bench.workload.WorkloadRequest` to an
 :class:`~kvstack.engine.engine.Engine` when its arrival time comes (open loop: arrivals do not wait for
 earlier replies; ``time_scale`` stretches or compresses the trace, 0 submits everything at once), steps the
 engine whenever it has work, and sleeps until the next arrival when it has none. It reports:
@@ -30,9 +30,9 @@ import numpy as np
 
 from kvstack.bench.metrics import PeakMemory
 from kvstack.bench.runner import ProgressBar
+from kvstack.bench.workload import Workload
 from kvstack.engine.engine import Engine, SamplingParams
 from kvstack.engine.paged import BYTES_PER_MB
-from kvstack.engine.workload import Workload
 from kvstack.errors import KVStackError
 
 __all__ = ["EngineBenchResult", "replay"]
