@@ -39,7 +39,7 @@ from transformers import DynamicCache, QuantizedCache
 
 import kvstack
 from kvstack.api import prefill
-from kvstack.cache import kernels, quantized
+from kvstack.cache import kernels, quantized, streams
 from kvstack.spec import parse
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -248,12 +248,12 @@ def block_section(model: torch.nn.Module) -> dict:
             seen[0] = max(seen[0], codes.nbytes)
             return codes
 
-        quantized.unpack_float, quantized.FUSED_KERNELS = spy, fused
+        quantized.unpack_float, streams.unpack_float, quantized.FUSED_KERNELS = spy, spy, fused
         try:
             for _ in range(4):
                 model(torch.tensor([[42]]), **kvstack.cache_kwargs(model, cache), use_cache=True)
         finally:
-            quantized.unpack_float, quantized.FUSED_KERNELS = original, True
+            quantized.unpack_float, streams.unpack_float, quantized.FUSED_KERNELS = original, original, True
         largest["fused" if fused else "pytorch"] = seen[0]
     layer = cache.layers[0]
     layer_fp = (layer.encoded_entries() + layer.length) * layer.batch * layer.heads * layer.head_dim * 4 * 2

@@ -9,7 +9,8 @@ from conftest import build_model, random_ids
 import kvstack
 from kvstack.api import prefill
 from kvstack.cache.codecs import quantize
-from kvstack.cache.quantized import LowRankResidualStream, QuantizedRegion
+from kvstack.cache.quantized import QuantizedRegion
+from kvstack.cache.streams import LowRankResidualStream
 from kvstack.spec import SpecError, parse
 
 HEADS, HEAD_DIM = 2, 32

@@ -10,10 +10,12 @@ from hypothesis import strategies as st
 
 import kvstack
 from kvstack.api import prefill
-from kvstack.cache import kernels, quantized
+from kvstack.cache import kernels, quantized, streams
+from kvstack.cache.attention_stats import attention_with_stats
+from kvstack.cache.blockwise import blockwise_attention
 from kvstack.cache.codecs import CodecError, quantize
-from kvstack.cache.layer import attention_with_stats
-from kvstack.cache.quantized import QuantizedRegion, blockwise_attention, random_hadamard
+from kvstack.cache.quantized import QuantizedRegion
+from kvstack.cache.streams import random_hadamard
 from kvstack.methods.base import STAT_BELOW_MEAN, STAT_COLSUM, STAT_LAST, STAT_WINDOW
 from kvstack.spec import SpecError, parse
 
@@ -151,7 +153,7 @@ def test_kvquant_keeps_outliers_exactly_and_quantizes_keys_before_rope():
     values = torch.randn(1, 1, 64, 32, generator=generator)
     region = _region("kvquant(bits=4, group_size=32, outliers=0.01)", heads=1, rope_inv_freq=inv_freq)
     positions = torch.arange(64, dtype=torch.int32).view(1, 1, -1)
-    from kvstack.cache.layer import rope_shift
+    from kvstack.cache.rope import rope_shift
 
     post_rope = rope_shift(keys, positions.float(), inv_freq)
     region.append(post_rope, values, positions, {})
@@ -331,7 +333,8 @@ def test_attention_decodes_one_block_at_a_time_while_decoding(monkeypatch, spec)
         decoded_tokens.append(packed.shape[-2])
         return original(packed, bits)
 
-    monkeypatch.setattr(quantized, "unpack_float", spy)
+    monkeypatch.setattr(quantized, "unpack_float", spy)  # the region's own reads and its streams' decodes
+    monkeypatch.setattr(streams, "unpack_float", spy)
     monkeypatch.setattr(QuantizedRegion, "decode_all", lambda self: pytest.fail("a whole layer was decoded"))
     for token in range(5):
         model(torch.tensor([[token + 3]]), **kvstack.cache_kwargs(model, cache), use_cache=True)
@@ -554,7 +557,7 @@ def test_streamingllm_with_a_codec_keeps_exactly_sinks_and_the_recent_window(cod
 def test_streamingllm_cache_positions_with_a_codec_attend_at_slot_positions(codec):
     """positions='cache' over encoded entries: a decoding query attends as if every kept key (decoded
     from its codes, pre-RoPE ones included) and the query sat at their ranks by true position."""
-    from kvstack.cache.layer import rope_shift
+    from kvstack.cache.rope import rope_shift
 
     model = head32_model()
     spec = f"streamingllm(budget=64, sinks=4, positions='cache') + {codec}"
@@ -791,7 +794,7 @@ def test_palu_without_or_with_a_foreign_calibration_is_refused(calibrated, tmp_p
 
 
 def test_smoothing_divides_key_pairs_by_calibrated_factors_and_reads_back_exactly(calibrated):
-    from kvstack.cache.quantized import smoothing_factors
+    from kvstack.cache.streams import smoothing_factors
     from kvstack.calibration import get_calibration
 
     calibration = get_calibration(calibrated)
@@ -860,7 +863,7 @@ def test_loki_keeps_every_entry_stores_keys_in_an_orthonormal_pca_basis_and_read
     prefill(model, ids, full)
     prefill(model, ids, loki)
     for plain, rotated in zip(full.layers, loki.layers, strict=True):
-        basis = rotated.pca_basis  # [B, H, D, D]
+        basis = rotated.key_basis  # [B, H, D, D]
         torch.testing.assert_close(basis.transpose(-1, -2) @ basis, torch.eye(32).expand_as(basis), atol=1e-4,
                                    rtol=0)
         # Energy sorted: the first coordinates of the stored keys carry the most.
@@ -869,7 +872,7 @@ def test_loki_keeps_every_entry_stores_keys_in_an_orthonormal_pca_basis_and_read
         view = rotated._view(kvstack.methods.base.AttentionStats(), budget=0)
         torch.testing.assert_close(view.keys, plain.keys[:, :, : plain.length], atol=1e-4, rtol=1e-4)
     assert loki.kept_entries() == full.kept_entries()
-    assert loki.kv_bytes() == full.kv_bytes() + sum(layer.pca_basis.nbytes for layer in loki.layers)
+    assert loki.kv_bytes() == full.kv_bytes() + sum(layer.key_basis.nbytes for layer in loki.layers)
 
 
 @pytest.mark.parametrize("rank", [32, 6])
@@ -882,7 +885,7 @@ def test_loki_attends_only_to_the_top_entries_by_low_rank_scores(rank):
     output = layer._attend_low_rank_scored(query, None, 1, 0.2)  # [1, 1, Hq, D]
     keys = layer._view(kvstack.methods.base.AttentionStats(), budget=0).keys  # model basis, [1, H, L, D]
     values = layer.values[:, :, : layer.length]
-    basis = layer.pca_basis
+    basis = layer.key_basis
     for head in range(4):
         kv = head // 2
         q = query[0, head, 0]
@@ -910,7 +913,7 @@ def test_loki_with_a_codec_attends_to_the_top_entries_of_region_and_slots(codec,
 
         def checking(query, causal, q_len, scaling, layer=layer, attend=attend, checked=checked):
             encoded_keys, _ = layer.region.decode_all()
-            basis = layer.pca_basis[0]  # [H, D, D]
+            basis = layer.key_basis[0]  # [H, D, D]
             keys = torch.cat((encoded_keys[0], layer.keys[0, :, : layer.length] @ basis.transpose(-1, -2)), dim=1)
             values = torch.cat((layer.region.decode_all()[1][0], layer.values[0, :, : layer.length]), dim=1)
             output = attend(query, causal, q_len, scaling)
@@ -948,7 +951,7 @@ def test_loki_attending_to_everything_with_a_codec_equals_the_codec_alone():
                                        atol=1e-4, rtol=1e-4)
         token = expected[:, -1].argmax(-1, keepdim=True)
     assert loki.layers[0].encoded_entries() == alone.layers[0].encoded_entries() > 0
-    assert loki.kv_bytes() == alone.kv_bytes() + sum(layer.pca_basis.nbytes for layer in loki.layers)
+    assert loki.kv_bytes() == alone.kv_bytes() + sum(layer.key_basis.nbytes for layer in loki.layers)
 
 
 def test_loki_refuses_a_rank_above_the_head_dimension():

@@ -17,8 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvstack
-from kvstack.cache.layer import SharedChunkAttention, attention_route, attention_with_stats
+from kvstack.cache.attention_stats import attention_route, attention_with_stats
 from kvstack.cache.shared import chunk_share_key, share_blocker
+from kvstack.cache.shared_attention import SharedChunkAttention
 
 SHAREABLE = [
     "full",

@@ -18,78 +18,12 @@ import torch
 
 from kvstack import attention
 from kvstack.cache.cache import KVStackCache
-from kvstack.errors import KVStackError
+from kvstack.errors import InputError
 from kvstack.methods.base import Composed, Method
+from kvstack.models import attention_placements, model_geometry
 from kvstack.spec import parse
 
 DEFAULT_CHUNK = 512  # prefill chunk for methods that evict while the prompt streams in
-
-
-class InputError(KVStackError):
-    """Bad input (prompt, model): the message is one line naming the problem and the valid choices."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-    """A model's attention shape, read from its config and checked against its modules."""
-
-    num_layers: int
-    num_q_heads: int
-    num_kv_heads: int
-    head_dim: int
-    max_context: int | None
-    rope_inv_freq: torch.Tensor | None
-
-
-def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's attention modules: those with ``q_proj``, ``k_proj``, ``v_proj`` and a ``layer_idx``."""
-    return [m for m in model.modules()
-            if hasattr(m, "layer_idx") and all(hasattr(m, p) for p in ("q_proj", "k_proj", "v_proj"))]
-
-
-def attention_placements(model: torch.nn.Module) -> set[tuple[torch.device, torch.dtype]]:
-    """The devices and dtypes the model's attention layers compute their queries on (their ``q_proj``
-    weights'; the model's dtype for a weight that is not floating point, as quantized layers compute in it)."""
-    placements = set()
-    for module in _attention_modules(model):
-        weight = getattr(module.q_proj, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
-            placements.add((weight.device, weight.dtype))
-        else:
-            parameter = next(model.parameters())
-            device = parameter.device if weight is None else weight.device
-            placements.add((device, getattr(model, "dtype", parameter.dtype)))
-    return placements
-
-
-def model_geometry(model: torch.nn.Module) -> Geometry:
-    """Read the attention geometry; raise :class:`InputError` for a model kvstack cannot drive."""
-    attention_modules = _attention_modules(model)
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    if not attention_modules or config is None or not hasattr(config, "num_attention_heads"):
-        raise InputError(
-            f"{type(model).__name__} has no attention layers kvstack recognises (modules with q_proj/k_proj/v_proj "
-            "and layer_idx); supported: Llama, Qwen2, Mistral and other HF decoder-only models built like them"
-        )
-    num_q_heads = config.num_attention_heads
-    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_q_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_q_heads
-    inv_freq = None
-    for module in model.modules():
-        freq = getattr(module, "inv_freq", None)
-        if isinstance(freq, torch.Tensor) and float(getattr(module, "attention_scaling", 1.0)) == 1.0:
-            inv_freq = freq.detach().float().cpu()
-            break
-    return Geometry(
-        num_layers=len(attention_modules),
-        num_q_heads=num_q_heads,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-        max_context=getattr(config, "max_position_embeddings", None),
-        rope_inv_freq=inv_freq,
-    )
 
 
 @functools.cache
@@ -142,7 +76,7 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
         from kvstack.calibration import get_calibration
 
         calibration = get_calibration(model)  # a missing or foreign artefact is a one-line CalibrationError
-    if hasattr(method, "demotion_codec"):  # mikv: its low-precision groups must tile the head dimension
+    if method.demotion_codec() is not None:  # mikv: its low-precision groups must tile the head dimension
         method.demotion_codec().check(geometry.head_dim)
     if method.sparse_attention and method.rank > geometry.head_dim:
         raise InputError(f"rank {method.rank} is above the head dimension {geometry.head_dim}; choose 1 to "

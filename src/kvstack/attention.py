@@ -8,24 +8,16 @@ cache the function is exactly transformers' SDPA attention.
 
 from __future__ import annotations
 
-import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-if TYPE_CHECKING:
-    from kvstack.cache.layer import KVStackLayer
+from kvstack.cache.pending import take_pending
 
 ATTENTION_NAME = "kvstack"
-_pending = threading.local()
-
-
-def set_pending(layer: KVStackLayer) -> None:
-    """Called by a layer's ``update``: its attention is the next one to run on this thread."""
-    _pending.layer = layer
 
 
 def kvstack_attention(
@@ -39,12 +31,11 @@ def kvstack_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Attention for one layer. ``query`` ``[B, Hq, q, D]``; returns ``([B, q, Hq, D], None)``."""
-    layer = getattr(_pending, "layer", None)
+    layer = take_pending()
     if layer is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    _pending.layer = None
     if layer.layer_idx != getattr(module, "layer_idx", layer.layer_idx):
         raise RuntimeError(f"kvstack: cache layer {layer.layer_idx} updated but attention ran for {module.layer_idx}")
     if scaling is None:

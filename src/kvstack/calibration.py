@@ -49,8 +49,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvstack.errors import KVStackError
-from kvstack.models import MODEL_ALIASES, kvstack_home
+from kvstack.errors import InputError, KVStackError
+from kvstack.models import MODEL_ALIASES, Geometry, attention_modules, kvstack_home, model_geometry
 
 __all__ = [
     "DEFAULT_SEQUENCE_LENGTH",
@@ -282,18 +282,6 @@ class Calibration:
 # --------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _Geometry:
-    num_layers: int
-    num_kv_heads: int
-    num_q_heads: int
-    head_dim: int
-
-    def describe(self) -> str:
-        return (f"{self.num_layers} layers x {self.num_kv_heads} KV heads ({self.num_q_heads} query heads) x "
-                f"{self.head_dim} dims")
-
-
 def _text_config(model: nn.Module) -> Any:
     config = getattr(model, "config", None)
     if config is None:
@@ -302,39 +290,39 @@ def _text_config(model: nn.Module) -> Any:
     return get_text() if callable(get_text) else config
 
 
-def _geometry(model: nn.Module) -> _Geometry:
-    config = _text_config(model)
+def _geometry(model: nn.Module) -> Geometry:
+    """The model's geometry (:func:`kvstack.models.model_geometry`), refused unless calibration can fit it."""
     try:
-        layers = int(config.num_hidden_layers)
-        q_heads = int(config.num_attention_heads)
-        kv_heads = int(getattr(config, "num_key_value_heads", None) or q_heads)
-        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // q_heads)
-    except (AttributeError, TypeError, ValueError) as err:
-        raise CalibrationError(f"cannot read the attention geometry from the model config ({err})") from None
+        geometry = model_geometry(model)
+    except InputError as err:
+        raise CalibrationError(str(err)) from None
+    layers, q_heads, kv_heads, head_dim = (geometry.num_layers, geometry.num_q_heads, geometry.num_kv_heads,
+                                           geometry.head_dim)
     if min(layers, q_heads, kv_heads, head_dim) < 1 or q_heads % kv_heads or head_dim % 2:
         raise CalibrationError(
             f"unsupported attention geometry: {layers} layers, {q_heads} query heads, {kv_heads} KV heads, "
             f"head_dim {head_dim} (query heads must be a multiple of KV heads, head_dim even)"
         )
-    return _Geometry(layers, kv_heads, q_heads, head_dim)
+    return geometry
 
 
-def _attention_modules(model: nn.Module, geometry: _Geometry) -> list[nn.Module]:
-    """The attention module of every decoder layer, ordered by ``layer_idx``."""
-    found: dict[int, nn.Module] = {}
-    for module in model.modules():
-        if all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj", "layer_idx")):
-            index = int(module.layer_idx)
-            if index in found:
-                raise CalibrationError(f"two attention modules claim layer_idx {index}; unsupported model")
-            found[index] = module
-    if sorted(found) != list(range(geometry.num_layers)):
+def _attention_modules(model: nn.Module, geometry: Geometry) -> list[nn.Module]:
+    """The attention module of every decoder layer, ordered by ``layer_idx`` (each index exactly once)."""
+    modules = attention_modules(model)
+    indices = [int(module.layer_idx) for module in modules]
+    if indices != list(range(geometry.num_layers)):
         raise CalibrationError(
-            f"found attention modules (with q_proj, k_proj, v_proj, layer_idx) for layers {sorted(found)}, "
+            f"found attention modules (with q_proj, k_proj, v_proj, layer_idx) for layers {indices}, "
             f"expected 0..{geometry.num_layers - 1}; calibration supports Llama-style attention "
             "(Llama, Qwen2, Mistral)"
         )
-    return [found[i] for i in range(geometry.num_layers)]
+    return modules
+
+
+def _identity_geometry(geometry: Geometry) -> dict[str, int]:
+    """The geometry fields a calibration artefact's model key is made of."""
+    return {"num_layers": geometry.num_layers, "num_kv_heads": geometry.num_kv_heads,
+            "num_q_heads": geometry.num_q_heads, "head_dim": geometry.head_dim}
 
 
 def _model_name(model: nn.Module) -> str:
@@ -383,7 +371,7 @@ def model_key(model: nn.Module) -> str:
     config = _text_config(model)
     identity = {
         "model_type": str(getattr(config, "model_type", "")),
-        "geometry": dataclasses.asdict(geometry),
+        "geometry": _identity_geometry(geometry),
         "hidden_size": getattr(config, "hidden_size", None),
         "vocab_size": getattr(config, "vocab_size", None),
     }
@@ -518,7 +506,7 @@ def load_calibration(
         both models and the command that fixes it).
     """
     model_name: str | None = None
-    geometry: _Geometry | None = None
+    geometry: Geometry | None = None
     if isinstance(path_or_model, nn.Module):
         model = path_or_model
         geometry = _geometry(model)
@@ -533,8 +521,10 @@ def load_calibration(
         path = Path(path_or_model)
     cal = _read_file(path)
     hint = _fix_hint(model_name) if model_name is not None else "calibrate that model"
-    if geometry is not None and cal.geometry() != dataclasses.astuple(geometry):
-        made_for = _Geometry(*cal.geometry()).describe()
+    if geometry is not None and cal.geometry() != tuple(_identity_geometry(geometry).values()):
+        layers, kv_heads, q_heads, head_dim = cal.geometry()
+        made_for = Geometry(num_layers=layers, num_q_heads=q_heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                            max_context=None, rope_inv_freq=None).describe()
         raise CalibrationError(
             f"calibration file {path} was made for model {cal.model_key} ({made_for}), not "
             f"{expected_model_key} ({geometry.describe()}); {hint}"
@@ -734,7 +724,7 @@ def calibration_text_ids(tokenizer: Any, tokens: int, source: str = DEFAULT_SOUR
 class _LayerStats:
     """Running float64 statistics of one layer's keys, values and queries (nothing else is kept)."""
 
-    def __init__(self, geometry: _Geometry) -> None:
+    def __init__(self, geometry: Geometry) -> None:
         heads, dim = geometry.num_kv_heads, geometry.head_dim
         self.heads, self.q_heads, self.dim = heads, geometry.num_q_heads, dim
         f64 = torch.float64

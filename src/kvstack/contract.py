@@ -4,7 +4,9 @@
   (:class:`AttentionStats`);
 * what a method sees of a layer when it scores (:class:`LayerView`);
 * how a codec asks storage to lay out one of keys / values (:class:`TensorFormat`), and the checks of its
-  bit widths and group sizes.
+  bit widths and group sizes;
+* the two protocols: what storage asks of a policy (:class:`Policy`) and of a codec (:class:`CodecSpec`).
+  Storage calls these hooks and never names a method; ``docs/architecture.md`` draws the whole picture.
 
 Shapes: ``B`` batch, ``H`` KV heads, ``Hq`` query heads (``Hq = H * G``), ``L`` cached entries in a layer,
 ``D`` head dimension. Statistics are per KV head unless said otherwise.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
 
 from kvstack.lazy_import import lazy_module
 from kvstack.spec import SpecError
@@ -23,7 +26,7 @@ torch = lazy_module("torch")
 
 __all__ = [
     "STAT_BELOW_MEAN", "STAT_COLSUM", "STAT_LAST", "STAT_WINDOW", "VALID_BITS", "AttentionStats", "CodecError",
-    "LayerView", "TensorFormat", "check_bits", "check_group_size",
+    "CodecSpec", "LayerView", "Policy", "TensorFormat", "check_bits", "check_group_size",
 ]
 
 # The statistics a method can ask the attention function to collect (see AttentionStats).
@@ -161,3 +164,69 @@ class TensorFormat:
         """Raise :class:`CodecError` if the groups cannot tile a ``head_dim``-channel vector."""
         if self.along == "channels":
             check_group_size(self.group_size, head_dim, f"the head dimension of the {what}")
+
+
+class Policy(Protocol):
+    """What storage asks of a token-level policy (every method of :mod:`kvstack.methods` is one).
+
+    Which entries a layer keeps, reads or demotes is the policy's answer; where they live and in how many bytes
+    is storage's. Class attributes: ``needs`` (the ``STAT_*`` statistics to collect), ``dynamic`` (holds its
+    budget at every forward, else compresses once after the prompt), ``state_names`` (per-entry float32 state
+    kept aligned with the entries), ``headwise`` (heads keep different counts: :meth:`allocate_heads`),
+    ``sparse_attention`` (reads a subset per query without evicting: :meth:`key_basis`,
+    :meth:`approximate_dims`, :meth:`attended`).
+    """
+
+    needs: ClassVar[frozenset[str]]
+    dynamic: ClassVar[bool]
+    state_names: ClassVar[tuple[str, ...]]
+    headwise: ClassVar[bool]
+    sparse_attention: ClassVar[bool]
+
+    def label(self) -> str: ...
+    def compresses(self) -> bool: ...
+    def window_queries(self) -> int: ...
+    def uses_cache_positions(self) -> bool: ...
+    def layer_budget(self, context_length: int, layer_idx: int, num_layers: int) -> int | None: ...
+
+    def observe(self, view: LayerView) -> None:
+        """Update per-entry state (``view.state``) from this forward's statistics."""
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        """``[B, H, L]`` importance of each entry; the highest-scored are kept."""
+
+    def protect(self, view: LayerView) -> torch.Tensor | None:
+        """``[B, H, L]`` bool of entries always kept (sinks, windows), or None."""
+
+    def allocate_heads(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
+        """Head-wise policies: ``[H, L]`` bool of what each head of one sequence keeps."""
+
+    def demotion_codec(self) -> Any | None:
+        """A codec that keeps what the policy evicts at low precision (MiKV), or None (evicted = dropped)."""
+
+    def key_basis(self, keys: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """Sparse-attention policies: ``[B, H, D, D]`` per-head basis the keys are stored in."""
+
+    def approximate_dims(self, head_dim: int) -> int:
+        """Sparse-attention policies: leading basis coordinates the approximate score reads."""
+
+    def attended(self, visible: int) -> int:
+        """Sparse-attention policies: entries a query attends to exactly, out of ``visible``."""
+
+
+class CodecSpec(Protocol):
+    """What storage asks of a codec: how the entries leaving the full-precision window are encoded."""
+
+    def label(self) -> str: ...
+    def stream_kind(self) -> str: ...
+    def key_format(self) -> TensorFormat: ...
+    def value_format(self) -> TensorFormat: ...
+    def residual_tokens(self) -> int: ...
+    def sink_tokens(self) -> int: ...
+    def chunk_tokens(self) -> int: ...
+    def pre_rope(self) -> bool: ...
+    def rotation(self) -> str | None: ...
+    def smoothing(self) -> float | None: ...
+    def outlier_fraction(self) -> float: ...
+    def key_outlier_channels(self) -> tuple[int, int]: ...
+    def residual_rank(self) -> int: ...

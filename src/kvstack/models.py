@@ -17,6 +17,7 @@ Nothing here ever contacts the HuggingFace Hub: every ``from_pretrained`` call p
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -47,7 +48,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from kvstack.errors import KVStackError
+from kvstack.errors import InputError, KVStackError
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -55,10 +56,14 @@ __all__ = [
     "MODEL_ALIASES",
     "TINY_ARCHS",
     "DeviceError",
+    "Geometry",
     "ModelLoadError",
+    "attention_modules",
+    "attention_placements",
     "kvstack_home",
     "load_model",
     "load_tokenizer",
+    "model_geometry",
     "names_default_model",
     "resolve_device",
     "tiny_model",
@@ -600,6 +605,81 @@ def load_tokenizer(
     except Exception:  # load_model reports what is wrong with the directory, in one line
         return None
     return tokenizer, getattr(config, "max_position_embeddings", None)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Attention geometry: the one place kvstack reads a model's shape (cache, calibration, engine, bench)
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """A model's attention shape, read from its config and checked against its modules."""
+
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_context: int | None
+    rope_inv_freq: torch.Tensor | None
+
+    def describe(self) -> str:
+        """``30 layers x 3 KV heads (9 query heads) x 64 dims``."""
+        return (f"{self.num_layers} layers x {self.num_kv_heads} KV heads ({self.num_q_heads} query heads) x "
+                f"{self.head_dim} dims")
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's attention modules (those with ``q_proj``, ``k_proj``, ``v_proj`` and a ``layer_idx``), in
+    ``layer_idx`` order."""
+    found = [m for m in model.modules()
+             if hasattr(m, "layer_idx") and all(hasattr(m, p) for p in ("q_proj", "k_proj", "v_proj"))]
+    return sorted(found, key=lambda module: int(module.layer_idx))
+
+
+def attention_placements(model: torch.nn.Module) -> set[tuple[torch.device, torch.dtype]]:
+    """The devices and dtypes the model's attention layers compute their queries on (their ``q_proj``
+    weights'; the model's dtype for a weight that is not floating point, as quantized layers compute in it)."""
+    placements = set()
+    for module in attention_modules(model):
+        weight = getattr(module.q_proj, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            placements.add((weight.device, weight.dtype))
+        else:
+            parameter = next(model.parameters())
+            device = parameter.device if weight is None else weight.device
+            placements.add((device, getattr(model, "dtype", parameter.dtype)))
+    return placements
+
+
+def model_geometry(model: torch.nn.Module) -> Geometry:
+    """Read the attention geometry; raise :class:`InputError` for a model kvstack cannot drive."""
+    modules = attention_modules(model)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    if not modules or config is None or not hasattr(config, "num_attention_heads"):
+        raise InputError(
+            f"{type(model).__name__} has no attention layers kvstack recognises (modules with q_proj/k_proj/v_proj "
+            "and layer_idx); supported: Llama, Qwen2, Mistral and other HF decoder-only models built like them"
+        )
+    num_q_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_q_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_q_heads
+    inv_freq = None
+    for module in model.modules():
+        freq = getattr(module, "inv_freq", None)
+        if isinstance(freq, torch.Tensor) and float(getattr(module, "attention_scaling", 1.0)) == 1.0:
+            inv_freq = freq.detach().float().cpu()
+            break
+    return Geometry(
+        num_layers=len(modules),
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        max_context=getattr(config, "max_position_embeddings", None),
+        rope_inv_freq=inv_freq,
+    )
 
 # --------------------------------------------------------------------------------------------------------
 # Tiny random models for unit tests

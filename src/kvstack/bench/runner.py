@@ -546,7 +546,7 @@ def validate_config(config: BenchConfig) -> None:
 
 
 def _check_context(cells: Sequence[Cell], model: torch.nn.Module, config: BenchConfig) -> None:
-    from kvstack.api import model_geometry
+    from kvstack.models import model_geometry
 
     limit = model_geometry(model).max_context
     if limit is None:

@@ -8,6 +8,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from kvstack.cache.layer import KVStackLayer
+from kvstack.contract import CodecSpec, Policy
 
 
 class KVStackCache(Cache):
@@ -37,14 +38,14 @@ class KVStackCache(Cache):
 
     def __init__(
         self,
-        method: Any,
+        method: Policy,
         *,
         num_layers: int,
         num_q_heads: int,
         num_kv_heads: int,
         rope_inv_freq: torch.Tensor | None = None,
         seed: int = 0,
-        codec: Any = None,
+        codec: CodecSpec | None = None,
         calibration: Any = None,
         label: str | None = None,
     ) -> None:

@@ -19,20 +19,27 @@ reading each key and value row in place through the block tables (no gathered co
 task per (token, KV head) so the query heads of a GQA group share every row read.
 
 They are compiled with ``torch.utils.cpp_extension.load_inline`` (g++ with OpenMP) the first time they
-are needed and cached by PyTorch (``TORCH_EXTENSIONS_DIR``). Where no compiler is available, or with
-``KVSTACK_KERNELS=0``, :func:`available` is False and kvstack uses the PyTorch path, which computes the
-same thing block by block.
+are needed on a machine, into a directory under ``TORCH_EXTENSIONS_DIR`` (or PyTorch's default) that every
+virtual environment with the same python, torch and CPU shares (:func:`build_directory`); after that each
+process only imports the finished library. Where no compiler is available, or with ``KVSTACK_KERNELS=0``,
+:func:`available` is False and kvstack uses the PyTorch path, which computes the same thing block by block.
 """
 
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
+import importlib.util
 import os
 import pathlib
 import platform
+import shutil
 import sys
+import tempfile
+import time
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -347,7 +354,13 @@ std::vector<torch::Tensor> attention_with_column_sums(torch::Tensor query, torch
 """
 
 
-_MODULE_NAME = "kvstack_kernels_v6"
+_MODULE_NAME = "kvstack_kernels_v6"  # the C++ is compiled as this module: its PyInit_ symbol carries the name
+_FUNCTIONS = ("packed_scores", "packed_weighted_values", "paged_attention_forward", "attention_with_column_sums")
+_CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
+_LDFLAGS = ("-fopenmp",)
+_LIBRARY = _MODULE_NAME + (".pyd" if sys.platform == "win32" else ".so")  # what load_inline writes
+_BUILD_LOCK = "kvstack-build.lock"
+_SCRATCH = ".build-"  # a build's private directory: <shared directory name>.build-<pid>-<random>
 
 
 def _cpu_fingerprint() -> str:
@@ -365,46 +378,112 @@ def _cpu_fingerprint() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
+def _build_fingerprint() -> str:
+    """Short hash of what the library is compiled from: the C++, the flags and torch's build (ABI, commit).
+
+    No path is part of it, so every virtual environment with the same python, torch and CPU finds one build.
+    """
+    parts = [_MODULE_NAME, _SOURCE, *_FUNCTIONS, *_CFLAGS, *_LDFLAGS, str(torch.version.git_version),
+             str(torch.compiled_with_cxx11_abi())]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:10]
+
+
 def build_directory() -> pathlib.Path:
-    """Where the kernels are compiled and cached: ``kvstack_kernels_v6-py3XX-torchX.Y.Z-<cpu hash>`` under
-    ``$TORCH_EXTENSIONS_DIR`` when set, else under PyTorch's default extension root.
+    """Where the compiled kernels are published for this machine:
+    ``kvstack_kernels_v6-py3XX-torchX.Y.Z-<cpu hash>-<build hash>`` under ``$TORCH_EXTENSIONS_DIR`` when
+    set, else under PyTorch's default extension root.
 
     The CPU hash keeps a ``-march=native`` build from being loaded on another CPU model that shares the
-    directory (a home directory mounted on several machines).
+    directory (a home directory mounted on several machines); the build hash changes with the C++ source
+    and flags. Nothing environment-specific is in the name, so virtual environments share the build.
     """
     from torch.utils.cpp_extension import get_default_build_root
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    version = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-{_cpu_fingerprint()}"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{sys.abiflags}"
+    version = f"{python}-torch{torch.__version__}-{_cpu_fingerprint()}-{_build_fingerprint()}"
     return pathlib.Path(root) / f"{_MODULE_NAME}-{version}"
 
 
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _import_library(library: pathlib.Path) -> ModuleType:
+    """Import a published library directly: no compiler, no ninja, no lock (``torch`` is already imported)."""
+    spec = importlib.util.spec_from_file_location(_MODULE_NAME, library)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {library}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @functools.lru_cache(maxsize=1)
-def _module() -> Any:
-    """Compile (or load the cached build of) the kernels.
+def _module() -> ModuleType:
+    """The kernels: the library published for this machine, compiled first if there is none yet.
 
-    PyTorch guards a build with a ``lock`` file that it deletes when the build ends; a process killed
-    mid-build leaves it behind and every later build waits on it forever. kvstack builds under its own
-    ``filelock`` (an OS lock, released when its holder dies), so a ``lock`` file found while holding it was
-    left by a dead build and is removed.
+    When it exists this only imports it, without a lock, so environments never wait on each other again.
     """
-    from filelock import FileLock
-    from torch.utils.cpp_extension import load_inline
+    library = build_directory() / _LIBRARY
+    if library.is_file():
+        try:
+            return _import_library(library)
+        except (ImportError, OSError):  # damaged or unreadable: rebuilt and replaced below
+            pass
+    return _build(library)
 
-    directory = build_directory()
+
+def _build(library: pathlib.Path) -> ModuleType:
+    """Compile the kernels and publish ``library`` atomically, once per machine.
+
+    Builds run under an OS file lock (released when its holder dies, unlike PyTorch's ``lock`` file): a
+    process that arrives while another environment compiles waits for that build, then loads its result.
+    Each build compiles in a private directory beside the shared one, since ``load_inline`` writes this
+    environment's include paths into ``build.ninja`` (a shared one made every environment rebuild), and moves
+    the library in with ``os.replace``, so readers see the whole file or none. A build killed mid-way leaves
+    only its private directory, which the next build removes.
+    """
+    from filelock import FileLock, Timeout
+    from torch.utils import cpp_extension
+
+    directory = library.parent
     directory.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(directory / "kvstack-build.lock")):
-        (directory / "lock").unlink(missing_ok=True)
-        return load_inline(
-            name=_MODULE_NAME,
-            cpp_sources=_SOURCE,
-            functions=["packed_scores", "packed_weighted_values", "paged_attention_forward",
-                       "attention_with_column_sums"],
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(directory),
-            verbose=False,
-        )
+    lock = FileLock(str(directory / _BUILD_LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        _say("kvstack: waiting for another process compiling the fused C++ kernels (once per machine)...")
+        lock.acquire()
+    try:
+        if library.is_file():  # published while we waited
+            try:
+                return _import_library(library)
+            except (ImportError, OSError):
+                pass
+        for stale in directory.parent.glob(glob.escape(directory.name + _SCRATCH) + "*"):
+            shutil.rmtree(stale, ignore_errors=True)  # only the lock holder builds: these are dead builds'
+        started = time.perf_counter()
+        _say(f"kvstack: compiling the fused C++ kernels for this CPU and torch {torch.__version__} "
+             "(once per machine, about a minute)...")
+        scratch = pathlib.Path(tempfile.mkdtemp(prefix=f"{directory.name}{_SCRATCH}{os.getpid()}-",
+                                                dir=directory.parent))
+        try:
+            # PyTorch renames a second build of one name in a process (name_v1), which would not match _LIBRARY.
+            versioner = getattr(cpp_extension, "JIT_EXTENSION_VERSIONER", None)
+            if versioner is not None:
+                versioner.entries.pop(_MODULE_NAME, None)
+            module = cpp_extension.load_inline(
+                name=_MODULE_NAME, cpp_sources=_SOURCE, functions=list(_FUNCTIONS), extra_cflags=list(_CFLAGS),
+                extra_ldflags=list(_LDFLAGS), build_directory=str(scratch), verbose=False,
+            )
+            os.replace(scratch / library.name, library)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        _say(f"kvstack: compiled the fused C++ kernels in {time.perf_counter() - started:.0f} s ({directory})")
+        return module
+    finally:
+        lock.release()
 
 
 @functools.lru_cache(maxsize=1)

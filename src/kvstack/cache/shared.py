@@ -6,7 +6,7 @@ layer attends to every prompt token, and only afterwards is the layer's cache cu
 such methods are compared on one prompt, that forward (about nine tenths of a 2k-token cell on a CPU) can
 run once. :class:`SharedPrefillCache` is the transformers ``Cache`` that forward is given: it stores each
 layer's new keys and values in every member cache, computes the layer's attention once
-(:class:`~kvstack.cache.layer.SharedPromptAttention`), and lets each member do its own bookkeeping and
+(:class:`~kvstack.cache.shared_attention.SharedPromptAttention`), and lets each member do its own bookkeeping and
 compression with the statistics its method asks for. Afterwards each member is an ordinary cache, in
 exactly the state its own prefill would leave it (the tests compare them tensor by tensor), and decodes
 on its own.
@@ -22,7 +22,7 @@ and until a cache first exceeds its budget it holds every token, exactly as the 
 whose methods' statistics one attention call computes can share those chunks
 (``SharedPrefillCache(caches, chunked=True)``, one chunk per forward; :func:`kvstack.prefill_shared_chunks`
 drives it): each chunk's attention runs once, with every statistic a member asks for
-(:class:`~kvstack.cache.layer.SharedChunkAttention`), and every cache evicts for itself with exactly the
+(:class:`~kvstack.cache.shared_attention.SharedChunkAttention`), and every cache evicts for itself with exactly the
 statistics its own forward computes; a cache that has evicted leaves the group and reads the rest of the
 prompt on its own. :func:`chunk_share_key` says which caches can share: one method at several ratios, H2O
 with Scissorhands (column sums and below-mean counts come from one pass), StreamingLLM with TOVA. At ratio
@@ -36,14 +36,11 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from kvstack.cache.attention_stats import attention_route
 from kvstack.cache.cache import KVStackCache
-from kvstack.cache.layer import (
-    KVStackLayer,
-    SharedChunkAttention,
-    SharedPromptAttention,
-    attention_route,
-    chunk_masks,
-)
+from kvstack.cache.layer import KVStackLayer, chunk_masks
+from kvstack.cache.pending import set_pending
+from kvstack.cache.shared_attention import SharedChunkAttention, SharedPromptAttention
 from kvstack.contract import STAT_BELOW_MEAN, STAT_COLSUM, STAT_LAST, STAT_WINDOW
 
 __all__ = [
@@ -64,7 +61,7 @@ def method_share_blocker(method: Any, codec: Any = None) -> str | None:
         return f"its method needs statistics of the whole attention matrix ({', '.join(sorted(method.needs))})"
     if method.uses_cache_positions():
         return "its method re-assigns positions inside the cache"
-    if hasattr(method, "demotion_codec"):
+    if method.demotion_codec() is not None:
         return "its method stores evicted entries at low precision"
     return None
 
@@ -77,7 +74,7 @@ def _statistics_key(method: Any, codec: Any, dynamic: bool) -> StatsShareKey | N
     plain dense entries (no codec, in-cache positions, low-precision demotion or sparse attention); else None."""
     if codec is not None or method.dynamic != dynamic or method.uses_cache_positions():
         return None
-    if hasattr(method, "demotion_codec") or getattr(method, "sparse_attention", False):
+    if method.demotion_codec() is not None or method.sparse_attention:
         return None
     return frozenset(method.needs), int(method.window_queries())
 
@@ -207,8 +204,6 @@ class SharedPrefillLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple:
         """Store the chunk in every member; see :meth:`SharedPrefillCache.update`."""
         results = [member.update(key_states, value_states, *args, **kwargs) for member in self.members]
-        from kvstack.attention import set_pending
-
         set_pending(self)  # the attention function hands the queries to this layer, not to the last member
         return results[0]
 

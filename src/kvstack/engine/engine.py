@@ -51,7 +51,6 @@ from typing import Any
 
 import torch
 
-from kvstack.api import model_geometry
 from kvstack.engine.blocks import BlockManager, OutOfBlocksError
 from kvstack.engine.compression import SequenceCompression, engine_method, window_weights
 from kvstack.engine.paged import BYTES_PER_MB, PagedKVPool
@@ -59,6 +58,7 @@ from kvstack.engine.runner import ModelRunner, SequenceChunk
 from kvstack.engine.scheduler import FinishReason, Request, Scheduler
 from kvstack.engine.tiers import DiskTier, HostTier, TieredStore
 from kvstack.errors import KVStackError
+from kvstack.models import model_geometry
 
 __all__ = ["Engine", "RequestOutput", "RequestTiming", "SamplingParams", "default_namespace"]
 

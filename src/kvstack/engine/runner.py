@@ -63,7 +63,8 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
-from kvstack.api import cache_kwargs, model_geometry
+from kvstack.api import cache_kwargs
+from kvstack.models import model_geometry
 from kvstack.cache.layer import WeakOwner
 from kvstack.engine.paged import PackedPlan, PagedKVPool, paged_attention_packed
 from kvstack.errors import KVStackError

@@ -23,7 +23,7 @@ from kvstack.contract import (  # noqa: F401  (re-exported: methods import them 
     LayerView,
 )
 from kvstack.lazy_import import lazy_module
-from kvstack.spec import MethodInfo, SpecError, register_composer
+from kvstack.spec import MethodInfo, SpecError
 
 torch = lazy_module("torch")
 
@@ -49,7 +49,9 @@ class Method:
         True when heads of one layer may keep different numbers of entries (variable-length storage); such
         a method says which with :meth:`allocate_heads`.
     sparse_attention:
-        True when the method restricts which entries each query attends to without evicting (Loki).
+        True when the method restricts which entries each query attends to without evicting (Loki): it
+        gives a key basis (:meth:`key_basis`), how many of its leading coordinates score
+        (:meth:`approximate_dims`) and how many entries a query reads (:meth:`attended`).
     """
 
     spec_name: ClassVar[str]
@@ -67,6 +69,27 @@ class Method:
         ``scores`` ``[H, L]`` (``+inf`` protected, ``-inf`` padding); ``budget`` the average per head.
         """
         raise NotImplementedError(f"{type(self).__name__} is not head-wise")
+
+    def demotion_codec(self) -> Any | None:
+        """The low-precision codec that keeps what this method evicts (MiKV), or None: evicted entries are dropped."""
+        return None
+
+    def key_basis(self, keys: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """Sparse-attention methods only: ``[B, H, D, D]`` orthonormal per-head basis to store keys in.
+
+        ``keys`` ``[B, H, L, D]`` are the prompt's cached keys, ``valid`` ``[B, H, L]`` bool (None: all valid).
+        Storage keeps keys rotated into the basis and queries are rotated the same way, so exact scores do not
+        change; approximate scores read the first :meth:`approximate_dims` coordinates.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not score in a key basis")
+
+    def approximate_dims(self, head_dim: int) -> int:
+        """Sparse-attention methods only: leading key-basis coordinates an approximate score reads."""
+        return head_dim
+
+    def attended(self, visible: int) -> int:
+        """Sparse-attention methods only: entries a query with ``visible`` entries attends to exactly."""
+        return visible
 
     def compresses(self) -> bool:
         """False for methods that keep everything (``full``)."""
@@ -252,35 +275,3 @@ class Composed:
         if not self.selection.compresses():
             return self.codec.label()
         return f"{self.selection.label()} + {self.codec.label()}"
-
-
-def compose(terms: list[Any], spec: str) -> Composed:
-    """Combine the terms of a ``+`` spec: at most one selection method and exactly one codec.
-
-    A lone codec (``kivi(bits=2)``) keeps every token: it is composed with ``full``.
-    """
-    from kvstack.methods.full import Full
-
-    codecs = [t for t in terms if getattr(t, "is_codec", False)]
-    selections = [t for t in terms if not getattr(t, "is_codec", False)]
-    names = ", ".join(t.label() for t in terms)
-    if len(codecs) != 1 or len(selections) > 1:
-        from kvstack.spec import list_methods
-
-        codec_names = ", ".join(
-            i.name for i in list_methods() if i.category.startswith("token/quantization") and not i.wraps
-        )
-        raise SpecError(
-            f"cannot compose {names} in {spec!r}: '+' joins at most one selection method with one codec "
-            f"(codecs: {codec_names}), e.g. 'snapkv(ratio=0.5) + kivi(bits=2)'"
-        )
-    selection = selections[0] if selections else Full()
-    if hasattr(selection, "demotion_codec"):
-        raise SpecError(
-            f"cannot compose {names}: {selection.label()} already stores what it evicts at low precision; use it "
-            "without a codec"
-        )
-    return Composed(selection, codecs[0])
-
-
-register_composer(compose)

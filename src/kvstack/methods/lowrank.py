@@ -17,9 +17,12 @@ import dataclasses
 from typing import ClassVar
 
 from kvstack.contract import CodecError
+from kvstack.lazy_import import lazy_module
 from kvstack.methods.base import BudgetedMethod, check_sizes
 from kvstack.methods.quantization import CHUNK_TOKENS, KIVI, Codec, check_outlier_fraction
 from kvstack.spec import register
+
+torch = lazy_module("torch")
 
 __all__ = ["GEAR", "Loki", "Palu"]
 
@@ -170,3 +173,14 @@ class Loki(BudgetedMethod):
     def attended(self, visible: int) -> int:
         """Entries a query with ``visible`` entries attends to."""
         return max(1, min(visible, self.base_budget(visible)))
+
+    def key_basis(self, keys: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """Each head's PCA basis of its prompt keys (eigenvectors of ``K^T K``), principal directions first."""
+        keys = keys.float()
+        if valid is not None:
+            keys = keys * valid.unsqueeze(-1)
+        _, vectors = torch.linalg.eigh(keys.transpose(-1, -2) @ keys)  # ascending eigenvalues
+        return vectors.flip(-1)
+
+    def approximate_dims(self, head_dim: int) -> int:
+        return min(self.rank, head_dim)

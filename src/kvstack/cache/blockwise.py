@@ -1,0 +1,120 @@
+"""Attention over ``[encoded entries | full-precision tail]`` one decoded block at a time (online softmax).
+
+Each block of an encoded region is decoded, used and dropped, so the transient full-precision data is one
+block, never a whole layer. A second pass over the blocks, with the log-sum-exp of the first, yields the
+statistics selection methods need (column sums, below-mean counts, the weights of trailing queries), so every
+selection method composes with every codec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from kvstack.contract import STAT_BELOW_MEAN, STAT_COLSUM, STAT_LAST, STAT_WINDOW, AttentionStats
+
+# ---------------------------------------------------------------------------------- attention
+Block = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+def blockwise_attention(
+    query: torch.Tensor,
+    blocks: Callable[[], Iterator[Block]],
+    scaling: float,
+    needs: set[str],
+    window: int,
+    query_valid: torch.Tensor | None,
+) -> tuple[torch.Tensor, AttentionStats]:
+    """Grouped-query attention over a sequence of blocks with an online softmax.
+
+    Parameters
+    ----------
+    query:
+        ``[B, Hq, q, D]``.
+    blocks:
+        Called once per pass; yields ``(keys, values, mask)`` per block: ``[B, H, n, D]`` keys and
+        values and a ``[B|1, H|1, q|1, n]`` bool mask of what each query may see (None: everything).
+        Blocks are decoded lazily, so only one is in full precision at a time.
+    needs, window:
+        Statistics to collect (``STAT_*``) and the trailing queries of the ``window`` statistic.
+    query_valid:
+        ``[B, q]`` bool, False for padding queries (they contribute to no statistic).
+
+    Returns
+    -------
+    tuple
+        ``[B, q, Hq, D]`` output and the :class:`AttentionStats` over the concatenated blocks.
+    """
+    batch, num_q_heads, q_len, head_dim = query.shape
+    heads = None
+    grouped_q = None
+    running_max = running_sum = accumulator = visible_count = None
+    for keys, values, mask in blocks():
+        if grouped_q is None:
+            heads = keys.shape[1]
+            group = num_q_heads // heads
+            grouped_q = (query * scaling).reshape(batch, heads, group * q_len, head_dim)
+            running_max = torch.full((batch, heads, group * q_len, 1), float("-inf"), device=query.device)
+            running_sum = torch.zeros_like(running_max)
+            accumulator = torch.zeros((batch, heads, group * q_len, head_dim), dtype=torch.float32, device=query.device)
+            visible_count = torch.zeros((batch, heads, 1, q_len, 1), device=query.device)
+        logits = torch.matmul(grouped_q, keys.transpose(-1, -2)).float()  # [B, H, G*q, n]
+        if mask is not None:
+            view = logits.view(batch, heads, group, q_len, -1)
+            view.masked_fill_(~mask.unsqueeze(2), float("-inf"))
+            visible_count = visible_count + mask.sum(dim=-1, keepdim=True).unsqueeze(2)
+        else:
+            visible_count = visible_count + keys.shape[2]
+        block_max = logits.amax(dim=-1, keepdim=True)
+        new_max = torch.maximum(running_max, block_max)
+        safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+        weights = torch.exp(logits - safe_max)
+        correction = torch.exp(running_max - safe_max)
+        running_sum = running_sum * correction + weights.sum(dim=-1, keepdim=True)
+        accumulator = accumulator * correction + torch.matmul(weights.to(values.dtype), values).float()
+        running_max = new_max
+    assert grouped_q is not None, "blockwise_attention needs at least one block"
+    output = torch.where(running_sum > 0, accumulator / running_sum.clamp(min=1e-30), torch.zeros_like(accumulator))
+    output = output.to(query.dtype).view(batch, num_q_heads, q_len, head_dim).transpose(1, 2)
+    stats = AttentionStats()
+    wanted = needs & {STAT_COLSUM, STAT_BELOW_MEAN, STAT_WINDOW, STAT_LAST}
+    if not wanted:
+        return output, stats
+    safe_max = torch.where(torch.isinf(running_max), torch.zeros_like(running_max), running_max)
+    lse = (safe_max + running_sum.clamp(min=1e-30).log()).view(batch, heads, group, q_len, 1)
+    query_ok = None if query_valid is None else query_valid.view(batch, 1, 1, q_len, 1)
+    colsums, belows, seens, window_parts, last_parts = [], [], [], [], []
+    rows = min(window, q_len) if STAT_WINDOW in needs else 0
+    for keys, _, mask in blocks():
+        logits = torch.matmul(grouped_q, keys.transpose(-1, -2)).float().view(batch, heads, group, q_len, -1)
+        weights = torch.exp(logits - lse)
+        visible = None
+        if mask is not None:
+            visible = mask.unsqueeze(2).expand_as(weights)
+            weights = weights.masked_fill(~visible, 0.0)
+        if query_ok is not None:
+            weights = weights * query_ok
+            visible = query_ok.expand_as(weights) if visible is None else visible & query_ok
+        if STAT_COLSUM in needs:
+            colsums.append(weights.sum(dim=(2, 3)))
+        if STAT_BELOW_MEAN in needs:
+            under = weights < 1.0 / visible_count.clamp(min=1)
+            if visible is not None:
+                under &= visible
+                seens.append(visible.sum(dim=(2, 3)).float())
+            else:
+                seens.append(torch.full(weights.shape[:2] + weights.shape[-1:], float(group * q_len)))
+            belows.append(under.sum(dim=(2, 3)).float())
+        if rows:
+            window_parts.append(weights[:, :, :, q_len - rows :].reshape(batch, num_q_heads, rows, -1))
+        if STAT_LAST in needs:
+            last_parts.append(weights[:, :, :, -1].reshape(batch, num_q_heads, -1))
+    if colsums:
+        stats.colsum = torch.cat(colsums, dim=-1)
+    if belows:
+        stats.below_mean, stats.queries_seen = torch.cat(belows, dim=-1), torch.cat(seens, dim=-1)
+    if window_parts:
+        stats.window = torch.cat(window_parts, dim=-1)
+    if last_parts:
+        stats.last = torch.cat(last_parts, dim=-1)
+    return output, stats

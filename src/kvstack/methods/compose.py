@@ -1,0 +1,41 @@
+"""``+`` in a spec: one selection method joined with one codec (registered with the spec parser)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvstack.methods.base import Composed
+from kvstack.methods.full import Full
+from kvstack.spec import SpecError, register_composer
+
+__all__ = ["compose"]
+
+
+def compose(terms: list[Any], spec: str) -> Composed:
+    """Combine the terms of a ``+`` spec: at most one selection method and exactly one codec.
+
+    A lone codec (``kivi(bits=2)``) keeps every token: it is composed with ``full``.
+    """
+    codecs = [t for t in terms if getattr(t, "is_codec", False)]
+    selections = [t for t in terms if not getattr(t, "is_codec", False)]
+    names = ", ".join(t.label() for t in terms)
+    if len(codecs) != 1 or len(selections) > 1:
+        from kvstack.spec import list_methods
+
+        codec_names = ", ".join(
+            i.name for i in list_methods() if i.category.startswith("token/quantization") and not i.wraps
+        )
+        raise SpecError(
+            f"cannot compose {names} in {spec!r}: '+' joins at most one selection method with one codec "
+            f"(codecs: {codec_names}), e.g. 'snapkv(ratio=0.5) + kivi(bits=2)'"
+        )
+    selection = selections[0] if selections else Full()
+    if selection.demotion_codec() is not None:
+        raise SpecError(
+            f"cannot compose {names}: {selection.label()} already stores what it evicts at low precision; use it "
+            "without a codec"
+        )
+    return Composed(selection, codecs[0])
+
+
+register_composer(compose)
