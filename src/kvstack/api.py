@@ -297,7 +297,7 @@ def prefill_shared_chunks(model: torch.nn.Module, input_ids: torch.Tensor, cache
     InputError
         For no caches, or caches that cannot share prompt chunks (the message says why).
     """
-    from kvstack.cache.shared import SharedPrefillCache, chunk_route_groups, chunk_share_key
+    from kvstack.cache.shared import chunk_route_groups, chunk_share_key
 
     check_prompt(input_ids, model)
     if not caches:
@@ -310,27 +310,14 @@ def prefill_shared_chunks(model: torch.nn.Module, input_ids: torch.Tensor, cache
     if chunk_size is not None and chunk_size < 1:
         raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
     length = input_ids.shape[1]
-    bounds = chunk_bounds(length, chunk_size, caches[0].method.window_queries())
+    reading = _SharedChunkReading(model, input_ids, caches,
+                                  chunk_bounds(length, chunk_size, caches[0].method.window_queries()))
     for cache in caches:
         cache.begin_prompt(length)
-    reads: list[PromptRead | None] = [None] * len(caches)
-    seconds, chunks_shared = [0.0] * len(caches), [0] * len(caches)
-    last_logits: list[torch.Tensor | None] = [None] * len(caches)
     num_q_heads = model_geometry(model).num_q_heads
     placements = attention_placements(model)
-
-    def read_rest_alone(i: int, chunk: int) -> None:
-        """Cache ``i`` reads chunks ``chunk`` onwards on its own."""
-        start = time.perf_counter()
-        logits = last_logits[i]
-        if chunk < len(bounds):
-            logits = _read_chunks(model, input_ids, caches[i], [caches[i]], bounds[chunk:])
-        synchronize(input_ids.device)
-        assert logits is not None
-        reads[i] = PromptRead(logits, seconds[i] + time.perf_counter() - start, chunks_shared[i], len(bounds))
-
     sharing = list(range(len(caches)))  # caches that hold every token and read each chunk with others
-    for chunk, (chunk_start, chunk_stop) in enumerate(bounds):
+    for chunk, (chunk_start, chunk_stop) in enumerate(reading.bounds):
         if len(sharing) < 2:
             break
         groups = chunk_route_groups([caches[i] for i in sharing], q_len=chunk_stop - chunk_start,
@@ -338,29 +325,61 @@ def prefill_shared_chunks(model: torch.nn.Module, input_ids: torch.Tensor, cache
         still_sharing = []
         for group in ([sharing[j] for j in indices] for indices in groups):
             if len(group) == 1:  # its attention would be computed by another call than the others'
-                read_rest_alone(group[0], chunk)
-                continue
-            members = [caches[i] for i in group]
-            start = time.perf_counter()
-            logits = _read_chunks(model, input_ids, SharedPrefillCache(members, chunked=True), members,
-                                  bounds[chunk:], limit=1)
-            synchronize(input_ids.device)
-            took = time.perf_counter() - start
-            for i in group:
-                seconds[i] += took
-                chunks_shared[i] += 1
-                last_logits[i] = logits
-                if chunk_share_key(caches[i]) is None:  # evicted: the rest on its own
-                    read_rest_alone(i, chunk + 1)
-                else:
-                    still_sharing.append(i)
+                reading.read_rest_alone(group[0], chunk)
+            else:
+                still_sharing += reading.read_together(group, chunk)
         sharing = still_sharing
     for i in range(len(caches)):
-        if reads[i] is None:
-            read_rest_alone(i, chunks_shared[i])
+        if reading.reads[i] is None:
+            reading.read_rest_alone(i, reading.chunks_shared[i])
     for cache in caches:
         cache.end_prompt()
-    return [read for read in reads if read is not None]
+    return [read for read in reading.reads if read is not None]
+
+
+class _SharedChunkReading:
+    """The progress of :func:`prefill_shared_chunks`: per cache, time spent, chunks shared, last logits."""
+
+    def __init__(self, model: torch.nn.Module, input_ids: torch.Tensor, caches: list[KVStackCache],
+                 bounds: list[tuple[int, int]]) -> None:
+        self.model, self.input_ids, self.caches, self.bounds = model, input_ids, caches, bounds
+        self.reads: list[PromptRead | None] = [None] * len(caches)
+        self.seconds = [0.0] * len(caches)
+        self.chunks_shared = [0] * len(caches)
+        self.last_logits: list[torch.Tensor | None] = [None] * len(caches)
+
+    def read_rest_alone(self, i: int, chunk: int) -> None:
+        """Cache ``i`` reads chunks ``chunk`` onwards on its own."""
+        start = time.perf_counter()
+        logits = self.last_logits[i]
+        if chunk < len(self.bounds):
+            logits = _read_chunks(self.model, self.input_ids, self.caches[i], [self.caches[i]], self.bounds[chunk:])
+        synchronize(self.input_ids.device)
+        assert logits is not None
+        self.reads[i] = PromptRead(logits, self.seconds[i] + time.perf_counter() - start, self.chunks_shared[i],
+                                   len(self.bounds))
+
+    def read_together(self, group: list[int], chunk: int) -> list[int]:
+        """The caches ``group`` read chunk ``chunk`` in one forward; returns those that may go on sharing (a
+        cache that has evicted reads the rest alone)."""
+        from kvstack.cache.shared import SharedPrefillCache, chunk_share_key
+
+        members = [self.caches[i] for i in group]
+        start = time.perf_counter()
+        logits = _read_chunks(self.model, self.input_ids, SharedPrefillCache(members, chunked=True), members,
+                              self.bounds[chunk:], limit=1)
+        synchronize(self.input_ids.device)
+        took = time.perf_counter() - start
+        still_sharing = []
+        for i in group:
+            self.seconds[i] += took
+            self.chunks_shared[i] += 1
+            self.last_logits[i] = logits
+            if chunk_share_key(self.caches[i]) is None:  # evicted: the rest on its own
+                self.read_rest_alone(i, chunk + 1)
+            else:
+                still_sharing.append(i)
+        return still_sharing
 
 
 def synchronize(device: torch.device | str | None) -> None:

@@ -456,20 +456,7 @@ def tiny_model(
         "vocab_size": vocab_size,
         "max_position_embeddings": max_position_embeddings,
     }
-    for key, value in sizes.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key} must be a positive integer, got {value!r}")
-    if hidden_size % num_attention_heads:
-        raise ValueError(
-            f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})"
-        )
-    if num_attention_heads % num_key_value_heads:
-        raise ValueError(
-            f"num_attention_heads ({num_attention_heads}) must be divisible by "
-            f"num_key_value_heads ({num_key_value_heads})"
-        )
-    if vocab_size < 3:
-        raise ValueError(f"vocab_size must be at least 3 (pad/bos/eos ids 0-2), got {vocab_size}")
+    _check_tiny_sizes(sizes)
     config_cls, model_cls = TINY_ARCHS[arch]
     extra: dict[str, Any] = {}
     if arch == "mistral":
@@ -491,3 +478,17 @@ def tiny_model(
     model.to(dtype)
     model.eval()
     return model
+
+
+def _check_tiny_sizes(sizes: dict[str, Any]) -> None:
+    """Raise ValueError unless :func:`tiny_model`'s sizes are positive integers that fit together."""
+    for key, value in sizes.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    hidden, q_heads, kv_heads = sizes["hidden_size"], sizes["num_attention_heads"], sizes["num_key_value_heads"]
+    if hidden % q_heads:
+        raise ValueError(f"hidden_size ({hidden}) must be divisible by num_attention_heads ({q_heads})")
+    if q_heads % kv_heads:
+        raise ValueError(f"num_attention_heads ({q_heads}) must be divisible by num_key_value_heads ({kv_heads})")
+    if sizes["vocab_size"] < 3:
+        raise ValueError(f"vocab_size must be at least 3 (pad/bos/eos ids 0-2), got {sizes['vocab_size']}")

@@ -181,7 +181,7 @@ def attention_with_stats(
     tuple
         ``[B, q, Hq, D]`` output and the :class:`AttentionStats`.
     """
-    batch, num_q_heads, q_len, head_dim = query.shape
+    batch, num_q_heads, q_len, _ = query.shape
     heads, length = keys.shape[1], keys.shape[2]
     group = num_q_heads // heads
     past = length - q_len
@@ -212,7 +212,20 @@ def attention_with_stats(
             transposed_column_sums=route == ROUTE_FLASH_TRANSPOSED,
         )
 
-    # Eager, block by block over queries: weights are materialised one block at a time.
+    return _eager_attention_with_stats(query, keys, values, block_mask, scaling, needs, window, query_valid)
+
+
+def _eager_attention_with_stats(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+    block_mask: Callable[[int, int], torch.Tensor | None], scaling: float, needs: set[str], window: int,
+    query_valid: torch.Tensor | None,
+) -> tuple[torch.Tensor, AttentionStats]:
+    """The eager route: weights materialised one block of ``QUERY_BLOCK`` queries at a time (shapes as
+    :func:`attention_with_stats`; ``block_mask(start, stop)`` gives those queries' mask)."""
+    batch, num_q_heads, q_len, head_dim = query.shape
+    heads, length = keys.shape[1], keys.shape[2]
+    group = num_q_heads // heads
+    stats = AttentionStats()
     output = torch.empty_like(query)
     colsum = torch.zeros(batch, heads, length, dtype=torch.float32, device=query.device)
     below = torch.zeros_like(colsum) if STAT_BELOW_MEAN in needs else None
@@ -322,11 +335,24 @@ def _flash_attention_with_column_stats(
     never materialises a weight. The attention output is always exact.
     Shapes as in :func:`attention_with_stats`.
     """
-    batch, num_q_heads, q_len, _ = query.shape
+    padded = causal is not None or past_valid is not None
+    output, lse, full_mask = _flash_output_and_lse(query, keys, values, padded, block_mask, scaling)
+    if transposed_column_sums:  # only column sums, unpadded, bf16 statistics (see attention_route)
+        return output.transpose(1, 2), AttentionStats(colsum=_column_sums_by_transposed_flash(query, keys, lse,
+                                                                                              scaling))
+    stats = _column_stats_from_lse(query, keys, lse, full_mask, scaling, needs, window, query_valid)
+    return output.transpose(1, 2), stats
+
+
+def _flash_output_and_lse(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, padded: bool, block_mask: Any, scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """PyTorch's CPU flash attention: ``[B, Hq, q, D]`` output, ``[B, Hq, q]`` log-sum-exp, and the full
+    ``[B|1, H|1, q, L]`` bool mask when anything is padded (None otherwise)."""
+    _, num_q_heads, q_len, _ = query.shape
     heads, length = keys.shape[1], keys.shape[2]
     group = num_q_heads // heads
     past = length - q_len
-    padded = causal is not None or past_valid is not None
     repeated_keys = keys.repeat_interleave(group, dim=1) if group > 1 else keys
     repeated_values = values.repeat_interleave(group, dim=1) if group > 1 else values
     full_mask = None
@@ -345,12 +371,22 @@ def _flash_attention_with_column_stats(
     output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         query, repeated_keys, repeated_values, 0.0, is_causal, attn_mask=bias, scale=scaling
     )
-    del repeated_keys, repeated_values, bias
+    return output, lse, full_mask
+
+
+def _column_stats_from_lse(
+    query: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor, full_mask: torch.Tensor | None, scaling: float,
+    needs: set[str], window: int, query_valid: torch.Tensor | None,
+) -> AttentionStats:
+    """The statistics, with the weights recomputed block by block as ``exp(q.k * scale - lse)`` (see
+    :func:`_flash_attention_with_column_stats`); ``full_mask`` None means causal and unpadded."""
+    batch, num_q_heads, q_len, _ = query.shape
+    heads, length = keys.shape[1], keys.shape[2]
+    group = num_q_heads // heads
+    past = length - q_len
+    padded = full_mask is not None
     stats = AttentionStats()
     low_precision = _use_bf16_stats(num_q_heads * min(q_len, QUERY_BLOCK) * length)
-    if transposed_column_sums:  # only column sums, unpadded, bf16 statistics (see attention_route)
-        stats.colsum = _column_sums_by_transposed_flash(query, keys, lse, scaling)
-        return output.transpose(1, 2), stats
     colsum = torch.zeros(batch, heads, length, dtype=torch.float32, device=query.device)
     below = torch.zeros_like(colsum) if STAT_BELOW_MEAN in needs else None
     seen_by = torch.zeros_like(colsum) if STAT_BELOW_MEAN in needs else None
@@ -415,7 +451,7 @@ def _flash_attention_with_column_stats(
     stats.colsum, stats.below_mean, stats.queries_seen = colsum, below, seen_by
     if window_parts:
         stats.window = torch.cat(window_parts, dim=2)
-    return output.transpose(1, 2), stats
+    return stats
 
 
 def _column_sums_by_transposed_flash(

@@ -45,6 +45,19 @@ def blockwise_attention(
     tuple
         ``[B, q, Hq, D]`` output and the :class:`AttentionStats` over the concatenated blocks.
     """
+    output, grouped_q, lse, visible_count = _online_softmax_pass(query, blocks, scaling)
+    stats = AttentionStats()
+    if needs & {STAT_COLSUM, STAT_BELOW_MEAN, STAT_WINDOW, STAT_LAST}:
+        stats = _statistics_pass(blocks, grouped_q, lse, visible_count, needs, window, query_valid)
+    return output, stats
+
+
+def _online_softmax_pass(
+    query: torch.Tensor, blocks: Callable[[], Iterator[Block]], scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """First pass: the ``[B, q, Hq, D]`` output with an online softmax, plus what the second pass needs: the
+    grouped scaled queries ``[B, H, G*q, D]``, the log-sum-exp ``[B, H, G, q, 1]`` and the visible entry
+    counts ``[B, H, 1, q, 1]``."""
     batch, num_q_heads, q_len, head_dim = query.shape
     heads = None
     grouped_q = None
@@ -76,12 +89,19 @@ def blockwise_attention(
     assert grouped_q is not None, "blockwise_attention needs at least one block"
     output = torch.where(running_sum > 0, accumulator / running_sum.clamp(min=1e-30), torch.zeros_like(accumulator))
     output = output.to(query.dtype).view(batch, num_q_heads, q_len, head_dim).transpose(1, 2)
-    stats = AttentionStats()
-    wanted = needs & {STAT_COLSUM, STAT_BELOW_MEAN, STAT_WINDOW, STAT_LAST}
-    if not wanted:
-        return output, stats
     safe_max = torch.where(torch.isinf(running_max), torch.zeros_like(running_max), running_max)
     lse = (safe_max + running_sum.clamp(min=1e-30).log()).view(batch, heads, group, q_len, 1)
+    return output, grouped_q, lse, visible_count
+
+
+def _statistics_pass(
+    blocks: Callable[[], Iterator[Block]], grouped_q: torch.Tensor, lse: torch.Tensor, visible_count: torch.Tensor,
+    needs: set[str], window: int, query_valid: torch.Tensor | None,
+) -> AttentionStats:
+    """Second pass over the blocks: the weights ``exp(q.k - lse)`` block by block, reduced to the statistics."""
+    batch, heads, group, q_len, _ = lse.shape
+    num_q_heads = heads * group
+    stats = AttentionStats()
     query_ok = None if query_valid is None else query_valid.view(batch, 1, 1, q_len, 1)
     colsums, belows, seens, window_parts, last_parts = [], [], [], [], []
     rows = min(window, q_len) if STAT_WINDOW in needs else 0
@@ -117,4 +137,4 @@ def blockwise_attention(
         stats.window = torch.cat(window_parts, dim=-1)
     if last_parts:
         stats.last = torch.cat(last_parts, dim=-1)
-    return output, stats
+    return stats
