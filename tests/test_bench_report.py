@@ -143,3 +143,59 @@ def test_the_needle_heatmap_has_a_row_per_method_and_a_panel_per_length(tmp_path
     assert sizes["many"][1] > 3 * sizes["few"][1]  # rows grow with the methods
     assert sizes["many"][0] > 1.25 * sizes["one"][0]  # panels grow with the lengths
     assert report.plot_needle_heatmap(tmp_path / "none.png", [record("full", "passkey")]) is None
+
+
+def test_the_score_legend_fills_the_group_template_with_the_ratios_drawn(tmp_path, monkeypatch):
+    legends: dict[str, list[str]] = {}
+    save = report._save
+
+    def capture(fig, path):
+        legends[path.name] = [text.get_text() for legend in fig.legends for text in legend.get_texts()]
+        return save(fig, path)
+
+    monkeypatch.setattr(report, "_save", capture)
+    records = [{**record("full", "a", score=90), "ratio": 0.0}]
+    for ratio in (0.25, 0.5):
+        records.append({**record(f"h2o(ratio={ratio!r})", "a", ratio=ratio), "method_group": "h2o(ratio={ratio})",
+                        "ratio": ratio})
+    records.append({**record("snapkv(ratio=0.5)", "a"), "method_group": "snapkv(ratio={ratio})", "ratio": 0.5})
+    report.plot_score_vs_compression(tmp_path / "tasks.png", records)
+    report.plot_score_vs_compression_mean(tmp_path / "mean.png", records)
+    expected = ["full (baseline)", "h2o(ratio=0.25/0.5)", "snapkv(ratio=0.5)"]
+    assert legends == {"tasks.png": expected, "mean.png": expected}
+
+
+def test_legend_texts_fill_ratios_and_budgets_and_keep_plain_labels():
+    records = [
+        {"model": "m", "method_group": "adakv(snapkv(ratio={ratio}))", "ratio": value} for value in (0.75, 0.25)
+    ] + [
+        {"model": "m", "method_group": "h2o(budget={budget})", "ratio": None, "budget": 128},
+        {"model": "m", "method_group": "full", "ratio": 0.0, "budget": None},
+    ]
+    assert report.group_legend_texts(records, several_models=False) == {
+        "adakv(snapkv(ratio={ratio}))": "adakv(snapkv(ratio=0.25/0.75))",
+        "h2o(budget={budget})": "h2o(budget=128)",
+        "full": "full",
+    }
+    assert report.group_legend_texts(records[:1], several_models=True) == {
+        "m: adakv(snapkv(ratio={ratio}))": "m: adakv(snapkv(ratio=0.75))"}
+
+
+def test_results_md_states_the_samples_per_cell_and_what_few_of_them_can_show(tmp_path):
+    two = [{**record(m, "passkey", ratio=0.5, score=50.0), "samples": 2, "kv_bytes": 1.0, "full_kv_bytes": 2.0}
+           for m in ("full", "snapkv@0.5")]
+    text = report.write_markdown(tmp_path / "results.md", two).read_text()
+    assert "Samples per cell: 2." in text
+    assert "steps of 50 points" in text and "50/√2 ≈ 35 points" in text
+    assert "fails outright from one that works" in text
+    assert "| passkey | 1024 | after | `full` | 50.00 | 2 |" in text  # the every-cell table's n column
+
+    twenty = [{**r, "samples": 20} for r in two]
+    note = report.sample_count_note(twenty)
+    assert note.startswith("Samples per cell: 20.") and "steps of 5 points" in note and "≈ 11 points" in note
+    assert "fails outright" not in note
+    assert report.sample_count_note([two[0], twenty[1]]).startswith(
+        "Samples per cell: 2 to 20 (column n of the last table).")
+    perplexity = [{**record("full", "ppl", kind="perplexity"), "samples": 2}]
+    assert report.sample_count_note(perplexity) == "Samples per cell: 2."
+    assert report.sample_count_note([record("full", "a")]) == ""

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from kvstack.cache import kernels
 from kvstack.engine import BYTES_PER_MB, BlockManager, PagedKVPool, paged_attention
-from kvstack.engine.paged import paged_attention_packed
+from kvstack.engine.paged_attention import paged_attention_packed
 from kvstack.errors import KVStackError
 
 ATOL = 1e-5

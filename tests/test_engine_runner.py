@@ -228,3 +228,57 @@ def test_a_step_cache_is_freed_at_once_without_the_garbage_collector(monkeypatch
     layer = runner_module.PagedCacheLayer(Recorded(runner.pool, [chunk]), 0)
     with pytest.raises(RuntimeError, match="no longer exists"):
         _ = layer.owner
+
+
+def reference_statistics(query: torch.Tensor, keys: torch.Tensor, first_slot: int, scaling: float) -> dict:
+    """Explicit float64 softmax of ``[Hq, q, D]`` queries at slots ``first_slot ..`` over ``[H, L, D]`` keys."""
+    num_q_heads, num_new, _ = query.shape
+    heads, length, _ = keys.shape
+    group = num_q_heads // heads
+    repeated = keys.double().repeat_interleave(group, dim=0)  # [Hq, L, D]
+    scores = torch.matmul(query.double(), repeated.transpose(-1, -2)) * scaling  # [Hq, q, L]
+    allowed = torch.arange(length)[None, :] <= (first_slot + torch.arange(num_new))[:, None]
+    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    colsum = weights.sum(dim=1).view(heads, group, length).sum(dim=1)  # over queries and the group's heads
+    return {"colsum": colsum, "last": weights[:, -1]}
+
+
+@pytest.mark.parametrize(("first_slot", "num_new"), [(0, 1), (0, 9), (13, 1), (13, 7), (5, 300)])
+def test_chunk_statistics_match_an_explicit_softmax(first_slot: int, num_new: int) -> None:
+    """The runner's statistics (the cache's attention_with_stats) for a chunk at slots first_slot .. over its
+    sequence's paged slots: column sums over queries and each KV group's query heads, the last query's weights."""
+    from kvstack.engine.runner import chunk_statistics
+
+    generator = torch.Generator().manual_seed(first_slot * 1000 + num_new)
+    heads, num_q_heads, dim, length = 2, 6, 16, first_slot + num_new
+    pool = PagedKVPool(96, num_layers=1, num_kv_heads=heads, head_dim=dim, block_size=BLOCK_SIZE)
+    table = torch.randperm(96, generator=generator)[: -(-length // BLOCK_SIZE)].tolist()
+    keys = torch.randn(heads, length, dim, generator=generator) * 2
+    pool.write(0, table, 0, keys, torch.randn(heads, length, dim, generator=generator))
+    query = torch.randn(num_q_heads, num_new, dim, generator=generator) * 2
+    scaling = dim**-0.5
+    expected = reference_statistics(query, keys, first_slot, scaling)
+    for wanted in ({"colsum"}, {"last"}, {"colsum", "last", "queries"}):
+        chunk = SequenceChunk(table, first_slot + 4, list(range(num_new)), slot_start=first_slot,
+                              stats=frozenset(wanted))
+        stats = chunk_statistics(query, pool, 0, chunk, scaling)
+        assert set(stats) == wanted | ({"scaling"} if "queries" in wanted else set())
+        for name in wanted & {"colsum", "last"}:
+            assert stats[name].dtype == torch.float32
+            torch.testing.assert_close(stats[name].double(), expected[name], rtol=1e-5, atol=1e-6)
+        if "queries" in wanted:
+            torch.testing.assert_close(stats["queries"], query)
+
+
+def test_a_step_leaves_nothing_pending_in_the_shared_handshake() -> None:
+    """The runner's layers hand themselves to its attention function through kvstack.cache.pending, the same
+    handshake as make_cache's layers; a stale entry is dropped and a step leaves none behind."""
+    from kvstack.cache.pending import set_pending, take_pending
+
+    runner, manager = make_runner("llama")
+    prompt = prompt_of(6, seed=4)
+    manager.allocate_prompt("a", prompt)
+    set_pending(object())  # left by a forward that failed on this thread
+    logits = runner.step([SequenceChunk(manager.block_table("a"), 0, prompt)])
+    assert logits.shape == (1, VOCAB)
+    assert take_pending() is None

@@ -3,7 +3,8 @@
 Files written in the output directory:
 
 * ``summary.csv``: one row per cell (per-sample details stay in ``results.jsonl``);
-* ``results.md``: score by method and length for each task, then every cell with its costs;
+* ``results.md``: the samples per cell and what a score over that many can show (:func:`sample_count_note`),
+  score by method and length for each task, then every cell with its sample count and costs;
 * ``score_vs_compression_mean.png``: per context length, the mean score over the generation task cells
   every method shown has finished (the same work for each), against the compression ratio achieved
   (from the cache's own byte accounting), one line per method, the full cache as a dashed baseline;
@@ -30,8 +31,8 @@ from typing import Any
 
 from kvstack.bench.scoring import HIGHER_IS_BETTER
 
-__all__ = ["CSV_COLUMNS", "comparable_cells", "needle_grid", "write_csv", "write_markdown", "write_plots",
-           "write_reports"]
+__all__ = ["CSV_COLUMNS", "comparable_cells", "group_legend_texts", "needle_grid", "sample_count_note", "write_csv",
+           "write_markdown", "write_plots", "write_reports"]
 
 CSV_COLUMNS = (
     "model", "task", "variant", "depth", "length", "query_mode", "method", "method_group", "ratio", "budget",
@@ -81,6 +82,35 @@ def _direction(scorer: str) -> str:
     return "higher is better" if HIGHER_IS_BETTER.get(scorer, True) else "lower is better"
 
 
+FEW_SAMPLES = 10
+"""Below this many samples per cell, ``results.md`` says what a cell's score can and cannot tell apart."""
+
+
+def sample_count_note(records: Sequence[dict[str, Any]]) -> str:
+    """The sample count per cell and, for 0-100 scores, their resolution and standard error ("" without counts).
+
+    A 0-100 score is a mean over ``n`` samples: on a one-answer task it moves in steps of ``100 / n`` points,
+    and its standard error is at most ``50 / sqrt(n)`` points (the standard deviation of a 0-100 score is at
+    most 50). With fewer than :data:`FEW_SAMPLES` samples the note says what that leaves a cell able to show.
+    """
+    counts = sorted({int(r["samples"]) for r in records if r.get("samples") is not None})
+    if not counts:
+        return ""
+    fewest = counts[0]
+    shown = str(fewest) if len(counts) == 1 else f"{fewest} to {counts[-1]} (column n of the last table)"
+    text = f"Samples per cell: {shown}."
+    if not any(r.get("kind", "generate") == "generate" for r in records):
+        return text
+    text += (f" A score is the mean over a cell's samples: with {fewest} samples, a one-answer task's score "
+             f"moves in steps of {100 / fewest:.3g} points, and the standard error of a 0–100 score is up to "
+             f"50/√{fewest} ≈ {50 / math.sqrt(fewest):.2g} points.")
+    if fewest < FEW_SAMPLES:
+        text += (f" A {fewest}-sample cell tells a method that fails outright from one that works, not "
+                 "differences of 10 or 20 points; telling 10 points apart takes about 100 samples a cell "
+                 "(standard error 5 points).")
+    return text
+
+
 def write_markdown(path: Path, records: Sequence[dict[str, Any]], left_out: int = 0) -> Path:
     """Score tables per task (method x length) and a table of every cell with its costs.
 
@@ -91,6 +121,10 @@ def write_markdown(path: Path, records: Sequence[dict[str, Any]], left_out: int 
     lines.append(f"Model(s): {', '.join(models) or '–'}. Cells: {len(records)}. Score: RULER string match ×100 "
                  "(higher is better) or perplexity (lower is better); compression ratio (CR) = 1 − KV bytes held / "
                  "bytes of a full cache of the same tokens, from the cache's own accounting at the end of the cell.")
+    samples_text = sample_count_note(records)
+    if samples_text:
+        lines.append("")
+        lines.append(samples_text)
     if left_out:
         lines.append("")
         lines.append(f"{left_out} other record{'s' if left_out != 1 else ''} in results.jsonl "
@@ -129,16 +163,16 @@ def write_markdown(path: Path, records: Sequence[dict[str, Any]], left_out: int 
         lines.append("")
     lines.append("## Every cell")
     lines.append("")
-    lines.append("| task | L | query | method | score | CR | KV MB held / full | peak RSS MB (+ over cell start) | "
+    lines.append("| task | L | query | method | score | n | CR | KV MB held / full | peak RSS MB (+ over cell start) | "
                  "prefill s | TTFT s | decode tok/s | TPOT ms |")
-    lines.append("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    lines.append("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in sorted(records, key=_sort_key):
         task = f"{r['task']} {r['variant']}".strip()
         held = f"{_fmt(r['kv_bytes'], 2, 1e-6)} / {_fmt(r['full_kv_bytes'], 2, 1e-6)}"
         lines.append(
             f"| {task} | {r['length']} | {r['query_mode']} | `{r['method']}` | {_fmt(r['score'])} | "
-            f"{_fmt(r['compression_ratio'])} | {held} | {_fmt(r.get('peak_rss_bytes'), 0, 1e-6)} "
-            f"(+{_fmt(r.get('peak_rss_delta_bytes'), 0, 1e-6)}) | "
+            f"{r.get('samples', '–')} | {_fmt(r['compression_ratio'])} | {held} | "
+            f"{_fmt(r.get('peak_rss_bytes'), 0, 1e-6)} (+{_fmt(r.get('peak_rss_delta_bytes'), 0, 1e-6)}) | "
             f"{_fmt(r.get('prefill_s'), 3)} | {_fmt(r.get('ttft_s'), 3)} | {_fmt(r.get('decode_tokens_per_s'), 1)} | "
             f"{_fmt(r.get('tpot_s'), 1, 1e3)} |"
         )
@@ -272,13 +306,39 @@ def _draw_score_panel(ax: Any, points: dict[str, list[tuple[float, float]]], sty
     ax.grid(alpha=0.3)
 
 
-def _figure_legend(fig: Any, styles: dict[str, dict[str, Any]], shown: set[str]) -> None:
+def group_legend_texts(records: Sequence[dict[str, Any]], several_models: bool) -> dict[str, str]:
+    """Legend text per method-group label: the group's template with its placeholders filled.
+
+    ``h2o(ratio={ratio})`` run at 0.5 reads ``h2o(ratio=0.5)``; run at several ratios, one line joins its
+    points and reads ``h2o(ratio=0.25/0.5/0.75)``. A group without placeholders keeps its label.
+    """
+    values: dict[str, dict[str, set[str]]] = defaultdict(lambda: {"ratio": set(), "budget": set()})
+    for r in records:
+        label = _label(r, several_models, "method_group")
+        if r.get("ratio") is not None:
+            values[label]["ratio"].add(repr(float(r["ratio"])))
+        if r.get("budget") is not None:
+            values[label]["budget"].add(str(int(r["budget"])))
+    texts: dict[str, str] = {}
+    for label, filled in values.items():
+        text = label
+        for name, found in filled.items():
+            if found and f"{{{name}}}" in text:
+                text = text.replace(f"{{{name}}}", "/".join(sorted(found, key=float)))
+        texts[label] = text
+    return texts
+
+
+def _figure_legend(fig: Any, styles: dict[str, dict[str, Any]], shown: set[str],
+                   texts: dict[str, str] | None = None) -> None:
+    """One entry per method group drawn, the full cache first; ``texts``: what each group's entry reads."""
     from matplotlib.lines import Line2D
 
     handles = []
     for label in sorted(shown, key=lambda item: (not item.endswith("full"), item)):
         style = styles[label]
-        text = f"{label} (baseline)" if label.endswith("full") else label
+        text = (texts or {}).get(label, label)
+        text = f"{text} (baseline)" if label.endswith("full") else text
         handles.append(Line2D([], [], color=style["color"], marker=style["marker"],
                               linestyle=style.get("linestyle", "-"), label=text))
     fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False,
@@ -313,7 +373,7 @@ def plot_score_vs_compression(path: Path, records: Sequence[dict[str, Any]]) -> 
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     fig.suptitle("Score vs compression ratio per task (mean over lengths, variants and samples)")
-    _figure_legend(fig, styles, shown)
+    _figure_legend(fig, styles, shown, group_legend_texts(records, several))
     fig.tight_layout(rect=_above_legend(fig, len(shown)))
     out = _save(fig, path)
     plt.close(fig)
@@ -331,18 +391,20 @@ def plot_score_vs_compression_mean(path: Path, records: Sequence[dict[str, Any]]
     lengths = sorted({int(r["length"]) for r in generation})
     fig, axes = plt.subplots(1, len(lengths), figsize=(6.0 * len(lengths), 5.0), squeeze=False)
     shown: set[str] = set()
+    drawn: list[dict[str, Any]] = []
     for ax, length in zip(axes.flat, lengths, strict=True):
         at_length = [r for r in generation if int(r["length"]) == length]
         methods, cells = comparable_cells(_baseline_on_shared_cells(at_length))
         chosen = set(cells)
-        points = _mean_points([r for r in at_length if str(r["method"]) in methods and _cell_id(r) in chosen],
-                              several)
+        compared = [r for r in at_length if str(r["method"]) in methods and _cell_id(r) in chosen]
+        drawn += compared
+        points = _mean_points(compared, several)
         shown |= set(points)
         tasks = len({cell[1:3] for cell in cells})
         _draw_score_panel(ax, points, styles, f"{length} tokens ({tasks} task cells)",
                           "mean score over the task cells (0–100)")
     fig.suptitle("Score vs compression ratio (generation tasks; mean over task cells and samples)")
-    _figure_legend(fig, styles, shown)
+    _figure_legend(fig, styles, shown, group_legend_texts(drawn, several))
     fig.tight_layout(rect=_above_legend(fig, len(shown)))
     out = _save(fig, path)
     plt.close(fig)

@@ -13,7 +13,7 @@ chunk's causal attention one tile of query rows at a time, keeping each tile's f
 while it takes the softmax, the output and the per-entry column sums (and below-mean counts) in one pass, so
 the statistics cost no second pass over the scores.
 
-The serving engine's paged attention (:func:`kvstack.engine.paged.paged_attention`) has one too:
+The serving engine's paged attention (:func:`kvstack.engine.paged_attention.paged_attention`) has one too:
 :func:`paged_attention_forward` attends packed query tokens of many sequences over the float32 KV pool,
 reading each key and value row in place through the block tables (no gathered copy of a sequence's KV), one
 task per (token, KV head) so the query heads of a GQA group share every row read.

@@ -1,67 +1,17 @@
-"""Paged KV-cache bookkeeping: a fixed block pool, a hash-chain prefix cache and per-sequence block tables.
+"""Per-sequence block tables over the block pool, with hash-chain prefix caching and copy-on-write.
 
-This is the memory-management layer of a paged serving engine. It tracks *which* physical KV blocks a
-sequence uses and which blocks hold reusable prompt prefixes; it never touches the KV tensors themselves
-(a runner that owns the tensors copies contents when told to, see :class:`CopyOnWrite`).
-
-Design
-------
-* :class:`BlockPool` owns block ids ``0 .. num_blocks - 1``. Every block is in exactly one state:
-
-  - **free**: never used, or released without a hash; holds nothing worth keeping;
-  - **used**: ``ref_count > 0``, referenced by one or more sequences' block tables;
-  - **cached**: ``ref_count == 0`` but the block holds a *full* block of tokens registered under its hash;
-    it is kept for reuse and sits in an LRU list, evictable least-recently-released first.
-
-  Allocation takes free blocks first and only then evicts cached ones, so cached prefixes survive as long
-  as memory allows. Every failing operation checks before it mutates: an :class:`OutOfBlocksError` leaves
-  the pool exactly as it was.
-* :func:`block_hash` keys a full block by ``sha256(parent hash, namespace, token ids of the block)``. The
-  parent is the hash of the previous block of the same sequence, so a block's hash identifies its *whole
-  prefix*, not only its own tokens; the namespace (e.g. a model name) keeps two models from sharing KV.
-* :class:`BlockManager` holds one block table per sequence. A new prompt walks its blocks computing the
-  hash chain and reuses cached blocks up to the first miss; the rest are allocated fresh. Generated tokens
-  fill the last block, a new block is allocated when it is full, and each block that becomes full is
-  registered under its hash. :meth:`BlockManager.fork` shares every block with a child sequence (parallel
-  sampling); the first write into a shared, partially filled last block triggers copy-on-write.
-
-Why a block-hash chain (vLLM style) rather than a radix tree (SGLang style)
----------------------------------------------------------------------------
-* Fixed-size blocks map one-to-one onto the paged KV pool, so the prefix cache and the allocator are the
-  same structure: a cached prefix *is* a set of pool blocks, no token-granular tree nodes to split or merge.
-* A block's identity is its whole prefix, so a lookup is a flat walk of ``len(prompt) / block_size`` dict
-  hits with no tree traversal, and there is no per-node parent/child bookkeeping to keep consistent.
-* Eviction is a flat LRU over unreferenced blocks. A radix tree must evict leaves first to keep the tree
-  well formed; here a chain whose middle block was evicted simply stops matching there (later blocks of
-  that chain become unreachable and age out of the LRU on their own).
-* The hashes are content addresses independent of process state, so the same keys can index a disk or
-  remote tier across restarts.
-
-The trade-off is granularity: only full blocks are shared. A partial last block is never cached, so a
-prompt of ``k * block_size + r`` tokens can reuse at most ``k`` blocks, where a radix tree would share
-down to single tokens.
-
-Limitations
------------
-* A prompt's full blocks are registered when the prompt is allocated, before the runner has computed
-  their KV (as in nano-vllm). A caller must compute a sequence's prefill before scheduling another
-  sequence that may hit those blocks, or run them in the same batch in order.
-* When a block becomes full with content that another block already holds under the same hash, the
-  existing block keeps the mapping and the new one stays unregistered (it is freed, not cached, on
-  release). The two are not merged.
-* Freeing a sequence releases its blocks last-to-first, so the tail of a chain sits at the LRU's old end
-  and is evicted before the shared head.
+:class:`BlockManager` decides which physical KV blocks each sequence uses; it never touches the tensors
+(:mod:`kvstack.engine.paged` holds them). Design and limitations: ``docs/engine-design.md`` (section "Blocks").
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import struct
-from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
 from typing import Protocol
 
+from kvstack.engine.block_pool import BlockPool, BlockStateError, OutOfBlocksError
+from kvstack.engine.prefix_hash import block_hash, chain_hashes
 from kvstack.errors import KVStackError
 
 __all__ = [
@@ -73,16 +23,6 @@ __all__ = [
     "OutOfBlocksError",
     "block_hash",
 ]
-
-_HASH_DOMAIN = b"kvstack.engine.block_hash.v1\x00"
-
-
-class OutOfBlocksError(KVStackError):
-    """An allocation needs more KV blocks than are free or evictable; nothing was changed."""
-
-
-class BlockStateError(RuntimeError):
-    """A block operation that contradicts the block's state (freed twice, reused while free): a caller bug."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -101,54 +41,6 @@ class CopyOnWrite:
     dst_block: int
 
 
-def _check_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise KVStackError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def block_hash(parent: bytes | None, token_ids: Sequence[int], namespace: str = "") -> bytes:
-    """Hash one full block of tokens chained to the hash of the block before it (vLLM-style hash chain).
-
-    Parameters
-    ----------
-    parent : bytes or None
-        Hash of the previous block of the same sequence, or None for the first block.
-    token_ids : sequence of int
-        The token ids of one *full* block (the caller guarantees its length is the block size).
-    namespace : str, optional
-        Key space, e.g. a model name: equal tokens under different namespaces never share a hash.
-
-    Returns
-    -------
-    bytes
-        A 32-byte SHA-256 digest identifying the whole prefix ending with this block.
-
-    Raises
-    ------
-    KVStackError
-        If ``token_ids`` is empty or a token id does not fit in a signed 64-bit integer.
-    """
-    tokens = list(token_ids)
-    if not tokens:
-        raise KVStackError("block_hash needs the token ids of a full block, got an empty sequence")
-    parent_bytes = b"" if parent is None else bytes(parent)
-    namespace_bytes = namespace.encode("utf-8")
-    try:
-        packed_tokens = struct.pack(f"<{len(tokens)}q", *tokens)
-    except struct.error as exc:
-        raise KVStackError(f"token ids must be integers in the signed 64-bit range, got {tokens!r}") from exc
-    digest = hashlib.sha256(_HASH_DOMAIN)
-    # Length prefixes keep the encoding unambiguous (no namespace/parent/tokens boundary can shift).
-    digest.update(struct.pack("<Q", len(parent_bytes)))
-    digest.update(parent_bytes)
-    digest.update(struct.pack("<Q", len(namespace_bytes)))
-    digest.update(namespace_bytes)
-    digest.update(struct.pack("<Q", len(tokens)))
-    digest.update(packed_tokens)
-    return digest.digest()
-
-
 class BlockTiers(Protocol):
     """Where cached blocks go when the device pool evicts them, and come back from on a prefix hit.
 
@@ -165,287 +57,6 @@ class BlockTiers(Protocol):
     def load(self, hash_value: bytes, block_id: int) -> bool:
         """Write the block keyed by ``hash_value`` into the freshly allocated ``block_id``; False if it is gone or
         corrupt (the caller then computes it)."""
-
-
-class BlockPool:
-    """A fixed pool of KV block ids with reference counts, a hash map of full blocks and an LRU of cached ones.
-
-    Parameters
-    ----------
-    num_blocks : int
-        Number of physical blocks; ids are ``0 .. num_blocks - 1``.
-    block_size : int
-        Tokens per block (recorded for callers; the pool itself never sees tokens).
-
-    Attributes
-    ----------
-    on_evict : callable or None
-        Called as ``on_evict(block_id, hash)`` just before a cached block is evicted to be reused (the
-        engine writes its KV to the host tier there); None by default.
-
-    Notes
-    -----
-    States: *free* (``ref_count == 0``, no hash, in the free queue), *used* (``ref_count > 0``) and
-    *cached* (``ref_count == 0``, registered hash, in the LRU). Failing operations change nothing.
-    """
-
-    def __init__(self, num_blocks: int, block_size: int) -> None:
-        self._num_blocks = _check_positive_int(num_blocks, "num_blocks")
-        self._block_size = _check_positive_int(block_size, "block_size")
-        self._ref_counts: list[int] = [0] * num_blocks
-        self._hashes: list[bytes | None] = [None] * num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
-        self._lru: OrderedDict[int, None] = OrderedDict()  # cached blocks, least recently released first
-        self._hash_to_block: dict[bytes, int] = {}
-        self._num_used = 0
-        self._evictions = 0
-        self.on_evict: Callable[[int, bytes], None] | None = None
-
-    # ------------------------------------------------------------------ counts
-    @property
-    def num_blocks(self) -> int:
-        """Total number of blocks in the pool."""
-        return self._num_blocks
-
-    @property
-    def block_size(self) -> int:
-        """Tokens per block."""
-        return self._block_size
-
-    @property
-    def num_free(self) -> int:
-        """Blocks holding nothing (never used, or released without a hash)."""
-        return len(self._free)
-
-    @property
-    def num_cached(self) -> int:
-        """Unreferenced blocks kept for prefix reuse (evictable)."""
-        return len(self._lru)
-
-    @property
-    def num_used(self) -> int:
-        """Blocks with a positive reference count."""
-        return self._num_used
-
-    @property
-    def num_available(self) -> int:
-        """Blocks an allocation may take: free plus cached (evictable)."""
-        return len(self._free) + len(self._lru)
-
-    @property
-    def usage(self) -> float:
-        """Fraction of the pool in use (``num_used / num_blocks``); cached blocks do not count."""
-        return self._num_used / self._num_blocks
-
-    @property
-    def evictions(self) -> int:
-        """Number of cached blocks evicted (hash dropped) to satisfy allocations so far."""
-        return self._evictions
-
-    def ref_count(self, block_id: int) -> int:
-        """Return the reference count of ``block_id``."""
-        return self._ref_counts[self._check_id(block_id)]
-
-    def hash_of(self, block_id: int) -> bytes | None:
-        """Return the hash ``block_id`` is registered under, or None."""
-        return self._hashes[self._check_id(block_id)]
-
-    def is_cached(self, block_id: int) -> bool:
-        """Whether ``block_id`` is an unreferenced block kept for reuse."""
-        return self._check_id(block_id) in self._lru
-
-    def cached_blocks_lru(self) -> list[int]:
-        """Cached block ids, the next to be evicted first."""
-        return list(self._lru)
-
-    # ------------------------------------------------------------------ allocation and reference counts
-    def allocate(self, n: int) -> list[int]:
-        """Take ``n`` blocks, free ones first, then by evicting least-recently-used cached ones.
-
-        Parameters
-        ----------
-        n : int
-            Number of blocks (``>= 0``).
-
-        Returns
-        -------
-        list of int
-            The block ids, each with ``ref_count == 1`` and no hash.
-
-        Raises
-        ------
-        OutOfBlocksError
-            If fewer than ``n`` blocks are free or cached; the pool is unchanged.
-        """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise KVStackError(f"the number of blocks to allocate must be a non-negative integer, got {n!r}")
-        if n > self.num_available:
-            raise OutOfBlocksError(
-                f"out of KV blocks: need {n} but only {self.num_available} are available "
-                f"({self.num_free} free + {self.num_cached} cached of {self._num_blocks}); "
-                "free finished sequences or use a larger num_blocks"
-            )
-        blocks: list[int] = []
-        for _ in range(n):
-            if self._free:
-                block_id = self._free.popleft()
-            else:
-                block_id, _ = self._lru.popitem(last=False)
-                evicted_hash = self._hashes[block_id]
-                if evicted_hash is not None and self.on_evict is not None:
-                    self.on_evict(block_id, evicted_hash)
-                if evicted_hash is not None and self._hash_to_block.get(evicted_hash) == block_id:
-                    del self._hash_to_block[evicted_hash]
-                self._hashes[block_id] = None
-                self._evictions += 1
-            self._ref_counts[block_id] = 1
-            self._num_used += 1
-            blocks.append(block_id)
-        return blocks
-
-    def incref(self, block_id: int) -> None:
-        """Add a reference to a used block (use :meth:`touch` to reuse a cached one).
-
-        Raises
-        ------
-        BlockStateError
-            If the block is not in use.
-        """
-        self._check_id(block_id)
-        if self._ref_counts[block_id] == 0:
-            state = "cached (reuse it with touch())" if block_id in self._lru else "free (allocate it first)"
-            raise BlockStateError(f"cannot incref block {block_id}: it is not in use but {state}")
-        self._ref_counts[block_id] += 1
-
-    def decref(self, block_id: int) -> None:
-        """Drop a reference; at zero a hashed block becomes cached (most recent) and an unhashed one free.
-
-        Raises
-        ------
-        BlockStateError
-            If the block's ``ref_count`` is already 0 (the block is being freed twice).
-        """
-        self._check_id(block_id)
-        if self._ref_counts[block_id] == 0:
-            raise BlockStateError(
-                f"block {block_id} freed twice: its ref_count is already 0; release each reference exactly once"
-            )
-        self._ref_counts[block_id] -= 1
-        if self._ref_counts[block_id] == 0:
-            self._num_used -= 1
-            if self._hashes[block_id] is not None:
-                self._lru[block_id] = None
-            else:
-                self._free.append(block_id)
-
-    def touch(self, block_id: int) -> None:
-        """Reuse a block found by :meth:`lookup`: cached -> used with ``ref_count`` 1 (leaves the LRU); used -> incref.
-
-        Raises
-        ------
-        BlockStateError
-            If the block is free (it holds nothing to reuse).
-        """
-        self._check_id(block_id)
-        if self._ref_counts[block_id] > 0:
-            self._ref_counts[block_id] += 1
-        elif block_id in self._lru:
-            del self._lru[block_id]
-            self._ref_counts[block_id] = 1
-            self._num_used += 1
-        else:
-            raise BlockStateError(f"cannot touch block {block_id}: it is free and holds no reusable content")
-
-    # ------------------------------------------------------------------ hashes
-    def register(self, block_id: int, hash_value: bytes) -> bool:
-        """Record that the used, full block ``block_id`` holds the content keyed by ``hash_value``.
-
-        Parameters
-        ----------
-        block_id : int
-            A block with ``ref_count > 0``.
-        hash_value : bytes
-            The block's hash-chain key (see :func:`block_hash`).
-
-        Returns
-        -------
-        bool
-            True if ``block_id`` now carries the hash; False if another block already holds it (the
-            existing mapping is kept and ``block_id`` stays unregistered).
-
-        Raises
-        ------
-        BlockStateError
-            If the block is not in use, or is already registered under a different hash.
-        """
-        self._check_id(block_id)
-        if self._ref_counts[block_id] == 0:
-            raise BlockStateError(f"cannot register block {block_id}: only a used block can be registered")
-        current = self._hashes[block_id]
-        if current is not None:
-            if current != hash_value:
-                raise BlockStateError(
-                    f"block {block_id} is already registered under another hash; a full block is never rewritten"
-                )
-            return True
-        if hash_value in self._hash_to_block:
-            return False
-        self._hashes[block_id] = hash_value
-        self._hash_to_block[hash_value] = block_id
-        return True
-
-    def lookup(self, hash_value: bytes) -> int | None:
-        """Return the block registered under ``hash_value`` (used or cached), or None."""
-        return self._hash_to_block.get(hash_value)
-
-    # ------------------------------------------------------------------ checks
-    def check_invariants(self) -> None:
-        """Check the pool's internal consistency.
-
-        Raises
-        ------
-        AssertionError
-            With a message naming the first broken invariant (state partition, ref counts, hash map).
-        """
-        free = list(self._free)
-        free_set = set(free)
-        if len(free_set) != len(free):
-            raise AssertionError(f"a block appears twice in the free queue: {sorted(free)}")
-        overlap = free_set & self._lru.keys()
-        if overlap:
-            raise AssertionError(f"blocks {sorted(overlap)} are both free and cached")
-        used = [b for b in range(self._num_blocks) if self._ref_counts[b] > 0]
-        if len(used) != self._num_used:
-            raise AssertionError(f"num_used counter is {self._num_used} but {len(used)} blocks have ref_count > 0")
-        if len(free) + len(self._lru) + len(used) != self._num_blocks:
-            raise AssertionError(
-                f"free {len(free)} + cached {len(self._lru)} + used {len(used)} != total {self._num_blocks}"
-            )
-        for block_id in range(self._num_blocks):
-            refs = self._ref_counts[block_id]
-            if refs < 0:
-                raise AssertionError(f"block {block_id} has a negative ref_count {refs}")
-            if refs > 0 and (block_id in free_set or block_id in self._lru):
-                raise AssertionError(f"block {block_id} is used (ref_count {refs}) but also free or cached")
-            if refs == 0 and block_id not in free_set and block_id not in self._lru:
-                raise AssertionError(f"block {block_id} has ref_count 0 but is neither free nor cached")
-            block_key = self._hashes[block_id]
-            if block_id in free_set and block_key is not None:
-                raise AssertionError(f"free block {block_id} still carries a hash")
-            if block_id in self._lru and block_key is None:
-                raise AssertionError(f"cached block {block_id} carries no hash")
-            if block_key is not None and self._hash_to_block.get(block_key) != block_id:
-                raise AssertionError(f"block {block_id} carries a hash that the hash map points elsewhere")
-        for key, block_id in self._hash_to_block.items():
-            if not 0 <= block_id < self._num_blocks:
-                raise AssertionError(f"the hash map points at block {block_id}, outside the pool")
-            if self._hashes[block_id] != key:
-                raise AssertionError(f"the hash map points at block {block_id}, which does not carry that hash")
-
-    def _check_id(self, block_id: int) -> int:
-        if isinstance(block_id, bool) or not isinstance(block_id, int) or not 0 <= block_id < self._num_blocks:
-            raise KVStackError(f"block id must be an integer in 0..{self._num_blocks - 1}, got {block_id!r}")
-        return block_id
 
 
 @dataclasses.dataclass
@@ -564,21 +175,8 @@ class BlockManager:
         size = self._block_size
         num_blocks = -(-len(tokens) // size)
         num_full = len(tokens) // size
-
-        hashes: list[bytes] = []
-        # Reusable prefix, block by block: a pool block id, or None for a block to load from the tiers.
-        prefix: list[int | None] = []
-        if self._enable_prefix_caching:
-            parent: bytes | None = None
-            for index in range(num_full):
-                parent = block_hash(parent, tokens[index * size : (index + 1) * size], self._namespace)
-                hashes.append(parent)
-            max_hit_blocks = (len(tokens) - 1) // size  # never cache the block holding the last token
-            for key in hashes[:max_hit_blocks]:
-                found = self._pool.lookup(key)
-                if found is None and (self._tiers is None or not self._tiers.contains(key)):
-                    break
-                prefix.append(found)
+        hashes = chain_hashes(tokens, size, num_full, self._namespace) if self._enable_prefix_caching else []
+        prefix = self._reusable_prefix(hashes[: (len(tokens) - 1) // size])  # the last token's block never hits
         pool_hits = [block for block in prefix if block is not None]
 
         # Check before mutating: hits that are cached now leave the evictable set once touched.
@@ -595,21 +193,11 @@ class BlockManager:
             self._pool.touch(block_id)
         new_blocks = iter(self._pool.allocate(needed))
         table = [block if block is not None else next(new_blocks) for block in prefix]
-        # Load tier hits in order; the first one that fails (gone, corrupt) ends the reusable prefix.
-        self.last_loaded_blocks = []
-        reused = len(prefix)
-        for index, block in enumerate(prefix):
-            if block is None:
-                assert self._tiers is not None
-                if not self._tiers.load(hashes[index], table[index]):
-                    reused = index
-                    break
-                self.last_loaded_blocks.append(table[index])
+        reused = self._load_tier_hits(prefix, table, hashes)
         table.extend(new_blocks)
-        if self._enable_prefix_caching:
-            for index in range(num_full):
-                if index >= len(prefix) or prefix[index] is None:
-                    self._pool.register(table[index], hashes[index])
+        for index in range(len(hashes)):  # register the full blocks that did not come from the pool
+            if index >= len(prefix) or prefix[index] is None:
+                self._pool.register(table[index], hashes[index])
 
         self._sequences[seq_id] = _SequenceState(token_ids=tokens, block_table=table, block_hashes=hashes)
         cached_tokens = reused * size
@@ -617,6 +205,30 @@ class BlockManager:
         self._hits_tokens += cached_tokens
         self._tier_hits_tokens += len(self.last_loaded_blocks) * size
         return cached_tokens
+
+    def _reusable_prefix(self, hashes: list[bytes]) -> list[int | None]:
+        """The reusable prefix of a prompt whose block hashes are ``hashes``, block by block: a pool block id, or
+        None for a block to load from the tiers; it ends at the first block found in neither."""
+        prefix: list[int | None] = []
+        for key in hashes:
+            found = self._pool.lookup(key)
+            if found is None and (self._tiers is None or not self._tiers.contains(key)):
+                break
+            prefix.append(found)
+        return prefix
+
+    def _load_tier_hits(self, prefix: list[int | None], table: list[int], hashes: list[bytes]) -> int:
+        """Load the tier hits of ``prefix`` into their new blocks of ``table``, in order; return how many blocks of
+        the prefix are reusable (the first load that fails, block gone or corrupt, ends it). Sets
+        :attr:`last_loaded_blocks`."""
+        self.last_loaded_blocks = []
+        for index, block in enumerate(prefix):
+            if block is None:
+                assert self._tiers is not None
+                if not self._tiers.load(hashes[index], table[index]):
+                    return index
+                self.last_loaded_blocks.append(table[index])
+        return len(prefix)
 
     def append_token(self, seq_id: Hashable, token_id: int) -> CopyOnWrite | None:
         """Record one generated token of ``seq_id``, allocating or copying a block when needed.
@@ -810,13 +422,8 @@ class BlockManager:
         tokens = [int(t) for t in token_ids]
         if not tokens or not self._enable_prefix_caching:
             return []
-        size = self._block_size
-        parent: bytes | None = None
-        hashes: list[bytes] = []
-        for index in range((len(tokens) - 1) // size):  # the block holding the last token is never a hit
-            parent = block_hash(parent, tokens[index * size : (index + 1) * size], self._namespace)
-            hashes.append(parent)
-        return hashes
+        # The block holding the last token is never a hit.
+        return chain_hashes(tokens, self._block_size, (len(tokens) - 1) // self._block_size, self._namespace)
 
     def metrics(self) -> dict[str, float | int]:
         """Prefix-cache and memory counters.

@@ -1,65 +1,27 @@
-"""Token-level KV compression inside the paged engine: the core's selection policies, per request, freeing blocks.
+"""Token-level KV compression inside the paged engine: the core's selection methods, per request, freeing blocks.
 
-A request added with a method (``engine.add_request(prompt, params, method="snapkv(budget=256)")``) runs the
-same :class:`~kvstack.methods.base.Method` objects as :func:`kvstack.make_cache`: their ``score``, ``protect``
-and ``observe`` see a :class:`~kvstack.methods.base.LayerView` of the sequence's slots in one layer, built from
-the paged pool, and the statistics they need (SnapKV's observation-window weights, H2O's accumulated
-attention, TOVA's last-query weights) are computed by the runner for that sequence's chunks
-(:func:`~kvstack.engine.runner.chunk_statistics`).
-
-Eviction in a paged pool
-------------------------
-Every KV head of every layer keeps the same number of slots, ``budget``, but each head chooses *which*
-tokens: keys are stored after RoPE at their true positions, so attention needs no positions, only slots.
-Evicting is a **compaction** (:meth:`~kvstack.engine.scheduler.Scheduler.compact`): the kept entries of each
-(layer, head) are copied into slots ``0 .. budget - 1`` of fresh blocks and the old blocks are released, so
-blocks shared with other requests (a cached system prompt) stay for them and the rest return to the pool.
-New tokens then take slots ``budget, budget + 1, ...`` while their RoPE positions keep counting
-(:attr:`Sequence.num_evicted` is the gap).
-
-When
-----
-* Static methods (SnapKV, key-norm, random) compress once, when the prompt has been computed, as in the core.
-* Dynamic methods (StreamingLLM, H2O, TOVA) compress when the prompt has been computed and then whenever
-  the sequence's slots reach ``budget + block_size`` (during chunked prefill too), back to ``budget``: the
-  budget is held to within one block, which is the unit the pool can free. (The core's cache evicts one
-  entry per step; the paged engine evicts a block's worth at once.)
-
-Budgets given as a ratio are taken of the prompt length. Every request counts the tokens it evicted and
-the blocks it released (``Engine.metrics()``: ``compression_evicted_tokens``, ``compression_freed_blocks``).
-
-Limitations
------------
-* One budget for every layer: PyramidKV's layer-wise budgets are refused, as are head-wise allocation
-  (Ada-KV), sparse attention without eviction (Loki), re-assigned positions (StreamingLLM
-  ``positions='cache'``), codecs, and methods needing statistics other than the window, column sums and last
-  query (Scissorhands).
-* A prompt prefix reused from the prefix cache was computed for another request: H2O's accumulated
-  attention for those tokens starts with what later queries give them (their own queries never ran here).
-* A compressed request that is preempted is recomputed from its tokens and compressed again.
-* Statistics are computed in PyTorch for the compressed requests' chunks (an extra pass over their keys).
+:class:`SequenceCompression` keeps a request's slot positions and method state and picks the slots to keep;
+the engine compacts them into fresh blocks. When, how and what is refused: ``docs/engine-design.md`` (section
+"Compression").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from kvstack.cache.attention_stats import attention_with_stats
+from kvstack.contract import STAT_COLSUM, STAT_LAST, STAT_WINDOW, AttentionStats, LayerView
+from kvstack.engine.paged import PagedKVPool
 from kvstack.errors import KVStackError
-from kvstack.methods.base import (
-    STAT_COLSUM,
-    STAT_LAST,
-    STAT_WINDOW,
-    AttentionStats,
-    Composed,
-    LayerView,
-    Method,
-)
+from kvstack.methods.base import Composed, Method
 from kvstack.spec import parse
 
-__all__ = ["SequenceCompression", "engine_method"]
+__all__ = ["SequenceCompression", "compaction_copy", "engine_method", "window_weights"]
 
 SUPPORTED_STATS = frozenset({STAT_WINDOW, STAT_COLSUM, STAT_LAST})
 
@@ -70,7 +32,7 @@ def engine_method(spec: str | Method, prompt_length: int, num_layers: int) -> Me
     Raises
     ------
     KVStackError
-        On an unknown method or parameter, or a method the engine cannot run (see the module docstring),
+        On an unknown method or parameter, or a method the engine cannot run (see ``docs/engine-design.md``),
         with one line naming the problem.
     """
     method: Any = parse(spec)
@@ -163,7 +125,7 @@ class SequenceCompression:
                 self.method.observe(view)
 
     def due(self, prefill_done: bool, block_size: int) -> bool:
-        """Whether to compress now (see the module docstring)."""
+        """Whether to compress now (see ``docs/engine-design.md``, section "Compression")."""
         if self.slots <= self.budget:
             if prefill_done:
                 self.compressed = self.compressed or not self.method.dynamic
@@ -204,6 +166,27 @@ class SequenceCompression:
             scores = scores.masked_fill(protect, float("inf"))
         return scores[0].topk(self.budget, dim=-1, sorted=False).indices.sort(dim=-1).values
 
+    def choose_all(self, pool: PagedKVPool, table: list[int], next_position: int, generator: torch.Generator,
+                   group_size: int) -> list[torch.Tensor]:
+        """``[H, budget]`` sorted slots to keep in every layer, for the sequence whose block table is ``table``."""
+        kept: list[torch.Tensor] = []
+        for layer in range(pool.num_layers):
+            gathered = functools.cache(functools.partial(pool.gather, layer, table, self.slots))  # [H, S, D] x 2, once
+
+            def kv_source(gathered: Any = gathered) -> tuple[torch.Tensor, torch.Tensor]:
+                keys, values = gathered()
+                return keys[None], values[None]
+
+            window = None
+            queries = self.window_queries[layer] if self.window_queries else None
+            if queries is not None:
+                keys, values = gathered()
+                scaling = float(self.last_stats.get(layer, {}).get("scaling", keys.shape[-1] ** -0.5))
+                window = window_weights(queries, keys, values, scaling)
+            view = self.view(layer, window, next_position, generator, group_size, kv_source)
+            kept.append(self.choose(layer, view))
+        return kept
+
     def keep(self, kept: list[torch.Tensor], freed_blocks: int) -> None:
         """Apply a compaction that kept slots ``kept[layer]`` (``[H, budget]``) of every layer."""
         assert self.positions is not None
@@ -215,22 +198,35 @@ class SequenceCompression:
         self.freed_blocks += freed_blocks
 
 
+def compaction_copy(pool: PagedKVPool, kept: list[torch.Tensor], slots: int) -> Callable[[list[int], list[int]], None]:
+    """The ``copy(old_table, new_table)`` of a compaction: the ``kept[layer]`` (``[H, budget]``) of the first ``slots``
+    slots of the old table, written into slots ``0 .. budget - 1`` of the new one, in every layer."""
+
+    def copy(old_table: list[int], new_table: list[int]) -> None:
+        for layer, index in enumerate(kept):
+            keys, values = pool.gather(layer, old_table, slots)  # [H, S, D]
+            expand = index[:, :, None].expand(-1, -1, keys.shape[-1])
+            pool.write(layer, new_table, 0, keys.gather(1, expand), values.gather(1, expand))
+
+    return copy
+
+
 def _no_kv() -> tuple[torch.Tensor, torch.Tensor]:
     raise KVStackError("a method's observe() read the keys; the engine only gives them when scoring")
 
 
-def window_weights(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+def window_weights(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
     """SnapKV's window statistic: ``[1, Hq, W, S]`` softmax weights of the last ``W`` queries over ``S`` slots.
 
     ``queries`` ``[Hq, W, D]`` are the queries of slots ``S - W .. S - 1`` (the prompt's end; nothing has been
-    evicted before a static method compresses), ``keys`` ``[H, S, D]``; query ``j`` sees slots
-    ``<= S - W + j``.
+    evicted before a static method compresses), ``keys`` and ``values`` ``[H, S, D]``; query ``j`` sees slots
+    ``<= S - W + j``: the trailing-chunk mask of :func:`kvstack.cache.attention_stats.attention_with_stats`
+    (``causal=None``), which computes the statistic as the cache does.
     """
-    num_q_heads, window, dim = queries.shape
-    heads, length, _ = keys.shape
-    group = num_q_heads // heads
-    grouped = queries.float().reshape(heads, group * window, dim)
-    scores = torch.matmul(grouped, keys.float().transpose(-1, -2)) * scaling  # [H, G*W, S]
-    query_slots = (length - window + torch.arange(window)).repeat(group)
-    scores = scores.masked_fill(torch.arange(length)[None, :] > query_slots[:, None], float("-inf"))
-    return torch.softmax(scores, dim=-1).reshape(num_q_heads, window, length)[None]
+    window = queries.shape[1]
+    _, stats = attention_with_stats(
+        queries.float()[None], keys.float()[None], values.float()[None], causal=None, past_valid=None,
+        scaling=float(scaling), needs={STAT_WINDOW}, window=window,
+    )
+    assert stats.window is not None
+    return stats.window

@@ -1,48 +1,12 @@
 """The engine loop: requests in, tokens out, over the paged scheduler, KV pool and model runner.
 
-Each :meth:`Engine.step` asks the :class:`~kvstack.engine.scheduler.Scheduler` for a batch, runs one packed
-forward of the :class:`~kvstack.engine.runner.ModelRunner` over it, samples the next token of every sequence
-whose chunk completed its known tokens (greedy, or temperature + top-p with a per-request seeded generator),
-and reports the tokens back to the scheduler. :meth:`Engine.generate` is the offline loop on top.
-
-Storage tiers
--------------
-With ``host_mb > 0`` (and optionally ``disk_dir``) the engine owns a :class:`~kvstack.engine.tiers.TieredStore`.
-When the block pool evicts a cached prefix block to reuse it, the block's KV (if the model has computed it)
-is exported to the host tier first; the host tier spills its least recently used blocks to the disk
-directory. A prompt whose prefix misses the pool continues its lookup in the tiers and loads each hit into
-a new block instead of recomputing it. Disk-resident blocks of a new request's prompt are prefetched on a
-background thread as soon as the request is added, so the file reads and checksums overlap with the steps
-it waits through. :meth:`Engine.close` writes the pool's cached blocks and the host tier down to disk, so
-a restarted engine with the same ``disk_dir`` and ``namespace`` finds the whole prefix cache there.
-
-Preemption therefore works as a swap for full blocks when tiers are on: a preempted sequence's full,
-computed blocks stay cached, go to the host tier if the pool needs their space, and are loaded back when
-the sequence is readmitted; only its last, partial block is recomputed. Without tiers it is a recompute
-(cached blocks that survive in the pool are still reused).
-
-Timing
-------
-Each request records its arrival (:meth:`Engine.add_request`), its first token and its finish on
-``time.perf_counter``; :meth:`Engine.request_timing` gives TTFT, TPOT and end-to-end latency.
-
-Stop conditions
----------------
-A request finishes at ``max_new_tokens``, on a stop token (``stop_token_ids``), or, with a tokenizer given to
-the engine, as soon as its decoded output contains a stop string (``stop``; finish reason ``"stop"``).
-
-Limitations
------------
-* ``n > 1`` cannot be combined with a compression method, nor used with :meth:`Engine.stream`.
-* :meth:`Engine.stream` drives the engine from the caller's thread; there is no background serving loop.
-* If the model forward raises, the scheduler's batch stays pending and the engine cannot step further.
-* Finished requests stay in the scheduler (their outputs remain readable through :meth:`Engine.get_output`).
+:class:`Engine` schedules a batch, runs one packed forward, samples and reports back every step, with storage
+tiers, token-level compression, stop strings and per-request timing. Design and limitations:
+``docs/engine-design.md`` (section "Engine").
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import itertools
 import os
 import time
@@ -51,173 +15,23 @@ from typing import Any
 
 import torch
 
+from kvstack.engine.batch import ScheduledBatch, ScheduledSequence
 from kvstack.engine.blocks import BlockManager, OutOfBlocksError
-from kvstack.engine.compression import SequenceCompression, engine_method, window_weights
-from kvstack.engine.paged import BYTES_PER_MB, PagedKVPool
+from kvstack.engine.compression import SequenceCompression, compaction_copy, engine_method
+from kvstack.engine.outputs import RequestOutput, RequestTiming
+from kvstack.engine.paged import PagedKVPool
+from kvstack.engine.pool_tiers import PoolTiers, build_store
 from kvstack.engine.runner import ModelRunner, SequenceChunk
-from kvstack.engine.scheduler import FinishReason, Request, Scheduler
-from kvstack.engine.tiers import DiskTier, HostTier, TieredStore
+from kvstack.engine.sampling import SamplingParams, new_generator, sample
+from kvstack.engine.scheduler import Scheduler
+from kvstack.engine.sequence import FinishReason, Request
+from kvstack.engine.tiers import TieredStore
 from kvstack.errors import KVStackError
 from kvstack.models import model_geometry
 
 __all__ = ["Engine", "RequestOutput", "RequestTiming", "SamplingParams", "default_namespace"]
 
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """How to sample one request.
-
-    Parameters
-    ----------
-    max_new_tokens : int, optional
-        Tokens to generate at most (``>= 1``).
-    temperature : float, optional
-        0 for greedy decoding (argmax); otherwise logits are divided by it before sampling.
-    top_p : float, optional
-        Nucleus sampling: sample among the smallest set of tokens whose probability reaches ``top_p``
-        (in ``(0, 1]``; 1 keeps every token). Ignored when greedy.
-    seed : int or None, optional
-        Seed of the request's own generator (reproducible sampling); None draws a random seed.
-    stop_token_ids : sequence of int, optional
-        Sampling one of these finishes the request (the token is kept in the output).
-    stop : sequence of str, optional
-        Stop strings: the request finishes (reason ``"stop"``) as soon as its decoded output contains one;
-        the token that completed it is the last one kept (outputs are token ids, so the text may run past
-        the stop string within that token). Needs an engine built with a tokenizer.
-    n : int, optional
-        Completions per prompt (parallel sampling): the prompt is computed once, then ``n - 1`` children
-        are forked sharing its KV blocks (copy-on-write), each sampling its own first token from the same
-        logits with its own generator (seeded ``seed + i`` when ``seed`` is set).
-
-    Raises
-    ------
-    KVStackError
-        On ``max_new_tokens < 1``, a negative temperature, ``top_p`` outside ``(0, 1]`` or ``n < 1``.
-    """
-
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    stop: tuple[str, ...] = ()
-    n: int = 1
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise KVStackError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
-            raise KVStackError(f"temperature must be a number >= 0, got {self.temperature!r}")
-        if not self.temperature >= 0 or self.temperature == float("inf"):
-            raise KVStackError(f"temperature must be a finite number >= 0 (0 for greedy), got {self.temperature!r}")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise KVStackError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise KVStackError(f"seed must be an integer or None, got {self.seed!r}")
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
-            raise KVStackError(f"n must be an integer >= 1, got {self.n!r}")
-        try:
-            stops = tuple(int(t) for t in self.stop_token_ids)
-        except (TypeError, ValueError):
-            raise KVStackError(f"stop_token_ids must be integers, got {self.stop_token_ids!r}") from None
-        object.__setattr__(self, "stop_token_ids", stops)
-        strings = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        if not all(isinstance(text, str) and text for text in strings):
-            raise KVStackError(f"stop must be non-empty strings, got {self.stop!r}")
-        object.__setattr__(self, "stop", strings)
-
-
-@dataclasses.dataclass(frozen=True)
-class RequestOutput:
-    """What one step produced for one request.
-
-    Attributes
-    ----------
-    request_id : hashable
-        The request.
-    new_token_ids : list of int
-        Tokens generated in this step (empty when it finished by abort).
-    finished : bool
-        Whether the request is finished.
-    finish_reason : str or None
-        ``"length"``, ``"eos"`` (a stop token), ``"stop"`` (a stop string) or ``"aborted"`` once finished,
-        else None.
-    parent_id : hashable or None
-        For a parallel sample (``n > 1``) forked from a request, that request's id.
-    """
-
-    request_id: Hashable
-    new_token_ids: list[int]
-    finished: bool
-    finish_reason: str | None
-    parent_id: Hashable | None = None
-
-
-def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Greedy argmax, or temperature + top-p sampling with ``generator``."""
-    if params.temperature == 0 or generator is None:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass strictly before each token
-        sorted_probs = torch.where(before < params.top_p, sorted_probs, torch.zeros_like(sorted_probs))
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-@dataclasses.dataclass(frozen=True)
-class RequestTiming:
-    """Latency of one request, in seconds of ``time.perf_counter``.
-
-    Attributes
-    ----------
-    ttft : float or None
-        Arrival to first generated token (None before it).
-    tpot : float or None
-        Mean time per output token after the first: ``(finish - first) / (tokens - 1)``; None before the
-        request finished or when it produced one token.
-    e2e : float or None
-        Arrival to finish (None while running).
-    num_output_tokens : int
-        Tokens generated so far.
-    """
-
-    ttft: float | None
-    tpot: float | None
-    e2e: float | None
-    num_output_tokens: int
-
-
-class _PoolTiers:
-    """The :class:`~kvstack.engine.blocks.BlockTiers` of an engine: KV pool blocks <-> a TieredStore."""
-
-    def __init__(self, store: TieredStore, pool: PagedKVPool) -> None:
-        self.store = store
-        self.pool = pool
-        self.scheduler: Scheduler | None = None  # set once built: it knows which blocks hold computed KV
-        self.offloaded = 0
-        self.loaded = 0
-
-    def offload(self, block_id: int, hash_value: bytes) -> None:
-        if self.scheduler is not None and self.scheduler.is_computed(block_id):
-            self.store.put(hash_value, self.pool.export_block(block_id))
-            self.offloaded += 1
-
-    def contains(self, hash_value: bytes) -> bool:
-        return self.store.contains(hash_value)
-
-    def load(self, hash_value: bytes, block_id: int) -> bool:
-        tensors = self.store.get(hash_value)
-        if tensors is None:
-            return False
-        try:
-            self.pool.import_block(block_id, tensors)
-        except KVStackError:  # a block of another geometry or dtype under this namespace: compute instead
-            return False
-        self.loaded += 1
-        return True
+Forks = dict[Hashable, list[tuple[Hashable, int]]]  # request id -> its forked children (child id, first token)
 
 
 def default_namespace(model: torch.nn.Module) -> str:
@@ -304,14 +118,10 @@ class Engine:
         )
         self.namespace = namespace
         self.store: TieredStore | None = None
-        self._tiers: _PoolTiers | None = None
+        self._tiers: PoolTiers | None = None
         if enable_prefix_caching and (host_mb or disk_dir is not None):
-            disk = None
-            if disk_dir is not None:
-                capacity = None if disk_mb is None else int(disk_mb * BYTES_PER_MB)
-                disk = DiskTier(disk_dir, namespace=namespace, capacity_bytes=capacity)
-            self.store = TieredStore(HostTier(int(host_mb * BYTES_PER_MB), next_tier=disk), disk)
-            self._tiers = _PoolTiers(self.store, self.pool)
+            self.store = build_store(namespace, host_mb, disk_dir, disk_mb)
+            self._tiers = PoolTiers(self.store, self.pool)
         self.block_manager = BlockManager(
             self.pool.num_blocks, block_size, namespace=namespace, enable_prefix_caching=enable_prefix_caching,
             tiers=self._tiers,
@@ -378,34 +188,8 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise KVStackError("stop strings need the tokenizer: build the Engine with tokenizer=...")
         prompt = list(prompt_token_ids)
-        if not prompt:
-            raise KVStackError("the prompt is empty; give at least one token")
-        if self.vocab_size is not None:
-            bad = [t for t in prompt if isinstance(t, int) and not 0 <= t < self.vocab_size]
-            if bad:
-                raise KVStackError(f"prompt token {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        if self.max_context is not None:
-            if len(prompt) > self.max_context:
-                raise KVStackError(
-                    f"the prompt has {len(prompt)} tokens, longer than the model's context of {self.max_context}"
-                )
-            if len(prompt) + params.max_new_tokens - 1 > self.max_context:
-                limit = self.max_context - len(prompt) + 1
-                raise KVStackError(
-                    f"{len(prompt)} prompt tokens plus max_new_tokens={params.max_new_tokens} run past the model's "
-                    f"context of {self.max_context}; lower max_new_tokens to at most {limit}"
-                )
-        if params.n > 1 and method is not None and method != "full":
-            raise KVStackError(f"n={params.n} parallel samples cannot be combined with a compression method "
-                               f"({method!r}) yet; use n=1 or no method")
-        compression = None
-        if method is not None:
-            chosen = engine_method(method, len(prompt), self.pool.num_layers)
-            if chosen is not None:
-                budget = chosen.layer_budget(len(prompt), 0, self.pool.num_layers)
-                assert budget is not None
-                compression = SequenceCompression(chosen, len(prompt), budget, self.pool.num_layers,
-                                                  self.pool.num_kv_heads)
+        self._check_prompt(prompt, params)
+        compression = self._compression_for(method, prompt, params)
         request_id = next(self._ids)
         request = Request(
             request_id=request_id,
@@ -417,7 +201,7 @@ class Engine:
         )
         self.scheduler.add_request(request)
         self._params[request_id] = params
-        self._generators[request_id] = self._new_generator(params, 0)
+        self._generators[request_id] = new_generator(params, 0)
         if compression is not None:
             self._compression[request_id] = compression
         self._arrived[request_id] = time.perf_counter()
@@ -427,17 +211,43 @@ class Engine:
             self.store.prefetch(key for key in hashes if pool.lookup(key) is None)
         return request_id
 
-    @staticmethod
-    def _new_generator(params: SamplingParams, index: int) -> torch.Generator | None:
-        """The sampling generator of sample ``index`` of a request (None when greedy)."""
-        if params.temperature == 0:
+    def _check_prompt(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise :class:`KVStackError` on an empty prompt, a token outside the vocabulary, or a prompt (plus
+        ``max_new_tokens``) past the model's context."""
+        if not prompt:
+            raise KVStackError("the prompt is empty; give at least one token")
+        if self.vocab_size is not None:
+            bad = [t for t in prompt if isinstance(t, int) and not 0 <= t < self.vocab_size]
+            if bad:
+                raise KVStackError(f"prompt token {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if self.max_context is None:
+            return
+        if len(prompt) > self.max_context:
+            raise KVStackError(
+                f"the prompt has {len(prompt)} tokens, longer than the model's context of {self.max_context}"
+            )
+        if len(prompt) + params.max_new_tokens - 1 > self.max_context:
+            limit = self.max_context - len(prompt) + 1
+            raise KVStackError(
+                f"{len(prompt)} prompt tokens plus max_new_tokens={params.max_new_tokens} run past the model's "
+                f"context of {self.max_context}; lower max_new_tokens to at most {limit}"
+            )
+
+    def _compression_for(
+        self, method: str | None, prompt: list[int], params: SamplingParams
+    ) -> SequenceCompression | None:
+        """The compression state of a new request with ``method`` (None when it keeps everything)."""
+        if params.n > 1 and method is not None and method != "full":
+            raise KVStackError(f"n={params.n} parallel samples cannot be combined with a compression method "
+                               f"({method!r}) yet; use n=1 or no method")
+        if method is None:
             return None
-        generator = torch.Generator()
-        if params.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(params.seed + index)
-        return generator
+        chosen = engine_method(method, len(prompt), self.pool.num_layers)
+        if chosen is None:
+            return None
+        budget = chosen.layer_budget(len(prompt), 0, self.pool.num_layers)
+        assert budget is not None
+        return SequenceCompression(chosen, len(prompt), budget, self.pool.num_layers, self.pool.num_kv_heads)
 
     def abort(self, request_id: Hashable) -> bool:
         """Abort a request; see :meth:`~kvstack.engine.scheduler.Scheduler.abort`.
@@ -484,21 +294,9 @@ class Engine:
         self._last_step_empty = batch.is_empty
         if batch.is_empty:
             return []
-        chunks: list[SequenceChunk] = []
-        completes: list[bool] = []
-        for entry in batch.scheduled:
-            seq = self.scheduler.get_sequence(entry.request_id)
-            start = seq.num_computed_tokens
-            tokens = seq.token_ids[start : start + entry.num_tokens]
-            table = self.block_manager.block_table(entry.request_id)
-            wanted: frozenset[str] = frozenset()
-            compression = self._compression.get(entry.request_id)
-            if compression is not None:
-                if compression.preemptions_seen != seq.num_preemptions or compression.positions is None:
-                    compression.reset(start - seq.num_evicted, seq.num_preemptions)
-                wanted = compression.wanted_stats(entry.is_prefill)
-            chunks.append(SequenceChunk(list(table), start, tokens, start - seq.num_evicted, wanted))
-            completes.append(start + entry.num_tokens == seq.num_tokens)
+        chunks = [self._chunk_of(entry) for entry in batch.scheduled]
+        completes = [chunk.start + chunk.num_tokens == self.scheduler.get_sequence(entry.request_id).num_tokens
+                     for chunk, entry in zip(chunks, batch.scheduled, strict=True)]
         logits = self.runner.step(chunks)
         for row, entry in enumerate(batch.scheduled):
             compression = self._compression.get(entry.request_id)
@@ -506,42 +304,79 @@ class Engine:
                 chunk = chunks[row]
                 compression.after_forward(chunk.start, chunk.num_tokens, self.runner.last_stats[row],
                                           chunk.start + chunk.num_tokens, self._method_generator, self._group_size)
-        outputs: dict[Hashable, int | None] = {}
-        forks: dict[Hashable, list[tuple[Hashable, int]]] = {}
-        for row, entry in enumerate(batch.scheduled):
-            rid = entry.request_id
-            if not completes[row]:
-                outputs[rid] = None
-                continue
-            params = self._params[rid]
-            outputs[rid] = _sample(logits[row], params, self._generators[rid])
-            seq = self.scheduler.get_sequence(rid)
-            if params.n > 1 and seq.parent_id is None and not seq.output_token_ids:
-                children = []
-                for index in range(1, params.n):
-                    child_id = next(self._ids)
-                    generator = self._new_generator(params, index)
-                    children.append((child_id, _sample(logits[row], params, generator)))
-                    self._params[child_id] = params
-                    self._generators[child_id] = generator
-                    self._arrived[child_id] = self._arrived[rid]
-                forks[rid] = children
-                self._children[rid] = [child_id for child_id, _ in children]
+        outputs, forks = self._sample_batch(batch, completes, logits)
         for copy in self.scheduler.update(outputs, forks):
             self.pool.copy_block(copy.src_block, copy.dst_block)
-        for rid in list(forks):
-            if self.scheduler.get_sequence(rid).finish_reason is FinishReason.ABORTED:  # aborted mid-step: no samples
-                for child_id, _ in forks.pop(rid):
-                    self._params.pop(child_id)
-                    self._generators.pop(child_id)
-                    self._arrived.pop(child_id)
-                self._children.pop(rid)
+        self._drop_aborted_forks(forks)
         for entry in batch.scheduled:
             for rid in [entry.request_id, *(child for child, _ in forks.get(entry.request_id, []))]:
                 if self._params[rid].stop and self._hit_stop_string(rid):
                     self.scheduler.stop(rid)
             if entry.request_id in self._compression:
                 self._maybe_compress(entry.request_id)
+        return self._step_outputs(batch, outputs, forks)
+
+    def _chunk_of(self, entry: ScheduledSequence) -> SequenceChunk:
+        """What the runner computes for one scheduled entry (and the statistics its compression needs)."""
+        seq = self.scheduler.get_sequence(entry.request_id)
+        start = seq.num_computed_tokens
+        tokens = seq.token_ids[start : start + entry.num_tokens]
+        table = self.block_manager.block_table(entry.request_id)
+        wanted: frozenset[str] = frozenset()
+        compression = self._compression.get(entry.request_id)
+        if compression is not None:
+            if compression.preemptions_seen != seq.num_preemptions or compression.positions is None:
+                compression.reset(start - seq.num_evicted, seq.num_preemptions)
+            wanted = compression.wanted_stats(entry.is_prefill)
+        return SequenceChunk(list(table), start, tokens, start - seq.num_evicted, wanted)
+
+    def _sample_batch(
+        self, batch: ScheduledBatch, completes: list[bool], logits: torch.Tensor
+    ) -> tuple[dict[Hashable, int | None], Forks]:
+        """The sampled token of every entry whose chunk completed its tokens (None for the others), and the forks
+        of requests with ``n > 1`` whose prompt completed: ``(outputs, forks)`` for the scheduler's update."""
+        outputs: dict[Hashable, int | None] = {}
+        forks: Forks = {}
+        for row, entry in enumerate(batch.scheduled):
+            rid = entry.request_id
+            if not completes[row]:
+                outputs[rid] = None
+                continue
+            params = self._params[rid]
+            outputs[rid] = sample(logits[row], params, self._generators[rid])
+            seq = self.scheduler.get_sequence(rid)
+            if params.n > 1 and seq.parent_id is None and not seq.output_token_ids:
+                forks[rid] = self._fork_samples(rid, logits[row], params)
+        return outputs, forks
+
+    def _fork_samples(self, rid: Hashable, logits: torch.Tensor, params: SamplingParams) -> list[tuple[Hashable, int]]:
+        """The ``n - 1`` children of request ``rid``, each with its own generator and first token from ``logits``."""
+        children = []
+        for index in range(1, params.n):
+            child_id = next(self._ids)
+            generator = new_generator(params, index)
+            children.append((child_id, sample(logits, params, generator)))
+            self._params[child_id] = params
+            self._generators[child_id] = generator
+            self._arrived[child_id] = self._arrived[rid]
+        self._children[rid] = [child_id for child_id, _ in children]
+        return children
+
+    def _drop_aborted_forks(self, forks: Forks) -> None:
+        """Forget the children of requests aborted during the step (the scheduler took no samples)."""
+        for rid in list(forks):
+            if self.scheduler.get_sequence(rid).finish_reason is FinishReason.ABORTED:
+                for child_id, _ in forks.pop(rid):
+                    self._params.pop(child_id)
+                    self._generators.pop(child_id)
+                    self._arrived.pop(child_id)
+                self._children.pop(rid)
+
+    def _step_outputs(
+        self, batch: ScheduledBatch, outputs: dict[Hashable, int | None], forks: Forks
+    ) -> list[RequestOutput]:
+        """What the step produced for each request, children after their parent; records first-token and finish
+        times."""
         results: list[RequestOutput] = []
         now = time.perf_counter()
         for entry in batch.scheduled:
@@ -637,42 +472,18 @@ class Engine:
         if not compression.due(prefill_done, self.pool.block_size):
             return
         slots = compression.slots
-        pool = self.pool
         table = self.block_manager.block_table(request_id)
-        next_position = seq.num_computed_tokens
-        kept: list[torch.Tensor] = []
-        for layer in range(pool.num_layers):
-            gathered = functools.cache(functools.partial(pool.gather, layer, table, slots))  # [H, S, D] x 2, once
-
-            def kv_source(gathered: Any = gathered) -> tuple[torch.Tensor, torch.Tensor]:
-                keys, values = gathered()
-                return keys[None], values[None]
-
-            window = None
-            queries = compression.window_queries[layer] if compression.window_queries else None
-            if queries is not None:
-                keys, _ = gathered()
-                scaling = float(compression.last_stats.get(layer, {}).get("scaling", keys.shape[-1] ** -0.5))
-                window = window_weights(queries, keys, scaling)
-            view = compression.view(layer, window, next_position, self._method_generator, self._group_size,
-                                    kv_source)
-            kept.append(compression.choose(layer, view))
-
-        def copy(old_table: list[int], new_table: list[int]) -> None:
-            for layer, index in enumerate(kept):
-                keys, values = pool.gather(layer, old_table, slots)  # [H, S, D]
-                expand = index[:, :, None].expand(-1, -1, keys.shape[-1])
-                pool.write(layer, new_table, 0, keys.gather(1, expand), values.gather(1, expand))
-
+        kept = compression.choose_all(self.pool, table, seq.num_computed_tokens, self._method_generator,
+                                      self._group_size)
         try:
-            freed = self.scheduler.compact(request_id, compression.budget, copy)
+            freed = self.scheduler.compact(request_id, compression.budget, compaction_copy(self.pool, kept, slots))
         except OutOfBlocksError:
             return  # no room for the new blocks this step; try again after the next one
         self._compression_totals["evicted_tokens"] += slots - compression.budget
         self._compression_totals["freed_blocks"] += freed
         self._compression_totals["compactions"] += 1
         compression.keep(kept, freed)
-        compression.window_queries = [None] * pool.num_layers
+        compression.window_queries = [None] * self.pool.num_layers
 
     def stream(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None) -> Iterator[int]:
         """Add one request and yield its tokens as they are generated.
@@ -743,16 +554,8 @@ class Engine:
     def close(self) -> None:
         """Write the pool's cached (computed) blocks and the host tier down to disk, and stop the prefetch
         thread. Without tiers it does nothing. Safe to call twice; the engine must not step afterwards."""
-        if self._tiers is None or self.store is None:
-            return
-        pool = self.block_manager.pool
-        if self.store.disk is not None:
-            for block_id in pool.cached_blocks_lru():
-                key = pool.hash_of(block_id)
-                if key is not None and self.scheduler.is_computed(block_id) and not self.store.contains(key):
-                    self.store.put(key, self.pool.export_block(block_id))
-            self.store.flush()
-        self.store.close()
+        if self._tiers is not None:
+            self._tiers.close(self.block_manager.pool)
 
     def __enter__(self) -> Engine:
         return self

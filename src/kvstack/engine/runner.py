@@ -1,59 +1,12 @@
-"""The model runner: one forward pass over a packed batch of sequences whose KV lives in a paged pool.
+"""The model runner: one forward pass over a packed batch of sequences whose KV lives in the paged pool.
 
-A step
-------
-The scheduler hands :meth:`ModelRunner.step` a list of :class:`SequenceChunk`: for each scheduled sequence,
-its block table, the position ``start`` of its first new token and the new ``token_ids`` (a whole prompt,
-a chunk of a prompt, or one decode token). Every earlier position's KV is already in the
-:class:`~kvstack.engine.paged.PagedKVPool` through that block table (computed by earlier steps, or shared
-prefix blocks found by :meth:`~kvstack.engine.blocks.BlockManager.allocate_prompt`). One step is:
-
-1. **Pack.** The ``T = sum(q_i)`` new tokens of all chunks are concatenated into one row:
-   ``input_ids [1, T]`` with ``position_ids [1, T]`` holding each chunk's own positions
-   ``start_i .. start_i + q_i - 1``.
-2. **Forward.** The model runs once on that row with a :class:`PagedBatchCache` as ``past_key_values`` and
-   the attention implementation :data:`ATTENTION_NAME` selected (through transformers'
-   ``AttentionInterface`` / ``AttentionMaskInterface``, no monkeypatching). RoPE is applied by the model
-   itself from the explicit positions.
-3. **Write.** In each layer ``l`` the model calls ``cache.update(keys [1, H, T, D], values [1, H, T, D], l)``;
-   :class:`PagedCacheLayer` writes chunk ``i``'s slice ``[H, q_i, D]`` into the pool at its positions
-   (:meth:`PagedKVPool.write`) and marks itself pending on this thread.
-4. **Attend.** The registered attention function, called right after with ``query [1, Hq, T, D]``, takes the
-   pending layer and calls :func:`~kvstack.engine.paged.paged_attention_packed` on the ``[T, Hq, D]`` queries
-   with context lengths ``start_i + q_i``: every chunk
-   attends causally over its own cached prefix and new tokens, never over another chunk. The outputs are
-   concatenated back into ``[1, T, Hq, D]``, the layout transformers' attention functions return.
-5. **Logits.** Only the hidden state of each chunk's last token is projected (``logits_to_keep`` given as
-   the tensor of those indices), so the step returns ``[num_chunks, vocab]``.
-
-Why one packed row
-------------------
-Continuous batching mixes prefill chunks of very different lengths with single-token decodes. Padding them
-into a ``[B, max_q]`` batch wastes compute on padding and needs padding masks; packing them into one
-``[1, T]`` row costs exactly ``T`` tokens in every linear layer (projections, MLP, norms, which are
-position-independent), and the only cross-token operation, attention, is done per sequence by
-:func:`~kvstack.engine.paged.paged_attention_packed` over block tables, so sequences never see each other.
-The mask transformers would build is therefore useless: the registered mask function returns ``None`` and
-nothing is materialised.
-
-Limitations
------------
-* Decoder-only models built like Llama / Qwen2 / Mistral (``q_proj``/``k_proj``/``v_proj`` attention
-  modules calling ``past_key_values.update`` then the attention interface) with full attention: no sliding
-  window, ALiBi, soft-capping, cross-attention or linear-attention layers.
-* Selecting the runner's attention implementation changes the model: run it outside the runner again with
-  :meth:`ModelRunner.restore` (or use another model instance).
-* A step must not hold two chunks of the same sequence, nor two chunks writing the same block (KV of all
-  chunks is written before any chunk attends in a layer). Copy-on-write instructions from the block
-  manager must be applied (:meth:`PagedKVPool.copy_block`) before the step.
-* Attention is a fused C++ kernel only on the CPU with a float32 pool (see
-  :func:`~kvstack.engine.paged.paged_attention_packed`); the thread-local hand-off means one forward at a
-  time per thread.
+:class:`ModelRunner` packs every scheduled chunk into one ``[1, T]`` row; :class:`PagedCacheLayer` writes each
+layer's new KV into the pool and the registered attention function attends per sequence over its block table.
+A step, why one packed row, and the limitations: ``docs/engine-design.md`` (section "Model runner").
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -64,10 +17,14 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
 from kvstack.api import cache_kwargs
-from kvstack.models import model_geometry
+from kvstack.cache.attention_stats import attention_with_stats
 from kvstack.cache.layer import WeakOwner
-from kvstack.engine.paged import PackedPlan, PagedKVPool, paged_attention_packed
+from kvstack.cache.pending import set_pending, take_pending
+from kvstack.contract import STAT_COLSUM, STAT_LAST
+from kvstack.engine.paged import PagedKVPool
+from kvstack.engine.paged_attention import PackedPlan, paged_attention_packed
 from kvstack.errors import KVStackError
+from kvstack.models import model_geometry
 
 __all__ = [
     "ATTENTION_NAME",
@@ -79,8 +36,6 @@ __all__ = [
 
 ATTENTION_NAME = "kvstack_paged"
 """Name under which the runner's attention and mask functions are registered with transformers."""
-
-_pending = threading.local()
 
 
 @dataclass(frozen=True)
@@ -126,14 +81,14 @@ class SequenceChunk:
         return self.first_slot + len(self.token_ids)
 
 
-STATS_QUERY_ROWS = 256
-"""Queries per block when attention statistics are computed (bounds the ``[H, G * rows, L]`` weights)."""
-
-
 def chunk_statistics(
     query: torch.Tensor, pool: PagedKVPool, layer: int, chunk: SequenceChunk, scaling: float
 ) -> dict[str, torch.Tensor]:
-    """Attention statistics of one chunk's queries over its sequence's slots (exact softmax, float32).
+    """Attention statistics of one chunk's queries over its sequence's slots (float32 tensors).
+
+    Computed by :func:`kvstack.cache.attention_stats.attention_with_stats`, the cache's own implementation
+    (and precision policy, ``KVSTACK_STATS_PRECISION``), so a method sees the same statistics in the engine as
+    under :func:`kvstack.make_cache`.
 
     Parameters
     ----------
@@ -155,28 +110,22 @@ def chunk_statistics(
     if "queries" in wanted:
         result["queries"] = query.detach().float().clone()
         result["scaling"] = torch.tensor(float(scaling))
-    if not wanted & {"colsum", "last"}:
+    needs = {name for name in (STAT_COLSUM, STAT_LAST) if name in wanted}
+    if not needs:
         return result
-    keys, _ = pool.gather(layer, chunk.block_table, chunk.context_len)  # [H, L, D]
-    heads, length, dim = keys.shape
-    num_q_heads, num_new, _ = query.shape
-    group = num_q_heads // heads
-    keys = keys.float()
-    colsum = torch.zeros(heads, length)
-    slots = torch.arange(length)
-    for first in range(0, num_new, STATS_QUERY_ROWS):
-        rows = query[:, first : first + STATS_QUERY_ROWS].float()  # [Hq, r, D]
-        count = rows.shape[1]
-        grouped = rows.reshape(heads, group * count, dim)  # row g*r + j: query j of head h*G + g
-        scores = torch.matmul(grouped, keys.transpose(-1, -2)) * scaling  # [H, G*r, L]
-        query_slots = (chunk.first_slot + first + torch.arange(count)).repeat(group)  # [G*r]
-        scores = scores.masked_fill(slots[None, :] > query_slots[:, None], float("-inf"))
-        weights = torch.softmax(scores, dim=-1)
-        colsum += weights.sum(dim=1)
-        if "last" in wanted and first + count == num_new:
-            result["last"] = weights.view(heads, group, count, length)[:, :, -1].reshape(num_q_heads, length)
-    if "colsum" in wanted:
-        result["colsum"] = colsum
+    keys, values = pool.gather(layer, chunk.block_table, chunk.context_len)  # [H, L, D]
+    # The chunk's q queries sit at slots first_slot .. context_len - 1, the last q of the L slots: query j
+    # sees slots 0 .. first_slot + j. That is attention_with_stats's mask with causal=None and
+    # past_valid=None (lower-triangular over the chunk, every earlier slot visible); an explicit mask
+    # would only send it down a slower route.
+    _, stats = attention_with_stats(
+        query.detach().float()[None], keys.float()[None], values.float()[None], causal=None, past_valid=None,
+        scaling=float(scaling), needs=needs, window=0,
+    )
+    if STAT_COLSUM in needs:
+        result["colsum"] = stats.colsum[0]  # [H, L]
+    if STAT_LAST in needs:
+        result["last"] = stats.last[0]  # [Hq, L]
     return result
 
 
@@ -239,7 +188,7 @@ class PagedCacheLayer(CacheLayerMixin):
         plan = owner.plan
         owner.pool.write_packed(self.layer_idx, plan.write_blocks, plan.write_slots, key_states[0], value_states[0])
         self.pending = True
-        _pending.layer = self
+        set_pending(self)  # the cache's handshake: the attention function takes this layer back
         return key_states, value_states
 
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -377,13 +326,14 @@ def paged_runner_attention(
     KVStackError
         If the model runs with this implementation but without a :class:`PagedBatchCache`.
     """
-    layer = getattr(_pending, "layer", None)
-    if layer is None or not layer.pending:
+    # One handshake with the cache's layers (kvstack.cache.pending): a layer's update and its attention run back
+    # to back on one thread, so at most one layer is pending there, whichever kind; anything else is refused.
+    layer = take_pending()
+    if not isinstance(layer, PagedCacheLayer) or not layer.pending:
         raise KVStackError(
             f"attention {ATTENTION_NAME!r} ran without a paged cache update; run the model through "
             "ModelRunner.step, or call ModelRunner.restore() before using it directly"
         )
-    _pending.layer = None
     module_layer = getattr(module, "layer_idx", layer.layer_idx)
     if module_layer != layer.layer_idx:
         raise KVStackError(
@@ -502,7 +452,7 @@ class ModelRunner:
         position_ids = torch.tensor([positions], dtype=torch.long, device=device)  # [1, T]
         keep = torch.tensor(last_indices, dtype=torch.long, device=device)  # [num_chunks]
         cache = PagedBatchCache(self.pool, batch)
-        _pending.layer = None
+        take_pending()  # drop a layer left pending by a forward that failed on this thread
         try:
             with torch.no_grad():
                 output = self.model(
@@ -513,6 +463,6 @@ class ModelRunner:
                     logits_to_keep=keep,
                 )
         finally:
-            _pending.layer = None
+            take_pending()
         self.last_stats = cache.stats
         return output.logits[0]  # [num_chunks, vocab]

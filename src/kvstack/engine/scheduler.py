@@ -1,112 +1,28 @@
-"""Iteration-level scheduler (continuous batching) over a paged :class:`~kvstack.engine.blocks.BlockManager`.
+"""The iteration-level scheduler: which sequences run each step, and how many tokens of each.
 
-Pure bookkeeping: no model, no tensors. Each engine step the caller asks :meth:`Scheduler.schedule` which
-sequences to run and how many tokens of each to compute, runs the model on that batch, and reports the
-sampled tokens back with :meth:`Scheduler.update`. Sequences join and leave the batch at every step
-(continuous batching) instead of waiting for a whole batch to drain.
-
-One step
---------
-Every step has a token budget ``max_num_batched_tokens`` and a cap ``max_num_seqs`` on running sequences.
-
-1. **Decodes**: running sequences whose prompt is fully computed get one token each, oldest first.
-2. **Prefill chunks**: running sequences still computing their prompt get ``min(remaining, budget left)``
-   tokens (chunked prefill: a prompt longer than the budget is computed over several steps and never stalls
-   the decodes of the others for more than one step's budget).
-3. **Admission**: waiting sequences are admitted in policy order while budget, ``max_num_seqs`` and KV
-   blocks allow; admission allocates the prompt's blocks (reusing a cached prefix, whose tokens need not be
-   computed) and schedules its first chunk. The first waiting sequence that does not fit ends admission for
-   the step: nobody skips ahead of it. No sequence is admitted in a step that preempted one (memory is
-   short; the preempted sequence keeps its place at the front of the queue).
-
-Before a scheduled chunk that completes a sequence's tokens is accepted, the step reserves the KV block
-that :meth:`Scheduler.update` will need to append the sampled token, so ``update`` never runs out of blocks.
-
-Policies
---------
-* ``"fcfs"``: arrival order (``arrival_time``, then the order of :meth:`Scheduler.add_request`).
-* ``"lpm"`` (longest prefix match): the waiting sequence with the most prompt tokens already in the prefix
-  cache first, ties by arrival. It raises the cache hit rate (requests sharing a warm prefix run while it is
-  still cached) but can starve a request that shares nothing, so a sequence that has waited
-  ``max_waiting_steps`` steps (default 64) is moved to the front regardless of its prefix (aging).
-* Under both, sequences that were preempted come first (they keep the front of the queue).
-
-Preemption
-----------
-When a running sequence needs a new block for its next token and none is free or evictable, the scheduler
-preempts **by recompute** the **most recently arrived** running sequence (possibly the one asking): its
-blocks are freed, it goes back to WAITING with ``num_computed_tokens = 0`` at the front of the waiting
-queue, keeping its generated tokens, which are recomputed with the prompt on re-admission.
-
-* Recompute rather than a separate swap space: the recompute runs as an ordinary batched prefill, and the
-  full blocks the victim had registered stay in the prefix cache when it returns, making the recompute
-  partly free. With the engine's storage tiers this becomes a swap of those blocks: a cached block the
-  pool evicts is written to the host tier and loaded back on the victim's readmission, so only its last,
-  partial block is recomputed.
-* Youngest victim: it has usually done the least work, so the least is lost, and the older sequences,
-  which arrived first, keep running, so preemption preserves FCFS order instead of inverting it.
-
-Fairness
---------
-:meth:`Scheduler.add_request` refuses a request whose prompt plus ``max_new_tokens`` needs more blocks than
-the whole pool, so the oldest running sequence alone always fits. Since victims are taken youngest first,
-the oldest running sequence is never preempted while another is running, and it is scheduled in every step
-whose budget is not used up by decodes (one token each, each decode ending within ``max_new_tokens``
-steps): it finishes in a bounded number of steps. Under FCFS the
-head of the waiting queue is admitted as soon as it fits (nothing is admitted ahead of it), which happens
-at the latest when every older sequence has finished; by induction every request finishes: no starvation,
-and no request is ever dropped (a preempted one is requeued, never discarded). Under LPM, aging bounds the
-time a request can be passed over to ``max_waiting_steps`` steps, after which the FCFS argument applies.
-
-KV that is not computed yet
----------------------------
-:class:`~kvstack.engine.blocks.BlockManager` registers a prompt's full blocks in the prefix cache when it
-allocates them, before the model has computed their KV, and a sequence freed mid-prefill (preempted or
-aborted) leaves such blocks in the cache. The scheduler therefore tracks which blocks hold uncomputed KV;
-a newly admitted sequence whose cached prefix runs into one starts computing at that block instead of
-trusting it (writing the same content again). A block fully computed by a chunk placed *earlier in the same
-batch* counts as computed: the runner must write a batch's KV in batch order (per layer, before attention,
-as paged-attention runners do).
-
-Limitations
------------
-* LPM hashes the prompt of every waiting sequence every step (``cached_prefix_tokens``), which is linear in
-  the total waiting prompt length per step.
-* Admission checks memory conservatively when the prefix cache holds unreferenced blocks: a cached prefix
-  block is counted as consumed if it might be one of them.
-* No beam search. Parallel samples (``n > 1``) are forked once the prompt is computed; from then on each
-  child is an ordinary sequence (preempted and recomputed on its own, sharing prompt blocks only through the
-  prefix cache after a recompute).
-* A sequence compacted by a token-level policy (:meth:`Scheduler.compact`) is recomputed from its tokens
-  when preempted, and compressed again by the engine.
-* When ``max_num_seqs`` exceeds ``max_num_batched_tokens``, the youngest decodes can be left out of a step
-  (oldest first); they resume as older sequences finish.
-* No admission in a step that preempted: a short burst of memory pressure costs one step of admissions.
-* Finished sequences are kept until :meth:`Scheduler.finished` is called with ``clear=True``.
+Continuous batching, chunked prefill, prefix-aware admission (``fcfs`` / ``lpm``) and preemption by recompute,
+over a :class:`~kvstack.engine.blocks.BlockManager`; pure bookkeeping, no tensors. Design, fairness argument
+and limitations: ``docs/engine-design.md`` (section "Scheduler").
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
-import enum
-import operator
 from collections.abc import Callable, Hashable, Mapping
-from typing import NamedTuple
 
+from kvstack.engine.admission import admission_fits, admission_order, append_blocks_needed, queue_order
+from kvstack.engine.batch import ScheduledBatch, ScheduledSequence, StepPlan, checked_forks_of, sampled_tokens
 from kvstack.engine.blocks import BlockManager, CopyOnWrite, OutOfBlocksError
+from kvstack.engine.sequence import FinishReason, Request, Sequence, SequenceStatus, is_prefill
 from kvstack.errors import KVStackError
 
 __all__ = [
     "DEFAULT_MAX_WAITING_STEPS",
     "SCHEDULING_POLICIES",
-    "FinishReason",
-    "Request",
     "ScheduledBatch",
     "ScheduledSequence",
     "Scheduler",
-    "Sequence",
-    "SequenceStatus",
 ]
 
 SCHEDULING_POLICIES: tuple[str, ...] = ("fcfs", "lpm")
@@ -117,223 +33,6 @@ def _positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise KVStackError(f"{name} must be a positive integer, got {value!r}")
     return value
-
-
-def _token_id(value: object, what: str) -> int:
-    if isinstance(value, bool):
-        raise KVStackError(f"{what} must be an integer token id, got {value!r}")
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise KVStackError(f"{what} must be an integer token id, got {value!r}") from None
-
-
-@dataclasses.dataclass
-class Request:
-    """One generation request.
-
-    Parameters
-    ----------
-    request_id : hashable
-        Unique id of the request (also its sequence id in the block manager).
-    prompt_token_ids : list of int
-        The prompt; at least one token.
-    max_new_tokens : int
-        Tokens to generate at most (``>= 1``).
-    arrival_time : float
-        When the request arrived; earlier arrivals come first under FCFS.
-    eos_token_ids : frozenset of int, optional
-        Sampling one of these finishes the request early (the token is kept in the output).
-    n : int, optional
-        Parallel samples of the prompt: once the prompt is computed, :meth:`Scheduler.update` forks ``n - 1``
-        child sequences sharing its blocks (copy-on-write), each starting from its own first token.
-
-    Raises
-    ------
-    KVStackError
-        If the prompt is empty or holds a non-integer, ``max_new_tokens < 1``, ``n < 1``, or the id is
-        unhashable.
-    """
-
-    request_id: Hashable
-    prompt_token_ids: list[int]
-    max_new_tokens: int
-    arrival_time: float
-    eos_token_ids: frozenset[int] = frozenset()
-    n: int = 1
-
-    def __post_init__(self) -> None:
-        try:
-            hash(self.request_id)
-        except TypeError:
-            raise KVStackError(f"request_id must be hashable, got {self.request_id!r}") from None
-        prompt = list(self.prompt_token_ids)
-        if not prompt:
-            raise KVStackError(f"the prompt of request {self.request_id!r} is empty; give at least one token")
-        self.prompt_token_ids = [_token_id(t, f"prompt token of request {self.request_id!r}") for t in prompt]
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise KVStackError(
-                f"max_new_tokens of request {self.request_id!r} must be an integer >= 1, got {self.max_new_tokens!r}"
-            )
-        self.eos_token_ids = frozenset(_token_id(t, "eos token") for t in self.eos_token_ids)
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
-            raise KVStackError(f"n of request {self.request_id!r} must be an integer >= 1, got {self.n!r}")
-        try:
-            self.arrival_time = float(self.arrival_time)
-        except (TypeError, ValueError):
-            raise KVStackError(f"arrival_time must be a number, got {self.arrival_time!r}") from None
-
-
-class SequenceStatus(enum.Enum):
-    """Where a sequence is: waiting for admission, running (holds KV blocks), or finished."""
-
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-class FinishReason(enum.Enum):
-    """Why a sequence finished: ``max_new_tokens`` reached, an eos token sampled, a stop string, or aborted."""
-
-    LENGTH = "length"
-    EOS = "eos"
-    STOP = "stop"
-    ABORTED = "aborted"
-
-
-@dataclasses.dataclass(eq=False)
-class Sequence:
-    """Scheduling state of one request (read it; only the :class:`Scheduler` mutates it).
-
-    Attributes
-    ----------
-    request : Request
-        The request.
-    order : int
-        Position in the order of :meth:`Scheduler.add_request` calls (breaks arrival-time ties).
-    status : SequenceStatus
-        WAITING, RUNNING or FINISHED.
-    finish_reason : FinishReason or None
-        Set when finished.
-    output_token_ids : list of int
-        Generated tokens so far.
-    num_computed_tokens : int
-        Tokens of ``token_ids`` whose KV is in the cache: after admission the usable cached prefix, then
-        advanced by every chunk the model ran; 0 while waiting.
-    num_preemptions : int
-        Times this sequence was preempted.
-    parent_id : hashable or None
-        For a child forked by a request with ``n > 1``, the request it was forked from.
-    num_evicted : int
-        Computed tokens whose KV was evicted by a token-level policy (:meth:`Scheduler.compact`): token
-        ``p``'s KV, if kept, sits in slot ``p - num_evicted`` of the block table once ``p`` is past the evicted
-        region. 0 unless the engine compresses this sequence; reset by preemption.
-    first_scheduled_step : int or None
-        The step (1-based count of :meth:`Scheduler.schedule` calls) it was first scheduled in.
-    finished_step : int or None
-        The step whose :meth:`Scheduler.update` finished it (the current step count for an abort).
-    waiting_since_step : int
-        Steps completed when it last entered the waiting queue (for aging).
-    """
-
-    request: Request
-    order: int
-    status: SequenceStatus = SequenceStatus.WAITING
-    finish_reason: FinishReason | None = None
-    output_token_ids: list[int] = dataclasses.field(default_factory=list)
-    num_computed_tokens: int = 0
-    num_preemptions: int = 0
-    num_evicted: int = 0
-    parent_id: Hashable | None = None
-    first_scheduled_step: int | None = None
-    finished_step: int | None = None
-    waiting_since_step: int = 0
-    # Preempted and not re-admitted yet (keeps the front of the queue).
-    _requeued: bool = dataclasses.field(default=False, repr=False)
-    # Aborted while in the batch being run: finished at update().
-    _abort_requested: bool = dataclasses.field(default=False, repr=False)
-
-    @property
-    def request_id(self) -> Hashable:
-        """The request's id."""
-        return self.request.request_id
-
-    @property
-    def arrival_time(self) -> float:
-        """The request's arrival time."""
-        return self.request.arrival_time
-
-    @property
-    def arrival_key(self) -> tuple[float, int]:
-        """FCFS sort key: arrival time, then order of addition."""
-        return (self.request.arrival_time, self.order)
-
-    @property
-    def token_ids(self) -> list[int]:
-        """Prompt plus generated tokens."""
-        return self.request.prompt_token_ids + self.output_token_ids
-
-    @property
-    def num_tokens(self) -> int:
-        """Number of prompt plus generated tokens."""
-        return len(self.request.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
-    def is_finished(self) -> bool:
-        """Whether the status is FINISHED."""
-        return self.status is SequenceStatus.FINISHED
-
-
-class ScheduledSequence(NamedTuple):
-    """One entry of a batch: compute ``num_tokens`` tokens of ``request_id`` from its ``num_computed_tokens``.
-
-    Attributes
-    ----------
-    request_id : hashable
-        The sequence.
-    num_tokens : int
-        Tokens to compute this step (``>= 1``).
-    is_prefill : bool
-        True for a prompt (or recompute) chunk, False for a one-token decode.
-    """
-
-    request_id: Hashable
-    num_tokens: int
-    is_prefill: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class ScheduledBatch:
-    """What the model runs in one step.
-
-    Attributes
-    ----------
-    scheduled : tuple of ScheduledSequence
-        Decodes (oldest first), then prefill chunks of running sequences, then newly admitted sequences.
-    preempted : tuple of hashable
-        Requests preempted (by recompute) in this step, in order.
-    num_batched_tokens : int
-        Sum of ``num_tokens`` over ``scheduled``; never above ``max_num_batched_tokens``.
-    step : int
-        1-based index of this step.
-    """
-
-    scheduled: tuple[ScheduledSequence, ...]
-    preempted: tuple[Hashable, ...]
-    num_batched_tokens: int
-    step: int
-
-    def __len__(self) -> int:
-        return len(self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        """Whether nothing is scheduled."""
-        return not self.scheduled
-
-    def request_ids(self) -> list[Hashable]:
-        """Scheduled request ids, in batch order."""
-        return [entry.request_id for entry in self.scheduled]
 
 
 class Scheduler:
@@ -349,7 +48,7 @@ class Scheduler:
     max_num_seqs : int, optional
         Maximum number of running sequences.
     policy : {"fcfs", "lpm"}, optional
-        Admission order (see the module docstring).
+        Admission order (see ``docs/engine-design.md``).
     max_waiting_steps : int or None, optional
         Under ``"lpm"``, a sequence that waited this many steps is admitted first (default 64).
 
@@ -460,9 +159,7 @@ class Scheduler:
 
     def waiting_request_ids(self) -> list[Hashable]:
         """Waiting request ids in queue order: preempted ones first, then by arrival (not the LPM order)."""
-        requeued = [s for s in self._waiting if s._requeued]
-        rest = sorted((s for s in self._waiting if not s._requeued), key=lambda s: s.arrival_key)
-        return [s.request_id for s in requeued + rest]
+        return [s.request_id for s in queue_order(self._waiting)]
 
     def running_request_ids(self) -> list[Hashable]:
         """Running request ids, oldest arrival first."""
@@ -634,97 +331,100 @@ class Scheduler:
                 "report that batch's outputs with update() first"
             )
         self._num_steps += 1
-        step = self._num_steps
-        pool = self._block_manager.pool
-        budget = self._max_num_batched_tokens
-        reserved = 0  # blocks update() will need to append the tokens of this batch
-        entries: dict[Hashable, tuple[ScheduledSequence, int]] = {}  # request id -> (entry, reserved blocks)
-        preempted: list[Hashable] = []
+        plan = StepPlan(budget=self._max_num_batched_tokens)
+        self._schedule_running(plan)
+        if not plan.preempted:  # no admission in a step that preempted: memory is short
+            self._admit_waiting(plan)
+        return self._close_step(plan)
 
-        # 1. decodes, then 2. prefill chunks of running sequences; each group oldest first.
-        decodes = [s for s in self._running if not self._is_prefill(s)]
-        prefills = [s for s in self._running if self._is_prefill(s)]
+    def _schedule_running(self, plan: StepPlan) -> None:
+        """Steps 1 and 2: decodes, then prefill chunks of running sequences, each group oldest first."""
+        decodes = [s for s in self._running if not is_prefill(s)]
+        prefills = [s for s in self._running if is_prefill(s)]
         for seq in decodes + prefills:
-            if budget == 0:
+            if plan.budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this step
-            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            need = self._append_blocks_needed(seq, num_tokens)
-            while need and pool.num_available - reserved < need:
-                victim = self._running[-1]  # most recently arrived
-                if victim.request_id in entries:
-                    entry, victim_reserved = entries.pop(victim.request_id)
-                    budget += entry.num_tokens
-                    reserved -= victim_reserved
-                self._preempt(victim)
-                preempted.append(victim.request_id)
-                if victim is seq:
-                    break
+            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, plan.budget)
+            need = append_blocks_needed(self._block_manager, seq, num_tokens)
+            self._preempt_until_fits(plan, seq, need)
             if seq.status is not SequenceStatus.RUNNING:
                 continue
-            entries[seq.request_id] = (ScheduledSequence(seq.request_id, num_tokens, self._is_prefill(seq)), need)
-            budget -= num_tokens
-            reserved += need
+            plan.add(ScheduledSequence(seq.request_id, num_tokens, is_prefill(seq)), need)
 
-        # 3. admissions, in policy order; none in a step that preempted (memory is short).
-        if not preempted:
-            block_size = self._block_manager.block_size
-            # Blocks fully computed by the chunks already in this batch count as computed for later entries.
-            computed_this_step: set[int] = set()
-            for entry, _ in entries.values():
-                seq = self._sequences[entry.request_id]
-                table = self._block_manager.block_table(seq.request_id)
-                start = seq.num_computed_tokens - seq.num_evicted  # slots
-                stop = start + entry.num_tokens
-                computed_this_step.update(table[start // block_size : stop // block_size])
-            for seq in self._admission_order():
-                if budget == 0 or len(self._running) >= self._max_num_seqs:
-                    break
-                token_ids = seq.token_ids
-                num_blocks = -(-len(token_ids) // block_size)
-                hit_blocks = self._block_manager.cached_prefix_tokens(token_ids) // block_size
-                # A hit taken from the LRU leaves the evictable set; assume as many of them as possible are.
-                cost = num_blocks - hit_blocks + min(hit_blocks, pool.num_cached)
-                may_complete = len(token_ids) - hit_blocks * block_size <= budget
-                need_upper = int(
-                    may_complete and self._token_will_be_appended(seq) and len(token_ids) % block_size == 0
-                )
-                if cost + need_upper > pool.num_available - reserved:
-                    break  # head of the queue does not fit: nobody skips ahead of it
-                try:
-                    cached = self._block_manager.allocate_prompt(seq.request_id, token_ids)
-                except OutOfBlocksError:  # pragma: no cover - the check above is conservative
-                    break
-                table = self._block_manager.block_table(seq.request_id)
-                self._unwritten.difference_update(self._block_manager.last_loaded_blocks)  # loaded from a tier
-                usable_blocks = cached // block_size
-                for index in range(usable_blocks):
-                    if table[index] in self._unwritten and table[index] not in computed_this_step:
-                        usable_blocks = index
-                        break
-                seq.num_computed_tokens = usable_blocks * block_size
-                self._unwritten.update(table[usable_blocks:])
-                self._waiting.remove(seq)
-                seq.status = SequenceStatus.RUNNING
-                seq._requeued = False
-                bisect.insort(self._running, seq, key=lambda s: s.arrival_key)
-                num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
-                need = self._append_blocks_needed(seq, num_tokens)
-                entries[seq.request_id] = (ScheduledSequence(seq.request_id, num_tokens, self._is_prefill(seq)), need)
-                computed_this_step.update(table[usable_blocks : (seq.num_computed_tokens + num_tokens) // block_size])
-                budget -= num_tokens
-                reserved += need
+    def _preempt_until_fits(self, plan: StepPlan, seq: Sequence, need: int) -> None:
+        """Preempt the most recently arrived running sequences until ``need`` more blocks fit (or ``seq`` itself
+        was preempted)."""
+        pool = self._block_manager.pool
+        while need and pool.num_available - plan.reserved < need:
+            victim = self._running[-1]  # most recently arrived
+            if victim.request_id in plan.entries:
+                plan.drop(victim.request_id)
+            self._preempt(victim)
+            plan.preempted.append(victim.request_id)
+            if victim is seq:
+                break
 
-        scheduled = tuple(entry for entry, _ in entries.values())
+    def _admit_waiting(self, plan: StepPlan) -> None:
+        """Step 3: admit waiting sequences in policy order until one does not fit (nobody skips ahead of it)."""
+        block_size = self._block_manager.block_size
+        # Blocks fully computed by the chunks already in this batch count as computed for later entries.
+        computed_this_step: set[int] = set()
+        for entry, _ in plan.entries.values():
+            seq = self._sequences[entry.request_id]
+            table = self._block_manager.block_table(seq.request_id)
+            start = seq.num_computed_tokens - seq.num_evicted  # slots
+            stop = start + entry.num_tokens
+            computed_this_step.update(table[start // block_size : stop // block_size])
+        order = admission_order(self._waiting, self._policy, self._num_steps - 1, self._max_waiting_steps,
+                                self._block_manager)
+        for seq in order:
+            if plan.budget == 0 or len(self._running) >= self._max_num_seqs:
+                break
+            if not self._admit(seq, plan, computed_this_step):
+                break  # head of the queue does not fit: nobody skips ahead of it
+
+    def _admit(self, seq: Sequence, plan: StepPlan, computed_this_step: set[int]) -> bool:
+        """Allocate ``seq``'s prompt, make it running and schedule its first chunk; False if it does not fit."""
+        if not admission_fits(self._block_manager, seq, plan.budget, plan.reserved):
+            return False
+        block_size = self._block_manager.block_size
+        try:
+            cached = self._block_manager.allocate_prompt(seq.request_id, seq.token_ids)
+        except OutOfBlocksError:  # pragma: no cover - the check above is conservative
+            return False
+        table = self._block_manager.block_table(seq.request_id)
+        self._unwritten.difference_update(self._block_manager.last_loaded_blocks)  # loaded from a tier
+        usable_blocks = cached // block_size
+        for index in range(usable_blocks):  # a cached block whose KV is not computed yet ends the usable prefix
+            if table[index] in self._unwritten and table[index] not in computed_this_step:
+                usable_blocks = index
+                break
+        seq.num_computed_tokens = usable_blocks * block_size
+        self._unwritten.update(table[usable_blocks:])
+        self._waiting.remove(seq)
+        seq.status = SequenceStatus.RUNNING
+        seq._requeued = False
+        bisect.insort(self._running, seq, key=lambda s: s.arrival_key)
+        num_tokens = min(seq.num_tokens - seq.num_computed_tokens, plan.budget)
+        plan.add(ScheduledSequence(seq.request_id, num_tokens, is_prefill(seq)),
+                 append_blocks_needed(self._block_manager, seq, num_tokens))
+        computed_this_step.update(table[usable_blocks : (seq.num_computed_tokens + num_tokens) // block_size])
+        return True
+
+    def _close_step(self, plan: StepPlan) -> ScheduledBatch:
+        """The batch of a finished plan; it stays pending until :meth:`update` when not empty."""
+        step = self._num_steps
+        scheduled = tuple(entry for entry, _ in plan.entries.values())
         for entry in scheduled:
             seq = self._sequences[entry.request_id]
             if seq.first_scheduled_step is None:
                 seq.first_scheduled_step = step
-        num_batched = self._max_num_batched_tokens - budget
+        num_batched = self._max_num_batched_tokens - plan.budget
         self._num_batched_tokens_total += num_batched
         batch = ScheduledBatch(
-            scheduled=scheduled, preempted=tuple(preempted), num_batched_tokens=num_batched, step=step
+            scheduled=scheduled, preempted=tuple(plan.preempted), num_batched_tokens=num_batched, step=step
         )
         self._pending = batch if scheduled else None
         return batch
@@ -764,74 +464,46 @@ class Scheduler:
             if outputs:
                 raise KVStackError("update() got outputs but no batch is pending; call schedule() first")
             return []
-        scheduled_ids = set(batch.request_ids())
-        unknown = [rid for rid in outputs if rid not in scheduled_ids]
-        if unknown:
-            raise KVStackError(f"update() got outputs for {unknown!r}, which step {batch.step} did not schedule")
-        tokens: dict[Hashable, int] = {}
-        for entry in batch.scheduled:
-            seq = self._sequences[entry.request_id]
-            if seq._abort_requested:
-                continue
-            completes = seq.num_computed_tokens + entry.num_tokens == seq.num_tokens
-            token = outputs.get(entry.request_id)
-            if completes and token is None:
-                raise KVStackError(
-                    f"update() needs the sampled token of request {entry.request_id!r}: its chunk completed its tokens"
-                )
-            if not completes and token is not None:
-                raise KVStackError(
-                    f"request {entry.request_id!r} ran a prefill chunk that leaves tokens to compute; "
-                    f"its output must be None, got {token!r}"
-                )
-            if completes:
-                tokens[entry.request_id] = _token_id(token, f"sampled token of request {entry.request_id!r}")
-        forks = {rid: children for rid, children in (forks or {}).items()
-                 if not (rid in self._sequences and self._sequences[rid]._abort_requested)}  # aborted: no samples
-        for parent_id, children in forks.items():
-            seq = self._sequences.get(parent_id)
-            if seq is None or parent_id not in tokens or not self._forks_now(seq):
-                raise KVStackError(f"update() got forks for {parent_id!r}, which did not sample its first token in "
-                                   "this step with n > 1")
-            if len(children) != seq.request.n - 1:
-                raise KVStackError(f"request {parent_id!r} has n={seq.request.n}: give {seq.request.n - 1} forks, "
-                                   f"got {len(children)}")
-            for child_id, child_token in children:
-                if child_id in self._sequences or child_id in self._block_manager:
-                    raise KVStackError(f"fork id {child_id!r} already exists; use a new id")
-                _token_id(child_token, f"sampled token of fork {child_id!r}")
-
+        tokens = sampled_tokens(batch, outputs, self._sequences)
+        checked_forks = checked_forks_of(forks or {}, tokens, self._sequences, self._block_manager)
         self._pending = None
-        block_size = self._block_manager.block_size
         copies: list[CopyOnWrite] = []
         for entry in batch.scheduled:
-            seq = self._sequences[entry.request_id]
-            start = seq.num_computed_tokens - seq.num_evicted  # slots
-            seq.num_computed_tokens += entry.num_tokens
+            copies.extend(self._advance(entry, tokens.get(entry.request_id), checked_forks.get(entry.request_id, [])))
+        return copies
+
+    def _advance(
+        self, entry: ScheduledSequence, token: int | None, children: list[tuple[Hashable, int]]
+    ) -> list[CopyOnWrite]:
+        """Apply one entry of the batch: its chunk is computed; fork, append ``token`` or finish."""
+        block_size = self._block_manager.block_size
+        seq = self._sequences[entry.request_id]
+        start = seq.num_computed_tokens - seq.num_evicted  # slots
+        seq.num_computed_tokens += entry.num_tokens
+        table = self._block_manager.block_table(seq.request_id)
+        self._unwritten.difference_update(table[start // block_size : (start + entry.num_tokens) // block_size])
+        if seq._abort_requested:
+            self._running.remove(seq)
+            self._finish(seq, FinishReason.ABORTED)
+            return []
+        if token is None:
+            return []
+        copies: list[CopyOnWrite] = []
+        for child_id, child_token in children:
+            copies.extend(self._fork(seq, child_id, int(child_token)))
+        seq.output_token_ids.append(token)
+        if token in seq.request.eos_token_ids:
+            self._running.remove(seq)
+            self._finish(seq, FinishReason.EOS)
+        elif len(seq.output_token_ids) >= seq.request.max_new_tokens:
+            self._running.remove(seq)
+            self._finish(seq, FinishReason.LENGTH)
+        else:
+            copy = self._block_manager.append_token(seq.request_id, token)
+            if copy is not None:
+                copies.append(copy)
             table = self._block_manager.block_table(seq.request_id)
-            self._unwritten.difference_update(table[start // block_size : (start + entry.num_tokens) // block_size])
-            if seq._abort_requested:
-                self._running.remove(seq)
-                self._finish(seq, FinishReason.ABORTED)
-                continue
-            token = tokens.get(entry.request_id)
-            if token is None:
-                continue
-            for child_id, child_token in forks.get(entry.request_id, []):
-                copies.extend(self._fork(seq, child_id, int(child_token)))
-            seq.output_token_ids.append(token)
-            if token in seq.request.eos_token_ids:
-                self._running.remove(seq)
-                self._finish(seq, FinishReason.EOS)
-            elif len(seq.output_token_ids) >= seq.request.max_new_tokens:
-                self._running.remove(seq)
-                self._finish(seq, FinishReason.LENGTH)
-            else:
-                copy = self._block_manager.append_token(seq.request_id, token)
-                if copy is not None:
-                    copies.append(copy)
-                table = self._block_manager.block_table(seq.request_id)
-                self._unwritten.update(table[(seq.num_computed_tokens - seq.num_evicted) // block_size :])
+            self._unwritten.update(table[(seq.num_computed_tokens - seq.num_evicted) // block_size :])
         return copies
 
     def compact(self, request_id: Hashable, kept: int, copy: Callable[[list[int], list[int]], None]) -> int:
@@ -873,48 +545,6 @@ class Scheduler:
         return freed
 
     # ------------------------------------------------------------------ helpers
-    @staticmethod
-    def _is_prefill(seq: Sequence) -> bool:
-        return seq.num_tokens - seq.num_computed_tokens > 1 or not seq.output_token_ids
-
-    @staticmethod
-    def _token_will_be_appended(seq: Sequence) -> bool:
-        """Whether the next sampled token may be appended (the last one, at max_new_tokens, never is)."""
-        return len(seq.output_token_ids) + 1 < seq.request.max_new_tokens
-
-    def _append_blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
-        """Blocks update() will allocate to append the token(s) sampled after this chunk.
-
-        One sequence: 0 or 1. A request with ``n > 1`` completing its prompt forks ``n - 1`` children that
-        each append their own first token: ``n`` new blocks when the prompt fills its last block, else ``n - 1``
-        copies of the shared last block.
-        """
-        if seq.num_computed_tokens + num_tokens < seq.num_tokens or not self._token_will_be_appended(seq):
-            return 0
-        manager = self._block_manager
-        forks = seq.request.n - 1 if self._forks_now(seq) else 0
-        if manager.num_tokens(seq.request_id) % manager.block_size == 0:
-            return 1 + forks
-        return int(manager.pool.ref_count(manager.block_table(seq.request_id)[-1]) > 1) + forks
-
-    @staticmethod
-    def _forks_now(seq: Sequence) -> bool:
-        """Whether the token sampled after this step is the first of a request that forks ``n - 1`` children."""
-        return seq.request.n > 1 and not seq.output_token_ids and seq.parent_id is None
-
-    def _admission_order(self) -> list[Sequence]:
-        requeued = [s for s in self._waiting if s._requeued]
-        rest = sorted((s for s in self._waiting if not s._requeued), key=lambda s: s.arrival_key)
-        if self._policy == "fcfs":
-            return requeued + rest
-        waited_before_this_step = self._num_steps - 1
-        aged = [s for s in rest if waited_before_this_step - s.waiting_since_step >= self._max_waiting_steps]
-        aged_ids = {id(s) for s in aged}
-        others = [s for s in rest if id(s) not in aged_ids]
-        hits = {id(s): self._block_manager.cached_prefix_tokens(s.token_ids) for s in others}
-        others.sort(key=lambda s: (-hits[id(s)], s.arrival_key))
-        return requeued + aged + others
-
     def _fork(self, parent: Sequence, child_id: Hashable, token: int) -> list[CopyOnWrite]:
         """A child of ``parent`` (prompt just computed) starting with ``token``; returns its copy-on-write."""
         request = dataclasses.replace(parent.request, request_id=child_id, n=1)

@@ -6,7 +6,7 @@ from typing import Any
 
 from kvstack.methods.base import Composed
 from kvstack.methods.full import Full
-from kvstack.spec import SpecError, register_composer
+from kvstack.spec import SpecError, register_composer, registry
 
 __all__ = ["compose"]
 
@@ -20,11 +20,8 @@ def compose(terms: list[Any], spec: str) -> Composed:
     selections = [t for t in terms if not getattr(t, "is_codec", False)]
     names = ", ".join(t.label() for t in terms)
     if len(codecs) != 1 or len(selections) > 1:
-        from kvstack.spec import list_methods
-
-        codec_names = ", ".join(
-            i.name for i in list_methods() if i.category.startswith("token/quantization") and not i.wraps
-        )
+        codecs_known = sorted(name for name, (cls, _) in registry().items() if getattr(cls, "is_codec", False))
+        codec_names = ", ".join(codecs_known)
         raise SpecError(
             f"cannot compose {names} in {spec!r}: '+' joins at most one selection method with one codec "
             f"(codecs: {codec_names}), e.g. 'snapkv(ratio=0.5) + kivi(bits=2)'"
