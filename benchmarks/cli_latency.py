@@ -94,10 +94,17 @@ def main() -> int:
             "after_imports_torch": imported_torch[name]["after"],
         })
     machine = f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores".replace(" ,", ",")
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"], capture_output=True,
+                           text=True).stdout.strip()
+    after = f"`{head}`" + (" plus uncommitted changes under src/" if dirty else "")
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     record = {
         "command": f"python benchmarks/cli_latency.py --before {args.before} --rounds {args.rounds}",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine, "python": platform.python_version(), "rounds": args.rounds, "rows": rows,
+        "machine": machine, "python": platform.python_version(), "rounds": args.rounds, "after": after,
+        "load_average_at_end": load, "rows": rows,
     }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -105,7 +112,8 @@ def main() -> int:
         "# CLI latency: calls that need no model", "",
         f"`{record['command']}` on {record['date']}, {machine}, Python {record['python']}.", "",
         f"Whole-process wall time, {args.rounds} runs of each command in each tree, alternating; before = "
-        f"`{args.before}`, after = this commit.", "",
+        f"`{args.before}`, after = {after}. Load average at the end: {load} (other work on the machine slows "
+        "both trees alike).", "",
         "| command | before: median (min-max) | after: median (min-max) | speed-up | imports torch before / after |",
         "| --- | ---: | ---: | ---: | --- |",
     ]

@@ -13,15 +13,13 @@ CLI's help, ``kvstack methods`` and spec errors answer at once.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from kvstack import methods as _methods  # noqa: F401  (registers every method under its spec name)
+from kvstack.lazy_import import deferred_attributes
 from kvstack.spec import SpecError, describe, list_methods, parse
 
 # name -> module that defines it, imported on first use (PEP 562)
 _DEFERRED = {
-    "InputError": "kvstack.api",
+    "InputError": "kvstack.errors",
     "cache_kwargs": "kvstack.api",
     "generate": "kvstack.api",
     "make_cache": "kvstack.api",
@@ -33,18 +31,7 @@ _DEFERRED = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _DEFERRED.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kvstack' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_DEFERRED))
-
+__getattr__, __dir__ = deferred_attributes(__name__, _DEFERRED)
 
 __all__ = [
     "InputError",

@@ -9,10 +9,12 @@ later reads cost what a plain module attribute costs.
 from __future__ import annotations
 
 import importlib
+import sys
 import types
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["lazy_module"]
+__all__ = ["deferred_attributes", "lazy_module"]
 
 
 class _LazyModule(types.ModuleType):
@@ -29,3 +31,25 @@ class _LazyModule(types.ModuleType):
 def lazy_module(name: str) -> Any:
     """A stand-in for module ``name`` (e.g. ``"torch"``) that imports it when an attribute is first read."""
     return _LazyModule(name)
+
+
+def deferred_attributes(
+    package: str, deferred: dict[str, str]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """A package's ``__getattr__`` and ``__dir__`` (PEP 562) for names imported from their modules on first use.
+
+    ``deferred`` maps each name to the module that defines it; a name read once is then set on the package.
+    """
+
+    def get(name: str) -> Any:
+        module = deferred.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    def names() -> list[str]:
+        return sorted(set(vars(sys.modules[package])) | set(deferred))
+
+    return get, names

@@ -17,10 +17,8 @@ A new task is one small class registered with :func:`register_task` (see :mod:`k
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from kvstack.bench.config import QUICK, BenchConfig, BenchError
+from kvstack.lazy_import import deferred_attributes
 
 # name -> module that defines it, imported on first use (PEP 562): the runner imports torch, and
 # `kvstack bench --help` must not
@@ -34,17 +32,7 @@ _DEFERRED = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _DEFERRED.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kvstack.bench' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_DEFERRED))
+__getattr__, __dir__ = deferred_attributes(__name__, _DEFERRED)
 
 __all__ = [
     "QUICK",
