@@ -166,6 +166,7 @@ def test_an_interrupted_run_resumes_without_redoing_finished_cells(tmp_path, mod
 KILLED_RUN = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
+import kvstack.bench.measure as measure
 import kvstack.bench.runner as runner
 from test_bench_helpers import tiny_llama, word_tokenizer
 from test_bench_run import small_config
@@ -173,14 +174,14 @@ from test_bench_run import small_config
 tokenizer = word_tokenizer({prose!r})
 model = tiny_llama(len(tokenizer))
 finished = []
-measure = runner._generation_sample
+generation_sample = measure._generation_sample
 
 def killed_inside_the_third_cell(*args, **kwargs):
     if len(finished) == 2:
         os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, no exception: the process is gone mid-cell
-    return measure(*args, **kwargs)
+    return generation_sample(*args, **kwargs)
 
-runner._generation_sample = killed_inside_the_third_cell
+measure._generation_sample = killed_inside_the_third_cell
 runner.run_bench(small_config(runner.Path({out!r}), {prose!r}), model, tokenizer, on_cell=finished.append)
 """
 
@@ -346,7 +347,7 @@ def _same_records(ours: list[dict], theirs: list[dict]) -> None:
 @pytest.mark.parametrize("share", [False, True])
 def test_a_run_stopped_between_checkpoints_resumes_from_them_and_matches_an_uninterrupted_run(
         tmp_path, model, tokenizer, prose_file, monkeypatch, share):  # noqa: F811
-    import kvstack.bench.runner as runner
+    import kvstack.bench.measure as measure
 
     values = {**CHECKPOINTED, "share_prefill": share}
     fresh = run_bench(small_config(tmp_path / "fresh", prose_file, **values), model, tokenizer)
@@ -369,13 +370,13 @@ def test_a_run_stopped_between_checkpoints_resumes_from_them_and_matches_an_unin
     assert not read_results(tmp_path / "stopped" / RESULTS_FILE)  # no cell is finished, none is reported
 
     measured: list[int] = []
-    original = runner._generation_sample
+    original = measure._generation_sample
 
     def counting(*args, **kwargs):
         measured.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "_generation_sample", counting)
+    monkeypatch.setattr(measure, "_generation_sample", counting)
     resumed = run_bench(config, model, tokenizer)
     cells_in_first_batch = len(checkpoints[1])
     passkey_cells = sum(1 for r in fresh.records if r["task"] == "passkey")

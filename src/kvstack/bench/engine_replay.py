@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from kvstack.bench.metrics import PeakMemory
-from kvstack.bench.runner import ProgressBar
-from kvstack.bench.workload import Workload
+from kvstack.bench.progress import ProgressBar
+from kvstack.bench.workload import Workload, WorkloadRequest
 from kvstack.engine.engine import Engine, SamplingParams
 from kvstack.engine.paged import BYTES_PER_MB
 from kvstack.errors import KVStackError
@@ -137,73 +137,104 @@ def replay(
     base = sampling or SamplingParams()
     requests = list(workload)
     before = engine.metrics()
-    ids: dict[Hashable, str] = {}
-    rejected: dict[str, str] = {}
     bar = ProgressBar(progress, len(requests), label="engine-bench", unit="requests")
+    with PeakMemory(engine.pool.device) as memory:
+        replayed = _drive(engine, requests, time_scale, base, method, bar)
+    bar.close()
+    return _result(engine, requests, replayed, memory, before, engine.metrics())
+
+
+@dataclasses.dataclass
+class _Replayed:
+    """What the replay loop saw: engine request id -> workload request id for each request the engine took,
+    the error of each it refused, the most KV blocks in use at once, and the seconds to the last finish."""
+
+    ids: dict[Hashable, str] = dataclasses.field(default_factory=dict)
+    rejected: dict[str, str] = dataclasses.field(default_factory=dict)
+    peak_used: int = 0
+    duration: float = 0.0
+
+
+def _drive(engine: Engine, requests: list[WorkloadRequest], time_scale: float, base: SamplingParams,
+           method: str | None, bar: ProgressBar) -> _Replayed:
+    """Submit each request when its arrival time comes, step the engine whenever it has work, and sleep until
+    the next arrival when it has none."""
+    replayed = _Replayed()
     pool = engine.block_manager.pool
-    peak_used = 0
     finished = 0
     next_index = 0
-    with PeakMemory(engine.pool.device) as memory:
-        start = time.perf_counter()
-        last_finish = start
-        while next_index < len(requests) or engine.has_unfinished():
-            now = time.perf_counter() - start
-            while next_index < len(requests) and requests[next_index].arrival_time * time_scale <= now:
-                request = requests[next_index]
-                next_index += 1
-                try:
-                    params = dataclasses.replace(base, max_new_tokens=request.max_new_tokens)
-                    ids[engine.add_request(request.prompt_token_ids, params, method=method)] = request.request_id
-                except KVStackError as err:
-                    rejected[request.request_id] = str(err)
-            if not engine.has_unfinished():
-                if next_index < len(requests):
-                    time.sleep(max(0.0, requests[next_index].arrival_time * time_scale - now))
-                continue
-            outputs = engine.step()
-            peak_used = max(peak_used, pool.num_used)
-            done = sum(1 for output in outputs if output.finished)
-            if done:
-                finished += done
-                last_finish = time.perf_counter()
-                bar.update(finished + len(rejected), f"{finished} done, {len(engine.scheduler.running_request_ids())} "
-                                                      "running")
-        duration = last_finish - start
-    bar.close()
+    start = time.perf_counter()
+    last_finish = start
+    while next_index < len(requests) or engine.has_unfinished():
+        now = time.perf_counter() - start
+        next_index = _submit_arrivals(engine, requests, next_index, now, time_scale, base, method, replayed)
+        if not engine.has_unfinished():
+            if next_index < len(requests):
+                time.sleep(max(0.0, requests[next_index].arrival_time * time_scale - now))
+            continue
+        outputs = engine.step()
+        replayed.peak_used = max(replayed.peak_used, pool.num_used)
+        done = sum(1 for output in outputs if output.finished)
+        if done:
+            finished += done
+            last_finish = time.perf_counter()
+            bar.update(finished + len(replayed.rejected), f"{finished} done, "
+                                                           f"{len(engine.scheduler.running_request_ids())} running")
+    replayed.duration = last_finish - start
+    return replayed
 
-    after = engine.metrics()
-    outputs_by_id: dict[str, list[int]] = {}
+
+def _submit_arrivals(engine: Engine, requests: list[WorkloadRequest], next_index: int, now: float,
+                     time_scale: float, base: SamplingParams, method: str | None, replayed: _Replayed) -> int:
+    """Submit the requests from ``next_index`` on that have arrived by ``now`` (seconds into the replay);
+    returns the index of the first request still to come."""
+    while next_index < len(requests) and requests[next_index].arrival_time * time_scale <= now:
+        request = requests[next_index]
+        next_index += 1
+        try:
+            params = dataclasses.replace(base, max_new_tokens=request.max_new_tokens)
+            replayed.ids[engine.add_request(request.prompt_token_ids, params, method=method)] = request.request_id
+        except KVStackError as err:
+            replayed.rejected[request.request_id] = str(err)
+    return next_index
+
+
+def _per_request(engine: Engine, requests: list[WorkloadRequest],
+                 ids: dict[Hashable, str]) -> tuple[dict[str, list[int]], dict[str, dict[str, float | None]], int]:
+    """Each taken request's output tokens and timings (``ttft``, ``tpot``, ``e2e``), by workload request id,
+    and the prompt tokens of those requests."""
+    outputs: dict[str, list[int]] = {}
     timings: dict[str, dict[str, float | None]] = {}
-    ttfts: list[float] = []
-    tpots: list[float] = []
-    prompt_tokens = output_tokens = 0
+    prompt_tokens = 0
     prompts = {request.request_id: request for request in requests}
     for engine_id, request_id in ids.items():
-        tokens = engine.get_output(engine_id)
+        outputs[request_id] = engine.get_output(engine_id)
         timing = engine.request_timing(engine_id)
-        outputs_by_id[request_id] = tokens
         timings[request_id] = {"ttft": timing.ttft, "tpot": timing.tpot, "e2e": timing.e2e}
         prompt_tokens += len(prompts[request_id].prompt_token_ids)
-        output_tokens += len(tokens)
-        if timing.ttft is not None:
-            ttfts.append(timing.ttft)
-        if timing.tpot is not None:
-            tpots.append(timing.tpot)
-    ttft = _stats(ttfts)
-    tpot = _stats(tpots)
+    return outputs, timings, prompt_tokens
+
+
+def _result(engine: Engine, requests: list[WorkloadRequest], replayed: _Replayed, memory: PeakMemory,
+            before: dict[str, float | int], after: dict[str, float | int]) -> EngineBenchResult:
+    """The figures of a finished replay; the engine's counters as deltas between ``before`` and ``after``."""
+    outputs, timings, prompt_tokens = _per_request(engine, requests, replayed.ids)
+    output_tokens = sum(len(tokens) for tokens in outputs.values())
+    ttft = _stats([t["ttft"] for t in timings.values() if t["ttft"] is not None])
+    tpot = _stats([t["tpot"] for t in timings.values() if t["tpot"] is not None])
     queries = int(after["prefix_cache_queries_tokens"] - before["prefix_cache_queries_tokens"])
     hits = int(after["prefix_cache_hits_tokens"] - before["prefix_cache_hits_tokens"])
-    seconds = max(duration, 1e-9)
+    completed = len(replayed.ids)
+    seconds = max(replayed.duration, 1e-9)
     return EngineBenchResult(
         num_requests=len(requests),
-        num_completed=len(ids),
-        duration_s=duration,
+        num_completed=completed,
+        duration_s=replayed.duration,
         prompt_tokens=prompt_tokens,
         output_tokens=output_tokens,
         output_tokens_per_s=output_tokens / seconds,
         total_tokens_per_s=(prompt_tokens + output_tokens) / seconds,
-        requests_per_s=len(ids) / seconds,
+        requests_per_s=completed / seconds,
         ttft_mean_s=ttft[0], ttft_p50_s=ttft[1], ttft_p99_s=ttft[2],
         tpot_mean_s=tpot[0], tpot_p50_s=tpot[1], tpot_p99_s=tpot[2],
         prefix_cache_queries_tokens=queries,
@@ -211,13 +242,13 @@ def replay(
         prefix_cache_hit_rate=hits / queries if queries else 0.0,
         peak_rss_mb=None if memory.peak_rss is None else memory.peak_rss / BYTES_PER_MB,
         peak_rss_method=memory.method,
-        peak_kv_mb=peak_used * engine.pool.bytes_per_block / BYTES_PER_MB,
+        peak_kv_mb=replayed.peak_used * engine.pool.bytes_per_block / BYTES_PER_MB,
         pool_mb=engine.pool.nbytes() / BYTES_PER_MB,
         engine_metrics={name: value - before.get(name, 0) if name in _COUNTERS else value
                         for name, value in after.items()},
-        outputs=outputs_by_id,
+        outputs=outputs,
         timings=timings,
-        rejected=rejected,
+        rejected=replayed.rejected,
     )
 
 
