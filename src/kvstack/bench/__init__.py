@@ -17,6 +17,7 @@ A new task is one small class registered with :func:`register_task` (see :mod:`k
 
 from __future__ import annotations
 
+from kvstack.bench import perplexity_task, ruler_tasks  # noqa: F401  (registers the built-in tasks)
 from kvstack.bench.config import QUICK, BenchConfig, BenchError
 from kvstack.lazy_import import deferred_attributes
 

@@ -58,7 +58,7 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help=f"output directory (default {DEFAULT_OUT}, --quick: {QUICK_OUT})")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--quick", action="store_true",
-                        help="a small fixed run (under 10 minutes on 2 CPU cores): "
+                        help="a small fixed run (about 3 minutes on 2 idle CPU cores once the model is cached): "
                              f"tasks {','.join(QUICK['tasks'])}, lengths {','.join(map(str, QUICK['lengths']))}, "
                              f"{QUICK['samples']} samples, full/streamingllm/snapkv/h2o at ratio 0.5; "
                              "other options override it")

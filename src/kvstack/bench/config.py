@@ -29,7 +29,7 @@ QUICK: dict[str, Any] = {
     "samples": 2,
     "depths": [0.0, 0.5, 1.0],
 }
-"""The ``--quick`` run: small enough to finish within 10 minutes on 2 CPU cores with SmolLM2-135M."""
+"""The ``--quick`` run: about 3 minutes on 2 idle CPU cores with SmolLM2-135M (benchmarks/results/quick)."""
 
 
 @dataclasses.dataclass
