@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
+import torch
 from conftest import build_model as shared_build_model
 from conftest import prompt_of as shared_prompt_of
 from conftest import reference_generate
@@ -157,6 +159,9 @@ def test_bad_requests_do_not_disturb_running(reference: PreTrainedModel) -> None
         (prompt_of(MAX_CONTEXT - 2, seed=7), SamplingParams(max_new_tokens=8), "past the model's context"),
         (prompt_of(30, seed=8), SamplingParams(max_new_tokens=8), "can never fit"),  # needs 10 > 8 blocks
         ([5, VOCAB + 3], SamplingParams(max_new_tokens=2), "outside the vocabulary"),
+        ([5, np.int64(-1)], SamplingParams(max_new_tokens=2), "token -1 is outside the vocabulary"),  # numpy ints too
+        ([5, torch.tensor(VOCAB)], SamplingParams(max_new_tokens=2), "outside the vocabulary"),
+        ([5, 2.0], SamplingParams(max_new_tokens=2), "must be integers, got 2.0"),
     ]
     for prompt, params, match in bad:
         with pytest.raises(KVStackError, match=match) as info:

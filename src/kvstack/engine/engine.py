@@ -8,6 +8,7 @@ tiers, token-level compression, stop strings and per-request timing. Design and 
 from __future__ import annotations
 
 import itertools
+import operator
 import os
 import time
 from collections.abc import Hashable, Iterator, Sequence
@@ -187,7 +188,7 @@ class Engine:
             raise KVStackError(f"params must be SamplingParams, got {type(params).__name__}")
         if params.stop and self.tokenizer is None:
             raise KVStackError("stop strings need the tokenizer: build the Engine with tokenizer=...")
-        prompt = list(prompt_token_ids)
+        prompt = _token_ids(prompt_token_ids)
         self._check_prompt(prompt, params)
         compression = self._compression_for(method, prompt, params)
         request_id = next(self._ids)
@@ -217,7 +218,7 @@ class Engine:
         if not prompt:
             raise KVStackError("the prompt is empty; give at least one token")
         if self.vocab_size is not None:
-            bad = [t for t in prompt if isinstance(t, int) and not 0 <= t < self.vocab_size]
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
             if bad:
                 raise KVStackError(f"prompt token {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         if self.max_context is None:
@@ -562,3 +563,12 @@ class Engine:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _token_ids(tokens: Sequence[Any]) -> list[int]:
+    """The prompt as Python ints; numpy and torch integers are accepted, anything else is a one-line error."""
+    try:
+        return [operator.index(token) for token in tokens]
+    except TypeError:
+        bad = next(token for token in tokens if not hasattr(token, "__index__"))
+        raise KVStackError(f"prompt tokens must be integers, got {bad!r} ({type(bad).__name__})") from None
