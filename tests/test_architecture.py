@@ -62,3 +62,33 @@ def test_the_cycle_finder_finds_a_loop(tmp_path, monkeypatch):
     (package / "d.py").write_text("import loopy.a\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert import_cycles("loopy") == [["loopy.a", "loopy.b", "loopy.c"]]
+
+
+def test_the_layering_contracts_hold_and_a_storage_import_of_a_method_breaks_them(tmp_path):
+    """`lint-imports` (the contracts in pyproject.toml) passes on the package, and fails once storage imports a
+    method, naming the import: the contracts can fail."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copy(root / "pyproject.toml", tmp_path / "pyproject.toml")
+    shutil.copytree(root / "src" / "kvstack", tmp_path / "src" / "kvstack",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    lint = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
+                                  "sys.exit(lint_imports_command())"]
+
+    def run() -> subprocess.CompletedProcess[str]:
+        env = {"PYTHONPATH": str(tmp_path / "src"), "PATH": "/usr/bin:/bin"}
+        return subprocess.run(lint, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    kept = run()
+    assert kept.returncode == 0, kept.stdout + kept.stderr
+    layer = tmp_path / "src" / "kvstack" / "cache" / "layer.py"
+    layer.write_text(layer.read_text().replace(
+        "from kvstack.cache.capacity import", "from kvstack.methods.allocation import headwise_counts  # noqa\n"
+        "from kvstack.cache.capacity import", 1))
+    broken = run()
+    assert broken.returncode != 0
+    assert "kvstack.cache.layer -> kvstack.methods.allocation" in broken.stdout
