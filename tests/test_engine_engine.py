@@ -13,6 +13,8 @@ import torch
 from conftest import build_model as shared_build_model
 from conftest import prompt_of as shared_prompt_of
 from conftest import reference_generate
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import PreTrainedModel
 
 from kvstack.engine import BYTES_PER_MB, Engine, SamplingParams
@@ -387,3 +389,51 @@ def test_stop_strings_need_a_tokenizer() -> None:
         make_engine().add_request(PROMPTS[0], SamplingParams(stop=("w1",)))
     with pytest.raises(KVStackError, match="stop must be non-empty strings"):
         SamplingParams(stop=("",))
+
+
+def test_parallel_samples_on_a_tiny_pool_complete_free_their_blocks_and_match_a_large_pool() -> None:
+    # 20 prompts with n=3 on 16 blocks: the forks find no block for their first token; they wait and are
+    # recomputed instead of failing the step (and leaving every block used).
+    prompts = [prompt_of(10, seed=i) for i in range(20)]
+    params = SamplingParams(n=3, max_new_tokens=6, temperature=0.8, seed=1)
+    engine = make_engine(memory_mb=mb(16))
+    outputs = engine.generate(prompts, params)
+    assert outputs == make_engine(memory_mb=mb(512)).generate(prompts, params)
+    assert all(len(samples) == 3 and all(len(s) == 6 for s in samples) for samples in outputs)
+    assert engine.metrics()["num_used"] == 0
+    assert engine.generate([PROMPTS[2]], SamplingParams(max_new_tokens=3)) == [
+        make_engine().generate([PROMPTS[2]], SamplingParams(max_new_tokens=3))[0]
+    ]
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    blocks=st.integers(6, 24),
+    requests=st.lists(
+        st.tuples(st.integers(1, 20), st.integers(1, 3), st.integers(1, 6), st.booleans(), st.integers(0, 999)),
+        min_size=1, max_size=8,
+    ),
+    abort_after=st.integers(0, 6),
+)
+def test_random_request_mixes_leave_every_block_free_or_cached(
+    blocks: int, requests: list[tuple[int, int, int, bool, int]], abort_after: int
+) -> None:
+    engine = make_engine(memory_mb=mb(blocks))
+    admitted = []
+    for length, n, max_new, bad_token, seed in requests:
+        prompt = prompt_of(length, seed=seed)
+        if bad_token:
+            prompt[-1] = np.int64(VOCAB + seed)  # out of the vocabulary: refused, nothing changes
+        try:
+            admitted.append(engine.add_request(prompt, SamplingParams(n=n, max_new_tokens=max_new, seed=seed,
+                                                                      temperature=0.7)))
+        except KVStackError as err:  # an out-of-vocabulary token, or a request the whole pool can never hold
+            assert ("outside the vocabulary" in str(err)) if bad_token else ("can never fit" in str(err)), err
+    for step in range(200):
+        if not engine.has_unfinished():
+            break
+        if step == abort_after and admitted:
+            engine.abort(admitted[0])
+        engine.step()
+    assert not engine.has_unfinished()
+    assert engine.metrics()["num_used"] == 0  # every block is free or held by the prefix cache only

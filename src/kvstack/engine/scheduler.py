@@ -499,7 +499,11 @@ class Scheduler:
             self._running.remove(seq)
             self._finish(seq, FinishReason.LENGTH)
         else:
-            copy = self._block_manager.append_token(seq.request_id, token)
+            try:
+                copy = self._block_manager.append_token(seq.request_id, token)
+            except OutOfBlocksError:  # its forks took the last blocks: recomputed later, as if preempted
+                self._preempt(seq)
+                return copies
             if copy is not None:
                 copies.append(copy)
             table = self._block_manager.block_table(seq.request_id)
@@ -559,8 +563,17 @@ class Scheduler:
             self._finish(child, reason)  # never held a block
             return []
         self._block_manager.fork(parent.request_id, child_id)
+        try:
+            copy = self._block_manager.append_token(child_id, token)
+        except OutOfBlocksError:  # no block for its first token: it waits and is recomputed, as if preempted
+            self._block_manager.free(child_id)
+            child.status = SequenceStatus.WAITING
+            child.num_computed_tokens = child.num_evicted = 0
+            child.waiting_since_step = self._num_steps
+            child._requeued = True
+            self._waiting.insert(0, child)
+            return []
         bisect.insort(self._running, child, key=lambda s: s.arrival_key)
-        copy = self._block_manager.append_token(child_id, token)
         first_pending_slot = child.num_computed_tokens - child.num_evicted
         table = self._block_manager.block_table(child_id)
         self._unwritten.update(table[first_pending_slot // self._block_manager.block_size :])
