@@ -437,3 +437,19 @@ def test_random_request_mixes_leave_every_block_free_or_cached(
         engine.step()
     assert not engine.has_unfinished()
     assert engine.metrics()["num_used"] == 0  # every block is free or held by the prefix cache only
+
+
+@pytest.mark.parametrize(("length", "max_new"), [(64, 1), (61, 4)])
+def test_a_request_that_exactly_fills_the_pool_runs_and_matches_generate(
+    reference: PreTrainedModel, length: int, max_new: int
+) -> None:
+    # 16 blocks of 4 slots: the prompt and every generated token but the last (whose KV is never stored) fill
+    # the pool exactly, as the context check counts them.
+    engine = make_engine(memory_mb=mb(16))
+    prompt = prompt_of(length, seed=5)
+    assert engine.generate([prompt], SamplingParams(max_new_tokens=max_new)) == [
+        reference_generate(reference, prompt, max_new)
+    ]
+    assert engine.metrics()["num_used"] == 0
+    with pytest.raises(KVStackError, match="can never fit"):  # one slot more than the pool holds
+        make_engine(memory_mb=mb(15)).add_request(prompt_of(60, seed=5), SamplingParams(max_new_tokens=2))

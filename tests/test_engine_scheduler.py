@@ -473,7 +473,7 @@ def test_bad_requests_leave_others_undisturbed() -> None:
         scheduler.add_request(make_request(0, [1], 1))
     _one_line_error(excinfo, "already exists")
     with pytest.raises(KVStackError) as excinfo:
-        scheduler.add_request(make_request(9, list(range(30)), 3))  # 33 tokens: 9 blocks > 8
+        scheduler.add_request(make_request(9, list(range(31)), 3))  # 33 stored tokens (not the last): 9 > 8
     _one_line_error(excinfo, "never fit", "9 KV blocks", "8")
     with pytest.raises(KVStackError) as excinfo:
         scheduler.abort(42)

@@ -233,8 +233,9 @@ class Scheduler:
         if request_id in self._block_manager:
             raise KVStackError(f"request id {request_id!r} is already a sequence of the block manager; use a new id")
         pool = self._block_manager.pool
-        total_tokens = len(request.prompt_token_ids) + request.max_new_tokens
-        needed = -(-total_tokens // pool.block_size)
+        # The last generated token's KV is never stored (generation ends with it), as the context check counts.
+        stored_tokens = len(request.prompt_token_ids) + request.max_new_tokens - 1
+        needed = -(-stored_tokens // pool.block_size)
         # n samples share the prompt's blocks but each needs its own output blocks (and last prompt block).
         needed += (request.n - 1) * (-(-request.max_new_tokens // pool.block_size) + 1)
         if needed > pool.num_blocks:
