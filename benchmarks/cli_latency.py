@@ -19,11 +19,12 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from source_trees import ROOT, checkout, head_commit
+
 OUT = ROOT / "benchmarks" / "results" / "cli_latency"
 
 COMMANDS: dict[str, list[str]] = {
@@ -63,24 +64,18 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=7, help="runs of each command in each tree")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as scratch:
-        worktree = Path(scratch) / "before"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), args.before],
-                       check=True, capture_output=True)
-        try:
-            trees = {"before": worktree / "src", "after": ROOT / "src"}
-            times: dict[str, dict[str, list[float]]] = {name: {tree: [] for tree in trees} for name in COMMANDS}
-            imported_torch: dict[str, dict[str, bool]] = {name: {} for name in COMMANDS}
-            for _ in range(args.rounds):
-                for name, argv in COMMANDS.items():
-                    for tree, src in trees.items():  # alternate, so drifting load hits both alike
-                        seconds, package_file, torch_imported = time_once(src, argv)
-                        if not package_file.startswith(str(src)):
-                            raise SystemExit(f"{tree} run imported {package_file}, not the tree at {src}")
-                        times[name][tree].append(seconds)
-                        imported_torch[name][tree] = torch_imported
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=False)
+    with checkout(args.before) as before_src:
+        trees = {"before": before_src, "after": ROOT / "src"}
+        times: dict[str, dict[str, list[float]]] = {name: {tree: [] for tree in trees} for name in COMMANDS}
+        imported_torch: dict[str, dict[str, bool]] = {name: {} for name in COMMANDS}
+        for _ in range(args.rounds):
+            for name, argv in COMMANDS.items():
+                for tree, src in trees.items():  # alternate, so drifting load hits both alike
+                    seconds, package_file, torch_imported = time_once(src, argv)
+                    if not package_file.startswith(str(src)):
+                        raise SystemExit(f"{tree} run imported {package_file}, not the tree at {src}")
+                    times[name][tree].append(seconds)
+                    imported_torch[name][tree] = torch_imported
 
     rows = []
     for name in COMMANDS:
@@ -94,8 +89,7 @@ def main() -> int:
             "after_imports_torch": imported_torch[name]["after"],
         })
     machine = f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores".replace(" ,", ",")
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
+    head = head_commit()
     dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"], capture_output=True,
                            text=True).stdout.strip()
     after = f"`{head}`" + (" plus uncommitted changes under src/" if dirty else "")

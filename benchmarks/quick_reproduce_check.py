@@ -21,7 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from source_trees import ROOT, checkout, head_commit
+
 OUT = ROOT / "benchmarks" / "results" / "quick_reproduce"
 
 
@@ -47,14 +49,9 @@ def main() -> int:
     parser.add_argument("--before", default="6b458bc", help="the earlier commit (default: %(default)s)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        worktree = Path(scratch) / "before-tree"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), args.before],
-                       check=True, capture_output=True)
-        try:
-            before_s = run_quick(worktree / "src", Path(scratch) / "before")
-            after_s = run_quick(ROOT / "src", Path(scratch) / "after")
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=False)
+        with checkout(args.before) as before_src:
+            before_s = run_quick(before_src, Path(scratch) / "before")
+        after_s = run_quick(ROOT / "src", Path(scratch) / "after")
         before, after = cells(Path(scratch) / "before"), cells(Path(scratch) / "after")
     differing = []
     for key in sorted(set(before) | set(after)):
@@ -66,8 +63,7 @@ def main() -> int:
         new_samples = [(s.get("prediction"), s.get("nll_sum")) for s in new["per_sample"]]
         if old["score"] != new["score"] or old_samples != new_samples:
             differing.append({"cell": key, "before": old["score"], "after": new["score"]})
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
+    head = head_commit()
     record = {
         "command": f"python benchmarks/quick_reproduce_check.py --before {args.before}",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

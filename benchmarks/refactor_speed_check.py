@@ -20,10 +20,11 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from source_trees import ROOT, checkout, head_commit
+
 OUT = ROOT / "benchmarks" / "results" / "refactor_speed"
 DECODE = ["dynamic-cache", "full", "streamingllm(ratio=0.75)", "snapkv(ratio=0.75)"]
 PREFILL = ["full", "snapkv(ratio=0.75)", "h2o(ratio=0.75)"]
@@ -91,23 +92,16 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=24, help="timed decode steps per cell")
     args = parser.parse_args()
     runs: dict[str, list[dict]] = {"before": [], "after": []}
-    with tempfile.TemporaryDirectory() as scratch:
-        worktree = Path(scratch) / "before"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), args.before],
-                       check=True, capture_output=True)
-        try:
-            for round_index in range(args.rounds):
-                for tree, src in (("before", worktree / "src"), ("after", ROOT / "src")):
-                    runs[tree].append(measure(src, args.length, args.steps))
-                    print(f"round {round_index + 1}/{args.rounds}: {tree} done", flush=True)
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=False)
+    with checkout(args.before) as before_src:
+        for round_index in range(args.rounds):
+            for tree, src in (("before", before_src), ("after", ROOT / "src")):
+                runs[tree].append(measure(src, args.length, args.steps))
+                print(f"round {round_index + 1}/{args.rounds}: {tree} done", flush=True)
 
     def median(tree: str, kind: str, spec: str) -> float:
         return statistics.median(run[kind][spec] for run in runs[tree])
 
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
+    head = head_commit()
     rows = []
     for spec in DECODE:
         before, after = median("before", "decode_ms", spec), median("after", "decode_ms", spec)
