@@ -568,11 +568,7 @@ class Scheduler:
             copy = self._block_manager.append_token(child_id, token)
         except OutOfBlocksError:  # no block for its first token: it waits and is recomputed, as if preempted
             self._block_manager.free(child_id)
-            child.status = SequenceStatus.WAITING
-            child.num_computed_tokens = child.num_evicted = 0
-            child.waiting_since_step = self._num_steps
-            child._requeued = True
-            self._waiting.insert(0, child)
+            self._requeue(child)
             return []
         bisect.insort(self._running, child, key=lambda s: s.arrival_key)
         first_pending_slot = child.num_computed_tokens - child.num_evicted
@@ -583,14 +579,18 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self._block_manager.free(seq.request_id)
         self._running.remove(seq)
+        seq.num_preemptions += 1
+        self._num_preemptions += 1
+        self._requeue(seq)
+
+    def _requeue(self, seq: Sequence) -> None:
+        """Put a sequence that holds no blocks at the head of the queue, to be recomputed from its tokens."""
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
         seq.num_evicted = 0
-        seq.num_preemptions += 1
         seq.waiting_since_step = self._num_steps
         seq._requeued = True
         self._waiting.insert(0, seq)
-        self._num_preemptions += 1
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.request_id in self._block_manager:
