@@ -31,7 +31,7 @@ class KVStackCache(Cache):
     calibration:
         The model's :class:`~kvstack.calibration.Calibration`, for codecs that need one (``palu``).
     label:
-        The spec this cache applies, as :meth:`label` returns it (default: built from method and codec).
+        The spec this cache applies (the parsed spec's label), as :meth:`label` returns it.
     seed:
         Seed of the generator random methods draw from.
     """
@@ -47,7 +47,7 @@ class KVStackCache(Cache):
         seed: int = 0,
         codec: CodecSpec | None = None,
         calibration: Any = None,
-        label: str | None = None,
+        label: str,
     ) -> None:
         self.method = method
         self._label = label
@@ -117,11 +117,7 @@ class KVStackCache(Cache):
 
     def label(self) -> str:
         """The spec string of what this cache applies (selection and codec)."""
-        if self._label is not None:
-            return self._label
-        if self.codec is None:
-            return self.method.label()
-        return f"{self.method.label()} + {self.codec.label()}" if self.method.compresses() else self.codec.label()
+        return self._label
 
     def bits_per_element(self) -> float:
         """``8 * kv_bytes / (entries * D * 2)``: bits held per kept key/value element, all metadata included."""
