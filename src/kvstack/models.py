@@ -270,13 +270,31 @@ def load_model(
         If ``device`` is not a valid device, or one this machine lacks (see :func:`resolve_device`).
     """
     target = resolve_device(device)
-    directory = _model_directory(name_or_path)
-    if names_default_model(os.fspath(name_or_path)):
+    name = _model_name(name_or_path)
+    if names_default_model(name):
         model, tokenizer = _load_default(dtype)
     else:
-        assert directory is not None
-        model, tokenizer = _load_local(directory, dtype)
+        model, tokenizer = _load_local(_local_directory(name), dtype)
     return _finish(model, tokenizer, target)
+
+
+def _model_name(name_or_path: str | os.PathLike[str]) -> str:
+    """``name_or_path`` as a string; :class:`ModelLoadError` for anything that is neither."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise ModelLoadError(f"model must be a name or a path, got {type(name_or_path).__name__}; "
+                             f"choose {_valid_choices()}")
+    return os.fspath(name_or_path)
+
+
+def _local_directory(name: str) -> pathlib.Path:
+    """The HuggingFace model directory ``name`` names; :class:`ModelLoadError` if it is none."""
+    path = pathlib.Path(name).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"unknown model {name!r}: not an alias and no such path; choose {_valid_choices()}")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ModelLoadError(f"{name!r} is not a HuggingFace model directory (no config.json); "
+                             f"choose {_valid_choices()}")
+    return path
 
 
 def _model_directory(name_or_path: str | os.PathLike[str]) -> pathlib.Path | None:
@@ -287,24 +305,15 @@ def _model_directory(name_or_path: str | os.PathLike[str]) -> pathlib.Path | Non
     ModelLoadError
         If ``name_or_path`` is neither an alias nor a HuggingFace model directory.
     """
-    if not isinstance(name_or_path, (str, os.PathLike)):
-        raise ModelLoadError(f"model must be a name or a path, got {type(name_or_path).__name__}; "
-                             f"choose {_valid_choices()}")
-    name = os.fspath(name_or_path)
-    if names_default_model(name):
-        entry = kvstack_home() / "models" / CACHE_ENTRY
-        try:
-            verify_manifest(entry, check_hashes=False)
-        except CorruptEntryError:
-            return None  # load_model builds or repairs it
-        return entry
-    path = pathlib.Path(name).expanduser()
-    if not path.exists():
-        raise ModelLoadError(f"unknown model {name!r}: not an alias and no such path; choose {_valid_choices()}")
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise ModelLoadError(f"{name!r} is not a HuggingFace model directory (no config.json); "
-                             f"choose {_valid_choices()}")
-    return path
+    name = _model_name(name_or_path)
+    if not names_default_model(name):
+        return _local_directory(name)
+    entry = kvstack_home() / "models" / CACHE_ENTRY
+    try:
+        verify_manifest(entry, check_hashes=False)
+    except CorruptEntryError:
+        return None  # load_model builds or repairs it
+    return entry
 
 
 def load_tokenizer(
