@@ -426,12 +426,17 @@ def _module() -> ModuleType:
     When it exists this only imports it, without a lock, so environments never wait on each other again.
     """
     library = build_directory() / _LIBRARY
-    if library.is_file():
-        try:
-            return _import_library(library)
-        except (ImportError, OSError):  # damaged or unreadable: rebuilt and replaced below
-            pass
-    return _build(library)
+    return _published(library) or _build(library)
+
+
+def _published(library: pathlib.Path) -> ModuleType | None:
+    """The published library, imported; None when there is none yet or it is damaged (rebuilt, replaced)."""
+    if not library.is_file():
+        return None
+    try:
+        return _import_library(library)
+    except (ImportError, OSError):
+        return None
 
 
 def _build(library: pathlib.Path) -> ModuleType:
@@ -456,11 +461,9 @@ def _build(library: pathlib.Path) -> ModuleType:
         _say("kvstack: waiting for another process compiling the fused C++ kernels (once per machine)...")
         lock.acquire()
     try:
-        if library.is_file():  # published while we waited
-            try:
-                return _import_library(library)
-            except (ImportError, OSError):
-                pass
+        module = _published(library)  # published while we waited
+        if module is not None:
+            return module
         for stale in directory.parent.glob(glob.escape(directory.name + _SCRATCH) + "*"):
             shutil.rmtree(stale, ignore_errors=True)  # only the lock holder builds: these are dead builds'
         started = time.perf_counter()
