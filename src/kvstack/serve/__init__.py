@@ -1,0 +1,1 @@
+"""``kvstack serve``: an OpenAI-compatible HTTP server over the paged engine."""
