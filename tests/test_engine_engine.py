@@ -406,37 +406,163 @@ def test_parallel_samples_on_a_tiny_pool_complete_free_their_blocks_and_match_a_
     ]
 
 
-@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+POISON = VOCAB - 1  # a token in the vocabulary whose forward raises: a fault inside the step
+
+
+def poison(engine: Engine) -> Engine:
+    """Make the engine's model raise inside the forward of any batch holding the token POISON; its output layer
+    loses POISON's row, so that a clean request can never sample it."""
+    model = engine.runner.model
+    head = model.lm_head
+    model.lm_head = torch.nn.Linear(head.in_features, POISON, bias=False)
+    model.lm_head.weight.data.copy_(head.weight.data[:POISON])
+    forward = model.forward
+
+    def poisoned_forward(*args: object, **kwargs: object) -> object:
+        if (kwargs["input_ids"] == POISON).any():
+            raise RuntimeError("poisoned token in the batch")
+        return forward(*args, **kwargs)
+
+    model.forward = poisoned_forward
+    return engine
+
+
+def clean_prompt_of(length: int, seed: int) -> list[int]:
+    return [token % POISON for token in prompt_of(length, seed)]
+
+
+def test_a_forward_that_raises_fails_only_its_request_and_the_engine_keeps_serving(
+    reference: PreTrainedModel,
+) -> None:
+    engine = poison(make_engine())
+    clean = [clean_prompt_of(9, seed=1), clean_prompt_of(14, seed=2)]
+    bad = [*clean_prompt_of(11, seed=3), POISON]
+    ids = [engine.add_request(clean[0], SamplingParams(max_new_tokens=5)),
+           engine.add_request(bad, SamplingParams(max_new_tokens=5)),
+           engine.add_request(clean[1], SamplingParams(max_new_tokens=5))]
+    reports: dict[int, list] = {rid: [] for rid in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            reports[out.request_id].append(out)
+    assert reports[ids[1]][-1].finish_reason == "error"
+    assert "RuntimeError: poisoned token in the batch" in reports[ids[1]][-1].error
+    assert engine.get_output(ids[1]) == []
+    for rid, prompt in ((ids[0], clean[0]), (ids[2], clean[1])):
+        assert reports[rid][-1].finish_reason == "length" and reports[rid][-1].error is None
+        assert engine.get_output(rid) == reference_generate(reference, prompt, 5)
+    assert engine.metrics()["num_used"] == 0
+    engine.block_manager.check_invariants()
+    # The failed prompt's blocks were never trusted: the same prompt without the poison is computed afresh.
+    assert engine.generate([bad[:-1]], SamplingParams(max_new_tokens=4)) == [reference_generate(reference, bad[:-1], 4)]
+    with pytest.raises(KVStackError, match=r"1 request\(s\) failed: request \d+: RuntimeError: poisoned"):
+        engine.generate([clean[0], bad], SamplingParams(max_new_tokens=3))
+    assert engine.generate([clean[1]], SamplingParams(max_new_tokens=3)) == [reference_generate(reference, clean[1], 3)]
+
+
+def test_a_request_reading_blocks_a_failed_request_was_writing_fails_with_it(reference: PreTrainedModel) -> None:
+    engine = poison(make_engine())
+    shared = clean_prompt_of(12, seed=7)  # three full blocks the second request finds in the prefix cache
+    first = engine.add_request([*shared, POISON], SamplingParams(max_new_tokens=3))
+    second = engine.add_request(shared + clean_prompt_of(3, seed=8), SamplingParams(max_new_tokens=3))
+    outputs = {}
+    while engine.has_unfinished():
+        outputs.update({out.request_id: out for out in engine.step()})
+    assert outputs[first].finish_reason == outputs[second].finish_reason == "error"
+    assert f"failed request {first!r} was writing" in outputs[second].error
+    assert engine.metrics()["num_used"] == 0
+    prompt = shared + clean_prompt_of(3, seed=8)
+    assert engine.generate([prompt], SamplingParams(max_new_tokens=3)) == [reference_generate(reference, prompt, 3)]
+
+
+def test_a_sampling_error_fails_its_request_alone(reference: PreTrainedModel, monkeypatch) -> None:
+    from kvstack.engine import engine as engine_module
+
+    real_sample = engine_module.sample
+
+    def sample_or_raise(logits, params, generator):
+        if params.seed == 666:
+            raise FloatingPointError("no finite logits")
+        return real_sample(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "sample", sample_or_raise)
+    engine = make_engine()
+    good = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=4))
+    bad = engine.add_request(PROMPTS[1], SamplingParams(max_new_tokens=4, seed=666))
+    finished = {}
+    while engine.has_unfinished():
+        finished.update({out.request_id: out for out in engine.step() if out.finished})
+    assert finished[bad].finish_reason == "error" and "FloatingPointError" in finished[bad].error
+    assert finished[good].finish_reason == "length"
+    assert engine.get_output(good) == reference_generate(reference, PROMPTS[0], 4)
+    assert engine.metrics()["num_used"] == 0
+
+
+@pytest.mark.parametrize("where", ["_sample_batch", "_drop_aborted_forks"])  # before and after the update
+def test_a_fault_outside_any_request_fails_the_batch_and_the_next_step_serves(
+    reference: PreTrainedModel, monkeypatch, where: str
+) -> None:
+    engine = make_engine()
+    rid = engine.add_request(PROMPTS[2], SamplingParams(max_new_tokens=4))
+
+    def bug(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(engine, where, bug)
+    outputs = engine.step()
+    assert [(o.request_id, o.finish_reason) for o in outputs] == [(rid, "error")]
+    assert "RuntimeError: bug" in outputs[0].error
+    monkeypatch.undo()
+    assert engine.scheduler.pending_batch is None and engine.metrics()["num_used"] == 0
+    assert engine.generate([PROMPTS[2]], SamplingParams(max_new_tokens=4)) == [
+        reference_generate(reference, PROMPTS[2], 4)
+    ]
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     blocks=st.integers(6, 24),
     requests=st.lists(
-        st.tuples(st.integers(1, 20), st.integers(1, 3), st.integers(1, 6), st.booleans(), st.integers(0, 999)),
+        st.tuples(st.integers(1, 20), st.integers(1, 3), st.integers(1, 6), st.sampled_from(["ok", "oov", "poison"]),
+                  st.integers(0, 999)),
         min_size=1, max_size=8,
     ),
     abort_after=st.integers(0, 6),
 )
 def test_random_request_mixes_leave_every_block_free_or_cached(
-    blocks: int, requests: list[tuple[int, int, int, bool, int]], abort_after: int
+    blocks: int, requests: list[tuple[int, int, int, str, int]], abort_after: int
 ) -> None:
-    engine = make_engine(memory_mb=mb(blocks))
-    admitted = []
-    for length, n, max_new, bad_token, seed in requests:
-        prompt = prompt_of(length, seed=seed)
-        if bad_token:
+    # Mixes of n > 1, an abort, tiny pools, out-of-vocabulary tokens (refused at the door) and poisoned tokens
+    # (the forward raises mid-step): after every step the block tables and ref counts agree, and at the end
+    # every block is free or held by the prefix cache only, and every clean request ran to its length.
+    engine = poison(make_engine(memory_mb=mb(blocks)))
+    admitted: dict[int, str] = {}
+    for length, n, max_new, kind, seed in requests:
+        prompt = clean_prompt_of(length, seed=seed)
+        if kind == "oov":
             prompt[-1] = np.int64(VOCAB + seed)  # out of the vocabulary: refused, nothing changes
+        elif kind == "poison":
+            prompt[seed % length] = POISON
         try:
-            admitted.append(engine.add_request(prompt, SamplingParams(n=n, max_new_tokens=max_new, seed=seed,
-                                                                      temperature=0.7)))
+            rid = engine.add_request(prompt, SamplingParams(n=n, max_new_tokens=max_new, seed=seed, temperature=0.7))
+            admitted[rid] = kind
         except KVStackError as err:  # an out-of-vocabulary token, or a request the whole pool can never hold
-            assert ("outside the vocabulary" in str(err)) if bad_token else ("can never fit" in str(err)), err
-    for step in range(200):
+            assert ("outside the vocabulary" in str(err)) if kind == "oov" else ("can never fit" in str(err)), err
+    aborted = next(iter(admitted), None)
+    for step in range(300):
         if not engine.has_unfinished():
             break
-        if step == abort_after and admitted:
-            engine.abort(admitted[0])
+        if step == abort_after and aborted is not None:
+            engine.abort(aborted)
         engine.step()
+        engine.block_manager.check_invariants()
     assert not engine.has_unfinished()
     assert engine.metrics()["num_used"] == 0  # every block is free or held by the prefix cache only
+    for rid, kind in admitted.items():
+        reasons = {engine.scheduler.get_sequence(r).finish_reason.value for r in [rid, *engine.children(rid)]}
+        if kind == "poison":
+            assert reasons <= {"error", "aborted"}, reasons
+        elif rid != aborted:
+            assert reasons == {"length"}, reasons  # a poisoned neighbour never fails a clean request
 
 
 @pytest.mark.parametrize(("length", "max_new"), [(64, 1), (61, 4)])

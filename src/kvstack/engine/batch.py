@@ -123,7 +123,7 @@ def sampled_tokens(
     tokens: dict[Hashable, int] = {}
     for entry in batch.scheduled:
         seq = sequences[entry.request_id]
-        if seq._abort_requested:
+        if seq._finish_requested is not None:
             continue
         completes = seq.num_computed_tokens + entry.num_tokens == seq.num_tokens
         token = outputs.get(entry.request_id)
@@ -155,7 +155,7 @@ def checked_forks_of(
         ``n - 1``, a fork id exists already or a fork's token is not an integer.
     """
     forks = {rid: children for rid, children in forks.items()
-             if not (rid in sequences and sequences[rid]._abort_requested)}
+             if not (rid in sequences and sequences[rid]._finish_requested is not None)}
     for parent_id, children in forks.items():
         seq = sequences.get(parent_id)
         if seq is None or parent_id not in tokens or not forks_now(seq):

@@ -8,6 +8,7 @@ tiers, token-level compression, stop strings and per-request timing. Design and 
 from __future__ import annotations
 
 import itertools
+import logging
 import operator
 import os
 import time
@@ -31,6 +32,8 @@ from kvstack.errors import KVStackError
 from kvstack.models import model_geometry
 
 __all__ = ["Engine", "RequestOutput", "RequestTiming", "SamplingParams", "default_namespace"]
+
+logger = logging.getLogger(__name__)
 
 Forks = dict[Hashable, list[tuple[Hashable, int]]]  # request id -> its forked children (child id, first token)
 
@@ -154,6 +157,8 @@ class Engine:
         self._method_generator = torch.Generator().manual_seed(0)
         self._group_size = geometry.num_q_heads // geometry.num_kv_heads
         self._compression_totals = {"evicted_tokens": 0, "freed_blocks": 0, "compactions": 0}
+        self._errors: dict[Hashable, str] = {}  # failed requests not reported yet: what was raised
+        self._num_failed = 0
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -286,6 +291,12 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run one packed forward, sample, and report; return each request's new tokens.
 
+        A failure inside the step fails only the requests it concerns (finish reason ``"error"``, blocks
+        freed) and the engine keeps serving: a chunk that cannot be prepared, a forward that raises (the batch
+        is rerun one request at a time to find which), a compression or sampling error. Requests reading
+        blocks a failed request was writing in the same step fail with it. Anything else that raises fails
+        the whole batch rather than leave the scheduler waiting for an update.
+
         Returns
         -------
         list of RequestOutput
@@ -295,27 +306,114 @@ class Engine:
         self._last_step_empty = batch.is_empty
         if batch.is_empty:
             return []
-        chunks = [self._chunk_of(entry) for entry in batch.scheduled]
-        completes = [chunk.start + chunk.num_tokens == self.scheduler.get_sequence(entry.request_id).num_tokens
-                     for chunk, entry in zip(chunks, batch.scheduled, strict=True)]
-        logits = self.runner.step(chunks)
-        for row, entry in enumerate(batch.scheduled):
-            compression = self._compression.get(entry.request_id)
+        try:
+            return self._run_batch(batch)
+        except Exception as error:  # an engine fault: fail this batch, never leave the loop wedged
+            return self._fail_batch(batch, error)
+
+    def _run_batch(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        """The body of :meth:`step` for a non-empty batch, each request's failure isolated."""
+        chunks: dict[Hashable, SequenceChunk] = {}
+        for entry in batch.scheduled:
+            try:
+                chunks[entry.request_id] = self._chunk_of(entry)
+            except Exception as error:
+                self._fail(entry.request_id, error)
+        rows = self._forward(batch, chunks)
+        completes: dict[Hashable, bool] = {}
+        for entry in batch.scheduled:
+            rid = entry.request_id
+            if rid not in rows:
+                continue
+            chunk = chunks[rid]
+            completes[rid] = chunk.start + chunk.num_tokens == self.scheduler.get_sequence(rid).num_tokens
+            compression = self._compression.get(rid)
             if compression is not None:
-                chunk = chunks[row]
-                compression.after_forward(chunk.start, chunk.num_tokens, self.runner.last_stats[row],
-                                          chunk.start + chunk.num_tokens, self._method_generator, self._group_size)
-        outputs, forks = self._sample_batch(batch, completes, logits)
+                try:
+                    end = chunk.start + chunk.num_tokens
+                    compression.after_forward(chunk.start, chunk.num_tokens, rows[rid][1], end,
+                                              self._method_generator, self._group_size)
+                except Exception as error:
+                    self._fail(rid, error)
+        outputs, forks = self._sample_batch(batch, completes, rows)
         for copy in self.scheduler.update(outputs, forks):
             self.pool.copy_block(copy.src_block, copy.dst_block)
         self._drop_aborted_forks(forks)
         for entry in batch.scheduled:
             for rid in [entry.request_id, *(child for child, _ in forks.get(entry.request_id, []))]:
-                if self._params[rid].stop and self._hit_stop_string(rid):
-                    self.scheduler.stop(rid)
-            if entry.request_id in self._compression:
-                self._maybe_compress(entry.request_id)
+                try:
+                    if self._params[rid].stop and self._hit_stop_string(rid):
+                        self.scheduler.stop(rid)
+                    if rid in self._compression:
+                        self._maybe_compress(rid)
+                except Exception as error:
+                    self._fail(rid, error)
         return self._step_outputs(batch, outputs, forks)
+
+    def _forward(
+        self, batch: ScheduledBatch, chunks: dict[Hashable, SequenceChunk]
+    ) -> dict[Hashable, tuple[torch.Tensor, dict[int, dict[str, torch.Tensor]]]]:
+        """Run the chunks in one packed forward: each request's ``(logits [vocab], statistics)``.
+
+        If the packed forward raises, each chunk is rerun alone in batch order (rewriting the same KV slots) so
+        that only the requests whose forward raises fail, with those that read blocks they were writing.
+        """
+        live = [entry.request_id for entry in batch.scheduled if self._still_running(entry.request_id)]
+        if not live:
+            return {}
+        try:
+            logits = self.runner.step([chunks[rid] for rid in live])
+            return {rid: (logits[row], self.runner.last_stats[row]) for row, rid in enumerate(live)}
+        except Exception as error:
+            if len(live) == 1:
+                self._fail(live[0], error)
+                return {}
+        rows = {}
+        for position, rid in enumerate(live):
+            if not self._still_running(rid):  # failed with a request it was reading from
+                continue
+            try:
+                logits = self.runner.step([chunks[rid]])
+                rows[rid] = (logits[0], self.runner.last_stats[0])
+            except Exception as error:
+                self._fail(rid, error)
+                half_written = {block for block in self.block_manager.block_table(rid)
+                                if not self.scheduler.is_computed(block)}
+                for later in live[position + 1 :]:
+                    if half_written.intersection(self.block_manager.block_table(later)):
+                        self._fail(later, KVStackError(f"it reads KV blocks that failed request {rid!r} was writing"))
+        return rows
+
+    def _still_running(self, request_id: Hashable) -> bool:
+        """Whether a scheduled request has not been failed or aborted during this step."""
+        seq = self.scheduler.get_sequence(request_id)
+        return not seq.is_finished and not seq.finishing
+
+    def _fail(self, request_id: Hashable, error: BaseException) -> None:
+        """Fail one request (reason ``"error"``), keeping what was raised for its output and the log."""
+        message = f"{type(error).__name__}: {error}"
+        if self.scheduler.fail(request_id):
+            self._errors[request_id] = message
+            self._num_failed += 1
+            logger.error("request %r failed: %s", request_id, message, exc_info=error)
+
+    def _fail_batch(self, batch: ScheduledBatch, error: BaseException) -> list[RequestOutput]:
+        """Fail every request of ``batch`` and its samples after an error outside any one request's work."""
+        rids = [rid for entry in batch.scheduled
+                for rid in [entry.request_id, *self._children.get(entry.request_id, [])]]
+        for rid in rids:
+            if rid in self.scheduler:
+                self._fail(rid, error)
+        if self.scheduler.pending_batch is not None:
+            self.scheduler.update({})
+        results = []
+        for rid in rids:
+            if rid in self._errors:
+                self._finished_at[rid] = time.perf_counter()
+                self._generators.pop(rid, None)
+                self._compression.pop(rid, None)
+                results.append(RequestOutput(rid, [], True, FinishReason.ERROR.value, error=self._errors.pop(rid)))
+        return results
 
     def _chunk_of(self, entry: ScheduledSequence) -> SequenceChunk:
         """What the runner computes for one scheduled entry (and the statistics its compression needs)."""
@@ -332,22 +430,30 @@ class Engine:
         return SequenceChunk(list(table), start, tokens, start - seq.num_evicted, wanted)
 
     def _sample_batch(
-        self, batch: ScheduledBatch, completes: list[bool], logits: torch.Tensor
+        self, batch: ScheduledBatch, completes: dict[Hashable, bool],
+        rows: dict[Hashable, tuple[torch.Tensor, Any]],
     ) -> tuple[dict[Hashable, int | None], Forks]:
-        """The sampled token of every entry whose chunk completed its tokens (None for the others), and the forks
-        of requests with ``n > 1`` whose prompt completed: ``(outputs, forks)`` for the scheduler's update."""
+        """The sampled token of every entry whose chunk completed its tokens (None for the others and for failed
+        requests), and the forks of requests with ``n > 1`` whose prompt completed: ``(outputs, forks)`` for the
+        scheduler's update."""
         outputs: dict[Hashable, int | None] = {}
         forks: Forks = {}
-        for row, entry in enumerate(batch.scheduled):
+        for entry in batch.scheduled:
             rid = entry.request_id
-            if not completes[row]:
-                outputs[rid] = None
+            outputs[rid] = None
+            if not completes.get(rid, False) or not self._still_running(rid):
                 continue
             params = self._params[rid]
-            outputs[rid] = sample(logits[row], params, self._generators[rid])
-            seq = self.scheduler.get_sequence(rid)
-            if params.n > 1 and seq.parent_id is None and not seq.output_token_ids:
-                forks[rid] = self._fork_samples(rid, logits[row], params)
+            logits = rows[rid][0]
+            try:
+                token = sample(logits, params, self._generators[rid])
+                seq = self.scheduler.get_sequence(rid)
+                if params.n > 1 and seq.parent_id is None and not seq.output_token_ids:
+                    forks[rid] = self._fork_samples(rid, logits, params)
+            except Exception as error:
+                self._fail(rid, error)
+                continue
+            outputs[rid] = token
         return outputs, forks
 
     def _fork_samples(self, rid: Hashable, logits: torch.Tensor, params: SamplingParams) -> list[tuple[Hashable, int]]:
@@ -364,9 +470,9 @@ class Engine:
         return children
 
     def _drop_aborted_forks(self, forks: Forks) -> None:
-        """Forget the children of requests aborted during the step (the scheduler took no samples)."""
+        """Forget the children of requests aborted or failed during the step (the scheduler took no samples)."""
         for rid in list(forks):
-            if self.scheduler.get_sequence(rid).finish_reason is FinishReason.ABORTED:
+            if self.scheduler.get_sequence(rid).finish_reason in (FinishReason.ABORTED, FinishReason.ERROR):
                 for child_id, _ in forks.pop(rid):
                     self._params.pop(child_id)
                     self._generators.pop(child_id)
@@ -393,7 +499,7 @@ class Engine:
             if seq.is_finished:
                 self._finished_at[rid] = now
             reason = seq.finish_reason.value if seq.finish_reason is not None else None
-            results.append(RequestOutput(rid, new, seq.is_finished, reason))
+            results.append(RequestOutput(rid, new, seq.is_finished, reason, error=self._errors.pop(rid, None)))
             if seq.is_finished:
                 self._generators.pop(rid, None)
             for child_id, token in forks.get(rid, []):
@@ -403,7 +509,8 @@ class Engine:
                     self._finished_at[child_id] = now
                     self._generators.pop(child_id, None)
                 child_reason = child.finish_reason.value if child.finish_reason is not None else None
-                results.append(RequestOutput(child_id, [token], child.is_finished, child_reason, parent_id=rid))
+                results.append(RequestOutput(child_id, [token], child.is_finished, child_reason, parent_id=rid,
+                                             error=self._errors.pop(child_id, None)))
         return results
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None) -> list[Any]:
@@ -425,7 +532,8 @@ class Engine:
         Raises
         ------
         KVStackError
-            If a prompt is invalid; then none of them is queued.
+            If a prompt is invalid (then none of them is queued), or once all have finished, if a step failed
+            any of them (the message names each with what was raised; the engine keeps serving).
         """
         ids: list[int] = []
         try:
@@ -436,15 +544,18 @@ class Engine:
                 self.scheduler.abort(rid)
             raise
         pending = set(ids)
+        failures: list[str] = []
         while pending:
-            self.step()
+            failures.extend(f"request {out.request_id!r}: {out.error}" for out in self.step() if out.error)
             if self._last_step_empty:  # pragma: no cover - the scheduler always makes progress
                 raise KVStackError("the scheduler made no progress; the engine cannot finish these requests")
+            # A parent's samples are forked in the step it samples its first token, so finished means all done.
             pending = {
                 rid for rid in pending
                 if not all(self.scheduler.get_sequence(r).is_finished for r in [rid, *self._children.get(rid, [])])
-                or (self._params[rid].n > 1 and rid not in self._children)
             }
+        if failures:
+            raise KVStackError(f"{len(failures)} request(s) failed: " + "; ".join(failures))
         if params is not None and params.n > 1:
             return [self.get_outputs(rid) for rid in ids]
         return [self.get_output(rid) for rid in ids]

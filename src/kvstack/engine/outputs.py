@@ -22,10 +22,12 @@ class RequestOutput:
     finished : bool
         Whether the request is finished.
     finish_reason : str or None
-        ``"length"``, ``"eos"`` (a stop token), ``"stop"`` (a stop string) or ``"aborted"`` once finished,
-        else None.
+        ``"length"``, ``"eos"`` (a stop token), ``"stop"`` (a stop string), ``"aborted"`` or ``"error"`` (the
+        step raised for this request; the engine failed it alone) once finished, else None.
     parent_id : hashable or None
         For a parallel sample (``n > 1``) forked from a request, that request's id.
+    error : str or None
+        With ``finish_reason == "error"``: what was raised, as ``"TypeName: message"``.
     """
 
     request_id: Hashable
@@ -33,6 +35,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None
     parent_id: Hashable | None = None
+    error: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -132,6 +132,15 @@ class Scheduler:
         """Calls to :meth:`schedule` so far."""
         return self._num_steps
 
+    def __contains__(self, request_id: object) -> bool:
+        """Whether ``request_id`` is a known request (waiting, running or finished and not cleared)."""
+        return request_id in self._sequences
+
+    @property
+    def pending_batch(self) -> ScheduledBatch | None:
+        """The batch returned by the last :meth:`schedule` and not yet reported with :meth:`update` (None)."""
+        return self._pending
+
     def has_unfinished(self) -> bool:
         """Whether any sequence is waiting or running."""
         return bool(self._waiting or self._running)
@@ -271,19 +280,43 @@ class Scheduler:
         KVStackError
             If the id is unknown.
         """
+        return self._end(request_id, FinishReason.ABORTED)
+
+    def fail(self, request_id: Hashable) -> bool:
+        """Finish a request with reason ERROR, freeing its KV blocks: the step that ran it raised.
+
+        As :meth:`abort`, but a request of the pending batch is finished at :meth:`update` without its chunk
+        counted as computed: the blocks it was writing are never trusted by the prefix cache.
+
+        Returns
+        -------
+        bool
+            True if it was failed (or will be at the next update), False if it had already finished.
+
+        Raises
+        ------
+        KVStackError
+            If the id is unknown.
+        """
+        return self._end(request_id, FinishReason.ERROR)
+
+    def _end(self, request_id: Hashable, reason: FinishReason) -> bool:
+        """Abort or fail a request wherever it is (see :meth:`abort`)."""
         seq = self._sequences.get(request_id)
         if seq is None:
-            raise KVStackError(f"cannot abort unknown request {request_id!r}; abort a waiting or running request")
+            raise KVStackError(f"cannot {'abort' if reason is FinishReason.ABORTED else 'fail'} unknown request "
+                               f"{request_id!r}; give a waiting or running request")
         if seq.is_finished:
             return False
         if seq.status is SequenceStatus.RUNNING:
             if self._pending is not None and request_id in self._pending.request_ids():
-                seq._abort_requested = True
+                if seq._finish_requested is not FinishReason.ERROR:  # a failure outranks an abort
+                    seq._finish_requested = reason
                 return True
             self._running.remove(seq)
         else:
             self._waiting.remove(seq)
-        self._finish(seq, FinishReason.ABORTED)
+        self._finish(seq, reason)
         return True
 
     def stop(self, request_id: Hashable) -> bool:
@@ -479,11 +512,15 @@ class Scheduler:
         """Apply one entry of the batch: its chunk is computed; fork, append ``token`` or finish."""
         block_size = self._block_manager.block_size
         seq = self._sequences[entry.request_id]
+        if seq._finish_requested is FinishReason.ERROR:  # its KV may be half written: its blocks stay unwritten
+            self._running.remove(seq)
+            self._finish(seq, FinishReason.ERROR)
+            return []
         start = seq.num_computed_tokens - seq.num_evicted  # slots
         seq.num_computed_tokens += entry.num_tokens
         table = self._block_manager.block_table(seq.request_id)
         self._unwritten.difference_update(table[start // block_size : (start + entry.num_tokens) // block_size])
-        if seq._abort_requested:
+        if seq._finish_requested is FinishReason.ABORTED:
             self._running.remove(seq)
             self._finish(seq, FinishReason.ABORTED)
             return []
@@ -598,5 +635,5 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.finished_step = self._num_steps
-        seq._abort_requested = False
+        seq._finish_requested = None
         self._finished.append(seq)

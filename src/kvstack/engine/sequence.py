@@ -94,12 +94,14 @@ class SequenceStatus(enum.Enum):
 
 
 class FinishReason(enum.Enum):
-    """Why a sequence finished: ``max_new_tokens`` reached, an eos token sampled, a stop string, or aborted."""
+    """Why a sequence finished: ``max_new_tokens`` reached, an eos token sampled, a stop string, aborted, or an
+    error in the step that ran it (the engine failed it alone and kept serving)."""
 
     LENGTH = "length"
     EOS = "eos"
     STOP = "stop"
     ABORTED = "aborted"
+    ERROR = "error"
 
 
 @dataclasses.dataclass(eq=False)
@@ -151,8 +153,13 @@ class Sequence:
     waiting_since_step: int = 0
     # Preempted and not re-admitted yet (keeps the front of the queue).
     _requeued: bool = dataclasses.field(default=False, repr=False)
-    # Aborted while in the batch being run: finished at update().
-    _abort_requested: bool = dataclasses.field(default=False, repr=False)
+    # Aborted (ABORTED) or failed (ERROR) while in the batch being run: finished at update() with this reason.
+    _finish_requested: FinishReason | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def finishing(self) -> bool:
+        """Whether it was aborted or failed while in the batch being run (it finishes at the next update)."""
+        return self._finish_requested is not None
 
     @property
     def request_id(self) -> Hashable:
