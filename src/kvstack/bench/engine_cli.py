@@ -52,6 +52,9 @@ def add_engine_bench_parser(sub: Any) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="workload seed")
     parser.add_argument("--out", default=None, help="write result.json (and workload.jsonl) to this directory")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads of the forward (default: the CPUs this process may use, less those "
+                             "other processes keep busy)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=cmd_engine_bench)
     return parser
@@ -102,6 +105,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise KVStackError(f"--rate must be > 0 requests/s, got {args.rate}")
     if args.time_scale < 0:
         raise KVStackError(f"--time-scale must be >= 0, got {args.time_scale}")
+    if args.threads is not None and args.threads < 1:
+        raise KVStackError(f"--threads must be >= 1, got {args.threads}")
     if not args.memory_mb > 0:
         raise KVStackError(f"--memory-mb must be > 0, got {args.memory_mb}")
     if args.host_mb < 0:
@@ -140,7 +145,7 @@ def cmd_engine_bench(args: argparse.Namespace) -> int:
     engine = Engine(
         model, memory_mb=args.memory_mb, block_size=args.block_size, max_num_batched_tokens=args.max_batched_tokens,
         max_num_seqs=args.max_seqs, policy=args.policy, enable_prefix_caching=not args.no_prefix_caching,
-        host_mb=args.host_mb, disk_dir=args.disk_dir,
+        host_mb=args.host_mb, disk_dir=args.disk_dir, threads=args.threads,
     )
     try:
         result = replay(engine, workload, time_scale=args.time_scale, progress=not args.no_progress,

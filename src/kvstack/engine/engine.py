@@ -27,6 +27,7 @@ from kvstack.engine.runner import ModelRunner, SequenceChunk
 from kvstack.engine.sampling import SamplingParams, new_generator, sample
 from kvstack.engine.scheduler import Scheduler
 from kvstack.engine.sequence import FinishReason, Request
+from kvstack.engine.threads import ThreadGovernor
 from kvstack.engine.tiers import TieredStore
 from kvstack.errors import KVStackError
 from kvstack.models import model_geometry
@@ -82,6 +83,10 @@ class Engine:
         Disk tier capacity in MB (None: unbounded).
     tokenizer : optional
         The model's tokenizer; needed only for stop strings (``SamplingParams.stop``).
+    threads : int or None, optional
+        Intra-op threads of the forward; None follows the CPUs the process may use (affinity, cgroup quota)
+        and the load other processes put on them (:class:`~kvstack.engine.threads.ThreadGovernor`). It is
+        applied in whichever thread calls :meth:`step`.
 
     Raises
     ------
@@ -104,10 +109,12 @@ class Engine:
         disk_dir: str | os.PathLike[str] | None = None,
         disk_mb: float | None = None,
         tokenizer: Any = None,
+        threads: int | None = None,
     ) -> None:
         for value, name in ((host_mb, "host_mb"), (disk_mb, "disk_mb")):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
                 raise KVStackError(f"{name} must be a number of MB >= 0, got {value!r}")
+        self.threads = ThreadGovernor(threads)
         geometry = model_geometry(model)
         namespace = default_namespace(model) if namespace is None else str(namespace)
         parameter = next(model.parameters())
@@ -306,6 +313,7 @@ class Engine:
         self._last_step_empty = batch.is_empty
         if batch.is_empty:
             return []
+        self.threads.tick()
         try:
             return self._run_batch(batch)
         except Exception as error:  # an engine fault: fail this batch, never leave the loop wedged
@@ -653,9 +661,12 @@ class Engine:
         )
 
     def metrics(self) -> dict[str, float | int]:
-        """Scheduler counters plus block-manager metrics (see :meth:`Scheduler.metrics`), and with tiers
+        """Scheduler counters plus block-manager metrics (see :meth:`Scheduler.metrics`), ``failed_requests``
+        (finished by an error in a step), ``threads`` (of the forward), ``compression_*`` totals, and with tiers
         ``tier_offloaded_blocks``, ``tier_loaded_blocks`` and the store's counters prefixed ``tier_``."""
         metrics = self.scheduler.metrics()
+        metrics["failed_requests"] = self._num_failed
+        metrics["threads"] = self.threads.threads
         metrics.update({f"compression_{name}": value for name, value in self._compression_totals.items()})
         if self._tiers is not None and self.store is not None:
             metrics["tier_offloaded_blocks"] = self._tiers.offloaded
