@@ -579,3 +579,24 @@ def test_a_request_that_exactly_fills_the_pool_runs_and_matches_generate(
     assert engine.metrics()["num_used"] == 0
     with pytest.raises(KVStackError, match="can never fit"):  # one slot more than the pool holds
         make_engine(memory_mb=mb(15)).add_request(prompt_of(60, seed=5), SamplingParams(max_new_tokens=2))
+
+
+def test_release_forgets_finished_requests_so_a_long_running_engine_does_not_grow() -> None:
+    engine = make_engine()
+    rid = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=3, n=2, temperature=0.5, seed=1))
+    with pytest.raises(KVStackError, match="has not finished; abort it before releasing it"):
+        engine.release(rid)
+    while engine.has_unfinished():
+        engine.step()
+    samples = engine.get_outputs(rid)
+    children = engine.children(rid)
+    assert len(samples) == 2 and len(children) == 1
+    engine.release(rid)
+    for gone in (rid, *children):
+        with pytest.raises(KVStackError, match="unknown"):
+            engine.get_output(gone)
+    assert not engine.scheduler.finished() and not engine._params and not engine._arrived
+    again = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=3, n=2, temperature=0.5, seed=1))
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.get_outputs(again) == samples

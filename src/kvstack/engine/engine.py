@@ -290,6 +290,28 @@ class Engine:
         ids = [request_id, *self._children.get(request_id, [])]
         return [self.get_output(rid) for rid in ids]
 
+    def release(self, request_id: Hashable) -> None:
+        """Forget a finished request and its samples: its outputs and timing are no longer readable.
+
+        A long-running engine (``kvstack serve``) calls it once a request is reported, so that memory does
+        not grow with the number of requests served.
+
+        Raises
+        ------
+        KVStackError
+            If the id is unknown, or the request or one of its samples has not finished.
+        """
+        ids = [request_id, *self._children.get(request_id, [])]
+        for rid in ids:
+            if not self.scheduler.get_sequence(rid).is_finished:
+                raise KVStackError(f"request {rid!r} has not finished; abort it before releasing it")
+        for rid in ids:
+            self.scheduler.forget(rid)
+            for table in (self._params, self._generators, self._arrived, self._first_token, self._finished_at,
+                          self._compression, self._errors):
+                table.pop(rid, None)
+        self._children.pop(request_id, None)
+
     def children(self, request_id: Hashable) -> list[Hashable]:
         """Ids of the parallel samples forked from a request (empty until its prompt is computed, or n = 1)."""
         return list(self._children.get(request_id, []))

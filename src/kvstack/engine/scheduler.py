@@ -194,6 +194,21 @@ class Scheduler:
             self._finished.clear()
         return done
 
+    def forget(self, request_id: Hashable) -> None:
+        """Drop a finished request (its id becomes unknown); a long-running server does it once reported.
+
+        Raises
+        ------
+        KVStackError
+            If the id is unknown or the request has not finished.
+        """
+        seq = self.get_sequence(request_id)
+        if not seq.is_finished:
+            raise KVStackError(f"request {request_id!r} is {seq.status.value}; only a finished request can be "
+                               "forgotten (abort it first)")
+        del self._sequences[request_id]
+        self._finished.remove(seq)
+
     def metrics(self) -> dict[str, float | int]:
         """Scheduler counters plus the block manager's :meth:`~kvstack.engine.blocks.BlockManager.metrics`.
 
