@@ -86,7 +86,9 @@ def test_engine_takes_a_thread_count_and_the_automatic_one_respects_a_lower_torc
 def test_the_automatic_count_drops_while_other_processes_are_busy_and_comes_back() -> None:
     torch.set_num_threads(usable_cpus())
     governor = ThreadGovernor(interval=0.25)
-    assert governor.tick() == governor.max_threads == usable_cpus()
+    assert governor.max_threads == usable_cpus()
+    if governor.tick() < governor.max_threads:
+        pytest.skip("another process already keeps a core busy here: the quiet starting point is missing")
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(governor.max_threads)]
     try:
         deadline = time.monotonic() + 10
