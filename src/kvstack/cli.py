@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from kvstack.bench.cli import add_bench_parser
 from kvstack.bench.engine_cli import add_engine_bench_parser
@@ -141,6 +142,106 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_serve_args(args: argparse.Namespace) -> None:
+    """Refuse bad ``serve`` arguments before anything heavy is imported (one line each)."""
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    if not args.memory_mb > 0:
+        raise UsageError(f"--memory-mb must be > 0, got {args.memory_mb}")
+    if args.host_mb < 0:
+        raise UsageError(f"--host-mb must be >= 0, got {args.host_mb}")
+    for name in ("block_size", "max_batched_tokens", "max_seqs", "max_queue"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("max_prompt_tokens", "max_tokens_limit", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise UsageError("--api-key is empty; give a key, or leave it out to serve without authentication")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise UsageError("--served-model-name is empty")
+    from kvstack.engine.scheduler import SCHEDULING_POLICIES
+
+    if args.policy not in SCHEDULING_POLICIES:
+        raise UsageError(f"unknown --policy {args.policy!r}; choose one of {', '.join(SCHEDULING_POLICIES)}")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a model over HTTP with OpenAI's API (completions, chat, models) until interrupted.
+
+    The arguments are checked before the model loads; the engine is closed (tiered blocks written to disk) when
+    the server stops.
+    """
+    _check_serve_args(args)
+    import uvicorn
+
+    from kvstack.engine import Engine
+    from kvstack.models import load_model
+    from kvstack.serve import create_app
+
+    model, tokenizer = load_model(args.model, device=args.device)
+    # The model may end turns with more than the tokenizer's EOS (generation_config can list several).
+    stop_token_ids = {tokenizer.eos_token_id}
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stop_token_ids.update(config_eos if isinstance(config_eos, (list, tuple)) else [config_eos])
+    engine = Engine(
+        model, memory_mb=args.memory_mb, block_size=args.block_size, max_num_batched_tokens=args.max_batched_tokens,
+        max_num_seqs=args.max_seqs, policy=args.policy, enable_prefix_caching=not args.no_prefix_caching,
+        host_mb=args.host_mb, disk_dir=args.disk_dir, tokenizer=tokenizer, threads=args.threads,
+    )
+    try:
+        name = args.served_model_name or args.model
+        app = create_app(
+            engine, tokenizer, name, max_prompt_tokens=args.max_prompt_tokens,
+            max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue, api_key=args.api_key,
+            stop_token_ids=sorted(token for token in stop_token_ids if token is not None),
+        )
+        print(f"kvstack serve: {name!r} at http://{args.host}:{args.port}/v1 ({engine.pool.num_blocks} KV blocks "
+              f"of {args.block_size} tokens{', API key required' if args.api_key else ''})", file=sys.stderr)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.close()
+    return 0
+
+
+def _add_serve_parser(sub: Any) -> None:
+    """The ``serve`` sub-command; its defaults match ``engine-bench``'s engine."""
+    import os
+
+    serve = sub.add_parser("serve", help="serve a model over HTTP with OpenAI's API (completions, chat, streaming)",
+                           description="An OpenAI-compatible HTTP server over kvstack's paged engine.")
+    serve.add_argument("--model", default="smollm2-135m",
+                       help="model name or local HF directory (default: %(default)s)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the name clients pass as 'model' (default: the --model value)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    serve.add_argument("--api-key", default=os.environ.get("KVSTACK_API_KEY") or None,
+                       help="require 'Authorization: Bearer KEY' on /v1 (default: $KVSTACK_API_KEY; none when unset)")
+    serve.add_argument("--memory-mb", type=float, default=1024.0, help="KV pool budget in MB (default: %(default)s)")
+    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
+    serve.add_argument("--max-batched-tokens", type=int, default=512,
+                       help="token budget of one engine step (default: %(default)s)")
+    serve.add_argument("--max-seqs", type=int, default=64, help="maximum running sequences (default: %(default)s)")
+    serve.add_argument("--policy", default="fcfs", help="scheduling policy: fcfs or lpm (default: %(default)s)")
+    serve.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
+    serve.add_argument("--host-mb", type=float, default=0.0, help="host tier for evicted prefix blocks, MB")
+    serve.add_argument("--disk-dir", default=None, help="disk tier directory (survives restarts)")
+    serve.add_argument("--max-prompt-tokens", type=int, default=None,
+                       help="longest prompt accepted, in tokens (default: the model's context)")
+    serve.add_argument("--max-tokens-limit", type=int, default=None,
+                       help="largest max_tokens a request may ask for (default: only the context limits it)")
+    serve.add_argument("--max-queue", type=int, default=256,
+                       help="requests (one per prompt) waiting or running at most; more get 429 (default: "
+                            "%(default)s)")
+    serve.add_argument("--threads", type=int, default=None, help="CPU threads of the engine (default: automatic)")
+    serve.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                       help="server log level (default: %(default)s)")
+    serve.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(prog="kvstack", description="KV-cache management for LLMs.")
@@ -182,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub)
     add_engine_bench_parser(sub)
+    _add_serve_parser(sub)
     return parser
 
 
