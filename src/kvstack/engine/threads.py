@@ -60,10 +60,13 @@ def allowed_cpus() -> list[int]:
 
 def usable_cpus(cgroup_root: str | os.PathLike[str] = "/sys/fs/cgroup") -> int:
     """CPUs this process can really use: its affinity mask, capped by the cgroup CPU quota (rounded up, >= 1)."""
-    cpus = len(allowed_cpus())
-    quota = cgroup_cpu_limit(cgroup_root)
+    return _capped(len(allowed_cpus()), cgroup_cpu_limit(cgroup_root))
+
+
+def _capped(cpus: int, quota: float | None) -> int:
+    """``cpus`` capped by a CPU quota (rounded up), at least 1."""
     if quota is not None:
-        cpus = min(cpus, max(1, math.ceil(quota - 1e-9)))
+        cpus = min(cpus, math.ceil(quota - 1e-9))
     return max(1, cpus)
 
 
@@ -114,10 +117,11 @@ class ThreadGovernor:
     ) -> None:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise KVStackError(f"threads must be a positive integer or None (automatic), got {threads!r}")
-        self.fixed = threads
-        self.max_threads = min(usable_cpus(), torch.get_num_threads()) if threads is None else threads
-        self._adaptive = threads is None and cgroup_cpu_limit() is None
         self._allowed = allowed_cpus()
+        quota = cgroup_cpu_limit()
+        self.max_threads = threads or min(_capped(len(self._allowed), quota), torch.get_num_threads())
+        # With a quota the count is the quota's; with one thread allowed there is nothing to lower.
+        self._adaptive = threads is None and quota is None and self.max_threads > 1
         self._interval = interval
         self._last: tuple[float, float, float] | None = None  # wall time, busy seconds, own CPU seconds
         self._proposed: int | None = None
