@@ -241,12 +241,12 @@ def test_generate_ratio_too_high_at_run_time(capsys, tiny_loader):
 
 
 # ------------------------------------------------------------------------------------------------------
-# the CLI answers at once: help, methods and spec errors import neither torch nor transformers
+# the CLI answers at once: help, methods and spec errors import neither torch nor transformers (nor the server)
 # ------------------------------------------------------------------------------------------------------
 
 LIGHT_COMMANDS = [
     ["--help"], ["methods"], ["methods", "--json"], ["generate", "--help"], ["bench", "--help"],
-    ["engine-bench", "--help"], ["calibrate", "--help"],
+    ["engine-bench", "--help"], ["calibrate", "--help"], ["serve", "--help"], ["serve", "--max-queue", "0"],
     ["generate", "--method", "snapkv(ratio=abc)", "--prompt", "hi"],
     ["generate", "--method", "snapky(ratio=0.5)", "--prompt", "hi"],
 ]
@@ -262,7 +262,7 @@ def test_help_methods_and_spec_errors_import_neither_torch_nor_transformers(argv
         f"        code = cli.main({argv!r})\n"
         "    except SystemExit as exit_:\n"
         "        code = exit_.code\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules)\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'numpy', 'fastapi', 'uvicorn') if m in sys.modules)\n"
         "print(code, heavy)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)

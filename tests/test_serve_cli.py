@@ -1,10 +1,7 @@
-"""``kvstack serve``: usage errors before the model loads, a parser that imports nothing heavy, and the wiring
-of every flag into the engine and the app (uvicorn replaced by an in-process client)."""
+"""``kvstack serve``: usage errors before the model loads, and the wiring of every flag into the engine and the
+app (uvicorn replaced by an in-process client). tests/test_cli.py checks its parser imports nothing heavy."""
 
 from __future__ import annotations
-
-import subprocess
-import sys
 
 import pytest
 from conftest import usage_error
@@ -39,25 +36,6 @@ def no_model(monkeypatch):
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
 def test_bad_arguments_are_one_line_usage_errors_before_the_model_loads(capsys, no_model, argv, message):
     assert message in usage_error(capsys, ["serve", *argv])
-
-
-@pytest.mark.parametrize("argv", [["serve", "--help"], ["serve", "--max-queue", "0"]], ids=" ".join)
-def test_serve_help_and_usage_errors_import_nothing_heavy(argv):
-    script = (
-        "import contextlib, io, sys\n"
-        "from kvstack import cli\n"
-        "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
-        "    try:\n"
-        f"        code = cli.main({argv!r})\n"
-        "    except SystemExit as exit_:\n"
-        "        code = exit_.code\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'fastapi', 'uvicorn') if m in sys.modules)\n"
-        "print(code, heavy)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
-    code, heavy = done.stdout.strip().split(" ", 1)
-    assert heavy == "[]", f"kvstack {' '.join(argv)} imported {heavy}"
-    assert code in ("0", "2")
 
 
 def test_the_api_key_defaults_to_the_environment(monkeypatch):
