@@ -26,7 +26,7 @@ torch = lazy_module("torch")
 
 __all__ = [
     "STAT_BELOW_MEAN", "STAT_COLSUM", "STAT_LAST", "STAT_WINDOW", "VALID_BITS", "AttentionStats", "CodecError",
-    "CodecSpec", "LayerView", "Policy", "TensorFormat", "check_bits", "check_group_size",
+    "CodecSpec", "LayerView", "MergeUpdate", "Policy", "TensorFormat", "check_bits", "check_group_size",
 ]
 
 # The statistics a method can ask the attention function to collect (see AttentionStats).
@@ -93,6 +93,9 @@ class LayerView:
         Entries this layer keeps per KV head after the eviction under way.
     kv_source:
         Returns ``(keys, values)``; called at most once, on first access.
+    layer_state:
+        Per-layer method state, each ``[B, H]`` float32 (D2O's similarity threshold): not tied to entries,
+        never moved by eviction, counted by ``kv_bytes()``.
     """
 
     positions: torch.Tensor
@@ -105,6 +108,7 @@ class LayerView:
     group_size: int
     budget: int
     kv_source: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    layer_state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
     def _kv(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,6 +127,26 @@ class LayerView:
         return self.positions.shape[1]
 
 
+
+@dataclasses.dataclass
+class MergeUpdate:
+    """What a merging policy makes of the entries it keeps, before storage evicts the rest.
+
+    Every tensor covers all ``L`` entries of the view, in the view's order; storage copies the rows of the
+    kept entries back and then evicts as usual, so what was evicted is gone from memory and what it was
+    folded into holds its contribution.
+
+    Attributes
+    ----------
+    keys, values:
+        ``[B, H, L, D]`` the entries' new keys / values (after RoPE), or None when unchanged.
+    state:
+        New per-entry state (each ``[B, H, L]`` float32), e.g. the merged entry's ``mass``.
+    """
+
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 VALID_BITS = (2, 4, 8)
@@ -174,7 +198,11 @@ class Policy(Protocol):
     budget at every forward, else compresses once after the prompt), ``state_names`` (per-entry float32 state
     kept aligned with the entries), ``headwise`` (heads keep different counts: :meth:`allocate_heads`),
     ``sparse_attention`` (reads a subset per query without evicting: :meth:`key_basis`,
-    :meth:`approximate_dims`, :meth:`attended`).
+    :meth:`approximate_dims`, :meth:`attended`), ``merges`` (folds what it evicts into what it keeps:
+    :meth:`merge`), ``mass_state`` (the per-entry state, if any, whose log storage adds to an entry's attention
+    logit: a merged entry weighs as the tokens it stands for), ``layer_state_names`` (per-layer ``[B, H]``
+    state), ``allocates_layers`` (per-layer budgets from a statistic of each layer's first forward:
+    :meth:`layer_statistic`, :meth:`allocate_layers`).
     """
 
     needs: ClassVar[frozenset[str]]
@@ -182,6 +210,10 @@ class Policy(Protocol):
     state_names: ClassVar[tuple[str, ...]]
     headwise: ClassVar[bool]
     sparse_attention: ClassVar[bool]
+    merges: ClassVar[bool]
+    mass_state: ClassVar[str | None]
+    layer_state_names: ClassVar[tuple[str, ...]]
+    allocates_layers: ClassVar[bool]
 
     def label(self) -> str: ...
     def compresses(self) -> bool: ...
@@ -212,6 +244,15 @@ class Policy(Protocol):
 
     def attended(self, visible: int) -> int:
         """Sparse-attention policies: entries a query attends to exactly, out of ``visible``."""
+
+    def merge(self, view: LayerView, evicted: torch.Tensor) -> MergeUpdate:
+        """Merging policies: fold the entries at ``evicted`` ``[B, H, E]`` (view indices) into the kept ones."""
+
+    def layer_statistic(self, view: LayerView) -> torch.Tensor:
+        """Layer-allocating policies: ``[B]`` statistic of one layer's first forward (D2O's attention density)."""
+
+    def allocate_layers(self, statistics: torch.Tensor, context_length: int) -> list[int]:
+        """Layer-allocating policies: per-layer budgets from ``[num_layers]`` statistics, summing to the total."""
 
 
 class CodecSpec(Protocol):

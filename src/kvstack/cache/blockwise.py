@@ -15,7 +15,9 @@ import torch
 from kvstack.contract import STAT_BELOW_MEAN, STAT_COLSUM, STAT_LAST, STAT_WINDOW, AttentionStats
 
 # ---------------------------------------------------------------------------------- attention
-Block = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+# (keys, values, mask) or (keys, values, mask, logit bias): see blockwise_attention
+Block = tuple[torch.Tensor, ...]
+
 
 def blockwise_attention(
     query: torch.Tensor,
@@ -32,9 +34,11 @@ def blockwise_attention(
     query:
         ``[B, Hq, q, D]``.
     blocks:
-        Called once per pass; yields ``(keys, values, mask)`` per block: ``[B, H, n, D]`` keys and
-        values and a ``[B|1, H|1, q|1, n]`` bool mask of what each query may see (None: everything).
-        Blocks are decoded lazily, so only one is in full precision at a time.
+        Called once per pass; yields ``(keys, values, mask)`` or ``(keys, values, mask, bias)`` per block:
+        ``[B, H, n, D]`` keys and values, a ``[B|1, H|1, q|1, n]`` bool mask of what each query may see
+        (None: everything) and a ``[B, H, n]`` float32 bias added to every query's logit of each entry
+        (None: 0; the log of a merged entry's mass). Blocks are decoded lazily, so only one is in full
+        precision at a time.
     needs, window:
         Statistics to collect (``STAT_*``) and the trailing queries of the ``window`` statistic.
     query_valid:
@@ -62,7 +66,9 @@ def _online_softmax_pass(
     heads = None
     grouped_q = None
     running_max = running_sum = accumulator = visible_count = None
-    for keys, values, mask in blocks():
+    for block in blocks():
+        keys, values, mask = block[:3]
+        bias = block[3] if len(block) > 3 else None
         if grouped_q is None:
             heads = keys.shape[1]
             group = num_q_heads // heads
@@ -72,6 +78,8 @@ def _online_softmax_pass(
             accumulator = torch.zeros((batch, heads, group * q_len, head_dim), dtype=torch.float32, device=query.device)
             visible_count = torch.zeros((batch, heads, 1, q_len, 1), device=query.device)
         logits = torch.matmul(grouped_q, keys.transpose(-1, -2)).float()  # [B, H, G*q, n]
+        if bias is not None:
+            logits = logits + bias.unsqueeze(2)
         if mask is not None:
             view = logits.view(batch, heads, group, q_len, -1)
             view.masked_fill_(~mask.unsqueeze(2), float("-inf"))
@@ -105,8 +113,11 @@ def _statistics_pass(
     query_ok = None if query_valid is None else query_valid.view(batch, 1, 1, q_len, 1)
     colsums, belows, seens, window_parts, last_parts = [], [], [], [], []
     rows = min(window, q_len) if STAT_WINDOW in needs else 0
-    for keys, _, mask in blocks():
+    for block in blocks():
+        keys, mask = block[0], block[2]
         logits = torch.matmul(grouped_q, keys.transpose(-1, -2)).float().view(batch, heads, group, q_len, -1)
+        if len(block) > 3 and block[3] is not None:
+            logits = logits + block[3][:, :, None, None, :]
         weights = torch.exp(logits - lse)
         visible = None
         if mask is not None:

@@ -59,6 +59,8 @@ class KVStackCache(Cache):
         self.generator = torch.Generator().manual_seed(seed)
         self.context_length: int | None = None
         self.more_prompt_follows = False
+        self.layer_statistics: dict[int, torch.Tensor] = {}  # layer -> [B] statistic of its first forward
+        self.layer_budgets: list[int] | None = None  # per-layer budgets a layer-allocating policy chose
         super().__init__(layers=[KVStackLayer(self, i) for i in range(num_layers)])
 
     # ------------------------------------------------------------------ prompt bookkeeping
@@ -76,6 +78,24 @@ class KVStackCache(Cache):
         super().reset()
         self.context_length = None
         self.more_prompt_follows = False
+        self.layer_statistics = {}
+        self.layer_budgets = None
+
+    # ------------------------------------------------------------------ layer budgets
+    def layer_budget(self, layer_idx: int, context_length: int) -> int | None:
+        """Entries layer ``layer_idx`` keeps: the policy's own answer, or what it allocated across layers."""
+        if self.layer_budgets is not None:
+            return self.layer_budgets[layer_idx]
+        return self.method.layer_budget(context_length, layer_idx, self.num_layers)
+
+    def record_layer_statistic(self, layer_idx: int, statistic: torch.Tensor) -> None:
+        """Keep a layer's first-forward statistic (``[B]``); once every layer has one, the policy allocates
+        per-layer budgets (:meth:`Policy.allocate_layers`), which hold from the next eviction on."""
+        self.layer_statistics.setdefault(layer_idx, statistic.float().mean())
+        if len(self.layer_statistics) == self.num_layers:
+            statistics = torch.stack([self.layer_statistics[i] for i in range(self.num_layers)])
+            context = self.context_length or self.layers[0].seen
+            self.layer_budgets = list(self.method.allocate_layers(statistics, context))
 
     def end_prompt(self) -> None:
         """Release spare capacity once the prompt has been read (called by :func:`kvstack.prefill`)."""

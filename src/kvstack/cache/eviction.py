@@ -54,6 +54,7 @@ class LayerEviction:
             generator=self.owner.generator,
             group_size=self.owner.group_size,
             budget=budget,
+            layer_state=self.layer_state,
         )
 
     def _cache_position_view(self, keys: torch.Tensor, query: torch.Tensor, q_len: int) -> tuple:
@@ -88,7 +89,7 @@ class LayerEviction:
         """Evict down to this layer's budget (the caller decided it is due)."""
         method = self.owner.method
         context = self.owner.context_length or self.seen
-        budget = method.layer_budget(context, self.layer_idx, self.owner.num_layers)
+        budget = self.owner.layer_budget(self.layer_idx, context)
         self.budget = budget
         self.compressed = True
         encoded = self.encoded_entries()
@@ -102,6 +103,9 @@ class LayerEviction:
         scores = scores.masked_fill(view.positions < 0, float("-inf"))
         if method.headwise:
             self._to_ragged(scores, budget, method)
+            return
+        if method.merges:
+            self._merge_and_evict(stats, scores, budget)
             return
         drop = encoded + self.length - budget
         if encoded and drop == 1:
@@ -120,6 +124,33 @@ class LayerEviction:
                 dropped = torch.ones_like(scores, dtype=torch.bool).scatter_(-1, keep, False)
                 slots = torch.arange(dropped.shape[-1], device=keep.device).expand_as(dropped)
                 self._demote(slots[dropped].view(*keep.shape[:2], -1))
+            self._gather(keep)
+
+    def _merge_and_evict(self, stats: AttentionStats, scores: torch.Tensor, budget: int) -> None:
+        """Let the merging policy fold the entries to evict into those kept (:meth:`Policy.merge`), then evict.
+
+        Merging rewrites kept entries, so a codec's encoded entries are first decoded back into full-precision
+        slots (its next flush encodes them again); the policy sees every entry in full precision.
+        """
+        if self.encoded_entries():
+            self._unflush()
+        view = self._view(stats, budget=budget)
+        live = self.length
+        keep = scores.topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values  # [B, H, K]
+        dropped = torch.ones_like(scores, dtype=torch.bool).scatter_(-1, keep, False)
+        slots = torch.arange(live, device=keep.device).expand_as(dropped)
+        evicted = slots[dropped].view(*keep.shape[:2], -1)  # [B, H, E], ascending
+        update = self.owner.method.merge(view, evicted)
+        if update.keys is not None:
+            self.keys[:, :, :live] = update.keys
+        if update.values is not None:
+            self.values[:, :, :live] = update.values
+        for name, tensor in update.state.items():
+            self.state[name][:, :, :live] = tensor
+        self.merged = True
+        if evicted.shape[-1] == 1:
+            self._replace_slot(evicted[..., 0])
+        else:
             self._gather(keep)
 
     def _replace_slot(self, evicted: torch.Tensor) -> None:

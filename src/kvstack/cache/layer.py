@@ -109,6 +109,8 @@ class KVStackLayer(LayerAttentionPaths, LayerEviction, CacheLayerMixin):
         self.region: QuantizedRegion | None = None  # entries a codec has encoded (they precede the slots)
         self.demoted: QuantizedRegion | None = None  # entries MiKV evicted to low precision (attended first)
         self.key_basis: torch.Tensor | None = None  # [B, H, D, D] a sparse-attention method's basis (keys stored in it)
+        self.layer_state: dict[str, torch.Tensor] = {}  # per-layer [B, H] method state (not tied to entries)
+        self.merged = False  # a merging method has folded entries into others (their mass may differ from 1)
 
     # ---------------------------------------------------------------- transformers CacheLayerMixin
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -123,6 +125,10 @@ class KVStackLayer(LayerAttentionPaths, LayerEviction, CacheLayerMixin):
             for name in self.owner.method.state_names
         }
         self.next_position = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.layer_state = {
+            name: torch.zeros((batch, heads), dtype=torch.float32, device=self.device)
+            for name in self.owner.method.layer_state_names
+        }
         codec = self.owner.codec
         if codec is not None:
             self.region = QuantizedRegion(
@@ -238,7 +244,8 @@ class KVStackLayer(LayerAttentionPaths, LayerEviction, CacheLayerMixin):
             return 0
         if self.ragged is not None:
             return self.ragged.nbytes() + self.next_position.nbytes
-        tensors = [self.keys, self.values, self.positions, self.next_position, *self.state.values()]
+        tensors = [self.keys, self.values, self.positions, self.next_position, *self.state.values(),
+                   *self.layer_state.values()]
         if self.key_basis is not None:
             tensors.append(self.key_basis)
         encoded = self.region.nbytes() if self.region is not None else 0
@@ -371,6 +378,8 @@ class KVStackLayer(LayerAttentionPaths, LayerEviction, CacheLayerMixin):
             return self._attend_encoded(query, causal, valid, q_len, scaling, needs, method.window_queries())
         if self.demoted is not None and self.demoted.length:
             return self._attend_demoted(query, causal, valid, q_len, scaling, needs, method.window_queries())
+        if self.log_mass_name() is not None:
+            return self._attend_with_mass(query, causal, valid, q_len, scaling, needs, method.window_queries())
         keys, values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
         if method.uses_cache_positions():
             keys, query = self._cache_position_view(keys, query, q_len)
@@ -379,9 +388,15 @@ class KVStackLayer(LayerAttentionPaths, LayerEviction, CacheLayerMixin):
             query, keys, values, causal, past_valid, scaling, needs, method.window_queries(), query_valid=valid
         )
 
+    def log_mass_name(self) -> str | None:
+        """The per-entry state holding ``log(mass)`` once entries have been merged (None: every entry weighs 1)."""
+        return self.owner.method.mass_state if self.merged else None
+
     def _after_attention(self, stats: AttentionStats, compress_now: bool, q_len: int) -> None:
         """The policy observes the statistics, then eviction (when due), the key basis and the codec's flush."""
         method = self.owner.method
+        if method.allocates_layers and self.owner.layer_budgets is None:
+            self.owner.record_layer_statistic(self.layer_idx, method.layer_statistic(self._view(stats, budget=0)))
         if method.state_names:
             view = self._view(stats, budget=0)
             method.observe(view)

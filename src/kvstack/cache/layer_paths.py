@@ -122,7 +122,8 @@ class LayerAttentionPaths:
         region = self.region
         assert region is not None
         cache_positions = self.owner.method.uses_cache_positions()
-        if q_len == 1 and not needs and not self.has_padding and causal is None and not cache_positions:
+        if (q_len == 1 and not needs and not self.has_padding and causal is None and not cache_positions
+                and self.log_mass_name() is None):
             output = region.attend_one(query, self.keys[:, :, : self.length], self.values[:, :, : self.length], scaling)
             return output, AttentionStats()
         return self._attend_region_then_slots(region, query, causal, valid, q_len, scaling, needs, window,
@@ -142,6 +143,9 @@ class LayerAttentionPaths:
         tail_mask = self._tail_mask(causal, q_len, query.device)
         fp_keys, fp_values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
         key_shift = None
+        mass = self.log_mass_name()  # merged entries weigh as the tokens they stand for
+        region_bias = region.state[mass] if mass is not None and mass in region.state else None
+        slot_bias = self.state[mass][:, :, : self.length] if mass is not None else None
         if cache_positions:
             key_shift, query_shift = self._cache_position_shifts(self._all_positions(), q_len)
             inv_freq = self.owner.rope_inv_freq
@@ -153,8 +157,24 @@ class LayerAttentionPaths:
                 keys, values = region.decode(block_start, block_stop)
                 if key_shift is not None:
                     keys = rope_shift(keys, key_shift[..., block_start:block_stop], self.owner.rope_inv_freq)
-                yield keys, values, None if region_valid is None else region_valid[..., block_start:block_stop]
-            yield fp_keys, fp_values, tail_mask
+                yield (keys, values, None if region_valid is None else region_valid[..., block_start:block_stop],
+                       None if region_bias is None else region_bias[:, :, block_start:block_stop])
+            yield fp_keys, fp_values, tail_mask, slot_bias
+
+        return blockwise_attention(query, blocks, scaling, needs, window, valid)
+
+    def _attend_with_mass(
+        self, query: torch.Tensor, causal: torch.Tensor | None, valid: torch.Tensor | None, q_len: int,
+        scaling: float, needs: set[str], window: int,
+    ) -> tuple[torch.Tensor, AttentionStats]:
+        """Attention over the full-precision slots with ``log(mass)`` added to each entry's logit (merged entries
+        weigh as the tokens they replaced); the statistics are those of the same weights."""
+        bias = self.state[self.log_mass_name()][:, :, : self.length]
+        mask = self._tail_mask(causal, q_len, query.device)
+        keys, values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+        def blocks():
+            yield keys, values, mask, bias
 
         return blockwise_attention(query, blocks, scaling, needs, window, valid)
 

@@ -44,10 +44,10 @@ def engine_method(spec: str | Method, prompt_length: int, num_layers: int) -> Me
     if not method.compresses():
         return None
     name = method.label()
-    if method.headwise or method.sparse_attention or method.uses_cache_positions():
-        raise KVStackError(f"{name} cannot run in the paged engine (head-wise budgets, sparse attention and "
-                           "in-cache positions need storage the pool does not have); use streamingllm, snapkv, "
-                           "h2o, tova, keynorm or random")
+    if method.headwise or method.sparse_attention or method.uses_cache_positions() or method.merges:
+        raise KVStackError(f"{name} cannot run in the paged engine (head-wise budgets, sparse attention, "
+                           "in-cache positions and merged entries need storage the pool does not have); use "
+                           "streamingllm, snapkv, h2o, tova, keynorm or random")
     missing = set(method.needs) - SUPPORTED_STATS
     if missing:
         raise KVStackError(f"{name} needs attention statistics {sorted(missing)} the engine does not collect; "

@@ -5,6 +5,7 @@ from kvstack.methods import (  # noqa: F401  (registration)
     compose,
     full,
     lowrank,
+    merging,
     quantization,
     selection,
 )

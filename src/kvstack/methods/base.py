@@ -21,6 +21,7 @@ from kvstack.contract import (  # noqa: F401  (re-exported: methods import them 
     STAT_WINDOW,
     AttentionStats,
     LayerView,
+    MergeUpdate,
 )
 from kvstack.lazy_import import lazy_module
 from kvstack.spec import MethodInfo, SpecError
@@ -52,6 +53,16 @@ class Method:
         True when the method restricts which entries each query attends to without evicting (Loki): it
         gives a key basis (:meth:`key_basis`), how many of its leading coordinates score
         (:meth:`approximate_dims`) and how many entries a query reads (:meth:`attended`).
+    merges:
+        True when what the method evicts is folded into what it keeps (:meth:`merge`).
+    mass_state:
+        Name of the per-entry state holding ``log(mass)``, the number of tokens a merged entry stands for;
+        storage adds it to the entry's attention logit. None: every entry weighs as one token.
+    layer_state_names:
+        Names of per-layer ``[B, H]`` float32 state tensors (zero at first), kept by the layer.
+    allocates_layers:
+        True when the method sets per-layer budgets from a statistic of each layer's first forward
+        (:meth:`layer_statistic`, :meth:`allocate_layers`).
     """
 
     spec_name: ClassVar[str]
@@ -61,6 +72,10 @@ class Method:
     sparse_attention: ClassVar[bool] = False
     state_names: ClassVar[tuple[str, ...]] = ()
     headwise: ClassVar[bool] = False
+    merges: ClassVar[bool] = False
+    mass_state: ClassVar[str | None] = None
+    layer_state_names: ClassVar[tuple[str, ...]] = ()
+    allocates_layers: ClassVar[bool] = False
 
     # -- budget -------------------------------------------------------------------------------------
     def allocate_heads(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
@@ -90,6 +105,19 @@ class Method:
     def attended(self, visible: int) -> int:
         """Sparse-attention methods only: entries a query with ``visible`` entries attends to exactly."""
         return visible
+
+    def merge(self, view: LayerView, evicted: torch.Tensor) -> MergeUpdate:
+        """Merging methods only: fold the entries at ``evicted`` ``[B, H, E]`` (indices into the view's entries,
+        ascending) into the kept ones; returns what every entry becomes (storage then evicts as usual)."""
+        raise NotImplementedError(f"{type(self).__name__} does not merge")
+
+    def layer_statistic(self, view: LayerView) -> torch.Tensor:
+        """Layer-allocating methods only: ``[B]`` statistic of a layer's first forward (``view.stats``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not allocate budgets across layers")
+
+    def allocate_layers(self, statistics: torch.Tensor, context_length: int) -> list[int]:
+        """Layer-allocating methods only: budgets of every layer from their ``[num_layers]`` statistics."""
+        raise NotImplementedError(f"{type(self).__name__} does not allocate budgets across layers")
 
     def compresses(self) -> bool:
         """False for methods that keep everything (``full``)."""
