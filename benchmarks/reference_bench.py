@@ -80,7 +80,7 @@ def reference_methods() -> list[str]:
         if info.name == "full" or info.category.startswith("token/quantization"):
             continue  # codecs have their own grid (benchmarks/quant_quality.py)
         if info.category.startswith("token/merging"):
-            continue  # merging is measured against its bases by benchmarks/merging_bench.py
+            continue  # merging is measured by benchmarks/merging_bench.py and benchmarks/cross_layer_bench.py
         if not info.wraps and "ratio" not in info.parameters:
             continue  # no compression ratio to sweep (palu: a rank; its figures are in benchmarks/results/quant)
         if info.wraps:

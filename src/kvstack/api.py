@@ -18,6 +18,7 @@ import torch
 
 from kvstack import attention
 from kvstack.cache.cache import KVStackCache
+from kvstack.contract import LINK_REUSE
 from kvstack.errors import InputError
 from kvstack.methods.base import Composed, Method
 from kvstack.models import attention_placements, model_geometry
@@ -83,6 +84,14 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
                          f"{geometry.head_dim}")
     if method.uses_cache_positions() and geometry.rope_inv_freq is None:
         raise InputError("positions='cache' needs a model with plain RoPE (inv_freq, no attention scaling)")
+    layer_links = None
+    if method.cross_layer:
+        from kvstack.calibration import model_key
+
+        layer_links = method.layer_links(geometry.num_layers, model_key(model))
+        if codec is not None and any(link.kind == LINK_REUSE for link in layer_links.values()):
+            raise InputError(f"{method.label()} lets layers reuse another layer's cache and does not compose with a "
+                             "codec yet; use it alone")
     attention.register()
     if getattr(model.config, "_attn_implementation", None) != attention.ATTENTION_NAME:
         model.set_attn_implementation(attention.ATTENTION_NAME)
@@ -96,6 +105,7 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
         codec=codec,
         calibration=calibration,
         label=label,
+        layer_links=layer_links,
     )
 
 

@@ -114,9 +114,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise UsageError(f"--sequence-length must be >= 1, got {args.sequence_length}")
     check_source(args.source)
 
+    if args.kvsharer is not None:
+        if args.kvsharer < 1:
+            raise UsageError(f"--kvsharer must be >= 1 layer to share, got {args.kvsharer}")
+        if not 0.0 <= args.kvsharer_threshold <= 1.0:
+            raise UsageError(f"--kvsharer-threshold must be in [0, 1], got {args.kvsharer_threshold}")
+
     from kvstack.models import load_model
 
     model, tokenizer = load_model(args.model, device=args.device)
+    if args.kvsharer is not None:
+        return _calibrate_kvsharer(args, model, tokenizer)
     path = calibration_path(model_key(model))
     if path.is_file() and not args.force:
         try:
@@ -139,6 +147,34 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     save_calibration(cal, path)
     print(f"calibration: {path} (written; {seconds:.1f} s)")
     print(cal.summary())
+    return 0
+
+
+def _calibrate_kvsharer(args: argparse.Namespace, model: Any, tokenizer: Any) -> int:
+    """Search KVSharer's layer map on calibration text and write it (``calibrate --kvsharer N``)."""
+    import time
+
+    import torch
+
+    from kvstack.calibration import calibration_text_ids, model_key
+    from kvstack.calibration.layer_map import layer_map_path, save_layer_map
+    from kvstack.calibration.layer_search import search_layer_map
+
+    key = model_key(model)
+    path = layer_map_path(key, args.kvsharer, args.kvsharer_threshold)
+    if path.is_file() and not args.force:
+        print(f"kvsharer map: {path} (existing; --force to redo)")
+        return 0
+    length = min(args.sequence_length, args.tokens)
+    ids, source = calibration_text_ids(tokenizer, args.tokens // length * length, args.source)
+    batch = torch.tensor(ids, device=next(model.parameters()).device).view(-1, length)
+    start = time.perf_counter()
+    record = search_layer_map(model, batch, args.kvsharer, args.kvsharer_threshold)
+    record.update(model_key=key, source=source, tokens=batch.numel(), sequence_length=length)
+    save_layer_map(record, path)
+    shared = ", ".join(f"{layer}<-{source}" for layer, source in record["map"].items()) or "none"
+    print(f"kvsharer map: {path} (written; {time.perf_counter() - start:.1f} s, {len(record['trials'])} trials)")
+    print(f"{len(record['map'])} of {args.kvsharer} layers share (layer<-reused layer): {shared}")
     return 0
 
 
@@ -277,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="calibration text: python-docs (default; disjoint from the bench prose), kjv-end, "
                           "or a UTF-8 text file")
     cal.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    cal.add_argument("--kvsharer", type=int, default=None, metavar="N",
+                     help="instead: search KVSharer's map of N layers reusing another layer's cache")
+    cal.add_argument("--kvsharer-threshold", type=float, default=0.9,
+                     help="KVSharer: least cosine similarity of the last hidden states to the full model's "
+                          "(default 0.9)")
     cal.add_argument("--force", action="store_true", help="recalibrate even when an artefact exists")
     cal.add_argument("--no-progress", action="store_true", help="no progress bar")
     cal.set_defaults(func=cmd_calibrate)

@@ -25,8 +25,25 @@ from kvstack.spec import SpecError
 torch = lazy_module("torch")
 
 __all__ = [
-    "STAT_BELOW_MEAN", "STAT_COLSUM", "STAT_LAST", "STAT_WINDOW", "VALID_BITS", "AttentionStats", "CodecError",
-    "CodecSpec", "LayerView", "MergeUpdate", "Policy", "TensorFormat", "check_bits", "check_group_size",
+    "LINK_KINDS",
+    "LINK_MAGNITUDE",
+    "LINK_REUSE",
+    "STAT_BELOW_MEAN",
+    "STAT_COLSUM",
+    "STAT_LAST",
+    "STAT_WINDOW",
+    "VALID_BITS",
+    "AttentionStats",
+    "CodecError",
+    "CodecSpec",
+    "LayerLink",
+    "LayerPairMerge",
+    "LayerView",
+    "MergeUpdate",
+    "Policy",
+    "TensorFormat",
+    "check_bits",
+    "check_group_size",
 ]
 
 # The statistics a method can ask the attention function to collect (see AttentionStats).
@@ -149,6 +166,49 @@ class MergeUpdate:
     state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
+LINK_REUSE = "reuse"  # the layer attends over its source layer's entries and stores nothing (KVSharer, CLA)
+LINK_MAGNITUDE = "magnitude"  # the layer stores per-entry magnitudes over its source's entries (MiniCache)
+LINK_KINDS = (LINK_REUSE, LINK_MAGNITUDE)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerLink:
+    """How one layer stores its entries through another layer's store (cross-layer policies).
+
+    ``kind`` is :data:`LINK_REUSE` (the layer's own keys and values are never stored: attention reads the
+    ``source`` layer's entries, ``source`` below the layer) or :data:`LINK_MAGNITUDE` (the layer keeps one
+    scale per entry and the rows the policy retains, over the entries of ``source = layer + 1``, which stores
+    the pair's shared rows; see :meth:`Policy.merge_layer_pair`).
+    """
+
+    source: int
+    kind: str
+
+
+@dataclasses.dataclass
+class LayerPairMerge:
+    """What a cross-layer merging policy makes of one chunk of a layer pair's keys (or values).
+
+    Attributes
+    ----------
+    shared:
+        ``[B, H, q, D]`` what the upper layer stores for the chunk (one row per token, shared by both).
+    scale:
+        ``[B, H, q]`` what the lower layer stores: its entry is ``scale * shared`` (unless retained).
+    retained:
+        ``[B, H, q]`` bool: tokens kept unmerged; the upper layer then stores its own row in ``shared``, and
+        the lower layer stores its own row too.
+    cutoff:
+        ``[B, H]`` float32 per-layer state the policy asked to keep (its retention threshold), passed back
+        at the pair's next chunk.
+    """
+
+    shared: torch.Tensor
+    scale: torch.Tensor
+    retained: torch.Tensor
+    cutoff: torch.Tensor
+
+
 VALID_BITS = (2, 4, 8)
 
 
@@ -214,6 +274,7 @@ class Policy(Protocol):
     mass_state: ClassVar[str | None]
     layer_state_names: ClassVar[tuple[str, ...]]
     allocates_layers: ClassVar[bool]
+    cross_layer: ClassVar[bool]
 
     def label(self) -> str: ...
     def compresses(self) -> bool: ...
@@ -253,6 +314,16 @@ class Policy(Protocol):
 
     def allocate_layers(self, statistics: torch.Tensor, context_length: int) -> list[int]:
         """Layer-allocating policies: per-layer budgets from ``[num_layers]`` statistics, summing to the total."""
+
+    def layer_links(self, num_layers: int, model_key: str | None) -> dict[int, LayerLink]:
+        """Cross-layer policies: which layers store through another layer's store (the others store their own).
+
+        ``model_key`` identifies the model (a policy whose map is a calibration artefact checks it belongs)."""
+
+    def merge_layer_pair(self, lower: torch.Tensor, upper: torch.Tensor, valid: torch.Tensor,
+                         cutoff: torch.Tensor | None) -> LayerPairMerge:
+        """Magnitude-linked layers: merge a chunk's ``[B, H, q, D]`` lower and upper rows (``valid`` ``[B, H, q]``:
+        not padding); ``cutoff`` is what the last call returned for this pair (None at the first chunk)."""
 
 
 class CodecSpec(Protocol):

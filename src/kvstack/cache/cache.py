@@ -7,8 +7,9 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
+from kvstack.cache.cross_layer import MagnitudeLayer, ReusingLayer
 from kvstack.cache.layer import KVStackLayer
-from kvstack.contract import CodecSpec, Policy
+from kvstack.contract import LINK_MAGNITUDE, LINK_REUSE, CodecSpec, LayerLink, Policy
 
 
 class KVStackCache(Cache):
@@ -34,6 +35,9 @@ class KVStackCache(Cache):
         The spec this cache applies (the parsed spec's label), as :meth:`label` returns it.
     seed:
         Seed of the generator random methods draw from.
+    layer_links:
+        ``{layer: LayerLink}`` of the layers that store through another layer's store (cross-layer policies:
+        :mod:`kvstack.cache.cross_layer`); every other layer stores its own entries.
     """
 
     def __init__(
@@ -48,6 +52,7 @@ class KVStackCache(Cache):
         codec: CodecSpec | None = None,
         calibration: Any = None,
         label: str,
+        layer_links: dict[int, LayerLink] | None = None,
     ) -> None:
         self.method = method
         self._label = label
@@ -61,7 +66,19 @@ class KVStackCache(Cache):
         self.more_prompt_follows = False
         self.layer_statistics: dict[int, torch.Tensor] = {}  # layer -> [B] statistic of its first forward
         self.layer_budgets: list[int] | None = None  # per-layer budgets a layer-allocating policy chose
-        super().__init__(layers=[KVStackLayer(self, i) for i in range(num_layers)])
+        self.layer_links = check_layer_links(layer_links or {}, num_layers)
+        # upper layer -> the lower layer holding magnitudes over its rows (MiniCache pairs)
+        self.magnitude_lower = {link.source: layer for layer, link in self.layer_links.items()
+                                if link.kind == LINK_MAGNITUDE}
+        super().__init__(layers=[self._new_layer(i) for i in range(num_layers)])
+
+    def _new_layer(self, layer_idx: int) -> KVStackLayer | ReusingLayer | MagnitudeLayer:
+        link = self.layer_links.get(layer_idx)
+        if link is None:
+            return KVStackLayer(self, layer_idx)
+        if link.kind == LINK_REUSE:
+            return ReusingLayer(self, layer_idx, link.source)
+        return MagnitudeLayer(self, layer_idx, link.source)
 
     # ------------------------------------------------------------------ prompt bookkeeping
     def begin_prompt(self, prompt_length: int) -> None:
@@ -72,6 +89,10 @@ class KVStackCache(Cache):
         if self.context_length is None:
             self.context_length = key_states.shape[2]  # a single-forward prefill: the prompt is this forward
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def linked_layers(self) -> int:
+        """How many layers store through another layer's store."""
+        return len(self.layer_links)
 
     def reset(self) -> None:
         """Empty every layer and forget the prompt length, so a reused cache starts afresh."""
@@ -155,3 +176,27 @@ class KVStackCache(Cache):
             "full_kv_bytes": full,
             "compression_ratio": 1.0 - held / full if full else 0.0,
         }
+
+
+def check_layer_links(links: dict[int, LayerLink], num_layers: int) -> dict[int, LayerLink]:
+    """``links`` if storage can build them; a policy's bad map is a ``ValueError`` naming the link.
+
+    A reusing layer reads a layer below it that stores its own entries; a magnitude layer's source is the
+    layer right above it, which stores its own entries and is the upper layer of no other pair.
+    """
+    uppers: set[int] = set()
+    for layer, link in sorted(links.items()):
+        if not 0 <= layer < num_layers or not 0 <= link.source < num_layers:
+            raise ValueError(f"layer link {layer} -> {link.source} is outside the model's {num_layers} layers")
+        if link.source in links:
+            raise ValueError(f"layer {layer} links to layer {link.source}, which stores through a link itself")
+        if link.kind == LINK_REUSE and link.source >= layer:
+            raise ValueError(f"layer {layer} reuses layer {link.source}; it must read a layer below it")
+        if link.kind == LINK_MAGNITUDE:
+            if link.source != layer + 1 or link.source in uppers:
+                raise ValueError(f"layer {layer} merges with layer {link.source}; a pair is a layer and the one "
+                                 "right above it, each in one pair")
+            uppers.add(link.source)
+        elif link.kind != LINK_REUSE:
+            raise ValueError(f"unknown layer link kind {link.kind!r}")
+    return dict(links)

@@ -401,6 +401,13 @@ class KVStackLayer(LayerAttentionPaths, LayerEviction, CacheLayerMixin):
             view = self._view(stats, budget=0)
             method.observe(view)
             self._store_state(view)
+        lower = self.owner.magnitude_lower.get(self.layer_idx)
+        if lower is not None:  # the upper layer of a merged pair: store the pair's shared rows, not its own
+            start = self.length - q_len
+            shared_keys, shared_values = self.owner.layers[lower].absorb(
+                self.keys[:, :, start : self.length], self.values[:, :, start : self.length])
+            self.keys[:, :, start : self.length] = shared_keys
+            self.values[:, :, start : self.length] = shared_values
         if compress_now:
             self._compress(stats)
         if method.sparse_attention and self.key_basis is None and not self.owner.more_prompt_follows:

@@ -3,6 +3,7 @@
 from kvstack.methods import (  # noqa: F401  (registration)
     allocation,
     compose,
+    cross_layer,
     full,
     lowrank,
     merging,

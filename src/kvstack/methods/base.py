@@ -20,6 +20,8 @@ from kvstack.contract import (  # noqa: F401  (re-exported: methods import them 
     STAT_LAST,
     STAT_WINDOW,
     AttentionStats,
+    LayerLink,
+    LayerPairMerge,
     LayerView,
     MergeUpdate,
 )
@@ -63,6 +65,8 @@ class Method:
     allocates_layers:
         True when the method sets per-layer budgets from a statistic of each layer's first forward
         (:meth:`layer_statistic`, :meth:`allocate_layers`).
+    cross_layer:
+        True when some layers store their entries through another layer's store (:meth:`layer_links`).
     """
 
     spec_name: ClassVar[str]
@@ -76,6 +80,7 @@ class Method:
     mass_state: ClassVar[str | None] = None
     layer_state_names: ClassVar[tuple[str, ...]] = ()
     allocates_layers: ClassVar[bool] = False
+    cross_layer: ClassVar[bool] = False
 
     # -- budget -------------------------------------------------------------------------------------
     def allocate_heads(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
@@ -118,6 +123,15 @@ class Method:
     def allocate_layers(self, statistics: torch.Tensor, context_length: int) -> list[int]:
         """Layer-allocating methods only: budgets of every layer from their ``[num_layers]`` statistics."""
         raise NotImplementedError(f"{type(self).__name__} does not allocate budgets across layers")
+
+    def layer_links(self, num_layers: int, model_key: str | None) -> dict[int, LayerLink]:
+        """Cross-layer methods only: ``{layer: LayerLink}`` of the layers that store through another one."""
+        return {}
+
+    def merge_layer_pair(self, lower: torch.Tensor, upper: torch.Tensor, valid: torch.Tensor,
+                         cutoff: torch.Tensor | None) -> LayerPairMerge:
+        """Cross-layer merging methods only: what a layer pair stores for one chunk (see the contract)."""
+        raise NotImplementedError(f"{type(self).__name__} does not merge layer pairs")
 
     def compresses(self) -> bool:
         """False for methods that keep everything (``full``)."""

@@ -1,0 +1,297 @@
+"""Layers that store their entries through another layer's store (cross-layer policies).
+
+Two kinds, by :class:`~kvstack.contract.LayerLink`:
+
+* :class:`ReusingLayer` (``reuse``; KVSharer, CLA): the layer's own keys and values are computed by the
+  model but never stored; its attention reads the entries of a layer below it, which already holds this
+  forward's chunk. It holds zero bytes.
+* :class:`MagnitudeLayer` (``magnitude``; MiniCache): the lower layer of an adjacent pair. The upper layer
+  (an ordinary :class:`~kvstack.cache.layer.KVStackLayer`, codec and all) stores one row per token that the
+  pair shares; this layer stores one scale per token (``[B, H, P]`` by true position), the rows the policy
+  retains unmerged (``[N, D]`` with their ``(sequence * H + head, position)`` index) and the policy's
+  per-pair cutoff. Its attention rebuilds its entries as ``scale * shared`` (retained rows exact) in a
+  transient copy, and reads this forward's chunk exactly; the upper layer merges the chunk into the pair
+  after its own attention (:meth:`MagnitudeLayer.absorb`), before anything is encoded.
+
+Neither kind evicts; the policies that use them keep every token.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from kvstack.cache.attention_stats import attention_with_stats
+from kvstack.cache.capacity import growth_slack
+from kvstack.cache.layer import WeakOwner, chunk_masks
+from kvstack.cache.pending import set_pending
+
+if TYPE_CHECKING:
+    from kvstack.cache.cache import KVStackCache
+    from kvstack.cache.layer import KVStackLayer
+
+__all__ = ["LinkedLayer", "MagnitudeLayer", "ReusingLayer"]
+
+ROWS = ("keys", "values")
+
+
+class LinkedLayer(CacheLayerMixin):
+    """What both linked kinds share: bookkeeping of the tokens seen and the transformers layer interface."""
+
+    owner: WeakOwner[KVStackCache] = WeakOwner()
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, owner: KVStackCache, layer_idx: int, source: int) -> None:
+        super().__init__()
+        self.owner = owner
+        self.layer_idx = layer_idx
+        self.source = source  # the layer whose store this one reads
+        self.seen = 0
+        self.pending = False
+        self.has_padding = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch, self.heads, _, self.head_dim = key_states.shape
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple:
+        """Take the new chunk ``[B, H, q, D]`` (what is kept of it is the subclass's); attention runs next."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.pending:
+            raise RuntimeError(
+                "kvstack cache used without the kvstack attention function; create caches with "
+                "kvstack.make_cache(model, spec), which selects it"
+            )
+        self.pending = True
+        self.seen += key_states.shape[2]
+        self._take_chunk(key_states, value_states)
+        set_pending(self)
+        return key_states, value_states
+
+    def _take_chunk(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Hold what the subclass needs of the chunk until its attention."""
+
+    def source_layer(self) -> KVStackLayer:
+        return self.owner.layers[self.source]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """Mask of the new chunk only, as :class:`KVStackLayer` (past entries are masked by their positions)."""
+        return query_length, self.seen - (query_length if self.pending else 0)
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.owner, self.layer_idx, self.source)  # type: ignore[misc]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("beam search is not supported by kvstack caches")
+
+    def shrink_to_fit(self) -> None:
+        """Nothing grows with slack here unless the subclass says so."""
+
+    def holds_every_token(self) -> bool:
+        """False: a linked layer's attention depends on another layer's store, never shared across caches."""
+        return False
+
+    def full_kv_bytes(self) -> int:
+        """What an uncompressed cache of the same tokens would hold in this layer (keys + values)."""
+        if not self.is_initialized:
+            return 0
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return self.seen * self.batch * self.heads * self.head_dim * 2 * element
+
+    def kept_entries(self) -> int:
+        """Entries this layer's attention reads (its source's), summed over sequences and KV heads."""
+        if not self.is_initialized:
+            return 0
+        source = self.source_layer()
+        return source.kept_entries() if source.is_initialized else 0
+
+    def _new_positions(self, position_ids: torch.Tensor | None, valid: torch.Tensor | None, batch: int,
+                       q_len: int, device: torch.device) -> torch.Tensor:
+        """``[B, q]`` int32 true positions of the chunk (``-1`` for padding)."""
+        if position_ids is None:
+            position_ids = torch.arange(self.seen - q_len, self.seen, device=device).unsqueeze(0)
+        positions = position_ids.to(torch.int32).expand(batch, -1)
+        if valid is not None:
+            positions = positions.masked_fill(~valid, -1)
+            if not bool(valid.all()):
+                self.has_padding = True
+        return positions
+
+    def _start_attention(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                         query: torch.Tensor, shared: Any) -> tuple:
+        if shared is not None:
+            raise RuntimeError("a layer linked to another layer's store cannot take a shared prompt attention")
+        if not self.pending:
+            raise RuntimeError(f"layer {self.layer_idx}: attention without an update")
+        self.pending = False
+        batch, _, q_len, _ = query.shape
+        causal, valid = chunk_masks(attention_mask, batch, q_len, query.device)
+        return causal, valid, self._new_positions(position_ids, valid, batch, q_len, query.device)
+
+
+class ReusingLayer(LinkedLayer):
+    """A layer that attends over a lower layer's entries (this forward's chunk included) and stores nothing.
+
+    The source must hold its entries as plain, dense, full-precision slots in position order (no codec, no
+    eviction): the policies that reuse layers keep every token.
+    """
+
+    def kv_bytes(self) -> int:
+        """Zero: the layer's keys and values are never stored."""
+        return 0
+
+    def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+               scaling: float, shared: Any = None) -> torch.Tensor:
+        """``[B, Hq, q, D]`` queries over the source's entries; returns ``[B, q, Hq, D]``."""
+        causal, valid, _ = self._start_attention(attention_mask, position_ids, query, shared)
+        source = self.source_layer()
+        if source.region is not None or source.ragged is not None or source.seen != self.seen:
+            raise RuntimeError(f"layer {self.layer_idx} reuses layer {self.source}, which must hold every token "
+                               "it was given as dense full-precision slots (no codec, no eviction)")
+        keys, values = source.keys[:, :, : source.length], source.values[:, :, : source.length]
+        q_len = query.shape[2]
+        past_valid = (source.positions[:, :, : source.length - q_len] >= 0) if source.has_padding else None
+        output, _ = attention_with_stats(query, keys, values, causal, past_valid, scaling, set(), 0,
+                                         query_valid=valid)
+        return output
+
+
+class MagnitudeLayer(LinkedLayer):
+    """The lower layer of a merged pair: per-token scales over the upper layer's shared rows (see the module)."""
+
+    def __init__(self, owner: KVStackCache, layer_idx: int, source: int) -> None:
+        super().__init__(owner, layer_idx, source)
+        self.chunk: tuple[torch.Tensor, torch.Tensor] | None = None  # exact rows awaiting the upper layer's merge
+        self.chunk_positions: torch.Tensor | None = None  # [B, q]
+        self.scales: dict[str, torch.Tensor] = {}  # name -> [B, H, capacity] by true position
+        self.positions_held = 0  # true positions 0 .. positions_held - 1 have a scale
+        self.retained_rows: dict[str, torch.Tensor] = {}  # name -> [N, D]
+        self.retained_index: dict[str, torch.Tensor] = {}  # name -> [N, 2] int32 (sequence * H + head, position)
+        self.cutoffs: dict[str, torch.Tensor] = {}  # name -> [B, H] float32, the policy's per-pair state
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        for name in ROWS:
+            self.scales[name] = key_states.new_empty((self.batch, self.heads, 0))
+            self.retained_rows[name] = key_states.new_empty((0, self.head_dim))
+            self.retained_index[name] = torch.empty((0, 2), dtype=torch.int32, device=self.device)
+
+    def _take_chunk(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.chunk = (key_states, value_states)
+
+    def kv_bytes(self) -> int:
+        """Bytes held: the scales, the retained rows and their index, the cutoffs (the chunk awaiting its
+        merge too, between this layer's attention and the upper layer's)."""
+        if not self.is_initialized:
+            return 0
+        tensors = [*self.scales.values(), *self.retained_rows.values(), *self.retained_index.values(),
+                   *self.cutoffs.values()]
+        if self.chunk is not None:
+            tensors.extend(self.chunk)
+        return sum(t.nbytes for t in tensors)
+
+    def shrink_to_fit(self) -> None:
+        for name, tensor in self.scales.items():
+            if tensor.shape[-1] > self.positions_held + growth_slack(self.positions_held) + 1:
+                self.scales[name] = tensor[:, :, : self.positions_held].clone()
+
+    # ------------------------------------------------------------------ attention
+    def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+               scaling: float, shared: Any = None) -> torch.Tensor:
+        """``[B, Hq, q, D]`` queries over the rebuilt past entries and the exact chunk; returns ``[B, q, Hq, D]``."""
+        causal, valid, positions = self._start_attention(attention_mask, position_ids, query, shared)
+        assert self.chunk is not None
+        self.chunk_positions = positions
+        past_keys, past_values, past_positions = self.rebuilt()
+        keys = torch.cat((past_keys, self.chunk[0]), dim=2)
+        values = torch.cat((past_values, self.chunk[1]), dim=2)
+        past_valid = (past_positions >= 0) if self.has_padding else None
+        output, _ = attention_with_stats(query, keys, values, causal, past_valid, scaling, set(), 0,
+                                         query_valid=valid)
+        return output
+
+    def rebuilt(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This layer's past entries, rebuilt from the upper layer's store: keys and values ``[B, H, N, D]``
+        (a transient copy) and their positions ``[B, H, N]``, in the upper layer's order."""
+        upper = self.source_layer()
+        if not upper.is_initialized or upper.encoded_entries() + upper.length == 0:
+            empty = self.chunk[0].new_empty((self.batch, self.heads, 0, self.head_dim))
+            return empty, empty.clone(), torch.empty((self.batch, self.heads, 0), dtype=torch.int32)
+        keys, values = upper.keys[:, :, : upper.length], upper.values[:, :, : upper.length]
+        if upper.encoded_entries():
+            encoded_keys, encoded_values = upper.region.decode_all()
+            keys, values = torch.cat((encoded_keys, keys), dim=2), torch.cat((encoded_values, values), dim=2)
+        positions = upper._all_positions()
+        index = positions.clamp(min=0).long()
+        slot_of: torch.Tensor | None = None
+        rebuilt = []
+        for name, rows in zip(ROWS, (keys, values), strict=True):
+            scale = self.scales[name].gather(2, index).to(rows.dtype)
+            rows = rows * scale.unsqueeze(-1)
+            if self.retained_rows[name].shape[0]:
+                if slot_of is None:
+                    slot_of = self._slot_of_position(positions)
+                where = self.retained_index[name].long()
+                slots = slot_of[where[:, 0], where[:, 1]]
+                rows.view(-1, rows.shape[2], self.head_dim)[where[:, 0], slots] = self.retained_rows[name]
+            rebuilt.append(rows)
+        return rebuilt[0], rebuilt[1], positions
+
+    def _slot_of_position(self, positions: torch.Tensor) -> torch.Tensor:
+        """``[B * H, P]`` the slot of each true position in ``positions`` ``[B, H, N]`` (``-1``: none)."""
+        flat = positions.reshape(-1, positions.shape[-1]).long()
+        slot_of = torch.full((flat.shape[0], self.positions_held), -1, dtype=torch.long, device=flat.device)
+        row, slot = (flat >= 0).nonzero(as_tuple=True)
+        slot_of[row, flat[row, slot]] = slot
+        return slot_of
+
+    # ------------------------------------------------------------------ the pair's merge
+    def absorb(self, upper_keys: torch.Tensor, upper_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merge this forward's chunk with the upper layer's (``[B, H, q, D]`` each, after its attention).
+
+        Stores this layer's scales and retained rows; returns what the upper layer stores for the chunk.
+        """
+        if self.chunk is None or self.chunk_positions is None:
+            raise RuntimeError(f"layer {self.layer_idx + 1} merges with layer {self.layer_idx}, which has no chunk")
+        positions = self.chunk_positions.unsqueeze(1).expand(-1, self.heads, -1)  # [B, H, q]
+        valid = positions >= 0
+        self._grow(int(positions.max()) + 1)
+        method = self.owner.method
+        shared = []
+        for name, lower, upper in zip(ROWS, self.chunk, (upper_keys, upper_values), strict=True):
+            merged = method.merge_layer_pair(lower, upper, valid, self.cutoffs.get(name))
+            self.cutoffs[name] = merged.cutoff.float()
+            seq, head, token = valid.nonzero(as_tuple=True)
+            self.scales[name][seq, head, positions[seq, head, token].long()] = merged.scale[seq, head, token].to(
+                self.scales[name].dtype)
+            seq, head, token = (merged.retained & valid).nonzero(as_tuple=True)
+            if seq.numel():
+                index = torch.stack((seq * self.heads + head, positions[seq, head, token].long()), dim=1)
+                self.retained_index[name] = torch.cat((self.retained_index[name], index.to(torch.int32)))
+                self.retained_rows[name] = torch.cat((self.retained_rows[name], lower[seq, head, token]))
+            shared.append(merged.shared)
+        self.chunk = self.chunk_positions = None
+        return shared[0], shared[1]
+
+    def _grow(self, needed: int) -> None:
+        """Room for scales at true positions ``0 .. needed - 1``."""
+        if needed > self.scales["keys"].shape[-1]:
+            capacity = needed + growth_slack(needed)
+            for name, tensor in self.scales.items():
+                grown = tensor.new_ones((self.batch, self.heads, capacity))
+                grown[:, :, : tensor.shape[-1]] = tensor
+                self.scales[name] = grown
+        self.positions_held = max(self.positions_held, needed)
