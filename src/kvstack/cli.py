@@ -154,24 +154,14 @@ def _calibrate_kvsharer(args: argparse.Namespace, model: Any, tokenizer: Any) ->
     """Search KVSharer's layer map on calibration text and write it (``calibrate --kvsharer N``)."""
     import time
 
-    import torch
+    from kvstack.calibration.layer_search import calibrate_layer_map
 
-    from kvstack.calibration import calibration_text_ids, model_key
-    from kvstack.calibration.layer_map import layer_map_path, save_layer_map
-    from kvstack.calibration.layer_search import search_layer_map
-
-    key = model_key(model)
-    path = layer_map_path(key, args.kvsharer, args.kvsharer_threshold)
-    if path.is_file() and not args.force:
+    start = time.perf_counter()
+    path, record = calibrate_layer_map(model, tokenizer, args.kvsharer, args.kvsharer_threshold, tokens=args.tokens,
+                                       sequence_length=args.sequence_length, source=args.source, force=args.force)
+    if record is None:
         print(f"kvsharer map: {path} (existing; --force to redo)")
         return 0
-    length = min(args.sequence_length, args.tokens)
-    ids, source = calibration_text_ids(tokenizer, args.tokens // length * length, args.source)
-    batch = torch.tensor(ids, device=next(model.parameters()).device).view(-1, length)
-    start = time.perf_counter()
-    record = search_layer_map(model, batch, args.kvsharer, args.kvsharer_threshold)
-    record.update(model_key=key, source=source, tokens=batch.numel(), sequence_length=length)
-    save_layer_map(record, path)
     shared = ", ".join(f"{layer}<-{source}" for layer, source in record["map"].items()) or "none"
     print(f"kvsharer map: {path} (written; {time.perf_counter() - start:.1f} s, {len(record['trials'])} trials)")
     print(f"{len(record['map'])} of {args.kvsharer} layers share (layer<-reused layer): {shared}")

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from kvstack.calibration.layer_map import MAP_FORMAT, MAP_VERSION
+from kvstack.calibration.layer_map import MAP_FORMAT, MAP_VERSION, layer_map_path, save_layer_map
 
-__all__ = ["search_layer_map"]
+__all__ = ["calibrate_layer_map", "search_layer_map"]
 
 
 @torch.no_grad()
@@ -75,3 +76,23 @@ def search_layer_map(model: nn.Module, ids: torch.Tensor, layers: int, threshold
         "threshold": threshold, "map": {str(layer): source for layer, source in sorted(accepted.items())},
         "trials": trials,
     }
+
+
+def calibrate_layer_map(model: nn.Module, tokenizer: Any, layers: int, threshold: float, *, tokens: int = 2048,
+                        sequence_length: int = 512, source: str = "python-docs",
+                        force: bool = False) -> tuple[Path, dict[str, Any] | None]:
+    """The model's map for ``layers`` at ``threshold``: searched on ``tokens`` calibration tokens (in sequences
+    of ``sequence_length``) and written, unless it exists (then ``(path, None)``; ``force`` searches again)."""
+    from kvstack.calibration.identity import model_key
+    from kvstack.calibration.text import calibration_text_ids
+
+    key = model_key(model)
+    path = layer_map_path(key, layers, threshold)
+    if path.is_file() and not force:
+        return path, None
+    length = min(sequence_length, tokens)
+    ids, description = calibration_text_ids(tokenizer, tokens // length * length, source)
+    batch = torch.tensor(ids, device=next(model.parameters()).device).view(-1, length)
+    record = search_layer_map(model, batch, layers, threshold)
+    record.update(model_key=key, source=description, tokens=batch.numel(), sequence_length=length)
+    return save_layer_map(record, path), record
