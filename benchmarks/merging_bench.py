@@ -43,7 +43,9 @@ from kvstack.bench import BenchConfig, latest_results, plan_cells, run_bench
 
 OUT = "benchmarks/results/merging"
 BASE = "h2o(ratio={ratio})"
-MERGING = ["cam(h2o(ratio={ratio}))", "d2o(h2o(ratio={ratio}))", "kvmerger(h2o(ratio={ratio}))"]
+MERGING = ["cam(h2o(ratio={ratio}))", "d2o(h2o(ratio={ratio}))", "kvmerger(h2o(ratio={ratio}))",
+           "cam(h2o(ratio={ratio}), proportional=True)"]
+NAMES = dict(zip(MERGING, ["cam", "d2o", "kvmerger", "cam-proportional"], strict=True))
 TASKS = ["passkey", "niah_single_noise", "niah_single_prose", "niah_multikey", "niah_multikey_uuid",
          "niah_multivalue", "niah_multiquery", "niah", "vt", "perplexity"]
 SAMPLES = 20
@@ -95,7 +97,7 @@ def report(out: str) -> str:
     bases = {cell_id(r): r for r in records if r["method"].startswith("h2o(")}
     rows = []
     for template in MERGING:
-        name = template.split("(")[0]
+        name = NAMES[template]
         for ratio in (0.5, 0.75):
             for length in (1024, 2048):
                 mine = [r for r in records if r["method"] == template.format(ratio=ratio) and r["length"] == length]
@@ -111,7 +113,7 @@ def report(out: str) -> str:
     lines += ["", "Bar (ratio 0.75, mean over the cells measured): at least the base's score at no more than 2% "
               "more bytes.", ""]
     for template in MERGING:
-        name = template.split("(")[0]
+        name = NAMES[template]
         mine = [r for r in records if r["method"] == template.format(ratio=0.75)]
         result = paired(mine, bases)
         if result is None:

@@ -70,6 +70,36 @@ def test_cam_gives_back_the_evicted_share_of_the_output(length, recipients, seed
     assert update.keys is None
 
 
+@settings(max_examples=40, deadline=None)
+@given(length=st.integers(6, 40), recipients=st.integers(1, 8), seed=st.integers(0, 10_000), data=st.data())
+def test_proportional_cam_gives_the_same_share_as_weight_and_keeps_values_convex(length, recipients, seed, data):
+    """cam(..., proportional=True): mass * value of the kept entries gains exactly what plain CaM adds to
+    their values (for unit masses), the mass grows by CaM's coefficients, and every value is a convex
+    combination of itself and the evicted one."""
+    gen = torch.Generator().manual_seed(seed)
+    keys, values = torch.randn(1, 2, length, 8, generator=gen), torch.randn(1, 2, length, 8, generator=gen)
+    attention = torch.rand(1, 2, length, generator=gen)
+    evict = data.draw(st.integers(0, length - 1))
+    evicted = torch.full((1, 2, 1), evict)
+    state = {"accumulated": torch.zeros(1, 2, length), LOG_MASS: torch.zeros(1, 2, length)}
+    plain = parse(f"cam(h2o(budget={length - 1}), recipients={recipients})").merge(
+        _view(keys, values, attention, state), evicted)
+    method = parse(f"cam(h2o(budget={length - 1}), recipients={recipients}, proportional=True)")
+    assert method.mass_state == LOG_MASS
+    update = method.merge(_view(keys, values, attention, state), evicted)
+    mass = update.state[LOG_MASS].exp()
+    kept = [i for i in range(length) if i != evict]
+    gain = plain.values[:, :, kept] - values[:, :, kept]  # [1, 2, K, D] what CaM adds: c * v_e
+    coefficient = (gain * values[:, :, evict : evict + 1]).sum(-1) / values[:, :, evict].pow(2).sum(-1, keepdim=True)
+    torch.testing.assert_close(mass[:, :, kept] - 1, coefficient, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(mass[:, :, kept].unsqueeze(-1) * update.values[:, :, kept] - values[:, :, kept], gain,
+                               atol=1e-5, rtol=1e-4)
+    lam = (mass - 1) / mass  # the share of the evicted value in each entry
+    expected = (1 - lam[:, :, kept]).unsqueeze(-1) * values[:, :, kept] + lam[:, :, kept].unsqueeze(-1) * values[
+        :, :, evict : evict + 1]
+    torch.testing.assert_close(update.values[:, :, kept], expected, atol=1e-5, rtol=1e-4)
+
+
 def test_cam_keeps_the_output_when_the_evicted_entry_is_weak():
     """The attention output before renormalisation is unchanged by evicting a weakly attended entry."""
     gen = torch.Generator().manual_seed(3)

@@ -137,10 +137,16 @@ class CaM(MergingMethod):
     the share is capped, as the paper's merge probability is. ``sampling='bernoulli'`` is the paper's
     stochastic form: the value is added (as ``v_e / m``) with probability ``min(1, a_e / mean_R a)``, the same
     in expectation. Keys are not changed.
+
+    ``proportional=True`` keeps the same numerator as a weight instead of a sum: a recipient's mass grows by
+    ``c * mass_e`` and its value becomes the mass-weighted average, so ``mass * value`` gains exactly
+    CaM's ``c v_e`` while the entry's ``log(mass)`` enters its attention logit. Under a base that evicts at
+    every step, values then stay convex combinations instead of piling up additions.
     """
 
     recipients: int = 16
     sampling: str = "expected"
+    proportional: bool = False
 
     extra_needs = frozenset({STAT_COLSUM})
 
@@ -169,6 +175,15 @@ class CaM(MergingMethod):
         coefficient = (ratio / count * valid).unsqueeze(-1) * usable  # [B, H, E, m]
         values = view.values.float()
         evicted_values = _rows(values, evicted)  # [B, H, E, D]
+        if self.proportional:
+            mass = view.state[LOG_MASS].exp()  # [B, H, L]
+            moved = coefficient * mass.gather(-1, evicted).unsqueeze(-1)  # [B, H, E, m]
+            new_mass = mass.scatter_add(-1, recipients.flatten(2), moved.flatten(2))
+            added = moved.unsqueeze(-1) * evicted_values.unsqueeze(3)  # [B, H, E, m, D]
+            weighted = _add_rows(values * mass.unsqueeze(-1), recipients.flatten(2), added.flatten(2, 3))
+            touched = (new_mass > mass).unsqueeze(-1)  # untouched entries stay bit-exact
+            merged = torch.where(touched, weighted / new_mass.unsqueeze(-1), values)
+            return MergeUpdate(values=merged.to(view.values.dtype), state={LOG_MASS: new_mass.log()})
         added = coefficient.unsqueeze(-1) * evicted_values.unsqueeze(3)  # [B, H, E, m, D]
         merged = _add_rows(values, recipients.flatten(2), added.flatten(2, 3))
         return MergeUpdate(values=merged.to(view.values.dtype))
