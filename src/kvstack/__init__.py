@@ -14,6 +14,7 @@ CLI's help, ``kvstack methods`` and spec errors answer at once.
 from __future__ import annotations
 
 from kvstack import methods as _methods  # noqa: F401  (registers every method under its spec name)
+from kvstack import transforms as _transforms  # noqa: F401  (registers the model transforms)
 from kvstack.lazy_import import deferred_attributes
 from kvstack.spec import SpecError, describe, list_methods, parse
 
@@ -28,6 +29,7 @@ _DEFERRED = {
     "prefill_shared_chunks": "kvstack.api",
     "KVStackCache": "kvstack.cache",
     "load_model": "kvstack.models",
+    "transform": "kvstack.transforms",
 }
 
 
@@ -47,5 +49,6 @@ __all__ = [
     "prefill",
     "prefill_shared",
     "prefill_shared_chunks",
+    "transform",
 ]
 __version__ = "0.1.0"

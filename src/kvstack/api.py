@@ -64,6 +64,9 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
     """
     method = parse(spec)
     label = method.label()
+    if getattr(method, "is_transform", False):
+        raise InputError(f"{label} is a model transform, not a cache method: apply it with "
+                         "kvstack.transform(model, spec) (or `kvstack transform`), then make a cache on the new model")
     codec = None
     if isinstance(method, Composed):
         method, codec = method.selection, method.codec

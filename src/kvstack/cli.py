@@ -168,6 +168,35 @@ def _calibrate_kvsharer(args: argparse.Namespace, model: Any, tokenizer: Any) ->
     return 0
 
 
+def cmd_transform(args: argparse.Namespace) -> int:
+    """Apply a model transform and write the new model as a checkpoint plain transformers loads."""
+    import json
+    from pathlib import Path
+
+    from kvstack.spec import parse
+
+    method = parse(args.spec)  # a bad spec is one line before the model loads
+    if not getattr(method, "is_transform", False):
+        raise UsageError(f"{method.label()} is a cache method, not a model transform; transforms are listed under "
+                         "'model/' in `kvstack methods`")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"--out {out} exists and is not empty; give a new directory")
+
+    from kvstack.models import load_model
+    from kvstack.transforms import transform
+
+    model, tokenizer = load_model(args.model, device=args.device)
+    new, record = transform(model, method, tokenizer=tokenizer, source=args.source)
+    out.mkdir(parents=True, exist_ok=True)
+    new.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "kvstack_transform.json").write_text(json.dumps({**record, "model": args.model}, indent=1))
+    before, after = record["kv_bytes_per_token"]
+    print(f"{record['spec']}: {out} written ({before} -> {after} KV bytes per token, {record['seconds']:.1f} s)")
+    return 0
+
+
 def _check_serve_args(args: argparse.Namespace) -> None:
     """Refuse bad ``serve`` arguments before anything heavy is imported (one line each)."""
     if not 0 <= args.port <= 65535:
@@ -311,6 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--force", action="store_true", help="recalibrate even when an artefact exists")
     cal.add_argument("--no-progress", action="store_true", help="no progress bar")
     cal.set_defaults(func=cmd_calibrate)
+
+    trans = sub.add_parser("transform", help="convert a model to need less KV cache (gqa...) and save it",
+                           description="Apply a model transform (see `kvstack methods`, category model/) and write "
+                                       "the new model as a checkpoint plain transformers loads.")
+    trans.add_argument("--model", default="smollm2-135m", help="model name or local HF directory")
+    trans.add_argument("--spec", required=True, help="the transform, e.g. \"gqa(kv_heads=1, how='svd')\"")
+    trans.add_argument("--out", required=True, help="directory to write the new checkpoint to (new or empty)")
+    trans.add_argument("--source", default="python-docs", help="calibration text (as for calibrate)")
+    trans.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    trans.set_defaults(func=cmd_transform)
 
     add_bench_parser(sub)
     add_engine_bench_parser(sub)

@@ -1,0 +1,165 @@
+"""Model transforms: fewer KV heads (gqa), against weights computed independently and exact-conversion cases."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import build_model, random_ids, usage_error
+
+import kvstack
+from kvstack.transforms import TransformError
+
+CALIBRATION = random_ids(64, batch=4, seed=11)
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return build_model(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4)
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_keeping_every_kv_head_changes_nothing_and_the_input_is_not_modified(model) -> None:
+    weights = {name: p.clone() for name, p in model.named_parameters()}
+    ids = random_ids(20)
+    new, record = kvstack.transform(model, "gqa(kv_heads=4, how='svd')", calibration_ids=CALIBRATION)
+    torch.testing.assert_close(_logits(new, ids), _logits(model, ids), atol=1e-5, rtol=1e-5)
+    kvstack.transform(model, "gqa(kv_heads=1)")
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
+    assert model.config.num_key_value_heads == 4 and record["kv_bytes_per_token"][0] == record["kv_bytes_per_token"][1]
+
+
+def test_mean_pooling_averages_each_group_of_adjacent_heads(model) -> None:
+    new, record = kvstack.transform(model, "gqa(kv_heads=2)")
+    assert new.config.num_key_value_heads == 2 and record["groups"][0] == [[0, 1], [2, 3]]
+    assert record["kv_bytes_per_token"] == [2 * 2 * 4 * 8 * 4, 2 * 2 * 2 * 8 * 4]  # layers, heads, head_dim 8
+    for old_layer, new_layer in zip(model.model.layers, new.model.layers, strict=True):
+        for name in ("k_proj", "v_proj"):
+            old = getattr(old_layer.self_attn, name).weight.view(4, 8, -1)
+            expected = torch.stack((old[0:2].mean(0), old[2:4].mean(0))).view(16, -1)
+            torch.testing.assert_close(getattr(new_layer.self_attn, name).weight, expected)
+        assert torch.equal(new_layer.self_attn.q_proj.weight, old_layer.self_attn.q_proj.weight)
+        assert new_layer.self_attn.num_key_value_groups == 4
+
+
+def _twin_heads(pairs: list[tuple[int, int]]) -> torch.nn.Module:
+    """A 4-KV-head model (head_dim 8) whose heads in each pair have identical key and value projections."""
+    twin = build_model(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, seed=3)
+    with torch.no_grad():
+        for layer in twin.model.layers:
+            for name in ("k_proj", "v_proj"):
+                weight = getattr(layer.self_attn, name).weight.view(4, 8, -1)
+                for source, copy in pairs:
+                    weight[copy] = weight[source]
+    return twin
+
+
+def test_similarity_grouping_finds_identical_heads_and_converts_them_exactly() -> None:
+    twin = _twin_heads([(0, 2), (1, 3)])  # heads 0 and 2 alike, 1 and 3 alike: not adjacent
+    ids = random_ids(24)
+    similar, record = kvstack.transform(twin, "gqa(kv_heads=2, how='similarity')", calibration_ids=CALIBRATION)
+    assert record["groups"][0] == [[0, 2], [1, 3]]
+    torch.testing.assert_close(_logits(similar, ids), _logits(twin, ids), atol=1e-5, rtol=1e-5)
+    adjacent, _ = kvstack.transform(twin, "gqa(kv_heads=2, how='mean')")
+    assert not torch.allclose(_logits(adjacent, ids), _logits(twin, ids), atol=1e-3)
+
+
+def test_svd_merge_is_exact_when_heads_are_rotary_and_linear_multiples() -> None:
+    """Keys of head 1 are a complex scalar (per rotary pair) times head 0's, values a linear map of head 0's:
+    the SVD merge into one KV head, folded into queries and output, keeps every logit."""
+    model = build_model(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, seed=5)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            keys = layer.self_attn.k_proj.weight.view(2, 16, -1)
+            scale = torch.randn(8, generator=generator) + 1j * torch.randn(8, generator=generator)
+            first = torch.complex(keys[0, :8], keys[0, 8:])
+            second = scale.unsqueeze(-1) * first
+            keys[1] = torch.cat((second.real, second.imag))
+            values = layer.self_attn.v_proj.weight.view(2, 16, -1)
+            values[1] = torch.randn(16, 16, generator=generator) @ values[0]
+    ids = random_ids(24)
+    merged, _ = kvstack.transform(model, "gqa(kv_heads=1, how='svd')", calibration_ids=CALIBRATION)
+    torch.testing.assert_close(_logits(merged, ids), _logits(model, ids), atol=1e-4, rtol=1e-4)
+    pooled, _ = kvstack.transform(model, "gqa(kv_heads=1, how='mean')")
+    assert not torch.allclose(_logits(pooled, ids), _logits(model, ids), atol=1e-2)
+
+
+def test_svd_is_closer_to_the_model_than_mean_pooling(model) -> None:
+    ids = random_ids(32, seed=9)
+    reference = _logits(model, ids)
+    errors = {}
+    for how in ("mean", "svd"):
+        new, _ = kvstack.transform(model, f"gqa(kv_heads=1, how={how!r})", calibration_ids=CALIBRATION)
+        errors[how] = float((_logits(new, ids) - reference).pow(2).mean())
+    assert errors["svd"] < errors["mean"]
+
+
+def test_a_transformed_model_runs_every_cache_method_and_reports_its_bytes(model) -> None:
+    new, _ = kvstack.transform(model, "gqa(kv_heads=1, how='svd')", calibration_ids=CALIBRATION)
+    ids = random_ids(64)
+    full_old = kvstack.make_cache(model, "full")
+    kvstack.prefill(model, ids, full_old)
+    full_new = kvstack.make_cache(new, "full")
+    kvstack.prefill(new, ids, full_new)
+    assert full_new.full_kv_bytes() * 4 == full_old.full_kv_bytes()
+    composed = kvstack.make_cache(new, "snapkv(ratio=0.5) + kivi(bits=4, group_size=8, residual=16)")
+    kvstack.prefill(new, ids, composed)
+    assert composed.kv_bytes() == sum(layer.kv_bytes() for layer in composed.layers)
+    assert composed.kv_bytes() < full_new.kv_bytes()
+    cache = kvstack.make_cache(new, "full")
+    out = new.generate(ids, **kvstack.cache_kwargs(new, cache), max_new_tokens=5, do_sample=False)
+    plain = new.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(out, plain)
+
+
+def test_the_saved_checkpoint_loads_in_plain_transformers_with_the_same_logits(model, tmp_path) -> None:
+    new, _ = kvstack.transform(model, "gqa(kv_heads=2, how='svd')", calibration_ids=CALIBRATION)
+    new.save_pretrained(tmp_path)
+    ids = random_ids(16, seed=4)
+    script = (
+        "import json, sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, dtype=torch.float32).eval()\n"
+        f"ids = torch.tensor({ids.tolist()})\n"
+        "with torch.no_grad(): out = m(input_ids=ids).logits\n"
+        "assert 'kvstack' not in sys.modules\n"
+        "print(json.dumps(out.tolist()))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    loaded = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
+    torch.testing.assert_close(loaded, _logits(new, ids), atol=1e-4, rtol=0)
+
+
+def test_bad_transforms_are_one_line_each(model) -> None:
+    with pytest.raises(TransformError, match=r"kv_heads=3 does not divide the model's 4 KV heads.*one of 1, 2, 4"):
+        kvstack.transform(model, "gqa(kv_heads=3)")
+    with pytest.raises(TransformError, match="fits on calibration text: pass tokenizer="):
+        kvstack.transform(model, "gqa(kv_heads=2, how='svd')")
+    with pytest.raises(TransformError, match="is a cache method, not a model transform"):
+        kvstack.transform(model, "snapkv(ratio=0.5)")
+    with pytest.raises(kvstack.InputError, match="is a model transform, not a cache method"):
+        kvstack.make_cache(model, "gqa(kv_heads=2)")
+    with pytest.raises(kvstack.SpecError, match="how must be one of"):
+        kvstack.parse("gqa(how='median')")
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16))
+    with pytest.raises(TransformError, match=r"Llama-style attention.*qwen3 is not one") as err:
+        kvstack.transform(qwen3, "gqa(kv_heads=1)")
+    assert "\n" not in str(err.value)
+
+
+def test_cli_transform_refuses_bad_input_before_loading_a_model(capsys, tmp_path) -> None:
+    err = usage_error(capsys, ["transform", "--spec", "gqa(how='median')", "--out", str(tmp_path / "x")])
+    assert "how must be one of" in err
+    err = usage_error(capsys, ["transform", "--spec", "snapkv(ratio=0.5)", "--out", str(tmp_path / "x")])
+    assert "is a cache method" in err
