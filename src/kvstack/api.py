@@ -18,6 +18,7 @@ import torch
 
 from kvstack import attention
 from kvstack.cache.cache import KVStackCache
+from kvstack.cache.page_tier import check_tier_dir
 from kvstack.contract import LINK_REUSE
 from kvstack.errors import InputError
 from kvstack.methods.base import Composed, Method
@@ -95,6 +96,12 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
         if codec is not None and any(link.kind == LINK_REUSE for link in layer_links.values()):
             raise InputError(f"{method.label()} lets layers reuse another layer's cache and does not compose with a "
                              "codec yet; use it alone")
+    tier_dir = None
+    if method.reads_pages:
+        if codec is not None:
+            raise InputError(f"{method.label()} keeps its pages in full precision and does not compose with a codec "
+                             "yet; use it alone")
+        tier_dir = check_tier_dir(method.tier_dir)
     attention.register()
     if getattr(model.config, "_attn_implementation", None) != attention.ATTENTION_NAME:
         model.set_attn_implementation(attention.ATTENTION_NAME)
@@ -109,6 +116,7 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
         calibration=calibration,
         label=label,
         layer_links=layer_links,
+        tier_dir=tier_dir,
     )
 
 

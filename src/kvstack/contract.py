@@ -275,6 +275,7 @@ class Policy(Protocol):
     layer_state_names: ClassVar[tuple[str, ...]]
     allocates_layers: ClassVar[bool]
     cross_layer: ClassVar[bool]
+    reads_pages: ClassVar[bool]
 
     def label(self) -> str: ...
     def compresses(self) -> bool: ...
@@ -324,6 +325,17 @@ class Policy(Protocol):
                          cutoff: torch.Tensor | None) -> LayerPairMerge:
         """Magnitude-linked layers: merge a chunk's ``[B, H, q, D]`` lower and upper rows (``valid`` ``[B, H, q]``:
         not padding); ``cutoff`` is what the last call returned for this pair (None at the first chunk)."""
+
+    def page_size(self) -> int:
+        """Page-reading policies: entries per page (a power of two)."""
+
+    def pages_read(self, full_pages: int) -> int:
+        """Page-reading policies: how many of ``full_pages`` stored pages a decoding step reads."""
+
+    def page_scores(self, query: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor) -> torch.Tensor:
+        """Page-reading policies: ``[B, H, P]`` relevance of each page for one decoding step's ``query``
+        ``[B, H, G, D]`` (the ``G`` query heads of each KV head), from the pages' element-wise key minima and
+        maxima ``[B, H, P, D]``; the top pages are read."""
 
 
 class CodecSpec(Protocol):

@@ -9,6 +9,7 @@ from transformers.cache_utils import Cache
 
 from kvstack.cache.cross_layer import MagnitudeLayer, ReusingLayer
 from kvstack.cache.layer import KVStackLayer
+from kvstack.cache.page_tier import TieredLayer
 from kvstack.contract import LINK_MAGNITUDE, LINK_REUSE, CodecSpec, LayerLink, Policy
 
 
@@ -38,6 +39,9 @@ class KVStackCache(Cache):
     layer_links:
         ``{layer: LayerLink}`` of the layers that store through another layer's store (cross-layer policies:
         :mod:`kvstack.cache.cross_layer`); every other layer stores its own entries.
+    tier_dir:
+        For page-reading policies (``method.reads_pages``): the directory of the slow tier's files (checked
+        writable by the caller, :func:`kvstack.cache.page_tier.check_tier_dir`).
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class KVStackCache(Cache):
         calibration: Any = None,
         label: str,
         layer_links: dict[int, LayerLink] | None = None,
+        tier_dir: str | None = None,
     ) -> None:
         self.method = method
         self._label = label
@@ -66,13 +71,18 @@ class KVStackCache(Cache):
         self.more_prompt_follows = False
         self.layer_statistics: dict[int, torch.Tensor] = {}  # layer -> [B] statistic of its first forward
         self.layer_budgets: list[int] | None = None  # per-layer budgets a layer-allocating policy chose
+        self.tier_dir = tier_dir
         self.layer_links = check_layer_links(layer_links or {}, num_layers)
         # upper layer -> the lower layer holding magnitudes over its rows (MiniCache pairs)
         self.magnitude_lower = {link.source: layer for layer, link in self.layer_links.items()
                                 if link.kind == LINK_MAGNITUDE}
         super().__init__(layers=[self._new_layer(i) for i in range(num_layers)])
 
-    def _new_layer(self, layer_idx: int) -> KVStackLayer | ReusingLayer | MagnitudeLayer:
+    def _new_layer(self, layer_idx: int) -> KVStackLayer | ReusingLayer | MagnitudeLayer | TieredLayer:
+        if self.method.reads_pages:
+            if self.tier_dir is None:
+                raise ValueError(f"{self._label} reads pages from a slow tier: give the cache a tier_dir")
+            return TieredLayer(self, layer_idx, self.tier_dir)
         link = self.layer_links.get(layer_idx)
         if link is None:
             return KVStackLayer(self, layer_idx)
@@ -128,6 +138,10 @@ class KVStackCache(Cache):
         """Bytes of every tensor the cache holds: keys, values, positions, method state, bookkeeping."""
         return sum(layer.kv_bytes() for layer in self.layers)
 
+    def tier_bytes(self) -> int:
+        """Bytes held in a slower tier instead of memory (page-reading policies; 0 for every other cache)."""
+        return sum(layer.tier_bytes() for layer in self.layers)
+
     def full_kv_bytes(self) -> int:
         """Bytes an uncompressed cache (transformers' ``DynamicCache``) of the same tokens would hold."""
         return sum(layer.full_kv_bytes() for layer in self.layers)
@@ -175,6 +189,7 @@ class KVStackCache(Cache):
             "kv_bytes": held,
             "full_kv_bytes": full,
             "compression_ratio": 1.0 - held / full if full else 0.0,
+            "tier_bytes": self.tier_bytes(),
         }
 
 

@@ -104,6 +104,10 @@ class LinkedLayer(CacheLayerMixin):
         """False: a linked layer's attention depends on another layer's store, never shared across caches."""
         return False
 
+    def tier_bytes(self) -> int:
+        """Bytes in a slower tier: none, this layer holds its entries in memory."""
+        return 0
+
     def full_kv_bytes(self) -> int:
         """What an uncompressed cache of the same tokens would hold in this layer (keys + values)."""
         if not self.is_initialized:

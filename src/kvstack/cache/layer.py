@@ -252,6 +252,10 @@ class KVStackLayer(LayerAttentionPaths, LayerEviction, CacheLayerMixin):
         demoted = self.demoted.nbytes() if self.demoted is not None else 0
         return sum(t.nbytes for t in tensors) + encoded + demoted
 
+    def tier_bytes(self) -> int:
+        """Bytes in a slower tier: none, this layer holds its entries in memory."""
+        return 0
+
     def encoded_entries(self) -> int:
         """Entries per (sequence, head) held in encoded form (0 without a codec)."""
         return self.region.length if self.region is not None else 0

@@ -55,6 +55,8 @@ def method_share_blocker(method: Any, codec: Any = None) -> str | None:
         return f"it encodes entries with {codec.label()}"
     if method.cross_layer:
         return "its layers store through other layers' stores (a layer's attention depends on another's)"
+    if method.reads_pages:
+        return "its method keeps its entries in pages in a slow tier"
     if method.dynamic:
         return "its method evicts while the prompt is read"
     if method.state_names:
@@ -76,7 +78,7 @@ def _statistics_key(method: Any, codec: Any, dynamic: bool) -> StatsShareKey | N
     plain dense entries (no codec, in-cache positions, low-precision demotion or sparse attention); else None."""
     if codec is not None or method.dynamic != dynamic or method.uses_cache_positions():
         return None
-    if method.demotion_codec() is not None or method.sparse_attention or method.cross_layer:
+    if method.demotion_codec() is not None or method.sparse_attention or method.cross_layer or method.reads_pages:
         return None
     return frozenset(method.needs), int(method.window_queries())
 

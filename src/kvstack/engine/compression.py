@@ -41,6 +41,9 @@ def engine_method(spec: str | Method, prompt_length: int, num_layers: int) -> Me
                            "not supported in the engine")
     if not isinstance(method, Method):
         raise KVStackError(f"expected a method spec such as 'snapkv(budget=256)', got {type(method).__name__}")
+    if method.reads_pages:
+        raise KVStackError(f"{method.label()} cannot run in the paged engine yet: its pages live in a slow tier the "
+                           "pool does not have; use it with kvstack.make_cache")
     if method.cross_layer:
         raise KVStackError(f"{method.label()} cannot run in the paged engine: its layers store through other layers' "
                            "stores, which the pool's per-layer blocks do not have; use it with kvstack.make_cache")

@@ -8,6 +8,7 @@ from kvstack.methods import (  # noqa: F401  (registration)
     lowrank,
     merging,
     quantization,
+    retrieval,
     selection,
 )
 from kvstack.methods.base import BudgetedMethod, Method

@@ -67,6 +67,9 @@ class Method:
         (:meth:`layer_statistic`, :meth:`allocate_layers`).
     cross_layer:
         True when some layers store their entries through another layer's store (:meth:`layer_links`).
+    reads_pages:
+        True when every entry is kept, in pages in a slower tier, and each decoding step reads only the pages
+        :meth:`page_scores` ranks highest (:meth:`page_size`, :meth:`pages_read`).
     """
 
     spec_name: ClassVar[str]
@@ -81,6 +84,7 @@ class Method:
     layer_state_names: ClassVar[tuple[str, ...]] = ()
     allocates_layers: ClassVar[bool] = False
     cross_layer: ClassVar[bool] = False
+    reads_pages: ClassVar[bool] = False
 
     # -- budget -------------------------------------------------------------------------------------
     def allocate_heads(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
@@ -132,6 +136,18 @@ class Method:
                          cutoff: torch.Tensor | None) -> LayerPairMerge:
         """Cross-layer merging methods only: what a layer pair stores for one chunk (see the contract)."""
         raise NotImplementedError(f"{type(self).__name__} does not merge layer pairs")
+
+    def page_size(self) -> int:
+        """Page-reading methods only: entries per page."""
+        raise NotImplementedError(f"{type(self).__name__} does not read pages")
+
+    def pages_read(self, full_pages: int) -> int:
+        """Page-reading methods only: how many stored pages a decoding step reads."""
+        raise NotImplementedError(f"{type(self).__name__} does not read pages")
+
+    def page_scores(self, query: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor) -> torch.Tensor:
+        """Page-reading methods only: ``[B, H, P]`` relevance of each page (see the contract)."""
+        raise NotImplementedError(f"{type(self).__name__} does not read pages")
 
     def compresses(self) -> bool:
         """False for methods that keep everything (``full``)."""

@@ -1,0 +1,172 @@
+"""Quest: page bounds, exactness with a budget that covers everything, the slow tier's bytes and checksums."""
+
+from __future__ import annotations
+
+import gc
+import os
+import tempfile
+
+import pytest
+import torch
+from conftest import build_model, random_ids, usage_error
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import DynamicCache
+
+import kvstack
+from kvstack.cache.cache import KVStackCache
+from kvstack.cache.page_tier import TieredLayer, TierError
+from kvstack.methods.retrieval import Quest
+from kvstack.spec import SpecError, parse
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return build_model(num_hidden_layers=2)
+
+
+def _steps(model, ids, cache, mask=None, steps: int = 8) -> list[torch.Tensor]:
+    """Prompt logits, then greedy decoding one forward at a time: each step's ``[B, V]``."""
+    kwargs = {} if mask is None else {"attention_mask": mask}
+    with torch.no_grad():
+        out = model(input_ids=ids, **kvstack.cache_kwargs(model, cache), use_cache=True, **kwargs)
+        logits = [out.logits[:, -1]]
+        for _ in range(steps):
+            token = logits[-1].argmax(-1, keepdim=True)
+            if mask is not None:
+                mask = torch.cat((mask, torch.ones_like(token)), dim=1)
+                kwargs = {"attention_mask": mask}
+            out = model(input_ids=token, **kvstack.cache_kwargs(model, cache), use_cache=True, **kwargs)
+            logits.append(out.logits[:, -1])
+    return logits
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), pages=st.integers(1, 6), page=st.sampled_from([1, 2, 4, 8]),
+       group=st.integers(1, 3))
+def test_a_page_bound_is_never_below_the_true_maximum_score_of_its_keys(seed, pages, page, group) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(2, 3, pages, page, 8, generator=generator) * 3
+    query = torch.randn(2, 3, group, 8, generator=generator)
+    bound = Quest(page=page, budget=page).page_scores(query, keys.amin(dim=3), keys.amax(dim=3))  # [B, H, P]
+    true = torch.einsum("bhgd,bhpnd->bhgpn", query, keys).amax(dim=(2, 4))  # best key of each page, any query head
+    assert bool((bound >= true - 1e-4).all())
+
+
+def test_a_budget_covering_everything_is_exactly_the_full_cache(model) -> None:
+    ids = random_ids(70)
+    want = _steps(model, ids, DynamicCache())
+    cache = kvstack.make_cache(model, "quest(budget=4096, page=8)")
+    got = _steps(model, ids, cache)
+    for step_got, step_want in zip(got, want, strict=True):
+        torch.testing.assert_close(step_got, step_want, atol=1e-5, rtol=1e-5)
+    assert isinstance(cache.layers[0], TieredLayer) and cache.layers[0].full_pages() == (70 + 8) // 8
+
+
+def test_exact_with_chunked_prompts_and_left_padding(model) -> None:
+    ids = random_ids(45, batch=2, seed=3)
+    mask = torch.ones_like(ids)
+    mask[0, :9] = 0
+    want = _steps(model, ids, DynamicCache(), mask=mask)
+    got = _steps(model, ids, kvstack.make_cache(model, "quest(budget=4096, page=4)"), mask=mask)
+    for step_got, step_want in zip(got, want, strict=True):
+        torch.testing.assert_close(step_got[1], step_want[1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(step_got[0], step_want[0], atol=1e-5, rtol=1e-5)
+    whole, chunked = kvstack.make_cache(model, "quest(budget=4096)"), kvstack.make_cache(model, "quest(budget=4096)")
+    single = random_ids(60, seed=5)
+    torch.testing.assert_close(kvstack.prefill(model, single, chunked, chunk_size=16),
+                               kvstack.prefill(model, single, whole, chunk_size=None), atol=1e-5, rtol=1e-5)
+
+
+def test_a_decoding_step_attends_exactly_to_the_top_pages_and_the_newest_entries() -> None:
+    method = Quest(budget=8, page=4)
+    cache = KVStackCache(method, num_layers=1, num_q_heads=2, num_kv_heads=1, label="quest",
+                         tier_dir=tempfile.gettempdir())
+    layer = cache.layers[0]
+    generator = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(1, 1, 22, 8, generator=generator), torch.randn(1, 1, 22, 8, generator=generator)
+    cache.update(keys, values, 0)
+    layer.attend(torch.randn(1, 2, 22, 8, generator=generator), None, None, 8**-0.5)
+    assert layer.full_pages() == 5 and layer.tail_keys.shape[2] == 2  # 20 entries in the tier, 2 resident
+    new_key, new_value = torch.randn(1, 1, 1, 8, generator=generator), torch.randn(1, 1, 1, 8, generator=generator)
+    query = torch.randn(1, 2, 1, 8, generator=generator)
+    cache.update(new_key, new_value, 0)
+    output = layer.attend(query, None, None, 8**-0.5)  # [1, 1, 2, 8]
+    pages = keys[0, 0, :20].view(5, 4, 8)
+    bound = torch.maximum(query[0, :, 0, None, None, :] * pages.amin(1), query[0, :, 0, None, None, :] *
+                          pages.amax(1)).sum(-1).amax(0).view(5)  # [5] largest bound over the two query heads
+    top = bound.topk(2).indices.sort().values
+    chosen = torch.cat([torch.arange(p * 4, p * 4 + 4) for p in top.tolist()] + [torch.arange(20, 22)])
+    all_keys, all_values = torch.cat((keys, new_key), 2)[0, 0], torch.cat((values, new_value), 2)[0, 0]
+    chosen = torch.cat((chosen, torch.tensor([22])))
+    for head in range(2):
+        weights = (query[0, head, 0] @ all_keys[chosen].T * 8**-0.5).softmax(-1)
+        torch.testing.assert_close(output[0, 0, head], weights @ all_values[chosen], atol=1e-5, rtol=1e-5)
+
+
+def test_resident_and_tier_bytes_are_what_each_holds_and_the_file_goes_with_the_cache(model, tmp_path) -> None:
+    ids = random_ids(100)
+    cache = kvstack.make_cache(model, f"quest(budget=32, page=16, tier_dir={str(tmp_path)!r})")
+    kvstack.prefill(model, ids, cache)
+    full = kvstack.make_cache(model, "full")
+    kvstack.prefill(model, ids, full)
+    heads, dim = model.config.num_key_value_heads, model.config.hidden_size // model.config.num_attention_heads
+    pages = 100 // 16
+    for layer in cache.layers:
+        assert layer.tier_bytes() == pages * heads * 2 * 16 * dim * 4 == os.path.getsize(layer.pages.path)
+        resident = 2 * heads * pages * dim * 4 + pages * heads * 8 + 100 * 4 + 2 * heads * (100 % 16) * dim * 4
+        assert layer.kv_bytes() == resident  # bounds, checksums, positions, the newest 4 entries
+    assert cache.kv_bytes() + cache.tier_bytes() > full.kv_bytes() * 0.9
+    assert cache.kv_bytes() < 0.25 * full.kv_bytes()
+    assert cache.summary()["tier_bytes"] == cache.tier_bytes()
+    assert len(os.listdir(tmp_path)) == 2
+    del cache, layer
+    gc.collect()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_corrupt_page_is_refused_never_read(model, tmp_path) -> None:
+    cache = kvstack.make_cache(model, f"quest(budget=4096, page=8, tier_dir={str(tmp_path)!r})")  # reads every page
+    kvstack.prefill(model, random_ids(64), cache)
+    path = cache.layers[0].pages.path
+    with open(path, "r+b") as handle:
+        handle.seek(3 * 8 * 4 + 5)
+        byte = handle.read(1)
+        handle.seek(3 * 8 * 4 + 5)
+        handle.write(bytes([byte[0] ^ 0x10]))
+    with pytest.raises(TierError, match=r"page \d+ of the slow tier .* fails its checksum; it is refused"):
+        _steps(model, torch.tensor([[5]]), cache, steps=0)
+
+
+def test_bad_quest_specs_are_one_line_each(model, tmp_path) -> None:
+    for spec, message in (("quest(page=12)", "page must be a positive power of two"),
+                          ("quest(page=0)", "page must be a positive power of two"),
+                          ("quest(budget=8, page=16)", "budget must be at least one page")):
+        with pytest.raises(SpecError, match=message):
+            parse(spec)
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    if os.access(read_only, os.W_OK):  # root ignores permissions: a file is no directory either way
+        read_only = tmp_path / "file"
+        read_only.write_text("")
+    with pytest.raises(TierError, match=r"tier_dir .* (not writable|not a directory)") as err:
+        kvstack.make_cache(model, f"quest(tier_dir={str(read_only)!r})")
+    assert "\n" not in str(err.value)
+    with pytest.raises(kvstack.InputError, match="does not compose with a codec"):
+        kvstack.make_cache(model, "quest + kivi(bits=4, group_size=16)")
+
+
+def test_cli_refuses_bad_quest_input_with_exit_2(capsys, tmp_path) -> None:
+    err = usage_error(capsys, ["generate", "--method", "quest(page=3)", "--prompt", "hi"])
+    assert "power of two" in err
+    err = usage_error(capsys, ["generate", "--method", "quest(budget=2, page=4)", "--prompt", "hi"])
+    assert "at least one page" in err
+
+
+def test_the_engine_refuses_quest_for_now() -> None:
+    from kvstack.engine.compression import engine_method
+    from kvstack.errors import KVStackError
+
+    with pytest.raises(KVStackError, match="cannot run in the paged engine yet"):
+        engine_method("quest(budget=64)", prompt_length=100, num_layers=2)
