@@ -16,6 +16,7 @@ page (exact attention). Full pages leave the resident set after the forward that
 
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
 import weakref
@@ -77,6 +78,8 @@ class PageFile:
     def __init__(self, directory: str, batch: int, heads: int, page: int, head_dim: int, dtype: torch.dtype) -> None:
         self.batch, self.heads, self.page, self.head_dim, self.dtype = batch, heads, page, head_dim, dtype
         self.element = torch.empty((), dtype=dtype).element_size()
+        if self.element not in (2, 4):
+            raise TierError(f"the slow tier holds 16- or 32-bit entries, not {dtype}")
         self.block_bytes = 2 * page * head_dim * self.element
         if self.block_bytes % 4:
             raise TierError(f"a page block of {self.block_bytes} bytes does not hold whole 32-bit words")
@@ -85,7 +88,8 @@ class PageFile:
         self._finalizer = weakref.finalize(self, _remove, self.path)
         self.pages = 0
         self.checksums = np.empty((0, batch, heads), dtype=np.uint64)
-        self._map: np.memmap | None = None
+        self._mmap: mmap.mmap | None = None
+        self._map: np.ndarray | None = None  # [records, block bytes] view of the mapping
 
     def nbytes(self) -> int:
         """Bytes the file holds."""
@@ -106,31 +110,44 @@ class PageFile:
             handle.write(raw.tobytes())
         self.pages += count
         self.checksums = np.concatenate((self.checksums, sums))
-        self._map = None
+        self._unmap()
 
     def read(self, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[B, H, k * page, D]`` of the pages ``[B, H, k]`` each (sequence, head) reads,
         each block checked against its checksum first."""
         batch, heads, count = pages.shape
         if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r",
-                                  shape=(self.pages * batch * heads, self.block_bytes))
+            with open(self.path, "rb") as handle:
+                self._mmap = mmap.mmap(handle.fileno(), self.nbytes(), access=mmap.ACCESS_READ)
+            self._map = np.frombuffer(self._mmap, dtype=np.uint8).reshape(self.pages * batch * heads, -1)
         sequence = torch.arange(batch).view(batch, 1, 1)
         head = torch.arange(heads).view(1, heads, 1)
         records = ((pages.cpu() * batch + sequence) * heads + head).reshape(-1).numpy()
         raw = self._map[records]  # a copy: [B * H * k, block bytes]
+        # The pages read stay in the OS's file cache, not in this process: drop them from the mapping, so the
+        # resident set holds only what the cache keeps resident.
+        self._mmap.madvise(mmap.MADV_DONTNEED)
         expected = self.checksums.reshape(-1)[records]
         bad = np.nonzero(block_checksums(raw.view(np.uint32)) != expected)[0]
         if bad.size:
             page = int(records[bad[0]]) // (batch * heads)
             raise TierError(f"page {page} of the slow tier {self.path} fails its checksum; it is refused, not read")
-        blocks = torch.from_numpy(raw).view(self.dtype).view(batch, heads, count, 2, self.page, self.head_dim)
-        keys = blocks[:, :, :, 0].reshape(batch, heads, count * self.page, self.head_dim)
-        values = blocks[:, :, :, 1].reshape(batch, heads, count * self.page, self.head_dim)
+        # Split keys from values in numpy: a small strided copy costs torch far more (its thread pool).
+        elements = raw.view(np.uint16 if self.element == 2 else np.uint32)
+        blocks = elements.reshape(batch, heads, count, 2, self.page * self.head_dim)
+        shape = (batch, heads, count * self.page, self.head_dim)
+        keys = torch.from_numpy(np.ascontiguousarray(blocks[:, :, :, 0]).reshape(shape)).view(self.dtype)
+        values = torch.from_numpy(np.ascontiguousarray(blocks[:, :, :, 1]).reshape(shape)).view(self.dtype)
         return keys, values
 
-    def close(self) -> None:
+    def _unmap(self) -> None:
         self._map = None
+        if self._mmap is not None:
+            self._mmap.close()
+            self._mmap = None
+
+    def close(self) -> None:
+        self._unmap()
         self._finalizer()
 
 
