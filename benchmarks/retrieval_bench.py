@@ -1,0 +1,162 @@
+"""Retrieval without eviction (issue 35): Quest's decode speed, resident bytes and peak memory against the full cache.
+
+``--speed`` runs each method in a fresh process (so peak RSS is its own), interleaved over ``--repeats`` rounds:
+the model reads an ``--length``-token stretch of the bench prose in one forward, then decodes ``--decode``
+tokens greedily; each process reports its prefill time, the median decode step, the cache's resident and tier
+bytes, and its peak RSS. The report gives, per method against the full cache of the same round: the decode
+speed-up, resident bytes as a fraction of the full cache's, and how much lower the peak RSS is against what
+moved to the slow tier.
+
+``--recall`` is the suite grid (passkey, single needle in noise, multi-key at 4k and 8k, 20 samples) of Quest,
+Loki, SnapKV and H2O reading or keeping 1/8 of the context, resumable (``--max-minutes``); it takes hours on
+2 CPU cores, so it is run in pieces.
+
+Usage::
+
+    python benchmarks/retrieval_bench.py --speed [--length 8192] [--decode 32] [--repeats 2]
+    python benchmarks/retrieval_bench.py --recall [--lengths 4096,8192] [--max-minutes 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from core_bench import cpu_name
+
+OUT = "benchmarks/results/retrieval"
+MODEL = "smollm2-135m"
+READ_FRACTION = 8  # each method reads (or keeps) 1/8 of the context
+RECALL_TASKS = ["passkey", "niah_single_noise", "niah_multikey"]
+
+
+def speed_specs(length: int) -> list[str]:
+    budget = length // READ_FRACTION
+    return ["full", f"quest(budget={budget})"]
+
+
+def stamp() -> str:
+    return (f"{dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}, {cpu_name()}, "
+            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, {platform.platform()}")
+
+
+def one(spec: str, length: int, decode: int) -> dict:
+    """Prefill and decode with ``spec`` in this process; what it measured (run in a fresh process)."""
+    import kvstack
+    from kvstack.prose import load_prose
+
+    model, tokenizer = kvstack.load_model(MODEL)
+    ids = tokenizer(load_prose()[300_000 : 300_000 + 8 * length], return_tensors="pt").input_ids[:, :length]
+    cache = kvstack.make_cache(model, spec)
+    with torch.no_grad():
+        start = time.perf_counter()
+        logits = kvstack.prefill(model, ids, cache)
+        prefill_s = time.perf_counter() - start
+        rss_prefill = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        steps = []
+        token = logits.argmax(-1, keepdim=True)
+        for _ in range(decode):
+            start = time.perf_counter()
+            logits = model(input_ids=token, **kvstack.cache_kwargs(model, cache), use_cache=True).logits[:, -1]
+            token = logits.argmax(-1, keepdim=True)
+            steps.append(time.perf_counter() - start)
+    return {"spec": spec, "length": length, "prefill_s": prefill_s, "decode_ms": 1000 * statistics.median(steps),
+            "kv_bytes": cache.kv_bytes(), "tier_bytes": cache.tier_bytes(), "full_kv_bytes": cache.full_kv_bytes(),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_after_prefill_mb": rss_prefill / 1024}
+
+
+def speed(out: str, length: int, decode: int, repeats: int) -> str:
+    rows: dict[str, list[dict]] = {}
+    for _ in range(repeats):
+        for spec in speed_specs(length):
+            result = subprocess.run([sys.executable, __file__, "--one", spec, "--length", str(length), "--decode",
+                                     str(decode)], capture_output=True, text=True, check=True)
+            record = json.loads(result.stdout.strip().splitlines()[-1])
+            print(json.dumps(record), flush=True)
+            rows.setdefault(spec, []).append(record)
+    full = rows["full"]
+    lines = ["| method | decode ms/token | speed-up | prefill s | resident KV | of full | tier | peak RSS MB | "
+             "RSS lower by | of what moved |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    base_ms = statistics.median(r["decode_ms"] for r in full)
+    base_rss = statistics.median(r["peak_rss_mb"] for r in full)
+    for spec, records in rows.items():
+        ms = statistics.median(r["decode_ms"] for r in records)
+        rss = statistics.median(r["peak_rss_mb"] for r in records)
+        held, tier, whole = records[0]["kv_bytes"], records[0]["tier_bytes"], records[0]["full_kv_bytes"]
+        moved = tier / 2**20
+        lower = base_rss - rss
+        share = f"{lower / moved:.2f}" if moved else "-"
+        lines.append(f"| `{spec}` | {ms:.1f} | {base_ms / ms:.2f}x | "
+                     f"{statistics.median(r['prefill_s'] for r in records):.2f} | {held / 2**20:.1f} MiB | "
+                     f"{held / whole:.3f} | {moved:.1f} MiB | {rss:.0f} | {lower:.0f} MB | {share} |")
+    text = "\n".join(lines)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / f"speed_{length}.md").write_text(
+        f"Command: `python benchmarks/retrieval_bench.py --speed --length {length} --decode {decode} --repeats "
+        f"{repeats}`; {stamp()}\n\nSmolLM2-135M fp32, {length}-token prose prompt in one forward, {decode} greedy "
+        f"decoding steps (median), each method in a fresh process, rounds interleaved; medians over rounds.\n\n"
+        f"{text}\n")
+    return text
+
+
+def recall(out: str, lengths: list[int], max_minutes: float | None) -> None:
+    from kvstack.bench import BenchConfig, run_bench
+
+    methods = []
+    for length in lengths:
+        budget = length // READ_FRACTION
+        methods += [f"quest(budget={budget})", f"loki(budget={budget})", f"snapkv(budget={budget})",
+                    f"h2o(budget={budget})"]
+    config = BenchConfig(methods=methods, tasks=RECALL_TASKS, lengths=lengths, samples=20, out_dir=out,
+                         progress=sys.stderr.isatty(), share_prefill=True, checkpoint_every=2)
+    deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
+
+    class DeadlineError(Exception):
+        """--max-minutes has passed (raised at a checkpoint: the run resumes from there)."""
+
+    def on_progress(records: dict | list) -> None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineError
+
+    try:
+        run_bench(config, on_cell=on_progress, on_checkpoint=on_progress)
+    except DeadlineError:
+        print("stopped at --max-minutes; run the same command again to carry on", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--speed", action="store_true")
+    parser.add_argument("--recall", action="store_true")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--lengths", default="4096,8192")
+    parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--max-minutes", type=float, default=None)
+    parser.add_argument("--out", default=OUT)
+    args = parser.parse_args()
+    if args.one is not None:
+        print(json.dumps(one(args.one, args.length, args.decode)))
+    elif args.speed:
+        print(speed(args.out, args.length, args.decode, args.repeats))
+    elif args.recall:
+        recall(args.out, [int(x) for x in args.lengths.split(",")], args.max_minutes)
+    else:
+        parser.error("give --speed or --recall")
+
+
+if __name__ == "__main__":
+    main()
