@@ -1,0 +1,127 @@
+"""Model-level KV reduction (issue 33): transformed models against token-level compression at the same bytes.
+
+Each transform setting (``gqa`` to one KV head per layer: mean-pooling, similarity grouping, absorbed SVD) is
+applied to SmolLM2-135M with :func:`kvstack.transform` and measured with the full cache of the new model:
+perplexity at 1k and 2k and the suite's needle tasks and variable tracking at 1k, 20 samples per cell, through
+:func:`kvstack.bench.run_bench` (resumable; each transform is its own model name in the results). The
+untransformed model runs the token-level methods at about the same bytes (a third of the cache: SnapKV at
+ratio 0.67, KIVI-4, Palu at rank 21), and the full cache.
+
+Usage::
+
+    python benchmarks/model_level_bench.py [--settings mean,svd] [--tasks perplexity] [--max-minutes 30]
+        [--report-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from core_bench import cpu_name
+
+from kvstack.bench import BenchConfig, latest_results, run_bench
+
+OUT = "benchmarks/results/model_level"
+MODEL = "smollm2-135m"
+TRANSFORMS = {"mean": "gqa(kv_heads=1)", "similarity": "gqa(kv_heads=1, how='similarity')",
+              "svd": "gqa(kv_heads=1, how='svd')"}
+TOKEN_LEVEL = ["snapkv(ratio=0.67)", "kivi(bits=4)", "palu(rank=21)"]
+SUITE = ["passkey", "niah_single_noise", "niah_multikey", "vt"]
+SAMPLES = 20
+
+
+def stamp() -> str:
+    return (f"{dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}, {cpu_name()}, "
+            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, {platform.platform()}")
+
+
+class _DeadlineError(Exception):
+    """--max-minutes has passed (raised at a checkpoint: the run resumes from there)."""
+
+
+def run(out: str, settings: list[str], tasks: list[str], max_minutes: float | None) -> None:
+    import kvstack
+
+    model, tokenizer = kvstack.load_model(MODEL)
+    deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
+
+    def on_progress(records: dict | list) -> None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise _DeadlineError
+
+    def grid(name: str, methods: list[str], subject: torch.nn.Module) -> None:
+        for lengths, chosen in (([1024, 2048], [t for t in tasks if t == "perplexity"]),
+                                ([1024], [t for t in tasks if t != "perplexity"])):
+            if not chosen:
+                continue
+            config = BenchConfig(model=name, methods=methods, tasks=chosen, lengths=lengths, samples=SAMPLES,
+                                 out_dir=out, progress=sys.stderr.isatty(), share_prefill=True, checkpoint_every=2)
+            run_bench(config, model=subject, tokenizer=tokenizer, on_cell=on_progress, on_checkpoint=on_progress)
+
+    from kvstack.calibration import get_calibration
+
+    get_calibration(model, tokenizer=tokenizer, calibrate_if_missing=True)  # palu reads it
+    try:
+        grid(MODEL, TOKEN_LEVEL, model)
+        for setting in settings:
+            spec = TRANSFORMS[setting]
+            new, record = kvstack.transform(model, spec, tokenizer=tokenizer)
+            print(f"{spec}: {record['kv_bytes_per_token']} bytes per token, {record['seconds']:.1f} s", flush=True)
+            grid(f"{MODEL}+{spec}", ["full"], new)
+            del new
+    except _DeadlineError:
+        print("stopped at --max-minutes; run the same command again to carry on", flush=True)
+
+
+def report(out: str) -> str:
+    records = latest_results(Path(out) / "results.jsonl")
+    full_bytes = None
+    rows: dict[tuple[str, str], dict] = {}
+    for record in records:
+        row = rows.setdefault((record["model"], record["method"]), {"ppl": {}, "scores": [], "bytes": []})
+        row["bytes"].append(record["kv_bytes"] / record["length"])
+        if record["task"] == "perplexity":
+            row["ppl"][record["length"]] = record["score"]
+        elif record["length"] == 1024:
+            row["scores"].append(record["score"])
+        if record["model"] == MODEL and record["method"] == "full":
+            full_bytes = record["full_kv_bytes"] / record["length"]
+    lines = ["| model | cache | KV bytes per token (of full) | perplexity 1k | perplexity 2k | suite score 1k |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for (model, method), row in sorted(rows.items()):
+        per_token = statistics.fmean(row["bytes"])
+        share = f" ({per_token / full_bytes:.2f})" if full_bytes else ""
+        ppl = [f"{row['ppl'][n]:.2f}" if n in row["ppl"] else "-" for n in (1024, 2048)]
+        score = f"{statistics.fmean(row['scores']):.1f}" if row["scores"] else "-"
+        lines.append(f"| {model} | `{method}` | {per_token:.0f}{share} | {ppl[0]} | {ppl[1]} | {score} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--settings", default=",".join(TRANSFORMS))
+    parser.add_argument("--tasks", default=",".join(["perplexity", *SUITE]))
+    parser.add_argument("--max-minutes", type=float, default=None)
+    parser.add_argument("--out", default=OUT)
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        run(args.out, args.settings.split(","), args.tasks.split(","), args.max_minutes)
+    table = report(args.out)
+    Path(args.out, "tables.md").write_text(f"Command: `python benchmarks/model_level_bench.py --report-only`; "
+                                           f"{stamp()}\n\n{table}\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
