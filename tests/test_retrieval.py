@@ -16,7 +16,7 @@ from transformers import DynamicCache
 import kvstack
 from kvstack.cache.cache import KVStackCache
 from kvstack.cache.page_tier import TieredLayer, TierError
-from kvstack.methods.retrieval import Quest
+from kvstack.methods.retrieval import InfLLM, Quest
 from kvstack.spec import SpecError, parse
 
 
@@ -48,7 +48,8 @@ def test_a_page_bound_is_never_below_the_true_maximum_score_of_its_keys(seed, pa
     generator = torch.Generator().manual_seed(seed)
     keys = torch.randn(2, 3, pages, page, 8, generator=generator) * 3
     query = torch.randn(2, 3, group, 8, generator=generator)
-    bound = Quest(page=page, budget=page).page_scores(query, keys.amin(dim=3), keys.amax(dim=3))  # [B, H, P]
+    summary = {"min": keys.amin(dim=3), "max": keys.amax(dim=3)}
+    bound = Quest(page=page, budget=page).page_scores(query, summary)  # [B, H, P]
     true = torch.einsum("bhgd,bhpnd->bhgpn", query, keys).amax(dim=(2, 4))  # best key of each page, any query head
     assert bool((bound >= true - 1e-4).all())
 
@@ -170,3 +171,73 @@ def test_the_engine_refuses_quest_for_now() -> None:
 
     with pytest.raises(KVStackError, match="cannot run in the paged engine yet"):
         engine_method("quest(budget=64)", prompt_length=100, num_layers=2)
+
+
+# ------------------------------------------------------------------------------------------------ InfLLM
+def test_infllm_with_a_budget_covering_everything_is_exactly_the_full_cache(model) -> None:
+    ids = random_ids(90)
+    want = _steps(model, ids, DynamicCache(), steps=12)
+    cache = kvstack.make_cache(model, "infllm(budget=4096, block=8, representatives=2, sinks=4, window=16)")
+    got = _steps(model, ids, cache, steps=12)
+    for step_got, step_want in zip(got, want, strict=True):
+        torch.testing.assert_close(step_got, step_want, atol=1e-5, rtol=1e-5)
+    layer = cache.layers[0]
+    assert layer.full_pages() == (90 + 12 - 4 - 16) // 8 and layer.sink_count() == 4
+    assert layer.summary["representatives"].shape[2:] == (layer.full_pages(), 2, layer.head_dim)
+
+
+def test_infllm_representatives_are_each_blocks_most_attended_keys() -> None:
+    generator = torch.Generator().manual_seed(1)
+    keys = torch.randn(1, 2, 3, 8, 4, generator=generator)
+    importance = torch.rand(1, 2, 3, 8, generator=generator)
+    valid = torch.ones(1, 1, 3, 8, dtype=torch.bool)
+    valid[0, 0, 0, :5] = False  # padding is never a representative
+    chosen = InfLLM(block=8, budget=8, representatives=2).page_summary(keys, valid, importance)["representatives"]
+    for head in range(2):
+        for block in range(3):
+            score = importance[0, head, block].masked_fill(~valid[0, 0, block], -1.0)
+            top = score.topk(2).indices
+            torch.testing.assert_close(chosen[0, head, block], keys[0, head, block, top])
+
+
+def test_infllm_decoding_attends_to_sinks_window_and_the_top_blocks_through_an_lru() -> None:
+    method = InfLLM(budget=8, block=4, representatives=1, sinks=2, window=4, cached_blocks=1)
+    cache = KVStackCache(method, num_layers=1, num_q_heads=2, num_kv_heads=1, label="infllm",
+                         tier_dir=tempfile.gettempdir())
+    layer = cache.layers[0]
+    generator = torch.Generator().manual_seed(2)
+    keys, values = torch.randn(1, 1, 26, 8, generator=generator), torch.randn(1, 1, 26, 8, generator=generator)
+    cache.update(keys, values, 0)
+    layer.attend(torch.randn(1, 2, 26, 8, generator=generator), None, None, 8**-0.5)
+    assert layer.full_pages() == 5  # entries 2..21 in the tier; 0, 1 and 22..25 resident
+    reads = []
+    original = layer.pages.read_records
+    layer.pages.read_records = lambda records: (reads.append(len(records)), original(records))[1]
+    representatives = layer.summary["representatives"][0, 0, :, 0]  # [5, D]
+    all_keys, all_values = keys[0, 0], values[0, 0]
+    query = torch.randn(1, 2, 1, 8, generator=generator)  # the same query twice: the same blocks
+    for step in range(2):
+        new_key, new_value = torch.randn(1, 1, 1, 8, generator=generator), torch.randn(1, 1, 1, 8, generator=generator)
+        cache.update(new_key, new_value, 0)
+        output = layer.attend(query, None, None, 8**-0.5)
+        score = (query[0, :, 0] @ representatives.T).mean(0)  # [5] averaged over the two query heads
+        top = score.topk(2).indices.sort().values.tolist()
+        all_keys, all_values = torch.cat((all_keys, new_key[0, 0])), torch.cat((all_values, new_value[0, 0]))
+        resident = [0, 1, *range(22, 26 + step + 1)]
+        chosen = [0, 1] + [2 + 4 * block + j for block in top for j in range(4)] + resident[2:]
+        for head in range(2):
+            weights = (query[0, head, 0] @ all_keys[chosen].T * 8**-0.5).softmax(-1)
+            torch.testing.assert_close(output[0, 0, head], weights @ all_values[chosen], atol=1e-5, rtol=1e-5)
+    assert reads == [2, 1]  # the second step finds the block it read last in the LRU (capacity one block)
+    assert len(layer.lru) == 1
+    cached = sum(k.nbytes + v.nbytes for k, v in layer.lru.values())
+    assert cached == 2 * 4 * 8 * 4 and layer.kv_bytes() > cached
+
+
+def test_bad_infllm_specs_are_one_line_each() -> None:
+    for spec, message in (("infllm(block=100)", "block must be a positive power of two"),
+                          ("infllm(budget=64, block=128)", "budget must be at least one block"),
+                          ("infllm(block=4, budget=8, representatives=5)", "representatives must be 1 to block=4"),
+                          ("infllm(sinks=-1)", "sinks")):
+        with pytest.raises(SpecError, match=message):
+            parse(spec)

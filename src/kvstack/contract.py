@@ -332,10 +332,25 @@ class Policy(Protocol):
     def pages_read(self, full_pages: int) -> int:
         """Page-reading policies: how many of ``full_pages`` stored pages a decoding step reads."""
 
-    def page_scores(self, query: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor) -> torch.Tensor:
+    def resident_entries(self) -> tuple[int, int]:
+        """Page-reading policies: ``(sinks, window)``, the first and the newest entries that always stay
+        resident (pages move to the tier from between them)."""
+
+    def cached_pages(self) -> int:
+        """Page-reading policies: pages of the tier also kept resident, least recently read out first."""
+
+    def page_summary(self, keys: torch.Tensor, valid: torch.Tensor, importance: torch.Tensor | None
+                     ) -> dict[str, torch.Tensor]:
+        """Page-reading policies: what stays resident of pages about to move to the tier.
+
+        ``keys`` ``[B, H, n, page, D]``, ``valid`` ``[B, 1, n, page]`` (not padding), ``importance``
+        ``[B, H, n, page]`` (the attention each entry received while resident, when the policy needs
+        ``STAT_COLSUM``); returns tensors ``[B, H, n, ...]`` (Quest: key minima and maxima)."""
+
+    def page_scores(self, query: torch.Tensor, summary: dict[str, torch.Tensor]) -> torch.Tensor:
         """Page-reading policies: ``[B, H, P]`` relevance of each page for one decoding step's ``query``
-        ``[B, H, G, D]`` (the ``G`` query heads of each KV head), from the pages' element-wise key minima and
-        maxima ``[B, H, P, D]``; the top pages are read."""
+        ``[B, H, G, D]`` (the ``G`` query heads of each KV head), from the summaries of all ``P`` pages;
+        the top pages are read."""
 
 
 class CodecSpec(Protocol):

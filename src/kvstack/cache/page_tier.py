@@ -2,15 +2,17 @@
 
 For page-reading policies (Quest). Per layer:
 
-* resident: each full page's element-wise key minimum and maximum (``[B, H, P, D]`` each), each page block's
-  checksum (``[P, B, H]`` uint64), the true positions of every entry (``[B, N]`` int32, padding ``-1``), and
-  the newest entries that do not fill a page yet (``[B, H, t, D]``, ``t < page``);
+* resident: each full page's summary from the policy (Quest: element-wise key minimum and maximum,
+  ``[B, H, P, D]`` each; InfLLM: representative keys), each page block's checksum (``[P, B, H]`` uint64), the
+  true positions of every entry (``[B, N]`` int32, padding ``-1``), the policy's sinks and window and the
+  entries between them that do not fill a page yet, and an LRU of pages read recently (if the policy keeps
+  one);
 * in the tier (:class:`PageFile`): every full page, one block of ``[2, page, D]`` (keys then values) per
   ``(page, sequence, head)``, in a memory-mapped file.
 
-A decoding step (one new token) asks the policy for each page's score bound, reads the top pages (checked
-against their checksums) and attends exactly over them and the resident entries; a prompt chunk reads every
-page (exact attention). Full pages leave the resident set after the forward that filled them.
+A decoding step (one new token) asks the policy to score each page from its summary, reads the top pages
+(checked against their checksums) and attends exactly over them and the resident entries; a prompt chunk
+reads every page (exact attention). Full pages leave the resident set after the forward that filled them.
 ``kv_bytes()`` counts the resident tensors; ``tier_bytes()`` the file.
 """
 
@@ -20,6 +22,7 @@ import mmap
 import os
 import tempfile
 import weakref
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,6 +32,7 @@ from transformers.cache_utils import CacheLayerMixin
 from kvstack.cache.attention_stats import attention_with_stats
 from kvstack.cache.layer import WeakOwner, chunk_masks
 from kvstack.cache.pending import set_pending
+from kvstack.contract import STAT_COLSUM
 from kvstack.errors import KVStackError
 
 if TYPE_CHECKING:
@@ -112,33 +116,41 @@ class PageFile:
         self.checksums = np.concatenate((self.checksums, sums))
         self._unmap()
 
-    def read(self, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[B, H, k * page, D]`` of the pages ``[B, H, k]`` each (sequence, head) reads,
-        each block checked against its checksum first."""
-        batch, heads, count = pages.shape
+    def records(self, pages: torch.Tensor) -> np.ndarray:
+        """``[B * H * k]`` record numbers of the pages ``[B, H, k]`` each (sequence, head) reads."""
+        batch, heads, _ = pages.shape
+        sequence = torch.arange(batch).view(batch, 1, 1)
+        head = torch.arange(heads).view(1, heads, 1)
+        return ((pages.cpu() * batch + sequence) * heads + head).reshape(-1).numpy()
+
+    def read_records(self, records: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[n, page, D]`` of blocks ``records``, each checked against its checksum first."""
         if self._map is None:
             with open(self.path, "rb") as handle:
                 self._mmap = mmap.mmap(handle.fileno(), self.nbytes(), access=mmap.ACCESS_READ)
-            self._map = np.frombuffer(self._mmap, dtype=np.uint8).reshape(self.pages * batch * heads, -1)
-        sequence = torch.arange(batch).view(batch, 1, 1)
-        head = torch.arange(heads).view(1, heads, 1)
-        records = ((pages.cpu() * batch + sequence) * heads + head).reshape(-1).numpy()
-        raw = self._map[records]  # a copy: [B * H * k, block bytes]
+            self._map = np.frombuffer(self._mmap, dtype=np.uint8).reshape(self.pages * self.batch * self.heads, -1)
+        raw = self._map[records]  # a copy: [n, block bytes]
         # The pages read stay in the OS's file cache, not in this process: drop them from the mapping, so the
         # resident set holds only what the cache keeps resident.
         self._mmap.madvise(mmap.MADV_DONTNEED)
         expected = self.checksums.reshape(-1)[records]
         bad = np.nonzero(block_checksums(raw.view(np.uint32)) != expected)[0]
         if bad.size:
-            page = int(records[bad[0]]) // (batch * heads)
+            page = int(records[bad[0]]) // (self.batch * self.heads)
             raise TierError(f"page {page} of the slow tier {self.path} fails its checksum; it is refused, not read")
         # Split keys from values in numpy: a small strided copy costs torch far more (its thread pool).
         elements = raw.view(np.uint16 if self.element == 2 else np.uint32)
-        blocks = elements.reshape(batch, heads, count, 2, self.page * self.head_dim)
-        shape = (batch, heads, count * self.page, self.head_dim)
-        keys = torch.from_numpy(np.ascontiguousarray(blocks[:, :, :, 0]).reshape(shape)).view(self.dtype)
-        values = torch.from_numpy(np.ascontiguousarray(blocks[:, :, :, 1]).reshape(shape)).view(self.dtype)
+        blocks = elements.reshape(len(records), 2, self.page, self.head_dim)
+        keys = torch.from_numpy(np.ascontiguousarray(blocks[:, 0])).view(self.dtype)
+        values = torch.from_numpy(np.ascontiguousarray(blocks[:, 1])).view(self.dtype)
         return keys, values
+
+    def read(self, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B, H, k * page, D]`` of the pages ``[B, H, k]`` each (sequence, head) reads."""
+        batch, heads, count = pages.shape
+        keys, values = self.read_records(self.records(pages))
+        shape = (batch, heads, count * self.page, self.head_dim)
+        return keys.reshape(shape), values.reshape(shape)
 
     def _unmap(self) -> None:
         self._map = None
@@ -176,21 +188,25 @@ class TieredLayer(CacheLayerMixin):
         self.pending = False
         self.has_padding = False
         self.pages: PageFile | None = None
+        self.summary: dict[str, torch.Tensor] = {}  # name -> [B, H, P, ...] what stays resident of each page
+        self.lru: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # record -> [page, D] x2
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch, self.heads, _, self.head_dim = key_states.shape
-        self.page = self.owner.method.page_size()
+        method = self.owner.method
+        self.page = method.page_size()
+        self.sinks, self.window = method.resident_entries()
+        self.tracks_importance = STAT_COLSUM in method.needs
         self.pages = PageFile(self.tier_dir, self.batch, self.heads, self.page, self.head_dim, self.dtype)
         self.tail_keys = key_states.new_empty((self.batch, self.heads, 0, self.head_dim))
         self.tail_values = value_states.new_empty((self.batch, self.heads, 0, self.head_dim))
-        self.page_min = key_states.new_empty((self.batch, self.heads, 0, self.head_dim))
-        self.page_max = key_states.new_empty((self.batch, self.heads, 0, self.head_dim))
+        self.tail_importance = torch.empty((self.batch, self.heads, 0), dtype=torch.float32, device=self.device)
         self.positions = torch.empty((self.batch, 0), dtype=torch.int32, device=self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple:
-        """Hold the new chunk ``[B, H, q, D]`` with the newest entries until its attention (next)."""
+        """Hold the new chunk ``[B, H, q, D]`` with the resident entries until its attention (next)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.pending:
@@ -200,6 +216,9 @@ class TieredLayer(CacheLayerMixin):
         self.seen += key_states.shape[2]
         self.tail_keys = torch.cat((self.tail_keys, key_states), dim=2)
         self.tail_values = torch.cat((self.tail_values, value_states), dim=2)
+        if self.tracks_importance:
+            fresh = self.tail_importance.new_zeros((self.batch, self.heads, key_states.shape[2]))
+            self.tail_importance = torch.cat((self.tail_importance, fresh), dim=2)
         set_pending(self)
         return key_states, value_states
 
@@ -231,11 +250,13 @@ class TieredLayer(CacheLayerMixin):
         return self.pages.pages if self.pages is not None else 0
 
     def kv_bytes(self) -> int:
-        """Resident bytes: page minima and maxima, checksums, positions, the newest entries."""
+        """Resident bytes: page summaries, checksums, positions, the resident entries (and their accumulated
+        attention), the pages cached from the tier."""
         if not self.is_initialized:
             return 0
-        tensors = (self.page_min, self.page_max, self.positions, self.tail_keys, self.tail_values)
-        return sum(t.nbytes for t in tensors) + self.pages.checksum_nbytes()
+        tensors = [self.positions, self.tail_keys, self.tail_values, self.tail_importance, *self.summary.values()]
+        cached = sum(keys.nbytes + values.nbytes for keys, values in self.lru.values())
+        return sum(t.nbytes for t in tensors) + self.pages.checksum_nbytes() + cached
 
     def tier_bytes(self) -> int:
         """Bytes in the slow tier (the full pages' keys and values)."""
@@ -250,6 +271,10 @@ class TieredLayer(CacheLayerMixin):
         """Every entry is kept (resident or in the tier), summed over sequences and KV heads."""
         return self.seen * self.batch * self.heads if self.is_initialized else 0
 
+    def sink_count(self) -> int:
+        """Entries at the start of the resident ones that are sinks (the first ``sinks`` tokens)."""
+        return min(self.sinks, self.seen)
+
     # ------------------------------------------------------------------ the step
     def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
                scaling: float, shared: Any = None) -> torch.Tensor:
@@ -263,31 +288,66 @@ class TieredLayer(CacheLayerMixin):
         stored = self.full_pages()
         method = self.owner.method
         count = stored if q_len > 1 else method.pages_read(stored)
-        if count == 0:
-            pages = torch.empty((batch, self.heads, 0), dtype=torch.long)
-        elif count == stored:
+        if count == stored:
             pages = torch.arange(stored).expand(batch, self.heads, stored)
         else:
             grouped = query.view(batch, self.heads, q_heads // self.heads, self.head_dim)
-            scores = method.page_scores(grouped, self.page_min, self.page_max)  # [B, H, P]
+            scores = method.page_scores(grouped, self.summary)  # [B, H, P]
             pages = scores.topk(count, dim=-1).indices.sort(dim=-1).values.cpu()
-        if count:
-            read_keys, read_values = self.pages.read(pages)
-        else:
-            read_keys, read_values = self.tail_keys[:, :, :0], self.tail_values[:, :, :0]
-        keys = torch.cat((read_keys.to(self.device), self.tail_keys), dim=2)
-        values = torch.cat((read_values.to(self.device), self.tail_values), dim=2)
+        read_keys, read_values = self._read(pages)
+        sinks = self.sink_count()
+        keys = torch.cat((self.tail_keys[:, :, :sinks], read_keys.to(self.device), self.tail_keys[:, :, sinks:]), dim=2)
+        values = torch.cat((self.tail_values[:, :, :sinks], read_values.to(self.device),
+                            self.tail_values[:, :, sinks:]), dim=2)
         past_valid = None
         if self.has_padding:
-            in_pages = (pages.unsqueeze(-1) * self.page + torch.arange(self.page)).flatten(2)  # [B, H, k * page]
-            page_positions = self.positions[:, : stored * self.page].gather(1, in_pages.flatten(1).to(self.device))
-            tail_positions = self.positions[:, stored * self.page :].unsqueeze(1).expand(-1, self.heads, -1)
-            past = torch.cat((page_positions.view(batch, self.heads, -1), tail_positions), dim=2)
+            past = self._entry_positions(pages, sinks, stored)
             past_valid = past[:, :, : keys.shape[2] - q_len] >= 0
-        output, _ = attention_with_stats(query, keys, values, causal, past_valid, scaling, set(), 0,
-                                         query_valid=valid)
+        needs = {STAT_COLSUM} if self.tracks_importance else set()
+        output, stats = attention_with_stats(query, keys, values, causal, past_valid, scaling, needs, 0,
+                                             query_valid=valid)
+        if self.tracks_importance:  # what the resident entries received, for the pages they will form
+            read = read_keys.shape[2]
+            received = torch.cat((stats.colsum[:, :, :sinks], stats.colsum[:, :, sinks + read :]), dim=2)
+            self.tail_importance = self.tail_importance + received.float()
         self._flush()
         return output
+
+    def _entry_positions(self, pages: torch.Tensor, sinks: int, stored: int) -> torch.Tensor:
+        """``[B, H, sinks + k * page + rest]`` positions of the entries attended, in attention order."""
+        batch = pages.shape[0]
+        in_pages = (sinks + pages.unsqueeze(-1) * self.page + torch.arange(self.page)).flatten(2)  # arrival indices
+        page_positions = self.positions.gather(1, in_pages.flatten(1).to(self.device)).view(batch, self.heads, -1)
+        head_view = self.positions.unsqueeze(1).expand(-1, self.heads, -1)
+        return torch.cat((head_view[:, :, :sinks], page_positions, head_view[:, :, sinks + stored * self.page :]),
+                         dim=2)
+
+    def _read(self, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B, H, k * page, D]`` of ``pages`` ``[B, H, k]``: from the LRU of cached pages when
+        there, else from the tier (then cached, the least recently read leaving first)."""
+        batch, heads, count = pages.shape
+        shape = (batch, heads, count * self.page, self.head_dim)
+        capacity = self.owner.method.cached_pages() * batch * heads
+        if count == 0 or capacity == 0:
+            if count == 0:
+                empty = self.tail_keys.new_empty(shape)
+                return empty, empty.clone()
+            return self.pages.read(pages)
+        records = self.pages.records(pages)
+        missing = np.array(sorted({int(r) for r in records} - self.lru.keys()), dtype=np.int64)
+        if missing.size:
+            keys, values = self.pages.read_records(missing)
+            for index, record in enumerate(missing.tolist()):
+                self.lru[record] = (keys[index], values[index])
+        keys_out, values_out = [], []
+        for record in records.tolist():
+            self.lru.move_to_end(record)
+            block_keys, block_values = self.lru[record]
+            keys_out.append(block_keys)
+            values_out.append(block_values)
+        while len(self.lru) > capacity:
+            self.lru.popitem(last=False)
+        return torch.stack(keys_out).reshape(shape), torch.stack(values_out).reshape(shape)
 
     def _record_positions(self, position_ids: torch.Tensor | None, valid: torch.Tensor | None, batch: int,
                           q_len: int) -> None:
@@ -301,23 +361,32 @@ class TieredLayer(CacheLayerMixin):
         self.positions = torch.cat((self.positions, positions), dim=1)
 
     def _flush(self) -> None:
-        """Move the full pages among the newest entries to the tier, keeping their key minima and maxima."""
-        full = self.tail_keys.shape[2] // self.page * self.page
+        """Move whole pages from between the sinks and the window to the tier, keeping their summaries."""
+        sinks = self.sink_count()
+        movable = self.tail_keys.shape[2] - sinks - self.window
+        full = max(0, movable) // self.page * self.page
         if full == 0:
             return
-        keys, values = self.tail_keys[:, :, :full], self.tail_values[:, :, :full]
-        blocks = keys.reshape(self.batch, self.heads, full // self.page, self.page, self.head_dim)
-        padding = None
-        if self.has_padding:  # padding entries do not widen a page's bounds
-            start = self.full_pages() * self.page
-            padding = (self.positions[:, start : start + full] < 0).view(self.batch, 1, -1, self.page, 1)
-        low = blocks.masked_fill(padding, float("inf")) if padding is not None else blocks
-        high = blocks.masked_fill(padding, float("-inf")) if padding is not None else blocks
+        count = full // self.page
+        keys = self.tail_keys[:, :, sinks : sinks + full]
+        values = self.tail_values[:, :, sinks : sinks + full]
+        start = self.sinks + self.full_pages() * self.page  # arrival index of the first entry moved
+        valid = (self.positions[:, start : start + full] >= 0).view(self.batch, 1, count, self.page)
+        importance = None
+        if self.tracks_importance:
+            importance = self.tail_importance[:, :, sinks : sinks + full].reshape(self.batch, self.heads, count,
+                                                                                 self.page)
+        blocks = keys.reshape(self.batch, self.heads, count, self.page, self.head_dim)
+        summary = self.owner.method.page_summary(blocks, valid, importance)
         self.pages.append(keys, values)
-        low, high = low.amin(dim=3), high.amax(dim=3)
-        if padding is not None:  # a page of padding only: bounds of 0 (it may be read; its entries are masked)
-            low, high = low.masked_fill(torch.isinf(low), 0.0), high.masked_fill(torch.isinf(high), 0.0)
-        self.page_min = torch.cat((self.page_min, low), dim=2)
-        self.page_max = torch.cat((self.page_max, high), dim=2)
-        self.tail_keys = self.tail_keys[:, :, full:].clone()
-        self.tail_values = self.tail_values[:, :, full:].clone()
+        for name, tensor in summary.items():
+            held = self.summary.get(name)
+            tensor = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+            self.summary[name] = tensor if held is None else torch.cat((held, tensor), dim=2)
+
+        def without_moved(tensor: torch.Tensor) -> torch.Tensor:
+            return torch.cat((tensor[:, :, :sinks], tensor[:, :, sinks + full :]), dim=2)
+
+        self.tail_keys, self.tail_values = without_moved(self.tail_keys), without_moved(self.tail_values)
+        if self.tracks_importance:
+            self.tail_importance = without_moved(self.tail_importance)

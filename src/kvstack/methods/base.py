@@ -145,7 +145,20 @@ class Method:
         """Page-reading methods only: how many stored pages a decoding step reads."""
         raise NotImplementedError(f"{type(self).__name__} does not read pages")
 
-    def page_scores(self, query: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor) -> torch.Tensor:
+    def resident_entries(self) -> tuple[int, int]:
+        """Page-reading methods only: ``(sinks, window)`` entries always resident."""
+        return 0, 0
+
+    def cached_pages(self) -> int:
+        """Page-reading methods only: tier pages also kept resident (least recently read out first)."""
+        return 0
+
+    def page_summary(self, keys: torch.Tensor, valid: torch.Tensor, importance: torch.Tensor | None
+                     ) -> dict[str, torch.Tensor]:
+        """Page-reading methods only: what stays resident of pages moving to the tier (see the contract)."""
+        raise NotImplementedError(f"{type(self).__name__} does not read pages")
+
+    def page_scores(self, query: torch.Tensor, summary: dict[str, torch.Tensor]) -> torch.Tensor:
         """Page-reading methods only: ``[B, H, P]`` relevance of each page (see the contract)."""
         raise NotImplementedError(f"{type(self).__name__} does not read pages")
 

@@ -7,6 +7,9 @@
   within ``budget`` tokens plus the newest, still-filling page. The full pages live in a slower tier (a
   checksummed memory-mapped file under ``tier_dir``); ``kv_bytes()`` counts what stays resident and
   ``tier_bytes()`` what the tier holds.
+* ``infllm``: InfLLM (Xiao et al., 2024). Sinks and a local window stay resident; the distant context moves
+  to the tier in blocks, each represented, resident, by the keys of its most-attended entries; a decoding
+  step reads the blocks whose representatives score highest, through an LRU of recently read blocks.
 
 Shapes: ``B`` batch, ``H`` KV heads, ``G`` query heads per KV head, ``P`` pages, ``D`` head dimension.
 """
@@ -17,10 +20,21 @@ import dataclasses
 from typing import ClassVar
 
 from kvstack.lazy_import import lazy_module
-from kvstack.methods.base import Method
+from kvstack.methods.base import STAT_COLSUM, Method, check_sizes
 from kvstack.spec import SpecError, register
 
 torch = lazy_module("torch")
+
+
+def _check_page(name: str, size: object) -> None:
+    power_of_two = isinstance(size, int) and not isinstance(size, bool) and size >= 1 and not size & (size - 1)
+    if not power_of_two:
+        raise SpecError(f"{name} must be a positive power of two (1, 2, 4, ... 16, 32 ...), got {size!r}")
+
+
+def _check_tier_dir(tier_dir: object) -> None:
+    if tier_dir is not None and (not isinstance(tier_dir, str) or not tier_dir):
+        raise SpecError(f"tier_dir must be a directory path, got {tier_dir!r}")
 
 
 @register(
@@ -52,13 +66,10 @@ class Quest(Method):
     reads_pages: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        power_of_two = isinstance(self.page, int) and self.page >= 1 and not self.page & (self.page - 1)
-        if isinstance(self.page, bool) or not power_of_two:
-            raise SpecError(f"page must be a positive power of two (1, 2, 4, ... 16, 32 ...), got {self.page!r}")
+        _check_page("page", self.page)
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < self.page:
             raise SpecError(f"budget must be at least one page ({self.page} tokens), got {self.budget!r}")
-        if self.tier_dir is not None and (not isinstance(self.tier_dir, str) or not self.tier_dir):
-            raise SpecError(f"tier_dir must be a directory path, got {self.tier_dir!r}")
+        _check_tier_dir(self.tier_dir)
 
     def compresses(self) -> bool:
         return False  # nothing is evicted: the bytes moved are the tier's
@@ -69,13 +80,113 @@ class Quest(Method):
     def pages_read(self, full_pages: int) -> int:
         return min(full_pages, self.budget // self.page)
 
-    def page_scores(self, query: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor) -> torch.Tensor:
+    def page_summary(self, keys: torch.Tensor, valid: torch.Tensor, importance: torch.Tensor | None
+                     ) -> dict[str, torch.Tensor]:
+        """Each page's element-wise key minimum and maximum ``[B, H, n, D]`` (padding left out; a page of padding
+        only gets bounds of 0: it may be read, and its entries are masked)."""
+        mask = ~valid.unsqueeze(-1)  # [B, 1, n, page, 1]
+        low = keys.masked_fill(mask, float("inf")).amin(dim=3)
+        high = keys.masked_fill(mask, float("-inf")).amax(dim=3)
+        return {"min": low.masked_fill(torch.isinf(low), 0.0), "max": high.masked_fill(torch.isinf(high), 0.0)}
+
+    def page_scores(self, query: torch.Tensor, summary: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[B, H, P]``: the largest, over the group's query heads, of ``sum_d max(q_d min_d, q_d max_d)``.
 
-        ``query`` ``[B, H, G, D]``; ``page_min``, ``page_max`` ``[B, H, P, D]``. For any key ``k`` of a page,
-        ``q . k <= bound``, since each ``q_d k_d`` is at most the larger of ``q_d min_d`` and ``q_d max_d``.
+        ``query`` ``[B, H, G, D]``; ``summary`` holds ``min`` and ``max`` ``[B, H, P, D]``. For any key ``k`` of
+        a page, ``q . k <= bound``, since each ``q_d k_d`` is at most the larger of ``q_d min_d`` and
+        ``q_d max_d``.
         """
         q = query.float().unsqueeze(3)  # [B, H, G, 1, D]
-        low, high = page_min.float().unsqueeze(2), page_max.float().unsqueeze(2)  # [B, H, 1, P, D]
+        low, high = summary["min"].float().unsqueeze(2), summary["max"].float().unsqueeze(2)  # [B, H, 1, P, D]
         bound = torch.maximum(q * low, q * high).sum(dim=-1)  # [B, H, G, P]
         return bound.amax(dim=2)
+
+
+@register(
+    "infllm",
+    category="token/retrieval",
+    description=(
+        "InfLLM: sinks and a local window resident; the distant context in blocks of `block` tokens in a slow "
+        "tier, each scored by its `representatives` most-attended keys; the top blocks read through an LRU."
+    ),
+)
+@dataclasses.dataclass
+class InfLLM(Method):
+    """InfLLM (Xiao et al., 2024): a context memory of blocks with representative keys, read through an LRU.
+
+    The first ``sinks`` and the newest ``window`` entries always stay resident. Older entries move to the
+    slow tier in blocks of ``block`` tokens; each block keeps, resident, the keys of its ``representatives``
+    entries that received the most attention while resident (accumulated column sums). A decoding step
+    scores each block by the sum of its representatives' dot products with the query (averaged over the
+    query heads of a KV group), reads the top ``budget // block`` blocks (those among the ``cached_blocks``
+    most recently read come from memory, the rest from the tier) and attends exactly over them, the sinks
+    and the window. Positions stay the true ones (the paper's memory positions are for extrapolating beyond
+    the trained context, which kvstack does not do).
+
+    Parameters
+    ----------
+    budget:
+        Distant-context tokens a decoding step reads.
+    block:
+        Entries per block, a power of two.
+    representatives:
+        Keys kept resident per block to score it.
+    sinks, window:
+        Entries always resident at the start and at the end.
+    cached_blocks:
+        Blocks read recently that stay resident (an LRU; 0 reads every block from the tier).
+    tier_dir:
+        Directory of the tier's files (None: the system's temporary directory).
+    """
+
+    budget: int = 512
+    block: int = 128
+    representatives: int = 4
+    sinks: int = 64
+    window: int = 512
+    cached_blocks: int = 16
+    tier_dir: str | None = None
+
+    reads_pages: ClassVar[bool] = True
+    needs: ClassVar[frozenset[str]] = frozenset({STAT_COLSUM})
+
+    def __post_init__(self) -> None:
+        _check_page("block", self.block)
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < self.block:
+            raise SpecError(f"budget must be at least one block ({self.block} tokens), got {self.budget!r}")
+        if isinstance(self.representatives, bool) or not isinstance(self.representatives, int) or not (
+                1 <= self.representatives <= self.block):
+            raise SpecError(f"representatives must be 1 to block={self.block} keys, got {self.representatives!r}")
+        check_sizes(sinks=self.sinks, window=self.window, cached_blocks=self.cached_blocks)
+        _check_tier_dir(self.tier_dir)
+
+    def compresses(self) -> bool:
+        return False
+
+    def page_size(self) -> int:
+        return self.block
+
+    def pages_read(self, full_pages: int) -> int:
+        return min(full_pages, self.budget // self.block)
+
+    def resident_entries(self) -> tuple[int, int]:
+        return self.sinks, self.window
+
+    def cached_pages(self) -> int:
+        return self.cached_blocks
+
+    def page_summary(self, keys: torch.Tensor, valid: torch.Tensor, importance: torch.Tensor | None
+                     ) -> dict[str, torch.Tensor]:
+        """The keys ``[B, H, n, r, D]`` of each block's ``r`` most-attended valid entries (zeros for padding)."""
+        assert importance is not None, "infllm needs the column-sum statistic"
+        score = importance.float().masked_fill(~valid, float("-inf"))
+        top = score.topk(self.representatives, dim=-1).indices  # [B, H, n, r]
+        chosen = keys.gather(3, top.unsqueeze(-1).expand(-1, -1, -1, -1, keys.shape[-1]))
+        real = valid.expand_as(score).gather(3, top).unsqueeze(-1)
+        return {"representatives": chosen * real}
+
+    def page_scores(self, query: torch.Tensor, summary: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[B, H, P]``: sum over a block's representatives of ``q . k``, averaged over the group's query heads."""
+        representatives = summary["representatives"].float()  # [B, H, P, r, D]
+        scores = torch.einsum("bhgd,bhprd->bhgp", query.float(), representatives)
+        return scores.mean(dim=2)
