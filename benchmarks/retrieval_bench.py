@@ -1,4 +1,4 @@
-"""Retrieval without eviction (issue 35): Quest's decode speed, resident bytes and peak memory against the full cache.
+"""Retrieval without eviction (issue 35): Quest's and InfLLM's decode speed, resident bytes, peak memory, recall.
 
 ``--speed`` runs each method in a fresh process (so peak RSS is its own), interleaved over ``--repeats`` rounds:
 the model reads an ``--length``-token stretch of the bench prose in one forward, then decodes ``--decode``
@@ -8,7 +8,7 @@ speed-up, resident bytes as a fraction of the full cache's, and how much lower t
 moved to the slow tier.
 
 ``--recall`` is the suite grid (passkey, single needle in noise, multi-key at 4k and 8k, 20 samples) of Quest,
-Loki, SnapKV and H2O reading or keeping 1/8 of the context, resumable (``--max-minutes``); it takes hours on
+InfLLM, Loki, SnapKV and H2O reading or keeping 1/8 of the context, resumable (``--max-minutes``); it takes hours on
 2 CPU cores, so it is run in pieces.
 
 Usage::
@@ -43,7 +43,7 @@ RECALL_TASKS = ["passkey", "niah_single_noise", "niah_multikey"]
 
 def speed_specs(length: int) -> list[str]:
     budget = length // READ_FRACTION
-    return ["full", f"quest(budget={budget})"]
+    return ["full", f"quest(budget={budget})", f"infllm(budget={budget})"]
 
 
 def stamp() -> str:
@@ -117,8 +117,8 @@ def recall(out: str, lengths: list[int], max_minutes: float | None) -> None:
     methods = []
     for length in lengths:
         budget = length // READ_FRACTION
-        methods += [f"quest(budget={budget})", f"loki(budget={budget})", f"snapkv(budget={budget})",
-                    f"h2o(budget={budget})"]
+        methods += [f"quest(budget={budget})", f"infllm(budget={budget})", f"loki(budget={budget})",
+                    f"snapkv(budget={budget})", f"h2o(budget={budget})"]
     config = BenchConfig(methods=methods, tasks=RECALL_TASKS, lengths=lengths, samples=20, out_dir=out,
                          progress=sys.stderr.isatty(), share_prefill=True, checkpoint_every=2)
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
