@@ -20,28 +20,24 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from core_bench import cpu_name
+from grid_runs import run_grid, stamp
 
-from kvstack.bench import BenchConfig, latest_results, plan_cells, run_bench
+from kvstack.bench import BenchConfig, latest_results, plan_cells
 
 OUT = "benchmarks/results/cross_layer"
 MODEL = "smollm2-135m"
 # KVSharer's settings (layers to share, similarity threshold): at 0.9 the search stops at 6 layers on SmolLM2
 SHARING = ((4, 0.9), (8, 0.9), (12, 0.8))
 FAMILIES = {
-    "MiniCache": ["minicache(start=25)", "minicache(start=21)", "minicache"],
+    "MiniCache": ["minicache(start=25)", "minicache(start=21)", "minicache(start=15)"],
     "KVSharer": ["kvsharer(layers=4)", "kvsharer(layers=8)", "kvsharer(layers=12, threshold=0.8)"],
     "SnapKV": ["snapkv(ratio=0.1)", "snapkv(ratio=0.2)", "snapkv(ratio=0.3)", "snapkv(ratio=0.4)"],
     "KIVI-4": ["kivi(bits=4)"],
@@ -49,11 +45,6 @@ FAMILIES = {
 TASKS = ["passkey", "niah_single_noise", "niah_multikey", "vt", "perplexity"]
 SAMPLES = 20
 BAR_SAVED, BAR_PPL = 0.20, 0.03  # one MiniCache setting: at least 20% saved, perplexity at most 3% above full
-
-
-def stamp() -> str:
-    return (f"{dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}, {cpu_name()}, "
-            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, {platform.platform()}")
 
 
 def ensure_maps(out: str) -> None:
@@ -109,8 +100,12 @@ def config(lengths: list[int], tasks: list[str], out: str) -> BenchConfig:
 
 
 def family_of(method: str) -> str:
+    """The family of a result's method label (labels drop default parameters: ``kvsharer(layers=8)`` is
+    ``kvsharer``)."""
+    from kvstack import parse
+
     for family, specs in FAMILIES.items():
-        if method in specs:
+        if method in specs or method in {parse(spec).label() for spec in specs}:
             return family
     return "full"
 
@@ -154,6 +149,9 @@ def report(out: str) -> str:
                          f"{score - full_score:+.1f} |")
             points.setdefault(family_of(method), []).append((saved, ppl, score))
         plot_data[length] = points
+        if full["ppl"] is None:
+            lines.append("")
+            continue
         minis = [(m, statistics.fmean(r["saved"]), r["ppl"]) for m, r in rows.items()
                  if family_of(m) == "MiniCache" and r["ppl"]]
         met = [m for m, saved, ppl in minis if saved >= BAR_SAVED and ppl <= (1 + BAR_PPL) * full["ppl"]]
@@ -195,10 +193,6 @@ def plot(data: dict[int, dict[str, list[tuple]]], path: Path) -> None:
     plt.close(fig)
 
 
-class _DeadlineError(Exception):
-    """--max-minutes has passed (raised at a checkpoint: the run resumes from there)."""
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default="1024,2048")
@@ -216,19 +210,7 @@ def main() -> None:
         ensure_maps(args.out)
         grid = config([int(x) for x in args.lengths.split(",")], args.tasks.split(","), args.out)
         print(f"{len(plan_cells(grid))} cells planned", flush=True)
-        deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
-
-        def on_progress(records: dict | list) -> None:
-            first = records[0] if isinstance(records, list) else records
-            print(json.dumps({k: first.get(k) for k in ("task", "variant", "length", "method", "score", "samples")}),
-                  flush=True)
-            if deadline is not None and time.monotonic() > deadline:
-                raise _DeadlineError
-
-        try:
-            run_bench(grid, on_cell=on_progress, on_checkpoint=on_progress)
-        except _DeadlineError:
-            print("stopped at --max-minutes; run the same command again to carry on", flush=True)
+        run_grid(grid, args.max_minutes)
     table = report(args.out)
     Path(args.out, "tables.md").write_text(f"Command: `python benchmarks/cross_layer_bench.py --report-only`; "
                                            f"{stamp()}\n\n{table}\n")

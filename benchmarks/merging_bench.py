@@ -25,10 +25,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -37,9 +35,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from core_bench import cpu_name
+from grid_runs import run_grid, stamp
 
-from kvstack.bench import BenchConfig, latest_results, plan_cells, run_bench
+from kvstack.bench import BenchConfig, latest_results, plan_cells
 
 OUT = "benchmarks/results/merging"
 BASE = "h2o(ratio={ratio})"
@@ -164,15 +162,6 @@ def cost(out: str, lengths: list[int], repeats: int) -> str:
     return text
 
 
-class _DeadlineError(Exception):
-    """--max-minutes has passed (raised at a checkpoint: the run resumes from there)."""
-
-
-def stamp() -> str:
-    return (f"{dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}, {cpu_name()}, "
-            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, {platform.platform()}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default="1024,2048")
@@ -192,19 +181,7 @@ def main() -> None:
     if not args.report_only:
         grid = config(lengths, [float(x) for x in args.ratios.split(",")], args.tasks.split(","), args.out)
         print(f"{len(plan_cells(grid))} cells planned", flush=True)
-        deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
-
-        def on_progress(records: dict | list) -> None:
-            first = records[0] if isinstance(records, list) else records
-            print(json.dumps({k: first.get(k) for k in ("task", "variant", "length", "method", "score", "samples")}),
-                  flush=True)
-            if deadline is not None and time.monotonic() > deadline:
-                raise _DeadlineError
-
-        try:
-            run_bench(grid, on_cell=on_progress, on_checkpoint=on_progress)
-        except _DeadlineError:
-            print("stopped at --max-minutes; run the same command again to carry on", flush=True)
+        run_grid(grid, args.max_minutes)
     table = report(args.out)
     Path(args.out, "tables.md").write_text(f"Command: `python benchmarks/merging_bench.py --report-only`; "
                                            f"{stamp()}\n\n{table}\n")

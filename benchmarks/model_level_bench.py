@@ -16,8 +16,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import platform
 import statistics
 import sys
 import time
@@ -26,9 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from core_bench import cpu_name
+from grid_runs import run_grid, stamp
 
-from kvstack.bench import BenchConfig, latest_results, run_bench
+from kvstack.bench import BenchConfig, latest_results
 
 OUT = "benchmarks/results/model_level"
 MODEL = "smollm2-135m"
@@ -39,47 +37,35 @@ SUITE = ["passkey", "niah_single_noise", "niah_multikey", "vt"]
 SAMPLES = 20
 
 
-def stamp() -> str:
-    return (f"{dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}, {cpu_name()}, "
-            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, {platform.platform()}")
-
-
-class _DeadlineError(Exception):
-    """--max-minutes has passed (raised at a checkpoint: the run resumes from there)."""
-
-
 def run(out: str, settings: list[str], tasks: list[str], max_minutes: float | None) -> None:
     import kvstack
 
     model, tokenizer = kvstack.load_model(MODEL)
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
 
-    def on_progress(records: dict | list) -> None:
-        if deadline is not None and time.monotonic() > deadline:
-            raise _DeadlineError
-
-    def grid(name: str, methods: list[str], subject: torch.nn.Module) -> None:
+    def grid(name: str, methods: list[str], subject: torch.nn.Module) -> bool:
         for lengths, chosen in (([1024, 2048], [t for t in tasks if t == "perplexity"]),
                                 ([1024], [t for t in tasks if t != "perplexity"])):
             if not chosen:
                 continue
             config = BenchConfig(model=name, methods=methods, tasks=chosen, lengths=lengths, samples=SAMPLES,
                                  out_dir=out, progress=sys.stderr.isatty(), share_prefill=True, checkpoint_every=2)
-            run_bench(config, model=subject, tokenizer=tokenizer, on_cell=on_progress, on_checkpoint=on_progress)
+            if not run_grid(config, deadline=deadline, model=subject, tokenizer=tokenizer):
+                return False
+        return True
 
     from kvstack.calibration import get_calibration
 
     get_calibration(model, tokenizer=tokenizer, calibrate_if_missing=True)  # palu reads it
-    try:
-        grid(MODEL, TOKEN_LEVEL, model)
-        for setting in settings:
-            spec = TRANSFORMS[setting]
-            new, record = kvstack.transform(model, spec, tokenizer=tokenizer)
-            print(f"{spec}: {record['kv_bytes_per_token']} bytes per token, {record['seconds']:.1f} s", flush=True)
-            grid(f"{MODEL}+{spec}", ["full"], new)
-            del new
-    except _DeadlineError:
-        print("stopped at --max-minutes; run the same command again to carry on", flush=True)
+    if not grid(MODEL, TOKEN_LEVEL, model):
+        return
+    for setting in settings:
+        spec = TRANSFORMS[setting]
+        new, record = kvstack.transform(model, spec, tokenizer=tokenizer)
+        print(f"{spec}: {record['kv_bytes_per_token']} bytes per token, {record['seconds']:.1f} s", flush=True)
+        if not grid(f"{MODEL}+{spec}", ["full"], new):
+            return
+        del new
 
 
 def report(out: str) -> str:

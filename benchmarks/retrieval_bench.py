@@ -20,9 +20,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -33,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from core_bench import cpu_name
+from grid_runs import run_grid, stamp
 
 OUT = "benchmarks/results/retrieval"
 MODEL = "smollm2-135m"
@@ -44,11 +42,6 @@ RECALL_TASKS = ["passkey", "niah_single_noise", "niah_multikey"]
 def speed_specs(length: int) -> list[str]:
     budget = length // READ_FRACTION
     return ["full", f"quest(budget={budget})", f"infllm(budget={budget})"]
-
-
-def stamp() -> str:
-    return (f"{dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}, {cpu_name()}, "
-            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, {platform.platform()}")
 
 
 def one(spec: str, length: int, decode: int) -> dict:
@@ -112,7 +105,7 @@ def speed(out: str, length: int, decode: int, repeats: int) -> str:
 
 
 def recall(out: str, lengths: list[int], max_minutes: float | None) -> None:
-    from kvstack.bench import BenchConfig, run_bench
+    from kvstack.bench import BenchConfig
 
     methods = []
     for length in lengths:
@@ -121,19 +114,7 @@ def recall(out: str, lengths: list[int], max_minutes: float | None) -> None:
                     f"snapkv(budget={budget})", f"h2o(budget={budget})"]
     config = BenchConfig(methods=methods, tasks=RECALL_TASKS, lengths=lengths, samples=20, out_dir=out,
                          progress=sys.stderr.isatty(), share_prefill=True, checkpoint_every=2)
-    deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
-
-    class DeadlineError(Exception):
-        """--max-minutes has passed (raised at a checkpoint: the run resumes from there)."""
-
-    def on_progress(records: dict | list) -> None:
-        if deadline is not None and time.monotonic() > deadline:
-            raise DeadlineError
-
-    try:
-        run_bench(config, on_cell=on_progress, on_checkpoint=on_progress)
-    except DeadlineError:
-        print("stopped at --max-minutes; run the same command again to carry on", flush=True)
+    run_grid(config, max_minutes)
 
 
 def main() -> None:

@@ -143,6 +143,24 @@ def random_ids(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.randint(1, VOCAB, (batch, length), generator=generator)
 
 
+def stepwise_logits(model: torch.nn.Module, ids: torch.Tensor, cache: Any, mask: torch.Tensor | None = None,
+                    steps: int = 6) -> list[torch.Tensor]:
+    """The prompt's last logits, then greedy decoding ``steps`` tokens one forward at a time: each step's
+    ``[B, V]`` (``cache`` any transformers cache: a kvstack one, or ``DynamicCache()`` as the reference)."""
+    kwargs = {} if mask is None else {"attention_mask": mask}
+    with torch.no_grad():
+        out = model(input_ids=ids, **kvstack.cache_kwargs(model, cache), use_cache=True, **kwargs)
+        logits = [out.logits[:, -1]]
+        for _ in range(steps):
+            token = logits[-1].argmax(-1, keepdim=True)
+            if mask is not None:
+                mask = torch.cat((mask, torch.ones_like(token)), dim=1)
+                kwargs = {"attention_mask": mask}
+            out = model(input_ids=token, **kvstack.cache_kwargs(model, cache), use_cache=True, **kwargs)
+            logits.append(out.logits[:, -1])
+    return logits
+
+
 # ------------------------------------------------------------------------------------------------------
 # Independent reference computations
 # ------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_model, random_ids, usage_error
+from conftest import build_model, random_ids, stepwise_logits, usage_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
@@ -26,23 +26,6 @@ LAYERS = 6
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     return build_model(num_hidden_layers=LAYERS)
-
-
-def _logits(model: torch.nn.Module, ids: torch.Tensor, cache, mask: torch.Tensor | None = None,
-            steps: int = 6) -> list[torch.Tensor]:
-    """Prompt logits, then greedy decoding ``steps`` tokens one forward at a time: every step's ``[B, V]``."""
-    kwargs = {} if mask is None else {"attention_mask": mask}
-    with torch.no_grad():
-        out = model(input_ids=ids, **kvstack.cache_kwargs(model, cache), use_cache=True, **kwargs)
-        logits = [out.logits[:, -1]]
-        for _ in range(steps):
-            token = logits[-1].argmax(-1, keepdim=True)
-            if mask is not None:
-                mask = torch.cat((mask, torch.ones_like(token)), dim=1)
-                kwargs = {"attention_mask": mask}
-            out = model(input_ids=token, **kvstack.cache_kwargs(model, cache), use_cache=True, **kwargs)
-            logits.append(out.logits[:, -1])
-    return logits
 
 
 # ------------------------------------------------------------------------------------------------ MiniCache
@@ -92,10 +75,10 @@ def test_minicache_retains_the_widest_angles_and_keeps_their_rows_exact() -> Non
 
 def test_minicache_that_retains_every_token_equals_the_full_cache_exactly(model) -> None:
     ids = random_ids(40)
-    reference = _logits(model, ids, DynamicCache())
+    reference = stepwise_logits(model, ids, DynamicCache())
     cache = kvstack.make_cache(model, "minicache(start=0, retain=1.0)")
     assert [type(layer) for layer in cache.layers[:2]] == [MagnitudeLayer, kvstack.cache.layer.KVStackLayer]
-    for got, want in zip(_logits(model, ids, cache), reference, strict=True):
+    for got, want in zip(stepwise_logits(model, ids, cache), reference, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -129,8 +112,8 @@ def test_minicache_batched_with_left_padding_equals_each_sequence_alone(model) -
     mask = torch.ones_like(ids)
     mask[0, :13] = 0
     spec = "minicache(start=1, retain=0.2)"
-    batched = _logits(model, ids, kvstack.make_cache(model, spec), mask=mask)
-    alone = [_logits(model, seq, kvstack.make_cache(model, spec)) for seq in (short, long)]
+    batched = stepwise_logits(model, ids, kvstack.make_cache(model, spec), mask=mask)
+    alone = [stepwise_logits(model, seq, kvstack.make_cache(model, spec)) for seq in (short, long)]
     for step, got in enumerate(batched):
         torch.testing.assert_close(got[0], alone[0][step][0], atol=2e-4, rtol=1e-4)
         torch.testing.assert_close(got[1], alone[1][step][0], atol=2e-4, rtol=1e-4)
@@ -158,7 +141,7 @@ def test_minicache_composes_with_a_codec_and_encodes_the_shared_rows(model) -> N
     assert merged.kv_bytes() == sum(layer.kv_bytes() for layer in merged.layers)
     assert merged.kv_bytes() < alone.kv_bytes()
     assert merged.kv_bytes() - lowers == sum(alone.layers[i].kv_bytes() for i in range(LAYERS) if i not in (2, 4))
-    logits = _logits(model, torch.tensor([[5]]), merged, steps=3)  # decoding reads the decoded shared rows
+    logits = stepwise_logits(model, torch.tensor([[5]]), merged, steps=3)  # decoding reads the decoded shared rows
     assert all(torch.isfinite(step).all() for step in logits)
 
 
@@ -229,12 +212,12 @@ def test_kvsharer_applies_its_map_and_the_shared_layers_hold_zero_bytes(model, t
     artefact = _write_map(tmp_path / "map.json", model_key(model), share)
     ids = random_ids(30)
     cache = kvstack.make_cache(model, f"kvsharer(layers=2, artefact={artefact!r})")
-    got = _logits(model, ids, cache)
-    want = _logits(model, ids, ReusingDynamicCache(share))
+    got = stepwise_logits(model, ids, cache)
+    want = stepwise_logits(model, ids, ReusingDynamicCache(share))
     for step_got, step_want in zip(got, want, strict=True):
         torch.testing.assert_close(step_got, step_want, atol=1e-5, rtol=1e-5)
     full = kvstack.make_cache(model, "full")
-    _logits(model, ids, full)
+    stepwise_logits(model, ids, full)
     for layer in share:
         assert isinstance(cache.layers[layer], ReusingLayer)
         assert cache.layers[layer].kv_bytes() == 0

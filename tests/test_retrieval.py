@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 import torch
-from conftest import build_model, random_ids, usage_error
+from conftest import build_model, random_ids, stepwise_logits, usage_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
@@ -23,22 +23,6 @@ from kvstack.spec import SpecError, parse
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     return build_model(num_hidden_layers=2)
-
-
-def _steps(model, ids, cache, mask=None, steps: int = 8) -> list[torch.Tensor]:
-    """Prompt logits, then greedy decoding one forward at a time: each step's ``[B, V]``."""
-    kwargs = {} if mask is None else {"attention_mask": mask}
-    with torch.no_grad():
-        out = model(input_ids=ids, **kvstack.cache_kwargs(model, cache), use_cache=True, **kwargs)
-        logits = [out.logits[:, -1]]
-        for _ in range(steps):
-            token = logits[-1].argmax(-1, keepdim=True)
-            if mask is not None:
-                mask = torch.cat((mask, torch.ones_like(token)), dim=1)
-                kwargs = {"attention_mask": mask}
-            out = model(input_ids=token, **kvstack.cache_kwargs(model, cache), use_cache=True, **kwargs)
-            logits.append(out.logits[:, -1])
-    return logits
 
 
 @settings(max_examples=60, deadline=None)
@@ -56,9 +40,9 @@ def test_a_page_bound_is_never_below_the_true_maximum_score_of_its_keys(seed, pa
 
 def test_a_budget_covering_everything_is_exactly_the_full_cache(model) -> None:
     ids = random_ids(70)
-    want = _steps(model, ids, DynamicCache())
+    want = stepwise_logits(model, ids, DynamicCache())
     cache = kvstack.make_cache(model, "quest(budget=4096, page=8)")
-    got = _steps(model, ids, cache)
+    got = stepwise_logits(model, ids, cache)
     for step_got, step_want in zip(got, want, strict=True):
         torch.testing.assert_close(step_got, step_want, atol=1e-5, rtol=1e-5)
     assert isinstance(cache.layers[0], TieredLayer) and cache.layers[0].full_pages() == (70 + 8) // 8
@@ -68,8 +52,8 @@ def test_exact_with_chunked_prompts_and_left_padding(model) -> None:
     ids = random_ids(45, batch=2, seed=3)
     mask = torch.ones_like(ids)
     mask[0, :9] = 0
-    want = _steps(model, ids, DynamicCache(), mask=mask)
-    got = _steps(model, ids, kvstack.make_cache(model, "quest(budget=4096, page=4)"), mask=mask)
+    want = stepwise_logits(model, ids, DynamicCache(), mask=mask)
+    got = stepwise_logits(model, ids, kvstack.make_cache(model, "quest(budget=4096, page=4)"), mask=mask)
     for step_got, step_want in zip(got, want, strict=True):
         torch.testing.assert_close(step_got[1], step_want[1], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(step_got[0], step_want[0], atol=1e-5, rtol=1e-5)
@@ -136,7 +120,7 @@ def test_a_corrupt_page_is_refused_never_read(model, tmp_path) -> None:
         handle.seek(3 * 8 * 4 + 5)
         handle.write(bytes([byte[0] ^ 0x10]))
     with pytest.raises(TierError, match=r"page \d+ of the slow tier .* fails its checksum; it is refused"):
-        _steps(model, torch.tensor([[5]]), cache, steps=0)
+        stepwise_logits(model, torch.tensor([[5]]), cache, steps=0)
 
 
 def test_bad_quest_specs_are_one_line_each(model, tmp_path) -> None:
@@ -176,9 +160,9 @@ def test_the_engine_refuses_quest_for_now() -> None:
 # ------------------------------------------------------------------------------------------------ InfLLM
 def test_infllm_with_a_budget_covering_everything_is_exactly_the_full_cache(model) -> None:
     ids = random_ids(90)
-    want = _steps(model, ids, DynamicCache(), steps=12)
+    want = stepwise_logits(model, ids, DynamicCache(), steps=12)
     cache = kvstack.make_cache(model, "infllm(budget=4096, block=8, representatives=2, sinks=4, window=16)")
-    got = _steps(model, ids, cache, steps=12)
+    got = stepwise_logits(model, ids, cache, steps=12)
     for step_got, step_want in zip(got, want, strict=True):
         torch.testing.assert_close(step_got, step_want, atol=1e-5, rtol=1e-5)
     layer = cache.layers[0]

@@ -21,12 +21,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
 from kvstack.cache.attention_stats import attention_with_stats
 from kvstack.cache.capacity import growth_slack
-from kvstack.cache.layer import WeakOwner, chunk_masks
-from kvstack.cache.pending import set_pending
+from kvstack.cache.owned_layer import OwnedLayer
 
 if TYPE_CHECKING:
     from kvstack.cache.cache import KVStackCache
@@ -37,83 +35,18 @@ __all__ = ["LinkedLayer", "MagnitudeLayer", "ReusingLayer"]
 ROWS = ("keys", "values")
 
 
-class LinkedLayer(CacheLayerMixin):
-    """What both linked kinds share: bookkeeping of the tokens seen and the transformers layer interface."""
-
-    owner: WeakOwner[KVStackCache] = WeakOwner()
-    is_sliding = False
-    is_compileable = False
-    is_croppable = False
-    supports_early_init = False
+class LinkedLayer(OwnedLayer):
+    """What both linked kinds share: the layer whose store this one reads."""
 
     def __init__(self, owner: KVStackCache, layer_idx: int, source: int) -> None:
-        super().__init__()
-        self.owner = owner
-        self.layer_idx = layer_idx
+        super().__init__(owner, layer_idx)
         self.source = source  # the layer whose store this one reads
-        self.seen = 0
-        self.pending = False
-        self.has_padding = False
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.batch, self.heads, _, self.head_dim = key_states.shape
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple:
-        """Take the new chunk ``[B, H, q, D]`` (what is kept of it is the subclass's); attention runs next."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if self.pending:
-            raise RuntimeError(
-                "kvstack cache used without the kvstack attention function; create caches with "
-                "kvstack.make_cache(model, spec), which selects it"
-            )
-        self.pending = True
-        self.seen += key_states.shape[2]
-        self._take_chunk(key_states, value_states)
-        set_pending(self)
-        return key_states, value_states
-
-    def _take_chunk(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Hold what the subclass needs of the chunk until its attention."""
 
     def source_layer(self) -> KVStackLayer:
         return self.owner.layers[self.source]
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """Mask of the new chunk only, as :class:`KVStackLayer` (past entries are masked by their positions)."""
-        return query_length, self.seen - (query_length if self.pending else 0)
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
-
     def reset(self) -> None:
         self.__init__(self.owner, self.layer_idx, self.source)  # type: ignore[misc]
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("beam search is not supported by kvstack caches")
-
-    def shrink_to_fit(self) -> None:
-        """Nothing grows with slack here unless the subclass says so."""
-
-    def holds_every_token(self) -> bool:
-        """False: a linked layer's attention depends on another layer's store, never shared across caches."""
-        return False
-
-    def tier_bytes(self) -> int:
-        """Bytes in a slower tier: none, this layer holds its entries in memory."""
-        return 0
-
-    def full_kv_bytes(self) -> int:
-        """What an uncompressed cache of the same tokens would hold in this layer (keys + values)."""
-        if not self.is_initialized:
-            return 0
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return self.seen * self.batch * self.heads * self.head_dim * 2 * element
 
     def kept_entries(self) -> int:
         """Entries this layer's attention reads (its source's), summed over sequences and KV heads."""
@@ -121,29 +54,6 @@ class LinkedLayer(CacheLayerMixin):
             return 0
         source = self.source_layer()
         return source.kept_entries() if source.is_initialized else 0
-
-    def _new_positions(self, position_ids: torch.Tensor | None, valid: torch.Tensor | None, batch: int,
-                       q_len: int, device: torch.device) -> torch.Tensor:
-        """``[B, q]`` int32 true positions of the chunk (``-1`` for padding)."""
-        if position_ids is None:
-            position_ids = torch.arange(self.seen - q_len, self.seen, device=device).unsqueeze(0)
-        positions = position_ids.to(torch.int32).expand(batch, -1)
-        if valid is not None:
-            positions = positions.masked_fill(~valid, -1)
-            if not bool(valid.all()):
-                self.has_padding = True
-        return positions
-
-    def _start_attention(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
-                         query: torch.Tensor, shared: Any) -> tuple:
-        if shared is not None:
-            raise RuntimeError("a layer linked to another layer's store cannot take a shared prompt attention")
-        if not self.pending:
-            raise RuntimeError(f"layer {self.layer_idx}: attention without an update")
-        self.pending = False
-        batch, _, q_len, _ = query.shape
-        causal, valid = chunk_masks(attention_mask, batch, q_len, query.device)
-        return causal, valid, self._new_positions(position_ids, valid, batch, q_len, query.device)
 
 
 class ReusingLayer(LinkedLayer):
@@ -160,7 +70,7 @@ class ReusingLayer(LinkedLayer):
     def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
                scaling: float, shared: Any = None) -> torch.Tensor:
         """``[B, Hq, q, D]`` queries over the source's entries; returns ``[B, q, Hq, D]``."""
-        causal, valid, _ = self._start_attention(attention_mask, position_ids, query, shared)
+        causal, valid, _ = self.start_attention(query, attention_mask, position_ids, shared)
         source = self.source_layer()
         if source.region is not None or source.ragged is not None or source.seen != self.seen:
             raise RuntimeError(f"layer {self.layer_idx} reuses layer {self.source}, which must hold every token "
@@ -216,7 +126,7 @@ class MagnitudeLayer(LinkedLayer):
     def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
                scaling: float, shared: Any = None) -> torch.Tensor:
         """``[B, Hq, q, D]`` queries over the rebuilt past entries and the exact chunk; returns ``[B, q, Hq, D]``."""
-        causal, valid, positions = self._start_attention(attention_mask, position_ids, query, shared)
+        causal, valid, positions = self.start_attention(query, attention_mask, position_ids, shared)
         assert self.chunk is not None
         self.chunk_positions = positions
         past_keys, past_values, past_positions = self.rebuilt()

@@ -27,11 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
 from kvstack.cache.attention_stats import attention_with_stats
-from kvstack.cache.layer import WeakOwner, chunk_masks
-from kvstack.cache.pending import set_pending
+from kvstack.cache.owned_layer import OwnedLayer
 from kvstack.contract import STAT_COLSUM
 from kvstack.errors import KVStackError
 
@@ -170,30 +168,18 @@ def _remove(path: str) -> None:
         pass
 
 
-class TieredLayer(CacheLayerMixin):
+class TieredLayer(OwnedLayer):
     """One layer of a page-reading policy's cache (see the module docstring)."""
 
-    owner: WeakOwner[KVStackCache] = WeakOwner()
-    is_sliding = False
-    is_compileable = False
-    is_croppable = False
-    supports_early_init = False
-
     def __init__(self, owner: KVStackCache, layer_idx: int, tier_dir: str) -> None:
-        super().__init__()
-        self.owner = owner
-        self.layer_idx = layer_idx
+        super().__init__(owner, layer_idx)
         self.tier_dir = tier_dir
-        self.seen = 0
-        self.pending = False
-        self.has_padding = False
         self.pages: PageFile | None = None
         self.summary: dict[str, torch.Tensor] = {}  # name -> [B, H, P, ...] what stays resident of each page
         self.lru: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # record -> [page, D] x2
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.batch, self.heads, _, self.head_dim = key_states.shape
+        super().lazy_initialization(key_states, value_states)
         method = self.owner.method
         self.page = method.page_size()
         self.sinks, self.window = method.resident_entries()
@@ -203,47 +189,19 @@ class TieredLayer(CacheLayerMixin):
         self.tail_values = value_states.new_empty((self.batch, self.heads, 0, self.head_dim))
         self.tail_importance = torch.empty((self.batch, self.heads, 0), dtype=torch.float32, device=self.device)
         self.positions = torch.empty((self.batch, 0), dtype=torch.int32, device=self.device)
-        self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple:
-        """Hold the new chunk ``[B, H, q, D]`` with the resident entries until its attention (next)."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if self.pending:
-            raise RuntimeError("kvstack cache used without the kvstack attention function; create caches with "
-                               "kvstack.make_cache(model, spec), which selects it")
-        self.pending = True
-        self.seen += key_states.shape[2]
+    def _take_chunk(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """The chunk joins the resident entries until its attention (next)."""
         self.tail_keys = torch.cat((self.tail_keys, key_states), dim=2)
         self.tail_values = torch.cat((self.tail_values, value_states), dim=2)
         if self.tracks_importance:
             fresh = self.tail_importance.new_zeros((self.batch, self.heads, key_states.shape[2]))
             self.tail_importance = torch.cat((self.tail_importance, fresh), dim=2)
-        set_pending(self)
-        return key_states, value_states
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return query_length, self.seen - (query_length if self.pending else 0)
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
 
     def reset(self) -> None:
         if self.pages is not None:
             self.pages.close()
         self.__init__(self.owner, self.layer_idx, self.tier_dir)  # type: ignore[misc]
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("beam search is not supported by kvstack caches")
-
-    def shrink_to_fit(self) -> None:
-        """Nothing to release: resident tensors are exact."""
-
-    def holds_every_token(self) -> bool:
-        return False  # its entries are not dense resident slots
 
     # ------------------------------------------------------------------ accounting
     def full_pages(self) -> int:
@@ -262,11 +220,6 @@ class TieredLayer(CacheLayerMixin):
         """Bytes in the slow tier (the full pages' keys and values)."""
         return self.pages.nbytes() if self.pages is not None else 0
 
-    def full_kv_bytes(self) -> int:
-        if not self.is_initialized:
-            return 0
-        return self.seen * self.batch * self.heads * self.head_dim * 2 * self.tail_keys.element_size()
-
     def kept_entries(self) -> int:
         """Every entry is kept (resident or in the tier), summed over sequences and KV heads."""
         return self.seen * self.batch * self.heads if self.is_initialized else 0
@@ -279,12 +232,9 @@ class TieredLayer(CacheLayerMixin):
     def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
                scaling: float, shared: Any = None) -> torch.Tensor:
         """``[B, Hq, q, D]`` queries over the pages read and the resident entries; returns ``[B, q, Hq, D]``."""
-        if shared is not None:
-            raise RuntimeError("a tiered layer cannot take a shared prompt attention")
-        self.pending = False
+        causal, valid, positions = self.start_attention(query, attention_mask, position_ids, shared)
+        self.positions = torch.cat((self.positions, positions), dim=1)
         batch, q_heads, q_len, _ = query.shape
-        causal, valid = chunk_masks(attention_mask, batch, q_len, query.device)
-        self._record_positions(position_ids, valid, batch, q_len)
         stored = self.full_pages()
         method = self.owner.method
         count = stored if q_len > 1 else method.pages_read(stored)
@@ -348,17 +298,6 @@ class TieredLayer(CacheLayerMixin):
         while len(self.lru) > capacity:
             self.lru.popitem(last=False)
         return torch.stack(keys_out).reshape(shape), torch.stack(values_out).reshape(shape)
-
-    def _record_positions(self, position_ids: torch.Tensor | None, valid: torch.Tensor | None, batch: int,
-                          q_len: int) -> None:
-        if position_ids is None:
-            position_ids = torch.arange(self.seen - q_len, self.seen, device=self.device).unsqueeze(0)
-        positions = position_ids.to(torch.int32).expand(batch, -1)
-        if valid is not None:
-            positions = positions.masked_fill(~valid, -1)
-            if not bool(valid.all()):
-                self.has_padding = True
-        self.positions = torch.cat((self.positions, positions), dim=1)
 
     def _flush(self) -> None:
         """Move whole pages from between the sinks and the window to the tier, keeping their summaries."""
