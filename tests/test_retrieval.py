@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import tempfile
 
@@ -16,7 +17,9 @@ from transformers import DynamicCache
 import kvstack
 from kvstack.cache.cache import KVStackCache
 from kvstack.cache.page_tier import TieredLayer, TierError
-from kvstack.methods.retrieval import InfLLM, Quest
+from kvstack.calibration import CalibrationError, model_key
+from kvstack.calibration.head_map import HEADS_FORMAT, probe_retrieval_heads
+from kvstack.methods.retrieval import Duo, InfLLM, Quest
 from kvstack.spec import SpecError, parse
 
 
@@ -225,3 +228,65 @@ def test_bad_infllm_specs_are_one_line_each() -> None:
                           ("infllm(sinks=-1)", "sinks")):
         with pytest.raises(SpecError, match=message):
             parse(spec)
+
+
+# ------------------------------------------------------------------------------------------------ retrieval heads
+def _write_heads(path, key: str, scores: list[list[float]]) -> str:
+    path.write_text(json.dumps({"format": HEADS_FORMAT, "version": 1, "model_key": key, "scores": scores}))
+    return str(path)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), length=st.integers(1, 40), sinks=st.integers(0, 6), recent=st.integers(0, 12))
+def test_duo_keeps_everything_on_retrieval_heads_and_sinks_plus_recent_on_the_others(seed, length, sinks,
+                                                                                     recent) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    positions = torch.arange(length, dtype=torch.float32).expand(3, length).clone()
+    padded = torch.rand(3, length, generator=generator) < 0.2
+    scores = positions.masked_fill(padded, float("-inf"))
+    scores[0] = torch.where(padded[0], scores[0], torch.full((length,), float("inf")))  # head 0 retrieves
+    keep = Duo(sinks=sinks, recent=recent).allocate_heads(scores, length)
+    assert torch.equal(keep[0], ~padded[0])
+    for head in (1, 2):
+        valid = (~padded[head]).nonzero().squeeze(-1).tolist()
+        expected = set(valid[:sinks]) | set(valid[max(0, len(valid) - recent):])
+        assert set(keep[head].nonzero().squeeze(-1).tolist()) == expected
+
+
+def test_duo_stores_each_head_its_own_count_from_the_model_artefact(model, tmp_path) -> None:
+    scores = [[0.9, 0.0], [0.1, 0.8]]  # 2 layers x 2 KV heads: heads=0.5 keeps L0.H0 and L1.H1 whole
+    artefact = _write_heads(tmp_path / "heads.json", model_key(model), scores)
+    cache = kvstack.make_cache(model, f"duo(heads=0.5, sinks=2, recent=5, artefact={artefact!r})")
+    kvstack.prefill(model, random_ids(40), cache)
+    assert cache.layers[0].head_lengths().tolist() == [[40, 7]]
+    assert cache.layers[1].head_lengths().tolist() == [[7, 40]]
+    assert cache.kv_bytes() == sum(layer.kv_bytes() for layer in cache.layers)
+    whole = kvstack.make_cache(model, f"duo(heads=1.0, artefact={artefact!r})")
+    ids = random_ids(30, seed=8)
+    for got, want in zip(stepwise_logits(model, ids, whole), stepwise_logits(model, ids, DynamicCache()),
+                         strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_duo_refuses_scores_from_another_model_or_geometry(model, tmp_path) -> None:
+    other = _write_heads(tmp_path / "other.json", "another-model-000000000000", [[0.5, 0.5], [0.5, 0.5]])
+    with pytest.raises(CalibrationError, match="were made for model another-model-000000000000, not this one") as err:
+        kvstack.make_cache(model, f"duo(artefact={other!r})")
+    assert "\n" not in str(err.value)
+    shaped = _write_heads(tmp_path / "shape.json", model_key(model), [[0.5, 0.5, 0.5]])
+    with pytest.raises(CalibrationError, match="not 2 layers x 2 KV heads"):
+        kvstack.make_cache(model, f"duo(artefact={shaped!r})")
+    with pytest.raises(CalibrationError, match="no retrieval-head scores"):
+        kvstack.make_cache(model, f"duo(artefact={str(tmp_path / 'none.json')!r})")
+    with pytest.raises(SpecError, match="heads must be the fraction"):
+        parse("duo(heads=0)")
+
+
+def test_the_probe_finds_heads_that_retrieve_on_the_default_model() -> None:
+    """One short needle prompt on SmolLM2: some KV head's strongest attention lands on the copied digits."""
+    real, tokenizer = kvstack.load_model("smollm2-135m")
+    record = probe_retrieval_heads(real, tokenizer, prompts=1, length=256, digits=8)
+    scores = torch.tensor(record["scores"])
+    assert scores.shape == (30, 3) and record["copy_steps"] > 0
+    assert bool(((scores >= 0) & (scores <= 1)).all()) and float(scores.max()) >= 0.5
+    assert record["model_key"] == model_key(real)

@@ -89,6 +89,10 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
     if method.uses_cache_positions() and geometry.rope_inv_freq is None:
         raise InputError("positions='cache' needs a model with plain RoPE (inv_freq, no attention scaling)")
     layer_links = None
+    if method.uses_model_artefact:
+        from kvstack.calibration import model_key
+
+        method.load_artefacts(model_key(model), geometry.num_layers, geometry.num_kv_heads)
     if method.cross_layer:
         from kvstack.calibration import model_key
 

@@ -125,6 +125,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, device=args.device)
     if args.kvsharer is not None:
         return _calibrate_kvsharer(args, model, tokenizer)
+    if args.retrieval_heads:
+        return _calibrate_retrieval_heads(args, model, tokenizer)
     path = calibration_path(model_key(model))
     if path.is_file() and not args.force:
         try:
@@ -147,6 +149,27 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     save_calibration(cal, path)
     print(f"calibration: {path} (written; {seconds:.1f} s)")
     print(cal.summary())
+    return 0
+
+
+def _calibrate_retrieval_heads(args: argparse.Namespace, model: Any, tokenizer: Any) -> int:
+    """Score every KV head with the retrieval probe and write the artefact (``calibrate --retrieval-heads``)."""
+    import time
+
+    from kvstack.calibration import model_key
+    from kvstack.calibration.head_map import head_map_path, probe_retrieval_heads, save_head_scores
+
+    path = head_map_path(model_key(model))
+    if path.is_file() and not args.force:
+        print(f"retrieval heads: {path} (existing; --force to redo)")
+        return 0
+    start = time.perf_counter()
+    record = probe_retrieval_heads(model, tokenizer, source=args.source)
+    save_head_scores(record, path)
+    scores = [(score, layer, head) for layer, row in enumerate(record["scores"]) for head, score in enumerate(row)]
+    best = ", ".join(f"L{layer}.H{head} {score:.2f}" for score, layer, head in sorted(scores, reverse=True)[:5])
+    print(f"retrieval heads: {path} (written; {time.perf_counter() - start:.1f} s, {record['copy_steps']} copy "
+          f"steps); strongest: {best}")
     return 0
 
 
@@ -337,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--kvsharer-threshold", type=float, default=0.9,
                      help="KVSharer: least cosine similarity of the last hidden states to the full model's "
                           "(default 0.9)")
+    cal.add_argument("--retrieval-heads", action="store_true",
+                     help="instead: score every KV head with the retrieval probe (duo's artefact)")
     cal.add_argument("--force", action="store_true", help="recalibrate even when an artefact exists")
     cal.add_argument("--no-progress", action="store_true", help="no progress bar")
     cal.set_defaults(func=cmd_calibrate)

@@ -276,6 +276,7 @@ class Policy(Protocol):
     allocates_layers: ClassVar[bool]
     cross_layer: ClassVar[bool]
     reads_pages: ClassVar[bool]
+    uses_model_artefact: ClassVar[bool]
 
     def label(self) -> str: ...
     def compresses(self) -> bool: ...
@@ -325,6 +326,10 @@ class Policy(Protocol):
                          cutoff: torch.Tensor | None) -> LayerPairMerge:
         """Magnitude-linked layers: merge a chunk's ``[B, H, q, D]`` lower and upper rows (``valid`` ``[B, H, q]``:
         not padding); ``cutoff`` is what the last call returned for this pair (None at the first chunk)."""
+
+    def load_artefacts(self, model_key: str | None, num_layers: int, num_kv_heads: int) -> None:
+        """Artefact-reading policies: read what the policy needs for this model (one line if it is missing or
+        made for another model)."""
 
     def page_size(self) -> int:
         """Page-reading policies: entries per page (a power of two)."""

@@ -70,6 +70,8 @@ class Method:
     reads_pages:
         True when every entry is kept, in pages in a slower tier, and each decoding step reads only the pages
         :meth:`page_scores` ranks highest (:meth:`page_size`, :meth:`pages_read`).
+    uses_model_artefact:
+        True when the method reads a calibration artefact keyed by the model (:meth:`load_artefacts`).
     """
 
     spec_name: ClassVar[str]
@@ -85,6 +87,7 @@ class Method:
     allocates_layers: ClassVar[bool] = False
     cross_layer: ClassVar[bool] = False
     reads_pages: ClassVar[bool] = False
+    uses_model_artefact: ClassVar[bool] = False
 
     # -- budget -------------------------------------------------------------------------------------
     def allocate_heads(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
@@ -136,6 +139,9 @@ class Method:
                          cutoff: torch.Tensor | None) -> LayerPairMerge:
         """Cross-layer merging methods only: what a layer pair stores for one chunk (see the contract)."""
         raise NotImplementedError(f"{type(self).__name__} does not merge layer pairs")
+
+    def load_artefacts(self, model_key: str | None, num_layers: int, num_kv_heads: int) -> None:
+        """Artefact-reading methods only: read this model's artefact when the cache is built."""
 
     def page_size(self) -> int:
         """Page-reading methods only: entries per page."""

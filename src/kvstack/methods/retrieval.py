@@ -10,6 +10,8 @@
 * ``infllm``: InfLLM (Xiao et al., 2024). Sinks and a local window stay resident; the distant context moves
   to the tier in blocks, each represented, resident, by the keys of its most-attended entries; a decoding
   step reads the blocks whose representatives score highest, through an LRU of recently read blocks.
+* ``duo``: DuoAttention's split (Xiao et al., 2024) with the retrieval heads found by a calibration probe
+  instead of trained gates: retrieval heads keep everything, the others sinks and recent entries.
 
 Shapes: ``B`` batch, ``H`` KV heads, ``G`` query heads per KV head, ``P`` pages, ``D`` head dimension.
 """
@@ -20,7 +22,7 @@ import dataclasses
 from typing import ClassVar
 
 from kvstack.lazy_import import lazy_module
-from kvstack.methods.base import STAT_COLSUM, Method, check_sizes
+from kvstack.methods.base import STAT_COLSUM, LayerView, Method, check_sizes
 from kvstack.spec import SpecError, register
 
 torch = lazy_module("torch")
@@ -190,3 +192,80 @@ class InfLLM(Method):
         representatives = summary["representatives"].float()  # [B, H, P, r, D]
         scores = torch.einsum("bhgd,bhprd->bhgp", query.float(), representatives)
         return scores.mean(dim=2)
+
+
+@register(
+    "duo",
+    category="token/retrieval",
+    description=(
+        "Retrieval heads (`kvstack calibrate --retrieval-heads`): the top `heads` fraction of KV heads keeps every "
+        "entry, the others keep `sinks` + `recent`; stored per head."
+    ),
+)
+@dataclasses.dataclass
+class Duo(Method):
+    """DuoAttention-style split of the heads (Xiao et al., 2024), with retrieval heads found by a probe.
+
+    The KV heads with the highest retrieval scores (:mod:`kvstack.calibration.head_map`: how often a head's
+    strongest attention lands on the needle token the model is copying) keep every entry; the other heads keep
+    their first ``sinks`` and last ``recent`` entries. The heads are chosen over the whole model (``heads``
+    of all its KV heads), as DuoAttention's gates are. It compresses once, when the prompt has been read;
+    the answer's tokens are then appended to every head. Storage is per head, so each keeps exactly its count.
+
+    Parameters
+    ----------
+    heads:
+        Fraction of all KV heads kept whole, in ``(0, 1]``.
+    sinks, recent:
+        What the other heads keep.
+    artefact:
+        Path of a retrieval-head artefact; None reads the model's own.
+    """
+
+    heads: float = 0.5
+    sinks: int = 16
+    recent: int = 64
+    artefact: str | None = None
+
+    headwise: ClassVar[bool] = True
+    uses_model_artefact: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.heads, bool) or not isinstance(self.heads, (int, float)) or not 0 < self.heads <= 1:
+            raise SpecError(f"heads must be the fraction of KV heads kept whole, in (0, 1], got {self.heads!r}")
+        check_sizes(sinks=self.sinks, recent=self.recent)
+        if self.artefact is not None and (not isinstance(self.artefact, str) or not self.artefact):
+            raise SpecError(f"artefact must be the path of a retrieval-head file, got {self.artefact!r}")
+        self.retrieval: list[list[bool]] | None = None  # [L][H], set by load_artefacts
+
+    def load_artefacts(self, model_key: str | None, num_layers: int, num_kv_heads: int) -> None:
+        from kvstack.calibration.head_map import load_head_scores
+
+        scores = torch.tensor(load_head_scores(model_key, num_layers, num_kv_heads, self.artefact))
+        count = max(1, round(self.heads * scores.numel()))
+        chosen = torch.zeros(scores.numel(), dtype=torch.bool)
+        chosen[scores.flatten().topk(count).indices] = True
+        self.retrieval = chosen.view(num_layers, num_kv_heads).tolist()
+
+    def layer_budget(self, context_length: int, layer_idx: int, num_layers: int) -> int | None:
+        return context_length  # compress once, after the prompt; each head's count is allocate_heads'
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        """Recency (the true position) for streaming heads; ``+inf`` (keep all) for retrieval heads."""
+        if self.retrieval is None:
+            raise RuntimeError("duo's retrieval heads are not loaded; build caches with kvstack.make_cache")
+        whole = torch.tensor(self.retrieval[view.layer_idx], device=view.positions.device).view(1, -1, 1)
+        return torch.where(whole, torch.full_like(view.positions, float("inf"), dtype=torch.float32),
+                           view.positions.float())
+
+    def allocate_heads(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
+        """``[H, L]``: everything on retrieval heads; the first ``sinks`` and last ``recent`` valid entries on
+        the others (``scores`` are their positions, ``-inf`` for padding)."""
+        valid = torch.isfinite(scores) | (scores > 0)
+        whole = torch.isinf(scores) & (scores > 0)
+        keep = whole.clone()
+        order = torch.where(valid, scores, torch.full_like(scores, float("inf"))).argsort(dim=-1)  # oldest first
+        counts = valid.sum(dim=-1)
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(scores.shape[-1]).expand_as(order))
+        streaming = (rank < self.sinks) | (rank >= (counts.unsqueeze(-1) - self.recent))
+        return torch.where(whole.any(dim=-1, keepdim=True), keep, streaming & valid)
