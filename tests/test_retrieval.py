@@ -18,7 +18,8 @@ import kvstack
 from kvstack.cache.cache import KVStackCache
 from kvstack.cache.page_tier import TieredLayer, TierError
 from kvstack.calibration import CalibrationError, model_key
-from kvstack.calibration.head_map import HEADS_FORMAT, probe_retrieval_heads
+from kvstack.calibration.head_map import HEADS_FORMAT
+from kvstack.calibration.head_probe import probe_retrieval_heads
 from kvstack.methods.retrieval import Duo, InfLLM, Quest
 from kvstack.spec import SpecError, parse
 

@@ -157,7 +157,8 @@ def _calibrate_retrieval_heads(args: argparse.Namespace, model: Any, tokenizer: 
     import time
 
     from kvstack.calibration import model_key
-    from kvstack.calibration.head_map import head_map_path, probe_retrieval_heads, save_head_scores
+    from kvstack.calibration.head_map import head_map_path, save_head_scores
+    from kvstack.calibration.head_probe import probe_retrieval_heads
 
     path = head_map_path(model_key(model))
     if path.is_file() and not args.force:
