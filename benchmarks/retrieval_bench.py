@@ -8,7 +8,8 @@ speed-up, resident bytes as a fraction of the full cache's, and how much lower t
 moved to the slow tier.
 
 ``--recall`` is the suite grid (passkey, single needle in noise, multi-key at 4k and 8k, 20 samples) of Quest,
-InfLLM, Loki, SnapKV and H2O reading or keeping 1/8 of the context, resumable (``--max-minutes``); it takes hours on
+InfLLM, retrieval heads (``duo``, an eighth of the heads whole), Loki, SnapKV and H2O reading or keeping 1/8
+of the context, resumable (``--max-minutes``); it takes hours on
 2 CPU cores, so it is run in pieces.
 
 Usage::
@@ -105,16 +106,23 @@ def speed(out: str, length: int, decode: int, repeats: int) -> str:
 
 
 def recall(out: str, lengths: list[int], max_minutes: float | None) -> None:
+    import kvstack
     from kvstack.bench import BenchConfig
+    from kvstack.calibration import model_key
+    from kvstack.calibration.head_map import head_map_path, save_head_scores
+    from kvstack.calibration.head_probe import probe_retrieval_heads
 
-    methods = []
+    model, tokenizer = kvstack.load_model(MODEL)
+    if not head_map_path(model_key(model)).is_file():  # duo's artefact: the retrieval-head probe
+        save_head_scores(probe_retrieval_heads(model, tokenizer), head_map_path(model_key(model)))
+    methods = [f"duo(heads={1 / READ_FRACTION})"]
     for length in lengths:
         budget = length // READ_FRACTION
         methods += [f"quest(budget={budget})", f"infllm(budget={budget})", f"loki(budget={budget})",
                     f"snapkv(budget={budget})", f"h2o(budget={budget})"]
     config = BenchConfig(methods=methods, tasks=RECALL_TASKS, lengths=lengths, samples=20, out_dir=out,
                          progress=sys.stderr.isatty(), share_prefill=True, checkpoint_every=2)
-    run_grid(config, max_minutes)
+    run_grid(config, max_minutes, model=model, tokenizer=tokenizer)
 
 
 def main() -> None:
