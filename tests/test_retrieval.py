@@ -291,3 +291,23 @@ def test_the_probe_finds_heads_that_retrieve_on_the_default_model() -> None:
     assert scores.shape == (30, 3) and record["copy_steps"] > 0
     assert bool(((scores >= 0) & (scores <= 1)).all()) and float(scores.max()) >= 0.5
     assert record["model_key"] == model_key(real)
+
+
+def test_host_pages_read_what_the_file_tier_reads() -> None:
+    """The GPU case's host-memory tier numbers and returns blocks exactly as the file does (checked on the CPU)."""
+    from kvstack.cache.page_tier import HostPages, PageFile
+
+    generator = torch.Generator().manual_seed(4)
+    keys, values = torch.randn(2, 3, 40, 8, generator=generator), torch.randn(2, 3, 40, 8, generator=generator)
+    host = HostPages(2, 3, 8, 8, torch.float32)
+    file = PageFile(tempfile.gettempdir(), 2, 3, 8, 8, torch.float32)
+    for tier in (host, file):
+        tier.append(keys[:, :, :16], values[:, :, :16])
+        tier.append(keys[:, :, 16:], values[:, :, 16:])
+    pages = torch.randint(0, 5, (2, 3, 3), generator=generator).sort(dim=-1).values
+    for got, want in zip(host.read(pages), file.read(pages), strict=True):
+        assert torch.equal(got, want)
+    index = (pages.unsqueeze(-1) * 8 + torch.arange(8)).flatten(2).unsqueeze(-1).expand(-1, -1, -1, 8)
+    assert torch.equal(host.read(pages)[0], keys.gather(2, index))
+    assert host.nbytes() == file.nbytes() == 2 * 3 * 5 * 2 * 8 * 8 * 4
+    file.close()

@@ -7,8 +7,9 @@ For page-reading policies (Quest). Per layer:
   true positions of every entry (``[B, N]`` int32, padding ``-1``), the policy's sinks and window and the
   entries between them that do not fill a page yet, and an LRU of pages read recently (if the policy keeps
   one);
-* in the tier (:class:`PageFile`): every full page, one block of ``[2, page, D]`` (keys then values) per
-  ``(page, sequence, head)``, in a memory-mapped file.
+* in the tier: every full page, one block of ``[2, page, D]`` (keys then values) per ``(page, sequence,
+  head)``, in a memory-mapped file (:class:`PageFile`, the CPU case) or in host memory when the model runs
+  on a GPU (:class:`HostPages`).
 
 A decoding step (one new token) asks the policy to score each page from its summary, reads the top pages
 (checked against their checksums) and attends exactly over them and the resident entries; a prompt chunk
@@ -36,7 +37,7 @@ from kvstack.errors import KVStackError
 if TYPE_CHECKING:
     from kvstack.cache.cache import KVStackCache
 
-__all__ = ["PageFile", "TierError", "TieredLayer", "check_tier_dir"]
+__all__ = ["HostPages", "PageFile", "TierError", "TieredLayer", "check_tier_dir"]
 
 _MULTIPLIERS: dict[int, np.ndarray] = {}
 
@@ -161,6 +162,44 @@ class PageFile:
         self._finalizer()
 
 
+class HostPages:
+    """Full pages in host memory, for a model on a GPU: the same blocks and reads as :class:`PageFile`, in
+    (pinned, where CUDA is available) CPU tensors that grow by whole pages; read blocks go to the GPU."""
+
+    def __init__(self, batch: int, heads: int, page: int, head_dim: int, dtype: torch.dtype) -> None:
+        self.batch, self.heads, self.page, self.head_dim, self.dtype = batch, heads, page, head_dim, dtype
+        self.pages = 0
+        self.blocks = torch.empty((0, 2, page, head_dim), dtype=dtype)  # [records, keys | values, page, D]
+
+    def nbytes(self) -> int:
+        return self.pages * self.batch * self.heads * 2 * self.page * self.head_dim * self.blocks.element_size()
+
+    def checksum_nbytes(self) -> int:
+        return 0  # host memory is not a medium that corrupts at rest; the file tier checks its pages
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep full pages: ``keys``, ``values`` ``[B, H, n * page, D]``."""
+        count = keys.shape[2] // self.page
+        blocks = torch.stack((keys, values), dim=2).view(self.batch, self.heads, 2, count, self.page, self.head_dim)
+        blocks = blocks.permute(3, 0, 1, 2, 4, 5).reshape(-1, 2, self.page, self.head_dim).cpu()
+        grown = torch.cat((self.blocks, blocks))
+        self.blocks = grown.pin_memory() if torch.cuda.is_available() else grown
+        self.pages += count
+
+    def records(self, pages: torch.Tensor) -> np.ndarray:
+        return PageFile.records(self, pages)  # type: ignore[arg-type]  # the same numbering
+
+    def read_records(self, records: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen = self.blocks[torch.from_numpy(records)]
+        return chosen[:, 0], chosen[:, 1]
+
+    def read(self, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return PageFile.read(self, pages)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.blocks = self.blocks[:0]
+
+
 def _remove(path: str) -> None:
     try:
         os.unlink(path)
@@ -174,7 +213,7 @@ class TieredLayer(OwnedLayer):
     def __init__(self, owner: KVStackCache, layer_idx: int, tier_dir: str) -> None:
         super().__init__(owner, layer_idx)
         self.tier_dir = tier_dir
-        self.pages: PageFile | None = None
+        self.pages: PageFile | HostPages | None = None
         self.summary: dict[str, torch.Tensor] = {}  # name -> [B, H, P, ...] what stays resident of each page
         self.lru: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # record -> [page, D] x2
 
@@ -184,7 +223,10 @@ class TieredLayer(OwnedLayer):
         self.page = method.page_size()
         self.sinks, self.window = method.resident_entries()
         self.tracks_importance = STAT_COLSUM in method.needs
-        self.pages = PageFile(self.tier_dir, self.batch, self.heads, self.page, self.head_dim, self.dtype)
+        if self.device.type == "cuda":  # the slower tier of a GPU is host memory
+            self.pages = HostPages(self.batch, self.heads, self.page, self.head_dim, self.dtype)
+        else:
+            self.pages = PageFile(self.tier_dir, self.batch, self.heads, self.page, self.head_dim, self.dtype)
         self.tail_keys = key_states.new_empty((self.batch, self.heads, 0, self.head_dim))
         self.tail_values = value_states.new_empty((self.batch, self.heads, 0, self.head_dim))
         self.tail_importance = torch.empty((self.batch, self.heads, 0), dtype=torch.float32, device=self.device)
