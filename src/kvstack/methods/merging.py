@@ -308,8 +308,11 @@ def proportional_budgets(weights: list[float], total: int, low: int, high: int) 
     count = len(weights)
     total = max(min(total, high * count), low * count)
     weights = [max(w, 0.0) if math.isfinite(w) else 0.0 for w in weights]
-    # A small floor on every weight lets each budget reach `high` as the scale grows, so any total is reachable.
-    epsilon = 1e-6 * (max(weights) or 1.0)
+    top = max(weights)
+    # Relative weights (a tiny or denormal largest weight would underflow the floor below), and a small floor
+    # on each that lets every budget reach `high` as the scale grows, so any total is reachable.
+    weights = [w / top if top > 0 else 1.0 for w in weights]
+    epsilon = 1e-6
     weights = [w + epsilon for w in weights]
 
     def shares_at(scale: float) -> list[float]:
