@@ -61,21 +61,24 @@ def check_tier_dir(directory: str | None) -> str:
 
 
 def block_checksums(blocks: np.ndarray) -> np.ndarray:
-    """``[n]`` uint64 checksums of ``[n, words]`` uint32 blocks: a position-weighted sum (wrapping), so a
-    changed, swapped or zeroed word changes it."""
+    """``[n]`` uint64 checksums of ``[n, words]`` uint32 blocks: a sum of the words weighted by odd multipliers
+    (wrapping at 32 bits, so any change of one word changes it) beside the blocks' xor in the high half."""
     words = blocks.shape[1]
     multipliers = _MULTIPLIERS.get(words)
     if multipliers is None:
-        multipliers = (np.arange(words, dtype=np.uint64) * np.uint64(2654435761) + np.uint64(1)) | np.uint64(1)
+        multipliers = ((np.arange(words, dtype=np.uint64) * np.uint64(2654435761)) | np.uint64(1)).astype(np.uint32)
         _MULTIPLIERS[words] = multipliers
     with np.errstate(over="ignore"):
-        return (blocks.astype(np.uint64) * multipliers).sum(axis=1, dtype=np.uint64)
+        weighted = blocks * multipliers  # one temporary the size of the blocks
+    folded = np.bitwise_xor.reduce(blocks, axis=1).astype(np.uint64) << np.uint64(32)
+    return weighted.sum(axis=1, dtype=np.uint64) ^ folded
 
 
 class PageFile:
-    """Full pages in a memory-mapped file: block ``(page, sequence, head)`` is ``[2, page, D]`` (keys, values).
+    """Full pages in two memory-mapped files, keys and values: block ``(page, sequence, head)`` is ``[page, D]``
+    in each, record ``(page * B + sequence) * H + head``; each block has a checksum.
 
-    The file is removed when the object is collected.
+    The files are removed when the object is collected.
     """
 
     def __init__(self, directory: str, batch: int, heads: int, page: int, head_dim: int, dtype: torch.dtype) -> None:
@@ -83,20 +86,24 @@ class PageFile:
         self.element = torch.empty((), dtype=dtype).element_size()
         if self.element not in (2, 4):
             raise TierError(f"the slow tier holds 16- or 32-bit entries, not {dtype}")
-        self.block_bytes = 2 * page * head_dim * self.element
+        self.block_bytes = page * head_dim * self.element  # one block of keys (or of values)
         if self.block_bytes % 4:
             raise TierError(f"a page block of {self.block_bytes} bytes does not hold whole 32-bit words")
-        fd, self.path = tempfile.mkstemp(prefix="kvstack-tier-", suffix=".pages", dir=directory)
-        os.close(fd)
-        self._finalizer = weakref.finalize(self, _remove, self.path)
+        self.paths = []
+        for kind in ("keys", "values"):
+            fd, path = tempfile.mkstemp(prefix=f"kvstack-tier-{kind}-", suffix=".pages", dir=directory)
+            os.close(fd)
+            self.paths.append(path)
+        self.path = self.paths[0]
+        self._finalizer = weakref.finalize(self, _remove, *self.paths)
         self.pages = 0
-        self.checksums = np.empty((0, batch, heads), dtype=np.uint64)
-        self._mmap: mmap.mmap | None = None
-        self._map: np.ndarray | None = None  # [records, block bytes] view of the mapping
+        self.checksums = np.empty((2, 0), dtype=np.uint64)  # keys, values: [2, records]
+        self._mmaps: list[mmap.mmap] = []
+        self._maps: list[np.ndarray] = []  # [records, block bytes] views of the mappings
 
     def nbytes(self) -> int:
-        """Bytes the file holds."""
-        return self.pages * self.batch * self.heads * self.block_bytes
+        """Bytes the files hold."""
+        return 2 * self.pages * self.batch * self.heads * self.block_bytes
 
     def checksum_nbytes(self) -> int:
         return self.checksums.nbytes
@@ -104,15 +111,16 @@ class PageFile:
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write full pages: ``keys``, ``values`` ``[B, H, n * page, D]``."""
         count = keys.shape[2] // self.page
-        blocks = torch.stack((keys, values), dim=2)  # [B, H, 2, n * page, D]
-        blocks = blocks.view(self.batch, self.heads, 2, count, self.page, self.head_dim)
-        blocks = blocks.permute(3, 0, 1, 2, 4, 5).contiguous().cpu()  # [n, B, H, 2, page, D]
-        raw = blocks.view(torch.uint8).numpy().reshape(count * self.batch * self.heads, -1)
-        sums = block_checksums(raw.view(np.uint32)).reshape(count, self.batch, self.heads)
-        with open(self.path, "ab") as handle:
-            handle.write(raw.tobytes())
+        sums = []
+        for path, tensor in zip(self.paths, (keys, values), strict=True):
+            blocks = tensor.reshape(self.batch, self.heads, count, self.page, self.head_dim)
+            blocks = blocks.permute(2, 0, 1, 3, 4).contiguous().cpu()  # [n, B, H, page, D]
+            raw = blocks.view(torch.uint8).numpy().reshape(count * self.batch * self.heads, -1)
+            sums.append(block_checksums(raw.view(np.uint32)))
+            with open(path, "ab") as handle:
+                handle.write(raw.data)
         self.pages += count
-        self.checksums = np.concatenate((self.checksums, sums))
+        self.checksums = np.concatenate((self.checksums, np.stack(sums)), axis=1)
         self._unmap()
 
     def records(self, pages: torch.Tensor) -> np.ndarray:
@@ -124,25 +132,25 @@ class PageFile:
 
     def read_records(self, records: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[n, page, D]`` of blocks ``records``, each checked against its checksum first."""
-        if self._map is None:
-            with open(self.path, "rb") as handle:
-                self._mmap = mmap.mmap(handle.fileno(), self.nbytes(), access=mmap.ACCESS_READ)
-            self._map = np.frombuffer(self._mmap, dtype=np.uint8).reshape(self.pages * self.batch * self.heads, -1)
-        raw = self._map[records]  # a copy: [n, block bytes]
-        # The pages read stay in the OS's file cache, not in this process: drop them from the mapping, so the
-        # resident set holds only what the cache keeps resident.
-        self._mmap.madvise(mmap.MADV_DONTNEED)
-        expected = self.checksums.reshape(-1)[records]
-        bad = np.nonzero(block_checksums(raw.view(np.uint32)) != expected)[0]
-        if bad.size:
-            page = int(records[bad[0]]) // (self.batch * self.heads)
-            raise TierError(f"page {page} of the slow tier {self.path} fails its checksum; it is refused, not read")
-        # Split keys from values in numpy: a small strided copy costs torch far more (its thread pool).
-        elements = raw.view(np.uint16 if self.element == 2 else np.uint32)
-        blocks = elements.reshape(len(records), 2, self.page, self.head_dim)
-        keys = torch.from_numpy(np.ascontiguousarray(blocks[:, 0])).view(self.dtype)
-        values = torch.from_numpy(np.ascontiguousarray(blocks[:, 1])).view(self.dtype)
-        return keys, values
+        if not self._maps:
+            for path in self.paths:
+                with open(path, "rb") as handle:
+                    mapping = mmap.mmap(handle.fileno(), self.nbytes() // 2, access=mmap.ACCESS_READ)
+                self._mmaps.append(mapping)
+                self._maps.append(np.frombuffer(mapping, dtype=np.uint8).reshape(-1, self.block_bytes))
+        out = []
+        for index, (mapping, view) in enumerate(zip(self._mmaps, self._maps, strict=True)):
+            raw = view[records]  # a copy: [n, block bytes]
+            # The pages read stay in the OS's file cache, not in this process: drop them from the mapping, so
+            # the resident set holds only what the cache keeps resident.
+            mapping.madvise(mmap.MADV_DONTNEED)
+            bad = np.nonzero(block_checksums(raw.view(np.uint32)) != self.checksums[index, records])[0]
+            if bad.size:
+                page = int(records[bad[0]]) // (self.batch * self.heads)
+                raise TierError(f"page {page} of the slow tier {self.paths[index]} fails its checksum; it is "
+                                "refused, not read")
+            out.append(torch.from_numpy(raw).view(self.dtype).view(len(records), self.page, self.head_dim))
+        return out[0], out[1]
 
     def read(self, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[B, H, k * page, D]`` of the pages ``[B, H, k]`` each (sequence, head) reads."""
@@ -152,10 +160,10 @@ class PageFile:
         return keys.reshape(shape), values.reshape(shape)
 
     def _unmap(self) -> None:
-        self._map = None
-        if self._mmap is not None:
-            self._mmap.close()
-            self._mmap = None
+        self._maps = []
+        for mapping in self._mmaps:
+            mapping.close()
+        self._mmaps = []
 
     def close(self) -> None:
         self._unmap()
@@ -200,11 +208,12 @@ class HostPages:
         self.blocks = self.blocks[:0]
 
 
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+def _remove(*paths: str) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 class TieredLayer(OwnedLayer):
@@ -288,9 +297,13 @@ class TieredLayer(OwnedLayer):
             pages = scores.topk(count, dim=-1).indices.sort(dim=-1).values.cpu()
         read_keys, read_values = self._read(pages)
         sinks = self.sink_count()
-        keys = torch.cat((self.tail_keys[:, :, :sinks], read_keys.to(self.device), self.tail_keys[:, :, sinks:]), dim=2)
-        values = torch.cat((self.tail_values[:, :, :sinks], read_values.to(self.device),
-                            self.tail_values[:, :, sinks:]), dim=2)
+        if read_keys.shape[2] == 0:  # nothing in the tier yet (a first prompt chunk): no copy
+            keys, values = self.tail_keys, self.tail_values
+        else:
+            keys = torch.cat((self.tail_keys[:, :, :sinks], read_keys.to(self.device), self.tail_keys[:, :, sinks:]),
+                             dim=2)
+            values = torch.cat((self.tail_values[:, :, :sinks], read_values.to(self.device),
+                                self.tail_values[:, :, sinks:]), dim=2)
         past_valid = None
         if self.has_padding:
             past = self._entry_positions(pages, sinks, stored)
