@@ -39,9 +39,6 @@ if TYPE_CHECKING:
 
 __all__ = ["HostPages", "PageFile", "TierError", "TieredLayer", "check_tier_dir"]
 
-_MULTIPLIERS: dict[int, np.ndarray] = {}
-
-
 class TierError(KVStackError):
     """The slow tier cannot be used (unwritable directory) or holds a page that fails its checksum."""
 
@@ -61,17 +58,11 @@ def check_tier_dir(directory: str | None) -> str:
 
 
 def block_checksums(blocks: np.ndarray) -> np.ndarray:
-    """``[n]`` uint64 checksums of ``[n, words]`` uint32 blocks: a sum of the words weighted by odd multipliers
-    (wrapping at 32 bits, so any change of one word changes it) beside the blocks' xor in the high half."""
-    words = blocks.shape[1]
-    multipliers = _MULTIPLIERS.get(words)
-    if multipliers is None:
-        multipliers = ((np.arange(words, dtype=np.uint64) * np.uint64(2654435761)) | np.uint64(1)).astype(np.uint32)
-        _MULTIPLIERS[words] = multipliers
-    with np.errstate(over="ignore"):
-        weighted = blocks * multipliers  # one temporary the size of the blocks
-    folded = np.bitwise_xor.reduce(blocks, axis=1).astype(np.uint64) << np.uint64(32)
-    return weighted.sum(axis=1, dtype=np.uint64) ^ folded
+    """``[n]`` uint64 checksums of ``[n, words]`` uint32 blocks: the words' sum (mod 2^32) in the low half and
+    their xor in the high half. Two reductions and no temporary, so every read can afford it; a changed,
+    flipped or zeroed word changes it (two words swapped within a block would not)."""
+    total = blocks.sum(axis=1, dtype=np.uint64) & np.uint64(0xFFFFFFFF)
+    return total | (np.bitwise_xor.reduce(blocks, axis=1).astype(np.uint64) << np.uint64(32))
 
 
 class PageFile:

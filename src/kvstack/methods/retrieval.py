@@ -98,9 +98,11 @@ class Quest(Method):
         a page, ``q . k <= bound``, since each ``q_d k_d`` is at most the larger of ``q_d min_d`` and
         ``q_d max_d``.
         """
-        q = query.float().unsqueeze(3)  # [B, H, G, 1, D]
-        low, high = summary["min"].float().unsqueeze(2), summary["max"].float().unsqueeze(2)  # [B, H, 1, P, D]
-        bound = torch.maximum(q * low, q * high).sum(dim=-1)  # [B, H, G, P]
+        # max(q_d min_d, q_d max_d) is q_d max_d where q_d > 0 and q_d min_d elsewhere: two matrix products.
+        q = query.float()
+        positive, negative = q.clamp(min=0), q.clamp(max=0)  # [B, H, G, D]
+        low, high = summary["min"].float(), summary["max"].float()  # [B, H, P, D]
+        bound = positive @ high.transpose(-1, -2) + negative @ low.transpose(-1, -2)  # [B, H, G, P]
         return bound.amax(dim=2)
 
 
