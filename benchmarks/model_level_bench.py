@@ -9,8 +9,8 @@ ratio 0.67, KIVI-4, Palu at rank 21), and the full cache.
 
 Usage::
 
-    python benchmarks/model_level_bench.py [--settings mean,svd] [--tasks perplexity] [--max-minutes 30]
-        [--report-only]
+    python benchmarks/model_level_bench.py [--settings mean,svd] [--tasks perplexity] [--ppl-lengths 1024]
+        [--max-minutes 30] [--report-only]
 """
 
 from __future__ import annotations
@@ -37,14 +37,15 @@ SUITE = ["passkey", "niah_single_noise", "niah_multikey", "vt"]
 SAMPLES = 20
 
 
-def run(out: str, settings: list[str], tasks: list[str], max_minutes: float | None) -> None:
+def run(out: str, settings: list[str], tasks: list[str], max_minutes: float | None,
+        ppl_lengths: list[int]) -> None:
     import kvstack
 
     model, tokenizer = kvstack.load_model(MODEL)
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
 
     def grid(name: str, methods: list[str], subject: torch.nn.Module) -> bool:
-        for lengths, chosen in (([1024, 2048], [t for t in tasks if t == "perplexity"]),
+        for lengths, chosen in ((ppl_lengths, [t for t in tasks if t == "perplexity"]),
                                 ([1024], [t for t in tasks if t != "perplexity"])):
             if not chosen:
                 continue
@@ -97,12 +98,14 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(TRANSFORMS))
     parser.add_argument("--tasks", default=",".join(["perplexity", *SUITE]))
     parser.add_argument("--max-minutes", type=float, default=None)
+    parser.add_argument("--ppl-lengths", default="1024,2048", help="lengths of the perplexity cells")
     parser.add_argument("--out", default=OUT)
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if not args.report_only:
-        run(args.out, args.settings.split(","), args.tasks.split(","), args.max_minutes)
+        run(args.out, args.settings.split(","), args.tasks.split(","), args.max_minutes,
+            [int(x) for x in args.ppl_lengths.split(",")])
     table = report(args.out)
     Path(args.out, "tables.md").write_text(f"Command: `python benchmarks/model_level_bench.py --report-only`; "
                                            f"{stamp()}\n\n{table}\n")
