@@ -145,8 +145,8 @@ def report(out: str) -> str:
             score = statistics.fmean(row["scores"][c] for c in cells) if cells else float("nan")
             ppl = row["ppl"]
             ppl_text = f"{ppl:.2f} | {100 * (ppl / full['ppl'] - 1):+.1f}%" if ppl and full["ppl"] else "- | -"
-            lines.append(f"| {family_of(method)} | `{method}` | {100 * saved:.1f}% | {ppl_text} | {score:.1f} | "
-                         f"{score - full_score:+.1f} |")
+            score_text = f"{score:.1f} | {score - full_score:+.1f}" if cells else "- | -"
+            lines.append(f"| {family_of(method)} | `{method}` | {100 * saved:.1f}% | {ppl_text} | {score_text} |")
             points.setdefault(family_of(method), []).append((saved, ppl, score))
         plot_data[length] = points
         if full["ppl"] is None:
