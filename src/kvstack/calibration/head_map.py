@@ -16,12 +16,11 @@ The scores are a JSON artefact keyed by the model under ``<kvstack_home()>/calib
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from kvstack.calibration.artefact import CalibrationError
+from kvstack.calibration.json_artefact import write_json_atomically
 from kvstack.models import kvstack_home
 
 __all__ = ["HEADS_FORMAT", "head_map_path", "load_head_scores", "save_head_scores"]
@@ -60,9 +59,5 @@ def load_head_scores(model_key: str | None, num_layers: int, num_kv_heads: int,
 
 
 def save_head_scores(record: dict[str, Any], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(record, handle, indent=1)
-    os.replace(tmp, path)
-    return path
+    """Write a record atomically (temporary file, then rename)."""
+    return write_json_atomically(record, path)

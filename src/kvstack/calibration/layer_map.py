@@ -17,12 +17,11 @@ map made for another model with one line.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from kvstack.calibration.artefact import CalibrationError
+from kvstack.calibration.json_artefact import write_json_atomically
 from kvstack.models import kvstack_home
 
 __all__ = ["MAP_FORMAT", "MAP_VERSION", "layer_map_path", "load_layer_map", "save_layer_map"]
@@ -71,10 +70,5 @@ def load_layer_map(model_key: str | None, num_layers: int, layers: int, threshol
 
 
 def save_layer_map(record: dict[str, Any], path: Path) -> Path:
-    """Write a map record atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.stem}-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(record, handle, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-    return path
+    """Write a record atomically (temporary file, then rename)."""
+    return write_json_atomically(record, path)
