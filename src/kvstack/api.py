@@ -89,15 +89,15 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
     if method.uses_cache_positions() and geometry.rope_inv_freq is None:
         raise InputError("positions='cache' needs a model with plain RoPE (inv_freq, no attention scaling)")
     layer_links = None
-    if method.uses_model_artefact:
+    if method.uses_model_artefact or method.cross_layer:  # their artefacts are keyed by the model
         from kvstack.calibration import model_key
 
-        method.load_artefacts(model_key(model), geometry.num_layers, geometry.num_kv_heads)
-    if method.cross_layer:
-        from kvstack.calibration import model_key
-
-        layer_links = method.layer_links(geometry.num_layers, model_key(model))
-        if codec is not None and any(link.kind == LINK_REUSE for link in layer_links.values()):
+        key = model_key(model)
+        if method.uses_model_artefact:
+            method.load_artefacts(key, geometry.num_layers, geometry.num_kv_heads)
+        if method.cross_layer:
+            layer_links = method.layer_links(geometry.num_layers, key)
+        if codec is not None and layer_links and any(link.kind == LINK_REUSE for link in layer_links.values()):
             raise InputError(f"{method.label()} lets layers reuse another layer's cache and does not compose with a "
                              "codec yet; use it alone")
     tier_dir = None

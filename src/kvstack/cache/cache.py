@@ -10,7 +10,7 @@ from transformers.cache_utils import Cache
 from kvstack.cache.cross_layer import MagnitudeLayer, ReusingLayer
 from kvstack.cache.layer import KVStackLayer
 from kvstack.cache.page_tier import TieredLayer
-from kvstack.contract import LINK_MAGNITUDE, LINK_REUSE, CodecSpec, LayerLink, Policy
+from kvstack.contract import LINK_KINDS, LINK_MAGNITUDE, LINK_REUSE, CodecSpec, LayerLink, Policy
 
 
 class KVStackCache(Cache):
@@ -99,10 +99,6 @@ class KVStackCache(Cache):
         if self.context_length is None:
             self.context_length = key_states.shape[2]  # a single-forward prefill: the prompt is this forward
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-
-    def linked_layers(self) -> int:
-        """How many layers store through another layer's store."""
-        return len(self.layer_links)
 
     def reset(self) -> None:
         """Empty every layer and forget the prompt length, so a reused cache starts afresh."""
@@ -207,11 +203,11 @@ def check_layer_links(links: dict[int, LayerLink], num_layers: int) -> dict[int,
             raise ValueError(f"layer {layer} links to layer {link.source}, which stores through a link itself")
         if link.kind == LINK_REUSE and link.source >= layer:
             raise ValueError(f"layer {layer} reuses layer {link.source}; it must read a layer below it")
+        if link.kind not in LINK_KINDS:
+            raise ValueError(f"unknown layer link kind {link.kind!r}; one of {', '.join(LINK_KINDS)}")
         if link.kind == LINK_MAGNITUDE:
             if link.source != layer + 1 or link.source in uppers:
                 raise ValueError(f"layer {layer} merges with layer {link.source}; a pair is a layer and the one "
                                  "right above it, each in one pair")
             uppers.add(link.source)
-        elif link.kind != LINK_REUSE:
-            raise ValueError(f"unknown layer link kind {link.kind!r}")
     return dict(links)

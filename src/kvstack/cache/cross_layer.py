@@ -144,10 +144,7 @@ class MagnitudeLayer(LinkedLayer):
         if not upper.is_initialized or upper.encoded_entries() + upper.length == 0:
             empty = self.chunk[0].new_empty((self.batch, self.heads, 0, self.head_dim))
             return empty, empty.clone(), torch.empty((self.batch, self.heads, 0), dtype=torch.int32)
-        keys, values = upper.keys[:, :, : upper.length], upper.values[:, :, : upper.length]
-        if upper.encoded_entries():
-            encoded_keys, encoded_values = upper.region.decode_all()
-            keys, values = torch.cat((encoded_keys, keys), dim=2), torch.cat((encoded_values, values), dim=2)
+        keys, values = upper.dense_entries()
         positions = upper._all_positions()
         index = positions.clamp(min=0).long()
         slot_of: torch.Tensor | None = None
@@ -185,17 +182,18 @@ class MagnitudeLayer(LinkedLayer):
         self._grow(int(positions.max()) + 1)
         method = self.owner.method
         shared = []
+        seq, head, token = valid.nonzero(as_tuple=True)  # the chunk's real tokens, the same for keys and values
+        where = positions[seq, head, token].long()
         for name, lower, upper in zip(ROWS, self.chunk, (upper_keys, upper_values), strict=True):
             merged = method.merge_layer_pair(lower, upper, valid, self.cutoffs.get(name))
             self.cutoffs[name] = merged.cutoff.float()
-            seq, head, token = valid.nonzero(as_tuple=True)
-            self.scales[name][seq, head, positions[seq, head, token].long()] = merged.scale[seq, head, token].to(
-                self.scales[name].dtype)
-            seq, head, token = (merged.retained & valid).nonzero(as_tuple=True)
-            if seq.numel():
-                index = torch.stack((seq * self.heads + head, positions[seq, head, token].long()), dim=1)
+            self.scales[name][seq, head, where] = merged.scale[seq, head, token].to(self.scales[name].dtype)
+            kept_seq, kept_head, kept_token = (merged.retained & valid).nonzero(as_tuple=True)
+            if kept_seq.numel():
+                index = torch.stack((kept_seq * self.heads + kept_head,
+                                     positions[kept_seq, kept_head, kept_token].long()), dim=1)
                 self.retained_index[name] = torch.cat((self.retained_index[name], index.to(torch.int32)))
-                self.retained_rows[name] = torch.cat((self.retained_rows[name], lower[seq, head, token]))
+                self.retained_rows[name] = torch.cat((self.retained_rows[name], lower[kept_seq, kept_head, kept_token]))
             shared.append(merged.shared)
         self.chunk = self.chunk_positions = None
         return shared[0], shared[1]

@@ -7,6 +7,8 @@ for head-wise budgets).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kvstack.cache.capacity import growth_slack
@@ -24,27 +26,12 @@ class LayerEviction:
         encoded = self.encoded_entries()
         if encoded:
             region = self.region
-
-            def kv_source() -> tuple[torch.Tensor, torch.Tensor]:
-                keys, values = region.decode_all()
-                slots = self.keys[:, :, :live]
-                if self.key_basis is not None:  # stored in the key basis: back to the model's
-                    slots = slots @ self.key_basis.transpose(-1, -2)
-                return torch.cat((keys, slots), dim=2), torch.cat((values, self.values[:, :, :live]), dim=2)
-
             state = {name: torch.cat((region.state[name][:, :, :encoded], t[:, :, :live]), dim=-1)
                      for name, t in self.state.items()}
         else:
-
-            def kv_source() -> tuple[torch.Tensor, torch.Tensor]:
-                keys = self.keys[:, :, :live]
-                if self.key_basis is not None:  # stored in the key basis: back to the model's
-                    keys = keys @ self.key_basis.transpose(-1, -2)
-                return keys, self.values[:, :, :live]
-
             state = {name: t[:, :, :live] for name, t in self.state.items()}
         return LayerView(
-            kv_source=kv_source,
+            kv_source=functools.partial(self.dense_entries, live),  # the slots live now, read when asked
             positions=self._all_positions(),
             next_position=self.next_position,
             state=state,

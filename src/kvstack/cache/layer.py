@@ -294,6 +294,19 @@ class KVStackLayer(LayerAttentionPaths, LayerEviction, CacheLayerMixin):
         live = self._all_positions()
         return [[live[b, h].sort().values for h in range(self.heads)] for b in range(self.batch)]
 
+    def dense_entries(self, live: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every entry's key and value ``[B, H, N + live, D]`` in the model's space: the encoded ones decoded
+        (a transient copy), then the first ``live`` full-precision slots (default: all), in
+        :meth:`_all_positions`' order."""
+        live = self.length if live is None else live
+        keys, values = self.keys[:, :, :live], self.values[:, :, :live]
+        if self.key_basis is not None:  # stored in the key basis: back to the model's
+            keys = keys @ self.key_basis.transpose(-1, -2)
+        if self.encoded_entries():
+            encoded_keys, encoded_values = self.region.decode_all()
+            keys, values = torch.cat((encoded_keys, keys), dim=2), torch.cat((encoded_values, values), dim=2)
+        return keys, values
+
     def _all_positions(self) -> torch.Tensor:
         """``[B, H, N + length]`` positions of the encoded entries, then of the full-precision slots."""
         live = self.positions[:, :, : self.length]

@@ -37,7 +37,7 @@ from kvstack.errors import KVStackError
 if TYPE_CHECKING:
     from kvstack.cache.cache import KVStackCache
 
-__all__ = ["HostPages", "PageFile", "TierError", "TieredLayer", "check_tier_dir"]
+__all__ = ["HostPages", "PageFile", "PageStore", "TierError", "TieredLayer", "check_tier_dir"]
 
 class TierError(KVStackError):
     """The slow tier cannot be used (unwritable directory) or holds a page that fails its checksum."""
@@ -65,7 +65,35 @@ def block_checksums(blocks: np.ndarray) -> np.ndarray:
     return total | (np.bitwise_xor.reduce(blocks, axis=1).astype(np.uint64) << np.uint64(32))
 
 
-class PageFile:
+class PageStore:
+    """What both tiers share: block ``(page, sequence, head)`` is record ``(page * B + sequence) * H + head``, and a
+    read of pages ``[B, H, k]`` is a read of their records. Subclasses hold the blocks (``read_records``)."""
+
+    batch: int
+    heads: int
+    page: int
+    head_dim: int
+
+    def records(self, pages: torch.Tensor) -> np.ndarray:
+        """``[B * H * k]`` record numbers of the pages ``[B, H, k]`` each (sequence, head) reads."""
+        batch, heads, _ = pages.shape
+        sequence = torch.arange(batch).view(batch, 1, 1)
+        head = torch.arange(heads).view(1, heads, 1)
+        return ((pages.cpu() * batch + sequence) * heads + head).reshape(-1).numpy()
+
+    def read_records(self, records: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[n, page, D]`` of blocks ``records``."""
+        raise NotImplementedError
+
+    def read(self, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B, H, k * page, D]`` of the pages ``[B, H, k]`` each (sequence, head) reads."""
+        batch, heads, count = pages.shape
+        keys, values = self.read_records(self.records(pages))
+        shape = (batch, heads, count * self.page, self.head_dim)
+        return keys.reshape(shape), values.reshape(shape)
+
+
+class PageFile(PageStore):
     """Full pages in two memory-mapped files, keys and values: block ``(page, sequence, head)`` is ``[page, D]``
     in each, record ``(page * B + sequence) * H + head``; each block has a checksum.
 
@@ -114,13 +142,6 @@ class PageFile:
         self.checksums = np.concatenate((self.checksums, np.stack(sums)), axis=1)
         self._unmap()
 
-    def records(self, pages: torch.Tensor) -> np.ndarray:
-        """``[B * H * k]`` record numbers of the pages ``[B, H, k]`` each (sequence, head) reads."""
-        batch, heads, _ = pages.shape
-        sequence = torch.arange(batch).view(batch, 1, 1)
-        head = torch.arange(heads).view(1, heads, 1)
-        return ((pages.cpu() * batch + sequence) * heads + head).reshape(-1).numpy()
-
     def read_records(self, records: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[n, page, D]`` of blocks ``records``, each checked against its checksum first."""
         if not self._maps:
@@ -143,13 +164,6 @@ class PageFile:
             out.append(torch.from_numpy(raw).view(self.dtype).view(len(records), self.page, self.head_dim))
         return out[0], out[1]
 
-    def read(self, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[B, H, k * page, D]`` of the pages ``[B, H, k]`` each (sequence, head) reads."""
-        batch, heads, count = pages.shape
-        keys, values = self.read_records(self.records(pages))
-        shape = (batch, heads, count * self.page, self.head_dim)
-        return keys.reshape(shape), values.reshape(shape)
-
     def _unmap(self) -> None:
         self._maps = []
         for mapping in self._mmaps:
@@ -161,7 +175,7 @@ class PageFile:
         self._finalizer()
 
 
-class HostPages:
+class HostPages(PageStore):
     """Full pages in host memory, for a model on a GPU: the same blocks and reads as :class:`PageFile`, in
     (pinned, where CUDA is available) CPU tensors that grow by whole pages; read blocks go to the GPU."""
 
@@ -185,15 +199,9 @@ class HostPages:
         self.blocks = grown.pin_memory() if torch.cuda.is_available() else grown
         self.pages += count
 
-    def records(self, pages: torch.Tensor) -> np.ndarray:
-        return PageFile.records(self, pages)  # type: ignore[arg-type]  # the same numbering
-
     def read_records(self, records: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         chosen = self.blocks[torch.from_numpy(records)]
         return chosen[:, 0], chosen[:, 1]
-
-    def read(self, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return PageFile.read(self, pages)  # type: ignore[arg-type]
 
     def close(self) -> None:
         self.blocks = self.blocks[:0]
@@ -213,7 +221,7 @@ class TieredLayer(OwnedLayer):
     def __init__(self, owner: KVStackCache, layer_idx: int, tier_dir: str) -> None:
         super().__init__(owner, layer_idx)
         self.tier_dir = tier_dir
-        self.pages: PageFile | HostPages | None = None
+        self.pages: PageStore | None = None
         self.summary: dict[str, torch.Tensor] = {}  # name -> [B, H, P, ...] what stays resident of each page
         self.lru: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # record -> [page, D] x2
 
