@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import build_model, random_ids, usage_error
+from conftest import build_model, build_peaky, random_ids, usage_error
 
 import kvstack
 from kvstack.transforms import TransformError
@@ -163,3 +164,91 @@ def test_cli_transform_refuses_bad_input_before_loading_a_model(capsys, tmp_path
     assert "how must be one of" in err
     err = usage_error(capsys, ["transform", "--spec", "snapkv(ratio=0.5)", "--out", str(tmp_path / "x")])
     assert "is a cache method" in err
+
+
+def _kl(student: torch.nn.Module, teacher: torch.nn.Module, ids: torch.Tensor) -> float:
+    """Mean KL(teacher || student) per token, computed here in fp32 without kvstack."""
+    target = torch.log_softmax(_logits(teacher, ids), dim=-1)
+    predicted = torch.log_softmax(_logits(student, ids), dim=-1)
+    return float((target.exp() * (target - predicted)).sum(-1).mean())
+
+
+def test_repair_fits_only_the_changed_projections_and_leaves_the_teacher_alone(model) -> None:
+    train = random_ids(32, batch=12, seed=21)
+    unrepaired, _ = kvstack.transform(model, "gqa(kv_heads=1)", calibration_ids=train)
+    weights = {name: p.clone() for name, p in model.named_parameters()}
+    repaired, record = kvstack.transform(model, "gqa(kv_heads=1) + repair(local_steps=5, steps=5)",
+                                         calibration_ids=train)
+    assert record["spec"] == "gqa + repair(local_steps=5, steps=5)"  # defaults are left out
+    assert record["steps"][1]["changed"] == {"0": ["k_proj", "v_proj"], "1": ["k_proj", "v_proj"]}
+    before = dict(unrepaired.named_parameters())
+    for name, parameter in repaired.named_parameters():
+        moved = not torch.equal(parameter, before[name])
+        assert moved == (".k_proj." in name or ".v_proj." in name), name  # mean-pooling changed only k and v
+        assert parameter.requires_grad == before[name].requires_grad
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())  # the teacher is untouched
+
+
+def test_repair_pulls_perturbed_projections_back_toward_the_teacher() -> None:
+    from kvstack.transforms.base import attention_layers
+    from kvstack.transforms.repair import Repair
+
+    teacher = build_peaky(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4)
+    student = copy.deepcopy(teacher)
+    noise = torch.Generator().manual_seed(5)
+    for module in attention_layers(student):  # the known optimum is the teacher's own projections
+        for weight in (module.k_proj.weight, module.v_proj.weight):
+            weight.add_(0.5 * weight.std() * torch.randn(weight.shape, generator=noise))
+    unseen = random_ids(32, batch=4, seed=77)
+    perturbed = _kl(student, teacher, unseen)
+    record = Repair(local_steps=40, steps=40, lr=0.01).fit(student, teacher, random_ids(32, batch=12, seed=21),
+                                                           {0: ["k_proj", "v_proj"], 1: ["k_proj", "v_proj"]})
+    assert record["held_out_local_error"][1] < 0.6 * record["held_out_local_error"][0]
+    assert record["held_out_kl"][1] < record["held_out_kl"][0]
+    assert _kl(student, teacher, unseen) < 0.8 * perturbed
+
+
+def test_repair_after_svd_trains_the_folded_query_and_output_too(model) -> None:
+    train = random_ids(32, batch=6, seed=3)
+    _, record = kvstack.transform(model, "gqa(kv_heads=2, how='svd') + repair(local_steps=1, steps=0)",
+                                  calibration_ids=train)
+    assert record["steps"][1]["changed"]["0"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert record["kv_bytes_per_token"] == [2 * 2 * 4 * 8 * 4, 2 * 2 * 2 * 8 * 4]
+
+
+def test_repair_is_refused_where_it_has_nothing_to_fit(model, capsys, tmp_path) -> None:
+    with pytest.raises(TransformError, match=r"fits what a transform changed: put it after one"):
+        kvstack.transform(model, "repair()", calibration_ids=CALIBRATION)
+    with pytest.raises(kvstack.SpecError, match=r"comes after one"):
+        kvstack.parse("repair() + gqa(kv_heads=1)")
+    with pytest.raises(TransformError, match="no changed projections"):
+        kvstack.transform(model, "gqa(kv_heads=4) + repair(local_steps=1, steps=0)", calibration_ids=CALIBRATION)
+    with pytest.raises(kvstack.SpecError, match="cannot join model transforms and cache methods"):
+        kvstack.parse("gqa(kv_heads=1) + snapkv(ratio=0.5)")
+    with pytest.raises(kvstack.SpecError, match=r"lr must be a learning rate in \(0, 1\)"):
+        kvstack.parse("repair(lr=2.0)")
+    with pytest.raises(kvstack.SpecError, match="trains nothing"):
+        kvstack.parse("repair(local_steps=0, steps=0)")
+    with pytest.raises(TransformError, match="repair trains on text: pass tokenizer="):
+        kvstack.transform(model, "gqa(kv_heads=1) + repair()")
+    err = usage_error(capsys, ["transform", "--spec", "repair()", "--out", str(tmp_path / "x")])
+    assert "put it after one" in err
+
+
+def test_the_engine_serves_a_converted_checkpoint_as_transformers_generates_it(tmp_path) -> None:
+    from conftest import prompt_of, reference_generate
+    from transformers import AutoModelForCausalLM
+
+    from kvstack.engine import Engine, SamplingParams
+
+    base = build_model(vocab_size=200, max_position_embeddings=64, initializer_range=0.1)
+    new, _ = kvstack.transform(base, "gqa(kv_heads=1, how='svd')", calibration_ids=random_ids(32, batch=4, seed=2))
+    new.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    shared = prompt_of(11, seed=5, vocab=200)
+    prompts = [shared + prompt_of(4, seed=6, vocab=200), shared + prompt_of(7, seed=7, vocab=200),
+               prompt_of(9, seed=8, vocab=200)]
+    engine = Engine(new, memory_mb=1.0, block_size=4)
+    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=8))
+    assert outputs == [reference_generate(loaded, prompt, 8) for prompt in prompts]
+    assert engine.metrics()["prefix_cache_hits_tokens"] > 0

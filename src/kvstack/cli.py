@@ -203,6 +203,9 @@ def cmd_transform(args: argparse.Namespace) -> int:
     if not getattr(method, "is_transform", False):
         raise UsageError(f"{method.label()} is a cache method, not a model transform; transforms are listed under "
                          "'model/' in `kvstack methods`")
+    from kvstack.transforms.chain import transform_steps
+
+    transform_steps(method)  # a lone repair is refused before the model loads
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out} exists and is not empty; give a new directory")

@@ -48,6 +48,7 @@ class MethodInfo:
 
 _REGISTRY: dict[str, tuple[type, MethodInfo]] = {}
 _COMPOSER: Callable[[list[Any], str], Any] | None = None
+_TRANSFORM_COMPOSER: Callable[[list[Any], str], Any] | None = None
 
 T = TypeVar("T")
 
@@ -89,13 +90,18 @@ def register(name: str, *, category: str, description: str, wraps: bool = False)
     return decorate
 
 
-def register_composer(compose: Callable[[list[Any], str], Any]) -> None:
-    """Set the function that joins the terms of a ``+`` spec (one selection method, one codec) into one method.
+def register_composer(compose: Callable[[list[Any], str], Any], *, transforms: bool = False) -> None:
+    """Set the function that joins the terms of a ``+`` spec into one method: cache methods (one selection
+    method, one codec) or, with ``transforms=True``, model transforms applied in order.
 
-    The method families register it when ``kvstack`` is imported, so the parser names no method module.
+    The method and transform families register them when ``kvstack`` is imported, so the parser names no
+    method module.
     """
-    global _COMPOSER
-    _COMPOSER = compose
+    global _COMPOSER, _TRANSFORM_COMPOSER
+    if transforms:
+        _TRANSFORM_COMPOSER = compose
+    else:
+        _COMPOSER = compose
 
 
 def registry() -> dict[str, tuple[type, MethodInfo]]:
@@ -213,6 +219,14 @@ def parse(spec: str | Any) -> Any:
     built = [_build(term, text) for term in terms]
     if len(built) == 1 and not getattr(built[0], "is_codec", False):
         return built[0]
+    transforms = [getattr(term, "is_transform", False) for term in built]
+    if any(transforms):
+        if not all(transforms):
+            raise SpecError(f"cannot join model transforms and cache methods in {spec!r}: apply the transform with "
+                            "kvstack.transform, then give the cache method to make_cache")
+        if _TRANSFORM_COMPOSER is None:
+            raise RuntimeError("no transform composer registered: import kvstack (it registers the transforms)")
+        return _TRANSFORM_COMPOSER(built, text)
     if _COMPOSER is None:
         raise RuntimeError("no composer registered: import kvstack (it registers the method families)")
     return _COMPOSER(built, text)

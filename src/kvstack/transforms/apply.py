@@ -1,4 +1,4 @@
-"""``transform``: apply a model transform to a copy of a model."""
+"""``transform``: apply a model transform (or a ``+`` chain of them) to a copy of a model."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import Any
 from kvstack.lazy_import import lazy_module
 from kvstack.spec import parse
 from kvstack.transforms.base import Transform, TransformError, attention_layers, collect_attention_inputs
+from kvstack.transforms.chain import TransformChain, transform_steps
+from kvstack.transforms.repair import repair_data
 
 torch = lazy_module("torch")
 
@@ -17,27 +19,31 @@ __all__ = ["transform"]
 CALIBRATION_SEQUENCE = 512  # tokens per calibration forward
 
 
-def transform(model: Any, spec: str | Transform, *, tokenizer: Any = None, calibration_ids: Any = None,
-              source: str = "python-docs") -> tuple[Any, dict[str, Any]]:
+def transform(model: Any, spec: str | Transform | TransformChain, *, tokenizer: Any = None,
+              calibration_ids: Any = None, source: str = "python-docs") -> tuple[Any, dict[str, Any]]:
     """Apply the transform ``spec`` to a copy of ``model``.
 
     Parameters
     ----------
     model:
-        A transformers causal LM (Llama, Qwen2, Mistral); it is not modified.
+        A transformers causal LM (Llama, Qwen2, Mistral); it is not modified. It is the teacher of a
+        ``repair`` step.
     spec:
-        A transform spec such as ``"gqa(kv_heads=1, how='svd')"`` (see ``kvstack methods``, category ``model/``).
+        A transform spec such as ``"gqa(kv_heads=1, how='svd')"``, or steps joined by ``+`` such as
+        ``"gqa(kv_heads=1, how='svd') + repair()"`` (see ``kvstack methods``, category ``model/``).
     tokenizer:
-        The model's tokenizer, to read calibration text for transforms that fit on it (``how='svd'``).
+        The model's tokenizer, to read calibration text for transforms that fit on it (``how='svd'``) and
+        the text a ``repair`` trains on.
     calibration_ids:
-        ``[B, T]`` token ids to calibrate on instead of the calibration text.
+        ``[B, T]`` token ids to calibrate (and repair) on instead of the calibration text.
     source:
         The calibration text (:data:`kvstack.calibration.SOURCES` or a file), when ``tokenizer`` is given.
 
     Returns
     -------
     tuple
-        The new model and a record (``spec``, what changed, KV bytes per token before and after, seconds).
+        The new model and a record (``spec``, what changed, KV bytes per token before and after, seconds);
+        a chain's record holds one record per step under ``steps``.
 
     Raises
     ------
@@ -48,28 +54,48 @@ def transform(model: Any, spec: str | Transform, *, tokenizer: Any = None, calib
     if not getattr(method, "is_transform", False):
         raise TransformError(f"{method.label()} is a cache method, not a model transform: use kvstack.make_cache; "
                              "transforms are listed under 'model/' in `kvstack methods`")
+    steps = transform_steps(method)
     attention_layers(model)
-    method.check(model)
-    inputs = None
-    if method.uses_calibration():
-        ids = calibration_ids
-        if ids is None:
-            if tokenizer is None:
-                raise TransformError(f"{method.label()} fits on calibration text: pass tokenizer= "
-                                     "(or calibration_ids=)")
-            from kvstack.calibration.text import calibration_text_ids
-
-            length = min(CALIBRATION_SEQUENCE, method.tokens)
-            flat, _ = calibration_text_ids(tokenizer, max(1, method.tokens // length) * length, source)
-            ids = torch.tensor(flat, device=next(model.parameters()).device).view(-1, length)
-        inputs = collect_attention_inputs(model, ids)
+    steps[0].check(model)
     started = time.perf_counter()
     new = copy.deepcopy(model)
     before = kv_bytes_per_token(model)
-    record = method.apply(new, inputs)
-    record.update(spec=method.label(), kv_bytes_per_token=[before, kv_bytes_per_token(new)],
-                  seconds=time.perf_counter() - started)
-    return new, record
+    records: list[dict[str, Any]] = []
+    changed: dict[int, set[str]] = {}
+    for step in steps:
+        step_started = time.perf_counter()
+        if getattr(step, "is_repair", False):
+            ids = repair_data(model, step, tokenizer=tokenizer, source=source, calibration_ids=calibration_ids)
+            record = step.fit(new, model, ids, {index: sorted(names) for index, names in changed.items()})
+        else:
+            step.check(new)
+            inputs = None
+            if step.uses_calibration():
+                inputs = collect_attention_inputs(new, _calibration_ids(new, step, tokenizer, calibration_ids,
+                                                                        source))
+            record = step.apply(new, inputs)
+            for index, names in record.get("changed", {}).items():
+                changed.setdefault(int(index), set()).update(names)
+        record.update(spec=step.label(), seconds=time.perf_counter() - step_started)
+        records.append(record)
+    after = kv_bytes_per_token(new)
+    if len(records) == 1:
+        return new, {**records[0], "kv_bytes_per_token": [before, after]}
+    return new, {"spec": method.label(), "steps": records, "kv_bytes_per_token": [before, after],
+                 "seconds": time.perf_counter() - started}
+
+
+def _calibration_ids(model: Any, step: Transform, tokenizer: Any, calibration_ids: Any, source: str) -> Any:
+    """``[B, T]`` calibration token ids for ``step``: the given ones, or the calibration text."""
+    if calibration_ids is not None:
+        return calibration_ids
+    if tokenizer is None:
+        raise TransformError(f"{step.label()} fits on calibration text: pass tokenizer= (or calibration_ids=)")
+    from kvstack.calibration.text import calibration_text_ids
+
+    length = min(CALIBRATION_SEQUENCE, step.tokens)
+    flat, _ = calibration_text_ids(tokenizer, max(1, step.tokens // length) * length, source)
+    return torch.tensor(flat, device=next(model.parameters()).device).view(-1, length)
 
 
 def kv_bytes_per_token(model: Any) -> int:

@@ -97,8 +97,11 @@ class GQA(Transform):
             module.num_key_value_groups = config.num_attention_heads // self.kv_heads
             groups_per_layer.append(groups)
         config.num_key_value_heads = self.kv_heads
+        # what a later repair() may fit: the merged projections, and the folded ones for svd
+        projections = ["q_proj", "k_proj", "v_proj", "o_proj"] if self.how == "svd" else ["k_proj", "v_proj"]
         return {"kv_heads": [old, self.kv_heads], "how": self.how, "groups": groups_per_layer,
-                "calibration_tokens": inputs.tokens if inputs is not None else 0}
+                "calibration_tokens": inputs.tokens if inputs is not None else 0,
+                "changed": {} if old == self.kv_heads else {index: projections for index in range(len(modules))}}
 
     def _groups(self, module: Any, old: int, head_dim: int, covariance: Any) -> list[list[int]]:
         """Old KV heads merged into each new one: adjacent for ``mean``, by similarity otherwise."""
