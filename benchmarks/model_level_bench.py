@@ -16,6 +16,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import statistics
 import sys
 import time
@@ -31,7 +33,8 @@ from kvstack.bench import BenchConfig, latest_results
 OUT = "benchmarks/results/model_level"
 MODEL = "smollm2-135m"
 TRANSFORMS = {"mean": "gqa(kv_heads=1)", "similarity": "gqa(kv_heads=1, how='similarity')",
-              "svd": "gqa(kv_heads=1, how='svd')"}
+              "svd": "gqa(kv_heads=1, how='svd')", "svd-repair": "gqa(kv_heads=1, how='svd') + repair()",
+              "mean-repair": "gqa(kv_heads=1) + repair()"}
 TOKEN_LEVEL = ["snapkv(ratio=0.67)", "kivi(bits=4)", "palu(rank=21)"]
 SUITE = ["passkey", "niah_single_noise", "niah_multikey", "vt"]
 SAMPLES = 20
@@ -62,11 +65,34 @@ def run(out: str, settings: list[str], tasks: list[str], max_minutes: float | No
         return
     for setting in settings:
         spec = TRANSFORMS[setting]
-        new, record = kvstack.transform(model, spec, tokenizer=tokenizer)
-        print(f"{spec}: {record['kv_bytes_per_token']} bytes per token, {record['seconds']:.1f} s", flush=True)
+        new = transformed(model, tokenizer, spec, out)
         if not grid(f"{MODEL}+{spec}", ["full"], new):
             return
         del new
+
+
+def transformed(model: torch.nn.Module, tokenizer: object, spec: str, out: str) -> torch.nn.Module:
+    """``spec`` applied to ``model``, kept as a checkpoint under kvstack's home so that a resumed run (or the
+    next bench) does not pay for a repair twice; each new transform's record is appended to
+    ``transforms.jsonl``."""
+    from transformers import AutoModelForCausalLM
+
+    import kvstack
+    from kvstack.model_store import kvstack_home
+
+    key = hashlib.sha256(f"{MODEL}|{spec}".encode()).hexdigest()[:16]
+    directory = kvstack_home() / "transformed" / key
+    if (directory / "kvstack_transform.json").is_file():
+        print(f"{spec}: loaded from {directory}", flush=True)
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    new, record = kvstack.transform(model, spec, tokenizer=tokenizer)
+    record = {**record, "model": MODEL, "machine": stamp()}
+    print(f"{spec}: {record['kv_bytes_per_token']} bytes per token, {record['seconds']:.1f} s", flush=True)
+    new.save_pretrained(directory)
+    (directory / "kvstack_transform.json").write_text(json.dumps(record, indent=1))
+    with open(Path(out) / "transforms.jsonl", "a") as log:
+        log.write(json.dumps(record) + "\n")
+    return new
 
 
 def report(out: str) -> str:

@@ -252,3 +252,114 @@ def test_the_engine_serves_a_converted_checkpoint_as_transformers_generates_it(t
     outputs = engine.generate(prompts, SamplingParams(max_new_tokens=8))
     assert outputs == [reference_generate(loaded, prompt, 8) for prompt in prompts]
     assert engine.metrics()["prefix_cache_hits_tokens"] > 0
+
+
+def _reference_sharing(model: torch.nn.Module, pairs: dict[int, int]) -> list:
+    """Hooks on the untouched model that make each upper layer's k_proj and v_proj return the lower layer's
+    outputs of the same forward: CLA computed with transformers' own attention, independently of kvstack."""
+    layers = model.model.layers
+    kept: dict[tuple[int, str], torch.Tensor] = {}
+    handles = []
+    for upper, lower in pairs.items():
+        for name in ("k_proj", "v_proj"):
+            def keep(module, args, output, key=(lower, name)):
+                kept[key] = output
+            def replace(module, args, output, key=(lower, name)):
+                return kept[key]
+            handles.append(getattr(layers[lower].self_attn, name).register_forward_hook(keep))
+            handles.append(getattr(layers[upper].self_attn, name).register_forward_hook(replace))
+    return handles
+
+
+def test_cla_attends_with_the_lower_layers_keys_and_values_and_its_layers_store_nothing() -> None:
+    base = build_model(num_hidden_layers=4)
+    ids = random_ids(24, batch=2, seed=8)
+    new, record = kvstack.transform(base, "cla(pairs='1:0,3:2')")
+    assert record["pairs"] == {"1": 0, "3": 2}
+    assert record["kv_bytes_per_token"] == [4 * 2 * 2 * 16 * 4, 2 * 2 * 2 * 16 * 4]  # half the layers store
+    assert not hasattr(new.model.layers[1].self_attn, "k_proj") and hasattr(base.model.layers[1].self_attn, "k_proj")
+    handles = _reference_sharing(base, {1: 0, 3: 2})
+    try:
+        expected = _logits(base, ids)
+        reference_tokens = base.generate(ids[:1], max_new_tokens=6, do_sample=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(_logits(new, ids), expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(new.generate(ids[:1], max_new_tokens=6, do_sample=False), reference_tokens)  # DynamicCache
+    cache = kvstack.make_cache(new, "full")
+    out = new.generate(ids[:1], **kvstack.cache_kwargs(new, cache), max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, reference_tokens)
+    per_layer = [layer.kv_bytes() for layer in cache.layers]
+    assert per_layer[1] == per_layer[3] == 0 and per_layer[0] > 0 and per_layer[2] > 0
+
+
+def test_cla_takes_the_cheapest_adjacent_pairs_by_the_measured_cost() -> None:
+    from kvstack.transforms.sharing import sharing_costs
+
+    base = build_peaky(num_hidden_layers=6)
+    calibration = random_ids(32, batch=2, seed=4)
+    costs = sharing_costs(base, calibration)
+    _, record = kvstack.transform(base, "cla(layers=2)", calibration_ids=calibration)
+    chosen = {int(upper): lower for upper, lower in record["pairs"].items()}
+    assert len(chosen) == 2 and all(lower == upper - 1 for upper, lower in chosen.items())
+    assert not set(chosen) & set(chosen.values())
+    cheapest = min(costs, key=costs.__getitem__)
+    assert cheapest in chosen
+    # the cost of one pair, recomputed with the hook reference: layer u's attention output, shared vs own
+    upper = cheapest
+    outputs = {}
+    attention = base.model.layers[upper].self_attn
+    hook = attention.register_forward_hook(lambda m, a, o: outputs.setdefault("x", []).append(o[0]))
+    try:
+        with torch.no_grad():
+            for row in calibration:
+                base(input_ids=row[None])
+            handles = _reference_sharing(base, {upper: upper - 1})
+            for row in calibration:
+                base(input_ids=row[None])
+    finally:
+        hook.remove()
+        for handle in handles:
+            handle.remove()
+    own, shared = outputs["x"][:2], outputs["x"][2:]
+    expected = sum(float((s - o).pow(2).sum() / o.pow(2).sum()) for s, o in zip(shared, own, strict=True)) / 2
+    assert costs[upper] == pytest.approx(expected, rel=1e-4)
+
+
+def test_cla_then_repair_fits_the_sharing_layers_in_the_whole_model_stage() -> None:
+    base = build_model(num_hidden_layers=4)
+    before, _ = kvstack.transform(base, "cla(pairs='2:1')")
+    new, record = kvstack.transform(base, "cla(pairs='2:1') + repair(local_steps=3, steps=3)",
+                                    calibration_ids=random_ids(32, batch=8, seed=3))
+    assert record["steps"][1]["changed"] == {"1": ["k_proj", "v_proj"], "2": ["o_proj", "q_proj"]}
+    old = dict(before.named_parameters())
+    moved = {name for name, p in new.named_parameters() if not torch.equal(p, old[name])}
+    assert moved == {"model.layers.1.self_attn.k_proj.weight", "model.layers.1.self_attn.v_proj.weight",
+                     "model.layers.2.self_attn.q_proj.weight", "model.layers.2.self_attn.o_proj.weight"}
+
+
+def test_bad_cla_input_is_one_line_each(capsys, tmp_path) -> None:
+    base = build_model(num_hidden_layers=4)
+    with pytest.raises(TransformError, match=r"name layer 7, outside the model's layers 0 to 3"):
+        kvstack.transform(base, "cla(pairs='7:6')")
+    with pytest.raises(TransformError, match="at most 2 of the model's 4 layers"):
+        kvstack.transform(base, "cla(layers=3)", calibration_ids=CALIBRATION)
+    for pairs, message in (("1:2", "only share the keys and values of a layer below"), ("1-0", "upper:lower"),
+                           ("2:1,3:2", "both shares"), ("2:0,3:0", "one upper layer at most")):
+        with pytest.raises(kvstack.SpecError, match=message):
+            kvstack.parse(f"cla(pairs={pairs!r})")
+    new, _ = kvstack.transform(base, "cla(pairs='1:0')")
+    with pytest.raises(kvstack.InputError, match="composes only with 'full' for now"):
+        kvstack.make_cache(new, "snapkv(ratio=0.5)")
+    with pytest.raises(TransformError, match="gqa cannot follow cla"):
+        kvstack.transform(base, "cla(pairs='1:0') + gqa(kv_heads=1)")
+    from kvstack.engine import Engine
+    from kvstack.errors import KVStackError
+
+    with pytest.raises(KVStackError, match="does not serve models whose layers share"):
+        Engine(new, memory_mb=1.0, block_size=4)
+    err = usage_error(capsys, ["transform", "--spec", "cla(pairs='3:5')", "--out", str(tmp_path / "x")])
+    assert "layer below" in err
+    err = usage_error(capsys, ["transform", "--spec", "cla(pairs='3:2')", "--out", str(tmp_path / "x")])
+    assert "is not saved; apply it with kvstack.transform" in err

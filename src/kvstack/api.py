@@ -19,9 +19,10 @@ import torch
 from kvstack import attention
 from kvstack.cache.cache import KVStackCache
 from kvstack.cache.page_tier import check_tier_dir
-from kvstack.contract import LINK_REUSE
+from kvstack.contract import LINK_REUSE, LayerLink
 from kvstack.errors import InputError
 from kvstack.methods.base import Composed, Method
+from kvstack.methods.full import Full
 from kvstack.models import attention_placements, model_geometry
 from kvstack.spec import parse
 
@@ -100,6 +101,13 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
         if codec is not None and layer_links and any(link.kind == LINK_REUSE for link in layer_links.values()):
             raise InputError(f"{method.label()} lets layers reuse another layer's cache and does not compose with a "
                              "codec yet; use it alone")
+    shared_map = getattr(model.config, "kvstack_shared_kv", None) or {}
+    shared = {int(upper): int(lower) for upper, lower in shared_map.items()}
+    if shared:  # a cla model: its sharing layers read the layer below's store and hold nothing
+        if layer_links or codec is not None or not isinstance(method, Full):
+            raise InputError(f"this model's layers share keys and values (cla), which composes only with 'full' "
+                             f"for now, not {label}")
+        layer_links = {upper: LayerLink(lower, LINK_REUSE) for upper, lower in shared.items()}
     tier_dir = None
     if method.reads_pages:
         if codec is not None:

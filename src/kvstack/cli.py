@@ -205,7 +205,10 @@ def cmd_transform(args: argparse.Namespace) -> int:
                          "'model/' in `kvstack methods`")
     from kvstack.transforms.chain import transform_steps
 
-    transform_steps(method)  # a lone repair is refused before the model loads
+    for step in transform_steps(method):  # a lone repair is refused before the model loads
+        if not step.plain_checkpoint:
+            raise UsageError(f"{step.label()} makes a model plain transformers cannot run from a checkpoint (its "
+                             "layers share keys and values), so it is not saved; apply it with kvstack.transform")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out} exists and is not empty; give a new directory")

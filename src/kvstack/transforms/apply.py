@@ -11,6 +11,7 @@ from kvstack.spec import parse
 from kvstack.transforms.base import Transform, TransformError, attention_layers, collect_attention_inputs
 from kvstack.transforms.chain import TransformChain, transform_steps
 from kvstack.transforms.repair import repair_data
+from kvstack.transforms.sharing import shared_layers
 
 torch = lazy_module("torch")
 
@@ -71,8 +72,8 @@ def transform(model: Any, spec: str | Transform | TransformChain, *, tokenizer: 
             step.check(new)
             inputs = None
             if step.uses_calibration():
-                inputs = collect_attention_inputs(new, _calibration_ids(new, step, tokenizer, calibration_ids,
-                                                                        source))
+                ids = _calibration_ids(new, step, tokenizer, calibration_ids, source)
+                inputs = ids if step.calibration == "ids" else collect_attention_inputs(new, ids)
             record = step.apply(new, inputs)
             for index, names in record.get("changed", {}).items():
                 changed.setdefault(int(index), set()).update(names)
@@ -103,4 +104,5 @@ def kv_bytes_per_token(model: Any) -> int:
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     element = next(model.parameters()).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element
+    layers = config.num_hidden_layers - len(shared_layers(config))  # cla: sharing layers store nothing
+    return 2 * layers * config.num_key_value_heads * head_dim * element

@@ -32,6 +32,8 @@ class Transform:
     spec_name: ClassVar[str]
     is_transform: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = False
+    calibration: ClassVar[str] = "moments"  # what apply() receives: AttentionInputs, or "ids" (the token ids)
+    plain_checkpoint: ClassVar[bool] = True  # the result is a checkpoint plain transformers runs as it is
 
     def label(self) -> str:
         """The canonical spec string of this transform with its non-default parameters."""
@@ -53,7 +55,10 @@ def attention_layers(model: Any) -> list[Any]:
     ``rotate_half`` layout, no per-head normalisation): Llama, Qwen2, Mistral."""
     from kvstack.models import attention_modules
 
-    modules = attention_modules(model)
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    # per layer, so that a layer whose attention has no K/V projection of its own (cla) keeps its index
+    modules = [layer.self_attn for layer in layers] if layers is not None and all(
+        hasattr(layer, "self_attn") for layer in layers) else attention_modules(model)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", type(model).__name__)
     if not modules or config is None:

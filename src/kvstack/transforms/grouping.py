@@ -77,6 +77,9 @@ class GQA(Transform):
     def check(self, model: Any) -> None:
         """Refuse a head count the model cannot take (one line)."""
         config = model.config
+        if getattr(config, "kvstack_shared_kv", None):
+            raise TransformError("gqa cannot follow cla (its sharing layers have no K/V projections); apply gqa "
+                                 "first, e.g. 'gqa(kv_heads=1) + cla(layers=4)'")
         old, queries = config.num_key_value_heads, config.num_attention_heads
         if queries % self.kv_heads or old % self.kv_heads:
             choices = [n for n in range(1, old + 1) if old % n == 0]

@@ -137,6 +137,8 @@ class Repair(Transform):
             local_before = _local_errors(student_layers, held, changed)
             kl_before = _kl(student, teacher, held, self.batch)
             for index in sorted(changed):
+                if not hasattr(student_layers[index], "k_proj"):
+                    continue  # a cla layer reading the layer below: only the whole-model stage can fit it
                 for parameter in parameters[index]:
                     parameter.requires_grad_(True)
                 with torch.enable_grad():  # a caller's no_grad must not silently stop the training
@@ -204,7 +206,7 @@ class Repair(Transform):
 
 
 def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
+    return sum(values) / len(values) if values else float("nan")
 
 
 def _autocast(device: Any) -> Any:
@@ -263,7 +265,8 @@ def _local_errors(modules: list[Any], captured: dict[str, Any], changed: dict[in
     """Held-out relative error of every changed layer's attention output."""
     with torch.no_grad():
         return [float(_relative_error(modules[index], captured["inputs"][index], captured["outputs"][index],
-                                      captured["rotary"])) for index in sorted(changed)]
+                                      captured["rotary"])) for index in sorted(changed)
+                if hasattr(modules[index], "k_proj")]
 
 
 def _distillation_loss(student: Any, teacher: Any, ids: Any, final: Any) -> Any:
