@@ -34,8 +34,10 @@ OUT = "benchmarks/results/model_level"
 MODEL = "smollm2-135m"
 TRANSFORMS = {"mean": "gqa(kv_heads=1)", "similarity": "gqa(kv_heads=1, how='similarity')",
               "svd": "gqa(kv_heads=1, how='svd')", "svd-repair": "gqa(kv_heads=1, how='svd') + repair()",
-              "mean-repair": "gqa(kv_heads=1) + repair()"}
+              "mean-repair": "gqa(kv_heads=1) + repair()", "cla-4": "cla(layers=4)", "cla-8": "cla(layers=8)",
+              "cla-15": "cla(layers=15)", "cla-8-repair": "cla(layers=8) + repair()"}
 TOKEN_LEVEL = ["snapkv(ratio=0.67)", "kivi(bits=4)", "palu(rank=21)"]
+COMPOSED = "snapkv(ratio=0.5) + kivi(bits=4)"
 SUITE = ["passkey", "niah_single_noise", "niah_multikey", "vt"]
 SAMPLES = 20
 
@@ -66,7 +68,9 @@ def run(out: str, settings: list[str], tasks: list[str], max_minutes: float | No
     for setting in settings:
         spec = TRANSFORMS[setting]
         new = transformed(model, tokenizer, spec, out)
-        if not grid(f"{MODEL}+{spec}", ["full"], new):
+        # a converted model composes with token-level compression (issue 33: gqa, then snapkv + kivi)
+        methods = ["full", COMPOSED] if spec.startswith("gqa") else ["full"]
+        if not grid(f"{MODEL}+{spec}", methods, new):
             return
         del new
 
@@ -82,20 +86,74 @@ def transformed(model: torch.nn.Module, tokenizer: object, spec: str, out: str) 
 
     key = hashlib.sha256(f"{MODEL}|{spec}".encode()).hexdigest()[:16]
     directory = kvstack_home() / "transformed" / key
-    if (directory / "kvstack_transform.json").is_file():
+    saved = directory / "kvstack_transform.json"
+    if saved.is_file():
         print(f"{spec}: loaded from {directory}", flush=True)
-        return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        record = json.loads(saved.read_text())
+        if "pairs" not in json.dumps(record):
+            return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        # cla has no plain checkpoint: rebuild the recorded map, then load the (repaired) weights
+        steps = record.get("steps", [record])
+        pairs = ",".join(f"{upper}:{lower}" for upper, lower in steps[0]["pairs"].items())
+        new, _ = kvstack.transform(model, f"cla(pairs={pairs!r})")
+        new.load_state_dict(torch.load(directory / "weights.pt"))
+        return new
     new, record = kvstack.transform(model, spec, tokenizer=tokenizer)
     record = {**record, "model": MODEL, "machine": stamp()}
     print(f"{spec}: {record['kv_bytes_per_token']} bytes per token, {record['seconds']:.1f} s", flush=True)
-    new.save_pretrained(directory)
+    if getattr(new.config, "kvstack_shared_kv", None):
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save(new.state_dict(), directory / "weights.pt")
+    else:
+        new.save_pretrained(directory)
     (directory / "kvstack_transform.json").write_text(json.dumps(record, indent=1))
     with open(Path(out) / "transforms.jsonl", "a") as log:
         log.write(json.dumps(record) + "\n")
     return new
 
 
-def report(out: str) -> str:
+def plot(out: str) -> None:
+    """``model_level.png``: perplexity (1k, 2k) and suite score (1k) against KV bytes per token, one point per
+    cell row: transformed models (full cache, composed) beside the token-level methods on the original."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = collect(out)
+    full_bytes = rows.pop("__full_bytes__", None)
+    if not full_bytes:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    panels = [("ppl", 1024, "perplexity at 1k (log)"), ("ppl", 2048, "perplexity at 2k (log)"),
+              ("suite", 1024, "suite score at 1k")]
+    for ax, (kind, length, title) in zip(axes, panels, strict=True):
+        for (model, method), row in sorted(rows.items()):
+            value = row["ppl"].get(length) if kind == "ppl" else (statistics.fmean(row["scores"])
+                                                                  if row["scores"] else None)
+            if value is None:
+                continue
+            transformed = model != MODEL
+            label = (model.removeprefix(f"{MODEL}+") + ("" if method == "full" else f" | {method}")
+                     if transformed else method)
+            ax.scatter(statistics.fmean(row["bytes"]) / full_bytes, value, marker="o" if transformed else "^",
+                       color="tab:blue" if transformed else "tab:green")
+            ax.annotate(label, (statistics.fmean(row["bytes"]) / full_bytes, value), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+        if kind == "ppl":
+            ax.set_yscale("log")
+        ax.set_xlabel("KV bytes per token (of the full cache)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    fig.suptitle("SmolLM2-135M: model transforms (circles) against token-level compression (triangles)")
+    fig.tight_layout()
+    fig.savefig(Path(out) / "model_level.png", dpi=110)
+    plt.close(fig)
+
+
+def collect(out: str) -> dict:
+    """Per ``(model, method)``: bytes per token of each cell, perplexity by length, suite scores at 1k; and the
+    full cache's bytes per token under ``"__full_bytes__"``."""
     records = latest_results(Path(out) / "results.jsonl")
     full_bytes = None
     rows: dict[tuple[str, str], dict] = {}
@@ -108,6 +166,12 @@ def report(out: str) -> str:
             row["scores"].append(record["score"])
         if record["model"] == MODEL and record["method"] == "full":
             full_bytes = record["full_kv_bytes"] / record["length"]
+    return {**rows, "__full_bytes__": full_bytes}
+
+
+def report(out: str) -> str:
+    rows = collect(out)
+    full_bytes = rows.pop("__full_bytes__")
     lines = ["| model | cache | KV bytes per token (of full) | perplexity 1k | perplexity 2k | suite score 1k |",
              "| --- | --- | --- | --- | --- | --- |"]
     for (model, method), row in sorted(rows.items()):
@@ -133,6 +197,7 @@ def main() -> None:
         run(args.out, args.settings.split(","), args.tasks.split(","), args.max_minutes,
             [int(x) for x in args.ppl_lengths.split(",")])
     table = report(args.out)
+    plot(args.out)
     Path(args.out, "tables.md").write_text(f"Command: `python benchmarks/model_level_bench.py --report-only`; "
                                            f"{stamp()}\n\n{table}\n")
     print(table)
