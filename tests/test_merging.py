@@ -100,6 +100,44 @@ def test_proportional_cam_gives_the_same_share_as_weight_and_keeps_values_convex
     torch.testing.assert_close(update.values[:, :, kept], expected, atol=1e-5, rtol=1e-4)
 
 
+@settings(max_examples=40, deadline=None)
+@given(length=st.integers(6, 30), recipients=st.integers(1, 8), cap=st.floats(1.0, 3.0), seed=st.integers(0, 10_000),
+       data=st.data())
+def test_capped_cam_mass_never_passes_the_cap_and_values_stay_convex(length, recipients, cap, seed, data):
+    """cam(..., proportional=True, max_mass=c): no recipient's mass passes max(its mass, c); one already above
+    takes nothing; each value stays a convex combination of itself and the evicted one; a cap never reached
+    changes nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    keys, values = torch.randn(1, 2, length, 8, generator=gen), torch.randn(1, 2, length, 8, generator=gen)
+    attention = torch.rand(1, 2, length, generator=gen) * 4  # large shares, so that caps bind
+    log_mass = (torch.rand(1, 2, length, generator=gen) * 1.5).log1p()  # masses in [1, 2.5]
+    evict = data.draw(st.integers(0, length - 1))
+    evicted = torch.full((1, 2, 1), evict)
+    state = {"accumulated": torch.zeros(1, 2, length), LOG_MASS: log_mass}
+    spec = f"cam(h2o(budget={length - 1}), recipients={recipients}, proportional=True"
+    capped = parse(f"{spec}, max_mass={cap})").merge(_view(keys, values, attention, state), evicted)
+    mass, before = capped.state[LOG_MASS].exp(), log_mass.exp()
+    kept = [i for i in range(length) if i != evict]
+    assert bool((mass[:, :, kept] <= torch.clamp(before[:, :, kept], min=cap) * (1 + 1e-5)).all())
+    above = before[:, :, kept] >= cap
+    assert torch.equal(capped.values[:, :, kept][above], values[:, :, kept][above])
+    lam = (mass - before) / mass  # the share of the evicted value in each entry
+    expected = (1 - lam[:, :, kept]).unsqueeze(-1) * values[:, :, kept] + lam[:, :, kept].unsqueeze(-1) * values[
+        :, :, evict : evict + 1]
+    torch.testing.assert_close(capped.values[:, :, kept], expected, atol=1e-5, rtol=1e-4)
+    unbounded = parse(f"{spec}, max_mass=1e9)").merge(_view(keys, values, attention, state), evicted)
+    plain = parse(f"{spec})").merge(_view(keys, values, attention, state), evicted)
+    torch.testing.assert_close(unbounded.values, plain.values, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(unbounded.state[LOG_MASS], plain.state[LOG_MASS], atol=1e-6, rtol=1e-5)
+
+
+def test_bad_mass_caps_are_one_line():
+    with pytest.raises(SpecError, match=r"max_mass must be 0 \(no cap\) or a mass >= 1"):
+        parse("cam(h2o(ratio=0.5), proportional=True, max_mass=0.5)")
+    with pytest.raises(SpecError, match="add proportional=True"):
+        parse("cam(h2o(ratio=0.5), max_mass=2.0)")
+
+
 def test_cam_keeps_the_output_when_the_evicted_entry_is_weak():
     """The attention output before renormalisation is unchanged by evicting a weakly attended entry."""
     gen = torch.Generator().manual_seed(3)

@@ -141,12 +141,15 @@ class CaM(MergingMethod):
     ``proportional=True`` keeps the same numerator as a weight instead of a sum: a recipient's mass grows by
     ``c * mass_e`` and its value becomes the mass-weighted average, so ``mass * value`` gains exactly
     CaM's ``c v_e`` while the entry's ``log(mass)`` enters its attention logit. Under a base that evicts at
-    every step, values then stay convex combinations instead of piling up additions.
+    every step, values then stay convex combinations instead of piling up additions. The recent entries
+    then receive from every eviction and their mass grows without bound; ``max_mass`` (0: no cap) scales a
+    recipient's intake down so that its mass never passes the cap (an entry already above it takes nothing).
     """
 
     recipients: int = 16
     sampling: str = "expected"
     proportional: bool = False
+    max_mass: float = 0.0
 
     extra_needs = frozenset({STAT_COLSUM})
 
@@ -156,6 +159,11 @@ class CaM(MergingMethod):
             raise SpecError(f"recipients must be >= 1 kept entry, got {self.recipients}")
         if self.sampling not in ("expected", "bernoulli"):
             raise SpecError(f"sampling must be 'expected' or 'bernoulli', got {self.sampling!r}")
+        if isinstance(self.max_mass, bool) or not isinstance(self.max_mass, (int, float)) or not (
+                self.max_mass == 0 or self.max_mass >= 1):
+            raise SpecError(f"max_mass must be 0 (no cap) or a mass >= 1, got {self.max_mass!r}")
+        if self.max_mass and not self.proportional:
+            raise SpecError("max_mass caps the mass proportional=True gives entries; add proportional=True")
         super().__post_init__()
 
     def merge(self, view: LayerView, evicted: torch.Tensor) -> MergeUpdate:
@@ -180,7 +188,13 @@ class CaM(MergingMethod):
             moved = coefficient * mass.gather(-1, evicted).unsqueeze(-1)  # [B, H, E, m]
             new_mass = mass.scatter_add(-1, recipients.flatten(2), moved.flatten(2))
             added = moved.unsqueeze(-1) * evicted_values.unsqueeze(3)  # [B, H, E, m, D]
-            weighted = _add_rows(values * mass.unsqueeze(-1), recipients.flatten(2), added.flatten(2, 3))
+            gained = _add_rows(torch.zeros_like(values), recipients.flatten(2), added.flatten(2, 3))
+            if self.max_mass:  # scale each recipient's intake down so that its mass stays within the cap
+                capped = torch.minimum(new_mass, torch.maximum(mass, torch.full_like(mass, self.max_mass)))
+                intake = new_mass - mass
+                scale = torch.where(intake > 0, (capped - mass) / intake.clamp(min=1e-30), torch.ones_like(mass))
+                gained, new_mass = gained * scale.unsqueeze(-1), capped
+            weighted = values * mass.unsqueeze(-1) + gained
             touched = (new_mass > mass).unsqueeze(-1)  # untouched entries stay bit-exact
             merged = torch.where(touched, weighted / new_mass.unsqueeze(-1), values)
             return MergeUpdate(values=merged.to(view.values.dtype), state={LOG_MASS: new_mass.log()})
