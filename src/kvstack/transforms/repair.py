@@ -26,6 +26,7 @@ import time
 from typing import Any, ClassVar
 
 from kvstack.lazy_import import lazy_module
+from kvstack.model_store import say
 from kvstack.spec import SpecError, register
 from kvstack.transforms.base import Transform, TransformError, attention_layers
 
@@ -132,6 +133,7 @@ class Repair(Transform):
         was_training = student.training
         student.eval()
         try:
+            say(f"repair: reading the original model on {len(ids)} sequences of {ids.shape[1]} tokens")
             captured = _capture(teacher, train, sorted(changed), self.batch)
             held = _capture(teacher, held_out, sorted(changed), self.batch)
             local_before = _local_errors(student_layers, held, changed)
@@ -143,6 +145,7 @@ class Repair(Transform):
                     parameter.requires_grad_(True)
                 with torch.enable_grad():  # a caller's no_grad must not silently stop the training
                     self._fit_layer(student_layers[index], captured, index, parameters[index], generator)
+                say(f"repair: layer {index} fitted ({time.perf_counter() - started:.0f} s)")
                 for parameter in parameters[index]:
                     parameter.requires_grad_(False)
             local_seconds = time.perf_counter() - started
@@ -196,13 +199,15 @@ class Repair(Transform):
         ids, final = captured["ids"], captured["final"]
         optimizer = torch.optim.Adam(parameters, lr=self.lr)
         scheduler = self._schedule(optimizer, self.steps)
-        for _ in range(self.steps):
+        for step in range(self.steps):
             rows = torch.randint(0, len(ids), (min(self.batch, len(ids)),), generator=generator).to(ids.device)
             loss = _distillation_loss(student, teacher, ids[rows], final[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if (step + 1) % 25 == 0 or step + 1 == self.steps:
+                say(f"repair: whole model, step {step + 1} of {self.steps}, KL {float(loss.detach()):.3f}")
 
 
 def _mean(values: list[float]) -> float:
@@ -309,6 +314,7 @@ def repair_data(teacher: Any, method: Repair, *, tokenizer: Any, source: str, ca
     flat, _ = calibration_text_ids(tokenizer, count * SEED_TOKENS * 8, source)
     seeds = torch.tensor(flat, device=device).view(count, SEED_TOKENS * 8)[:, :SEED_TOKENS]
     new_tokens = method.length - SEED_TOKENS
+    say(f"repair: the original model writes {count} sequences of {method.length} tokens")
     rows = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(method.seed)
