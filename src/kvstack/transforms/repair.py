@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from typing import Any, ClassVar
 
 from kvstack.lazy_import import lazy_module
-from kvstack.model_store import say
 from kvstack.spec import SpecError, register
 from kvstack.transforms.base import Transform, TransformError, attention_layers
 
@@ -37,6 +37,11 @@ __all__ = ["Repair", "repair_data"]
 SEED_TOKENS = 16  # tokens of calibration text each generated sequence continues
 HELD_OUT = 4  # sequences kept out of training, on which the record's before/after losses are measured
 WARMUP = 10  # steps of linear warm-up before the cosine decay
+
+
+def say(message: str) -> None:
+    """One progress line on stderr (as the model store's; kept here so importing transforms imports no torch)."""
+    print(f"kvstack: {message}", file=sys.stderr, flush=True)
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> None:

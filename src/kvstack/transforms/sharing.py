@@ -21,6 +21,7 @@ Shapes: ``B`` sequences, ``T`` tokens, ``H`` KV heads, ``Hq`` query heads, ``D``
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar
 
 from kvstack.lazy_import import lazy_module
@@ -29,7 +30,7 @@ from kvstack.transforms.base import Transform, TransformError, attention_layers
 
 torch = lazy_module("torch")
 
-__all__ = ["CLA", "ExportingLinear", "SharedKVAttention", "parse_pairs", "shared_layers"]
+__all__ = ["CLA", "exporting_linear", "parse_pairs", "shared_kv_attention", "shared_layers"]
 
 
 def parse_pairs(text: str) -> dict[int, int]:
@@ -136,9 +137,9 @@ class CLA(Transform):
         layer_modules = [layer for layer in model.model.layers]
         for upper, lower in sorted(pairs.items()):
             source = modules[lower]
-            source.k_proj = ExportingLinear.of(source.k_proj)
-            source.v_proj = ExportingLinear.of(source.v_proj)
-            layer_modules[upper].self_attn = SharedKVAttention(modules[upper], source, lower)
+            source.k_proj = exporting_linear(source.k_proj)
+            source.v_proj = exporting_linear(source.v_proj)
+            layer_modules[upper].self_attn = shared_kv_attention()(modules[upper], source, lower)
         model.config.kvstack_shared_kv = {str(upper): lower for upper, lower in sorted(pairs.items())}
         changed: dict[int, list[str]] = {}
         for upper, lower in pairs.items():
@@ -208,32 +209,39 @@ def attend(module: Any, hidden: Any, keys: Any, values: Any, rotary: tuple[Any, 
     return module.o_proj(out.transpose(1, 2).reshape(*hidden.shape[:-1], -1))
 
 
-class ExportingLinear(torch.nn.Linear):
-    """A lower layer's key or value projection: an ordinary ``nn.Linear`` (same parameters, same state-dict
-    names) that keeps its last output ``[B, T, H D]`` for the upper layer of the same forward."""
+@functools.cache
+def _exporting_linear() -> type:
+    """The :class:`ExportingLinear` class, built on first use (importing transforms imports no torch)."""
 
-    @classmethod
-    def of(cls, linear: Any) -> ExportingLinear:
-        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                  device=linear.weight.device, dtype=linear.weight.dtype)
-        new.weight = linear.weight
-        if linear.bias is not None:
-            new.bias = linear.bias
-        return new
+    class ExportingLinear(torch.nn.Linear):
+        """A lower layer's key or value projection: an ordinary ``nn.Linear`` (same parameters, same
+        state-dict names) that keeps its last output ``[B, T, H D]`` for the upper layer of the same forward."""
 
-    def forward(self, hidden: Any) -> Any:
-        output = super().forward(hidden)
-        self.exported = output
-        return output
+        def forward(self, hidden: Any) -> Any:
+            output = super().forward(hidden)
+            self.exported = output
+            return output
+
+    return ExportingLinear
 
 
-class SharedKVAttention(torch.nn.Module):
+def exporting_linear(linear: Any) -> Any:
+    """``linear`` as an ``ExportingLinear`` sharing its parameters."""
+    new = _exporting_linear()(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              device=linear.weight.device, dtype=linear.weight.dtype)
+    new.weight = linear.weight
+    if linear.bias is not None:
+        new.bias = linear.bias
+    return new
+
+
+class _SharedKVAttention:
     """An upper layer's attention without key or value projections: it reads the keys and values of the
     ``source`` layer below (this forward's chunk from its :class:`ExportingLinear` projections, the past from
     the cache)."""
 
     def __init__(self, original: Any, source: Any, source_index: int) -> None:
-        super().__init__()
+        torch.nn.Module.__init__(self)  # built into an nn.Module subclass by shared_kv_attention()
         self.config = original.config
         self.layer_idx = original.layer_idx
         self.head_dim = original.head_dim
@@ -280,3 +288,10 @@ class SharedKVAttention(torch.nn.Module):
         output, weights = attention_interface(self, query, keys, values, attention_mask, dropout=0.0,
                                               scaling=self.scaling, **kwargs)
         return self.o_proj(output.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+
+
+@functools.cache
+def shared_kv_attention() -> type:
+    """The ``SharedKVAttention`` module class (the body above, as an ``nn.Module``), built on first use."""
+    return type("SharedKVAttention", (torch.nn.Module,), {
+        name: value for name, value in vars(_SharedKVAttention).items() if name not in ("__dict__", "__weakref__")})
