@@ -25,6 +25,7 @@ from kvstack.methods.base import Composed, Method
 from kvstack.methods.full import Full
 from kvstack.models import attention_placements, model_geometry
 from kvstack.spec import parse
+from kvstack.transforms.sharing import shared_layers
 
 DEFAULT_CHUNK = 512  # prefill chunk for methods that evict while the prompt streams in
 
@@ -101,8 +102,7 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
         if codec is not None and layer_links and any(link.kind == LINK_REUSE for link in layer_links.values()):
             raise InputError(f"{method.label()} lets layers reuse another layer's cache and does not compose with a "
                              "codec yet; use it alone")
-    shared_map = getattr(model.config, "kvstack_shared_kv", None) or {}
-    shared = {int(upper): int(lower) for upper, lower in shared_map.items()}
+    shared = shared_layers(model.config)
     if shared:  # a cla model: its sharing layers read the layer below's store and hold nothing
         if layer_links or codec is not None or not isinstance(method, Full):
             raise InputError(f"this model's layers share keys and values (cla), which composes only with 'full' "

@@ -1,7 +1,7 @@
 """``repair``: a short distillation of a transformed model's changed projections toward the original model.
 
 A training-free conversion (``gqa``) changes some attention projections; ``repair`` fits only those to the
-original model, which it treats as the teacher, in two stages (see ``docs/transforms.md``):
+original model, which it treats as the teacher, in two stages (see ``docs/methods.md``, "Model transforms"):
 
 1. **Layer-wise.** Each changed layer's attention is fitted, on the teacher's own inputs to that layer, to the
    teacher's attention output at that layer (relative squared error). Layers are independent, so this stage

@@ -139,7 +139,7 @@ class CLA(Transform):
             source = modules[lower]
             source.k_proj = exporting_linear(source.k_proj)
             source.v_proj = exporting_linear(source.v_proj)
-            layer_modules[upper].self_attn = shared_kv_attention()(modules[upper], source, lower)
+            layer_modules[upper].self_attn = shared_kv_attention(modules[upper], source, lower)
         model.config.kvstack_shared_kv = {str(upper): lower for upper, lower in sorted(pairs.items())}
         changed: dict[int, list[str]] = {}
         for upper, lower in pairs.items():
@@ -189,19 +189,13 @@ def _heads(projected: Any, head_dim: int) -> Any:
     return projected.view(*projected.shape[:-1], -1, head_dim).transpose(1, 2)
 
 
-def _rotate(states: Any, cos: Any, sin: Any) -> Any:
-    """RoPE in the ``rotate_half`` layout (Llama, Qwen2, Mistral), ``states`` ``[B, H, T, D]``."""
-    half = states.shape[-1] // 2
-    rotated = torch.cat((-states[..., half:], states[..., :half]), dim=-1)
-    return states * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
-
-
 def attend(module: Any, hidden: Any, keys: Any, values: Any, rotary: tuple[Any, Any]) -> Any:
     """``module``'s causal attention output ``[B, T, h]`` for its inputs ``hidden`` over pre-RoPE ``keys`` and
     ``values`` ``[B, H, T, D]`` of the same tokens (no cache)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
     cos, sin = rotary
-    query = _rotate(_heads(module.q_proj(hidden), module.head_dim), cos, sin)
-    keys = _rotate(keys, cos, sin)
+    query, keys = apply_rotary_pos_emb(_heads(module.q_proj(hidden), module.head_dim), keys, cos, sin)
     groups = query.shape[1] // keys.shape[1]
     out = torch.nn.functional.scaled_dot_product_attention(
         query, keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1), is_causal=True,
@@ -210,8 +204,9 @@ def attend(module: Any, hidden: Any, keys: Any, values: Any, rotary: tuple[Any, 
 
 
 @functools.cache
-def _exporting_linear() -> type:
-    """The :class:`ExportingLinear` class, built on first use (importing transforms imports no torch)."""
+def _module_classes() -> tuple[type, type]:
+    """``(ExportingLinear, SharedKVAttention)``, defined on first use so that importing transforms imports no
+    torch."""
 
     class ExportingLinear(torch.nn.Linear):
         """A lower layer's key or value projection: an ordinary ``nn.Linear`` (same parameters, same
@@ -222,76 +217,76 @@ def _exporting_linear() -> type:
             self.exported = output
             return output
 
-    return ExportingLinear
+    class SharedKVAttention(torch.nn.Module):
+        """An upper layer's attention without key or value projections: it reads the keys and values of the
+        ``source`` layer below (this forward's chunk from its ``ExportingLinear`` projections, the past from
+        the cache)."""
+
+        def __init__(self, original: Any, source: Any, source_index: int) -> None:
+            super().__init__()
+            self.config = original.config
+            self.layer_idx = original.layer_idx
+            self.head_dim = original.head_dim
+            self.num_key_value_groups = original.num_key_value_groups
+            self.scaling = original.scaling
+            self.attention_dropout = original.attention_dropout
+            self.is_causal = True
+            self.sliding_window = getattr(original, "sliding_window", None)
+            self.q_proj = original.q_proj
+            self.o_proj = original.o_proj
+            self.source_index = source_index
+            object.__setattr__(self, "source", source)  # not a submodule: its weights are its own layer's
+
+        def forward(self, hidden_states: Any, position_embeddings: tuple[Any, Any] | None = None,
+                    attention_mask: Any = None, cache: Any = None, **kwargs: Any) -> tuple[Any, Any]:
+            """``hidden_states`` ``[B, T, h]`` -> (``[B, T, h]``, attention weights or None), as
+            ``LlamaAttention``."""
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+            from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+
+            if cache is None:
+                cache = kwargs.pop("past_key_values", None)
+            exported_keys = getattr(self.source.k_proj, "exported", None)
+            exported_values = getattr(self.source.v_proj, "exported", None)
+            if exported_keys is None or exported_keys.shape[:-1] != hidden_states.shape[:-1]:
+                raise RuntimeError(f"layer {self.layer_idx} shares layer {self.source_index}'s keys and values, "
+                                   "which did not run on this input first")
+            cos, sin = position_embeddings
+            query, keys = apply_rotary_pos_emb(_heads(self.q_proj(hidden_states), self.head_dim),
+                                               _heads(exported_keys, self.head_dim), cos, sin)
+            values = _heads(exported_values, self.head_dim)
+            self.source.k_proj.exported = self.source.v_proj.exported = None
+            if cache is not None:
+                layers = getattr(cache, "layers", None)
+                own = layers[self.layer_idx] if layers is not None and len(layers) > self.layer_idx else None
+                if getattr(own, "source", None) == self.source_index:  # a kvstack layer reading its source's store
+                    keys, values = cache.update(keys, values, self.layer_idx)
+                elif type(own).__name__ == "DynamicLayer" and getattr(layers[self.source_index], "keys",
+                                                                      None) is not None:
+                    keys, values = layers[self.source_index].keys, layers[self.source_index].values
+                else:
+                    raise RuntimeError(f"layer {self.layer_idx} shares layer {self.source_index}'s cache: use "
+                                       "transformers' DynamicCache or kvstack.make_cache(model, 'full')")
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                                        eager_attention_forward)
+            output, weights = attention_interface(self, query, keys, values, attention_mask, dropout=0.0,
+                                                  scaling=self.scaling, **kwargs)
+            return self.o_proj(output.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+
+    return ExportingLinear, SharedKVAttention
 
 
 def exporting_linear(linear: Any) -> Any:
     """``linear`` as an ``ExportingLinear`` sharing its parameters."""
-    new = _exporting_linear()(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                              device=linear.weight.device, dtype=linear.weight.dtype)
+    new = _module_classes()[0](linear.in_features, linear.out_features, bias=linear.bias is not None,
+                               device=linear.weight.device, dtype=linear.weight.dtype)
     new.weight = linear.weight
     if linear.bias is not None:
         new.bias = linear.bias
     return new
 
 
-class _SharedKVAttention:
-    """An upper layer's attention without key or value projections: it reads the keys and values of the
-    ``source`` layer below (this forward's chunk from its :class:`ExportingLinear` projections, the past from
-    the cache)."""
-
-    def __init__(self, original: Any, source: Any, source_index: int) -> None:
-        torch.nn.Module.__init__(self)  # built into an nn.Module subclass by shared_kv_attention()
-        self.config = original.config
-        self.layer_idx = original.layer_idx
-        self.head_dim = original.head_dim
-        self.num_key_value_groups = original.num_key_value_groups
-        self.scaling = original.scaling
-        self.attention_dropout = original.attention_dropout
-        self.is_causal = True
-        self.sliding_window = getattr(original, "sliding_window", None)
-        self.q_proj = original.q_proj
-        self.o_proj = original.o_proj
-        self.source_index = source_index
-        object.__setattr__(self, "source", source)  # not a submodule: its weights are its own layer's
-
-    def forward(self, hidden_states: Any, position_embeddings: tuple[Any, Any] | None = None,
-                attention_mask: Any = None, cache: Any = None, **kwargs: Any) -> tuple[Any, Any]:
-        """``hidden_states`` ``[B, T, h]`` -> (``[B, T, h]``, attention weights or None), as ``LlamaAttention``."""
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        from transformers.models.llama.modeling_llama import eager_attention_forward
-
-        if cache is None:
-            cache = kwargs.pop("past_key_values", None)
-        exported_keys = getattr(self.source.k_proj, "exported", None)
-        exported_values = getattr(self.source.v_proj, "exported", None)
-        if exported_keys is None or exported_keys.shape[:-1] != hidden_states.shape[:-1]:
-            raise RuntimeError(f"layer {self.layer_idx} shares layer {self.source_index}'s keys and values, which "
-                               "did not run on this input first")
-        cos, sin = position_embeddings
-        query = _rotate(_heads(self.q_proj(hidden_states), self.head_dim), cos, sin)
-        keys = _rotate(_heads(exported_keys, self.head_dim), cos, sin)
-        values = _heads(exported_values, self.head_dim)
-        self.source.k_proj.exported = self.source.v_proj.exported = None
-        if cache is not None:
-            layers = getattr(cache, "layers", None)
-            own = layers[self.layer_idx] if layers is not None and len(layers) > self.layer_idx else None
-            if getattr(own, "source", None) == self.source_index:  # a kvstack layer reading its source's store
-                keys, values = cache.update(keys, values, self.layer_idx)
-            elif type(own).__name__ == "DynamicLayer" and getattr(layers[self.source_index], "keys", None) is not None:
-                keys, values = layers[self.source_index].keys, layers[self.source_index].values
-            else:
-                raise RuntimeError(f"layer {self.layer_idx} shares layer {self.source_index}'s cache: use "
-                                   "transformers' DynamicCache or kvstack.make_cache(model, 'full')")
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
-                                                                    eager_attention_forward)
-        output, weights = attention_interface(self, query, keys, values, attention_mask, dropout=0.0,
-                                              scaling=self.scaling, **kwargs)
-        return self.o_proj(output.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
-
-
-@functools.cache
-def shared_kv_attention() -> type:
-    """The ``SharedKVAttention`` module class (the body above, as an ``nn.Module``), built on first use."""
-    return type("SharedKVAttention", (torch.nn.Module,), {
-        name: value for name, value in vars(_SharedKVAttention).items() if name not in ("__dict__", "__weakref__")})
+def shared_kv_attention(original: Any, source: Any, source_index: int) -> Any:
+    """A ``SharedKVAttention`` replacing ``original``: its q/o projections, reading ``source``'s keys and
+    values (layer ``source_index``)."""
+    return _module_classes()[1](original, source, source_index)
