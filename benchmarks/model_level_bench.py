@@ -1,6 +1,7 @@
 """Model-level KV reduction (issue 33): transformed models against token-level compression at the same bytes.
 
-Each transform setting (``gqa`` to one KV head per layer: mean-pooling, similarity grouping, absorbed SVD) is
+Each transform setting (``gqa`` to one KV head per layer: mean-pooling, similarity grouping, absorbed SVD;
+``cla`` layer sharing; ``mla`` latents; each alone or followed by ``repair()``) is
 applied to SmolLM2-135M with :func:`kvstack.transform` and measured with the full cache of the new model:
 perplexity at 1k and 2k and the suite's needle tasks and variable tracking at 1k, 20 samples per cell, through
 :func:`kvstack.bench.run_bench` (resumable; each transform is its own model name in the results). The
@@ -35,7 +36,9 @@ MODEL = "smollm2-135m"
 TRANSFORMS = {"mean": "gqa(kv_heads=1)", "similarity": "gqa(kv_heads=1, how='similarity')",
               "svd": "gqa(kv_heads=1, how='svd')", "svd-repair": "gqa(kv_heads=1, how='svd') + repair()",
               "mean-repair": "gqa(kv_heads=1) + repair()", "cla-4": "cla(layers=4)", "cla-8": "cla(layers=8)",
-              "cla-15": "cla(layers=15)", "cla-8-repair": "cla(layers=8) + repair()"}
+              "cla-15": "cla(layers=15)", "cla-8-repair": "cla(layers=8) + repair()",
+              "mla-96": "mla(rank=96, rope_dims=16)", "mla-128": "mla(rank=128, rope_dims=32)",
+              "mla-192": "mla(rank=192, rope_dims=32)", "mla-96-repair": "mla(rank=96, rope_dims=16) + repair()"}
 TOKEN_LEVEL = ["snapkv(ratio=0.67)", "kivi(bits=4)", "palu(rank=21)"]
 COMPOSED = "snapkv(ratio=0.5) + kivi(bits=4)"
 SUITE = ["passkey", "niah_single_noise", "niah_multikey", "vt"]
@@ -90,18 +93,21 @@ def transformed(model: torch.nn.Module, tokenizer: object, spec: str, out: str) 
     if saved.is_file():
         print(f"{spec}: loaded from {directory}", flush=True)
         record = json.loads(saved.read_text())
-        if "pairs" not in json.dumps(record):
+        if not (directory / "weights.pt").is_file():
             return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-        # cla has no plain checkpoint: rebuild the recorded map, then load the (repaired) weights
-        steps = record.get("steps", [record])
-        pairs = ",".join(f"{upper}:{lower}" for upper, lower in steps[0]["pairs"].items())
-        new, _ = kvstack.transform(model, f"cla(pairs={pairs!r})")
+        # cla and mla have no plain checkpoint: rebuild the structure (cla: the recorded map), then load the
+        # (repaired) weights, which for mla include each layer's rotary pairs
+        first = record.get("steps", [record])[0]
+        structure = first["spec"]
+        if "pairs" in first:
+            structure = "cla(pairs={!r})".format(",".join(f"{up}:{low}" for up, low in first["pairs"].items()))
+        new, _ = kvstack.transform(model, structure, tokenizer=tokenizer)
         new.load_state_dict(torch.load(directory / "weights.pt"))
         return new
     new, record = kvstack.transform(model, spec, tokenizer=tokenizer)
     record = {**record, "model": MODEL, "machine": stamp()}
     print(f"{spec}: {record['kv_bytes_per_token']} bytes per token, {record['seconds']:.1f} s", flush=True)
-    if getattr(new.config, "kvstack_shared_kv", None):
+    if getattr(new.config, "kvstack_shared_kv", None) or getattr(new.config, "kvstack_latent_kv", None):
         directory.mkdir(parents=True, exist_ok=True)
         torch.save(new.state_dict(), directory / "weights.pt")
     else:

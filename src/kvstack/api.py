@@ -25,6 +25,7 @@ from kvstack.methods.base import Composed, Method
 from kvstack.methods.full import Full
 from kvstack.models import attention_placements, model_geometry
 from kvstack.spec import parse
+from kvstack.transforms.latent import latent_geometry
 from kvstack.transforms.sharing import shared_layers
 
 DEFAULT_CHUNK = 512  # prefill chunk for methods that evict while the prompt streams in
@@ -73,6 +74,10 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
     codec = None
     if isinstance(method, Composed):
         method, codec = method.selection, method.codec
+    latent = latent_geometry(getattr(model, "config", None)) is not None
+    if latent and (codec is not None or not isinstance(method, Full)):
+        # its attention rebuilds keys and values from latents: no entry or codec format to choose from yet
+        raise InputError(f"this model caches latents (mla), which composes only with 'full' for now, not {label}")
     geometry = model_geometry(model)
     if codec is not None:
         codec.check(geometry.head_dim)
@@ -129,6 +134,8 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
         label=label,
         layer_links=layer_links,
         tier_dir=tier_dir,
+        latent=latent,
+        head_dim=geometry.head_dim,
     )
 
 

@@ -208,7 +208,8 @@ def cmd_transform(args: argparse.Namespace) -> int:
     for step in transform_steps(method):  # a lone repair is refused before the model loads
         if not step.plain_checkpoint:
             raise UsageError(f"{step.label()} makes a model plain transformers cannot run from a checkpoint (its "
-                             "layers share keys and values), so it is not saved; apply it with kvstack.transform")
+                             "attention modules exist only in kvstack), so it is not saved; apply it with "
+                             "kvstack.transform")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out} exists and is not empty; give a new directory")

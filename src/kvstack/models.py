@@ -360,11 +360,12 @@ class Geometry:
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's attention modules (those with ``q_proj``, ``k_proj``, ``v_proj`` and a ``layer_idx``, or a
-    ``q_proj`` and the ``source_index`` of the layer whose keys and values they read (cla)), in ``layer_idx``
-    order."""
+    ``q_proj`` and either the ``source_index`` of the layer whose keys and values they read (cla) or a latent
+    down-projection ``kv_down`` (mla)), in ``layer_idx`` order."""
     found = [m for m in model.modules()
              if hasattr(m, "layer_idx") and hasattr(m, "q_proj")
-             and (all(hasattr(m, p) for p in ("k_proj", "v_proj")) or hasattr(m, "source_index"))]
+             and (all(hasattr(m, p) for p in ("k_proj", "v_proj")) or hasattr(m, "source_index")
+                  or hasattr(m, "kv_down"))]
     return sorted(found, key=lambda module: int(module.layer_idx))
 
 

@@ -8,6 +8,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from kvstack.cache.cross_layer import MagnitudeLayer, ReusingLayer
+from kvstack.cache.latent_layer import LatentLayer
 from kvstack.cache.layer import KVStackLayer
 from kvstack.cache.page_tier import TieredLayer
 from kvstack.contract import LINK_KINDS, LINK_MAGNITUDE, LINK_REUSE, CodecSpec, LayerLink, Policy
@@ -42,6 +43,10 @@ class KVStackCache(Cache):
     tier_dir:
         For page-reading policies (``method.reads_pages``): the directory of the slow tier's files (checked
         writable by the caller, :func:`kvstack.cache.page_tier.check_tier_dir`).
+    latent, head_dim:
+        ``latent``: the model's attention caches latents and rotary keys (an ``mla`` model); every layer is
+        then a :class:`~kvstack.cache.latent_layer.LatentLayer`, whose uncompressed reference has
+        ``num_kv_heads`` heads of ``head_dim``.
     """
 
     def __init__(
@@ -58,6 +63,8 @@ class KVStackCache(Cache):
         label: str,
         layer_links: dict[int, LayerLink] | None = None,
         tier_dir: str | None = None,
+        latent: bool = False,
+        head_dim: int | None = None,
     ) -> None:
         self.method = method
         self._label = label
@@ -72,13 +79,18 @@ class KVStackCache(Cache):
         self.layer_statistics: dict[int, torch.Tensor] = {}  # layer -> [B] statistic of its first forward
         self.layer_budgets: list[int] | None = None  # per-layer budgets a layer-allocating policy chose
         self.tier_dir = tier_dir
+        if latent and (head_dim is None or layer_links or method.reads_pages):
+            raise ValueError("a latent cache needs the head dimension, and takes no layer links or page tier")
+        self.latent_geometry = (num_kv_heads, head_dim) if latent else None
         self.layer_links = check_layer_links(layer_links or {}, num_layers)
         # upper layer -> the lower layer holding magnitudes over its rows (MiniCache pairs)
         self.magnitude_lower = {link.source: layer for layer, link in self.layer_links.items()
                                 if link.kind == LINK_MAGNITUDE}
         super().__init__(layers=[self._new_layer(i) for i in range(num_layers)])
 
-    def _new_layer(self, layer_idx: int) -> KVStackLayer | ReusingLayer | MagnitudeLayer | TieredLayer:
+    def _new_layer(self, layer_idx: int) -> KVStackLayer | ReusingLayer | MagnitudeLayer | TieredLayer | LatentLayer:
+        if self.latent_geometry is not None:
+            return LatentLayer(self, layer_idx, *self.latent_geometry)
         if self.method.reads_pages:
             if self.tier_dir is None:
                 raise ValueError(f"{self._label} reads pages from a slow tier: give the cache a tier_dir")

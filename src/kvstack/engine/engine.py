@@ -115,9 +115,10 @@ class Engine:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
                 raise KVStackError(f"{name} must be a number of MB >= 0, got {value!r}")
         self.threads = ThreadGovernor(threads)
-        if getattr(model.config, "kvstack_shared_kv", None):
-            raise KVStackError("the engine does not serve models whose layers share keys and values (cla) yet; run "
-                               "them with kvstack.make_cache(model, 'full') or transformers' generate")
+        if getattr(model.config, "kvstack_shared_kv", None) or getattr(model.config, "kvstack_latent_kv", None):
+            raise KVStackError("the engine does not serve models whose layers share keys and values (cla) or cache "
+                               "latents (mla) yet; run them with kvstack.make_cache(model, 'full') or transformers' "
+                               "generate")
         geometry = model_geometry(model)
         namespace = default_namespace(model) if namespace is None else str(namespace)
         parameter = next(model.parameters())

@@ -10,6 +10,7 @@ from kvstack.lazy_import import lazy_module
 from kvstack.spec import parse
 from kvstack.transforms.base import Transform, TransformError, attention_layers, collect_attention_inputs
 from kvstack.transforms.chain import TransformChain, transform_steps
+from kvstack.transforms.latent import latent_geometry
 from kvstack.transforms.repair import repair_data
 from kvstack.transforms.sharing import shared_layers
 
@@ -105,4 +106,7 @@ def kv_bytes_per_token(model: Any) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     element = next(model.parameters()).element_size()
     layers = config.num_hidden_layers - len(shared_layers(config))  # cla: sharing layers store nothing
+    latent = latent_geometry(config)
+    if latent is not None:  # mla: one latent and a rotary key per KV head
+        return layers * (latent["rank"] + config.num_key_value_heads * latent["rope_dims"]) * element
     return 2 * layers * config.num_key_value_heads * head_dim * element

@@ -18,7 +18,8 @@ from kvstack.lazy_import import lazy_module
 
 torch = lazy_module("torch")
 
-__all__ = ["AttentionInputs", "Transform", "TransformError", "attention_layers", "collect_attention_inputs"]
+__all__ = ["AttentionInputs", "Transform", "TransformError", "adopt_attention_settings", "attention_layers",
+           "collect_attention_inputs"]
 
 
 class TransformError(InputError):
@@ -74,6 +75,19 @@ def attention_layers(model: Any) -> list[Any]:
         raise TransformError(f"transforms support Llama, Qwen2 and Mistral with plain RoPE; this model is {model_type} "
                              f"(rope {rope_type})")
     return modules
+
+
+def adopt_attention_settings(module: Any, original: Any) -> None:
+    """Give a replacement attention ``module`` what transformers' attention functions read from the module it
+    replaces (layer index, head size, grouping, scaling, dropout, causality, sliding window)."""
+    module.config = original.config
+    module.layer_idx = original.layer_idx
+    module.head_dim = original.head_dim
+    module.num_key_value_groups = original.num_key_value_groups
+    module.scaling = original.scaling
+    module.attention_dropout = original.attention_dropout
+    module.is_causal = True
+    module.sliding_window = getattr(original, "sliding_window", None)
 
 
 @dataclasses.dataclass

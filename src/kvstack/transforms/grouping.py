@@ -77,8 +77,8 @@ class GQA(Transform):
     def check(self, model: Any) -> None:
         """Refuse a head count the model cannot take (one line)."""
         config = model.config
-        if getattr(config, "kvstack_shared_kv", None):
-            raise TransformError("gqa cannot follow cla (its sharing layers have no K/V projections); apply gqa "
+        if getattr(config, "kvstack_shared_kv", None) or getattr(config, "kvstack_latent_kv", None):
+            raise TransformError("gqa cannot follow cla or mla (their layers have no K/V projections); apply gqa "
                                  "first, e.g. 'gqa(kv_heads=1) + cla(layers=4)'")
         old, queries = config.num_key_value_heads, config.num_attention_heads
         if queries % self.kv_heads or old % self.kv_heads:
@@ -124,7 +124,7 @@ class GQA(Transform):
         return groups
 
 
-def _augmented(linear: Any) -> Any:
+def augmented_weight(linear: Any) -> Any:
     """``[out, h + 1]`` float64: the weight with the bias (or zeros) as its last column."""
     weight = linear.weight.detach().double()
     bias = linear.bias.detach().double() if linear.bias is not None else weight.new_zeros(weight.shape[0])
@@ -134,13 +134,13 @@ def _augmented(linear: Any) -> Any:
 def _head_similarity(linear: Any, heads: int, head_dim: int, covariance: Any) -> Any:
     """``[H, H]`` cosine similarity of the heads' outputs over the calibration inputs: ``tr(W_i C W_j^T)``,
     normalised."""
-    weight = _augmented(linear).view(heads, head_dim, -1)
+    weight = augmented_weight(linear).view(heads, head_dim, -1)
     gram = torch.einsum("idh,hk,jdk->ij", weight, covariance, weight)
     norms = gram.diagonal().clamp(min=1e-30).sqrt()
     return gram / (norms[:, None] * norms[None, :])
 
 
-def _root_and_inverse(covariance: Any) -> tuple[Any, Any]:
+def root_and_inverse(covariance: Any) -> tuple[Any, Any]:
     """``C^(1/2)`` and ``C^(-1/2)`` of a second moment, with a small relative ridge."""
     values, vectors = torch.linalg.eigh(covariance)
     values = values.clamp(min=0) + RIDGE * float(values.max())
@@ -162,13 +162,13 @@ def _merge_layer(module: Any, groups: list[list[int]], head_dim: int, group_size
                  covariance: Any) -> None:
     """Replace one attention module's projections by the merged ones (``groups``: old KV heads per new head)."""
     old = sum(len(group) for group in groups)
-    keys = _augmented(module.k_proj).view(old, head_dim, -1)
-    values = _augmented(module.v_proj).view(old, head_dim, -1)
-    queries = _augmented(module.q_proj).view(old, group_size, head_dim, -1)  # old KV head -> its query heads
+    keys = augmented_weight(module.k_proj).view(old, head_dim, -1)
+    values = augmented_weight(module.v_proj).view(old, head_dim, -1)
+    queries = augmented_weight(module.q_proj).view(old, group_size, head_dim, -1)  # old KV head -> its query heads
     output = module.o_proj.weight.detach().double().view(-1, old, group_size, head_dim)  # [h, H, G, D]
     new_keys, new_values, new_queries, new_output = [], [], [], []
     if how == "svd":
-        root, inverse_root = _root_and_inverse(covariance)
+        root, inverse_root = root_and_inverse(covariance)
     for group in groups:
         if how != "svd":
             new_keys.append(keys[group].mean(0))

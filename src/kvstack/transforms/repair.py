@@ -144,7 +144,7 @@ class Repair(Transform):
             local_before = _local_errors(student_layers, held, changed)
             kl_before = _kl(student, teacher, held, self.batch)
             for index in sorted(changed):
-                if not hasattr(student_layers[index], "k_proj"):
+                if hasattr(student_layers[index], "source_index"):
                     continue  # a cla layer reading the layer below: only the whole-model stage can fit it
                 for parameter in parameters[index]:
                     parameter.requires_grad_(True)
@@ -276,7 +276,7 @@ def _local_errors(modules: list[Any], captured: dict[str, Any], changed: dict[in
     with torch.no_grad():
         return [float(_relative_error(modules[index], captured["inputs"][index], captured["outputs"][index],
                                       captured["rotary"])) for index in sorted(changed)
-                if hasattr(modules[index], "k_proj")]
+                if not hasattr(modules[index], "source_index")]
 
 
 def _distillation_loss(student: Any, teacher: Any, ids: Any, final: Any) -> Any:

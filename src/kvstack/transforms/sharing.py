@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 from kvstack.lazy_import import lazy_module
 from kvstack.spec import SpecError, register
-from kvstack.transforms.base import Transform, TransformError, attention_layers
+from kvstack.transforms.base import Transform, TransformError, adopt_attention_settings, attention_layers
 
 torch = lazy_module("torch")
 
@@ -109,6 +109,8 @@ class CLA(Transform):
         count = model.config.num_hidden_layers
         if shared_layers(model.config):
             raise TransformError("this model's layers already share keys and values (cla); apply cla once")
+        if getattr(model.config, "kvstack_latent_kv", None):
+            raise TransformError("cla cannot follow mla (its layers have no K/V projections); apply one of them")
         if self.pairs:
             outside = [layer for pair in parse_pairs(self.pairs).items() for layer in pair if layer >= count]
             if outside:
@@ -224,14 +226,7 @@ def _module_classes() -> tuple[type, type]:
 
         def __init__(self, original: Any, source: Any, source_index: int) -> None:
             super().__init__()
-            self.config = original.config
-            self.layer_idx = original.layer_idx
-            self.head_dim = original.head_dim
-            self.num_key_value_groups = original.num_key_value_groups
-            self.scaling = original.scaling
-            self.attention_dropout = original.attention_dropout
-            self.is_causal = True
-            self.sliding_window = getattr(original, "sliding_window", None)
+            adopt_attention_settings(self, original)
             self.q_proj = original.q_proj
             self.o_proj = original.o_proj
             self.source_index = source_index
