@@ -327,6 +327,50 @@ def test_cla_takes_the_cheapest_adjacent_pairs_by_the_measured_cost() -> None:
     assert costs[upper] == pytest.approx(expected, rel=1e-4)
 
 
+def test_one_lower_layer_can_give_to_several_upper_layers() -> None:
+    base = build_model(num_hidden_layers=4)
+    ids = random_ids(24, batch=2, seed=8)
+    new, _ = kvstack.transform(base, "cla(pairs='2:0,3:0')")  # CLA with a sharing factor of 3
+    handles = _reference_sharing(base, {2: 0, 3: 0})
+    try:
+        expected = _logits(base, ids)
+        reference_tokens = base.generate(ids[:1], max_new_tokens=6, do_sample=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(_logits(new, ids), expected, atol=1e-5, rtol=1e-5)
+    cache = kvstack.make_cache(new, "full")
+    out = new.generate(ids[:1], **kvstack.cache_kwargs(new, cache), max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, reference_tokens)
+    assert [layer.kv_bytes() == 0 for layer in cache.layers] == [False, False, True, True]
+
+
+def test_the_whole_model_choice_adds_the_pair_that_moves_the_output_least() -> None:
+    base = build_peaky(num_hidden_layers=6)
+    calibration = random_ids(32, batch=2, seed=4)
+    _, record = kvstack.transform(base, "cla(layers=2, choose='model')", calibration_ids=calibration)
+    target = torch.log_softmax(_logits(base, calibration), -1)
+
+    def divergence(pairs: dict[int, int]) -> float:  # the hook reference on the untouched model
+        handles = _reference_sharing(base, pairs)
+        try:
+            predicted = torch.log_softmax(_logits(base, calibration), -1)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return float((target.exp() * (target - predicted)).sum(-1).mean())
+
+    alone = {upper: divergence({upper: upper - 1}) for upper in range(1, 6)}
+    first = min(alone, key=alone.__getitem__)
+    chosen = {int(upper): lower for upper, lower in record["pairs"].items()}
+    assert chosen[first] == first - 1 and record["costs"][str(first)] == pytest.approx(alone[first], rel=1e-4)
+    (second,) = set(chosen) - {first}
+    allowed = [u for u in range(1, 6) if u != first and u != first - 1 and u - 1 != first]
+    together = {upper: divergence({first: first - 1, upper: upper - 1}) for upper in allowed}
+    assert second == min(together, key=together.__getitem__)
+    assert record["costs"][str(second)] == pytest.approx(together[second], rel=1e-4)
+
+
 def test_cla_then_repair_fits_the_sharing_layers_in_the_whole_model_stage() -> None:
     base = build_model(num_hidden_layers=4)
     before, _ = kvstack.transform(base, "cla(pairs='2:1')")
@@ -346,9 +390,11 @@ def test_bad_cla_input_is_one_line_each(capsys, tmp_path) -> None:
     with pytest.raises(TransformError, match="at most 2 of the model's 4 layers"):
         kvstack.transform(base, "cla(layers=3)", calibration_ids=CALIBRATION)
     for pairs, message in (("1:2", "only share the keys and values of a layer below"), ("1-0", "upper:lower"),
-                           ("2:1,3:2", "both shares"), ("2:0,3:0", "one upper layer at most")):
+                           ("2:1,3:2", "both shares")):
         with pytest.raises(kvstack.SpecError, match=message):
             kvstack.parse(f"cla(pairs={pairs!r})")
+    with pytest.raises(kvstack.SpecError, match="choose must be one of 'attention', 'model'"):
+        kvstack.parse("cla(choose='output')")
     new, _ = kvstack.transform(base, "cla(pairs='1:0')")
     with pytest.raises(kvstack.InputError, match="composes only with 'full' for now"):
         kvstack.make_cache(new, "snapkv(ratio=0.5)")

@@ -2,10 +2,17 @@
 
 ``cla(layers=N)`` makes ``N`` layers share: each chosen upper layer ``l + 1`` drops its key and value
 projections and attends with layer ``l``'s keys and values (Brandon et al., 2024, share adjacent layers). The
-pairs are chosen on calibration text by what sharing costs each layer: for every adjacent pair, the relative
-error of the upper layer's attention output when it reads the lower layer's keys and values instead of its
-own, on the model's own inputs to that layer; the cheapest pairs are taken, a layer never both giving and
-taking. ``cla(pairs='5:4,9:8')`` gives the map (upper:lower, lower below upper) instead.
+pairs are chosen on calibration text, a layer never both giving and taking, by ``choose``:
+
+* ``'attention'``: what sharing costs each layer alone, for every adjacent pair the relative error of the
+  upper layer's attention output when it reads the lower layer's keys and values instead of its own, on the
+  model's own inputs to that layer; the cheapest pairs are taken.
+* ``'model'``: what sharing costs the whole model, greedily: at each step the adjacent pair that, added to
+  those already chosen, moves the next-token distribution least from the original model's (mean KL on the
+  calibration text), as KVSharer checks each candidate on the model's output (one forward per candidate).
+
+``cla(pairs='5:4,9:8')`` gives the map (upper:lower, lower below upper) instead; a lower layer may give to
+several upper layers (CLA's sharing factor 3 and more, or a KVSharer map: ``pairs='16:11,27:11'``).
 
 The model changes in place of its attention modules, not its classes: the upper layer's ``self_attn`` becomes
 a :class:`SharedKVAttention` (its query and output projections, no key or value projection) and the lower
@@ -30,7 +37,9 @@ from kvstack.transforms.base import Transform, TransformError, adopt_attention_s
 
 torch = lazy_module("torch")
 
-__all__ = ["CLA", "exporting_linear", "parse_pairs", "shared_kv_attention", "shared_layers"]
+__all__ = ["CLA", "exporting_linear", "model_choice", "parse_pairs", "shared_kv_attention", "shared_layers"]
+
+CHOOSES = ("attention", "model")
 
 
 def parse_pairs(text: str) -> dict[int, int]:
@@ -51,8 +60,6 @@ def parse_pairs(text: str) -> dict[int, int]:
     if givers & set(pairs):
         raise SpecError(f"in pairs {text!r}: layer {min(givers & set(pairs))} both shares another layer's keys and "
                         "values and gives its own")
-    if len(givers) != len(pairs):
-        raise SpecError(f"in pairs {text!r}: a layer gives its keys and values to one upper layer at most")
     return pairs
 
 
@@ -81,11 +88,14 @@ class CLA(Transform):
         An explicit map ``'upper:lower,...'`` instead of the calibrated choice.
     tokens:
         Calibration tokens read to choose the pairs.
+    choose:
+        ``'attention'`` (each layer's own cost) or ``'model'`` (greedy, the whole model's KL).
     """
 
     layers: int = 8
     pairs: str = ""
     tokens: int = 2048
+    choose: str = "attention"
 
     needs_calibration: ClassVar[bool] = True
     calibration: ClassVar[str] = "ids"
@@ -100,6 +110,8 @@ class CLA(Transform):
             parse_pairs(self.pairs)
         if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
             raise SpecError(f"tokens must be a positive number of calibration tokens, got {self.tokens!r}")
+        if self.choose not in CHOOSES:
+            raise SpecError(f"choose must be one of {', '.join(map(repr, CHOOSES))}, got {self.choose!r}")
 
     def uses_calibration(self) -> bool:
         return not self.pairs
@@ -126,6 +138,8 @@ class CLA(Transform):
         costs: dict[int, float] = {}
         if self.pairs:
             pairs = parse_pairs(self.pairs)
+        elif self.choose == "model":
+            pairs, costs = model_choice(model, inputs, self.layers)
         else:
             costs = sharing_costs(model, inputs)
             pairs = {}
@@ -138,18 +152,73 @@ class CLA(Transform):
                 pairs[upper] = lower
         layer_modules = [layer for layer in model.model.layers]
         for upper, lower in sorted(pairs.items()):
-            source = modules[lower]
-            source.k_proj = exporting_linear(source.k_proj)
-            source.v_proj = exporting_linear(source.v_proj)
-            layer_modules[upper].self_attn = shared_kv_attention(modules[upper], source, lower)
+            _share(layer_modules, modules, upper, lower)
         model.config.kvstack_shared_kv = {str(upper): lower for upper, lower in sorted(pairs.items())}
         changed: dict[int, list[str]] = {}
-        for upper, lower in pairs.items():
+        for upper, lower in sorted(pairs.items()):
             changed[upper] = ["o_proj", "q_proj"]
             changed[lower] = ["k_proj", "v_proj"]
         return {"pairs": {str(upper): lower for upper, lower in sorted(pairs.items())},
                 "costs": {str(upper): cost for upper, cost in sorted(costs.items())},
                 "calibration_tokens": int(inputs.numel()) if inputs is not None else 0, "changed": changed}
+
+
+def _share(layer_modules: list[Any], modules: list[Any], upper: int, lower: int) -> tuple[Any, Any, Any]:
+    """Let layer ``upper`` attend with layer ``lower``'s keys and values; return what it replaced
+    (``lower``'s key and value projections, ``upper``'s attention) so that :func:`_unshare` can put it back."""
+    source = modules[lower]
+    replaced = (source.k_proj, source.v_proj, layer_modules[upper].self_attn)
+    if not isinstance(source.k_proj, _module_classes()[0]):  # a layer giving to several keeps one export
+        source.k_proj = exporting_linear(source.k_proj)
+        source.v_proj = exporting_linear(source.v_proj)
+    layer_modules[upper].self_attn = shared_kv_attention(modules[upper], source, lower)
+    return replaced
+
+
+def _unshare(layer_modules: list[Any], modules: list[Any], upper: int, lower: int, replaced: tuple) -> None:
+    modules[lower].k_proj, modules[lower].v_proj, layer_modules[upper].self_attn = replaced
+
+
+def model_choice(model: Any, ids: Any, count: int) -> tuple[dict[int, int], dict[int, float]]:
+    """Greedy whole-model choice of ``count`` adjacent pairs on ``ids`` ``[N, T]``: ``({upper: lower},
+    {upper: mean KL of the model with the pairs chosen up to and including this one})``. ``model`` ends as it
+    began (every trial is undone)."""
+    modules = attention_layers(model)
+    layer_modules = list(model.model.layers)
+
+    def log_probabilities() -> list[Any]:
+        with torch.no_grad():
+            return [torch.log_softmax(model(input_ids=row.unsqueeze(0), use_cache=False).logits.float(), -1)
+                    for row in ids]
+
+    target = log_probabilities()
+
+    def divergence() -> float:
+        predicted = log_probabilities()
+        return sum(float((t.exp() * (t - p)).sum(-1).mean()) for t, p in zip(target, predicted, strict=True)) / len(ids)
+
+    chosen: dict[int, int] = {}
+    costs: dict[int, float] = {}
+    installed = []
+    try:
+        for _ in range(count):
+            trials = {}
+            for upper in range(1, len(modules)):
+                lower = upper - 1
+                if upper in chosen or upper in chosen.values() or lower in chosen:
+                    continue
+                replaced = _share(layer_modules, modules, upper, lower)
+                trials[upper] = divergence()
+                _unshare(layer_modules, modules, upper, lower, replaced)
+            if not trials:
+                break
+            best = min(trials, key=trials.__getitem__)
+            chosen[best], costs[best] = best - 1, trials[best]
+            installed.append((best, best - 1, _share(layer_modules, modules, best, best - 1)))
+    finally:
+        for upper, lower, replaced in reversed(installed):
+            _unshare(layer_modules, modules, upper, lower, replaced)
+    return chosen, costs
 
 
 def sharing_costs(model: Any, ids: Any) -> dict[int, float]:
@@ -250,7 +319,6 @@ def _module_classes() -> tuple[type, type]:
             query, keys = apply_rotary_pos_emb(_heads(self.q_proj(hidden_states), self.head_dim),
                                                _heads(exported_keys, self.head_dim), cos, sin)
             values = _heads(exported_values, self.head_dim)
-            self.source.k_proj.exported = self.source.v_proj.exported = None
             if cache is not None:
                 layers = getattr(cache, "layers", None)
                 own = layers[self.layer_idx] if layers is not None and len(layers) > self.layer_idx else None
