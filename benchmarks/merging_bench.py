@@ -42,8 +42,9 @@ from kvstack.bench import BenchConfig, latest_results, plan_cells
 OUT = "benchmarks/results/merging"
 BASE = "h2o(ratio={ratio})"
 MERGING = ["cam(h2o(ratio={ratio}))", "d2o(h2o(ratio={ratio}))", "kvmerger(h2o(ratio={ratio}))",
-           "cam(h2o(ratio={ratio}), proportional=True)", "cam(h2o(ratio={ratio}), proportional=True, max_mass=2.0)"]
-NAMES = dict(zip(MERGING, ["cam", "d2o", "kvmerger", "cam-proportional", "cam-capped"], strict=True))
+           "cam(h2o(ratio={ratio}), proportional=True)", "cam(h2o(ratio={ratio}), proportional=True, max_mass=2.0)",
+           "d2o(h2o(ratio={ratio}), layers='uniform')"]
+NAMES = dict(zip(MERGING, ["cam", "d2o", "kvmerger", "cam-proportional", "cam-capped", "d2o-uniform"], strict=True))
 TASKS = ["passkey", "niah_single_noise", "niah_single_prose", "niah_multikey", "niah_multikey_uuid",
          "niah_multivalue", "niah_multiquery", "niah", "vt", "perplexity"]
 SAMPLES = 20

@@ -250,7 +250,8 @@ def _module_class() -> type:
             self.rank = down.shape[0]
             self.q_proj = _linear(query, original.q_proj.bias is not None, weight)
             self.k_rope_proj = _linear(rotary_keys, bias, weight)
-            self.kv_down = _linear(down, bias, weight)
+            # a bias even for a bias-free model: the weighted SVD's best rank-r map has an affine part
+            self.kv_down = _linear(down, True, weight)
             self.kv_up = _linear(torch.cat((up, up.new_zeros(up.shape[0], 1)), dim=1), False, weight)
             self.o_proj = original.o_proj
             per_kv_head = torch.cat((pairs, pairs), dim=1)  # [H, d]: cos/sin of pair f sit at f and f + D/2
