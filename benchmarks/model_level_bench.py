@@ -35,9 +35,11 @@ OUT = "benchmarks/results/model_level"
 MODEL = "smollm2-135m"
 TRANSFORMS = {"mean": "gqa(kv_heads=1)", "similarity": "gqa(kv_heads=1, how='similarity')",
               "svd": "gqa(kv_heads=1, how='svd')", "svd-repair": "gqa(kv_heads=1, how='svd') + repair()",
-              "mean-repair": "gqa(kv_heads=1) + repair()", "cla-4": "cla(layers=4)", "cla-8": "cla(layers=8)",
-              "cla-15": "cla(layers=15)", "cla-8-repair": "cla(layers=8) + repair()",
-              "cla-4-model": "cla(layers=4, choose='model')", "cla-8-model": "cla(layers=8, choose='model')",
+              "mean-repair": "gqa(kv_heads=1) + repair()", "cla-4": "cla(layers=4, choose='attention')",
+              "cla-8": "cla(layers=8, choose='attention')",
+              "cla-15": "cla(layers=15, choose='attention')",
+              "cla-8-repair": "cla(layers=8, choose='attention') + repair()",
+              "cla-4-model": "cla(layers=4)", "cla-8-model": "cla(layers=8)",
               "cla-kvsharer-4": "cla(pairs='16:11,22:10,25:9,27:11')",  # kvsharer(layers=4)'s map, as CLA
               "mla-96": "mla(rank=96, rope_dims=16)", "mla-128": "mla(rank=128, rope_dims=32)",
               "mla-192": "mla(rank=192, rope_dims=32)", "mla-96-repair": "mla(rank=96, rope_dims=16) + repair()"}

@@ -300,7 +300,7 @@ def test_cla_takes_the_cheapest_adjacent_pairs_by_the_measured_cost() -> None:
     base = build_peaky(num_hidden_layers=6)
     calibration = random_ids(32, batch=2, seed=4)
     costs = sharing_costs(base, calibration)
-    _, record = kvstack.transform(base, "cla(layers=2)", calibration_ids=calibration)
+    _, record = kvstack.transform(base, "cla(layers=2, choose='attention')", calibration_ids=calibration)
     chosen = {int(upper): lower for upper, lower in record["pairs"].items()}
     assert len(chosen) == 2 and all(lower == upper - 1 for upper, lower in chosen.items())
     assert not set(chosen) & set(chosen.values())
@@ -348,7 +348,7 @@ def test_one_lower_layer_can_give_to_several_upper_layers() -> None:
 def test_the_whole_model_choice_adds_the_pair_that_moves_the_output_least() -> None:
     base = build_peaky(num_hidden_layers=6)
     calibration = random_ids(32, batch=2, seed=4)
-    _, record = kvstack.transform(base, "cla(layers=2, choose='model')", calibration_ids=calibration)
+    _, record = kvstack.transform(base, "cla(layers=2)", calibration_ids=calibration)  # choose='model' by default
     target = torch.log_softmax(_logits(base, calibration), -1)
 
     def divergence(pairs: dict[int, int]) -> float:  # the hook reference on the untouched model

@@ -4,12 +4,14 @@
 projections and attends with layer ``l``'s keys and values (Brandon et al., 2024, share adjacent layers). The
 pairs are chosen on calibration text, a layer never both giving and taking, by ``choose``:
 
+* ``'model'`` (the default): what sharing costs the whole model, greedily: at each step the adjacent pair
+  that, added to those already chosen, moves the next-token distribution least from the original model's
+  (mean KL on the calibration text), as KVSharer checks each candidate on the model's output (one forward
+  per candidate). On SmolLM2-135M, 4 shared layers cost perplexity 15.92 -> 27.74 this way, and -> 1,436.67
+  by the attention-output rule below.
 * ``'attention'``: what sharing costs each layer alone, for every adjacent pair the relative error of the
   upper layer's attention output when it reads the lower layer's keys and values instead of its own, on the
   model's own inputs to that layer; the cheapest pairs are taken.
-* ``'model'``: what sharing costs the whole model, greedily: at each step the adjacent pair that, added to
-  those already chosen, moves the next-token distribution least from the original model's (mean KL on the
-  calibration text), as KVSharer checks each candidate on the model's output (one forward per candidate).
 
 ``cla(pairs='5:4,9:8')`` gives the map (upper:lower, lower below upper) instead; a lower layer may give to
 several upper layers (CLA's sharing factor 3 and more, or a KVSharer map: ``pairs='16:11,27:11'``).
@@ -89,13 +91,14 @@ class CLA(Transform):
     tokens:
         Calibration tokens read to choose the pairs.
     choose:
-        ``'attention'`` (each layer's own cost) or ``'model'`` (greedy, the whole model's KL).
+        ``'model'`` (greedy, the whole model's KL; one forward of the calibration text per candidate) or
+        ``'attention'`` (each layer's own cost; a forward per layer pair, much cheaper, much worse on SmolLM2).
     """
 
     layers: int = 8
     pairs: str = ""
     tokens: int = 2048
-    choose: str = "attention"
+    choose: str = "model"
 
     needs_calibration: ClassVar[bool] = True
     calibration: ClassVar[str] = "ids"
