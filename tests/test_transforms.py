@@ -271,6 +271,16 @@ def _reference_sharing(model: torch.nn.Module, pairs: dict[int, int]) -> list:
     return handles
 
 
+def _reference_run(model: torch.nn.Module, pairs: dict[int, int], ids: torch.Tensor) -> tuple:
+    """The hook reference's logits on ``ids`` and its greedy 6 tokens after ``ids[:1]`` (hooks removed after)."""
+    handles = _reference_sharing(model, pairs)
+    try:
+        return _logits(model, ids), model.generate(ids[:1], max_new_tokens=6, do_sample=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def test_cla_attends_with_the_lower_layers_keys_and_values_and_its_layers_store_nothing() -> None:
     base = build_model(num_hidden_layers=4)
     ids = random_ids(24, batch=2, seed=8)
@@ -278,13 +288,7 @@ def test_cla_attends_with_the_lower_layers_keys_and_values_and_its_layers_store_
     assert record["pairs"] == {"1": 0, "3": 2}
     assert record["kv_bytes_per_token"] == [4 * 2 * 2 * 16 * 4, 2 * 2 * 2 * 16 * 4]  # half the layers store
     assert not hasattr(new.model.layers[1].self_attn, "k_proj") and hasattr(base.model.layers[1].self_attn, "k_proj")
-    handles = _reference_sharing(base, {1: 0, 3: 2})
-    try:
-        expected = _logits(base, ids)
-        reference_tokens = base.generate(ids[:1], max_new_tokens=6, do_sample=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    expected, reference_tokens = _reference_run(base, {1: 0, 3: 2}, ids)
     torch.testing.assert_close(_logits(new, ids), expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(new.generate(ids[:1], max_new_tokens=6, do_sample=False), reference_tokens)  # DynamicCache
     cache = kvstack.make_cache(new, "full")
@@ -331,13 +335,7 @@ def test_one_lower_layer_can_give_to_several_upper_layers() -> None:
     base = build_model(num_hidden_layers=4)
     ids = random_ids(24, batch=2, seed=8)
     new, _ = kvstack.transform(base, "cla(pairs='2:0,3:0')")  # CLA with a sharing factor of 3
-    handles = _reference_sharing(base, {2: 0, 3: 0})
-    try:
-        expected = _logits(base, ids)
-        reference_tokens = base.generate(ids[:1], max_new_tokens=6, do_sample=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    expected, reference_tokens = _reference_run(base, {2: 0, 3: 0}, ids)
     torch.testing.assert_close(_logits(new, ids), expected, atol=1e-5, rtol=1e-5)
     cache = kvstack.make_cache(new, "full")
     out = new.generate(ids[:1], **kvstack.cache_kwargs(new, cache), max_new_tokens=6, do_sample=False)

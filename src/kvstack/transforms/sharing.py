@@ -179,6 +179,7 @@ def _share(layer_modules: list[Any], modules: list[Any], upper: int, lower: int)
 
 
 def _unshare(layer_modules: list[Any], modules: list[Any], upper: int, lower: int, replaced: tuple) -> None:
+    """Undo :func:`_share`: put back ``lower``'s projections and ``upper``'s attention module."""
     modules[lower].k_proj, modules[lower].v_proj, layer_modules[upper].self_attn = replaced
 
 
