@@ -153,14 +153,6 @@ def test_cli_refuses_bad_quest_input_with_exit_2(capsys, tmp_path) -> None:
     assert "at least one page" in err
 
 
-def test_the_engine_refuses_quest_for_now() -> None:
-    from kvstack.engine.compression import engine_method
-    from kvstack.errors import KVStackError
-
-    with pytest.raises(KVStackError, match="cannot run in the paged engine yet"):
-        engine_method("quest(budget=64)", prompt_length=100, num_layers=2)
-
-
 # ------------------------------------------------------------------------------------------------ InfLLM
 def test_infllm_with_a_budget_covering_everything_is_exactly_the_full_cache(model) -> None:
     ids = random_ids(90)

@@ -26,8 +26,12 @@ __all__ = ["SequenceCompression", "compaction_copy", "engine_method", "window_we
 SUPPORTED_STATS = frozenset({STAT_WINDOW, STAT_COLSUM, STAT_LAST})
 
 
-def engine_method(spec: str | Method, prompt_length: int, num_layers: int) -> Method | None:
+def engine_method(spec: str | Method, prompt_length: int, num_layers: int, block_size: int | None = None
+                  ) -> Method | None:
     """Parse and check a method for the engine; None when it keeps everything (``full``).
+
+    A page-reading method the engine runs (``quest``, whose page must be the pool's ``block_size``) is returned
+    as it is: it keeps every block and changes only what a decoding step reads.
 
     Raises
     ------
@@ -42,8 +46,14 @@ def engine_method(spec: str | Method, prompt_length: int, num_layers: int) -> Me
     if not isinstance(method, Method):
         raise KVStackError(f"expected a method spec such as 'snapkv(budget=256)', got {type(method).__name__}")
     if method.reads_pages:
-        raise KVStackError(f"{method.label()} cannot run in the paged engine yet: its pages live in a slow tier the "
-                           "pool does not have; use it with kvstack.make_cache")
+        if method.spec_name != "quest":
+            raise KVStackError(f"{method.label()} cannot run in the paged engine: its blocks are summarised by "
+                               "attention the pool does not collect; the engine runs quest, or use "
+                               f"{method.spec_name} with kvstack.make_cache")
+        if block_size is not None and method.page_size() != block_size:
+            raise KVStackError(f"quest's page ({method.page_size()}) must be the engine's block size ({block_size}): "
+                               f"Quest's page is the engine's block; give page={block_size}")
+        return method
     if method.cross_layer:
         raise KVStackError(f"{method.label()} cannot run in the paged engine: its layers store through other layers' "
                            "stores, which the pool's per-layer blocks do not have; use it with kvstack.make_cache")

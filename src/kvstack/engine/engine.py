@@ -30,6 +30,7 @@ from kvstack.engine.sequence import FinishReason, Request
 from kvstack.engine.threads import ThreadGovernor
 from kvstack.engine.tiers import TieredStore
 from kvstack.errors import KVStackError
+from kvstack.methods.base import Method
 from kvstack.models import model_geometry
 
 __all__ = ["Engine", "RequestOutput", "RequestTiming", "SamplingParams", "default_namespace"]
@@ -164,6 +165,7 @@ class Engine:
         self._finished_at: dict[Hashable, float] = {}
         self.tokenizer = tokenizer
         self._compression: dict[Hashable, SequenceCompression] = {}
+        self._page_readers: dict[Hashable, Method] = {}  # requests whose decoding reads selected blocks (Quest)
         self._children: dict[Hashable, list[Hashable]] = {}
         self._method_generator = torch.Generator().manual_seed(0)
         self._group_size = geometry.num_q_heads // geometry.num_kv_heads
@@ -207,6 +209,8 @@ class Engine:
         prompt = _token_ids(prompt_token_ids)
         self._check_prompt(prompt, params)
         compression = self._compression_for(method, prompt, params)
+        reader = compression if isinstance(compression, Method) else None
+        compression = None if reader is not None else compression
         request_id = next(self._ids)
         request = Request(
             request_id=request_id,
@@ -221,6 +225,8 @@ class Engine:
         self._generators[request_id] = new_generator(params, 0)
         if compression is not None:
             self._compression[request_id] = compression
+        if reader is not None:
+            self._page_readers[request_id] = reader
         self._arrived[request_id] = time.perf_counter()
         if self.store is not None and self.store.disk is not None:
             hashes = self.block_manager.prompt_block_hashes(prompt)
@@ -252,16 +258,18 @@ class Engine:
 
     def _compression_for(
         self, method: str | None, prompt: list[int], params: SamplingParams
-    ) -> SequenceCompression | None:
-        """The compression state of a new request with ``method`` (None when it keeps everything)."""
+    ) -> SequenceCompression | Method | None:
+        """The compression state of a new request with ``method``, or the page-reading method itself (Quest: it
+        keeps everything and changes only what a decoding step reads), or None when it keeps and reads
+        everything."""
         if params.n > 1 and method is not None and method != "full":
             raise KVStackError(f"n={params.n} parallel samples cannot be combined with a compression method "
                                f"({method!r}) yet; use n=1 or no method")
         if method is None:
             return None
-        chosen = engine_method(method, len(prompt), self.pool.num_layers)
-        if chosen is None:
-            return None
+        chosen = engine_method(method, len(prompt), self.pool.num_layers, self.pool.block_size)
+        if chosen is None or chosen.reads_pages:
+            return chosen
         budget = chosen.layer_budget(len(prompt), 0, self.pool.num_layers)
         assert budget is not None
         return SequenceCompression(chosen, len(prompt), budget, self.pool.num_layers, self.pool.num_kv_heads)
@@ -312,7 +320,7 @@ class Engine:
         for rid in ids:
             self.scheduler.forget(rid)
             for table in (self._params, self._generators, self._arrived, self._first_token, self._finished_at,
-                          self._compression, self._errors):
+                          self._compression, self._page_readers, self._errors):
                 table.pop(rid, None)
         self._children.pop(request_id, None)
 
@@ -446,6 +454,7 @@ class Engine:
                 self._finished_at[rid] = time.perf_counter()
                 self._generators.pop(rid, None)
                 self._compression.pop(rid, None)
+                self._page_readers.pop(rid, None)
                 results.append(RequestOutput(rid, [], True, FinishReason.ERROR.value, error=self._errors.pop(rid)))
         return results
 
@@ -461,7 +470,8 @@ class Engine:
             if compression.preemptions_seen != seq.num_preemptions or compression.positions is None:
                 compression.reset(start - seq.num_evicted, seq.num_preemptions)
             wanted = compression.wanted_stats(entry.is_prefill)
-        return SequenceChunk(list(table), start, tokens, start - seq.num_evicted, wanted)
+        return SequenceChunk(list(table), start, tokens, start - seq.num_evicted, wanted,
+                             self._page_readers.get(entry.request_id))
 
     def _sample_batch(
         self, batch: ScheduledBatch, completes: dict[Hashable, bool],

@@ -108,6 +108,10 @@ class PagedKVPool:
         self._kv = torch.zeros(
             (num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim), dtype=dtype, device=device
         )
+        # Per (layer, block) key minimum and maximum for page-reading policies (Quest), allocated on first use;
+        # a write marks the block's bounds stale and they are recomputed when next asked for.
+        self._bounds: torch.Tensor | None = None  # [L, num_blocks, 2, H, D]
+        self._stale: torch.Tensor | None = None  # [L, num_blocks] bool
 
     @classmethod
     def from_budget(
@@ -270,6 +274,7 @@ class PagedKVPool:
         table_tensor = torch.tensor(table, dtype=torch.long, device=self.device)
         blocks = table_tensor[positions // self._block_size]  # [n]
         slots = positions % self._block_size  # [n]
+        self._mark_written(layer, blocks)
         for index, tensor in enumerate((keys, values)):
             layer_view = self._kv[:, layer, index]  # [num_blocks, H, block_size, D], a view
             # Advanced indices separated by a slice put the indexed dimension first: the target is [n, H, D].
@@ -290,6 +295,7 @@ class PagedKVPool:
             ``[H, T, D]``.
         """
         self._check_layer(layer)
+        self._mark_written(layer, blocks)
         for index, tensor in enumerate((keys, values)):
             layer_view = self._kv[:, layer, index]  # [num_blocks, H, block_size, D], a view
             layer_view[blocks, :, slots] = tensor.to(device=self.device, dtype=self.dtype).transpose(0, 1)
@@ -336,6 +342,7 @@ class PagedKVPool:
         dst_id = self._check_block_id(dst)
         if src_id != dst_id:
             self._kv[dst_id].copy_(self._kv[src_id])
+            self._mark_written(slice(None), dst_id)
 
     def export_block(self, block: int) -> dict[str, torch.Tensor]:
         """CPU copies of one block for the storage tiers.
@@ -381,6 +388,54 @@ class PagedKVPool:
                 )
         for index, name in enumerate(_KV_NAMES):
             self._kv[block_id, :, index].copy_(tensors[name])
+        self._mark_written(slice(None), block_id)
+
+    # ------------------------------------------------------------------------------------------------
+    # Block metadata for page-reading policies
+    # ------------------------------------------------------------------------------------------------
+
+    def block_key_bounds(self, layer: int, blocks: torch.Tensor) -> torch.Tensor:
+        """Element-wise key minimum and maximum of full blocks, as Quest keeps per page.
+
+        Parameters
+        ----------
+        layer : int
+            Layer index.
+        blocks : torch.Tensor
+            ``[n]`` int64 ids of blocks whose every slot holds a token (a partial block's unused slots would
+            enter its bounds).
+
+        Returns
+        -------
+        torch.Tensor
+            ``[n, 2, H, D]``: index 0 the minimum over the block's slots, 1 the maximum (the pool's dtype).
+
+        Notes
+        -----
+        Kept beside the pool, ``[L, num_blocks, 2, H, D]`` (``2 / block_size`` of the keys' bytes), allocated the
+        first time a policy asks; a block's bounds are recomputed when asked after any write to it.
+        """
+        self._check_layer(layer)
+        if self._bounds is None or self._stale is None:
+            shape = (self._num_layers, self._num_blocks, 2, self._num_kv_heads, self._head_dim)
+            self._bounds = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self._stale = torch.ones((self._num_layers, self._num_blocks), dtype=torch.bool, device=self.device)
+        blocks = blocks.to(device=self.device, dtype=torch.long)
+        stale = blocks[self._stale[layer, blocks]]
+        if stale.numel():
+            keys = self._kv[:, layer, 0].index_select(0, stale)  # [s, H, block_size, D]
+            self._bounds[layer, stale, 0] = keys.amin(dim=2)
+            self._bounds[layer, stale, 1] = keys.amax(dim=2)
+            self._stale[layer, stale] = False
+        return self._bounds[layer, blocks]
+
+    def bounds_nbytes(self) -> int:
+        """Bytes of the block bounds kept beside the pool (0 until a page-reading policy asked for them)."""
+        return 0 if self._bounds is None else int(self._bounds.nbytes)
+
+    def _mark_written(self, layer: int | slice, blocks: torch.Tensor | int) -> None:
+        if self._stale is not None:
+            self._stale[layer, blocks] = True
 
     # ------------------------------------------------------------------------------------------------
     # Helpers

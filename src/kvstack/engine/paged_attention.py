@@ -15,7 +15,9 @@ import torch.nn.functional as F
 
 from kvstack.cache import kernels
 from kvstack.engine.paged import BlockTable, PagedKVPool, table_to_list
+from kvstack.engine.quest_attention import quest_blocks_read, quest_decode_attention
 from kvstack.errors import KVStackError
+from kvstack.methods.base import Method
 
 __all__ = ["DENSE_MIN_QUERIES", "FALLBACK_BLOCKS_PER_STEP", "PackedPlan", "paged_attention", "paged_attention_packed"]
 
@@ -244,7 +246,16 @@ def paged_attention_packed(
         plan = PackedPlan.build(pool, block_tables, num_new_tokens, context_lens)
     if not plan.use_kernel:
         per_sequence = list(torch.split(query.transpose(0, 1), list(num_new_tokens), dim=1))  # [Hq, q_i, D] each
-        outputs = paged_attention(per_sequence, pool, layer, block_tables, context_lens, scaling)
+        selected = {index: (table, reader) for _, index, table, reader in plan.selected}
+        outputs = []
+        for index, seq_query in enumerate(per_sequence):
+            if index in selected:
+                table, reader = selected[index]
+                outputs.append(quest_decode_attention(seq_query, pool, layer, table, context_lens[index], reader,
+                                                      scaling))
+            else:
+                outputs.extend(paged_attention([seq_query], pool, layer, [block_tables[index]], [context_lens[index]],
+                                               scaling))
         return torch.cat(outputs, dim=1).transpose(0, 1)
     pool._check_layer(layer)
     return _kernel_path_attention(query, pool, layer, plan, scaling)
@@ -255,7 +266,7 @@ def _kernel_path_attention(
 ) -> torch.Tensor:
     """``[T, Hq, D]`` attention of a packed step on the kernel path: the plan's kernel rows through the fused CPU
     kernel, its dense chunks through one SDPA each (:func:`_dense_chunk_attention`)."""
-    if not plan.dense:
+    if not plan.dense and not plan.selected:
         assert plan.tables is not None and plan.token_seq is not None and plan.token_pos is not None
         output = kernels.paged_attention_forward(
             query.float(), pool.kv, layer, plan.tables, plan.token_seq, plan.token_pos, float(scaling)
@@ -272,6 +283,11 @@ def _kernel_path_attention(
         output[first : first + count] = _dense_chunk_attention(
             query[first : first + count], pool, layer, table, context_len, scaling
         )
+    for row, _, table, reader in plan.selected:
+        context_len = plan.selected_lens[row]
+        output[row : row + 1] = quest_decode_attention(
+            query[row : row + 1].transpose(0, 1), pool, layer, table, context_len, reader, scaling
+        ).transpose(0, 1)
     return output
 
 
@@ -296,6 +312,10 @@ class PackedPlan:
         ``[Tk]`` int64: each kernel token's row of ``tables`` and its slot.
     dense : list of tuple
         ``(first_row, count, block_table, context_len)`` of each chunk attended densely.
+    selected : list of tuple
+        ``(row, sequence_index, block_table, page_reader)`` of each decoding step that reads only the blocks its
+        page-reading policy selects (:func:`~kvstack.engine.quest_attention.quest_decode_attention`), on either
+        path; ``selected_lens`` maps its row to its context length.
     write_blocks, write_slots : torch.Tensor
         ``[T]`` int64: the block and slot each packed token's new keys/values are written to.
     """
@@ -308,13 +328,18 @@ class PackedPlan:
     dense: list[tuple[int, int, list[int], int]]
     write_blocks: torch.Tensor
     write_slots: torch.Tensor
+    selected: list[tuple[int, int, list[int], Method]]
+    selected_lens: dict[int, int]
 
     @classmethod
     def build(
         cls, pool: PagedKVPool, block_tables: Sequence[BlockTable], num_new_tokens: Sequence[int],
-        context_lens: Sequence[int],
+        context_lens: Sequence[int], page_readers: Sequence[Method | None] | None = None,
     ) -> PackedPlan:
         """Check the step's tables and lengths once and build its index tensors.
+
+        ``page_readers`` (one per sequence, None for most) names the sequences whose decoding steps read only
+        the blocks a page-reading policy selects; a step whose budget covers every block takes the ordinary path.
 
         Raises
         ------
@@ -334,6 +359,9 @@ class PackedPlan:
         token_seq: list[int] = []
         token_pos: list[int] = []
         dense: list[tuple[int, int, list[int], int]] = []
+        selected: list[tuple[int, int, list[int], Method]] = []
+        selected_lens: dict[int, int] = {}
+        readers = list(page_readers) if page_readers is not None else [None] * batch
         blocks: list[int] = []
         slots: list[int] = []
         size = pool.block_size
@@ -352,7 +380,12 @@ class PackedPlan:
             positions = range(context_len - new, context_len)
             blocks.extend(entries[p // size] for p in positions)
             slots.extend(positions)
-            if new >= DENSE_MIN_QUERIES:
+            reader = readers[index]
+            full, read = quest_blocks_read(reader, context_len, size) if reader is not None else (0, 0)
+            if reader is not None and new == 1 and read < full:
+                selected.append((row, index, entries, reader))
+                selected_lens[row] = context_len
+            elif new >= DENSE_MIN_QUERIES:
                 dense.append((row, new, entries, context_len))
             else:
                 token_seq.extend([len(kernel_tables)] * new)
@@ -366,11 +399,12 @@ class PackedPlan:
             table_tensor = torch.tensor([t + [0] * (width - len(t)) for t in kernel_tables], dtype=torch.long)
             seq_tensor = torch.tensor(token_seq, dtype=torch.long)
             pos_tensor = torch.tensor(token_pos, dtype=torch.long)
-            if dense:
+            if dense or selected:
                 rows_tensor = torch.tensor(kernel_rows, dtype=torch.long)
         slot_tensor = torch.tensor(slots, dtype=torch.long, device=pool.device)
         return cls(use_kernel, rows_tensor, table_tensor, seq_tensor, pos_tensor, dense if use_kernel else [],
-                   torch.tensor(blocks, dtype=torch.long, device=pool.device), slot_tensor % size)
+                   torch.tensor(blocks, dtype=torch.long, device=pool.device), slot_tensor % size, selected,
+                   selected_lens)
 
 
 DENSE_MIN_QUERIES = 8

@@ -24,6 +24,7 @@ from kvstack.contract import STAT_COLSUM, STAT_LAST
 from kvstack.engine.paged import PagedKVPool
 from kvstack.engine.paged_attention import PackedPlan, paged_attention_packed
 from kvstack.errors import KVStackError
+from kvstack.methods.base import Method
 from kvstack.models import model_geometry
 
 __all__ = [
@@ -57,6 +58,9 @@ class SequenceChunk:
     stats : frozenset of str, optional
         Attention statistics to collect for this chunk in every layer (``"colsum"``, ``"last"``), and
         ``"queries"`` to keep its queries; see :attr:`PagedBatchCache.stats`.
+    page_reader : Method or None, optional
+        A page-reading policy (``quest(...)``) whose decoding steps read only the blocks it selects
+        (:mod:`kvstack.engine.quest_attention`); None attends over every block.
     """
 
     block_table: list[int]
@@ -64,6 +68,7 @@ class SequenceChunk:
     token_ids: list[int]
     slot_start: int | None = None
     stats: frozenset[str] = frozenset()
+    page_reader: Method | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -285,7 +290,7 @@ class PagedBatchCache(Cache):
         self.total_tokens = total
         self.stats: list[dict[int, dict[str, torch.Tensor]]] = [{} for _ in self.chunks]
         self.plan = PackedPlan.build(pool, [c.block_table for c in self.chunks], [c.num_tokens for c in self.chunks],
-                                     [c.context_len for c in self.chunks])
+                                     [c.context_len for c in self.chunks], [c.page_reader for c in self.chunks])
         super().__init__(layers=[PagedCacheLayer(self, index) for index in range(pool.num_layers)])
 
 

@@ -1,0 +1,68 @@
+"""Quest inside the paged engine: a decoding step reads only the selected blocks of the pool.
+
+Quest's page is the engine's block. The pool keeps each full block's element-wise key minimum and maximum
+beside it (:meth:`~kvstack.engine.paged.PagedKVPool.block_key_bounds`); a request carrying ``quest(...)``
+has, at each decoding step and in each layer, its full blocks scored by the method's bound for the step's
+query (per KV head, the largest over the query heads of its group), and attends exactly over the top
+``budget // block_size`` blocks of each KV head plus the newest block. Prompt chunks attend over everything,
+as Quest does. ``docs/engine-design.md`` (section "Quest") says how it meets the rest of the engine.
+
+Shapes: ``H`` KV heads, ``G`` query heads per KV head, ``Hq = H * G``, ``D`` head dimension, ``C`` full blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvstack.engine.paged import PagedKVPool
+from kvstack.methods.base import Method
+
+__all__ = ["quest_blocks_read", "quest_decode_attention", "select_blocks"]
+
+
+def quest_blocks_read(reader: Method, context_len: int, block_size: int) -> tuple[int, int]:
+    """``(full, read)``: the full blocks before the newest one of a ``context_len``-token sequence, and how many
+    of them a decoding step reads."""
+    full = (context_len - 1) // block_size  # the newest block (holding the step's token) is always read
+    return full, reader.pages_read(full)
+
+
+def select_blocks(query: torch.Tensor, pool: PagedKVPool, layer: int, table: list[int], full: int, read: int,
+                  reader: Method) -> torch.Tensor:
+    """``[H, read]`` int64 pool block ids each KV head reads, in table order.
+
+    ``query`` ``[Hq, 1, D]`` is the step's query (RoPE applied); the candidates are the sequence's first ``full``
+    blocks of ``table``, scored by ``reader.page_scores`` from the pool's block bounds.
+    """
+    heads, dim = pool.num_kv_heads, pool.head_dim
+    candidates = torch.tensor(table[:full], dtype=torch.long, device=pool.device)
+    bounds = pool.block_key_bounds(layer, candidates)  # [C, 2, H, D]
+    summary = {"min": bounds[:, 0].transpose(0, 1)[None], "max": bounds[:, 1].transpose(0, 1)[None]}  # [1, H, C, D]
+    grouped = query.reshape(1, heads, query.shape[0] // heads, dim)  # [1, H, G, D]
+    scores = reader.page_scores(grouped, summary)[0]  # [H, C]
+    chosen = scores.topk(read, dim=-1).indices.sort(dim=-1).values  # [H, read], in table order
+    return candidates[chosen]
+
+
+def quest_decode_attention(query: torch.Tensor, pool: PagedKVPool, layer: int, table: list[int], context_len: int,
+                           reader: Method, scaling: float) -> torch.Tensor:
+    """``[Hq, 1, D]`` attention of one decoding query ``[Hq, 1, D]`` over the blocks Quest selects and the newest.
+
+    The caller sends here only steps where ``read < full`` (:func:`quest_blocks_read`); with every block read,
+    the engine's ordinary path runs, so a budget covering the context gives exactly the full engine's outputs.
+    Float32 softmax; ``read * block_size + (context_len - full * block_size)`` keys per KV head.
+    """
+    heads, dim, size = pool.num_kv_heads, pool.head_dim, pool.block_size
+    full, read = quest_blocks_read(reader, context_len, size)
+    blocks = select_blocks(query, pool, layer, table, full, read, reader)  # [H, read]
+    layer_kv = pool.kv[:, layer]  # [num_blocks, 2, H, block_size, D], a view
+    # Two advanced indices split by a slice put theirs first: [H, read, 2, block_size, D].
+    picked = layer_kv[blocks, :, torch.arange(heads, device=pool.device)[:, None]]
+    picked = picked.permute(2, 0, 1, 3, 4).reshape(2, heads, read * size, dim)
+    newest = layer_kv[table[full], :, :, : context_len - full * size]  # [2, H, r, D]
+    keys = torch.cat((picked[0], newest[0]), dim=1).float()  # [H, n, D]
+    values = torch.cat((picked[1], newest[1]), dim=1).float()
+    grouped = query.to(device=pool.device, dtype=torch.float32).reshape(heads, -1, dim)  # [H, G, D]
+    weights = torch.softmax(grouped @ keys.transpose(-1, -2) * scaling, dim=-1)  # [H, G, n]
+    output = weights @ values  # [H, G, D]
+    return output.reshape(query.shape).to(device=query.device, dtype=query.dtype)

@@ -1,0 +1,143 @@
+"""Quest inside the paged engine: Quest's page is the engine's block, decoding reads only the selected blocks.
+
+Independent expectations: with a budget covering every block, the full engine's (and transformers') greedy
+outputs; with a small budget, the core cache's Quest (``make_cache(model, "quest(...)")`` + ``generate``), whose
+pages, bounds and newest entries are the same ones; the block bounds against a direct minimum and maximum.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_model, prompt_of, reference_generate
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kvstack
+from kvstack.cache import kernels
+from kvstack.engine import Engine, SamplingParams
+from kvstack.engine.paged import PagedKVPool
+from kvstack.engine.paged_attention import PackedPlan
+from kvstack.engine.quest_attention import quest_decode_attention, select_blocks
+from kvstack.errors import KVStackError
+from kvstack.methods.retrieval import Quest
+
+VOCAB = 200
+
+
+def tiny() -> torch.nn.Module:
+    return build_model("llama", seed=0, vocab_size=VOCAB, max_position_embeddings=256, initializer_range=0.1)
+
+
+def engine_outputs(prompts: list[list[int]], max_new: int, method: str | None, block_size: int = 4
+                   ) -> list[list[int]]:
+    engine = Engine(tiny(), memory_mb=2.0, block_size=block_size)
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=max_new), method=method) for p in prompts]
+    while engine.has_unfinished():
+        engine.step()
+    return [engine.get_output(rid) for rid in ids]
+
+
+def core_quest(prompt: list[int], max_new: int, spec: str) -> list[int]:
+    model = tiny()
+    cache = kvstack.make_cache(model, spec)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kvstack.cache_kwargs(model, cache),
+                             max_new_tokens=max_new, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(params=[True, False], ids=["kernel", "pytorch"])
+def kernel_path(request, monkeypatch) -> bool:
+    if request.param and not kernels.available():
+        pytest.skip("the fused CPU kernel is not built here")
+    if not request.param:
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    return request.param
+
+
+def test_a_budget_covering_every_block_gives_the_full_engines_outputs(kernel_path) -> None:
+    prompts = [prompt_of(37, seed, VOCAB) for seed in (1, 2)]
+    full = engine_outputs(prompts, 10, None)
+    assert engine_outputs(prompts, 10, "quest(budget=1024, page=4)") == full
+    assert full[0] == reference_generate(tiny(), prompts[0], 10)
+
+
+@pytest.mark.parametrize("budget", [8, 16])
+def test_a_small_budget_reads_what_the_core_cache_quest_reads(kernel_path, budget) -> None:
+    prompts = [prompt_of(61, 3, VOCAB), prompt_of(45, 4, VOCAB)]
+    spec = f"quest(budget={budget}, page=4)"
+    got = engine_outputs(prompts, 12, spec)
+    want = [core_quest(prompt, 12, spec) for prompt in prompts]
+    assert got == want
+    assert got != engine_outputs(prompts, 12, None)  # the budget does change what is read
+
+
+def test_decode_attention_reads_the_top_blocks_per_head_and_the_newest() -> None:
+    torch.manual_seed(0)
+    pool = PagedKVPool(num_blocks=12, num_layers=1, num_kv_heads=2, head_dim=8, block_size=4)
+    table = [7, 2, 9, 4, 0, 11]
+    context_len = 22  # five full blocks, two entries in the newest
+    keys, values = torch.randn(2, 22, 8), torch.randn(2, 22, 8)
+    pool.write(0, table, 0, keys, values)
+    query = torch.randn(6, 1, 8)  # three query heads per KV head
+    reader = Quest(budget=8, page=4)
+    chosen = select_blocks(query, pool, 0, table, 5, 2, reader)  # [H, 2] block ids
+    output = quest_decode_attention(query, pool, 0, table, context_len, reader, 0.5)
+    for head in range(2):
+        bounds = []
+        for index in range(5):
+            block = keys[head, index * 4 : index * 4 + 4]
+            group = query[head * 3 : head * 3 + 3, 0]
+            bounds.append(max(float((q.clamp(min=0) * block.amax(0) + q.clamp(max=0) * block.amin(0)).sum())
+                              for q in group))
+        top = sorted(sorted(range(5), key=lambda i: -bounds[i])[:2])
+        assert chosen[head].tolist() == [table[i] for i in top]
+        slots = [s for i in top for s in range(i * 4, i * 4 + 4)] + [20, 21]
+        for g in range(3):
+            q = query[head * 3 + g, 0]
+            weights = torch.softmax(keys[head, slots] @ q * 0.5, dim=0)
+            torch.testing.assert_close(output[head * 3 + g, 0], weights @ values[head, slots])
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), writes=st.lists(st.integers(0, 5), min_size=1, max_size=6))
+def test_block_bounds_follow_every_write_and_copy(seed, writes) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    pool = PagedKVPool(num_blocks=6, num_layers=2, num_kv_heads=2, head_dim=4, block_size=2)
+    every = torch.arange(6)
+    for step, block in enumerate(writes):
+        pool.block_key_bounds(step % 2, every)  # bounds computed before the write must not be served after it
+        if step % 3 == 2:
+            pool.copy_block(block, (block + 1) % 6)
+        else:
+            keys = torch.randn(2, 2, 4, generator=generator)
+            pool.write(step % 2, [block], 0, keys, keys)
+        for layer in range(2):
+            stored = pool.kv[:, layer, 0]  # [blocks, H, size, D]
+            want = torch.stack((stored.amin(dim=2), stored.amax(dim=2)), dim=1)
+            assert torch.equal(pool.block_key_bounds(layer, every), want)
+    assert pool.bounds_nbytes() == 2 * 6 * 2 * 2 * 4 * 4
+
+
+def test_a_plan_sends_only_decoding_steps_that_read_less_than_everything_to_quest() -> None:
+    pool = PagedKVPool(num_blocks=20, num_layers=1, num_kv_heads=1, head_dim=4, block_size=4)
+    reader = Quest(budget=8, page=4)
+    tables = [list(range(0, 6)), list(range(6, 9)), list(range(9, 15))]
+    plan = PackedPlan.build(pool, tables, [1, 1, 9], [22, 10, 22], [reader, reader, reader])
+    assert [(row, index) for row, index, _, _ in plan.selected] == [(0, 0)]  # 5 full blocks, reads 2
+    assert plan.selected_lens == {0: 22}
+
+
+@pytest.mark.parametrize(("spec", "needle"), [
+    ("quest(budget=64, page=16)", "must be the engine's block size (4)"),
+    ("infllm(budget=128)", "cannot run in the paged engine"),
+    ("quest(budget=2, page=4)", "at least one page"),
+])
+def test_bad_quest_requests_are_refused_in_one_line(spec: str, needle: str) -> None:
+    engine = Engine(tiny(), memory_mb=1.0, block_size=4)
+    with pytest.raises(KVStackError) as info:
+        engine.add_request(prompt_of(20, 1, VOCAB), SamplingParams(max_new_tokens=2), method=spec)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+    assert not engine.has_unfinished()
