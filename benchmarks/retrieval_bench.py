@@ -8,6 +8,12 @@ bytes, and its peak RSS. The report gives, per method against the full cache of 
 speed-up, resident bytes as a fraction of the full cache's, and how much lower the peak RSS is against what
 moved to the slow tier.
 
+``--engine`` runs Quest inside the paged engine: ``--requests`` prompts of ``--length`` prose tokens (different
+stretches, so no prefix is shared) decoding ``--decode`` tokens each, all admitted at once, with and without
+``quest(budget=length/8)`` on every request (each configuration in a fresh process, rounds interleaved): decode
+throughput (tokens generated once every prompt is read, over the time that took) and how many greedy tokens
+agree with the full engine's.
+
 ``--recall`` is the suite grid (passkey, single needle in noise, multi-key at 4k and 8k, 20 samples) of Quest,
 InfLLM, retrieval heads (``duo``, an eighth of the heads whole), Loki, SnapKV and H2O reading or keeping 1/8
 of the context, resumable (``--max-minutes``); it takes hours on
@@ -16,6 +22,7 @@ of the context, resumable (``--max-minutes``); it takes hours on
 Usage::
 
     python benchmarks/retrieval_bench.py --speed [--length 8192] [--decode 32] [--repeats 2]
+    python benchmarks/retrieval_bench.py --engine [--length 4096] [--requests 4] [--decode 32] [--repeats 2]
     python benchmarks/retrieval_bench.py --recall [--lengths 4096,8192] [--max-minutes 30]
 """
 
@@ -108,6 +115,75 @@ def speed(out: str, length: int, decode: int, repeats: int) -> str:
     return text
 
 
+def engine_one(spec: str, length: int, requests: int, decode: int) -> dict:
+    """``requests`` prompts of ``length`` tokens through the paged engine with ``spec`` on each (None: full);
+    what it measured (run in a fresh process)."""
+    import kvstack
+    from kvstack.engine import Engine, SamplingParams
+    from kvstack.prose import load_prose
+
+    model, tokenizer = kvstack.load_model(MODEL)
+    text = load_prose()
+    prompts = [tokenizer(text[100_000 * (i + 1) : 100_000 * (i + 1) + 8 * length]).input_ids[:length]
+               for i in range(requests)]
+    engine = Engine(model, memory_mb=1024 * requests * length / 8192 + 64, block_size=16,
+                    max_num_batched_tokens=1024)
+    try:
+        method = None if spec == "full" else spec
+        ids = [engine.add_request(p, SamplingParams(max_new_tokens=decode), method=method) for p in prompts]
+        decode_start = None
+        generated_before = 0
+        while engine.has_unfinished():
+            engine.step()
+            if decode_start is None and all(engine.get_output(rid) for rid in ids):
+                decode_start = time.perf_counter()
+                generated_before = sum(len(engine.get_output(rid)) for rid in ids)
+        elapsed = time.perf_counter() - decode_start
+        outputs = [engine.get_output(rid) for rid in ids]
+        bounds = engine.pool.bounds_nbytes()
+    finally:
+        engine.close()
+    generated = sum(len(o) for o in outputs) - generated_before
+    return {"spec": spec, "length": length, "requests": requests, "decode_tokens_per_s": generated / elapsed,
+            "outputs": outputs, "bounds_bytes": bounds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def engine_speed(out: str, length: int, requests: int, decode: int, repeats: int) -> str:
+    specs = ["full", f"quest(budget={length // READ_FRACTION})"]
+    rows: dict[str, list[dict]] = {}
+    for _ in range(repeats):
+        for spec in specs:
+            result = subprocess.run([sys.executable, __file__, "--engine-one", spec, "--length", str(length),
+                                     "--requests", str(requests), "--decode", str(decode)], capture_output=True,
+                                    text=True, check=True)
+            record = json.loads(result.stdout.strip().splitlines()[-1])
+            print(json.dumps({k: v for k, v in record.items() if k != "outputs"}), flush=True)
+            rows.setdefault(spec, []).append(record)
+    full_outputs = rows["full"][0]["outputs"]
+    base = statistics.median(r["decode_tokens_per_s"] for r in rows["full"])
+    lines = ["| method | decode tokens/s | against full | greedy tokens equal to full's | block bounds |",
+             "| --- | --- | --- | --- | --- |"]
+    for spec, records in rows.items():
+        rate = statistics.median(r["decode_tokens_per_s"] for r in records)
+        outputs = records[0]["outputs"]
+        pairs = zip(outputs, full_outputs, strict=True)
+        same = sum(a == b for got, want in pairs for a, b in zip(got, want, strict=True))
+        total = sum(len(want) for want in full_outputs)
+        lines.append(f"| `{spec}` | {rate:.1f} | {rate / base:.2f}x | {same}/{total} | "
+                     f"{records[0]['bounds_bytes'] / 2**20:.1f} MiB |")
+    text = "\n".join(lines)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / f"engine_{length}.md").write_text(
+        f"Command: `python benchmarks/retrieval_bench.py --engine --length {length} --requests {requests} --decode "
+        f"{decode} --repeats {repeats}`; {stamp()}\n\nSmolLM2-135M fp32 in the paged engine (blocks of 16, steps of "
+        f"at most 1024 tokens), {requests} prose prompts of {length} tokens admitted at once, {decode} greedy "
+        "tokens each; decode throughput counts the tokens generated after every prompt was read over the time "
+        "that took; each configuration in a fresh process, rounds interleaved, medians.\n\n"
+        f"{text}\n")
+    return text
+
+
 def recall(out: str, lengths: list[int], max_minutes: float | None) -> None:
     import kvstack
     from kvstack.bench import BenchConfig
@@ -132,7 +208,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--speed", action="store_true")
     parser.add_argument("--recall", action="store_true")
+    parser.add_argument("--engine", action="store_true")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--engine-one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--lengths", default="4096,8192")
     parser.add_argument("--decode", type=int, default=32)
@@ -142,12 +221,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.one is not None:
         print(json.dumps(one(args.one, args.length, args.decode)))
+    elif args.engine_one is not None:
+        print(json.dumps(engine_one(args.engine_one, args.length, args.requests, args.decode)))
+    elif args.engine:
+        print(engine_speed(args.out, args.length, args.requests, args.decode, args.repeats))
     elif args.speed:
         print(speed(args.out, args.length, args.decode, args.repeats))
     elif args.recall:
         recall(args.out, [int(x) for x in args.lengths.split(",")], args.max_minutes)
     else:
-        parser.error("give --speed or --recall")
+        parser.error("give --speed, --engine or --recall")
 
 
 if __name__ == "__main__":

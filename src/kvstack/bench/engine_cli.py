@@ -139,7 +139,7 @@ def cmd_engine_bench(args: argparse.Namespace) -> int:
     if args.method is not None:
         from kvstack.engine.compression import engine_method
 
-        engine_method(args.method, 1 << 16, 1)  # refuse a bad spec before loading the model
+        engine_method(args.method, 1 << 16, 1, args.block_size)  # refuse a bad spec before loading the model
     model, _ = load_model(args.model, device=args.device)
     workload = _build_workload(args, int(model.config.vocab_size))
     engine = Engine(
