@@ -16,6 +16,7 @@ from transformers import DynamicCache
 
 import kvstack
 from kvstack.cache.cache import KVStackCache
+from kvstack.cache import page_tier
 from kvstack.cache.page_tier import TieredLayer, TierError
 from kvstack.calibration import CalibrationError, model_key
 from kvstack.calibration.head_map import HEADS_FORMAT
@@ -65,6 +66,46 @@ def test_exact_with_chunked_prompts_and_left_padding(model) -> None:
     single = random_ids(60, seed=5)
     torch.testing.assert_close(kvstack.prefill(model, single, chunked, chunk_size=16),
                                kvstack.prefill(model, single, whole, chunk_size=None), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["quest(budget=4096, page=4)",
+                                  "infllm(budget=4096, block=4, representatives=1, sinks=3, window=8)"])
+def test_chunked_prompts_with_left_padding_read_the_tier_exactly(model, spec, monkeypatch) -> None:
+    monkeypatch.setattr(page_tier, "PROMPT_READ_TOKENS", 8)  # several tier groups per prompt chunk
+    ids = random_ids(53, batch=2, seed=7)
+    mask = torch.ones_like(ids)
+    mask[1, :11] = 0
+    want = kvstack.prefill(model, ids, kvstack.make_cache(model, "full"), attention_mask=mask, chunk_size=12)
+    cache = kvstack.make_cache(model, spec)
+    got = kvstack.prefill(model, ids, cache, attention_mask=mask, chunk_size=12)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert cache.layers[0].full_pages() >= 8
+
+
+def test_a_prompt_chunk_adds_to_the_resident_entries_what_they_received_of_exact_attention(monkeypatch) -> None:
+    monkeypatch.setattr(page_tier, "PROMPT_READ_TOKENS", 4)
+    method = InfLLM(budget=8, block=4, representatives=1, sinks=2, window=4)
+    cache = KVStackCache(method, num_layers=1, num_q_heads=2, num_kv_heads=1, label="infllm",
+                         tier_dir=tempfile.gettempdir())
+    layer = cache.layers[0]
+    generator = torch.Generator().manual_seed(4)
+    keys, values = torch.randn(1, 1, 24, 8, generator=generator), torch.randn(1, 1, 24, 8, generator=generator)
+    cache.update(keys[:, :, :14], values[:, :, :14], 0)
+    layer.attend(torch.randn(1, 2, 14, 8, generator=generator), None, None, 8**-0.5)
+    assert layer.full_pages() == 2  # entries 2..9 in the tier; 0, 1 and 10..13 resident
+    before = layer.tail_importance.clone()
+    cache.update(keys[:, :, 14:], values[:, :, 14:], 0)
+    monkeypatch.setattr(layer, "_flush", lambda: None)  # keep the entries resident to read what they received
+    query = torch.randn(1, 2, 10, 8, generator=generator)
+    output = layer.attend(query, None, None, 8**-0.5)
+    logits = query[0] @ keys[0, 0].T * 8**-0.5  # [2, 10, 24]
+    logits = logits.masked_fill(torch.ones(10, 24, dtype=torch.bool).triu(15), float("-inf"))
+    weights = logits.softmax(-1)
+    torch.testing.assert_close(output[0].transpose(0, 1), weights @ values[0, 0], atol=1e-5, rtol=1e-5)
+    resident = [0, 1, *range(10, 24)]
+    received = weights[:, :, resident].sum(dim=(0, 1))
+    torch.testing.assert_close(layer.tail_importance[0, 0] - torch.cat((before[0, 0], torch.zeros(10))), received,
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_a_decoding_step_attends_exactly_to_the_top_pages_and_the_newest_entries() -> None:

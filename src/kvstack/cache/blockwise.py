@@ -26,6 +26,7 @@ def blockwise_attention(
     needs: set[str],
     window: int,
     query_valid: torch.Tensor | None,
+    stats_blocks: Callable[[], Iterator[Block]] | None = None,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Grouped-query attention over a sequence of blocks with an online softmax.
 
@@ -43,16 +44,20 @@ def blockwise_attention(
         Statistics to collect (``STAT_*``) and the trailing queries of the ``window`` statistic.
     query_valid:
         ``[B, q]`` bool, False for padding queries (they contribute to no statistic).
+    stats_blocks:
+        The blocks the statistics are reported over, a subset of ``blocks`` in the same form (None: all of
+        them); the weights are still normalised over every block.
 
     Returns
     -------
     tuple
-        ``[B, q, Hq, D]`` output and the :class:`AttentionStats` over the concatenated blocks.
+        ``[B, q, Hq, D]`` output and the :class:`AttentionStats` over the concatenated (statistics) blocks.
     """
     output, grouped_q, lse, visible_count = _online_softmax_pass(query, blocks, scaling)
     stats = AttentionStats()
     if needs & {STAT_COLSUM, STAT_BELOW_MEAN, STAT_WINDOW, STAT_LAST}:
-        stats = _statistics_pass(blocks, grouped_q, lse, visible_count, needs, window, query_valid)
+        stats = _statistics_pass(blocks if stats_blocks is None else stats_blocks, grouped_q, lse, visible_count,
+                                 needs, window, query_valid)
     return output, stats
 
 

@@ -13,7 +13,8 @@ For page-reading policies (Quest). Per layer:
 
 A decoding step (one new token) asks the policy to score each page from its summary, reads the top pages
 (checked against their checksums) and attends exactly over them and the resident entries; a prompt chunk
-reads every page (exact attention). Full pages leave the resident set after the forward that filled them.
+reads every page, :data:`PROMPT_READ_TOKENS` entries at a time with an online softmax (exact attention whose
+transient is one group of pages, not the layer). Full pages leave the resident set after the forward that filled them.
 ``kv_bytes()`` counts the resident tensors; ``tier_bytes()`` the file.
 """
 
@@ -24,12 +25,14 @@ import os
 import tempfile
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from kvstack.cache.attention_stats import attention_with_stats
+from kvstack.cache.blockwise import Block, blockwise_attention
 from kvstack.cache.owned_layer import OwnedLayer
 from kvstack.contract import STAT_COLSUM
 from kvstack.errors import KVStackError
@@ -37,7 +40,10 @@ from kvstack.errors import KVStackError
 if TYPE_CHECKING:
     from kvstack.cache.cache import KVStackCache
 
-__all__ = ["HostPages", "PageFile", "PageStore", "TierError", "TieredLayer", "check_tier_dir"]
+__all__ = ["PROMPT_READ_TOKENS", "HostPages", "PageFile", "PageStore", "TierError", "TieredLayer", "check_tier_dir"]
+
+PROMPT_READ_TOKENS = 1024
+"""Tier entries a prompt chunk reads at a time (one online-softmax block): its transient, however long the context."""
 
 class TierError(KVStackError):
     """The slow tier cannot be used (unwritable directory) or holds a page that fails its checksum."""
@@ -286,6 +292,8 @@ class TieredLayer(OwnedLayer):
         self.positions = torch.cat((self.positions, positions), dim=1)
         batch, q_heads, q_len, _ = query.shape
         stored = self.full_pages()
+        if q_len > 1 and stored:
+            return self._attend_prompt_chunk(query, causal, valid, scaling)
         method = self.owner.method
         count = stored if q_len > 1 else method.pages_read(stored)
         if count == stored:
@@ -314,6 +322,58 @@ class TieredLayer(OwnedLayer):
             read = read_keys.shape[2]
             received = torch.cat((stats.colsum[:, :, :sinks], stats.colsum[:, :, sinks + read :]), dim=2)
             self.tail_importance = self.tail_importance + received.float()
+        self._flush()
+        return output
+
+    def _attend_prompt_chunk(self, query: torch.Tensor, causal: torch.Tensor | None, valid: torch.Tensor | None,
+                             scaling: float) -> torch.Tensor:
+        """``[B, q, Hq, D]``: a prompt chunk's ``[B, Hq, q, D]`` queries over every entry, exactly, in blocks: the
+        sinks, the tier's pages :data:`PROMPT_READ_TOKENS` entries at a time, then the other resident entries
+        (the chunk last, causal). Statistics (InfLLM's column sums) cover the resident entries only."""
+        batch, _, q_len, _ = query.shape
+        sinks, stored, page = self.sink_count(), self.full_pages(), self.page
+        rest_start = sinks + stored * page  # arrival index of the first resident entry after the sinks
+        past = self.tail_keys.shape[2] - sinks - q_len  # resident entries between the pages and the chunk
+        padding_query = None if valid is None else ~valid.view(batch, 1, q_len, 1)
+
+        def visible(first: int, stop: int) -> torch.Tensor | None:
+            """``[B, 1, q, n]`` what each query sees of the entries with arrival index ``first:stop`` before the
+            chunk (None: everything); a padding query sees everything (its output is never used)."""
+            if not self.has_padding:
+                return None
+            mask = (self.positions[:, first:stop] >= 0).view(batch, 1, 1, -1).expand(-1, -1, q_len, -1)
+            return mask if padding_query is None else mask | padding_query
+
+        def resident() -> Iterator[Block]:
+            if sinks:
+                yield self.tail_keys[:, :, :sinks], self.tail_values[:, :, :sinks], visible(0, sinks)
+            chunk = causal if causal is not None else torch.ones(q_len, q_len, dtype=torch.bool,
+                                                                   device=query.device).tril().view(1, 1, q_len, q_len)
+            earlier = visible(rest_start, rest_start + past)
+            if earlier is None:
+                earlier = torch.ones(1, 1, q_len, past, dtype=torch.bool, device=query.device)
+            rows = max(earlier.shape[0], chunk.shape[0])
+            mask = torch.cat((earlier.expand(rows, -1, -1, -1), chunk.expand(rows, -1, -1, -1)), dim=-1)
+            if padding_query is not None:
+                mask = mask | padding_query
+            yield self.tail_keys[:, :, sinks:], self.tail_values[:, :, sinks:], mask
+
+        def every() -> Iterator[Block]:
+            resident_blocks = resident()
+            if sinks:
+                yield next(resident_blocks)
+            group = max(1, PROMPT_READ_TOKENS // page)
+            for first in range(0, stored, group):
+                pages = torch.arange(first, min(stored, first + group)).expand(batch, self.heads, -1)
+                keys, values = self.pages.read(pages)
+                yield (keys.to(self.device), values.to(self.device),
+                       visible(sinks + first * page, sinks + (first + pages.shape[-1]) * page))
+            yield from resident_blocks
+
+        needs = {STAT_COLSUM} if self.tracks_importance else set()
+        output, stats = blockwise_attention(query, every, scaling, needs, 0, valid, stats_blocks=resident)
+        if self.tracks_importance:  # what the resident entries received, for the pages they will form
+            self.tail_importance = self.tail_importance + stats.colsum.float()
         self._flush()
         return output
 
