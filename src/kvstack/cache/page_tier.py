@@ -24,7 +24,6 @@ import mmap
 import os
 import tempfile
 import weakref
-from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +39,8 @@ from kvstack.errors import KVStackError
 if TYPE_CHECKING:
     from kvstack.cache.cache import KVStackCache
 
-__all__ = ["PROMPT_READ_TOKENS", "HostPages", "PageFile", "PageStore", "TierError", "TieredLayer", "check_tier_dir"]
+__all__ = ["PROMPT_READ_TOKENS", "HostPages", "PageCache", "PageFile", "PageStore", "TierError", "TieredLayer",
+           "check_tier_dir"]
 
 PROMPT_READ_TOKENS = 1024
 """Tier entries a prompt chunk reads at a time (one online-softmax block): its transient, however long the context."""
@@ -213,6 +213,60 @@ class HostPages(PageStore):
         self.blocks = self.blocks[:0]
 
 
+class PageCache:
+    """Tier blocks read recently, kept resident: an LRU of ``capacity`` blocks in preallocated slots.
+
+    Slots ``[capacity, page, D]`` for keys and for values; ``slot_of[record]`` (``-1``: not cached) and
+    ``record_of[slot]`` map between tier records and slots; ``stamp[slot]`` is the read that last used it.
+    A read is vectorised: the hits are stamped, the misses read from the tier in one call into the least
+    recently used slots, and the answer gathered from the slots.
+    """
+
+    def __init__(self, capacity: int, page: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.capacity = capacity
+        self.keys = torch.zeros((capacity, page, head_dim), dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.slot_of = np.full(0, -1, dtype=np.int64)
+        self.record_of = np.full(capacity, -1, dtype=np.int64)
+        self.stamp = np.full(capacity, -1, dtype=np.int64)  # -1: never used, the first to go
+        self.reads = 0
+        self.misses = 0  # blocks read from the tier, over the cache's life
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes + self.record_of.nbytes + self.stamp.nbytes + self.slot_of.nbytes
+
+    def __len__(self) -> int:
+        return int((self.record_of >= 0).sum())
+
+    def read(self, records: np.ndarray, store: PageStore) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[n, page, D]`` of the ``n`` distinct ``records`` (``n <= capacity``)."""
+        if self.slot_of.size <= records.max():
+            grown = np.full(max(int(records.max()) + 1, 2 * self.slot_of.size), -1, dtype=np.int64)
+            grown[: self.slot_of.size] = self.slot_of
+            self.slot_of = grown
+        self.reads += 1
+        slots = self.slot_of[records]
+        missing = slots < 0
+        self.stamp[slots[~missing]] = self.reads
+        if missing.any():
+            wanted = records[missing]
+            victims = np.argpartition(self.stamp, wanted.size - 1)[: wanted.size] if wanted.size < self.capacity \
+                else np.arange(self.capacity)
+            evicted = self.record_of[victims]
+            self.slot_of[evicted[evicted >= 0]] = -1
+            keys, values = store.read_records(wanted)
+            index = torch.from_numpy(victims).to(self.keys.device)
+            self.keys[index] = keys.to(self.keys.device)
+            self.values[index] = values.to(self.keys.device)
+            self.record_of[victims] = wanted
+            self.slot_of[wanted] = victims
+            self.stamp[victims] = self.reads
+            slots[missing] = victims
+            self.misses += int(wanted.size)
+        index = torch.from_numpy(slots).to(self.keys.device)
+        return self.keys[index], self.values[index]
+
+
 def _remove(*paths: str) -> None:
     for path in paths:
         try:
@@ -229,7 +283,7 @@ class TieredLayer(OwnedLayer):
         self.tier_dir = tier_dir
         self.pages: PageStore | None = None
         self.summary: dict[str, torch.Tensor] = {}  # name -> [B, H, P, ...] what stays resident of each page
-        self.lru: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # record -> [page, D] x2
+        self.lru: PageCache | None = None  # tier pages read recently, resident (if the policy keeps any)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -269,7 +323,7 @@ class TieredLayer(OwnedLayer):
         if not self.is_initialized:
             return 0
         tensors = [self.positions, self.tail_keys, self.tail_values, self.tail_importance, *self.summary.values()]
-        cached = sum(keys.nbytes + values.nbytes for keys, values in self.lru.values())
+        cached = self.lru.nbytes() if self.lru is not None else 0
         return sum(t.nbytes for t in tensors) + self.pages.checksum_nbytes() + cached
 
     def tier_bytes(self) -> int:
@@ -387,31 +441,20 @@ class TieredLayer(OwnedLayer):
                          dim=2)
 
     def _read(self, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[B, H, k * page, D]`` of ``pages`` ``[B, H, k]``: from the LRU of cached pages when
-        there, else from the tier (then cached, the least recently read leaving first)."""
+        """Keys and values ``[B, H, k * page, D]`` of ``pages`` ``[B, H, k]``: through the cache of recently read
+        pages when the policy keeps one (and a step's pages fit it), else straight from the tier."""
         batch, heads, count = pages.shape
         shape = (batch, heads, count * self.page, self.head_dim)
         capacity = self.owner.method.cached_pages() * batch * heads
-        if count == 0 or capacity == 0:
-            if count == 0:
-                empty = self.tail_keys.new_empty(shape)
-                return empty, empty.clone()
+        if count == 0:
+            empty = self.tail_keys.new_empty(shape)
+            return empty, empty.clone()
+        if capacity < count * batch * heads:
             return self.pages.read(pages)
-        records = self.pages.records(pages)
-        missing = np.array(sorted({int(r) for r in records} - self.lru.keys()), dtype=np.int64)
-        if missing.size:
-            keys, values = self.pages.read_records(missing)
-            for index, record in enumerate(missing.tolist()):
-                self.lru[record] = (keys[index], values[index])
-        keys_out, values_out = [], []
-        for record in records.tolist():
-            self.lru.move_to_end(record)
-            block_keys, block_values = self.lru[record]
-            keys_out.append(block_keys)
-            values_out.append(block_values)
-        while len(self.lru) > capacity:
-            self.lru.popitem(last=False)
-        return torch.stack(keys_out).reshape(shape), torch.stack(values_out).reshape(shape)
+        if self.lru is None:
+            self.lru = PageCache(capacity, self.page, self.head_dim, self.dtype, self.device)
+        keys, values = self.lru.read(self.pages.records(pages), self.pages)
+        return keys.reshape(shape), values.reshape(shape)
 
     def _flush(self) -> None:
         """Move whole pages from between the sinks and the window to the tier, keeping their summaries."""

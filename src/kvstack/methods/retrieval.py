@@ -44,7 +44,8 @@ def _check_tier_dir(tier_dir: object) -> None:
     category="token/retrieval",
     description=(
         "Quest: every entry kept in pages of `page` tokens in a slower tier (a file under `tier_dir`); each "
-        "decoding step reads the top pages by a key min/max bound, `budget` tokens, plus the newest page."
+        "decoding step reads the top pages by a key min/max bound, `budget` tokens, plus the newest page, "
+        "through an LRU of `cached` tokens."
     ),
 )
 @dataclasses.dataclass
@@ -57,12 +58,17 @@ class Quest(Method):
         Tokens a decoding step reads from the tier (``budget // page`` pages), besides the newest page.
     page:
         Entries per page, a power of two.
+    cached:
+        Tokens of recently read pages kept resident per sequence and KV head, an LRU in front of the tier
+        (None: as many as a step reads, ``budget``; 0: every page read from the tier). Consecutive steps read
+        mostly the same pages, so this is what makes a step's read cheap; it is counted in ``kv_bytes()``.
     tier_dir:
         Directory of the tier's files (None: the system's temporary directory).
     """
 
     budget: int = 512
     page: int = 16
+    cached: int | None = None
     tier_dir: str | None = None
 
     reads_pages: ClassVar[bool] = True
@@ -71,6 +77,8 @@ class Quest(Method):
         _check_page("page", self.page)
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < self.page:
             raise SpecError(f"budget must be at least one page ({self.page} tokens), got {self.budget!r}")
+        if self.cached is not None:
+            check_sizes(cached=self.cached)
         _check_tier_dir(self.tier_dir)
 
     def compresses(self) -> bool:
@@ -78,6 +86,9 @@ class Quest(Method):
 
     def page_size(self) -> int:
         return self.page
+
+    def cached_pages(self) -> int:
+        return (self.budget if self.cached is None else self.cached) // self.page
 
     def pages_read(self, full_pages: int) -> int:
         return min(full_pages, self.budget // self.page)
