@@ -67,6 +67,8 @@ def _online_softmax_pass(
     """First pass: the ``[B, q, Hq, D]`` output with an online softmax, plus what the second pass needs: the
     grouped scaled queries ``[B, H, G*q, D]``, the log-sum-exp ``[B, H, G, q, 1]`` and the visible entry
     counts ``[B, H, 1, q, 1]``."""
+    if query.device.type == "cpu" and query.dtype == torch.float32 and query.shape[2] > 1:
+        return _flash_merge_pass(query, blocks, scaling)
     batch, num_q_heads, q_len, head_dim = query.shape
     heads = None
     grouped_q = None
@@ -105,6 +107,57 @@ def _online_softmax_pass(
     safe_max = torch.where(torch.isinf(running_max), torch.zeros_like(running_max), running_max)
     lse = (safe_max + running_sum.clamp(min=1e-30).log()).view(batch, heads, group, q_len, 1)
     return output, grouped_q, lse, visible_count
+
+
+def _flash_merge_pass(
+    query: torch.Tensor, blocks: Callable[[], Iterator[Block]], scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_online_softmax_pass` for float32 query chunks on the CPU: each block through PyTorch's CPU flash
+    kernel, which returns its output and log-sum-exp, merged as ``out = sum_i exp(lse_i - lse) out_i`` with
+    ``lse = logsumexp_i lse_i``. The same result, without materialising a block's ``[q, n]`` weights."""
+    batch, num_q_heads, q_len, head_dim = query.shape
+    output = lse = visible_count = None
+    heads = group = 0
+    for block in blocks():
+        keys, values, mask = block[:3]
+        bias = block[3] if len(block) > 3 else None
+        heads = keys.shape[1]
+        group = num_q_heads // heads
+        if visible_count is None:
+            visible_count = torch.zeros((batch, heads, 1, q_len, 1), device=query.device)
+        additive = None
+        if mask is not None:
+            expanded = mask.repeat_interleave(group, dim=1) if mask.shape[1] > 1 else mask
+            additive = torch.zeros(expanded.shape, dtype=query.dtype).masked_fill_(~expanded, float("-inf"))
+            visible_count = visible_count + mask.sum(dim=-1, keepdim=True).unsqueeze(2)
+        else:
+            visible_count = visible_count + keys.shape[2]
+        if bias is not None:
+            logit_bias = bias.repeat_interleave(group, dim=1)[:, :, None, :].to(query.dtype)
+            additive = logit_bias if additive is None else additive + logit_bias
+        if group > 1:
+            keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+        block_out, block_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, keys.to(query.dtype), values.to(query.dtype), 0.0, False, attn_mask=additive, scale=scaling
+        )  # [B, Hq, q, D], [B, Hq, q]
+        if mask is not None:  # a row that sees nothing of the block: the kernel gives lse 0, it is -inf
+            blind = ~mask.any(dim=-1)  # [B|1, H|1, q|1]
+            blind = blind.repeat_interleave(group, dim=1) if blind.shape[1] > 1 else blind
+            block_lse = block_lse.masked_fill(blind, float("-inf"))
+        if output is None:
+            output, lse = block_out.float(), block_lse
+            continue
+        merged = torch.logaddexp(lse, block_lse)
+        safe = torch.where(torch.isinf(merged), torch.zeros_like(merged), merged)
+        output = (output * torch.exp(lse - safe).unsqueeze(-1)
+                  + block_out.float() * torch.exp(block_lse - safe).unsqueeze(-1))
+        lse = merged
+    assert output is not None and lse is not None and visible_count is not None, \
+        "blockwise_attention needs at least one block"
+    output = torch.where(torch.isinf(lse).unsqueeze(-1), torch.zeros_like(output), output)
+    grouped_q = (query * scaling).reshape(batch, heads, group * q_len, head_dim)
+    lse = lse.masked_fill(torch.isinf(lse), 0.0).view(batch, heads, group, q_len, 1)
+    return output.to(query.dtype).transpose(1, 2), grouped_q, lse, visible_count
 
 
 def _statistics_pass(
