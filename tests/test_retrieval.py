@@ -258,7 +258,7 @@ def test_infllm_decoding_attends_to_sinks_window_and_the_top_blocks_through_an_l
     assert reads == [2] + ([fresh] if fresh else []) and fresh >= 1
     assert len(layer.lru) == min(3, 2 + fresh) and layer.lru.misses == 2 + fresh
     assert set(layer.lru.record_of[layer.lru.record_of >= 0].tolist()) >= set(tops[2])
-    assert layer.lru.keys.nbytes == 3 * 4 * 8 * 4 and layer.kv_bytes() > layer.lru.nbytes()
+    assert layer.lru.slots.nbytes == 2 * 3 * 4 * 8 * 4 and layer.kv_bytes() > layer.lru.nbytes()
 
 
 def test_bad_infllm_specs_are_one_line_each() -> None:

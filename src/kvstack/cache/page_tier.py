@@ -43,6 +43,7 @@ __all__ = ["PROMPT_READ_TOKENS", "HostPages", "PageCache", "PageFile", "PageStor
            "check_tier_dir"]
 
 PROMPT_READ_TOKENS = 1024
+DROP_MAPPED_BYTES = 4 << 20  # the tier's pages read, at most, before they are dropped from the process's mappings
 """Tier entries a prompt chunk reads at a time (one online-softmax block): its transient, however long the context."""
 
 class TierError(KVStackError):
@@ -125,6 +126,7 @@ class PageFile(PageStore):
         self.checksums = np.empty((2, 0), dtype=np.uint64)  # keys, values: [2, records]
         self._mmaps: list[mmap.mmap] = []
         self._maps: list[np.ndarray] = []  # [records, block bytes] views of the mappings
+        self._mapped_read = 0  # bytes read through the mappings since they were last dropped
 
     def nbytes(self) -> int:
         """Bytes the files hold."""
@@ -157,20 +159,25 @@ class PageFile(PageStore):
                 self._mmaps.append(mapping)
                 self._maps.append(np.frombuffer(mapping, dtype=np.uint8).reshape(-1, self.block_bytes))
         out = []
-        for index, (mapping, view) in enumerate(zip(self._mmaps, self._maps, strict=True)):
+        for index, view in enumerate(self._maps):
             raw = view[records]  # a copy: [n, block bytes]
-            # The pages read stay in the OS's file cache, not in this process: drop them from the mapping, so
-            # the resident set holds only what the cache keeps resident.
-            mapping.madvise(mmap.MADV_DONTNEED)
             bad = np.nonzero(block_checksums(raw.view(np.uint32)) != self.checksums[index, records])[0]
             if bad.size:
                 page = int(records[bad[0]]) // (self.batch * self.heads)
                 raise TierError(f"page {page} of the slow tier {self.paths[index]} fails its checksum; it is "
                                 "refused, not read")
             out.append(torch.from_numpy(raw).view(self.dtype).view(len(records), self.page, self.head_dim))
+        # The pages read stay in the OS's file cache, not in this process: drop them from the mappings every
+        # DROP_MAPPED_BYTES read, so the resident set holds what the policy keeps resident and at most that much.
+        self._mapped_read += 2 * len(records) * self.block_bytes
+        if self._mapped_read >= DROP_MAPPED_BYTES:
+            for mapping in self._mmaps:
+                mapping.madvise(mmap.MADV_DONTNEED)
+            self._mapped_read = 0
         return out[0], out[1]
 
     def _unmap(self) -> None:
+        self._mapped_read = 0
         self._maps = []
         for mapping in self._mmaps:
             mapping.close()
@@ -216,7 +223,7 @@ class HostPages(PageStore):
 class PageCache:
     """Tier blocks read recently, kept resident: an LRU of ``capacity`` blocks in preallocated slots.
 
-    Slots ``[capacity, page, D]`` for keys and for values; ``slot_of[record]`` (``-1``: not cached) and
+    Slots ``[2, capacity, page, D]`` (keys, then values); ``slot_of[record]`` (``-1``: not cached) and
     ``record_of[slot]`` map between tier records and slots; ``stamp[slot]`` is the read that last used it.
     A read is vectorised: the hits are stamped, the misses read from the tier in one call into the least
     recently used slots, and the answer gathered from the slots.
@@ -224,8 +231,7 @@ class PageCache:
 
     def __init__(self, capacity: int, page: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         self.capacity = capacity
-        self.keys = torch.zeros((capacity, page, head_dim), dtype=dtype, device=device)
-        self.values = torch.zeros_like(self.keys)
+        self.slots = torch.zeros((2, capacity, page, head_dim), dtype=dtype, device=device)
         self.slot_of = np.full(0, -1, dtype=np.int64)
         self.record_of = np.full(capacity, -1, dtype=np.int64)
         self.stamp = np.full(capacity, -1, dtype=np.int64)  # -1: never used, the first to go
@@ -233,7 +239,7 @@ class PageCache:
         self.misses = 0  # blocks read from the tier, over the cache's life
 
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes + self.record_of.nbytes + self.stamp.nbytes + self.slot_of.nbytes
+        return self.slots.nbytes + self.record_of.nbytes + self.stamp.nbytes + self.slot_of.nbytes
 
     def __len__(self) -> int:
         return int((self.record_of >= 0).sum())
@@ -255,16 +261,16 @@ class PageCache:
             evicted = self.record_of[victims]
             self.slot_of[evicted[evicted >= 0]] = -1
             keys, values = store.read_records(wanted)
-            index = torch.from_numpy(victims).to(self.keys.device)
-            self.keys[index] = keys.to(self.keys.device)
-            self.values[index] = values.to(self.keys.device)
+            index = torch.from_numpy(victims).to(self.slots.device)
+            self.slots[0, index] = keys.to(self.slots.device)
+            self.slots[1, index] = values.to(self.slots.device)
             self.record_of[victims] = wanted
             self.slot_of[wanted] = victims
             self.stamp[victims] = self.reads
             slots[missing] = victims
             self.misses += int(wanted.size)
-        index = torch.from_numpy(slots).to(self.keys.device)
-        return self.keys[index], self.values[index]
+        gathered = self.slots.index_select(1, torch.from_numpy(slots).to(self.slots.device))  # [2, n, page, D]
+        return gathered[0], gathered[1]
 
 
 def _remove(*paths: str) -> None:
