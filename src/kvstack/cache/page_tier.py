@@ -43,7 +43,6 @@ __all__ = ["PROMPT_READ_TOKENS", "HostPages", "PageCache", "PageFile", "PageStor
            "check_tier_dir"]
 
 PROMPT_READ_TOKENS = 1024
-DROP_MAPPED_BYTES = 4 << 20  # the tier's pages read, at most, before they are dropped from the process's mappings
 """Tier entries a prompt chunk reads at a time (one online-softmax block): its transient, however long the context."""
 
 class TierError(KVStackError):
@@ -126,7 +125,6 @@ class PageFile(PageStore):
         self.checksums = np.empty((2, 0), dtype=np.uint64)  # keys, values: [2, records]
         self._mmaps: list[mmap.mmap] = []
         self._maps: list[np.ndarray] = []  # [records, block bytes] views of the mappings
-        self._mapped_read = 0  # bytes read through the mappings since they were last dropped
 
     def nbytes(self) -> int:
         """Bytes the files hold."""
@@ -167,17 +165,14 @@ class PageFile(PageStore):
                 raise TierError(f"page {page} of the slow tier {self.paths[index]} fails its checksum; it is "
                                 "refused, not read")
             out.append(torch.from_numpy(raw).view(self.dtype).view(len(records), self.page, self.head_dim))
-        # The pages read stay in the OS's file cache, not in this process: drop them from the mappings every
-        # DROP_MAPPED_BYTES read, so the resident set holds what the policy keeps resident and at most that much.
-        self._mapped_read += 2 * len(records) * self.block_bytes
-        if self._mapped_read >= DROP_MAPPED_BYTES:
-            for mapping in self._mmaps:
-                mapping.madvise(mmap.MADV_DONTNEED)
-            self._mapped_read = 0
+        # The pages read stay in the OS's file cache, not in this process: drop them from the mappings after each
+        # read. A fault maps far more than the 4 KiB asked for (fault-around, large folios: a few scattered reads
+        # map most of a layer's file), so dropping only every few MiB read would let the whole tier into the RSS.
+        for mapping in self._mmaps:
+            mapping.madvise(mmap.MADV_DONTNEED)
         return out[0], out[1]
 
     def _unmap(self) -> None:
-        self._mapped_read = 0
         self._maps = []
         for mapping in self._mmaps:
             mapping.close()
