@@ -20,7 +20,6 @@ transient is one group of pages, not the layer). Full pages leave the resident s
 
 from __future__ import annotations
 
-import mmap
 import os
 import tempfile
 import weakref
@@ -100,7 +99,7 @@ class PageStore:
 
 
 class PageFile(PageStore):
-    """Full pages in two memory-mapped files, keys and values: block ``(page, sequence, head)`` is ``[page, D]``
+    """Full pages in two files, keys and values: block ``(page, sequence, head)`` is ``[page, D]``
     in each, record ``(page * B + sequence) * H + head``; each block has a checksum.
 
     The files are removed when the object is collected.
@@ -123,8 +122,7 @@ class PageFile(PageStore):
         self._finalizer = weakref.finalize(self, _remove, *self.paths)
         self.pages = 0
         self.checksums = np.empty((2, 0), dtype=np.uint64)  # keys, values: [2, records]
-        self._mmaps: list[mmap.mmap] = []
-        self._maps: list[np.ndarray] = []  # [records, block bytes] views of the mappings
+        self._fds: list[int] = []  # read descriptors of the two files, opened on the first read
 
     def nbytes(self) -> int:
         """Bytes the files hold."""
@@ -146,40 +144,43 @@ class PageFile(PageStore):
                 handle.write(raw.data)
         self.pages += count
         self.checksums = np.concatenate((self.checksums, np.stack(sums)), axis=1)
-        self._unmap()
 
     def read_records(self, records: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[n, page, D]`` of blocks ``records``, each checked against its checksum first."""
-        if not self._maps:
-            for path in self.paths:
-                with open(path, "rb") as handle:
-                    mapping = mmap.mmap(handle.fileno(), self.nbytes() // 2, access=mmap.ACCESS_READ)
-                self._mmaps.append(mapping)
-                self._maps.append(np.frombuffer(mapping, dtype=np.uint8).reshape(-1, self.block_bytes))
+        """Keys and values ``[n, page, D]`` of blocks ``records``, each checked against its checksum first.
+
+        Read with ``preadv``, one call per run of consecutive records, straight into the answer's buffer: the
+        pages go through the OS's file cache and never enter this process's mappings (a memory map would let
+        fault-around map most of a layer's file for a few scattered reads).
+        """
+        if not self._fds:
+            self._fds = [os.open(path, os.O_RDONLY) for path in self.paths]
+        order = np.argsort(records, kind="stable")
+        ordered = records[order]
+        breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
+        starts = np.concatenate(([0], breaks))
+        stops = np.concatenate((breaks, [len(ordered)]))
         out = []
-        for index, view in enumerate(self._maps):
-            raw = view[records]  # a copy: [n, block bytes]
+        for index, fd in enumerate(self._fds):
+            raw = np.empty((len(records), self.block_bytes), dtype=np.uint8)  # in record order, below
+            for first, stop in zip(starts.tolist(), stops.tolist(), strict=True):
+                want = (stop - first) * self.block_bytes
+                got = os.preadv(fd, [memoryview(raw[first:stop]).cast("B")], int(ordered[first]) * self.block_bytes)
+                if got != want:
+                    raise TierError(f"the slow tier {self.paths[index]} is shorter than its pages; it is refused")
+            if not np.array_equal(order, np.arange(len(records))):
+                raw = raw[np.argsort(order)]
             bad = np.nonzero(block_checksums(raw.view(np.uint32)) != self.checksums[index, records])[0]
             if bad.size:
                 page = int(records[bad[0]]) // (self.batch * self.heads)
                 raise TierError(f"page {page} of the slow tier {self.paths[index]} fails its checksum; it is "
                                 "refused, not read")
             out.append(torch.from_numpy(raw).view(self.dtype).view(len(records), self.page, self.head_dim))
-        # The pages read stay in the OS's file cache, not in this process: drop them from the mappings after each
-        # read. A fault maps far more than the 4 KiB asked for (fault-around, large folios: a few scattered reads
-        # map most of a layer's file), so dropping only every few MiB read would let the whole tier into the RSS.
-        for mapping in self._mmaps:
-            mapping.madvise(mmap.MADV_DONTNEED)
         return out[0], out[1]
 
-    def _unmap(self) -> None:
-        self._maps = []
-        for mapping in self._mmaps:
-            mapping.close()
-        self._mmaps = []
-
     def close(self) -> None:
-        self._unmap()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
         self._finalizer()
 
 
