@@ -8,7 +8,7 @@ For page-reading policies (Quest). Per layer:
   entries between them that do not fill a page yet, and an LRU of pages read recently (if the policy keeps
   one);
 * in the tier: every full page, one block of ``[2, page, D]`` (keys then values) per ``(page, sequence,
-  head)``, in a memory-mapped file (:class:`PageFile`, the CPU case) or in host memory when the model runs
+  head)``, in a file read with ``preadv`` (:class:`PageFile`, the CPU case) or in host memory when the model runs
   on a GPU (:class:`HostPages`).
 
 A decoding step (one new token) asks the policy to score each page from its summary, reads the top pages

@@ -5,7 +5,7 @@
   score for its query (``sum_d max(q_d min_d, q_d max_d)``, never below the score of any key in the page),
   per KV head over the query heads of its group (the largest bound), and attends exactly to the top pages
   within ``budget`` tokens plus the newest, still-filling page. The full pages live in a slower tier (a
-  checksummed memory-mapped file under ``tier_dir``); ``kv_bytes()`` counts what stays resident and
+  checksummed file under ``tier_dir``, read with ``preadv``); ``kv_bytes()`` counts what stays resident and
   ``tier_bytes()`` what the tier holds.
 * ``infllm``: InfLLM (Xiao et al., 2024). Sinks and a local window stay resident; the distant context moves
   to the tier in blocks, each represented, resident, by the keys of its most-attended entries; a decoding
