@@ -126,8 +126,7 @@ def test_a_plan_sends_only_decoding_steps_that_read_less_than_everything_to_ques
     reader = Quest(budget=8, page=4)
     tables = [list(range(0, 6)), list(range(6, 9)), list(range(9, 15))]
     plan = PackedPlan.build(pool, tables, [1, 1, 9], [22, 10, 22], [reader, reader, reader])
-    assert [(row, index) for row, index, _, _ in plan.selected] == [(0, 0)]  # 5 full blocks, reads 2
-    assert plan.selected_lens == {0: 22}
+    assert [(row, index, length) for row, index, _, length, _ in plan.selected] == [(0, 0, 22)]  # reads 2 of 5
 
 
 @pytest.mark.parametrize(("spec", "needle"), [

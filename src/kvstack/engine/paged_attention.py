@@ -246,7 +246,7 @@ def paged_attention_packed(
         plan = PackedPlan.build(pool, block_tables, num_new_tokens, context_lens)
     if not plan.use_kernel:
         per_sequence = list(torch.split(query.transpose(0, 1), list(num_new_tokens), dim=1))  # [Hq, q_i, D] each
-        selected = {index: (table, reader) for _, index, table, reader in plan.selected}
+        selected = {index: (table, reader) for _, index, table, _, reader in plan.selected}
         outputs = []
         for index, seq_query in enumerate(per_sequence):
             if index in selected:
@@ -283,8 +283,7 @@ def _kernel_path_attention(
         output[first : first + count] = _dense_chunk_attention(
             query[first : first + count], pool, layer, table, context_len, scaling
         )
-    for row, _, table, reader in plan.selected:
-        context_len = plan.selected_lens[row]
+    for row, _, table, context_len, reader in plan.selected:
         output[row : row + 1] = quest_decode_attention(
             query[row : row + 1].transpose(0, 1), pool, layer, table, context_len, reader, scaling
         ).transpose(0, 1)
@@ -313,9 +312,9 @@ class PackedPlan:
     dense : list of tuple
         ``(first_row, count, block_table, context_len)`` of each chunk attended densely.
     selected : list of tuple
-        ``(row, sequence_index, block_table, page_reader)`` of each decoding step that reads only the blocks its
-        page-reading policy selects (:func:`~kvstack.engine.quest_attention.quest_decode_attention`), on either
-        path; ``selected_lens`` maps its row to its context length.
+        ``(row, sequence_index, block_table, context_len, page_reader)`` of each decoding step that reads only the
+        blocks its page-reading policy selects (:func:`~kvstack.engine.quest_attention.quest_decode_attention`),
+        on either path.
     write_blocks, write_slots : torch.Tensor
         ``[T]`` int64: the block and slot each packed token's new keys/values are written to.
     """
@@ -328,8 +327,7 @@ class PackedPlan:
     dense: list[tuple[int, int, list[int], int]]
     write_blocks: torch.Tensor
     write_slots: torch.Tensor
-    selected: list[tuple[int, int, list[int], Method]]
-    selected_lens: dict[int, int]
+    selected: list[tuple[int, int, list[int], int, Method]]
 
     @classmethod
     def build(
@@ -359,8 +357,7 @@ class PackedPlan:
         token_seq: list[int] = []
         token_pos: list[int] = []
         dense: list[tuple[int, int, list[int], int]] = []
-        selected: list[tuple[int, int, list[int], Method]] = []
-        selected_lens: dict[int, int] = {}
+        selected: list[tuple[int, int, list[int], int, Method]] = []
         readers = list(page_readers) if page_readers is not None else [None] * batch
         blocks: list[int] = []
         slots: list[int] = []
@@ -383,8 +380,7 @@ class PackedPlan:
             reader = readers[index]
             full, read = quest_blocks_read(reader, context_len, size) if reader is not None else (0, 0)
             if reader is not None and new == 1 and read < full:
-                selected.append((row, index, entries, reader))
-                selected_lens[row] = context_len
+                selected.append((row, index, entries, context_len, reader))
             elif new >= DENSE_MIN_QUERIES:
                 dense.append((row, new, entries, context_len))
             else:
@@ -403,8 +399,7 @@ class PackedPlan:
                 rows_tensor = torch.tensor(kernel_rows, dtype=torch.long)
         slot_tensor = torch.tensor(slots, dtype=torch.long, device=pool.device)
         return cls(use_kernel, rows_tensor, table_tensor, seq_tensor, pos_tensor, dense if use_kernel else [],
-                   torch.tensor(blocks, dtype=torch.long, device=pool.device), slot_tensor % size, selected,
-                   selected_lens)
+                   torch.tensor(blocks, dtype=torch.long, device=pool.device), slot_tensor % size, selected)
 
 
 DENSE_MIN_QUERIES = 8
