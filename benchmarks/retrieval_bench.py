@@ -194,14 +194,15 @@ def recall(out: str, lengths: list[int], max_minutes: float | None) -> None:
     model, tokenizer = kvstack.load_model(MODEL)
     if not head_map_path(model_key(model)).is_file():  # duo's artefact: the retrieval-head probe
         save_head_scores(probe_retrieval_heads(model, tokenizer), head_map_path(model_key(model)))
-    methods = [f"duo(heads={1 / READ_FRACTION})"]
-    for length in lengths:
+    deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
+    for length in lengths:  # one grid per length: each reads 1/8 of its own context
         budget = length // READ_FRACTION
-        methods += [f"quest(budget={budget})", f"infllm(budget={budget})", f"loki(budget={budget})",
-                    f"snapkv(budget={budget})", f"h2o(budget={budget})"]
-    config = BenchConfig(methods=methods, tasks=RECALL_TASKS, lengths=lengths, samples=20, out_dir=out,
-                         progress=sys.stderr.isatty(), share_prefill=True, checkpoint_every=2)
-    run_grid(config, max_minutes, model=model, tokenizer=tokenizer)
+        methods = [f"quest(budget={budget})", f"infllm(budget={budget})", f"duo(heads={1 / READ_FRACTION})",
+                   f"loki(budget={budget})", f"snapkv(budget={budget})", f"h2o(budget={budget})"]
+        config = BenchConfig(methods=methods, tasks=RECALL_TASKS, lengths=[length], samples=20, out_dir=out,
+                             progress=sys.stderr.isatty(), share_prefill=True, checkpoint_every=2)
+        if not run_grid(config, deadline=deadline, model=model, tokenizer=tokenizer):
+            return
 
 
 def main() -> None:

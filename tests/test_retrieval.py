@@ -109,7 +109,15 @@ def test_a_prompt_chunk_adds_to_the_resident_entries_what_they_received_of_exact
                                atol=1e-5, rtol=1e-5)
 
 
-def test_a_decoding_step_attends_exactly_to_the_top_pages_and_the_newest_entries() -> None:
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "pytorch"])
+def test_a_decoding_step_attends_exactly_to_the_top_pages_and_the_newest_entries(fused, monkeypatch) -> None:
+    if fused and not page_tier.kernels.available():
+        pytest.skip("the fused kernels do not compile here")
+    monkeypatch.setattr(page_tier.kernels, "available", lambda: fused)
+    attended_in_place = []
+    kernel = page_tier.kernels.selected_page_attention
+    monkeypatch.setattr(page_tier.kernels, "selected_page_attention",
+                        lambda *args: (attended_in_place.append(True), kernel(*args))[1])
     method = Quest(budget=8, page=4)
     cache = KVStackCache(method, num_layers=1, num_q_heads=2, num_kv_heads=1, label="quest",
                          tier_dir=tempfile.gettempdir())
@@ -133,6 +141,7 @@ def test_a_decoding_step_attends_exactly_to_the_top_pages_and_the_newest_entries
     for head in range(2):
         weights = (query[0, head, 0] @ all_keys[chosen].T * 8**-0.5).softmax(-1)
         torch.testing.assert_close(output[0, 0, head], weights @ all_values[chosen], atol=1e-5, rtol=1e-5)
+    assert attended_in_place == ([True] if fused else [])
 
 
 def test_resident_and_tier_bytes_are_what_each_holds_and_the_file_goes_with_the_cache(model, tmp_path) -> None:
@@ -233,8 +242,8 @@ def test_infllm_decoding_attends_to_sinks_window_and_the_top_blocks_through_an_l
     layer.attend(torch.randn(1, 2, 26, 8, generator=generator), None, None, 8**-0.5)
     assert layer.full_pages() == 5  # entries 2..21 in the tier; 0, 1 and 22..25 resident
     reads = []
-    original = layer.pages.read_records
-    layer.pages.read_records = lambda records: (reads.append(len(records)), original(records))[1]
+    original = layer.pages.read_into
+    layer.pages.read_into = lambda records, slots, rows: (reads.append(len(records)), original(records, slots, rows))[1]
     representatives = layer.summary["representatives"][0, 0, :, 0]  # [5, D]
     all_keys, all_values = keys[0, 0], values[0, 0]
     queries = [torch.randn(1, 2, 1, 8, generator=generator)] * 2 + [-torch.randn(1, 2, 1, 8, generator=generator)]
@@ -373,3 +382,36 @@ def test_the_page_cache_returns_the_tiers_blocks_and_keeps_the_most_recently_rea
         held = set(cache.record_of[cache.record_of >= 0].tolist())
         assert len(held) == min(capacity, len(last_read)) and set(records) <= held
         assert min(last_read[r] for r in held) >= max((last_read[r] for r in set(last_read) - held), default=-1)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "pytorch"])
+def test_blocks_read_into_the_page_slots_are_the_tiers_and_a_corrupt_one_is_refused_and_forgotten(
+        fused, monkeypatch, tmp_path) -> None:
+    from kvstack.cache.page_tier import PageCache, PageFile
+
+    if fused and not page_tier.kernels.available():
+        pytest.skip("the fused kernels do not compile here")
+    monkeypatch.setattr(page_tier.kernels, "available", lambda: fused)
+    generator = torch.Generator().manual_seed(7)
+    keys, values = torch.randn(1, 2, 48, 8, generator=generator), torch.randn(1, 2, 48, 8, generator=generator)
+    file = PageFile(str(tmp_path), 1, 2, 8, 8, torch.float32)
+    file.append(keys, values)  # twelve blocks: (page, head) -> record 2 * page + head
+    cache = PageCache(5, page=8, head_dim=8, dtype=torch.float32, device=torch.device("cpu"))
+    records = np.array([9, 2, 3, 4, 11])  # runs 2-4 and 9, 11, in no order
+    got_keys, got_values = cache.read(records, file)
+    want_keys, want_values = file.read_records(records)
+    assert torch.equal(got_keys, want_keys) and torch.equal(got_values, want_values)
+    assert torch.equal(got_keys[0], keys[0, 1, 32:40])  # record 9: page 4, head 1
+    with open(file.paths[1], "r+b") as handle:  # flip a bit of record 6's values
+        handle.seek(6 * 8 * 8 * 4 + 17)
+        byte = handle.read(1)
+        handle.seek(6 * 8 * 8 * 4 + 17)
+        handle.write(bytes([byte[0] ^ 0x04]))
+    with pytest.raises(TierError, match=r"page 3 of the slow tier .*values.* fails its checksum; it is refused"):
+        cache.read(np.array([5, 6]), file)
+    held = set(cache.record_of[cache.record_of >= 0].tolist())
+    assert 6 not in held and 5 not in held and len(held) == 3  # the two slots read into hold nothing now
+    assert (cache.slot_of[[5, 6]] == -1).all()
+    again_keys, _ = cache.read(np.array([2, 3, 4]), file)  # what survived is still the tier's
+    assert torch.equal(again_keys, want_keys[1:4])
+    file.close()

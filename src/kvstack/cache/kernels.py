@@ -46,6 +46,7 @@ import torch
 
 __all__ = [
     "attention_with_column_sums", "available", "packed_scores", "packed_weighted_values", "paged_attention_forward",
+    "read_file_blocks", "selected_page_attention",
 ]
 
 ENV = "KVSTACK_KERNELS"
@@ -54,6 +55,8 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstring>
+#include <sys/uio.h>
+#include <unistd.h>
 
 // Unpack one token's D codes (2, 4 or 8 bits each, consecutive codes from the lowest bits) into floats.
 static inline void unpack_row(const uint8_t* __restrict row, int64_t D, int64_t bits, float* __restrict out) {
@@ -351,11 +354,108 @@ std::vector<torch::Tensor> attention_with_column_sums(torch::Tensor query, torch
   if (want_below) result.push_back(below_parts.sum(0).view({B, H, L}));
   return result;
 }
+// A decoding step of a page-reading policy (Quest, InfLLM): each (sequence, KV head) attends over the k pages
+// its policy chose, read in place from the resident page slots, and over its R resident entries (sinks, window,
+// the new token). query [B, Hq, D]; slots [2, C, P, D] (keys, values; contiguous); slot_index [B, H, k] int64;
+// resident keys and values [B, H, R, D] (rows contiguous). Softmax order does not matter: keys carry RoPE.
+torch::Tensor selected_page_attention(torch::Tensor query, torch::Tensor slots, torch::Tensor slot_index,
+                                      torch::Tensor resident_keys, torch::Tensor resident_values, double scaling) {
+  const int64_t B = query.size(0), Hq = query.size(1), D = query.size(2);
+  const int64_t H = slot_index.size(1), k = slot_index.size(2), P = slots.size(2), R = resident_keys.size(2);
+  const int64_t G = Hq / H, n = k * P + R;
+  auto out = torch::empty_like(query);
+  const float* kslots = slots.data_ptr<float>();
+  const float* vslots = kslots + slots.stride(0);
+  const int64_t slot_stride = slots.stride(1);
+  const int64_t* index = slot_index.data_ptr<int64_t>();
+  const auto rks = resident_keys.strides(), rvs = resident_values.strides();
+  const float* rk = resident_keys.data_ptr<float>();
+  const float* rv = resident_values.data_ptr<float>();
+  const float* qp = query.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float scale = (float)scaling;
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(G * n), acc(G * D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / H, h = task % H;
+      const int64_t* chosen = index + task * k;
+      const float* __restrict q = qp + (b * Hq + h * G) * D;
+      float* __restrict sc = scores.data();
+      auto score_row = [&](const float* __restrict key, int64_t t) {
+        for (int64_t g = 0; g < G; ++g) {
+          const float* __restrict qg = q + g * D;
+          float dot = 0.f;
+          for (int64_t c = 0; c < D; ++c) dot += qg[c] * key[c];
+          sc[g * n + t] = dot * scale;
+        }
+      };
+      for (int64_t j = 0; j < k; ++j)
+        for (int64_t s = 0; s < P; ++s) score_row(kslots + chosen[j] * slot_stride + s * D, j * P + s);
+      for (int64_t r = 0; r < R; ++r) score_row(rk + b * rks[0] + h * rks[1] + r * rks[2], k * P + r);
+      for (int64_t g = 0; g < G; ++g) {
+        float* row = sc + g * n;
+        float mx = row[0];
+        for (int64_t t = 1; t < n; ++t) mx = std::max(mx, row[t]);
+        float sum = 0.f;
+        for (int64_t t = 0; t < n; ++t) { row[t] = std::exp(row[t] - mx); sum += row[t]; }
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < n; ++t) row[t] *= inv;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      auto add_row = [&](const float* __restrict value, int64_t t) {
+        for (int64_t g = 0; g < G; ++g) {
+          const float w = sc[g * n + t];
+          float* __restrict a = acc.data() + g * D;
+          for (int64_t c = 0; c < D; ++c) a[c] += w * value[c];
+        }
+      };
+      for (int64_t j = 0; j < k; ++j)
+        for (int64_t s = 0; s < P; ++s) add_row(vslots + chosen[j] * slot_stride + s * D, j * P + s);
+      for (int64_t r = 0; r < R; ++r) add_row(rv + b * rvs[0] + h * rvs[1] + r * rvs[2], k * P + r);
+      for (int64_t g = 0; g < G; ++g)
+        std::copy(acc.data() + g * D, acc.data() + (g + 1) * D, op + (b * Hq + h * G + g) * D);
+    }
+  });
+  return out;
+}
+
+// Read blocks `records` [n] (ascending) of `block_bytes` bytes each from the file `fd` into rows `rows` [n] of
+// `dest` (rows at least block_bytes long), one preadv per run of consecutive records, then check each block's
+// checksum (low half: the sum of its 32-bit words mod 2^32; high half: their xor) against `expected` [n].
+// Returns -1 when every block is whole and matches, i >= 0 for the first block that does not match, or
+// -2 - i when the file ends before block i.
+int64_t read_file_blocks(int64_t fd, torch::Tensor records, int64_t block_bytes, torch::Tensor dest,
+                         torch::Tensor rows, torch::Tensor expected) {
+  const int64_t n = records.size(0);
+  const int64_t* rec = records.data_ptr<int64_t>();
+  const int64_t* row = rows.data_ptr<int64_t>();
+  const int64_t* want = expected.data_ptr<int64_t>();
+  char* base = static_cast<char*>(dest.data_ptr());
+  const int64_t stride = dest.stride(0) * dest.element_size();
+  std::vector<struct iovec> iov;
+  for (int64_t first = 0; first < n;) {
+    int64_t stop = first + 1;
+    while (stop < n && rec[stop] == rec[stop - 1] + 1 && stop - first < 512) ++stop;
+    iov.clear();
+    for (int64_t i = first; i < stop; ++i) iov.push_back({base + row[i] * stride, (size_t)block_bytes});
+    const ssize_t got = preadv((int)fd, iov.data(), (int)iov.size(), (off_t)(rec[first] * block_bytes));
+    if (got != (ssize_t)((stop - first) * block_bytes)) return -2 - first;
+    first = stop;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(base + row[i] * stride);
+    uint32_t sum = 0, mix = 0;
+    for (int64_t w = 0; w < block_bytes / 4; ++w) { sum += words[w]; mix ^= words[w]; }
+    if ((int64_t)((uint64_t)sum | ((uint64_t)mix << 32)) != want[i]) return i;
+  }
+  return -1;
+}
 """
 
 
-_MODULE_NAME = "kvstack_kernels_v6"  # the C++ is compiled as this module: its PyInit_ symbol carries the name
-_FUNCTIONS = ("packed_scores", "packed_weighted_values", "paged_attention_forward", "attention_with_column_sums")
+_MODULE_NAME = "kvstack_kernels_v7"  # the C++ is compiled as this module: its PyInit_ symbol carries the name
+_FUNCTIONS = ("packed_scores", "packed_weighted_values", "paged_attention_forward", "attention_with_column_sums",
+              "selected_page_attention", "read_file_blocks")
 _CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
 _LIBRARY = _MODULE_NAME + (".pyd" if sys.platform == "win32" else ".so")  # what load_inline writes
@@ -390,7 +490,7 @@ def _build_fingerprint() -> str:
 
 def build_directory() -> pathlib.Path:
     """Where the compiled kernels are published for this machine:
-    ``kvstack_kernels_v6-py3XX-torchX.Y.Z-<cpu hash>-<build hash>`` under ``$TORCH_EXTENSIONS_DIR`` when
+    ``kvstack_kernels_v7-py3XX-torchX.Y.Z-<cpu hash>-<build hash>`` under ``$TORCH_EXTENSIONS_DIR`` when
     set, else under PyTorch's default extension root.
 
     The CPU hash keeps a ``-march=native`` build from being loaded on another CPU model that shares the
@@ -560,6 +660,34 @@ def paged_attention_forward(
     ``0 .. token_pos``, causal). Query head ``h * G + g`` reads KV head ``h``.
     """
     return _module().paged_attention_forward(query.contiguous(), kv, layer, tables, token_seq, token_pos, scaling)
+
+
+@without_cpu_autocast
+def selected_page_attention(
+    query: torch.Tensor, slots: torch.Tensor, slot_index: torch.Tensor, resident_keys: torch.Tensor,
+    resident_values: torch.Tensor, scaling: float,
+) -> torch.Tensor:
+    """``[B, Hq, D]`` float32: one decoding query per sequence over the pages a policy chose and its resident entries.
+
+    ``query`` ``[B, Hq, D]`` float32; ``slots`` ``[2, C, P, D]`` float32 (keys, values) the resident page slots,
+    read in place; ``slot_index`` ``[B, H, k]`` int64 the slots each (sequence, KV head) reads; ``resident_keys``
+    and ``resident_values`` ``[B, H, R, D]`` float32 (rows contiguous) the entries every step reads. Query head
+    ``h * G + g`` reads KV head ``h``; no entry is masked.
+    """
+    return _module().selected_page_attention(query.contiguous(), slots, slot_index.contiguous(), resident_keys,
+                                             resident_values, scaling)
+
+
+def read_file_blocks(fd: int, records: torch.Tensor, block_bytes: int, dest: torch.Tensor, rows: torch.Tensor,
+                     expected: torch.Tensor) -> int:
+    """Read blocks ``records`` ``[n]`` int64 (ascending) of file ``fd`` into rows ``rows`` ``[n]`` of ``dest``.
+
+    One ``preadv`` per run of consecutive records; then each block's checksum (see
+    :func:`kvstack.cache.page_tier.block_checksums`) is compared with ``expected`` ``[n]`` (int64 bit patterns).
+    Returns -1 when all match, ``i`` for the first block that does not, ``-2 - i`` when the file ends before
+    block ``i``.
+    """
+    return int(_module().read_file_blocks(fd, records, block_bytes, dest, rows, expected))
 
 
 COLUMN_SUM_TILE_ROWS = 64  # query rows per task: G * 64 rows of scores stay in cache while they are used

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from kvstack.cache import kernels
 from kvstack.cache.attention_stats import attention_with_stats
 from kvstack.cache.blockwise import Block, blockwise_attention
 from kvstack.cache.owned_layer import OwnedLayer
@@ -89,6 +90,16 @@ class PageStore:
     def read_records(self, records: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[n, page, D]`` of blocks ``records``."""
         raise NotImplementedError
+
+    def read_into(self, records: np.ndarray, slots: torch.Tensor, rows: np.ndarray) -> None:
+        """Blocks ``records`` ``[n]`` into rows ``rows`` ``[n]`` of ``slots`` ``[2, C, page, D]`` (keys, values).
+
+        A block that fails its check raises :class:`TierError`; the rows may then hold part of what was read.
+        """
+        keys, values = self.read_records(records)
+        index = torch.from_numpy(rows).to(slots.device)
+        slots[0].index_copy_(0, index, keys.to(slots.device))
+        slots[1].index_copy_(0, index, values.to(slots.device))
 
     def read(self, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[B, H, k * page, D]`` of the pages ``[B, H, k]`` each (sequence, head) reads."""
@@ -166,16 +177,41 @@ class PageFile(PageStore):
                 want = (stop - first) * self.block_bytes
                 got = os.preadv(fd, [memoryview(raw[first:stop]).cast("B")], int(ordered[first]) * self.block_bytes)
                 if got != want:
-                    raise TierError(f"the slow tier {self.paths[index]} is shorter than its pages; it is refused")
+                    raise self._refused(index, None)
             if not np.array_equal(order, np.arange(len(records))):
                 raw = raw[np.argsort(order)]
             bad = np.nonzero(block_checksums(raw.view(np.uint32)) != self.checksums[index, records])[0]
             if bad.size:
-                page = int(records[bad[0]]) // (self.batch * self.heads)
-                raise TierError(f"page {page} of the slow tier {self.paths[index]} fails its checksum; it is "
-                                "refused, not read")
+                raise self._refused(index, int(records[bad[0]]))
             out.append(torch.from_numpy(raw).view(self.dtype).view(len(records), self.page, self.head_dim))
         return out[0], out[1]
+
+    def read_into(self, records: np.ndarray, slots: torch.Tensor, rows: np.ndarray) -> None:
+        """As :meth:`PageStore.read_into`; with the fused kernels (CPU slots), ``preadv`` reads straight into the
+        slots, one call per run of consecutive records, and the checksums are taken there (no staging copy)."""
+        if not (slots.device.type == "cpu" and slots.is_contiguous() and records.size and kernels.available()):
+            super().read_into(records, slots, rows)
+            return
+        if not self._fds:
+            self._fds = [os.open(path, os.O_RDONLY) for path in self.paths]
+        order = np.argsort(records, kind="stable")
+        ordered = torch.from_numpy(np.ascontiguousarray(records[order]))
+        into = torch.from_numpy(np.ascontiguousarray(rows[order]))
+        for index, fd in enumerate(self._fds):
+            expected = torch.from_numpy(np.ascontiguousarray(self.checksums[index, records[order]]).view(np.int64))
+            failed = kernels.read_file_blocks(fd, ordered, self.block_bytes, slots[index], into, expected)
+            if failed >= 0:
+                raise self._refused(index, int(ordered[failed]))
+            if failed != -1:
+                raise self._refused(index, None)
+
+    def _refused(self, index: int, record: int | None) -> TierError:
+        """The error for a block of file ``index`` that fails its checksum (``record``) or is cut short (None)."""
+        if record is None:
+            return TierError(f"the slow tier {self.paths[index]} is shorter than its pages; it is refused")
+        page = record // (self.batch * self.heads)
+        return TierError(f"page {page} of the slow tier {self.paths[index]} fails its checksum; it is refused, "
+                         "not read")
 
     def close(self) -> None:
         for fd in self._fds:
@@ -240,8 +276,11 @@ class PageCache:
     def __len__(self) -> int:
         return int((self.record_of >= 0).sum())
 
-    def read(self, records: np.ndarray, store: PageStore) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[n, page, D]`` of the ``n`` distinct ``records`` (``n <= capacity``)."""
+    def locate(self, records: np.ndarray, store: PageStore) -> np.ndarray:
+        """``[n]`` the slots holding the ``n`` distinct ``records`` (``n <= capacity``), reading the misses.
+
+        A block refused by the tier leaves the slots read into empty (never taken for that record later).
+        """
         if self.slot_of.size <= records.max():
             grown = np.full(max(int(records.max()) + 1, 2 * self.slot_of.size), -1, dtype=np.int64)
             grown[: self.slot_of.size] = self.slot_of
@@ -256,15 +295,22 @@ class PageCache:
                 else np.arange(self.capacity)
             evicted = self.record_of[victims]
             self.slot_of[evicted[evicted >= 0]] = -1
-            keys, values = store.read_records(wanted)
-            index = torch.from_numpy(victims).to(self.slots.device)
-            self.slots[0, index] = keys.to(self.slots.device)
-            self.slots[1, index] = values.to(self.slots.device)
+            self.record_of[victims] = -1
+            try:
+                store.read_into(wanted, self.slots, victims)
+            except TierError:
+                self.stamp[victims] = -1
+                raise
             self.record_of[victims] = wanted
             self.slot_of[wanted] = victims
             self.stamp[victims] = self.reads
             slots[missing] = victims
             self.misses += int(wanted.size)
+        return slots
+
+    def read(self, records: np.ndarray, store: PageStore) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[n, page, D]`` of the ``n`` distinct ``records`` (``n <= capacity``)."""
+        slots = self.locate(records, store)
         gathered = self.slots.index_select(1, torch.from_numpy(slots).to(self.slots.device))  # [2, n, page, D]
         return gathered[0], gathered[1]
 
@@ -358,6 +404,14 @@ class TieredLayer(OwnedLayer):
             grouped = query.view(batch, self.heads, q_heads // self.heads, self.head_dim)
             scores = method.page_scores(grouped, self.summary)  # [B, H, P]
             pages = scores.topk(count, dim=-1).indices.sort(dim=-1).values.cpu()
+            if self._attends_in_place(query, count):
+                lru = self._page_cache()
+                slot_index = torch.from_numpy(lru.locate(self.pages.records(pages), self.pages))
+                output = kernels.selected_page_attention(
+                    query.reshape(batch, q_heads, self.head_dim), lru.slots, slot_index.view(batch, self.heads, count),
+                    self.tail_keys, self.tail_values, scaling)
+                self._flush()
+                return output.view(batch, 1, q_heads, self.head_dim)
         read_keys, read_values = self._read(pages)
         sinks = self.sink_count()
         if read_keys.shape[2] == 0:  # nothing in the tier yet (a first prompt chunk): no copy
@@ -433,6 +487,23 @@ class TieredLayer(OwnedLayer):
         self._flush()
         return output
 
+    def _attends_in_place(self, query: torch.Tensor, count: int) -> bool:
+        """Whether a decoding step that reads ``count`` pages per head can attend in one fused call over the page
+        cache's slots and the resident entries (:func:`kernels.selected_page_attention`): float32 on the CPU, no
+        padding to mask, no statistics to collect, and the step's pages fit the cache."""
+        if self.has_padding or self.tracks_importance or query.device.type != "cpu":
+            return False
+        if query.dtype != torch.float32 or self.dtype != torch.float32:
+            return False
+        return self.owner.method.cached_pages() >= count and kernels.available()
+
+    def _page_cache(self) -> PageCache:
+        """The cache of recently read pages (made on first use): ``cached_pages()`` per (sequence, head)."""
+        if self.lru is None:
+            capacity = self.owner.method.cached_pages() * self.batch * self.heads
+            self.lru = PageCache(capacity, self.page, self.head_dim, self.dtype, self.device)
+        return self.lru
+
     def _entry_positions(self, pages: torch.Tensor, sinks: int, stored: int) -> torch.Tensor:
         """``[B, H, sinks + k * page + rest]`` positions of the entries attended, in attention order."""
         batch = pages.shape[0]
@@ -453,9 +524,7 @@ class TieredLayer(OwnedLayer):
             return empty, empty.clone()
         if capacity < count * batch * heads:
             return self.pages.read(pages)
-        if self.lru is None:
-            self.lru = PageCache(capacity, self.page, self.head_dim, self.dtype, self.device)
-        keys, values = self.lru.read(self.pages.records(pages), self.pages)
+        keys, values = self._page_cache().read(self.pages.records(pages), self.pages)
         return keys.reshape(shape), values.reshape(shape)
 
     def _flush(self) -> None:
