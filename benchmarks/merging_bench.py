@@ -19,7 +19,8 @@ repeats, medians): the overhead of scoring and merging.
 Usage::
 
     python benchmarks/merging_bench.py [--lengths 1024,2048] [--ratios 0.5,0.75] [--tasks passkey,vt]
-        [--max-minutes 60] [--out benchmarks/results/merging] [--report-only] [--cost]
+        [--methods cam-capped,d2o-uniform,kvmerger] [--max-minutes 60] [--out benchmarks/results/merging]
+        [--report-only] [--cost]
 """
 
 from __future__ import annotations
@@ -51,9 +52,10 @@ SAMPLES = 20
 BYTES_SLACK = 0.02  # the issue's bar: at most 2% more bytes than the base
 
 
-def config(lengths: list[int], ratios: list[float], tasks: list[str], out: str) -> BenchConfig:
-    """The merging grid (or part of it)."""
-    return BenchConfig(methods=[BASE, *MERGING], ratios=ratios, tasks=tasks, lengths=lengths, samples=SAMPLES,
+def config(lengths: list[int], ratios: list[float], tasks: list[str], out: str,
+           merging: list[str] = MERGING) -> BenchConfig:
+    """The merging grid (or part of it: ``merging`` templates beside the base)."""
+    return BenchConfig(methods=[BASE, *merging], ratios=ratios, tasks=tasks, lengths=lengths, samples=SAMPLES,
                        out_dir=out, progress=sys.stderr.isatty(), share_prefill=True, checkpoint_every=2)
 
 
@@ -173,14 +175,21 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--cost", action="store_true", help="time each method against H2O (no grid)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", default=",".join(NAMES.values()),
+                        help=f"merging methods run beside H2O (of {', '.join(NAMES.values())})")
     args = parser.parse_args()
+    by_name = {name: template for template, name in NAMES.items()}
+    unknown = sorted(set(args.methods.split(",")) - set(by_name))
+    if unknown:
+        parser.error(f"unknown merging method {unknown[0]!r}; choose from {', '.join(by_name)}")
     lengths = [int(x) for x in args.lengths.split(",")]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.cost:
         print(cost(args.out, lengths, args.repeats))
         return
     if not args.report_only:
-        grid = config(lengths, [float(x) for x in args.ratios.split(",")], args.tasks.split(","), args.out)
+        grid = config(lengths, [float(x) for x in args.ratios.split(",")], args.tasks.split(","), args.out,
+                      [by_name[name] for name in args.methods.split(",")])
         print(f"{len(plan_cells(grid))} cells planned", flush=True)
         run_grid(grid, args.max_minutes)
     table = report(args.out)

@@ -74,7 +74,7 @@ def test_a_small_budget_reads_what_the_core_cache_quest_reads(kernel_path, budge
     assert got != engine_outputs(prompts, 12, None)  # the budget does change what is read
 
 
-def test_decode_attention_reads_the_top_blocks_per_head_and_the_newest() -> None:
+def test_decode_attention_reads_the_top_blocks_per_head_and_the_newest(kernel_path) -> None:
     torch.manual_seed(0)
     pool = PagedKVPool(num_blocks=12, num_layers=1, num_kv_heads=2, head_dim=8, block_size=4)
     table = [7, 2, 9, 4, 0, 11]

@@ -355,19 +355,23 @@ std::vector<torch::Tensor> attention_with_column_sums(torch::Tensor query, torch
   return result;
 }
 // A decoding step of a page-reading policy (Quest, InfLLM): each (sequence, KV head) attends over the k pages
-// its policy chose, read in place from the resident page slots, and over its R resident entries (sinks, window,
-// the new token). query [B, Hq, D]; slots [2, C, P, D] (keys, values; contiguous); slot_index [B, H, k] int64;
-// resident keys and values [B, H, R, D] (rows contiguous). Softmax order does not matter: keys carry RoPE.
-torch::Tensor selected_page_attention(torch::Tensor query, torch::Tensor slots, torch::Tensor slot_index,
-                                      torch::Tensor resident_keys, torch::Tensor resident_values, double scaling) {
+// its policy chose, read in place, and over its R resident entries (sinks, window, the newest entries).
+// query [B, Hq, D]; key_pages, value_pages [N, Hp, P, D] (rows contiguous): page i of KV head h is
+// [i, h] when Hp == H (a paged pool's blocks hold every head), [i, 0] when Hp == 1 (slots of one head each);
+// page_index [B, H, k] int64; resident keys and values [B, H, R, D] (rows contiguous). Softmax order does
+// not matter: keys carry RoPE.
+torch::Tensor selected_page_attention(torch::Tensor query, torch::Tensor key_pages, torch::Tensor value_pages,
+                                      torch::Tensor page_index, torch::Tensor resident_keys,
+                                      torch::Tensor resident_values, double scaling) {
   const int64_t B = query.size(0), Hq = query.size(1), D = query.size(2);
-  const int64_t H = slot_index.size(1), k = slot_index.size(2), P = slots.size(2), R = resident_keys.size(2);
+  const int64_t H = page_index.size(1), k = page_index.size(2), P = key_pages.size(2), R = resident_keys.size(2);
   const int64_t G = Hq / H, n = k * P + R;
   auto out = torch::empty_like(query);
-  const float* kslots = slots.data_ptr<float>();
-  const float* vslots = kslots + slots.stride(0);
-  const int64_t slot_stride = slots.stride(1);
-  const int64_t* index = slot_index.data_ptr<int64_t>();
+  const float* kpages = key_pages.data_ptr<float>();
+  const float* vpages = value_pages.data_ptr<float>();
+  const auto kps = key_pages.strides(), vps = value_pages.strides();
+  const bool per_head = key_pages.size(1) > 1;
+  const int64_t* index = page_index.data_ptr<int64_t>();
   const auto rks = resident_keys.strides(), rvs = resident_values.strides();
   const float* rk = resident_keys.data_ptr<float>();
   const float* rv = resident_values.data_ptr<float>();
@@ -389,8 +393,9 @@ torch::Tensor selected_page_attention(torch::Tensor query, torch::Tensor slots, 
           sc[g * n + t] = dot * scale;
         }
       };
+      const int64_t kh = per_head ? h * kps[1] : 0, vh = per_head ? h * vps[1] : 0;
       for (int64_t j = 0; j < k; ++j)
-        for (int64_t s = 0; s < P; ++s) score_row(kslots + chosen[j] * slot_stride + s * D, j * P + s);
+        for (int64_t s = 0; s < P; ++s) score_row(kpages + chosen[j] * kps[0] + kh + s * kps[2], j * P + s);
       for (int64_t r = 0; r < R; ++r) score_row(rk + b * rks[0] + h * rks[1] + r * rks[2], k * P + r);
       for (int64_t g = 0; g < G; ++g) {
         float* row = sc + g * n;
@@ -410,7 +415,7 @@ torch::Tensor selected_page_attention(torch::Tensor query, torch::Tensor slots, 
         }
       };
       for (int64_t j = 0; j < k; ++j)
-        for (int64_t s = 0; s < P; ++s) add_row(vslots + chosen[j] * slot_stride + s * D, j * P + s);
+        for (int64_t s = 0; s < P; ++s) add_row(vpages + chosen[j] * vps[0] + vh + s * vps[2], j * P + s);
       for (int64_t r = 0; r < R; ++r) add_row(rv + b * rvs[0] + h * rvs[1] + r * rvs[2], k * P + r);
       for (int64_t g = 0; g < G; ++g)
         std::copy(acc.data() + g * D, acc.data() + (g + 1) * D, op + (b * Hq + h * G + g) * D);
@@ -664,18 +669,20 @@ def paged_attention_forward(
 
 @without_cpu_autocast
 def selected_page_attention(
-    query: torch.Tensor, slots: torch.Tensor, slot_index: torch.Tensor, resident_keys: torch.Tensor,
-    resident_values: torch.Tensor, scaling: float,
+    query: torch.Tensor, key_pages: torch.Tensor, value_pages: torch.Tensor, page_index: torch.Tensor,
+    resident_keys: torch.Tensor, resident_values: torch.Tensor, scaling: float,
 ) -> torch.Tensor:
     """``[B, Hq, D]`` float32: one decoding query per sequence over the pages a policy chose and its resident entries.
 
-    ``query`` ``[B, Hq, D]`` float32; ``slots`` ``[2, C, P, D]`` float32 (keys, values) the resident page slots,
-    read in place; ``slot_index`` ``[B, H, k]`` int64 the slots each (sequence, KV head) reads; ``resident_keys``
-    and ``resident_values`` ``[B, H, R, D]`` float32 (rows contiguous) the entries every step reads. Query head
-    ``h * G + g`` reads KV head ``h``; no entry is masked.
+    ``query`` ``[B, Hq, D]`` float32. ``key_pages``, ``value_pages`` ``[N, Hp, P, D]`` float32 views (rows
+    contiguous), read in place: page ``i`` of KV head ``h`` is ``[i, h]`` when ``Hp == H`` (a paged pool's
+    blocks), ``[i, 0]`` when ``Hp == 1`` (the page LRU's slots, one head each). ``page_index`` ``[B, H, k]``
+    int64 the pages each (sequence, KV head) reads; ``resident_keys``, ``resident_values`` ``[B, H, R, D]``
+    float32 (rows contiguous) the entries it always reads. Query head ``h * G + g`` reads KV head ``h``; no
+    entry is masked.
     """
-    return _module().selected_page_attention(query.contiguous(), slots, slot_index.contiguous(), resident_keys,
-                                             resident_values, scaling)
+    return _module().selected_page_attention(query.contiguous(), key_pages, value_pages, page_index.contiguous(),
+                                             resident_keys, resident_values, scaling)
 
 
 def read_file_blocks(fd: int, records: torch.Tensor, block_bytes: int, dest: torch.Tensor, rows: torch.Tensor,

@@ -408,8 +408,8 @@ class TieredLayer(OwnedLayer):
                 lru = self._page_cache()
                 slot_index = torch.from_numpy(lru.locate(self.pages.records(pages), self.pages))
                 output = kernels.selected_page_attention(
-                    query.reshape(batch, q_heads, self.head_dim), lru.slots, slot_index.view(batch, self.heads, count),
-                    self.tail_keys, self.tail_values, scaling)
+                    query.reshape(batch, q_heads, self.head_dim), lru.slots[0].unsqueeze(1), lru.slots[1].unsqueeze(1),
+                    slot_index.view(batch, self.heads, count), self.tail_keys, self.tail_values, scaling)
                 self._flush()
                 return output.view(batch, 1, q_heads, self.head_dim)
         read_keys, read_values = self._read(pages)

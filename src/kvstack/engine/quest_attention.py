@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from kvstack.cache import kernels
 from kvstack.engine.paged import PagedKVPool
 from kvstack.methods.base import Method
 
@@ -50,16 +51,23 @@ def quest_decode_attention(query: torch.Tensor, pool: PagedKVPool, layer: int, t
 
     The caller sends here only steps where ``read < full`` (:func:`quest_blocks_read`); with every block read,
     the engine's ordinary path runs, so a budget covering the context gives exactly the full engine's outputs.
-    Float32 softmax; ``read * block_size + (context_len - full * block_size)`` keys per KV head.
+    Float32 softmax; ``read * block_size + (context_len - full * block_size)`` keys per KV head: read in place
+    by :func:`kvstack.cache.kernels.selected_page_attention` from a float32 CPU pool, else gathered.
     """
     heads, dim, size = pool.num_kv_heads, pool.head_dim, pool.block_size
     full, read = quest_blocks_read(reader, context_len, size)
     blocks = select_blocks(query, pool, layer, table, full, read, reader)  # [H, read]
     layer_kv = pool.kv[:, layer]  # [num_blocks, 2, H, block_size, D], a view
+    newest = layer_kv[table[full], :, :, : context_len - full * size]  # [2, H, r, D]
+    if pool.kv.dtype == torch.float32 and pool.device.type == "cpu" and kernels.available():
+        # The selected blocks are read in place from the pool, the newest block's entries as resident rows.
+        output = kernels.selected_page_attention(query.reshape(1, heads * (query.shape[0] // heads), dim).float(),
+                                                 layer_kv[:, 0], layer_kv[:, 1], blocks[None], newest[0][None],
+                                                 newest[1][None], scaling)
+        return output.reshape(query.shape).to(query.dtype)
     # Two advanced indices split by a slice put theirs first: [H, read, 2, block_size, D].
     picked = layer_kv[blocks, :, torch.arange(heads, device=pool.device)[:, None]]
     picked = picked.permute(2, 0, 1, 3, 4).reshape(2, heads, read * size, dim)
-    newest = layer_kv[table[full], :, :, : context_len - full * size]  # [2, H, r, D]
     keys = torch.cat((picked[0], newest[0]), dim=1).float()  # [H, n, D]
     values = torch.cat((picked[1], newest[1]), dim=1).float()
     grouped = query.to(device=pool.device, dtype=torch.float32).reshape(heads, -1, dim)  # [H, G, D]
