@@ -80,15 +80,23 @@ def one(spec: str, length: int, decode: int) -> dict:
             "peak_rss_after_prefill_mb": rss_prefill / 1024}
 
 
-def speed(out: str, length: int, decode: int, repeats: int) -> str:
+def fresh_process_rounds(flag: str, specs: list[str], repeats: int, *args: str) -> dict[str, list[dict]]:
+    """Each spec in a fresh process (``this script flag spec args``), rounds interleaved: spec -> the JSON records
+    each round's process printed last."""
     rows: dict[str, list[dict]] = {}
     for _ in range(repeats):
-        for spec in speed_specs(length):
-            result = subprocess.run([sys.executable, __file__, "--one", spec, "--length", str(length), "--decode",
-                                     str(decode)], capture_output=True, text=True, check=True)
+        for spec in specs:
+            result = subprocess.run([sys.executable, __file__, flag, spec, *args], capture_output=True, text=True,
+                                    check=True)
             record = json.loads(result.stdout.strip().splitlines()[-1])
-            print(json.dumps(record), flush=True)
+            print(json.dumps({k: v for k, v in record.items() if k != "outputs"}), flush=True)
             rows.setdefault(spec, []).append(record)
+    return rows
+
+
+def speed(out: str, length: int, decode: int, repeats: int) -> str:
+    rows = fresh_process_rounds("--one", speed_specs(length), repeats, "--length", str(length), "--decode",
+                                str(decode))
     full = rows["full"]
     lines = ["| method | decode ms/token | speed-up | prefill s | resident KV | of full | tier | peak RSS MB | "
              "RSS lower by | of what moved |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -151,15 +159,8 @@ def engine_one(spec: str, length: int, requests: int, decode: int) -> dict:
 
 def engine_speed(out: str, length: int, requests: int, decode: int, repeats: int) -> str:
     specs = ["full", f"quest(budget={length // READ_FRACTION})"]
-    rows: dict[str, list[dict]] = {}
-    for _ in range(repeats):
-        for spec in specs:
-            result = subprocess.run([sys.executable, __file__, "--engine-one", spec, "--length", str(length),
-                                     "--requests", str(requests), "--decode", str(decode)], capture_output=True,
-                                    text=True, check=True)
-            record = json.loads(result.stdout.strip().splitlines()[-1])
-            print(json.dumps({k: v for k, v in record.items() if k != "outputs"}), flush=True)
-            rows.setdefault(spec, []).append(record)
+    rows = fresh_process_rounds("--engine-one", specs, repeats, "--length", str(length), "--requests",
+                                str(requests), "--decode", str(decode))
     full_outputs = rows["full"][0]["outputs"]
     base = statistics.median(r["decode_tokens_per_s"] for r in rows["full"])
     lines = ["| method | decode tokens/s | against full | greedy tokens equal to full's | block bounds |",

@@ -208,9 +208,7 @@ class Engine:
             raise KVStackError("stop strings need the tokenizer: build the Engine with tokenizer=...")
         prompt = _token_ids(prompt_token_ids)
         self._check_prompt(prompt, params)
-        compression = self._compression_for(method, prompt, params)
-        reader = compression if isinstance(compression, Method) else None
-        compression = None if reader is not None else compression
+        compression, reader = self._method_state(method, prompt, params)
         request_id = next(self._ids)
         request = Request(
             request_id=request_id,
@@ -256,23 +254,25 @@ class Engine:
                 f"context of {self.max_context}; lower max_new_tokens to at most {limit}"
             )
 
-    def _compression_for(
+    def _method_state(
         self, method: str | None, prompt: list[int], params: SamplingParams
-    ) -> SequenceCompression | Method | None:
-        """The compression state of a new request with ``method``, or the page-reading method itself (Quest: it
-        keeps everything and changes only what a decoding step reads), or None when it keeps and reads
-        everything."""
+    ) -> tuple[SequenceCompression | None, Method | None]:
+        """``(compression, page_reader)`` of a new request with ``method``: the compression state of a method
+        that evicts, or the page-reading method (Quest: it keeps everything and changes only what a decoding
+        step reads); ``(None, None)`` when it keeps and reads everything."""
         if params.n > 1 and method is not None and method != "full":
             raise KVStackError(f"n={params.n} parallel samples cannot be combined with a compression method "
                                f"({method!r}) yet; use n=1 or no method")
         if method is None:
-            return None
+            return None, None
         chosen = engine_method(method, len(prompt), self.pool.num_layers, self.pool.block_size)
-        if chosen is None or chosen.reads_pages:
-            return chosen
+        if chosen is None:
+            return None, None
+        if chosen.reads_pages:
+            return None, chosen
         budget = chosen.layer_budget(len(prompt), 0, self.pool.num_layers)
         assert budget is not None
-        return SequenceCompression(chosen, len(prompt), budget, self.pool.num_layers, self.pool.num_kv_heads)
+        return SequenceCompression(chosen, len(prompt), budget, self.pool.num_layers, self.pool.num_kv_heads), None
 
     def abort(self, request_id: Hashable) -> bool:
         """Abort a request; see :meth:`~kvstack.engine.scheduler.Scheduler.abort`.
