@@ -14,8 +14,8 @@ stretches, so no prefix is shared) decoding ``--decode`` tokens each, all admitt
 throughput (tokens generated once every prompt is read, over the time that took) and how many greedy tokens
 agree with the full engine's.
 
-``--recall`` is the suite grid (passkey, single needle in noise, multi-key at 4k and 8k, 20 samples) of Quest,
-InfLLM, retrieval heads (``duo``, an eighth of the heads whole), Loki, SnapKV and H2O reading or keeping 1/8
+``--recall`` is the suite grid (passkey, single needle in noise, multi-key at 4k and 8k, 20 samples) of Quest
+(pages of 16, the paper's, and of 8), InfLLM, retrieval heads (``duo``, an eighth of the heads whole), Loki, SnapKV and H2O reading or keeping 1/8
 of the context, resumable (``--max-minutes``); it takes hours on
 2 CPU cores, so it is run in pieces.
 
@@ -51,7 +51,7 @@ RECALL_TASKS = ["passkey", "niah_single_noise", "niah_multikey"]
 
 def speed_specs(length: int) -> list[str]:
     budget = length // READ_FRACTION
-    return ["full", f"quest(budget={budget})", f"infllm(budget={budget})"]
+    return ["full", f"quest(budget={budget})", f"quest(budget={budget}, page=8)", f"infllm(budget={budget})"]
 
 
 def one(spec: str, length: int, decode: int) -> dict:
@@ -198,7 +198,8 @@ def recall(out: str, lengths: list[int], max_minutes: float | None) -> None:
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     for length in lengths:  # one grid per length: each reads 1/8 of its own context
         budget = length // READ_FRACTION
-        methods = [f"quest(budget={budget})", f"infllm(budget={budget})", f"duo(heads={1 / READ_FRACTION})",
+        methods = [f"quest(budget={budget})", f"quest(budget={budget}, page=8)", f"infllm(budget={budget})",
+                   f"duo(heads={1 / READ_FRACTION})",
                    f"loki(budget={budget})", f"snapkv(budget={budget})", f"h2o(budget={budget})"]
         config = BenchConfig(methods=methods, tasks=RECALL_TASKS, lengths=[length], samples=20, out_dir=out,
                              progress=sys.stderr.isatty(), share_prefill=True, checkpoint_every=2)
