@@ -15,9 +15,9 @@ throughput (tokens generated once every prompt is read, over the time that took)
 agree with the full engine's.
 
 ``--recall`` is the suite grid (passkey, single needle in noise, multi-key at 4k and 8k, 20 samples) of Quest
-(pages of 16, the paper's, and of 8), InfLLM, retrieval heads (``duo``, an eighth of the heads whole), Loki, SnapKV and H2O reading or keeping 1/8
-of the context, resumable (``--max-minutes``); it takes hours on
-2 CPU cores, so it is run in pieces.
+(pages of 16, the paper's, and of 8), InfLLM, retrieval heads (``duo``, an eighth of the heads whole), Loki,
+SnapKV and H2O reading or keeping 1/8 of the context, resumable (``--max-minutes``); it takes hours on 2 CPU
+cores, so it is run in pieces.
 
 Usage::
 
