@@ -378,47 +378,39 @@ torch::Tensor selected_page_attention(torch::Tensor query, torch::Tensor key_pag
   const float* qp = query.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float scale = (float)scaling;
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(G * n), acc(G * D);
+  // One task per query head: a GQA group's query heads share the rows they read through the cache, and
+  // a single sequence's few KV heads still spread over the threads.
+  at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(n), acc(D);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / H, h = task % H;
-      const int64_t* chosen = index + task * k;
-      const float* __restrict q = qp + (b * Hq + h * G) * D;
+      const int64_t b = task / Hq, h = (task % Hq) / G;
+      const int64_t* chosen = index + (b * H + h) * k;
+      const float* __restrict q = qp + task * D;
       float* __restrict sc = scores.data();
       auto score_row = [&](const float* __restrict key, int64_t t) {
-        for (int64_t g = 0; g < G; ++g) {
-          const float* __restrict qg = q + g * D;
-          float dot = 0.f;
-          for (int64_t c = 0; c < D; ++c) dot += qg[c] * key[c];
-          sc[g * n + t] = dot * scale;
-        }
+        float dot = 0.f;
+        for (int64_t c = 0; c < D; ++c) dot += q[c] * key[c];
+        sc[t] = dot * scale;
       };
       const int64_t kh = per_head ? h * kps[1] : 0, vh = per_head ? h * vps[1] : 0;
       for (int64_t j = 0; j < k; ++j)
         for (int64_t s = 0; s < P; ++s) score_row(kpages + chosen[j] * kps[0] + kh + s * kps[2], j * P + s);
       for (int64_t r = 0; r < R; ++r) score_row(rk + b * rks[0] + h * rks[1] + r * rks[2], k * P + r);
-      for (int64_t g = 0; g < G; ++g) {
-        float* row = sc + g * n;
-        float mx = row[0];
-        for (int64_t t = 1; t < n; ++t) mx = std::max(mx, row[t]);
-        float sum = 0.f;
-        for (int64_t t = 0; t < n; ++t) { row[t] = std::exp(row[t] - mx); sum += row[t]; }
-        const float inv = 1.f / sum;
-        for (int64_t t = 0; t < n; ++t) row[t] *= inv;
-      }
+      float mx = sc[0];
+      for (int64_t t = 1; t < n; ++t) mx = std::max(mx, sc[t]);
+      float sum = 0.f;
+      for (int64_t t = 0; t < n; ++t) { sc[t] = std::exp(sc[t] - mx); sum += sc[t]; }
+      const float inv = 1.f / sum;
       std::fill(acc.begin(), acc.end(), 0.f);
+      float* __restrict a = acc.data();
       auto add_row = [&](const float* __restrict value, int64_t t) {
-        for (int64_t g = 0; g < G; ++g) {
-          const float w = sc[g * n + t];
-          float* __restrict a = acc.data() + g * D;
-          for (int64_t c = 0; c < D; ++c) a[c] += w * value[c];
-        }
+        const float w = sc[t] * inv;
+        for (int64_t c = 0; c < D; ++c) a[c] += w * value[c];
       };
       for (int64_t j = 0; j < k; ++j)
         for (int64_t s = 0; s < P; ++s) add_row(vpages + chosen[j] * vps[0] + vh + s * vps[2], j * P + s);
       for (int64_t r = 0; r < R; ++r) add_row(rv + b * rvs[0] + h * rvs[1] + r * rvs[2], k * P + r);
-      for (int64_t g = 0; g < G; ++g)
-        std::copy(acc.data() + g * D, acc.data() + (g + 1) * D, op + (b * Hq + h * G + g) * D);
+      std::copy(acc.begin(), acc.end(), op + task * D);
     }
   });
   return out;

@@ -403,8 +403,8 @@ class TieredLayer(OwnedLayer):
         else:
             grouped = query.view(batch, self.heads, q_heads // self.heads, self.head_dim)
             scores = method.page_scores(grouped, self.summary)  # [B, H, P]
-            pages = scores.topk(count, dim=-1).indices.sort(dim=-1).values.cpu()
-            if self._attends_in_place(query, count):
+            pages = scores.topk(count, dim=-1).indices.cpu()  # [B, H, count]
+            if self._attends_in_place(query, count):  # in any order: the softmax is over a set
                 lru = self._page_cache()
                 slot_index = torch.from_numpy(lru.locate(self.pages.records(pages), self.pages))
                 output = kernels.selected_page_attention(
@@ -412,6 +412,7 @@ class TieredLayer(OwnedLayer):
                     slot_index.view(batch, self.heads, count), self.tail_keys, self.tail_values, scaling)
                 self._flush()
                 return output.view(batch, 1, q_heads, self.head_dim)
+            pages = pages.sort(dim=-1).values  # in arrival order, as the entries' positions are kept
         read_keys, read_values = self._read(pages)
         sinks = self.sink_count()
         if read_keys.shape[2] == 0:  # nothing in the tier yet (a first prompt chunk): no copy
