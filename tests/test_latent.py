@@ -140,5 +140,34 @@ def test_bad_mla_input_is_one_line_each(model, capsys, tmp_path) -> None:
         Engine(new, memory_mb=1.0, block_size=4)
     err = usage_error(capsys, ["transform", "--spec", "mla(rope_dims=5)", "--out", str(tmp_path / "x")])
     assert "even number" in err
-    err = usage_error(capsys, ["transform", "--spec", "mla(rank=64)", "--out", str(tmp_path / "x")])
-    assert "is not saved; apply it with kvstack.transform" in err
+
+
+def test_a_saved_latent_model_loads_back_exactly_and_plain_transformers_refuses_it(model, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from kvstack.transforms.checkpoint import WEIGHTS, load_transformed, save_transformed
+
+    new, _ = kvstack.transform(model, "mla(rank=24)", calibration_ids=CALIBRATION)
+    save_transformed(new, tmp_path)
+    assert (tmp_path / WEIGHTS).is_file() and not (tmp_path / "model.safetensors").exists()
+    loaded = load_transformed(tmp_path, torch.float32).eval()
+    ids = random_ids(16, seed=5)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, new(input_ids=ids).logits)
+    for got, want in zip(loaded.model.layers, new.model.layers, strict=True):
+        assert torch.equal(got.self_attn.rotary_index, want.self_attn.rotary_index)
+    cache, reference = kvstack.make_cache(loaded, "full"), kvstack.make_cache(new, "full")
+    kvstack.prefill(loaded, ids, cache)
+    kvstack.prefill(new, ids, reference)
+    assert cache.kv_bytes() == reference.kv_bytes()  # latents and rotary keys, as the transformed model caches
+    with pytest.raises(OSError):  # no model.safetensors: plain transformers cannot run latent attention
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(WordLevel({f"w{i}": i for i in range(model.config.vocab_size)}, unk_token="w0"))
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0").save_pretrained(tmp_path)
+    through_kvstack, _ = kvstack.load_model(str(tmp_path))  # kvstack's loader reads its own format
+    with torch.no_grad():
+        assert torch.equal(through_kvstack(input_ids=ids).logits, new(input_ids=ids).logits)

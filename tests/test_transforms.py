@@ -405,5 +405,20 @@ def test_bad_cla_input_is_one_line_each(capsys, tmp_path) -> None:
         Engine(new, memory_mb=1.0, block_size=4)
     err = usage_error(capsys, ["transform", "--spec", "cla(pairs='3:5')", "--out", str(tmp_path / "x")])
     assert "layer below" in err
-    err = usage_error(capsys, ["transform", "--spec", "cla(pairs='3:2')", "--out", str(tmp_path / "x")])
-    assert "is not saved; apply it with kvstack.transform" in err
+
+
+def test_a_saved_shared_kv_model_loads_back_exactly_with_nothing_of_its_own_in_the_upper_layers(tmp_path) -> None:
+    from kvstack.transforms.checkpoint import WEIGHTS, load_transformed, save_transformed
+
+    base = build_model(num_hidden_layers=4)
+    new, _ = kvstack.transform(base, "cla(pairs='2:0,3:0')")
+    save_transformed(new, tmp_path)
+    assert (tmp_path / WEIGHTS).is_file()
+    loaded = load_transformed(tmp_path, torch.float32).eval()
+    assert not hasattr(loaded.model.layers[2].self_attn, "k_proj")  # the sharing layers hold no K/V projection
+    assert loaded.model.layers[3].self_attn.source_index == 0
+    ids = random_ids(16, seed=6)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, new(input_ids=ids).logits)
+    out = loaded.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, new.generate(ids, max_new_tokens=4, do_sample=False))

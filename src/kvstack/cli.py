@@ -205,26 +205,26 @@ def cmd_transform(args: argparse.Namespace) -> int:
                          "'model/' in `kvstack methods`")
     from kvstack.transforms.chain import transform_steps
 
-    for step in transform_steps(method):  # a lone repair is refused before the model loads
-        if not step.plain_checkpoint:
-            raise UsageError(f"{step.label()} makes a model plain transformers cannot run from a checkpoint (its "
-                             "attention modules exist only in kvstack), so it is not saved; apply it with "
-                             "kvstack.transform")
+    plain = all(step.plain_checkpoint for step in transform_steps(method))  # a lone repair is refused here
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out} exists and is not empty; give a new directory")
 
     from kvstack.models import load_model
     from kvstack.transforms import transform
+    from kvstack.transforms.checkpoint import save_transformed
 
     model, tokenizer = load_model(args.model, device=args.device)
     new, record = transform(model, method, tokenizer=tokenizer, source=args.source)
     out.mkdir(parents=True, exist_ok=True)
-    new.save_pretrained(out)
+    save_transformed(new, out)
     tokenizer.save_pretrained(out)
     (out / "kvstack_transform.json").write_text(json.dumps({**record, "model": args.model}, indent=1))
     before, after = record["kv_bytes_per_token"]
-    print(f"{record['spec']}: {out} written ({before} -> {after} KV bytes per token, {record['seconds']:.1f} s)")
+    kind = "a transformers checkpoint" if plain else "a kvstack checkpoint (kvstack.load_model reads it; its " \
+        "attention exists only in kvstack)"
+    print(f"{record['spec']}: {out} written as {kind} ({before} -> {after} KV bytes per token, "
+          f"{record['seconds']:.1f} s)")
     return 0
 
 

@@ -167,7 +167,12 @@ def _valid_choices() -> str:
 def _load_dir(
     directory: pathlib.Path, dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, local_files_only=True)
+    from kvstack.transforms.checkpoint import is_transformed_checkpoint, load_transformed
+
+    if is_transformed_checkpoint(directory):  # latent or shared-KV attention: kvstack's own format
+        model = load_transformed(directory, dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     return model, tokenizer
 

@@ -23,7 +23,7 @@ as the rebuilt keys (scores are unchanged by a shared permutation). The cache re
 ``[B, H, T, d]`` in the key slot and the latents ``[B, 1, T, r]`` in the value slot: transformers'
 ``DynamicCache`` stores them as they are, and ``make_cache`` (seeing ``config.kvstack_latent_kv``) gives
 every layer a latent store that counts exactly those bytes. The model is not a plain checkpoint: the new
-attention modules exist only in kvstack.
+attention modules exist only in kvstack (:mod:`kvstack.transforms.checkpoint` saves and loads it).
 
 Shapes: ``B`` sequences, ``T`` tokens, ``H`` KV heads, ``Hq`` query heads, ``D`` head dimension, ``d`` rotary
 dimensions per KV head, ``r`` latent rank, ``h`` hidden size.
@@ -49,7 +49,7 @@ from kvstack.transforms.sharing import shared_layers
 
 torch = lazy_module("torch")
 
-__all__ = ["MLA", "latent_geometry"]
+__all__ = ["MLA", "latent_geometry", "restore_latent"]
 
 KEEPS = ("cost", "norm", "high")
 ROTATION_SPAN = 2048  # tokens over which 'cost' averages how far a rotary pair turns
@@ -214,6 +214,24 @@ def _latent_attention(module: Any, pairs: Any, rank: int, heads: int, head_dim: 
     query = augmented_weight(module.q_proj).view(heads, group, head_dim, -1)
     query = torch.stack([query[h][:, order[h]] for h in range(heads)]).reshape(heads * group * head_dim, -1)
     return _module_class()(module, query, rotary_keys, down, up, pairs), error
+
+
+def restore_latent(model: Any) -> None:
+    """Give a model built from an ``mla`` model's config its latent attention modules, of the shapes the config
+    names, for a state dict to fill (the rotary pairs are buffers in it). No-op for any other model."""
+    geometry = latent_geometry(model.config)
+    if geometry is None:
+        return
+    config = model.config
+    heads, rank, rope_dims = config.num_key_value_heads, geometry["rank"], geometry["rope_dims"]
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for index, module in enumerate(attention_layers(model)):
+        like = module.q_proj.weight
+        inputs = like.shape[1] + 1  # augmented: the last column is the bias
+        pairs = torch.zeros(heads, rope_dims // 2, dtype=torch.long, device=like.device)
+        model.model.layers[index].self_attn = _module_class()(
+            module, like.new_zeros(module.q_proj.out_features, inputs), like.new_zeros(heads * rope_dims, inputs),
+            like.new_zeros(rank, inputs), like.new_zeros(heads * (2 * head_dim - rope_dims), rank), pairs)
 
 
 def _linear(augmented: Any, bias: bool, like: Any) -> Any:

@@ -39,7 +39,8 @@ from kvstack.transforms.base import Transform, TransformError, adopt_attention_s
 
 torch = lazy_module("torch")
 
-__all__ = ["CLA", "exporting_linear", "model_choice", "parse_pairs", "shared_kv_attention", "shared_layers"]
+__all__ = ["CLA", "exporting_linear", "model_choice", "parse_pairs", "restore_sharing", "shared_kv_attention",
+           "shared_layers"]
 
 CHOOSES = ("attention", "model")
 
@@ -164,6 +165,15 @@ class CLA(Transform):
         return {"pairs": {str(upper): lower for upper, lower in sorted(pairs.items())},
                 "costs": {str(upper): cost for upper, cost in sorted(costs.items())},
                 "calibration_tokens": int(inputs.numel()) if inputs is not None else 0, "changed": changed}
+
+
+def restore_sharing(model: Any) -> None:
+    """Give a model built from a ``cla`` model's config the sharing its config names (``kvstack_shared_kv``):
+    the upper layers' attention reads the lower layers' keys and values. No-op for any other model."""
+    modules = attention_layers(model)
+    layer_modules = list(model.model.layers)
+    for upper, lower in sorted(shared_layers(model.config).items()):
+        _share(layer_modules, modules, upper, lower)
 
 
 def _share(layer_modules: list[Any], modules: list[Any], upper: int, lower: int) -> tuple[Any, Any, Any]:
