@@ -29,10 +29,13 @@ def tiny() -> torch.nn.Module:
     return build_model("llama", seed=0, vocab_size=VOCAB, max_position_embeddings=256, initializer_range=0.1)
 
 
-def engine_outputs(prompts: list[list[int]], max_new: int, method: str | None, block_size: int = 4
-                   ) -> list[list[int]]:
+def engine_outputs(prompts: list[list[int]], max_new: int, method: str | None | list[str | None],
+                   block_size: int = 4) -> list[list[int]]:
+    """Greedy outputs of the engine for ``prompts`` admitted together, with ``method`` on each (or one each)."""
     engine = Engine(tiny(), memory_mb=2.0, block_size=block_size)
-    ids = [engine.add_request(p, SamplingParams(max_new_tokens=max_new), method=method) for p in prompts]
+    methods = method if isinstance(method, list) else [method] * len(prompts)
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=max_new), method=m)
+           for p, m in zip(prompts, methods, strict=True)]
     while engine.has_unfinished():
         engine.step()
     return [engine.get_output(rid) for rid in ids]
@@ -72,6 +75,13 @@ def test_a_small_budget_reads_what_the_core_cache_quest_reads(kernel_path, budge
     want = [core_quest(prompt, 12, spec) for prompt in prompts]
     assert got == want
     assert got != engine_outputs(prompts, 12, None)  # the budget does change what is read
+
+
+def test_requests_with_different_budgets_in_one_step_each_read_what_their_own_quest_reads(kernel_path) -> None:
+    prompts = [prompt_of(61, 5, VOCAB), prompt_of(45, 6, VOCAB), prompt_of(53, 7, VOCAB)]
+    specs = ["quest(budget=8, page=4)", "quest(budget=16, page=4)", "quest(budget=8, page=4)"]
+    got = engine_outputs(prompts, 12, specs)
+    assert got == [core_quest(prompt, 12, spec) for prompt, spec in zip(prompts, specs, strict=True)]
 
 
 def test_decode_attention_reads_the_top_blocks_per_head_and_the_newest(kernel_path) -> None:

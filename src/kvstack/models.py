@@ -31,6 +31,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from kvstack.checkpoint_formats import reader_for
 from kvstack.errors import InputError, KVStackError
 from kvstack.model_store import (
     CACHE_ENTRY,
@@ -167,10 +168,9 @@ def _valid_choices() -> str:
 def _load_dir(
     directory: pathlib.Path, dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    from kvstack.transforms.checkpoint import is_transformed_checkpoint, load_transformed
-
-    if is_transformed_checkpoint(directory):  # latent or shared-KV attention: kvstack's own format
-        model = load_transformed(directory, dtype)
+    read = reader_for(directory)  # e.g. an mla or cla model, saved in kvstack's own format
+    if read is not None:
+        model = read(directory, dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)

@@ -358,14 +358,16 @@ std::vector<torch::Tensor> attention_with_column_sums(torch::Tensor query, torch
 // its policy chose, read in place, and over its R resident entries (sinks, window, the newest entries).
 // query [B, Hq, D]; key_pages, value_pages [N, Hp, P, D] (rows contiguous): page i of KV head h is
 // [i, h] when Hp == H (a paged pool's blocks hold every head), [i, 0] when Hp == 1 (slots of one head each);
-// page_index [B, H, k] int64; resident keys and values [B, H, R, D] (rows contiguous). Softmax order does
-// not matter: keys carry RoPE.
+// page_index [B, H, k] int64; resident keys and values [B, H, R, D] (rows contiguous), of which sequence b
+// reads the first resident_counts[b] (int64 [B]). Softmax order does not matter: keys carry RoPE.
 torch::Tensor selected_page_attention(torch::Tensor query, torch::Tensor key_pages, torch::Tensor value_pages,
                                       torch::Tensor page_index, torch::Tensor resident_keys,
-                                      torch::Tensor resident_values, double scaling) {
+                                      torch::Tensor resident_values, torch::Tensor resident_counts,
+                                      double scaling) {
   const int64_t B = query.size(0), Hq = query.size(1), D = query.size(2);
   const int64_t H = page_index.size(1), k = page_index.size(2), P = key_pages.size(2), R = resident_keys.size(2);
-  const int64_t G = Hq / H, n = k * P + R;
+  const int64_t G = Hq / H;
+  const int64_t* counts = resident_counts.data_ptr<int64_t>();
   auto out = torch::empty_like(query);
   const float* kpages = key_pages.data_ptr<float>();
   const float* vpages = value_pages.data_ptr<float>();
@@ -381,9 +383,9 @@ torch::Tensor selected_page_attention(torch::Tensor query, torch::Tensor key_pag
   // One task per query head: a GQA group's query heads share the rows they read through the cache, and
   // a single sequence's few KV heads still spread over the threads.
   at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(n), acc(D);
+    std::vector<float> scores(k * P + R), acc(D);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hq, h = (task % Hq) / G;
+      const int64_t b = task / Hq, h = (task % Hq) / G, rb = std::min(R, counts[b]), n = k * P + rb;
       const int64_t* chosen = index + (b * H + h) * k;
       const float* __restrict q = qp + task * D;
       float* __restrict sc = scores.data();
@@ -395,7 +397,7 @@ torch::Tensor selected_page_attention(torch::Tensor query, torch::Tensor key_pag
       const int64_t kh = per_head ? h * kps[1] : 0, vh = per_head ? h * vps[1] : 0;
       for (int64_t j = 0; j < k; ++j)
         for (int64_t s = 0; s < P; ++s) score_row(kpages + chosen[j] * kps[0] + kh + s * kps[2], j * P + s);
-      for (int64_t r = 0; r < R; ++r) score_row(rk + b * rks[0] + h * rks[1] + r * rks[2], k * P + r);
+      for (int64_t r = 0; r < rb; ++r) score_row(rk + b * rks[0] + h * rks[1] + r * rks[2], k * P + r);
       float mx = sc[0];
       for (int64_t t = 1; t < n; ++t) mx = std::max(mx, sc[t]);
       float sum = 0.f;
@@ -409,7 +411,7 @@ torch::Tensor selected_page_attention(torch::Tensor query, torch::Tensor key_pag
       };
       for (int64_t j = 0; j < k; ++j)
         for (int64_t s = 0; s < P; ++s) add_row(vpages + chosen[j] * vps[0] + vh + s * vps[2], j * P + s);
-      for (int64_t r = 0; r < R; ++r) add_row(rv + b * rvs[0] + h * rvs[1] + r * rvs[2], k * P + r);
+      for (int64_t r = 0; r < rb; ++r) add_row(rv + b * rvs[0] + h * rvs[1] + r * rvs[2], k * P + r);
       std::copy(acc.begin(), acc.end(), op + task * D);
     }
   });
@@ -663,6 +665,7 @@ def paged_attention_forward(
 def selected_page_attention(
     query: torch.Tensor, key_pages: torch.Tensor, value_pages: torch.Tensor, page_index: torch.Tensor,
     resident_keys: torch.Tensor, resident_values: torch.Tensor, scaling: float,
+    resident_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[B, Hq, D]`` float32: one decoding query per sequence over the pages a policy chose and its resident entries.
 
@@ -670,11 +673,13 @@ def selected_page_attention(
     contiguous), read in place: page ``i`` of KV head ``h`` is ``[i, h]`` when ``Hp == H`` (a paged pool's
     blocks), ``[i, 0]`` when ``Hp == 1`` (the page LRU's slots, one head each). ``page_index`` ``[B, H, k]``
     int64 the pages each (sequence, KV head) reads; ``resident_keys``, ``resident_values`` ``[B, H, R, D]``
-    float32 (rows contiguous) the entries it always reads. Query head ``h * G + g`` reads KV head ``h``; no
-    entry is masked.
+    float32 (rows contiguous) the entries it always reads, of which sequence ``b`` reads the first
+    ``resident_counts[b]`` (``[B]`` int64; None: all ``R``). Query head ``h * G + g`` reads KV head ``h``.
     """
+    if resident_counts is None:
+        resident_counts = torch.full((query.shape[0],), resident_keys.shape[2], dtype=torch.long)
     return _module().selected_page_attention(query.contiguous(), key_pages, value_pages, page_index.contiguous(),
-                                             resident_keys, resident_values, scaling)
+                                             resident_keys, resident_values, resident_counts.contiguous(), scaling)
 
 
 def read_file_blocks(fd: int, records: torch.Tensor, block_bytes: int, dest: torch.Tensor, rows: torch.Tensor,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from kvstack.cache import kernels
 from kvstack.engine.paged import BlockTable, PagedKVPool, table_to_list
-from kvstack.engine.quest_attention import quest_blocks_read, quest_decode_attention
+from kvstack.engine.quest_attention import quest_blocks_read, quest_decode_attention, quest_decode_batch
 from kvstack.errors import KVStackError
 from kvstack.methods.base import Method
 
@@ -283,10 +283,10 @@ def _kernel_path_attention(
         output[first : first + count] = _dense_chunk_attention(
             query[first : first + count], pool, layer, table, context_len, scaling
         )
-    for row, _, table, context_len, reader in plan.selected:
-        output[row : row + 1] = quest_decode_attention(
-            query[row : row + 1].transpose(0, 1), pool, layer, table, context_len, reader, scaling
-        ).transpose(0, 1)
+    if plan.selected:  # Quest's decoding steps: selected together, read in place
+        rows = [row for row, *_ in plan.selected]
+        steps = [(table, context_len, reader) for _, _, table, context_len, reader in plan.selected]
+        output[rows] = quest_decode_batch(query[rows], pool, layer, steps, scaling).to(query.dtype)
     return output
 
 

@@ -18,7 +18,7 @@ from kvstack.cache import kernels
 from kvstack.engine.paged import PagedKVPool
 from kvstack.methods.base import Method
 
-__all__ = ["quest_blocks_read", "quest_decode_attention", "select_blocks"]
+__all__ = ["quest_blocks_read", "quest_decode_attention", "quest_decode_batch", "select_blocks"]
 
 
 def quest_blocks_read(reader: Method, context_len: int, block_size: int) -> tuple[int, int]:
@@ -52,19 +52,16 @@ def quest_decode_attention(query: torch.Tensor, pool: PagedKVPool, layer: int, t
     The caller sends here only steps where ``read < full`` (:func:`quest_blocks_read`); with every block read,
     the engine's ordinary path runs, so a budget covering the context gives exactly the full engine's outputs.
     Float32 softmax; ``read * block_size + (context_len - full * block_size)`` keys per KV head: read in place
-    by :func:`kvstack.cache.kernels.selected_page_attention` from a float32 CPU pool, else gathered.
+    (:func:`quest_decode_batch`) from a float32 CPU pool with the fused kernels, else gathered.
     """
     heads, dim, size = pool.num_kv_heads, pool.head_dim, pool.block_size
+    if pool.kv.dtype == torch.float32 and pool.device.type == "cpu" and kernels.available():
+        output = quest_decode_batch(query.reshape(1, -1, dim), pool, layer, [(table, context_len, reader)], scaling)
+        return output.reshape(query.shape).to(query.dtype)
     full, read = quest_blocks_read(reader, context_len, size)
     blocks = select_blocks(query, pool, layer, table, full, read, reader)  # [H, read]
     layer_kv = pool.kv[:, layer]  # [num_blocks, 2, H, block_size, D], a view
     newest = layer_kv[table[full], :, :, : context_len - full * size]  # [2, H, r, D]
-    if pool.kv.dtype == torch.float32 and pool.device.type == "cpu" and kernels.available():
-        # The selected blocks are read in place from the pool, the newest block's entries as resident rows.
-        output = kernels.selected_page_attention(query.reshape(1, heads * (query.shape[0] // heads), dim).float(),
-                                                 layer_kv[:, 0], layer_kv[:, 1], blocks[None], newest[0][None],
-                                                 newest[1][None], scaling)
-        return output.reshape(query.shape).to(query.dtype)
     # Two advanced indices split by a slice put theirs first: [H, read, 2, block_size, D].
     picked = layer_kv[blocks, :, torch.arange(heads, device=pool.device)[:, None]]
     picked = picked.permute(2, 0, 1, 3, 4).reshape(2, heads, read * size, dim)
@@ -74,3 +71,46 @@ def quest_decode_attention(query: torch.Tensor, pool: PagedKVPool, layer: int, t
     weights = torch.softmax(grouped @ keys.transpose(-1, -2) * scaling, dim=-1)  # [H, G, n]
     output = weights @ values  # [H, G, D]
     return output.reshape(query.shape).to(device=query.device, dtype=query.dtype)
+
+
+def quest_decode_batch(query: torch.Tensor, pool: PagedKVPool, layer: int,
+                       steps: list[tuple[list[int], int, Method]], scaling: float) -> torch.Tensor:
+    """``[S, Hq, D]`` float32: the decoding queries ``[S, Hq, D]`` of ``S`` Quest sequences over the blocks each
+    selects and its newest block, read in place from a float32 CPU pool by the fused kernel.
+
+    ``steps`` holds each sequence's ``(block table, context length, reader)``; every step reads fewer blocks
+    than it has full (:func:`quest_blocks_read`). Steps whose readers are of one kind and read as many blocks
+    are scored and attended together: one gather of their candidate blocks' bounds (padded to the widest), one
+    ``page_scores``, one top-k and one kernel call, instead of one of each per sequence.
+    """
+    output = torch.empty(query.shape, dtype=torch.float32, device=query.device)
+    groups: dict[tuple[type, int], list[int]] = {}
+    for index, (_, context_len, reader) in enumerate(steps):
+        groups.setdefault((type(reader), quest_blocks_read(reader, context_len, pool.block_size)[1]), []).append(index)
+    for (_, read), members in groups.items():
+        chosen = [steps[i] for i in members]
+        output[members] = _decode_group(query[members].float(), pool, layer, chosen, read, scaling)
+    return output
+
+
+def _decode_group(query: torch.Tensor, pool: PagedKVPool, layer: int, steps: list[tuple[list[int], int, Method]],
+                  read: int, scaling: float) -> torch.Tensor:
+    """``[S, Hq, D]``: :func:`quest_decode_batch` for steps that all read ``read`` blocks per KV head."""
+    heads, dim, size = pool.num_kv_heads, pool.head_dim, pool.block_size
+    count = len(steps)
+    fulls = [(context_len - 1) // size for _, context_len, _ in steps]
+    widest = max(fulls)
+    candidates = torch.tensor([table[:full] + [table[0]] * (widest - full) for (table, _, _), full in
+                               zip(steps, fulls, strict=True)], dtype=torch.long, device=pool.device)  # [S, C]
+    bounds = pool.block_key_bounds(layer, candidates.flatten()).view(count, widest, 2, heads, dim)
+    summary = {"min": bounds[:, :, 0].transpose(1, 2), "max": bounds[:, :, 1].transpose(1, 2)}  # [S, H, C, D]
+    scores = steps[0][2].page_scores(query.view(count, heads, -1, dim), summary)  # [S, H, C]
+    padding = torch.arange(widest, device=pool.device) >= torch.tensor(fulls, device=pool.device)[:, None]
+    scores = scores.masked_fill(padding[:, None, :], float("-inf"))
+    picked = scores.topk(read, dim=-1).indices  # [S, H, read], in any order: the softmax is over a set
+    blocks = candidates.gather(1, picked.flatten(1)).view(count, heads, read)
+    newest = pool.kv[torch.tensor([table[full] for (table, _, _), full in zip(steps, fulls, strict=True)]), layer]
+    counts = torch.tensor([context_len - full * size for (_, context_len, _), full in zip(steps, fulls, strict=True)])
+    layer_kv = pool.kv[:, layer]  # [num_blocks, 2, H, block_size, D], a view
+    return kernels.selected_page_attention(query, layer_kv[:, 0], layer_kv[:, 1], blocks, newest[:, 0],
+                                           newest[:, 1], scaling, counts)

@@ -7,7 +7,7 @@ same architecture, which ``make_cache``, the bench and the engine run unchanged,
 transforms in the spec language (no torch at import).
 """
 
-from kvstack.transforms import chain, grouping, latent, repair, sharing  # noqa: F401  (registration)
+from kvstack.transforms import chain, checkpoint, grouping, latent, repair, sharing  # noqa: F401  (registration)
 from kvstack.transforms.apply import transform
 from kvstack.transforms.base import Transform, TransformError
 

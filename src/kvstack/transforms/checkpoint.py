@@ -4,7 +4,9 @@ A ``gqa`` model is an ordinary checkpoint (``save_pretrained``). A model with la
 written as its config (which carries ``kvstack_latent_kv`` / ``kvstack_shared_kv``) and its state dict in
 :data:`WEIGHTS`, not ``model.safetensors``: plain transformers then refuses the directory instead of loading
 it with freshly initialised key and value projections. :func:`load_transformed` builds the architecture from
-the config, gives it the transformed attention modules the config names, and loads every tensor strictly.
+the config, gives it the transformed attention modules the config names, and loads every tensor strictly;
+it is registered with :mod:`kvstack.checkpoint_formats`, so :func:`kvstack.models.load_model` reads such a
+directory.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
+from kvstack.checkpoint_formats import register_checkpoint_format
 from kvstack.lazy_import import lazy_module
 from kvstack.transforms.latent import latent_geometry, restore_latent
 from kvstack.transforms.sharing import restore_sharing, shared_layers
@@ -60,3 +63,6 @@ def load_transformed(directory: str | pathlib.Path, dtype: Any) -> Any:
     restore_latent(model)
     load_model(model, str(directory / WEIGHTS), strict=True)
     return model
+
+
+register_checkpoint_format(is_transformed_checkpoint, load_transformed)
