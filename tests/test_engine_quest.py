@@ -29,7 +29,7 @@ def tiny() -> torch.nn.Module:
     return build_model("llama", seed=0, vocab_size=VOCAB, max_position_embeddings=256, initializer_range=0.1)
 
 
-def engine_outputs(prompts: list[list[int]], max_new: int, method: str | None | list[str | None],
+def engine_outputs(prompts: list[list[int]], max_new: int, method: str | list[str | None] | None,
                    block_size: int = 4) -> list[list[int]]:
     """Greedy outputs of the engine for ``prompts`` admitted together, with ``method`` on each (or one each)."""
     engine = Engine(tiny(), memory_mb=2.0, block_size=block_size)

@@ -181,7 +181,8 @@ def test_a_corrupt_page_is_refused_never_read(model, tmp_path) -> None:
 def test_bad_quest_specs_are_one_line_each(model, tmp_path) -> None:
     for spec, message in (("quest(page=12)", "page must be a positive power of two"),
                           ("quest(page=0)", "page must be a positive power of two"),
-                          ("quest(budget=8, page=16)", "budget must be at least one page")):
+                          ("quest(budget=8, page=16)", "budget must be at least one page"),
+                          ("quest(budget=64, page=8, cached=32)", r"cached must be 0 \(no page cache\) or at least")):
         with pytest.raises(SpecError, match=message):
             parse(spec)
     read_only = tmp_path / "ro"

@@ -60,7 +60,8 @@ class Quest(Method):
         Entries per page, a power of two.
     cached:
         Tokens of recently read pages kept resident per sequence and KV head, an LRU in front of the tier
-        (None: as many as a step reads, ``budget``; 0: every page read from the tier). Consecutive steps read
+        (None: as many as a step reads, ``budget``; 0: every page read from the tier; otherwise at least
+        ``budget``, since a step's pages must fit it). Consecutive steps read
         mostly the same pages, so this is what makes a step's read cheap; it is counted in ``kv_bytes()``.
     tier_dir:
         Directory of the tier's files (None: the system's temporary directory).
@@ -79,6 +80,9 @@ class Quest(Method):
             raise SpecError(f"budget must be at least one page ({self.page} tokens), got {self.budget!r}")
         if self.cached is not None:
             check_sizes(cached=self.cached)
+            if 0 < self.cached < self.budget:  # a step's pages must fit the LRU, or it is never used
+                raise SpecError(f"cached must be 0 (no page cache) or at least the budget ({self.budget} tokens, "
+                                f"what one step reads), got {self.cached}")
         _check_tier_dir(self.tier_dir)
 
     def compresses(self) -> bool:
