@@ -25,6 +25,7 @@ Usage::
     python benchmarks/retrieval_bench.py --speed [--length 8192] [--decode 32] [--repeats 2]
     python benchmarks/retrieval_bench.py --engine [--length 4096] [--requests 4] [--decode 32] [--repeats 2]
     python benchmarks/retrieval_bench.py --recall [--lengths 4096,8192] [--max-minutes 30]
+    python benchmarks/retrieval_bench.py --recall-report
 """
 
 from __future__ import annotations
@@ -212,11 +213,49 @@ def recall(out: str, lengths: list[int], max_minutes: float | None) -> None:
             return
 
 
+RECALL_BAR = 0.9  # each method at least 90% of the full cache's score, on cells where the full cache scores >= 50
+
+
+def recall_report(out: str) -> str:
+    """The recall table from ``results.jsonl``: each method's score per cell against the full cache's, and the
+    bar (at least 90% of the full cache's score on every cell where it scores at least 50), as far as run."""
+    from kvstack.bench import latest_results
+
+    records = [r for r in latest_results(Path(out) / "results.jsonl") if r["task"] in RECALL_TASKS]
+    full = {(r["task"], r["length"]): r for r in records if r["method"] == "full"}
+    rows = sorted({(r["length"], r["method_spec"]) for r in records if r["method"] != "full"})
+    lines = ["| length | method | bytes held / full's | " + " | ".join(RECALL_TASKS) + " | bar |",
+             "|" + " --- |" * (len(RECALL_TASKS) + 4)]
+    for length in sorted({length for length, _ in rows}):
+        scores = [f"{full[(task, length)]['score']:.0f}" if (task, length) in full else "-" for task in RECALL_TASKS]
+        lines.append(f"| {length} | `full` | 1.000 | " + " | ".join(scores) + " | |")
+        for row_length, spec in rows:
+            if row_length != length:
+                continue
+            mine = {r["task"]: r for r in records if r["method_spec"] == spec and r["length"] == length}
+            cells, verdicts, held = [], [], []
+            for task in RECALL_TASKS:
+                record, base = mine.get(task), full.get((task, length))
+                if record is None or base is None:
+                    cells.append("-")
+                    continue
+                held.append(record["kv_bytes"] / base["kv_bytes"])
+                cells.append(f"{record['score']:.0f}")
+                if base["score"] >= 50:
+                    verdicts.append(record["score"] >= RECALL_BAR * base["score"])
+            done = len(mine) == len(RECALL_TASKS)
+            verdict = ("met" if all(verdicts) else "not met") if done and verdicts else "not all run"
+            ratio = f"{statistics.fmean(held):.3f}" if held else "-"
+            lines.append(f"| {length} | `{spec}` | {ratio} | " + " | ".join(cells) + f" | {verdict} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--speed", action="store_true")
     parser.add_argument("--recall", action="store_true")
     parser.add_argument("--engine", action="store_true")
+    parser.add_argument("--recall-report", action="store_true", help="the recall table of what has run")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--engine-one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--requests", type=int, default=4)
@@ -235,10 +274,19 @@ def main() -> None:
         print(engine_speed(args.out, args.length, args.requests, args.decode, args.repeats))
     elif args.speed:
         print(speed(args.out, args.length, args.decode, args.repeats))
-    elif args.recall:
-        recall(args.out, [int(x) for x in args.lengths.split(",")], args.max_minutes)
+    elif args.recall or args.recall_report:
+        if args.recall:
+            recall(args.out, [int(x) for x in args.lengths.split(",")], args.max_minutes)
+        table = recall_report(args.out)
+        Path(args.out, "recall.md").write_text(
+            f"Command: `python benchmarks/retrieval_bench.py --recall-report` (cells from `--recall`); {stamp()}\n\n"
+            "Suite scores (20 samples per cell) of each method reading or keeping 1/8 of the context, beside the "
+            "full cache; bytes held are resident bytes for Quest and InfLLM (the tier holds the rest). Bar: at "
+            f"least {RECALL_BAR:.0%} of the full cache's score on every cell where it scores at least 50.\n\n"
+            f"{table}\n")
+        print(table)
     else:
-        parser.error("give --speed, --engine or --recall")
+        parser.error("give --speed, --engine, --recall or --recall-report")
 
 
 if __name__ == "__main__":
