@@ -678,6 +678,11 @@ def selected_page_attention(
     """
     if resident_counts is None:
         resident_counts = torch.full((query.shape[0],), resident_keys.shape[2], dtype=torch.long)
+    if key_pages.stride(-1) != 1 or value_pages.stride(-1) != 1:
+        raise ValueError("selected_page_attention reads page rows in place: their last dimension must be contiguous")
+    # The kernel walks rows by their strides; it needs each row's D numbers adjacent.
+    resident_keys = resident_keys if resident_keys.stride(-1) == 1 else resident_keys.contiguous()
+    resident_values = resident_values if resident_values.stride(-1) == 1 else resident_values.contiguous()
     return _module().selected_page_attention(query.contiguous(), key_pages, value_pages, page_index.contiguous(),
                                              resident_keys, resident_values, resident_counts.contiguous(), scaling)
 
