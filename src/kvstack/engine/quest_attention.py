@@ -98,7 +98,7 @@ def _decode_group(query: torch.Tensor, pool: PagedKVPool, layer: int, steps: lis
     """``[S, Hq, D]``: :func:`quest_decode_batch` for steps that all read ``read`` blocks per KV head."""
     heads, dim, size = pool.num_kv_heads, pool.head_dim, pool.block_size
     count = len(steps)
-    fulls = [(context_len - 1) // size for _, context_len, _ in steps]
+    fulls = [quest_blocks_read(reader, context_len, size)[0] for _, context_len, reader in steps]
     widest = max(fulls)
     candidates = torch.tensor([table[:full] + [table[0]] * (widest - full) for (table, _, _), full in
                                zip(steps, fulls, strict=True)], dtype=torch.long, device=pool.device)  # [S, C]
