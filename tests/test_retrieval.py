@@ -42,6 +42,24 @@ def test_a_page_bound_is_never_below_the_true_maximum_score_of_its_keys(seed, pa
     bound = Quest(page=page, budget=page).page_scores(query, summary)  # [B, H, P]
     true = torch.einsum("bhgd,bhpnd->bhgpn", query, keys).amax(dim=(2, 4))  # best key of each page, any query head
     assert bool((bound >= true - 1e-4).all())
+    narrow = Quest(page=page, budget=page, bounds="bfloat16")
+    held = narrow.page_summary(keys, torch.ones(2, 1, pages, page, dtype=torch.bool), None)
+    assert held["min"].dtype == torch.bfloat16 and bool((held["min"].float() <= summary["min"]).all())
+    assert bool((held["max"].float() >= summary["max"]).all())
+    assert bool((narrow.page_scores(query, held) >= true - 1e-4).all())
+
+
+@settings(max_examples=80, deadline=None)
+@given(values=st.lists(st.floats(-(2.0**126), 2.0**126, width=32), min_size=1, max_size=40))
+def test_bfloat16_outward_never_rounds_inward_and_moves_at_most_one_step(values) -> None:
+    from kvstack.methods.retrieval import bfloat16_outward
+
+    exact = torch.tensor(values, dtype=torch.float32)
+    up, down = bfloat16_outward(exact, up=True).float(), bfloat16_outward(exact, up=False).float()
+    assert bool((up >= exact).all()) and bool((down <= exact).all())
+    nearest = exact.to(torch.bfloat16).float()
+    spacing = nearest.abs() * 2**-7 + 2**-133  # one bfloat16 step (8 significant bits), a subnormal at zero
+    assert bool(((up - exact) <= spacing).all()) and bool(((exact - down) <= spacing).all())
 
 
 def test_a_budget_covering_everything_is_exactly_the_full_cache(model) -> None:
@@ -182,7 +200,8 @@ def test_bad_quest_specs_are_one_line_each(model, tmp_path) -> None:
     for spec, message in (("quest(page=12)", "page must be a positive power of two"),
                           ("quest(page=0)", "page must be a positive power of two"),
                           ("quest(budget=8, page=16)", "budget must be at least one page"),
-                          ("quest(budget=64, page=8, cached=32)", r"cached must be 0 \(no page cache\) or at least")):
+                          ("quest(budget=64, page=8, cached=32)", r"cached must be 0 \(no page cache\) or at least"),
+                          ("quest(bounds='float16')", "bounds must be 'float32' or 'bfloat16'")):
         with pytest.raises(SpecError, match=message):
             parse(spec)
     read_only = tmp_path / "ro"

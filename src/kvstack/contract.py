@@ -350,7 +350,8 @@ class Policy(Protocol):
 
         ``keys`` ``[B, H, n, page, D]``, ``valid`` ``[B, 1, n, page]`` (not padding), ``importance``
         ``[B, H, n, page]`` (the attention each entry received while resident, when the policy needs
-        ``STAT_COLSUM``); returns tensors ``[B, H, n, ...]`` (Quest: key minima and maxima)."""
+        ``STAT_COLSUM``); returns tensors ``[B, H, n, ...]`` (Quest: key minima and maxima), kept in the
+        dtype returned (a policy may store them narrower than the cache) and counted in ``kv_bytes()``."""
 
     def page_scores(self, query: torch.Tensor, summary: dict[str, torch.Tensor]) -> torch.Tensor:
         """Page-reading policies: ``[B, H, P]`` relevance of each page for one decoding step's ``query``

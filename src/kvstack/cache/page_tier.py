@@ -549,7 +549,6 @@ class TieredLayer(OwnedLayer):
         self.pages.append(keys, values)
         for name, tensor in summary.items():
             held = self.summary.get(name)
-            tensor = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
             self.summary[name] = tensor if held is None else torch.cat((held, tensor), dim=2)
 
         def without_moved(tensor: torch.Tensor) -> torch.Tensor:
