@@ -68,7 +68,8 @@ class Quest(Method):
     bounds:
         ``'float32'`` or ``'bfloat16'``: how the page minima and maxima are kept. ``'bfloat16'`` halves them,
         each minimum rounded down and each maximum up, so the bound is still never below a key's score (it
-        is at most a few tenths of a percent looser per dimension).
+        is at most a few tenths of a percent looser per dimension). The paged engine keeps its own block
+        bounds beside its pool, in the pool's dtype, whatever this says.
     """
 
     budget: int = 512
