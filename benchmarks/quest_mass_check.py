@@ -1,0 +1,93 @@
+"""Is Quest's page choice the problem, or the page? (issue 35: Quest with pages of 16 misses passkey digits.)
+
+On one 4k passkey sample (index 1 of the recall grid, the one Quest answers 98367 for 98366), at the first
+decoding step, per layer: the share of the step's attention (summed over each KV head's query heads, over all
+entries) that falls on the tier pages Quest reads, against the share on the same number of pages chosen by an
+oracle that knows each page's true attention, and on the whole tier. If Quest's bound chose badly, the first
+would be far below the second; if the page is too coarse for the budget, the oracle falls short too.
+
+Usage::
+
+    python benchmarks/quest_mass_check.py [--pages 16,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from grid_runs import stamp
+
+import kvstack
+from kvstack.bench.runner import _sample_rng
+from kvstack.bench.tasks import get_task
+from kvstack.cache.page_tier import TieredLayer
+
+OUT = "benchmarks/results/retrieval/quest_mass.md"
+
+
+def shares(model: torch.nn.Module, ids: torch.Tensor, page: int) -> list[tuple[int, float, float, float]]:
+    """Per layer: (layer, share read by Quest, share an oracle reads with as many pages, share of the tier)."""
+    cache = kvstack.make_cache(model, f"quest(budget=512, page={page})")
+    rows: list[tuple[int, float, float, float]] = []
+    attend = TieredLayer.attend
+
+    def measured(layer: TieredLayer, query: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        output = attend(layer, query, *args, **kwargs)
+        stored = layer.full_pages()
+        if query.shape[2] == 1 and stored:
+            keys, _ = layer.pages.read(torch.arange(stored).expand(1, layer.heads, stored))  # [1, H, N, D]
+            group = query.shape[1] // layer.heads
+            grouped = query.view(1, layer.heads, group, -1)
+            scale = query.shape[-1] ** -0.5
+            tier = torch.einsum("bhgd,bhnd->bhgn", grouped, keys) * scale
+            resident = torch.einsum("bhgd,bhnd->bhgn", grouped, layer.tail_keys) * scale
+            weights = torch.cat((tier, resident), -1).softmax(-1)[..., : tier.shape[-1]]
+            mass = weights.view(1, layer.heads, group, stored, layer.page).sum(-1).sum(2) / group  # [1, H, P]
+            count = layer.owner.method.pages_read(stored)
+            chosen = layer.owner.method.page_scores(grouped, layer.summary).topk(count, -1).indices
+            best = mass.topk(count, -1).indices
+            rows.append((layer.layer_idx, float(mass.gather(-1, chosen).sum(-1).mean()),
+                         float(mass.gather(-1, best).sum(-1).mean()), float(mass.sum(-1).mean())))
+        return output
+
+    TieredLayer.attend = measured
+    try:
+        with torch.no_grad():
+            logits = kvstack.prefill(model, ids, cache, chunk_size=1024)
+            model(input_ids=logits.argmax(-1, keepdim=True), **kvstack.cache_kwargs(model, cache), use_cache=True)
+    finally:
+        TieredLayer.attend = attend
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pages", default="16,8")
+    args = parser.parse_args()
+    model, tokenizer = kvstack.load_model("smollm2-135m")
+    task = get_task("passkey")
+    sample = task.generate(tokenizer, 4096, _sample_rng(0, task, 4096, 1), "after", chat=True, answer_prefix="")
+    ids = torch.tensor([sample.input_ids])
+    lines = ["| page | Quest's pages | oracle's pages (as many) | whole tier | worst layer: Quest / oracle |",
+             "| --- | --- | --- | --- | --- |"]
+    for page in (int(p) for p in args.pages.split(",")):
+        rows = shares(model, ids, page)
+        worst = min(rows, key=lambda r: r[1])
+        lines.append(f"| {page} | {statistics.fmean(r[1] for r in rows):.3f} | "
+                     f"{statistics.fmean(r[2] for r in rows):.3f} | {statistics.fmean(r[3] for r in rows):.3f} | "
+                     f"layer {worst[0]}: {worst[1]:.3f} / {worst[2]:.3f} |")
+        print(lines[-1], flush=True)
+    Path(OUT).write_text(f"Command: `python benchmarks/quest_mass_check.py --pages {args.pages}`; {stamp()}\n\n"
+                         "Share of the first decoding step's attention (mean over 30 layers and 3 KV heads) on one "
+                         f"4k passkey sample (answer {sample.answers[0]}), budget 512 tokens.\n\n"
+                         + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
