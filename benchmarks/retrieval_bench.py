@@ -16,10 +16,10 @@ throughput (tokens generated once every prompt is read, over the time that took)
 agree with the full engine's.
 
 ``--recall`` is the suite grid (passkey, single needle in noise, multi-key at 4k and 8k, 20 samples) of Quest
-(pages of 16, the paper's, and of 8), InfLLM (blocks of 128, the paper's, and of 32), retrieval heads
-(``duo``, an eighth of the heads whole), Loki, SnapKV and H2O reading or keeping 1/8 of the context,
-resumable (``--max-minutes``); it takes hours on 2 CPU cores, so it is run in pieces. ``--recall-report``
-writes the table of what has run (``recall.md``).
+(pages of 16, the paper's, and of 8 with float32 and bfloat16 bounds), InfLLM (blocks of 128, the paper's,
+and of 32), retrieval heads (``duo``, an eighth of the heads whole), Loki, SnapKV and H2O reading or keeping
+1/8 of the context, resumable (``--max-minutes``); it takes hours on 2 CPU cores, so it is run in pieces.
+``--recall-report`` writes the table of what has run (``recall.md``).
 
 Usage::
 
@@ -205,7 +205,8 @@ def recall(out: str, lengths: list[int], max_minutes: float | None) -> None:
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     for length in lengths:  # one grid per length: each reads 1/8 of its own context
         budget = length // READ_FRACTION
-        methods = [f"quest(budget={budget})", f"quest(budget={budget}, page=8)", f"infllm(budget={budget})",
+        methods = [f"quest(budget={budget})", f"quest(budget={budget}, page=8)",
+                   f"quest(budget={budget}, page=8, bounds='bfloat16')", f"infllm(budget={budget})",
                    f"infllm(budget={budget}, block=32)", f"duo(heads={1 / READ_FRACTION})",
                    f"loki(budget={budget})", f"snapkv(budget={budget})", f"h2o(budget={budget})"]
         config = BenchConfig(methods=methods, tasks=RECALL_TASKS, lengths=[length], samples=20, out_dir=out,
