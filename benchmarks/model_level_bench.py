@@ -74,6 +74,9 @@ def run(out: str, settings: list[str], tasks: list[str], max_minutes: float | No
         return
     for setting in settings:
         spec = TRANSFORMS[setting]
+        if deadline is not None and time.monotonic() > deadline:  # a transform can take many minutes: not now
+            print("stopped at the time limit; run the same command again to carry on", flush=True)
+            return
         new = transformed(model, tokenizer, spec, out)
         # a converted model composes with token-level compression (issue 33: gqa, then snapkv + kivi)
         methods = ["full", COMPOSED] if spec.startswith("gqa") else ["full"]
