@@ -18,7 +18,7 @@ from kvstack.cache import kernels
 from kvstack.engine import Engine, SamplingParams
 from kvstack.engine.paged import PagedKVPool
 from kvstack.engine.paged_attention import PackedPlan
-from kvstack.engine.quest_attention import quest_decode_attention, select_blocks
+from kvstack.engine.quest_attention import quest_decode_attention, quest_decode_batch, select_blocks
 from kvstack.errors import KVStackError
 from kvstack.methods.retrieval import Quest
 
@@ -94,7 +94,11 @@ def test_decode_attention_reads_the_top_blocks_per_head_and_the_newest(kernel_pa
     query = torch.randn(6, 1, 8)  # three query heads per KV head
     reader = Quest(budget=8, page=4)
     chosen = select_blocks(query, pool, 0, table, 5, 2, reader)  # [H, 2] block ids
-    output = quest_decode_attention(query, pool, 0, table, context_len, reader, 0.5)
+    if kernel_path:  # the engine's kernel path: read in place, [S, Hq, D] queries
+        output = quest_decode_batch(query.transpose(0, 1), pool, 0, [(table, context_len, reader)], 0.5)
+        output = output.transpose(0, 1)
+    else:
+        output = quest_decode_attention(query, pool, 0, table, context_len, reader, 0.5)
     for head in range(2):
         bounds = []
         for index in range(5):

@@ -51,13 +51,10 @@ def quest_decode_attention(query: torch.Tensor, pool: PagedKVPool, layer: int, t
 
     The caller sends here only steps where ``read < full`` (:func:`quest_blocks_read`); with every block read,
     the engine's ordinary path runs, so a budget covering the context gives exactly the full engine's outputs.
-    Float32 softmax; ``read * block_size + (context_len - full * block_size)`` keys per KV head: read in place
-    (:func:`quest_decode_batch`) from a float32 CPU pool with the fused kernels, else gathered.
+    Float32 softmax; ``read * block_size + (context_len - full * block_size)`` keys per KV head, gathered: the
+    engine's path without the fused kernels (with them, :func:`quest_decode_batch` reads the pool in place).
     """
     heads, dim, size = pool.num_kv_heads, pool.head_dim, pool.block_size
-    if pool.kv.dtype == torch.float32 and pool.device.type == "cpu" and kernels.available():
-        output = quest_decode_batch(query.reshape(1, -1, dim), pool, layer, [(table, context_len, reader)], scaling)
-        return output.reshape(query.shape).to(query.dtype)
     full, read = quest_blocks_read(reader, context_len, size)
     blocks = select_blocks(query, pool, layer, table, full, read, reader)  # [H, read]
     layer_kv = pool.kv[:, layer]  # [num_blocks, 2, H, block_size, D], a view
@@ -84,21 +81,22 @@ def quest_decode_batch(query: torch.Tensor, pool: PagedKVPool, layer: int,
     ``page_scores``, one top-k and one kernel call, instead of one of each per sequence.
     """
     output = torch.empty(query.shape, dtype=torch.float32, device=query.device)
+    counts = [quest_blocks_read(reader, context_len, pool.block_size) for _, context_len, reader in steps]
     groups: dict[tuple[type, int], list[int]] = {}
-    for index, (_, context_len, reader) in enumerate(steps):
-        groups.setdefault((type(reader), quest_blocks_read(reader, context_len, pool.block_size)[1]), []).append(index)
+    for index, ((_, _, reader), (_, read)) in enumerate(zip(steps, counts, strict=True)):
+        groups.setdefault((type(reader), read), []).append(index)
     for (_, read), members in groups.items():
-        chosen = [steps[i] for i in members]
-        output[members] = _decode_group(query[members].float(), pool, layer, chosen, read, scaling)
+        output[members] = _decode_group(query[members].float(), pool, layer, [steps[i] for i in members],
+                                        [counts[i][0] for i in members], read, scaling)
     return output
 
 
 def _decode_group(query: torch.Tensor, pool: PagedKVPool, layer: int, steps: list[tuple[list[int], int, Method]],
-                  read: int, scaling: float) -> torch.Tensor:
-    """``[S, Hq, D]``: :func:`quest_decode_batch` for steps that all read ``read`` blocks per KV head."""
+                  fulls: list[int], read: int, scaling: float) -> torch.Tensor:
+    """``[S, Hq, D]``: :func:`quest_decode_batch` for steps with ``fulls`` full blocks that all read ``read``
+    blocks per KV head."""
     heads, dim, size = pool.num_kv_heads, pool.head_dim, pool.block_size
     count = len(steps)
-    fulls = [quest_blocks_read(reader, context_len, size)[0] for _, context_len, reader in steps]
     widest = max(fulls)
     candidates = torch.tensor([table[:full] + [table[0]] * (widest - full) for (table, _, _), full in
                                zip(steps, fulls, strict=True)], dtype=torch.long, device=pool.device)  # [S, C]
