@@ -163,15 +163,13 @@ class PageFile(PageStore):
         pages go through the OS's file cache and never enter this process's mappings (a memory map would let
         fault-around map most of a layer's file for a few scattered reads).
         """
-        if not self._fds:
-            self._fds = [os.open(path, os.O_RDONLY) for path in self.paths]
         order = np.argsort(records, kind="stable")
         ordered = records[order]
         breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
         starts = np.concatenate(([0], breaks))
         stops = np.concatenate((breaks, [len(ordered)]))
         out = []
-        for index, fd in enumerate(self._fds):
+        for index, fd in enumerate(self._descriptors()):
             raw = np.empty((len(records), self.block_bytes), dtype=np.uint8)  # in record order, below
             for first, stop in zip(starts.tolist(), stops.tolist(), strict=True):
                 want = (stop - first) * self.block_bytes
@@ -192,18 +190,22 @@ class PageFile(PageStore):
         if not (slots.device.type == "cpu" and slots.is_contiguous() and records.size and kernels.available()):
             super().read_into(records, slots, rows)
             return
-        if not self._fds:
-            self._fds = [os.open(path, os.O_RDONLY) for path in self.paths]
         order = np.argsort(records, kind="stable")
         ordered = torch.from_numpy(np.ascontiguousarray(records[order]))
         into = torch.from_numpy(np.ascontiguousarray(rows[order]))
-        for index, fd in enumerate(self._fds):
+        for index, fd in enumerate(self._descriptors()):
             expected = torch.from_numpy(np.ascontiguousarray(self.checksums[index, records[order]]).view(np.int64))
             failed = kernels.read_file_blocks(fd, ordered, self.block_bytes, slots[index], into, expected)
             if failed >= 0:
                 raise self._refused(index, int(ordered[failed]))
             if failed != -1:
                 raise self._refused(index, None)
+
+    def _descriptors(self) -> list[int]:
+        """Read descriptors of the keys' and values' files, opened on the first read."""
+        if not self._fds:
+            self._fds = [os.open(path, os.O_RDONLY) for path in self.paths]
+        return self._fds
 
     def _refused(self, index: int, record: int | None) -> TierError:
         """The error for a block of file ``index`` that fails its checksum (``record``) or is cut short (None)."""
