@@ -205,14 +205,14 @@ def cmd_transform(args: argparse.Namespace) -> int:
                          "'model/' in `kvstack methods`")
     from kvstack.transforms.chain import transform_steps
 
-    plain = all(step.plain_checkpoint for step in transform_steps(method))  # a lone repair is refused here
+    transform_steps(method)  # a lone repair is refused before the model loads
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out} exists and is not empty; give a new directory")
 
     from kvstack.models import load_model
     from kvstack.transforms import transform
-    from kvstack.transforms.checkpoint import save_transformed
+    from kvstack.transforms.checkpoint import is_plain, save_transformed
 
     model, tokenizer = load_model(args.model, device=args.device)
     new, record = transform(model, method, tokenizer=tokenizer, source=args.source)
@@ -221,7 +221,7 @@ def cmd_transform(args: argparse.Namespace) -> int:
     tokenizer.save_pretrained(out)
     (out / "kvstack_transform.json").write_text(json.dumps({**record, "model": args.model}, indent=1))
     before, after = record["kv_bytes_per_token"]
-    kind = "a transformers checkpoint" if plain else "a kvstack checkpoint (kvstack.load_model reads it; its " \
+    kind = "a transformers checkpoint" if is_plain(new) else "a kvstack checkpoint (kvstack.load_model reads it; its " \
         "attention exists only in kvstack)"
     print(f"{record['spec']}: {out} written as {kind} ({before} -> {after} KV bytes per token, "
           f"{record['seconds']:.1f} s)")

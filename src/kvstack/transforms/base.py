@@ -34,7 +34,6 @@ class Transform:
     is_transform: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = False
     calibration: ClassVar[str] = "moments"  # what apply() receives: AttentionInputs, or "ids" (the token ids)
-    plain_checkpoint: ClassVar[bool] = True  # the result is a checkpoint plain transformers runs as it is
 
     def label(self) -> str:
         """The canonical spec string of this transform with its non-default parameters."""

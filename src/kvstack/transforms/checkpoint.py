@@ -15,11 +15,8 @@ import pathlib
 from typing import Any
 
 from kvstack.checkpoint_formats import register_checkpoint_format
-from kvstack.lazy_import import lazy_module
 from kvstack.transforms.latent import latent_geometry, restore_latent
 from kvstack.transforms.sharing import restore_sharing, shared_layers
-
-torch = lazy_module("torch")
 
 __all__ = ["WEIGHTS", "is_plain", "is_transformed_checkpoint", "load_transformed", "save_transformed"]
 

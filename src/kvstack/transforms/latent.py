@@ -91,7 +91,6 @@ class MLA(Transform):
     tokens: int = 2048
 
     needs_calibration: ClassVar[bool] = True
-    plain_checkpoint: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:

@@ -103,7 +103,6 @@ class CLA(Transform):
 
     needs_calibration: ClassVar[bool] = True
     calibration: ClassVar[str] = "ids"
-    plain_checkpoint: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, bool) or not isinstance(self.layers, int) or self.layers < 1:
