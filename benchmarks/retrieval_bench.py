@@ -25,7 +25,8 @@ Usage::
 
     python benchmarks/retrieval_bench.py --speed [--length 8192] [--decode 32] [--repeats 2]
     python benchmarks/retrieval_bench.py --engine [--length 4096] [--requests 4] [--decode 32] [--repeats 2]
-    python benchmarks/retrieval_bench.py --recall [--lengths 4096,8192] [--max-minutes 30]
+    python benchmarks/retrieval_bench.py --recall [--lengths 4096,8192] [--methods quest-p8,duo] [--tasks passkey]
+        [--max-minutes 30]
     python benchmarks/retrieval_bench.py --recall-report
 """
 
@@ -192,7 +193,16 @@ def engine_speed(out: str, length: int, requests: int, decode: int, repeats: int
     return text
 
 
-def recall(out: str, lengths: list[int], max_minutes: float | None) -> None:
+# The recall grid's methods by name (``--methods`` picks some), each reading or keeping ``budget`` entries.
+RECALL_METHODS = {
+    "quest": "quest(budget={budget})", "quest-p8": "quest(budget={budget}, page=8)",
+    "quest-p8-bf16": "quest(budget={budget}, page=8, bounds='bfloat16')", "infllm": "infllm(budget={budget})",
+    "infllm-b32": "infllm(budget={budget}, block=32)", "duo": f"duo(heads={1 / READ_FRACTION})",
+    "loki": "loki(budget={budget})", "snapkv": "snapkv(budget={budget})", "h2o": "h2o(budget={budget})",
+}
+
+
+def recall(out: str, lengths: list[int], max_minutes: float | None, names: list[str], tasks: list[str]) -> None:
     import kvstack
     from kvstack.bench import BenchConfig
     from kvstack.calibration import model_key
@@ -205,11 +215,8 @@ def recall(out: str, lengths: list[int], max_minutes: float | None) -> None:
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     for length in lengths:  # one grid per length: each reads 1/8 of its own context
         budget = length // READ_FRACTION
-        methods = [f"quest(budget={budget})", f"quest(budget={budget}, page=8)",
-                   f"quest(budget={budget}, page=8, bounds='bfloat16')", f"infllm(budget={budget})",
-                   f"infllm(budget={budget}, block=32)", f"duo(heads={1 / READ_FRACTION})",
-                   f"loki(budget={budget})", f"snapkv(budget={budget})", f"h2o(budget={budget})"]
-        config = BenchConfig(methods=methods, tasks=RECALL_TASKS, lengths=[length], samples=20, out_dir=out,
+        methods = [RECALL_METHODS[name].format(budget=budget) for name in names]
+        config = BenchConfig(methods=methods, tasks=tasks, lengths=[length], samples=20, out_dir=out,
                              progress=sys.stderr.isatty(), share_prefill=True, checkpoint_every=2)
         if not run_grid(config, deadline=deadline, model=model, tokenizer=tokenizer):
             return
@@ -266,8 +273,16 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-minutes", type=float, default=None)
+    parser.add_argument("--methods", default=",".join(RECALL_METHODS),
+                        help=f"the recall grid's methods, beside the full cache (of {', '.join(RECALL_METHODS)})")
+    parser.add_argument("--tasks", default=",".join(RECALL_TASKS),
+                        help=f"the recall grid's tasks (of {', '.join(RECALL_TASKS)})")
     parser.add_argument("--out", default=OUT)
     args = parser.parse_args()
+    for flag, given, valid in (("--methods", args.methods, RECALL_METHODS), ("--tasks", args.tasks, RECALL_TASKS)):
+        unknown = sorted(set(given.split(",")) - set(valid))
+        if unknown:
+            parser.error(f"unknown {flag} {', '.join(unknown)}; choose from {', '.join(valid)}")
     if args.one is not None:
         print(json.dumps(one(args.one, args.length, args.decode)))
     elif args.engine_one is not None:
@@ -278,7 +293,8 @@ def main() -> None:
         print(speed(args.out, args.length, args.decode, args.repeats))
     elif args.recall or args.recall_report:
         if args.recall:
-            recall(args.out, [int(x) for x in args.lengths.split(",")], args.max_minutes)
+            recall(args.out, [int(x) for x in args.lengths.split(",")], args.max_minutes, args.methods.split(","),
+                   args.tasks.split(","))
         table = recall_report(args.out)
         Path(args.out, "recall.md").write_text(
             f"Command: `python benchmarks/retrieval_bench.py --recall-report` (cells from `--recall`); {stamp()}\n\n"

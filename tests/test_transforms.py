@@ -254,6 +254,31 @@ def test_the_engine_serves_a_converted_checkpoint_as_transformers_generates_it(t
     assert engine.metrics()["prefix_cache_hits_tokens"] > 0
 
 
+def test_the_engine_serves_a_cla_model_as_transformers_generates_it_with_a_pool_of_only_the_storing_layers(
+        ) -> None:
+    from conftest import prompt_of
+
+    from kvstack.engine import Engine, PagedKVPool, SamplingParams
+
+    base = build_model(num_hidden_layers=4, vocab_size=200, max_position_embeddings=64, initializer_range=0.1)
+    new, _ = kvstack.transform(base, "cla(pairs='1:0,3:0')")
+    shared = prompt_of(11, seed=5, vocab=200)
+    prompts = [shared + prompt_of(4, seed=6, vocab=200), shared + prompt_of(7, seed=7, vocab=200),
+               prompt_of(9, seed=8, vocab=200)]
+    expected = []
+    for prompt in prompts:  # transformers' DynamicCache, one prompt at a time
+        ids = torch.tensor([prompt])
+        expected.append(new.generate(ids, max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist())
+    engine = Engine(new, memory_mb=1.0, block_size=4)
+    assert engine.pool.num_layers == 2  # layers 0 and 2 store; 1 and 3 read layer 0's blocks
+    whole = PagedKVPool.from_budget(1.0, 4, engine.pool.num_kv_heads, engine.pool.head_dim, block_size=4)
+    assert engine.pool.num_blocks == 2 * whole.num_blocks  # the same memory holds twice the tokens
+    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=8))
+    assert outputs == expected
+    assert engine.metrics()["prefix_cache_hits_tokens"] > 0
+    assert Engine(base, memory_mb=1.0).namespace != Engine(new, memory_mb=1.0).namespace
+
+
 def _reference_sharing(model: torch.nn.Module, pairs: dict[int, int]) -> list:
     """Hooks on the untouched model that make each upper layer's k_proj and v_proj return the lower layer's
     outputs of the same forward: CLA computed with transformers' own attention, independently of kvstack."""
@@ -401,8 +426,8 @@ def test_bad_cla_input_is_one_line_each(capsys, tmp_path) -> None:
     from kvstack.engine import Engine
     from kvstack.errors import KVStackError
 
-    with pytest.raises(KVStackError, match="does not serve models whose layers share"):
-        Engine(new, memory_mb=1.0, block_size=4)
+    with pytest.raises(KVStackError, match=r"share keys and values \(cla\); the engine serves it with the full"):
+        Engine(new, memory_mb=1.0, block_size=4).add_request([1, 2, 3], method="snapkv(ratio=0.5)")
     err = usage_error(capsys, ["transform", "--spec", "cla(pairs='3:5')", "--out", str(tmp_path / "x")])
     assert "layer below" in err
 

@@ -23,7 +23,7 @@ from kvstack.engine.compression import SequenceCompression, compaction_copy, eng
 from kvstack.engine.outputs import RequestOutput, RequestTiming
 from kvstack.engine.paged import PagedKVPool
 from kvstack.engine.pool_tiers import PoolTiers, build_store
-from kvstack.engine.runner import ModelRunner, SequenceChunk
+from kvstack.engine.runner import ModelRunner, SequenceChunk, stored_layers
 from kvstack.engine.sampling import SamplingParams, new_generator, sample
 from kvstack.engine.scheduler import Scheduler
 from kvstack.engine.sequence import FinishReason, Request
@@ -32,6 +32,7 @@ from kvstack.engine.tiers import TieredStore
 from kvstack.errors import KVStackError
 from kvstack.methods.base import Method
 from kvstack.models import model_geometry
+from kvstack.transforms.sharing import shared_layers
 
 __all__ = ["Engine", "RequestOutput", "RequestTiming", "SamplingParams", "default_namespace"]
 
@@ -50,8 +51,10 @@ def default_namespace(model: torch.nn.Module) -> str:
     geometry = model_geometry(model)
     dtype = next(model.parameters()).dtype
     kind = getattr(config, "model_type", type(model).__name__)
+    # A cla model keeps its original name and geometry but stores fewer layers with other weights.
+    shared = "".join(f"/cla{upper}:{lower}" for upper, lower in sorted(shared_layers(config).items()))
     return (f"{os.path.basename(name.rstrip('/')) or kind}/{kind}/L{geometry.num_layers}H{geometry.num_kv_heads}"
-            f"D{geometry.head_dim}/{str(dtype).removeprefix('torch.')}")
+            f"D{geometry.head_dim}/{str(dtype).removeprefix('torch.')}{shared}")
 
 
 class Engine:
@@ -116,16 +119,16 @@ class Engine:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
                 raise KVStackError(f"{name} must be a number of MB >= 0, got {value!r}")
         self.threads = ThreadGovernor(threads)
-        if getattr(model.config, "kvstack_shared_kv", None) or getattr(model.config, "kvstack_latent_kv", None):
-            raise KVStackError("the engine does not serve models whose layers share keys and values (cla) or cache "
-                               "latents (mla) yet; run them with kvstack.make_cache(model, 'full') or transformers' "
-                               "generate")
+        if getattr(model.config, "kvstack_latent_kv", None):
+            raise KVStackError("the engine does not serve models that cache latents (mla) yet; run them with "
+                               "kvstack.make_cache(model, 'full') or transformers' generate")
         geometry = model_geometry(model)
+        self._shares_kv = bool(shared_layers(model.config))  # cla: the pool holds only the layers that store
         namespace = default_namespace(model) if namespace is None else str(namespace)
         parameter = next(model.parameters())
         self.pool = PagedKVPool.from_budget(
             memory_mb,
-            geometry.num_layers,
+            len(stored_layers(model)),
             geometry.num_kv_heads,
             geometry.head_dim,
             block_size=block_size,
@@ -268,6 +271,9 @@ class Engine:
         chosen = engine_method(method, len(prompt), self.pool.num_layers, self.pool.block_size)
         if chosen is None:
             return None, None
+        if self._shares_kv:
+            raise KVStackError(f"this model's layers share keys and values (cla); the engine serves it with the full "
+                               f"cache only for now, not {method!r}")
         if chosen.reads_pages:
             return None, chosen
         budget = chosen.layer_budget(len(prompt), 0, self.pool.num_layers)

@@ -7,7 +7,7 @@ A step, why one packed row, and the limitations: ``docs/engine-design.md`` (sect
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from kvstack.engine.paged_attention import PackedPlan, paged_attention_packed
 from kvstack.errors import KVStackError
 from kvstack.methods.base import Method
 from kvstack.models import model_geometry
+from kvstack.transforms.sharing import shared_layers
 
 __all__ = [
     "ATTENTION_NAME",
@@ -33,6 +34,7 @@ __all__ = [
     "PagedBatchCache",
     "PagedCacheLayer",
     "SequenceChunk",
+    "stored_layers",
 ]
 
 ATTENTION_NAME = "kvstack_paged"
@@ -143,6 +145,11 @@ class PagedCacheLayer(CacheLayerMixin):
         The cache this layer belongs to (it knows the pool and the step's chunks).
     layer_idx : int
         Model layer index.
+    pool_layer : int, optional
+        The pool layer its keys and values live in (``layer_idx`` when every model layer stores its own).
+    source : int or None, optional
+        For a layer of a ``cla`` model that shares the keys and values of the layer below: that layer's
+        model index (its attention reads ``source``'s pool layer and this layer writes nothing); else None.
     """
 
     owner: WeakOwner[PagedBatchCache] = WeakOwner()  # the cache this layer belongs to
@@ -151,10 +158,13 @@ class PagedCacheLayer(CacheLayerMixin):
     is_croppable = False
     supports_early_init = False
 
-    def __init__(self, owner: PagedBatchCache, layer_idx: int) -> None:
+    def __init__(self, owner: PagedBatchCache, layer_idx: int, pool_layer: int | None = None,
+                 source: int | None = None) -> None:
         super().__init__()
         self.owner = owner  # weak: the step's cache goes when the step ends
         self.layer_idx = layer_idx
+        self.pool_layer = layer_idx if pool_layer is None else pool_layer
+        self.source = source  # cla's SharedKVAttention routes its update here when this names its source layer
         self.pending = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -190,8 +200,10 @@ class PagedCacheLayer(CacheLayerMixin):
                 f"the paged cache expects keys [1, H, {owner.total_tokens}, D] for the packed batch, "
                 f"got {tuple(key_states.shape)}"
             )
-        plan = owner.plan
-        owner.pool.write_packed(self.layer_idx, plan.write_blocks, plan.write_slots, key_states[0], value_states[0])
+        if self.source is None:  # a sharing layer's keys are its source's, written there in this same forward
+            plan = owner.plan
+            owner.pool.write_packed(self.pool_layer, plan.write_blocks, plan.write_slots, key_states[0],
+                                    value_states[0])
         self.pending = True
         set_pending(self)  # the cache's handshake: the attention function takes this layer back
         return key_states, value_states
@@ -217,12 +229,12 @@ class PagedCacheLayer(CacheLayerMixin):
             if chunk.stats:
                 chunk_query = query[0, :, offset : offset + chunk.num_tokens]  # [Hq, q_i, D]
                 owner.stats[index][self.layer_idx] = chunk_statistics(
-                    chunk_query, owner.pool, self.layer_idx, chunk, scaling
+                    chunk_query, owner.pool, self.pool_layer, chunk, scaling
                 )
         output = paged_attention_packed(
             query[0].transpose(0, 1),  # [T, Hq, D]
             owner.pool,
-            self.layer_idx,
+            self.pool_layer,
             [chunk.block_table for chunk in owner.chunks],
             [chunk.num_tokens for chunk in owner.chunks],
             [chunk.context_len for chunk in owner.chunks],
@@ -261,6 +273,9 @@ class PagedBatchCache(Cache):
         The KV pool.
     chunks : sequence of SequenceChunk
         The step's chunks, in packing order.
+    shared : mapping of int to int, optional
+        ``{upper: lower}`` of a ``cla`` model (:func:`~kvstack.transforms.sharing.shared_layers`): each upper
+        layer attends over its lower layer's pool layer; the pool holds only the other layers, in model order.
 
     Attributes
     ----------
@@ -279,7 +294,8 @@ class PagedBatchCache(Cache):
         If a block table does not cover its chunk.
     """
 
-    def __init__(self, pool: PagedKVPool, chunks: Sequence[SequenceChunk]) -> None:
+    def __init__(self, pool: PagedKVPool, chunks: Sequence[SequenceChunk], shared: Mapping[int, int] | None = None
+                 ) -> None:
         self.pool = pool
         self.chunks = list(chunks)
         self.offsets: list[int] = []
@@ -291,7 +307,14 @@ class PagedBatchCache(Cache):
         self.stats: list[dict[int, dict[str, torch.Tensor]]] = [{} for _ in self.chunks]
         self.plan = PackedPlan.build(pool, [c.block_table for c in self.chunks], [c.num_tokens for c in self.chunks],
                                      [c.context_len for c in self.chunks], [c.page_reader for c in self.chunks])
-        super().__init__(layers=[PagedCacheLayer(self, index) for index in range(pool.num_layers)])
+        shared = dict(shared or {})
+        model_layers = pool.num_layers + len(shared)
+        pool_layer_of = {layer: index for index, layer in enumerate(
+            layer for layer in range(model_layers) if layer not in shared)}
+        super().__init__(layers=[
+            PagedCacheLayer(self, layer, pool_layer_of[shared.get(layer, layer)], shared.get(layer))
+            for layer in range(model_layers)
+        ])
 
 
 def paged_runner_attention(
@@ -362,6 +385,13 @@ def register() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
 
 
+def stored_layers(model: torch.nn.Module) -> list[int]:
+    """The model layers whose keys and values the pool stores: all of them, except the upper layers of a
+    ``cla`` model, which attend with the layer below's."""
+    shared = shared_layers(model.config)
+    return [layer for layer in range(model_geometry(model).num_layers) if layer not in shared]
+
+
 class ModelRunner:
     """Runs a transformers causal LM one packed step at a time over a paged KV pool.
 
@@ -371,7 +401,8 @@ class ModelRunner:
         A HuggingFace decoder-only causal LM (Llama, Qwen2, Mistral ...). Its attention implementation is
         switched to :data:`ATTENTION_NAME`.
     pool : PagedKVPool
-        The KV pool; its layers, KV heads and head dim must match the model.
+        The KV pool; its layers, KV heads and head dim must match the model. A ``cla`` model's pool holds only
+        the layers that keep their own keys and values (:func:`stored_layers`).
 
     Raises
     ------
@@ -381,12 +412,13 @@ class ModelRunner:
 
     def __init__(self, model: torch.nn.Module, pool: PagedKVPool) -> None:
         geometry = model_geometry(model)
-        expected = (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
+        self.shared = shared_layers(model.config)
+        expected = (len(stored_layers(model)), geometry.num_kv_heads, geometry.head_dim)
         got = (pool.num_layers, pool.num_kv_heads, pool.head_dim)
         if expected != got:
             raise KVStackError(
                 f"the KV pool does not fit the model: model has (layers, kv_heads, head_dim)={expected}, "
-                f"pool has {got}; build the pool from model_geometry(model)"
+                f"pool has {got}; build the pool from model_geometry(model) and stored_layers(model)"
             )
         self.model = model
         self.pool = pool
@@ -456,7 +488,7 @@ class ModelRunner:
         input_ids = torch.tensor([tokens], dtype=torch.long, device=device)  # [1, T]
         position_ids = torch.tensor([positions], dtype=torch.long, device=device)  # [1, T]
         keep = torch.tensor(last_indices, dtype=torch.long, device=device)  # [num_chunks]
-        cache = PagedBatchCache(self.pool, batch)
+        cache = PagedBatchCache(self.pool, batch, self.shared)
         take_pending()  # drop a layer left pending by a forward that failed on this thread
         try:
             with torch.no_grad():
