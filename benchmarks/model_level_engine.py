@@ -7,8 +7,10 @@ compared with the original model's. The ``gqa`` model is also saved as an ordina
 fresh Python process that imports transformers and torch only (no kvstack), whose logits on a prompt are
 compared with the transformed model's.
 
-Transforms: ``gqa(kv_heads=1)`` (mean-pooled MQA: no calibration; the comparison is of equality, not quality)
-and ``cla(pairs=...)`` with the map ``cla(layers=4)`` chose on this model (``transforms.jsonl``).
+Transforms: ``gqa(kv_heads=1)`` (mean-pooled MQA: no calibration; the comparison is of equality, not quality),
+``cla(pairs=...)`` with the map ``cla(layers=4)`` chose on this model (``transforms.jsonl``), whose pool stores
+only the layers that keep their own keys and values, and ``mla(rank=96, rope_dims=16)``, whose pool holds
+rotary keys and latents (the engine rebuilds keys and values from them as it attends).
 
 Usage::
 
@@ -35,7 +37,7 @@ from kvstack.prose import load_prose
 OUT = "benchmarks/results/model_level/engine.md"
 MODEL = "smollm2-135m"
 MEMORY_MB = 64.0
-TRANSFORMS = ["gqa(kv_heads=1)", "cla(pairs='7:6,12:11,17:16,29:28')"]
+TRANSFORMS = ["gqa(kv_heads=1)", "cla(pairs='7:6,12:11,17:16,29:28')", "mla(rank=96, rope_dims=16)"]
 
 # Run in a fresh interpreter: transformers and torch only, so nothing of kvstack can be what makes it load.
 PLAIN_LOAD = """
@@ -96,7 +98,7 @@ def main() -> None:
             f"{sum(a == b for a, b in zip(base_outputs, generate_each(model, batch, args.new_tokens), strict=True))}"
             f" of 3 | - |"]
     for spec in TRANSFORMS:
-        new, _ = kvstack.transform(model, spec)
+        new, _ = kvstack.transform(model, spec, tokenizer=tokenizer)
         new.eval()
         outputs, engine = served(new, batch, args.new_tokens)
         reference = generate_each(new, batch, args.new_tokens)

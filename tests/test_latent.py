@@ -9,6 +9,7 @@ from conftest import build_model, random_ids, stepwise_logits, usage_error
 from transformers import DynamicCache
 
 import kvstack
+from kvstack.errors import KVStackError
 from kvstack.transforms import TransformError
 
 CALIBRATION = random_ids(48, batch=4, seed=11)
@@ -116,6 +117,37 @@ def test_repair_fits_the_latent_projections_only(model) -> None:
     assert local[1] < 0.97 * local[0] and divergence[1] < 0.9 * divergence[0]
 
 
+def test_the_engine_serves_an_mla_model_from_a_pool_of_latents_as_transformers_generates_it(model, tmp_path
+                                                                                           ) -> None:
+    from conftest import prompt_of
+
+    from kvstack.engine import Engine, PagedKVPool, PagedLatentPool, SamplingParams
+
+    new, _ = kvstack.transform(model, "mla(rank=24, rope_dims=4)", calibration_ids=CALIBRATION)
+    vocab = model.config.vocab_size
+    shared = prompt_of(13, seed=5, vocab=vocab)
+    prompts = [shared + prompt_of(4, seed=6, vocab=vocab), shared + prompt_of(9, seed=7, vocab=vocab),
+               prompt_of(10, seed=8, vocab=vocab)]
+    with torch.no_grad():  # transformers' DynamicCache, one prompt at a time
+        expected = [new.generate(torch.tensor([p]), max_new_tokens=7, do_sample=False)[0, len(p):].tolist()
+                    for p in prompts]
+    engine = Engine(new, memory_mb=0.25, block_size=4, max_num_batched_tokens=16, host_mb=1.0,
+                    disk_dir=tmp_path)
+    assert isinstance(engine.pool, PagedLatentPool)
+    whole = PagedKVPool.from_budget(0.25, LAYERS, HEADS, HEAD_DIM, block_size=4)
+    # a token holds 24 + 2 x 4 numbers per layer instead of 2 x 2 x 16: twice the tokens in the same memory
+    assert engine.pool.num_blocks == 2 * whole.num_blocks
+    assert engine.generate(prompts, SamplingParams(max_new_tokens=7)) == expected  # chunked prefill, batched
+    assert engine.metrics()["prefix_cache_hits_tokens"] > 0
+    # a block written to the tiers and read back is the same block; one of another shape is refused, unchanged
+    exported = engine.pool.export_block(0)
+    engine.pool.import_block(1, exported)
+    assert torch.equal(engine.pool.export_block(1)["latents"], exported["latents"])
+    with pytest.raises(KVStackError, match="an imported latent block must be"):
+        engine.pool.import_block(1, {"keys": exported["latents"]})
+    assert torch.equal(engine.pool.export_block(1)["latents"], exported["latents"])
+
+
 def test_bad_mla_input_is_one_line_each(model, capsys, tmp_path) -> None:
     with pytest.raises(TransformError, match=r"rank=64 is too large: .* the latent must be 1 to 47"):
         kvstack.transform(model, "mla(rank=64, rope_dims=8)", calibration_ids=CALIBRATION)
@@ -136,8 +168,8 @@ def test_bad_mla_input_is_one_line_each(model, capsys, tmp_path) -> None:
     from kvstack.engine import Engine
     from kvstack.errors import KVStackError
 
-    with pytest.raises(KVStackError, match="or cache latents \\(mla\\)"):
-        Engine(new, memory_mb=1.0, block_size=4)
+    with pytest.raises(KVStackError, match="caches latents \\(mla\\); the engine serves it with the full cache"):
+        Engine(new, memory_mb=1.0, block_size=4).add_request([1, 2, 3], method="quest(budget=16, page=4)")
     err = usage_error(capsys, ["transform", "--spec", "mla(rope_dims=5)", "--out", str(tmp_path / "x")])
     assert "even number" in err
 

@@ -9,6 +9,7 @@ from kvstack.engine.batch import ScheduledBatch, ScheduledSequence
 from kvstack.engine.block_pool import BlockPool, BlockStateError, OutOfBlocksError
 from kvstack.engine.blocks import BlockManager, CopyOnWrite
 from kvstack.engine.engine import Engine, default_namespace
+from kvstack.engine.latent_pool import PagedLatentPool
 from kvstack.engine.outputs import RequestOutput, RequestTiming
 from kvstack.engine.paged import BYTES_PER_MB, PagedKVPool
 from kvstack.engine.paged_attention import paged_attention, paged_attention_packed
@@ -37,6 +38,7 @@ __all__ = [
     "PagedBatchCache",
     "PagedCacheLayer",
     "PagedKVPool",
+    "PagedLatentPool",
     "Request",
     "RequestOutput",
     "RequestTiming",

@@ -20,6 +20,7 @@ import torch
 from kvstack.engine.batch import ScheduledBatch, ScheduledSequence
 from kvstack.engine.blocks import BlockManager, OutOfBlocksError
 from kvstack.engine.compression import SequenceCompression, compaction_copy, engine_method
+from kvstack.engine.latent_pool import PagedLatentPool
 from kvstack.engine.outputs import RequestOutput, RequestTiming
 from kvstack.engine.paged import PagedKVPool
 from kvstack.engine.pool_tiers import PoolTiers, build_store
@@ -32,6 +33,7 @@ from kvstack.engine.tiers import TieredStore
 from kvstack.errors import KVStackError
 from kvstack.methods.base import Method
 from kvstack.models import model_geometry
+from kvstack.transforms.latent import latent_geometry
 from kvstack.transforms.sharing import shared_layers
 
 __all__ = ["Engine", "RequestOutput", "RequestTiming", "SamplingParams", "default_namespace"]
@@ -51,8 +53,10 @@ def default_namespace(model: torch.nn.Module) -> str:
     geometry = model_geometry(model)
     dtype = next(model.parameters()).dtype
     kind = getattr(config, "model_type", type(model).__name__)
-    # A cla model keeps its original name and geometry but stores fewer layers with other weights.
+    # A cla or mla model keeps its original name and geometry but stores other tensors from other weights.
     shared = "".join(f"/cla{upper}:{lower}" for upper, lower in sorted(shared_layers(config).items()))
+    latent = latent_geometry(config)
+    shared += f"/mla{latent['rank']}r{latent['rope_dims']}" if latent is not None else ""
     return (f"{os.path.basename(name.rstrip('/')) or kind}/{kind}/L{geometry.num_layers}H{geometry.num_kv_heads}"
             f"D{geometry.head_dim}/{str(dtype).removeprefix('torch.')}{shared}")
 
@@ -119,22 +123,29 @@ class Engine:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
                 raise KVStackError(f"{name} must be a number of MB >= 0, got {value!r}")
         self.threads = ThreadGovernor(threads)
-        if getattr(model.config, "kvstack_latent_kv", None):
-            raise KVStackError("the engine does not serve models that cache latents (mla) yet; run them with "
-                               "kvstack.make_cache(model, 'full') or transformers' generate")
         geometry = model_geometry(model)
-        self._shares_kv = bool(shared_layers(model.config))  # cla: the pool holds only the layers that store
+        latent = latent_geometry(model.config)
+        # Models a token-level policy cannot run on yet (make_cache refuses the same): what they are, for the error.
+        self._full_only = ("this model's layers share keys and values (cla)" if shared_layers(model.config) else
+                           "this model caches latents (mla)" if latent is not None else None)
         namespace = default_namespace(model) if namespace is None else str(namespace)
         parameter = next(model.parameters())
-        self.pool = PagedKVPool.from_budget(
-            memory_mb,
-            len(stored_layers(model)),
-            geometry.num_kv_heads,
-            geometry.head_dim,
-            block_size=block_size,
-            dtype=parameter.dtype,
-            device=parameter.device,
-        )
+        self.pool: PagedKVPool | PagedLatentPool
+        if latent is not None:  # mla: per token and layer, rotary keys and one latent
+            self.pool = PagedLatentPool.from_budget(
+                memory_mb, geometry.num_layers, geometry.num_kv_heads, latent["rope_dims"], latent["rank"],
+                block_size=block_size, dtype=parameter.dtype, device=parameter.device,
+            )
+        else:  # cla: only the layers that keep their own keys and values
+            self.pool = PagedKVPool.from_budget(
+                memory_mb,
+                len(stored_layers(model)),
+                geometry.num_kv_heads,
+                geometry.head_dim,
+                block_size=block_size,
+                dtype=parameter.dtype,
+                device=parameter.device,
+            )
         self.namespace = namespace
         self.store: TieredStore | None = None
         self._tiers: PoolTiers | None = None
@@ -271,9 +282,9 @@ class Engine:
         chosen = engine_method(method, len(prompt), self.pool.num_layers, self.pool.block_size)
         if chosen is None:
             return None, None
-        if self._shares_kv:
-            raise KVStackError(f"this model's layers share keys and values (cla); the engine serves it with the full "
-                               f"cache only for now, not {method!r}")
+        if self._full_only is not None:
+            raise KVStackError(f"{self._full_only}; the engine serves it with the full cache only for now, not "
+                               f"{method!r}")
         if chosen.reads_pages:
             return None, chosen
         budget = chosen.layer_budget(len(prompt), 0, self.pool.num_layers)

@@ -350,8 +350,8 @@ class PackedPlan:
                 f"block_tables, num_new_tokens and context_lens must have one entry per sequence, got "
                 f"{len(block_tables)}, {batch} and {len(context_lens)}"
             )
-        use_kernel = (pool.device.type == "cpu" and pool.dtype == torch.float32 and pool.kv.is_contiguous()
-                      and kernels.available())
+        use_kernel = (isinstance(pool, PagedKVPool) and pool.device.type == "cpu" and pool.dtype == torch.float32
+                      and pool.kv.is_contiguous() and kernels.available())
         kernel_tables: list[list[int]] = []
         kernel_rows: list[int] = []
         token_seq: list[int] = []
@@ -411,6 +411,13 @@ def _dense_chunk_attention(
 ) -> torch.Tensor:
     """``[q, Hq, D]`` attention of one chunk's ``query`` ``[q, Hq, D]`` (the last ``q`` slots) over its blocks."""
     keys, values = pool.gather(layer, table, context_len)  # [H, L, D]
+    return chunk_attention(query, keys, values, scaling)
+
+
+def chunk_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``[q, Hq, D]`` causal attention of a chunk's ``query`` ``[q, Hq, D]``, the last ``q`` of the ``L`` slots of
+    ``keys`` and ``values`` ``[H, L, D]`` (query ``j`` sees slots ``0 .. L - q + j``)."""
+    context_len = keys.shape[1]
     count, num_q_heads, _ = query.shape
     heads_query = query.transpose(0, 1)[None].to(keys.dtype)  # [1, Hq, q, D]
     gqa = num_q_heads != keys.shape[0]

@@ -21,11 +21,13 @@ from kvstack.cache.attention_stats import attention_with_stats
 from kvstack.cache.layer import WeakOwner
 from kvstack.cache.pending import set_pending, take_pending
 from kvstack.contract import STAT_COLSUM, STAT_LAST
+from kvstack.engine.latent_pool import PagedLatentPool
 from kvstack.engine.paged import PagedKVPool
-from kvstack.engine.paged_attention import PackedPlan, paged_attention_packed
+from kvstack.engine.paged_attention import PackedPlan, chunk_attention, paged_attention_packed
 from kvstack.errors import KVStackError
 from kvstack.methods.base import Method
 from kvstack.models import model_geometry
+from kvstack.transforms.latent import latent_geometry
 from kvstack.transforms.sharing import shared_layers
 
 __all__ = [
@@ -208,7 +210,7 @@ class PagedCacheLayer(CacheLayerMixin):
         set_pending(self)  # the cache's handshake: the attention function takes this layer back
         return key_states, value_states
 
-    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, scaling: float, module: torch.nn.Module | None = None) -> torch.Tensor:
         """Attention of every chunk's queries over its paged context.
 
         Parameters
@@ -217,6 +219,9 @@ class PagedCacheLayer(CacheLayerMixin):
             ``[1, Hq, T, D]`` queries of the packed tokens (RoPE applied).
         scaling : float
             Logit multiplier.
+        module : torch.nn.Module, optional
+            The layer's attention module; with a :class:`PagedLatentPool` it rebuilds each sequence's keys and
+            values from its cached latents (its ``rebuild``).
 
         Returns
         -------
@@ -225,6 +230,8 @@ class PagedCacheLayer(CacheLayerMixin):
         """
         owner = self.owner
         self.pending = False
+        if isinstance(owner.pool, PagedLatentPool):
+            return self._attend_latents(query, scaling, module)
         for index, (chunk, offset) in enumerate(zip(owner.chunks, owner.offsets, strict=True)):
             if chunk.stats:
                 chunk_query = query[0, :, offset : offset + chunk.num_tokens]  # [Hq, q_i, D]
@@ -242,6 +249,21 @@ class PagedCacheLayer(CacheLayerMixin):
             plan=owner.plan,
         )
         return output.unsqueeze(0)  # [1, T, Hq, D]
+
+    def _attend_latents(self, query: torch.Tensor, scaling: float, module: torch.nn.Module | None) -> torch.Tensor:
+        """``[1, T, Hq, D]``: each chunk's queries over the keys and values ``module`` rebuilds from its blocks."""
+        rebuild = getattr(module, "rebuild", None)
+        if rebuild is None:
+            raise KVStackError(f"layer {self.layer_idx} has a latent pool but its attention module cannot rebuild keys "
+                               "and values from latents (an mla model's LatentAttention can)")
+        owner = self.owner
+        outputs = []
+        for chunk, offset in zip(owner.chunks, owner.offsets, strict=True):
+            rotary_keys, latents = owner.pool.gather(self.pool_layer, chunk.block_table, chunk.context_len)
+            keys, values = rebuild(rotary_keys[None].to(query.dtype), latents[None].to(query.dtype))  # [1, H, L, D]
+            chunk_query = query[0, :, offset : offset + chunk.num_tokens].transpose(0, 1)  # [q, Hq, D]
+            outputs.append(chunk_attention(chunk_query, keys[0], values[0], scaling))
+        return torch.cat(outputs, dim=0).unsqueeze(0)  # [1, T, Hq, D]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """``(kv_length, kv_offset) = (query_length, 0)``; no mask is built (the mask function returns None)."""
@@ -294,8 +316,8 @@ class PagedBatchCache(Cache):
         If a block table does not cover its chunk.
     """
 
-    def __init__(self, pool: PagedKVPool, chunks: Sequence[SequenceChunk], shared: Mapping[int, int] | None = None
-                 ) -> None:
+    def __init__(self, pool: PagedKVPool | PagedLatentPool, chunks: Sequence[SequenceChunk],
+                 shared: Mapping[int, int] | None = None) -> None:
         self.pool = pool
         self.chunks = list(chunks)
         self.offsets: list[int] = []
@@ -371,7 +393,7 @@ def paged_runner_attention(
         raise KVStackError(f"the paged runner is inference-only; attention dropout must be 0, got {dropout}")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    return layer.attend(query, scaling), None
+    return layer.attend(query, scaling, module), None
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:
@@ -410,15 +432,24 @@ class ModelRunner:
         If the model is not supported or its geometry does not match the pool.
     """
 
-    def __init__(self, model: torch.nn.Module, pool: PagedKVPool) -> None:
+    def __init__(self, model: torch.nn.Module, pool: PagedKVPool | PagedLatentPool) -> None:
         geometry = model_geometry(model)
         self.shared = shared_layers(model.config)
-        expected = (len(stored_layers(model)), geometry.num_kv_heads, geometry.head_dim)
-        got = (pool.num_layers, pool.num_kv_heads, pool.head_dim)
+        latent = latent_geometry(model.config)
+        if latent is not None:  # an mla model: its pool holds rotary keys and latents
+            what = "(layers, kv_heads, rope_dims, rank)"
+            expected = (geometry.num_layers, geometry.num_kv_heads, latent["rope_dims"], latent["rank"])
+            got = ((pool.num_layers, pool.num_kv_heads, pool.rope_dims, pool.rank)
+                   if isinstance(pool, PagedLatentPool) else "a PagedKVPool")
+        else:
+            what = "(layers, kv_heads, head_dim)"
+            expected = (len(stored_layers(model)), geometry.num_kv_heads, geometry.head_dim)
+            got = ((pool.num_layers, pool.num_kv_heads, pool.head_dim) if isinstance(pool, PagedKVPool)
+                   else "a PagedLatentPool")
         if expected != got:
             raise KVStackError(
-                f"the KV pool does not fit the model: model has (layers, kv_heads, head_dim)={expected}, "
-                f"pool has {got}; build the pool from model_geometry(model) and stored_layers(model)"
+                f"the KV pool does not fit the model: model has {what}={expected}, pool has {got}; build the pool "
+                "from model_geometry(model) and stored_layers(model) (an mla model: a PagedLatentPool)"
             )
         self.model = model
         self.pool = pool

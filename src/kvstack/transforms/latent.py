@@ -276,6 +276,18 @@ def _module_class() -> type:
             self.register_buffer("rotary_index", per_kv_head.repeat_interleave(self.num_key_value_groups, 0))
             self.register_buffer("key_rotary_index", per_kv_head)
 
+        def rebuild(self, rotary_keys: Any, latents: Any) -> tuple[Any, Any]:
+            """Keys and values ``[B, H, N, D]`` each (position-free dims first, then the rotary ones, as the
+            query's) from the cached rotary keys ``[B, H, N, d]`` and latents ``[B, 1, N, r]``."""
+            batch, free = latents.shape[0], self.head_dim - self.rope_dims
+            rebuilt = self.kv_up(latents[:, 0])  # [B, N, H (2D - d)]
+            tokens = rebuilt.shape[1]
+            split = self.kv_heads * free
+            keys = torch.cat((rebuilt[..., :split].view(batch, tokens, self.kv_heads, free).transpose(1, 2),
+                              rotary_keys), dim=-1)
+            values = rebuilt[..., split:].view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+            return keys, values
+
         def forward(self, hidden_states: Any, position_embeddings: tuple[Any, Any] | None = None,
                     attention_mask: Any = None, cache: Any = None, **kwargs: Any) -> tuple[Any, Any]:
             """``hidden_states`` ``[B, T, h]`` -> (``[B, T, h]``, attention weights or None), as
@@ -295,12 +307,7 @@ def _module_class() -> type:
             rotary_keys = _rotate(rotary_keys.transpose(1, 2), cos, sin, self.key_rotary_index)
             if cache is not None:
                 rotary_keys, latents = cache.update(rotary_keys, latents, self.layer_idx)
-            rebuilt = self.kv_up(latents[:, 0])  # [B, N, H (2D - d)]
-            tokens = rebuilt.shape[1]
-            split = self.kv_heads * free
-            keys = torch.cat((rebuilt[..., :split].view(batch, tokens, self.kv_heads, free).transpose(1, 2),
-                              rotary_keys), dim=-1)
-            values = rebuilt[..., split:].view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+            keys, values = self.rebuild(rotary_keys, latents)
             query = torch.cat((query[..., :free], query_rotary), dim=-1)
             attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                                         eager_attention_forward)
