@@ -67,10 +67,10 @@ def test_a_budget_covering_every_block_gives_the_full_engines_outputs(kernel_pat
     assert full[0] == reference_generate(tiny(), prompts[0], 10)
 
 
-@pytest.mark.parametrize("budget", [8, 16])
-def test_a_small_budget_reads_what_the_core_cache_quest_reads(kernel_path, budget) -> None:
+@pytest.mark.parametrize("spec", ["quest(budget=8, page=4)", "quest(budget=16, page=4)",
+                                  "quest(budget=8, page=4, dense_layers=1)"])
+def test_a_small_budget_reads_what_the_core_cache_quest_reads(kernel_path, spec) -> None:
     prompts = [prompt_of(61, 3, VOCAB), prompt_of(45, 4, VOCAB)]
-    spec = f"quest(budget={budget}, page=4)"
     got = engine_outputs(prompts, 12, spec)
     want = [core_quest(prompt, 12, spec) for prompt in prompts]
     assert got == want

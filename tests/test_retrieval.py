@@ -72,6 +72,35 @@ def test_a_budget_covering_everything_is_exactly_the_full_cache(model) -> None:
     assert isinstance(cache.layers[0], TieredLayer) and cache.layers[0].full_pages() == (70 + 8) // 8
 
 
+def test_dense_layers_keep_everything_resident_and_attend_to_all_of_it(model) -> None:
+    ids = random_ids(70)
+    outputs: dict[str, list[torch.Tensor]] = {}
+
+    def first_layer_outputs(name: str, cache: object) -> None:
+        """Layer 0's outputs over a 60-token prompt, then 10 teacher-forced decoding steps (the same tokens)."""
+        kept = outputs.setdefault(name, [])
+        handle = model.model.layers[0].self_attn.register_forward_hook(lambda m, a, out: kept.append(out[0]))
+        try:
+            with torch.no_grad():
+                model(input_ids=ids[:, :60], **kvstack.cache_kwargs(model, cache), use_cache=True)
+                for step in range(60, 70):
+                    model(input_ids=ids[:, step : step + 1], **kvstack.cache_kwargs(model, cache), use_cache=True)
+        finally:
+            handle.remove()
+
+    first_layer_outputs("full", DynamicCache())
+    first_layer_outputs("quest", kvstack.make_cache(model, "quest(budget=8, page=8)"))
+    dense = kvstack.make_cache(model, "quest(budget=8, page=8, dense_layers=1)")
+    first_layer_outputs("dense", dense)
+    # the first layer's input is the embedding whatever the cache: a dense first layer attends as the full cache
+    for got, want in zip(outputs["dense"], outputs["full"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(outputs["quest"], outputs["full"], strict=True))
+    assert not isinstance(dense.layers[0], TieredLayer) and isinstance(dense.layers[1], TieredLayer)
+    assert dense.layers[0].tier_bytes() == 0 and dense.layers[1].tier_bytes() > 0
+    assert dense.layers[0].kv_bytes() >= dense.layers[0].full_kv_bytes()
+
+
 def test_exact_with_chunked_prompts_and_left_padding(model) -> None:
     ids = random_ids(45, batch=2, seed=3)
     mask = torch.ones_like(ids)
@@ -201,7 +230,8 @@ def test_bad_quest_specs_are_one_line_each(model, tmp_path) -> None:
                           ("quest(page=0)", "page must be a positive power of two"),
                           ("quest(budget=8, page=16)", "budget must be at least one page"),
                           ("quest(budget=64, page=8, cached=32)", r"cached must be 0 \(no page cache\) or at least"),
-                          ("quest(bounds='float16')", "bounds must be 'float32' or 'bfloat16'")):
+                          ("quest(bounds='float16')", "bounds must be 'float32' or 'bfloat16'"),
+                          ("quest(dense_layers=-1)", "dense_layers must be a number of layers >= 0")):
         with pytest.raises(SpecError, match=message):
             parse(spec)
     read_only = tmp_path / "ro"
@@ -215,6 +245,9 @@ def test_bad_quest_specs_are_one_line_each(model, tmp_path) -> None:
     assert "\n" not in str(err.value)
     with pytest.raises(kvstack.InputError, match="does not compose with a codec"):
         kvstack.make_cache(model, "quest + kivi(bits=4, group_size=16)")
+    layers = model.config.num_hidden_layers
+    with pytest.raises(kvstack.InputError, match=f"leaves none of the model's {layers} layers reading pages"):
+        kvstack.make_cache(model, f"quest(dense_layers={layers})")
 
 
 def test_cli_refuses_bad_quest_input_with_exit_2(capsys, tmp_path) -> None:

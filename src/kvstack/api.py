@@ -115,6 +115,9 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
         layer_links = {upper: LayerLink(lower, LINK_REUSE) for upper, lower in shared.items()}
     tier_dir = None
     if method.reads_pages:
+        if all(method.reads_every_page(layer) for layer in range(geometry.num_layers)):
+            raise InputError(f"{method.label()} leaves none of the model's {geometry.num_layers} layers reading pages; "
+                             "use 'full', or fewer dense_layers")
         if codec is not None:
             raise InputError(f"{method.label()} keeps its pages in full precision and does not compose with a codec "
                              "yet; use it alone")

@@ -337,6 +337,10 @@ class Policy(Protocol):
     def pages_read(self, full_pages: int) -> int:
         """Page-reading policies: how many of ``full_pages`` stored pages a decoding step reads."""
 
+    def reads_every_page(self, layer_idx: int) -> bool:
+        """Page-reading policies: whether layer ``layer_idx`` reads no pages at all, everything it holds staying
+        resident and attended (an ordinary full layer: storage gives it no tier)."""
+
     def resident_entries(self) -> tuple[int, int]:
         """Page-reading policies: ``(sinks, window)``, the first and the newest entries that always stay
         resident (pages move to the tier from between them)."""

@@ -249,7 +249,7 @@ def paged_attention_packed(
         selected = {index: (table, reader) for _, index, table, _, reader in plan.selected}
         outputs = []
         for index, seq_query in enumerate(per_sequence):
-            if index in selected:
+            if index in selected and not selected[index][1].reads_every_page(layer):
                 table, reader = selected[index]
                 outputs.append(quest_decode_attention(seq_query, pool, layer, table, context_lens[index], reader,
                                                       scaling))
@@ -283,9 +283,15 @@ def _kernel_path_attention(
         output[first : first + count] = _dense_chunk_attention(
             query[first : first + count], pool, layer, table, context_len, scaling
         )
-    if plan.selected:  # Quest's decoding steps: selected together, read in place
-        rows = [row for row, *_ in plan.selected]
-        steps = [(table, context_len, reader) for _, _, table, context_len, reader in plan.selected]
+    # Quest's decoding steps: selected together and read in place, except in a layer the reader keeps dense
+    sparse = [entry for entry in plan.selected if not entry[4].reads_every_page(layer)]
+    for row, _, table, context_len, reader in plan.selected:
+        if reader.reads_every_page(layer):
+            output[row : row + 1] = _dense_chunk_attention(query[row : row + 1], pool, layer, table, context_len,
+                                                           scaling)
+    if sparse:
+        rows = [row for row, *_ in sparse]
+        steps = [(table, context_len, reader) for _, _, table, context_len, reader in sparse]
         output[rows] = quest_decode_batch(query[rows], pool, layer, steps, scaling).to(query.dtype)
     return output
 

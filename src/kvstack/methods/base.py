@@ -151,6 +151,11 @@ class Method:
         """Page-reading methods only: how many stored pages a decoding step reads."""
         raise NotImplementedError(f"{type(self).__name__} does not read pages")
 
+    def reads_every_page(self, layer_idx: int) -> bool:
+        """Page-reading methods only: whether layer ``layer_idx`` keeps everything resident and attends to all of
+        it (Quest's dense first layers)."""
+        return False
+
     def resident_entries(self) -> tuple[int, int]:
         """Page-reading methods only: ``(sinks, window)`` entries always resident."""
         return 0, 0

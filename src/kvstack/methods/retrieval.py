@@ -70,6 +70,10 @@ class Quest(Method):
         each minimum rounded down and each maximum up, so the bound is still never below a key's score (it
         is at most a few tenths of a percent looser per dimension). The paged engine keeps its own block
         bounds beside its pool, in the pool's dtype, whatever this says.
+    dense_layers:
+        The first layers that keep everything resident and attend to all of it (the paper's evaluation leaves
+        its first two layers dense, ``dense_layers=2``: their attention is spread too thin for a few pages).
+        They add their whole cache to the resident bytes and to what a step reads.
     """
 
     budget: int = 512
@@ -77,6 +81,7 @@ class Quest(Method):
     cached: int | None = None
     tier_dir: str | None = None
     bounds: str = "float32"
+    dense_layers: int = 0
 
     reads_pages: ClassVar[bool] = True
 
@@ -92,6 +97,8 @@ class Quest(Method):
         _check_tier_dir(self.tier_dir)
         if self.bounds not in ("float32", "bfloat16"):
             raise SpecError(f"bounds must be 'float32' or 'bfloat16', got {self.bounds!r}")
+        if isinstance(self.dense_layers, bool) or not isinstance(self.dense_layers, int) or self.dense_layers < 0:
+            raise SpecError(f"dense_layers must be a number of layers >= 0, got {self.dense_layers!r}")
 
     def compresses(self) -> bool:
         return False  # nothing is evicted: the bytes moved are the tier's
@@ -104,6 +111,9 @@ class Quest(Method):
 
     def pages_read(self, full_pages: int) -> int:
         return min(full_pages, self.budget // self.page)
+
+    def reads_every_page(self, layer_idx: int) -> bool:
+        return layer_idx < self.dense_layers
 
     def page_summary(self, keys: torch.Tensor, valid: torch.Tensor, importance: torch.Tensor | None
                      ) -> dict[str, torch.Tensor]:
