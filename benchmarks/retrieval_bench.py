@@ -18,8 +18,10 @@ agree with the full engine's.
 ``--recall`` is the suite grid (passkey, single needle in noise, multi-key at 4k and 8k, 20 samples) of Quest
 (pages of 16, the paper's, and of 8 with float32 and bfloat16 bounds), InfLLM (blocks of 128, the paper's,
 and of 32), retrieval heads (``duo``, an eighth of the heads whole), Loki, SnapKV and H2O reading or keeping
-1/8 of the context, resumable (``--max-minutes``); it takes hours on 2 CPU cores, so it is run in pieces.
-``--recall-report`` writes the table of what has run (``recall.md``).
+1/8 of the context, and Quest with its first two layers dense (``quest-p8-d2``: half the budget in the other
+layers, so as many entries read per step), resumable (``--max-minutes``); it takes hours on 2 CPU cores, so it
+is run in pieces (``--methods``, ``--tasks``). ``--recall-report`` writes the table of what has run
+(``recall.md``), with the entries each method attends to per step as a share of the context.
 
 Usage::
 
@@ -199,6 +201,10 @@ RECALL_METHODS = {
     "quest-p8-bf16": "quest(budget={budget}, page=8, bounds='bfloat16')", "infllm": "infllm(budget={budget})",
     "infllm-b32": "infllm(budget={budget}, block=32)", "duo": f"duo(heads={1 / READ_FRACTION})",
     "loki": "loki(budget={budget})", "snapkv": "snapkv(budget={budget})", "h2o": "h2o(budget={budget})",
+    # Quest's first two layers dense, as its paper evaluates it; on SmolLM2's 30 layers half the budget in the
+    # other 28 reads as many entries per step as quest(budget) (28 L/16 + 2 L = 30 L/8)
+    "quest-p8-d2": "quest(budget={half}, page=8, bounds='bfloat16', dense_layers=2)",
+    "quest-p8-d2-more": "quest(budget={budget}, page=8, bounds='bfloat16', dense_layers=2)",
 }
 
 
@@ -215,7 +221,7 @@ def recall(out: str, lengths: list[int], max_minutes: float | None, names: list[
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     for length in lengths:  # one grid per length: each reads 1/8 of its own context
         budget = length // READ_FRACTION
-        methods = [RECALL_METHODS[name].format(budget=budget) for name in names]
+        methods = [RECALL_METHODS[name].format(budget=budget, half=budget // 2) for name in names]
         config = BenchConfig(methods=methods, tasks=tasks, lengths=[length], samples=20, out_dir=out,
                              progress=sys.stderr.isatty(), share_prefill=True, checkpoint_every=2)
         if not run_grid(config, deadline=deadline, model=model, tokenizer=tokenizer):
@@ -223,6 +229,24 @@ def recall(out: str, lengths: list[int], max_minutes: float | None, names: list[
 
 
 RECALL_BAR = 0.9  # each method at least 90% of the full cache's score, on cells where the full cache scores >= 50
+MODEL_LAYERS = 30  # SmolLM2-135M's layers, for what a method with dense layers reads per step
+
+
+def read_share(spec: str, length: int) -> float:
+    """Entries a decoding step attends to (keys and values in full), as a share of the ``length``-token context,
+    averaged over the model's layers. Loki also reads every key in ``rank`` of its dimensions (not counted)."""
+    import kvstack
+
+    method = kvstack.parse(spec)
+    name = type(method).__name__.lower()
+    if name == "quest":
+        paged = min(length, method.budget + method.page) / length  # the top pages and the newest page
+        return (method.dense_layers + (MODEL_LAYERS - method.dense_layers) * paged) / MODEL_LAYERS
+    if name == "infllm":
+        return min(length, method.budget + method.sinks + method.window) / length
+    if name == "duo":
+        return method.heads + (1 - method.heads) * (method.sinks + method.recent) / length
+    return min(length, method.budget) / length if getattr(method, "budget", None) else 1.0
 
 
 def recall_report(out: str) -> str:
@@ -233,11 +257,11 @@ def recall_report(out: str) -> str:
     records = [r for r in latest_results(Path(out) / "results.jsonl") if r["task"] in RECALL_TASKS]
     full = {(r["task"], r["length"]): r for r in records if r["method"] == "full"}
     rows = sorted({(r["length"], r["method_spec"]) for r in records if r["method"] != "full"})
-    lines = ["| length | method | bytes held / full's | " + " | ".join(RECALL_TASKS) + " | bar |",
-             "|" + " --- |" * (len(RECALL_TASKS) + 4)]
+    lines = ["| length | method | read per step / context | bytes held / full's | " + " | ".join(RECALL_TASKS)
+             + " | bar |", "|" + " --- |" * (len(RECALL_TASKS) + 5)]
     for length in sorted({length for length, _ in rows}):
         scores = [f"{full[(task, length)]['score']:.0f}" if (task, length) in full else "-" for task in RECALL_TASKS]
-        lines.append(f"| {length} | `full` | 1.000 | " + " | ".join(scores) + " | |")
+        lines.append(f"| {length} | `full` | 1.000 | 1.000 | " + " | ".join(scores) + " | |")
         for row_length, spec in rows:
             if row_length != length:
                 continue
@@ -255,7 +279,8 @@ def recall_report(out: str) -> str:
             done = len(mine) == len(RECALL_TASKS)
             verdict = ("met" if all(verdicts) else "not met") if done and verdicts else "not all run"
             ratio = f"{statistics.fmean(held):.3f}" if held else "-"
-            lines.append(f"| {length} | `{spec}` | {ratio} | " + " | ".join(cells) + f" | {verdict} |")
+            lines.append(f"| {length} | `{spec}` | {read_share(spec, length):.3f} | {ratio} | " + " | ".join(cells)
+                         + f" | {verdict} |")
     return "\n".join(lines)
 
 
