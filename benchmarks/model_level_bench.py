@@ -41,6 +41,7 @@ TRANSFORMS = {"mean": "gqa(kv_heads=1)", "similarity": "gqa(kv_heads=1, how='sim
               "cla-8-repair": "cla(layers=8, choose='attention') + repair()",
               "cla-4-model": "cla(layers=4)", "cla-8-model": "cla(layers=8)",
               "cla-kvsharer-4": "cla(pairs='16:11,22:10,25:9,27:11')",  # kvsharer(layers=4)'s map, as CLA
+              "cla-4-pairs": "cla(pairs='7:6,12:11,17:16,29:28')",  # cla(layers=4)'s chosen map, without the search
               "mla-96": "mla(rank=96, rope_dims=16)", "mla-128": "mla(rank=128, rope_dims=32)",
               "mla-192": "mla(rank=192, rope_dims=32)", "mla-96-repair": "mla(rank=96, rope_dims=16) + repair()"}
 TOKEN_LEVEL = ["snapkv(ratio=0.67)", "kivi(bits=4)", "palu(rank=21)"]
@@ -78,8 +79,9 @@ def run(out: str, settings: list[str], tasks: list[str], max_minutes: float | No
             print("stopped at the time limit; run the same command again to carry on", flush=True)
             return
         new = transformed(model, tokenizer, spec, out)
-        # a converted model composes with token-level compression (issue 33: gqa, then snapkv + kivi)
-        methods = ["full", COMPOSED] if spec.startswith("gqa") else ["full"]
+        # a converted model composes with token-level compression (issue 33: gqa, then snapkv + kivi; a cla
+        # model's storing layers compress and its sharing layers read what they keep)
+        methods = ["full", COMPOSED] if spec.startswith(("gqa", "cla")) else ["full"]
         if not grid(f"{MODEL}+{spec}", methods, new):
             return
         del new

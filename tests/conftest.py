@@ -166,6 +166,23 @@ def stepwise_logits(model: torch.nn.Module, ids: torch.Tensor, cache: Any, mask:
 # ------------------------------------------------------------------------------------------------------
 
 
+def hook_kv_sharing(model: torch.nn.Module, pairs: dict[int, int]) -> list:
+    """Forward hooks on an untouched model that make each upper layer's ``k_proj`` and ``v_proj`` return the
+    lower layer's outputs of the same forward (``pairs`` ``{upper: lower}``): CLA and KVSharer computed with
+    transformers' own attention, independently of kvstack. Returns the handles (remove them after)."""
+    layers, kept, handles = model.model.layers, {}, []
+    for upper, lower in pairs.items():
+        for name in ("k_proj", "v_proj"):
+            def keep(module, args, output, key=(lower, name)):
+                kept[key] = output
+
+            def replace(module, args, output, key=(lower, name)):
+                return kept[key]
+            handles.append(getattr(layers[lower].self_attn, name).register_forward_hook(keep))
+            handles.append(getattr(layers[upper].self_attn, name).register_forward_hook(replace))
+    return handles
+
+
 def reference_qk(model: torch.nn.Module, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Queries and keys of every layer for one plain ``DynamicCache`` forward, RoPE applied.
 

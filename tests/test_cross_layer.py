@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_model, random_ids, stepwise_logits, usage_error
+from conftest import build_model, hook_kv_sharing, random_ids, stepwise_logits, usage_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
@@ -236,9 +236,29 @@ def test_kvsharer_refuses_a_map_from_another_model(model, tmp_path) -> None:
     bad = _write_map(tmp_path / "bad.json", model_key(model), {3: 4})
     with pytest.raises(CalibrationError, match="not below it"):
         load_layer_map(model_key(model), LAYERS, 1, 0.9, bad)
-    good = _write_map(tmp_path / "good.json", model_key(model), {3: 0})
-    with pytest.raises(kvstack.errors.InputError, match="does not compose with a codec"):
-        kvstack.make_cache(model, f"kvsharer(layers=1, artefact={good!r}) + kivi(bits=4, group_size=16)")
+
+
+def test_kvsharer_with_a_codec_equals_the_model_storing_the_shared_layers_copies_encoded(model, tmp_path) -> None:
+    """With a codec, the shared layer reads its source's encoded entries: the same logits as the model whose
+    shared layer stores (and encodes identically) a copy of its source's keys and values."""
+    share = {3: 0, 5: 2}
+    artefact = _write_map(tmp_path / "map.json", model_key(model), share)
+    ids = random_ids(40, batch=2, seed=3)
+    codec = "kivi(bits=4, group_size=8, residual=8)"
+    cache = kvstack.make_cache(model, f"kvsharer(layers=2, artefact={artefact!r}) + {codec}")
+    got = stepwise_logits(model, ids, cache, steps=10)
+    handles = hook_kv_sharing(model, share)
+    try:
+        reference = kvstack.make_cache(model, codec)
+        want = stepwise_logits(model, ids, reference, steps=10)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for step, (a, b) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=f"step {step}")
+    assert cache.layers[3].kv_bytes() == cache.layers[5].kv_bytes() == 0
+    assert cache.layers[0].kv_bytes() == reference.layers[0].kv_bytes() > 0
+    assert cache.layers[0].encoded_entries() > 0  # the codec encoded what the shared layers read
 
 
 def test_cli_refuses_a_kvsharer_map_from_another_model_with_exit_2(capsys, tmp_path) -> None:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import build_model, build_peaky, random_ids, usage_error
+from conftest import build_model, build_peaky, hook_kv_sharing, random_ids, usage_error
 
 import kvstack
 from kvstack.transforms import TransformError
@@ -279,26 +279,9 @@ def test_the_engine_serves_a_cla_model_as_transformers_generates_it_with_a_pool_
     assert Engine(base, memory_mb=1.0).namespace != Engine(new, memory_mb=1.0).namespace
 
 
-def _reference_sharing(model: torch.nn.Module, pairs: dict[int, int]) -> list:
-    """Hooks on the untouched model that make each upper layer's k_proj and v_proj return the lower layer's
-    outputs of the same forward: CLA computed with transformers' own attention, independently of kvstack."""
-    layers = model.model.layers
-    kept: dict[tuple[int, str], torch.Tensor] = {}
-    handles = []
-    for upper, lower in pairs.items():
-        for name in ("k_proj", "v_proj"):
-            def keep(module, args, output, key=(lower, name)):
-                kept[key] = output
-            def replace(module, args, output, key=(lower, name)):
-                return kept[key]
-            handles.append(getattr(layers[lower].self_attn, name).register_forward_hook(keep))
-            handles.append(getattr(layers[upper].self_attn, name).register_forward_hook(replace))
-    return handles
-
-
 def _reference_run(model: torch.nn.Module, pairs: dict[int, int], ids: torch.Tensor) -> tuple:
     """The hook reference's logits on ``ids`` and its greedy 6 tokens after ``ids[:1]`` (hooks removed after)."""
-    handles = _reference_sharing(model, pairs)
+    handles = hook_kv_sharing(model, pairs)
     try:
         return _logits(model, ids), model.generate(ids[:1], max_new_tokens=6, do_sample=False)
     finally:
@@ -344,7 +327,7 @@ def test_cla_takes_the_cheapest_adjacent_pairs_by_the_measured_cost() -> None:
         with torch.no_grad():
             for row in calibration:
                 base(input_ids=row[None])
-            handles = _reference_sharing(base, {upper: upper - 1})
+            handles = hook_kv_sharing(base, {upper: upper - 1})
             for row in calibration:
                 base(input_ids=row[None])
     finally:
@@ -375,7 +358,7 @@ def test_the_whole_model_choice_adds_the_pair_that_moves_the_output_least() -> N
     target = torch.log_softmax(_logits(base, calibration), -1)
 
     def divergence(pairs: dict[int, int]) -> float:  # the hook reference on the untouched model
-        handles = _reference_sharing(base, pairs)
+        handles = hook_kv_sharing(base, pairs)
         try:
             predicted = torch.log_softmax(_logits(base, calibration), -1)
         finally:
@@ -419,8 +402,8 @@ def test_bad_cla_input_is_one_line_each(capsys, tmp_path) -> None:
     with pytest.raises(kvstack.SpecError, match="choose must be one of 'attention', 'model'"):
         kvstack.parse("cla(choose='output')")
     new, _ = kvstack.transform(base, "cla(pairs='1:0')")
-    with pytest.raises(kvstack.InputError, match="composes only with 'full' for now"):
-        kvstack.make_cache(new, "snapkv(ratio=0.5)")
+    with pytest.raises(kvstack.InputError, match=r"share keys and values \(cla\), so quest\(.*slow tier"):
+        kvstack.make_cache(new, "quest(budget=16, page=4)")
     with pytest.raises(TransformError, match="gqa cannot follow cla"):
         kvstack.transform(base, "cla(pairs='1:0') + gqa(kv_heads=1)")
     from kvstack.engine import Engine

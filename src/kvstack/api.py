@@ -78,6 +78,10 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
     if latent and (codec is not None or not isinstance(method, Full)):
         # its attention rebuilds keys and values from latents: no entry or codec format to choose from yet
         raise InputError(f"this model caches latents (mla), which composes only with 'full' for now, not {label}")
+    shared = shared_layers(model.config)
+    refusal = shared_model_refusal(method) if shared else None
+    if refusal:  # a cla model: before any artefact of the method is looked for
+        raise InputError(f"this model's layers share keys and values (cla), so {label} does not apply: {refusal}")
     geometry = model_geometry(model)
     if codec is not None:
         codec.check(geometry.head_dim)
@@ -104,14 +108,7 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
             method.load_artefacts(key, geometry.num_layers, geometry.num_kv_heads)
         if method.cross_layer:
             layer_links = method.layer_links(geometry.num_layers, key)
-        if codec is not None and layer_links and any(link.kind == LINK_REUSE for link in layer_links.values()):
-            raise InputError(f"{method.label()} lets layers reuse another layer's cache and does not compose with a "
-                             "codec yet; use it alone")
-    shared = shared_layers(model.config)
-    if shared:  # a cla model: its sharing layers read the layer below's store and hold nothing
-        if layer_links or codec is not None or not isinstance(method, Full):
-            raise InputError(f"this model's layers share keys and values (cla), which composes only with 'full' "
-                             f"for now, not {label}")
+    if shared:  # a cla model: its sharing layers read what the layer below keeps, and hold nothing
         layer_links = {upper: LayerLink(lower, LINK_REUSE) for upper, lower in shared.items()}
     tier_dir = None
     if method.reads_pages:
@@ -140,6 +137,20 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
         latent=latent,
         head_dim=geometry.head_dim,
     )
+
+
+def shared_model_refusal(method: Method) -> str | None:
+    """Why ``method`` cannot run on a model whose upper layers read a lower layer's cache (cla), or None.
+
+    Eviction, merging and codecs apply to the layers that store, and the sharing layers read what they keep.
+    """
+    if method.cross_layer:
+        return "it links layers itself; use a per-layer method"
+    if method.reads_pages:
+        return "its pages live in a slow tier that a sharing layer cannot read; use a method keeping entries resident"
+    if method.allocates_layers:
+        return "it spreads a budget over every layer, and the sharing layers hold nothing; use a per-layer budget"
+    return None
 
 
 def check_prompt(input_ids: torch.Tensor, model: torch.nn.Module, extra_tokens: int = 0) -> None:

@@ -86,6 +86,11 @@ class KVStackCache(Cache):
         # upper layer -> the lower layer holding magnitudes over its rows (MiniCache pairs)
         self.magnitude_lower = {link.source: layer for layer, link in self.layer_links.items()
                                 if link.kind == LINK_MAGNITUDE}
+        # lower layer -> how many layers above read its entries (each forward, it evicts after they have)
+        self.readers: dict[int, int] = {}
+        for link in self.layer_links.values():
+            if link.kind == LINK_REUSE:
+                self.readers[link.source] = self.readers.get(link.source, 0) + 1
         super().__init__(layers=[self._new_layer(i) for i in range(num_layers)])
 
     def _new_layer(self, layer_idx: int) -> KVStackLayer | ReusingLayer | MagnitudeLayer | TieredLayer | LatentLayer:

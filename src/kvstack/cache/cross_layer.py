@@ -4,7 +4,7 @@ Two kinds, by :class:`~kvstack.contract.LayerLink`:
 
 * :class:`ReusingLayer` (``reuse``; KVSharer, CLA): the layer's own keys and values are computed by the
   model but never stored; its attention reads the entries of a layer below it, which already holds this
-  forward's chunk. It holds zero bytes.
+  forward's chunk and waits for its readers before it evicts or encodes anything. It holds zero bytes.
 * :class:`MagnitudeLayer` (``magnitude``; MiniCache): the lower layer of an adjacent pair. The upper layer
   (an ordinary :class:`~kvstack.cache.layer.KVStackLayer`, codec and all) stores one row per token that the
   pair shares; this layer stores one scale per token (``[B, H, P]`` by true position), the rows the policy
@@ -13,7 +13,8 @@ Two kinds, by :class:`~kvstack.contract.LayerLink`:
   transient copy, and reads this forward's chunk exactly; the upper layer merges the chunk into the pair
   after its own attention (:meth:`MagnitudeLayer.absorb`), before anything is encoded.
 
-Neither kind evicts; the policies that use them keep every token.
+A magnitude pair keeps every token (MiniCache evicts nothing); a reused layer holds whatever its own method
+and codec keep, and its readers read exactly that.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ class LinkedLayer(OwnedLayer):
 class ReusingLayer(LinkedLayer):
     """A layer that attends over a lower layer's entries (this forward's chunk included) and stores nothing.
 
-    The source must hold its entries as plain, dense, full-precision slots in position order (no codec, no
-    eviction): the policies that reuse layers keep every token.
+    The source may hold its entries any way a method and codec leave them (evicted, merged, encoded, per head):
+    it holds back its own eviction and flush in each forward until its readers have attended to the entries
+    its own attention read (:meth:`~kvstack.cache.layer.KVStackLayer.read_for`).
     """
 
     def kv_bytes(self) -> int:
@@ -72,15 +74,10 @@ class ReusingLayer(LinkedLayer):
         """``[B, Hq, q, D]`` queries over the source's entries; returns ``[B, q, Hq, D]``."""
         causal, valid, _ = self.start_attention(query, attention_mask, position_ids, shared)
         source = self.source_layer()
-        if source.region is not None or source.ragged is not None or source.seen != self.seen:
-            raise RuntimeError(f"layer {self.layer_idx} reuses layer {self.source}, which must hold every token "
-                               "it was given as dense full-precision slots (no codec, no eviction)")
-        keys, values = source.keys[:, :, : source.length], source.values[:, :, : source.length]
-        q_len = query.shape[2]
-        past_valid = (source.positions[:, :, : source.length - q_len] >= 0) if source.has_padding else None
-        output, _ = attention_with_stats(query, keys, values, causal, past_valid, scaling, set(), 0,
-                                         query_valid=valid)
-        return output
+        if source.seen != self.seen:
+            raise RuntimeError(f"layer {self.layer_idx} reuses layer {self.source}, which has seen {source.seen} "
+                               f"tokens to this layer's {self.seen}")
+        return source.read_for(query, causal, valid, scaling)
 
 
 class MagnitudeLayer(LinkedLayer):

@@ -19,6 +19,7 @@ RoPE position) versus ``length`` (entries held).
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
@@ -111,6 +112,10 @@ class KVStackLayer(LayerAttentionPaths, LayerEviction, CacheLayerMixin):
         self.key_basis: torch.Tensor | None = None  # [B, H, D, D] a sparse-attention method's basis (keys stored in it)
         self.layer_state: dict[str, torch.Tensor] = {}  # per-layer [B, H] method state (not tied to entries)
         self.merged = False  # a merging method has folded entries into others (their mass may differ from 1)
+        # What follows this forward's attention (statistics, eviction, the codec's flush), held back while layers
+        # above that read this one's entries (cla models, KVSharer) still have to attend to the same entries.
+        self.deferred: Callable[[], None] | None = None
+        self.readers_left = 0
 
     # ---------------------------------------------------------------- transformers CacheLayerMixin
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -154,6 +159,8 @@ class KVStackLayer(LayerAttentionPaths, LayerEviction, CacheLayerMixin):
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.deferred is not None:  # a forward whose reading layers never attended: finish it first
+            self.finish_forward()
         if self.pending_chunk is not None:
             raise RuntimeError(
                 "kvstack cache used without the kvstack attention function; create caches with "
@@ -357,12 +364,51 @@ class KVStackLayer(LayerAttentionPaths, LayerEviction, CacheLayerMixin):
         if self.ragged is not None:
             self.ragged.append(new_keys, new_values, new_positions)
             output = self.ragged.attend(query, causal, scaling)
-            self.ragged.flush()
+            self._defer_or_run(self.ragged.flush)
             return output
         self.positions[:, :, self.length - q_len : self.length] = new_positions.unsqueeze(1)
         compress_now, needs = self.forward_needs(q_len)
         output, stats = self._route(query, causal, valid, q_len, scaling, needs, shared)
-        self._after_attention(stats, compress_now, q_len)
+        self._defer_or_run(lambda: self._after_attention(stats, compress_now, q_len))
+        return output
+
+    # ---------------------------------------------------------------- layers that read this one's entries
+    def _defer_or_run(self, finish: Callable[[], None]) -> None:
+        """Run what follows this forward's attention now, or once every layer reading this one has attended."""
+        readers = self.owner.readers.get(self.layer_idx, 0)
+        if readers:
+            self.deferred, self.readers_left = finish, readers
+        else:
+            finish()
+
+    def finish_forward(self) -> None:
+        """Run this forward's held-back statistics, eviction and flush (see :meth:`read_for`)."""
+        finish, self.deferred, self.readers_left = self.deferred, None, 0
+        if finish is not None:
+            finish()
+
+    def read_for(self, query: torch.Tensor, causal: torch.Tensor | None, valid: torch.Tensor | None,
+                 scaling: float) -> torch.Tensor:
+        """Another layer's ``[B, Hq, q, D]`` queries over this layer's entries as this forward's own attention
+        read them (this chunk stored, nothing of it evicted or encoded yet); returns ``[B, q, Hq, D]``.
+
+        Every path reads what it would for this layer's own queries (encoded regions, merged masses, a key
+        basis, per-head storage). Nothing is recorded: the policy scores entries by this layer's queries. The
+        last reader releases the held-back eviction (:meth:`finish_forward`).
+        """
+        if self.deferred is None or self.readers_left <= 0:
+            raise RuntimeError(f"layer {self.layer_idx} is read by a layer above it before its own attention ran "
+                               "in this forward")
+        q_len = query.shape[2]
+        if self.ragged is not None:
+            output = self.ragged.attend(query, causal, scaling)
+        elif self.key_basis is not None:  # the new keys are already rotated into the basis
+            output = self._attend_low_rank_scored(query, causal, q_len, scaling)
+        else:
+            output, _ = self._route(query, causal, valid, q_len, scaling, set(), None)
+        self.readers_left -= 1
+        if self.readers_left == 0:
+            self.finish_forward()
         return output
 
     def _record_positions(self, position_ids: torch.Tensor | None, valid: torch.Tensor | None, batch: int,
