@@ -74,11 +74,12 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
     codec = None
     if isinstance(method, Composed):
         method, codec = method.selection, method.codec
-    latent = latent_geometry(getattr(model, "config", None)) is not None
+    config = getattr(model, "config", None)  # None for a module that is no model: model_geometry refuses it
+    latent = latent_geometry(config) is not None
     if latent and (codec is not None or not isinstance(method, Full)):
         # its attention rebuilds keys and values from latents: no entry or codec format to choose from yet
         raise InputError(f"this model caches latents (mla), which composes only with 'full' for now, not {label}")
-    shared = shared_layers(model.config)
+    shared = shared_layers(config)
     refusal = shared_model_refusal(method) if shared else None
     if refusal:  # a cla model: before any artefact of the method is looked for
         raise InputError(f"this model's layers share keys and values (cla), so {label} does not apply: {refusal}")
