@@ -72,6 +72,80 @@ def test_the_cache_holds_only_latents_and_rotary_keys_and_decodes_as_transformer
     torch.testing.assert_close(got[0], whole, atol=1e-5, rtol=1e-5)
 
 
+def _group_bound(exact: torch.Tensor, group: int, along_tokens: bool, bits: int) -> torch.Tensor:
+    """Half a quantization step of each element's group (``[B, H, N, D]``, ``N`` a multiple of ``group``): the
+    most round-to-nearest group-wise integer codes may be off by, before float16 metadata."""
+    batch, heads, tokens, dims = exact.shape
+    if along_tokens:  # per channel: groups of tokens
+        grouped = exact.view(batch, heads, tokens // group, group, dims)
+        step = (grouped.amax(3, keepdim=True) - grouped.amin(3, keepdim=True)) / (2**bits - 1)
+    else:  # per token: groups of channels
+        grouped = exact.view(batch, heads, tokens, dims // group, group)
+        step = (grouped.amax(4, keepdim=True) - grouped.amin(4, keepdim=True)) / (2**bits - 1)
+    return (step / 2).expand_as(grouped).reshape(exact.shape)
+
+
+def test_a_codec_encodes_the_rotary_keys_and_latents_older_than_its_window(model) -> None:
+    new, record = kvstack.transform(model, "mla(rank=24, rope_dims=4)", calibration_ids=CALIBRATION)
+    ids = random_ids(70, batch=2, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0  # left padding in the second sequence
+    reference = DynamicCache()
+    full_logits = stepwise_logits(new, ids, reference, mask, steps=4)
+    tokens = 70 + 4
+    # a window that covers every token encodes nothing: the latent cache's logits and bytes, exactly
+    whole = kvstack.make_cache(new, "kivi(bits=2, group_size=8, residual=128)")
+    for a, b in zip(stepwise_logits(new, ids, whole, mask, steps=4), full_logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert whole.kv_bytes() == 2 * tokens * record["kv_bytes_per_token"][1]
+    prompt_reference = DynamicCache()
+    stepwise_logits(new, ids, prompt_reference, mask, steps=0)
+    errors = {}
+    for bits in (2, 4, 8):
+        spec = f"kivi(bits={bits}, group_size=8, residual=8, sinks=3)"
+        logits = stepwise_logits(new, ids, kvstack.make_cache(new, spec), mask, steps=4)
+        # the prompt's forward attends to its own chunk exactly, as every kvstack codec does: equal logits
+        torch.testing.assert_close(logits[0], full_logits[0], atol=1e-5, rtol=1e-5)
+        errors[bits] = max(float((a - b).abs().max()) for a, b in zip(logits, full_logits, strict=True))
+        cache = kvstack.make_cache(new, spec)
+        stepwise_logits(new, ids, cache, mask, steps=0)
+        layer = cache.layers[1]
+        chunk = 32  # kivi's chunk: whole chunks of 32 tokens are encoded once more than 8 wait
+        encoded = (70 - 3 - 8) // chunk * chunk
+        assert layer.encoded == layer.capacity == encoded and layer.keys.shape[2] == 70 - 3 - encoded
+        exact_keys, exact_latents = prompt_reference.layers[1].keys, prompt_reference.layers[1].values
+        keys, latents = layer.tokens()
+        # the sinks and the window are exact; each encoded element within half its group's step (plus float16)
+        for got, exact in ((keys, exact_keys), (latents, exact_latents)):
+            assert torch.equal(got[:, :, :3], exact[:, :, :3])
+            assert torch.equal(got[:, :, 3 + encoded :], exact[:, :, 3 + encoded :])
+        span = slice(3, 3 + encoded)
+        for got, exact, along_tokens in ((keys, exact_keys, True), (latents, exact_latents, False)):
+            bound = _group_bound(exact[:, :, span], 8, along_tokens, bits)
+            slack = 2e-3 * exact[:, :, span].abs().amax() + 1e-4
+            assert bool(((got[:, :, span] - exact[:, :, span]).abs() <= bound + slack).all()), bits
+        # bytes: full-precision sinks and window, then codes and float16 scale and zero per group
+        rotary_keys = HEADS * 4  # per token and sequence
+        codes = 2 * encoded * (rotary_keys + 24) * bits // 8
+        metadata = 2 * 2 * (2 * HEADS * (encoded // 8) * 4 + 2 * encoded * (24 // 8))
+        full_precision = 2 * (70 - encoded) * (HEADS * 4 + 24) * 4
+        assert layer.kv_bytes() == codes + metadata + full_precision
+    assert errors[8] < errors[4] < errors[2]  # more bits, closer to the latent cache's logits
+
+
+def test_a_latent_model_refuses_eviction_and_codecs_that_need_a_key_geometry(model) -> None:
+    new, _ = kvstack.transform(model, "mla(rank=24, rope_dims=4)", calibration_ids=CALIBRATION)
+    for spec, message in (("snapkv(ratio=0.5)", "takes 'full' or a codec for now, not snapkv"),
+                          ("kvquant(bits=4)", "kvquant does not apply: it un-rotates keys before encoding"),
+                          ("gear(bits=4, group_size=8)", "does not apply: its low-rank residual"),
+                          ("kivi(bits=4, rotate='hadamard')", "does not apply: it rotates, smooths"),
+                          ("palu(rank=4)", "does not apply: its low-rank latents are fitted"),
+                          ("quant(bits=8)", "group_size 64 does not divide the head dimension of the rotary keys")):
+        with pytest.raises(KVStackError, match=message) as info:
+            kvstack.make_cache(new, spec)
+        assert "\n" not in str(info.value)
+
+
 def test_more_rank_and_more_rotary_dims_approach_the_original(model) -> None:
     ids = random_ids(24, batch=2, seed=9)
     with torch.no_grad():
@@ -158,8 +232,8 @@ def test_bad_mla_input_is_one_line_each(model, capsys, tmp_path) -> None:
         with pytest.raises(kvstack.SpecError, match=message):
             kvstack.parse(spec)
     new, _ = kvstack.transform(model, "mla(rank=24, rope_dims=4)", calibration_ids=CALIBRATION)
-    with pytest.raises(kvstack.InputError, match="caches latents \\(mla\\), which composes only with 'full'"):
-        kvstack.make_cache(new, "kivi(bits=4)")
+    with pytest.raises(kvstack.InputError, match="caches latents \\(mla\\), which takes 'full' or a codec"):
+        kvstack.make_cache(new, "h2o(ratio=0.5)")
     for spec, message in (("mla(rank=24) + mla(rank=8)", "apply mla once"), ("mla(rank=24) + gqa(kv_heads=1)",
                                                                             "gqa cannot follow cla or mla"),
                           ("cla(pairs='1:0') + mla(rank=24)", "mla cannot follow cla")):

@@ -18,6 +18,7 @@ import torch
 
 from kvstack import attention
 from kvstack.cache.cache import KVStackCache
+from kvstack.cache.latent_layer import latent_codec_refusal
 from kvstack.cache.page_tier import check_tier_dir
 from kvstack.contract import LINK_REUSE, LayerLink
 from kvstack.errors import InputError
@@ -75,16 +76,24 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
     if isinstance(method, Composed):
         method, codec = method.selection, method.codec
     config = getattr(model, "config", None)  # None for a module that is no model: model_geometry refuses it
-    latent = latent_geometry(config) is not None
-    if latent and (codec is not None or not isinstance(method, Full)):
-        # its attention rebuilds keys and values from latents: no entry or codec format to choose from yet
-        raise InputError(f"this model caches latents (mla), which composes only with 'full' for now, not {label}")
+    latent = latent_geometry(config)
+    if latent is not None:
+        # its attention rebuilds keys and values from latents; eviction would score the rebuilt keys (not yet)
+        if not isinstance(method, Full):
+            raise InputError(f"this model caches latents (mla), which takes 'full' or a codec for now, not {label}")
+        refusal = latent_codec_refusal(codec) if codec is not None else None
+        if refusal:
+            raise InputError(f"this model caches latents (mla), so {codec.label()} does not apply: {refusal}; "
+                             "kivi(...) or quant(...) do")
     shared = shared_layers(config)
     refusal = shared_model_refusal(method) if shared else None
     if refusal:  # a cla model: before any artefact of the method is looked for
         raise InputError(f"this model's layers share keys and values (cla), so {label} does not apply: {refusal}")
     geometry = model_geometry(model)
-    if codec is not None:
+    if codec is not None and latent is not None:  # it encodes rotary keys and latents, not keys and values
+        codec.key_format().check(latent["rope_dims"], "rotary keys")
+        codec.value_format().check(latent["rank"], "latents")
+    elif codec is not None:
         codec.check(geometry.head_dim)
         if codec.pre_rope() and geometry.rope_inv_freq is None:
             raise InputError(f"{codec.label()} quantizes keys before RoPE and needs a model with plain RoPE")
@@ -135,7 +144,7 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
         label=label,
         layer_links=layer_links,
         tier_dir=tier_dir,
-        latent=latent,
+        latent=latent is not None,
         head_dim=geometry.head_dim,
     )
 

@@ -38,6 +38,14 @@ def kvstack_attention(
         )
     if layer.layer_idx != getattr(module, "layer_idx", layer.layer_idx):
         raise RuntimeError(f"kvstack: cache layer {layer.layer_idx} updated but attention ran for {module.layer_idx}")
+    if getattr(layer, "attends_rebuilt", False):
+        # the module rebuilt ``key`` and ``value`` from what the layer returned (mla latents): attend over them
+        # as SDPA does, then let the layer finish its forward (a codec encodes what left its window)
+        output, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+        layer.finish_forward(query.shape[2])
+        return output, None
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     return layer.attend(query, attention_mask, kwargs.get("position_ids"), scaling), None

@@ -95,7 +95,7 @@ class KVStackCache(Cache):
 
     def _new_layer(self, layer_idx: int) -> KVStackLayer | ReusingLayer | MagnitudeLayer | TieredLayer | LatentLayer:
         if self.latent_geometry is not None:
-            return LatentLayer(self, layer_idx, *self.latent_geometry)
+            return LatentLayer(self, layer_idx, *self.latent_geometry, codec=self.codec)
         if self.method.reads_pages and not self.method.reads_every_page(layer_idx):
             if self.tier_dir is None:
                 raise ValueError(f"{self._label} reads pages from a slow tier: give the cache a tier_dir")
