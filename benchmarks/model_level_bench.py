@@ -46,7 +46,8 @@ TRANSFORMS = {"mean": "gqa(kv_heads=1)", "similarity": "gqa(kv_heads=1, how='sim
               "mla-192": "mla(rank=192, rope_dims=32)", "mla-96-repair": "mla(rank=96, rope_dims=16) + repair()"}
 TOKEN_LEVEL = ["snapkv(ratio=0.67)", "kivi(bits=4)", "palu(rank=21)"]
 COMPOSED = "snapkv(ratio=0.5) + kivi(bits=4)"
-LATENT_CODECS = ["kivi(bits=4)", "kivi(bits=2)"]  # an mla model's latents and rotary keys take a codec, no eviction
+# an mla model's latents and rotary keys take a codec, or an evicting policy that scores the rebuilt keys
+LATENT_METHODS = ["kivi(bits=4)", "kivi(bits=2)", "snapkv(ratio=0.5)"]
 SUITE = ["passkey", "niah_single_noise", "niah_multikey", "vt"]
 SAMPLES = 20
 
@@ -82,8 +83,8 @@ def run(out: str, settings: list[str], tasks: list[str], max_minutes: float | No
         new = transformed(model, tokenizer, spec, out)
         # a converted model composes with token-level compression (issue 33: gqa, then snapkv + kivi; a cla
         # model's storing layers compress and its sharing layers read what they keep; an mla model's latents
-        # are quantized)
-        methods = ["full", COMPOSED] if spec.startswith(("gqa", "cla")) else ["full", *LATENT_CODECS]
+        # are quantized or evicted)
+        methods = ["full", COMPOSED] if spec.startswith(("gqa", "cla")) else ["full", *LATENT_METHODS]
         if not grid(f"{MODEL}+{spec}", methods, new):
             return
         del new

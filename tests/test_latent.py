@@ -133,9 +133,66 @@ def test_a_codec_encodes_the_rotary_keys_and_latents_older_than_its_window(model
     assert errors[8] < errors[4] < errors[2]  # more bits, closer to the latent cache's logits
 
 
-def test_a_latent_model_refuses_eviction_and_codecs_that_need_a_key_geometry(model) -> None:
+def _held_as_dynamic_cache(cache: object) -> DynamicCache:
+    """A transformers cache holding exactly the rotary keys and latents each kvstack latent layer holds."""
+    reference = DynamicCache()
+    for index, layer in enumerate(cache.layers):
+        reference.update(layer.keys.clone(), layer.values.clone(), index)
+    return reference
+
+
+@pytest.mark.parametrize("spec", ["snapkv(budget=16, window=4)", "h2o(budget=16)", "tova(budget=16)",
+                                  "streamingllm(budget=16)"])
+def test_an_evicting_policy_keeps_whole_tokens_of_a_latent_cache_and_attends_over_exactly_them(model, spec) -> None:
+    new, record = kvstack.transform(model, "mla(rank=24, rope_dims=4)", calibration_ids=CALIBRATION)
+    ids = random_ids(40, batch=2, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding in the second sequence
+    # a budget above every token evicts nothing: the latent cache's logits
+    whole = kvstack.make_cache(new, spec.replace("budget=16", "budget=1000"))
+    for a, b in zip(stepwise_logits(new, ids, whole, mask, steps=3),
+                    stepwise_logits(new, ids, DynamicCache(), mask, steps=3), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    cache = kvstack.make_cache(new, spec)
+    prompt = stepwise_logits(new, ids, cache, mask, steps=0)[0]
+    reference = DynamicCache()
+    stepwise_logits(new, ids, reference, mask, steps=0)
+    token = prompt.argmax(-1, keepdim=True)
+    for step in range(3):
+        layer = cache.layers[1]
+        positions = layer.positions[:, 0].long()  # [B, 16] ascending true positions, shared by the heads
+        held_now = 16 if cache.method.dynamic else 16 + step  # snapkv compresses the prompt once
+        assert positions.shape == (2, held_now) and bool((positions.diff(dim=-1) > 0).all())
+        # the held rows are the prompt's own rows at those positions, unchanged (sequence 0 has no padding)
+        if step == 0:
+            assert torch.equal(layer.keys[0], reference.layers[1].keys[0][:, positions[0]])
+            assert torch.equal(layer.values[0], reference.layers[1].values[0][:, positions[0]])
+            if spec.startswith("streamingllm"):  # four sinks and the most recent tokens (paper behaviour)
+                assert positions[0].tolist() == [0, 1, 2, 3, *range(28, 40)]
+        # the next step over the held tokens equals transformers attending over a cache of exactly those rows
+        held = _held_as_dynamic_cache(cache)
+        next_position = layer.next_position.view(2, 1)
+        step_mask = torch.cat(((layer.positions[:, 0] >= 0).long(), torch.ones_like(token)), dim=1)
+        with torch.no_grad():
+            expected = new(input_ids=token, **kvstack.cache_kwargs(new, held), attention_mask=step_mask,
+                           position_ids=next_position).logits[:, -1]
+            got = new(input_ids=token, **kvstack.cache_kwargs(new, cache), position_ids=next_position,
+                      attention_mask=torch.ones(2, 41 + step, dtype=torch.long)).logits[:, -1]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        token = got.argmax(-1, keepdim=True)
+    # bytes: the held rotary keys and latents, each token's position, the next positions and the policy's state
+    per_token = record["kv_bytes_per_token"][1] // LAYERS
+    state = 2 * HEADS * 4 * len(cache.method.state_names)
+    held = cache.layers[0].positions.shape[2]
+    assert cache.kv_bytes() == LAYERS * (2 * held * (per_token + 4 + state // 2) + 2 * 8)
+    assert held == (16 if cache.method.dynamic else 16 + 3)  # a dynamic policy holds its budget at every step
+
+
+def test_a_latent_model_refuses_storage_it_does_not_have_and_codecs_that_need_a_key_geometry(model) -> None:
     new, _ = kvstack.transform(model, "mla(rank=24, rope_dims=4)", calibration_ids=CALIBRATION)
-    for spec, message in (("snapkv(ratio=0.5)", "takes 'full' or a codec for now, not snapkv"),
+    for spec, message in (("adakv(snapkv(ratio=0.5))", "evicts whole tokens by score and supports no per-head"),
+                          ("cam(h2o(ratio=0.5))", "evicts whole tokens by score and supports no per-head"),
+                          ("snapkv(ratio=0.5) + kivi(bits=4)", "eviction and a codec together on latents"),
                           ("kvquant(bits=4)", "kvquant does not apply: it un-rotates keys before encoding"),
                           ("gear(bits=4, group_size=8)", "does not apply: its low-rank residual"),
                           ("kivi(bits=4, rotate='hadamard')", "does not apply: it rotates, smooths"),
@@ -232,8 +289,8 @@ def test_bad_mla_input_is_one_line_each(model, capsys, tmp_path) -> None:
         with pytest.raises(kvstack.SpecError, match=message):
             kvstack.parse(spec)
     new, _ = kvstack.transform(model, "mla(rank=24, rope_dims=4)", calibration_ids=CALIBRATION)
-    with pytest.raises(kvstack.InputError, match="caches latents \\(mla\\), which takes 'full' or a codec"):
-        kvstack.make_cache(new, "h2o(ratio=0.5)")
+    with pytest.raises(kvstack.InputError, match="caches latents \\(mla\\), so quest\\(budget=64\\) does not apply"):
+        kvstack.make_cache(new, "quest(budget=64)")
     for spec, message in (("mla(rank=24) + mla(rank=8)", "apply mla once"), ("mla(rank=24) + gqa(kv_heads=1)",
                                                                             "gqa cannot follow cla or mla"),
                           ("cla(pairs='1:0') + mla(rank=24)", "mla cannot follow cla")):

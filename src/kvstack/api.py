@@ -18,7 +18,7 @@ import torch
 
 from kvstack import attention
 from kvstack.cache.cache import KVStackCache
-from kvstack.cache.latent_layer import latent_codec_refusal
+from kvstack.cache.latent_layer import latent_codec_refusal, latent_policy_refusal
 from kvstack.cache.page_tier import check_tier_dir
 from kvstack.contract import LINK_REUSE, LayerLink
 from kvstack.errors import InputError
@@ -78,9 +78,11 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
     config = getattr(model, "config", None)  # None for a module that is no model: model_geometry refuses it
     latent = latent_geometry(config)
     if latent is not None:
-        # its attention rebuilds keys and values from latents; eviction would score the rebuilt keys (not yet)
-        if not isinstance(method, Full):
-            raise InputError(f"this model caches latents (mla), which takes 'full' or a codec for now, not {label}")
+        # its attention rebuilds keys and values from latents: a policy scores the rebuilt keys, a codec
+        # encodes the latents and rotary keys
+        refusal = None if isinstance(method, Full) else latent_policy_refusal(method, codec)
+        if refusal:
+            raise InputError(f"this model caches latents (mla), so {label} does not apply: {refusal}")
         refusal = latent_codec_refusal(codec) if codec is not None else None
         if refusal:
             raise InputError(f"this model caches latents (mla), so {codec.label()} does not apply: {refusal}; "

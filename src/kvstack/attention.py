@@ -38,6 +38,10 @@ def kvstack_attention(
         )
     if layer.layer_idx != getattr(module, "layer_idx", layer.layer_idx):
         raise RuntimeError(f"kvstack: cache layer {layer.layer_idx} updated but attention ran for {module.layer_idx}")
+    if getattr(layer, "evicts", False):  # an mla layer under an evicting policy: scores the rebuilt keys
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        return layer.attend_rebuilt(query, key, value, attention_mask, kwargs.get("position_ids"), scaling), None
     if getattr(layer, "attends_rebuilt", False):
         # the module rebuilt ``key`` and ``value`` from what the layer returned (mla latents): attend over them
         # as SDPA does, then let the layer finish its forward (a codec encodes what left its window)

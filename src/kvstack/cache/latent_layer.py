@@ -14,8 +14,12 @@ decoded tokens (a transient copy, as block-wise attention decodes).
 
 The module attends over the keys and values it rebuilds, with a mask over every cached token (as
 transformers' ``DynamicLayer``); kvstack's attention function runs that attention as SDPA and then tells the
-layer its forward is done (:meth:`LatentLayer.finish_forward`). No eviction applies (``make_cache`` refuses
-it for such a model).
+layer its forward is done (:meth:`LatentLayer.finish_forward`).
+
+With an evicting policy (``snapkv``, ``h2o``, ``streamingllm``, ...), the attention function hands the layer
+the query and the rebuilt keys and values (:meth:`LatentLayer.attend_rebuilt`): it attends with the
+statistics the policy needs, lets the policy observe and score the rebuilt keys, and keeps whole tokens (a
+latent is shared by the KV heads, so scores are summed over them); the tokens it drops leave memory.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from kvstack.contract import CodecSpec
 if TYPE_CHECKING:
     from kvstack.cache.cache import KVStackCache
 
-__all__ = ["LatentLayer", "latent_codec_refusal"]
+__all__ = ["LatentLayer", "latent_codec_refusal", "latent_policy_refusal"]
 
 
 def latent_codec_refusal(codec: CodecSpec) -> str | None:
@@ -52,6 +56,25 @@ def latent_codec_refusal(codec: CodecSpec) -> str | None:
         return "it rotates, smooths or widens key channels, which an mla latent does not have"
     if codec.residual_rank():
         return "its low-rank residual is fitted per key and value head"
+    return None
+
+
+def latent_policy_refusal(policy: Any, codec: CodecSpec | None) -> str | None:
+    """Why ``policy`` cannot evict from a latent layer, or None when it can.
+
+    A latent layer evicts whole tokens (its latent is shared by the KV heads), by the policy's scores of the
+    rebuilt keys; what needs per-head storage, merged or demoted entries, pages, layer links, cache positions
+    or per-layer budgets from every layer's statistics does not apply to it yet, nor does a codec beside
+    eviction.
+    """
+    if codec is not None:
+        return "eviction and a codec together on latents are not supported yet; use one of them"
+    flags = ("headwise", "merges", "sparse_attention", "reads_pages", "cross_layer", "allocates_layers",
+             "uses_model_artefact")
+    if any(getattr(policy, flag, False) for flag in flags) or policy.layer_state_names or policy.mass_state:
+        return "a latent layer evicts whole tokens by score and supports no per-head, merged, paged or linked storage"
+    if policy.demotion_codec() is not None or policy.uses_cache_positions():
+        return "a latent layer keeps no demoted entries and no in-cache positions"
     return None
 
 
@@ -83,6 +106,13 @@ class LatentLayer(OwnedLayer):
         self.latent_stream: PackedStream | None = None
         self.encoded = 0  # tokens in the streams
         self.capacity = 0  # tokens the streams have room for
+        # with an evicting policy: each held token's true position ([B, 1, N] int32, -1 for padding), the
+        # policy's per-entry state ([B, H, N] float32) and the next position of each sequence ([B])
+        self.evicts = owner.method.compresses()
+        self.positions: torch.Tensor | None = None
+        self.state: dict[str, torch.Tensor] = {}
+        self.next_position: torch.Tensor | None = None
+        self.compressed = False
 
     def reset(self) -> None:
         self.__init__(self.owner, self.layer_idx, self.kv_heads, self.kv_head_dim, self.codec)  # type: ignore[misc]
@@ -92,6 +122,11 @@ class LatentLayer(OwnedLayer):
         self.batch, self.heads, self.head_dim = key_states.shape[0], self.kv_heads, self.kv_head_dim
         self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
         self.sink_keys, self.sink_latents = self.keys, self.values
+        if self.evicts:
+            self.positions = torch.empty((self.batch, 1, 0), dtype=torch.int32, device=self.device)
+            self.state = {name: torch.empty((self.batch, self.kv_heads, 0), dtype=torch.float32, device=self.device)
+                          for name in self.owner.method.state_names}
+            self.next_position = torch.zeros(self.batch, dtype=torch.long, device=self.device)
         if self.codec is not None:
             chunk = self.codec.chunk_tokens()
             fraction = self.codec.outlier_fraction()
@@ -117,6 +152,12 @@ class LatentLayer(OwnedLayer):
         # concatenation allocates exactly what is held: the byte count has no growth slack to explain
         self.keys = torch.cat((self.keys, key_states), dim=2)
         self.values = torch.cat((self.values, value_states), dim=2)
+        if self.evicts:
+            for name, tensor in self.state.items():  # a new entry's state starts at zero
+                self.state[name] = torch.cat((tensor, tensor.new_zeros(*tensor.shape[:2], key_states.shape[2])), 2)
+            self.pending = True
+            set_pending(self)  # the attention function hands this layer the query and the rebuilt keys
+            return self.keys, self.values
         if self.codec is None:
             return self.keys, self.values
         set_pending(self)  # the attention function calls finish_forward once the module has attended
@@ -145,6 +186,80 @@ class LatentLayer(OwnedLayer):
         parts.append((self.keys, self.values))
         return torch.cat([k for k, _ in parts], dim=2), torch.cat([v for _, v in parts], dim=2)
 
+    def attend_rebuilt(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                       scaling: float) -> torch.Tensor:
+        """Attention of ``query`` ``[B, Hq, q, D]`` over the keys and values ``[B, H, N, D]`` the module rebuilt
+        from every held token (this chunk's last), with the statistics the policy needs; then the policy
+        observes and, when due, evicts. Returns ``[B, q, Hq, D]``.
+
+        The latent is shared by the KV heads, so a token is kept or evicted for all of them: the policy's
+        ``[B, H, N]`` scores are summed over the heads (for attention-based scores, the token's attention
+        from every query head) and the top ``budget`` tokens stay.
+        """
+        from kvstack.cache.attention_stats import attention_with_stats
+        from kvstack.contract import STAT_WINDOW
+
+        method = self.owner.method
+        causal, valid, chunk_positions = self.start_attention(query, attention_mask, position_ids, None)
+        q_len = query.shape[2]
+        self.positions = torch.cat((self.positions, chunk_positions.unsqueeze(1)), dim=2)
+        self.next_position = torch.maximum(self.next_position, chunk_positions.max(dim=-1).values.long() + 1)
+        due = not self.compressed and not self.owner.more_prompt_follows and (q_len > 1 or self.seen == q_len)
+        compress_now = method.dynamic or due
+        needs = set(method.needs) - {STAT_WINDOW} if (method.dynamic or method.state_names) else set()
+        if compress_now:
+            needs |= set(method.needs)
+        past_valid = None
+        if self.has_padding:
+            past_valid = (self.positions[:, :, : self.positions.shape[2] - q_len] >= 0).expand(-1, self.kv_heads, -1)
+        output, stats = attention_with_stats(query, keys, values, causal, past_valid, scaling, needs,
+                                             method.window_queries(), query_valid=valid)
+        if method.state_names:
+            method.observe(self._view(stats, keys, values, budget=0))  # updates the state tensors in place
+        if compress_now:
+            self._evict(self._view(stats, keys, values, budget=0))
+        return output
+
+    def _view(self, stats: Any, keys: torch.Tensor, values: torch.Tensor, budget: int) -> Any:
+        from kvstack.contract import LayerView
+
+        return LayerView(
+            kv_source=lambda: (keys, values), positions=self.positions.expand(-1, self.kv_heads, -1),
+            next_position=self.next_position, state=self.state, stats=stats, layer_idx=self.layer_idx,
+            num_layers=self.owner.num_layers, generator=self.owner.generator, group_size=self.owner.group_size,
+            budget=budget, layer_state={},
+        )
+
+    def _evict(self, view: Any) -> None:
+        """Keep the ``budget`` tokens with the highest scores summed over the KV heads; the rest leave memory."""
+        method = self.owner.method
+        budget = self.owner.layer_budget(self.layer_idx, self.owner.context_length or self.seen)
+        self.compressed = True
+        held = self.positions.shape[2]
+        if budget is None or held <= budget:
+            return
+        view.budget = budget
+        scores = method.score(view).float()
+        protect = method.protect(view)
+        if protect is not None:
+            scores = scores.masked_fill(protect, float("inf"))
+        scores = scores.masked_fill(view.positions < 0, float("-inf"))
+        # protected on one head: kept for all (the heads share the token); padding: never kept over a real token
+        protected = scores.isposinf().any(1)
+        total = scores.clamp(min=torch.finfo(torch.float32).min).sum(1)  # [B, N]
+        total = total.masked_fill(protected, float("inf")).masked_fill(self.positions[:, 0] < 0, float("-inf"))
+        keep = total.topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values  # [B, K]
+
+        def take(tensor: torch.Tensor) -> torch.Tensor:
+            index = keep.unsqueeze(1).expand(-1, tensor.shape[1], -1)
+            if tensor.dim() == 4:
+                index = index.unsqueeze(-1).expand(-1, -1, -1, tensor.shape[3])
+            return tensor.gather(2, index)  # a new tensor: the evicted tokens' storage is freed
+
+        self.keys, self.values, self.positions = take(self.keys), take(self.values), take(self.positions)
+        self.state = {name: take(tensor) for name, tensor in self.state.items()}
+
     def _flush(self) -> None:
         """Encode the recent tokens older than the codec's residual window, in whole chunks."""
         chunk = self.codec.chunk_tokens()
@@ -170,7 +285,10 @@ class LatentLayer(OwnedLayer):
             self.latent_stream.resize(self.capacity, self.encoded)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """The mask covers every cached token and the new chunk (the attention module reads them all)."""
+        """Without eviction the mask covers every cached token and the new chunk (the attention module reads
+        them all); with eviction it covers the chunk, and held tokens are masked by their positions."""
+        if self.evicts:
+            return super().get_mask_sizes(query_length)
         return self.seen + query_length, 0
 
     def kv_bytes(self) -> int:
@@ -178,10 +296,15 @@ class LatentLayer(OwnedLayer):
         if not self.is_initialized:
             return 0
         held = sum(t.nbytes for t in (self.keys, self.values, self.sink_keys, self.sink_latents))
+        if self.evicts:
+            held += self.positions.nbytes + self.next_position.nbytes + sum(t.nbytes for t in self.state.values())
         if self.key_stream is not None:
             held += self.key_stream.nbytes() + self.latent_stream.nbytes()
         return held
 
     def kept_entries(self) -> int:
         """Tokens held, counted per sequence and KV head as for any other layer."""
-        return self.seen * self.batch * self.kv_heads if self.is_initialized else 0
+        if not self.is_initialized:
+            return 0
+        held = self.positions.shape[2] if self.evicts else self.seen
+        return held * self.batch * self.kv_heads
