@@ -82,9 +82,9 @@ def run(out: str, settings: list[str], tasks: list[str], max_minutes: float | No
             return
         new = transformed(model, tokenizer, spec, out)
         # a converted model composes with token-level compression (issue 33: gqa, then snapkv + kivi; a cla
-        # model's storing layers compress and its sharing layers read what they keep; an mla model's latents
-        # are quantized or evicted)
-        methods = ["full", COMPOSED] if spec.startswith(("gqa", "cla")) else ["full", *LATENT_METHODS]
+        # model's storing layers compress and its sharing layers read what they keep; an mla model's tokens
+        # are evicted by scores of the rebuilt keys, its latents and rotary keys quantized)
+        methods = ["full", COMPOSED, *(LATENT_METHODS if spec.startswith("mla") else [])]
         if not grid(f"{MODEL}+{spec}", methods, new):
             return
         del new

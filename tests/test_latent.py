@@ -188,11 +188,37 @@ def test_an_evicting_policy_keeps_whole_tokens_of_a_latent_cache_and_attends_ove
     assert held == (16 if cache.method.dynamic else 16 + 3)  # a dynamic policy holds its budget at every step
 
 
+def test_snapkv_then_a_codec_on_latents_encodes_exactly_the_tokens_snapkv_keeps(model) -> None:
+    new, _ = kvstack.transform(model, "mla(rank=24, rope_dims=4)", calibration_ids=CALIBRATION)
+    ids = random_ids(90, batch=2, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    alone = kvstack.make_cache(new, "snapkv(budget=60, window=4)")
+    expected = stepwise_logits(new, ids, alone, mask, steps=0)
+    wide = kvstack.make_cache(new, "snapkv(budget=60, window=4) + kivi(bits=4, group_size=8, residual=128)")
+    torch.testing.assert_close(stepwise_logits(new, ids, wide, mask, steps=0)[0], expected[0], atol=1e-5, rtol=1e-5)
+    assert wide.kv_bytes() == alone.kv_bytes()  # a window covering the kept tokens encodes none of them
+    cache = kvstack.make_cache(new, "snapkv(budget=60, window=4) + kivi(bits=4, group_size=8, residual=8, sinks=2)")
+    # the prompt attends to itself exactly, so snapkv keeps the same tokens; then they are encoded
+    torch.testing.assert_close(stepwise_logits(new, ids, cache, mask, steps=0)[0], expected[0], atol=1e-5, rtol=1e-5)
+    for index in range(LAYERS):
+        layer, reference = cache.layers[index], alone.layers[index]
+        assert torch.equal(layer.positions, reference.positions)
+        assert layer.encoded == (60 - 2 - 8) // 32 * 32 and layer.sink_keys.shape[2] == 2
+        keys, latents = layer.tokens()
+        for got, exact, along_tokens in ((keys, reference.keys, True), (latents, reference.values, False)):
+            assert torch.equal(got[:, :, :2], exact[:, :, :2]) and torch.equal(got[:, :, 34:], exact[:, :, 34:])
+            bound = _group_bound(exact[:, :, 2:34], 8, along_tokens, 4)
+            slack = 2e-3 * exact[:, :, 2:34].abs().amax() + 1e-4
+            assert bool(((got[:, :, 2:34] - exact[:, :, 2:34]).abs() <= bound + slack).all())
+    assert cache.kv_bytes() < alone.kv_bytes()
+
+
 def test_a_latent_model_refuses_storage_it_does_not_have_and_codecs_that_need_a_key_geometry(model) -> None:
     new, _ = kvstack.transform(model, "mla(rank=24, rope_dims=4)", calibration_ids=CALIBRATION)
     for spec, message in (("adakv(snapkv(ratio=0.5))", "evicts whole tokens by score and supports no per-head"),
                           ("cam(h2o(ratio=0.5))", "evicts whole tokens by score and supports no per-head"),
-                          ("snapkv(ratio=0.5) + kivi(bits=4)", "eviction and a codec together on latents"),
+                          ("h2o(ratio=0.5) + kivi(bits=4)", "evicts while decoding and a codec together"),
                           ("kvquant(bits=4)", "kvquant does not apply: it un-rotates keys before encoding"),
                           ("gear(bits=4, group_size=8)", "does not apply: its low-rank residual"),
                           ("kivi(bits=4, rotate='hadamard')", "does not apply: it rotates, smooths"),

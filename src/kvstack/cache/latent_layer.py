@@ -64,11 +64,12 @@ def latent_policy_refusal(policy: Any, codec: CodecSpec | None) -> str | None:
 
     A latent layer evicts whole tokens (its latent is shared by the KV heads), by the policy's scores of the
     rebuilt keys; what needs per-head storage, merged or demoted entries, pages, layer links, cache positions
-    or per-layer budgets from every layer's statistics does not apply to it yet, nor does a codec beside
-    eviction.
+    or per-layer budgets from every layer's statistics does not apply to it yet, nor does a codec beside a
+    policy that evicts while decoding (its evictions would reach encoded tokens).
     """
-    if codec is not None:
-        return "eviction and a codec together on latents are not supported yet; use one of them"
+    if codec is not None and policy.dynamic:
+        return ("a policy that evicts while decoding and a codec together on latents are not supported yet; "
+                "use a prompt-compressing one (snapkv, pyramidkv) or one of them alone")
     flags = ("headwise", "merges", "sparse_attention", "reads_pages", "cross_layer", "allocates_layers",
              "uses_model_artefact")
     if any(getattr(policy, flag, False) for flag in flags) or policy.layer_state_names or policy.mass_state:
@@ -142,7 +143,8 @@ class LatentLayer(OwnedLayer):
         (``[B, H, N, d]``, ``[B, 1, N, r]``), the encoded ones decoded."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.seen += key_states.shape[2]
+        chunk = key_states.shape[2]
+        self.seen += chunk
         if self.codec is not None:
             room = max(0, self.codec.sink_tokens() - self.sink_keys.shape[2])
             if room:
@@ -154,10 +156,10 @@ class LatentLayer(OwnedLayer):
         self.values = torch.cat((self.values, value_states), dim=2)
         if self.evicts:
             for name, tensor in self.state.items():  # a new entry's state starts at zero
-                self.state[name] = torch.cat((tensor, tensor.new_zeros(*tensor.shape[:2], key_states.shape[2])), 2)
+                self.state[name] = torch.cat((tensor, tensor.new_zeros(*tensor.shape[:2], chunk)), 2)
             self.pending = True
             set_pending(self)  # the attention function hands this layer the query and the rebuilt keys
-            return self.keys, self.values
+            return self.tokens()
         if self.codec is None:
             return self.keys, self.values
         set_pending(self)  # the attention function calls finish_forward once the module has attended
@@ -219,6 +221,8 @@ class LatentLayer(OwnedLayer):
             method.observe(self._view(stats, keys, values, budget=0))  # updates the state tensors in place
         if compress_now:
             self._evict(self._view(stats, keys, values, budget=0))
+        if self.codec is not None and self.compressed:  # nothing is encoded before the prompt's one eviction
+            self.finish_forward(q_len)
         return output
 
     def _view(self, stats: Any, keys: torch.Tensor, values: torch.Tensor, budget: int) -> Any:
@@ -250,6 +254,9 @@ class LatentLayer(OwnedLayer):
         total = scores.clamp(min=torch.finfo(torch.float32).min).sum(1)  # [B, N]
         total = total.masked_fill(protected, float("inf")).masked_fill(self.positions[:, 0] < 0, float("-inf"))
         keep = total.topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values  # [B, K]
+        if self.codec is not None:  # no token is encoded yet (see attend_rebuilt): the sinks rejoin the others
+            self.keys = torch.cat((self.sink_keys, self.keys), dim=2)
+            self.values = torch.cat((self.sink_latents, self.values), dim=2)
 
         def take(tensor: torch.Tensor) -> torch.Tensor:
             index = keep.unsqueeze(1).expand(-1, tensor.shape[1], -1)
@@ -259,6 +266,10 @@ class LatentLayer(OwnedLayer):
 
         self.keys, self.values, self.positions = take(self.keys), take(self.values), take(self.positions)
         self.state = {name: take(tensor) for name, tensor in self.state.items()}
+        if self.codec is not None:  # the codec's sinks are the first tokens kept
+            sinks = min(self.codec.sink_tokens(), budget)
+            self.sink_keys, self.keys = self.keys[:, :, :sinks].clone(), self.keys[:, :, sinks:].clone()
+            self.sink_latents, self.values = self.values[:, :, :sinks].clone(), self.values[:, :, sinks:].clone()
 
     def _flush(self) -> None:
         """Encode the recent tokens older than the codec's residual window, in whole chunks."""
