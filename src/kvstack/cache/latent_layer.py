@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kvstack.cache.attention_stats import attention_with_stats
 from kvstack.cache.owned_layer import OwnedLayer
 from kvstack.cache.pending import set_pending
 from kvstack.cache.quantized import growth_tokens
 from kvstack.cache.streams import PackedStream
-from kvstack.contract import CodecSpec
+from kvstack.contract import STAT_WINDOW, AttentionStats, CodecSpec, LayerView
 
 if TYPE_CHECKING:
     from kvstack.cache.cache import KVStackCache
@@ -199,9 +200,6 @@ class LatentLayer(OwnedLayer):
         ``[B, H, N]`` scores are summed over the heads (for attention-based scores, the token's attention
         from every query head) and the top ``budget`` tokens stay.
         """
-        from kvstack.cache.attention_stats import attention_with_stats
-        from kvstack.contract import STAT_WINDOW
-
         method = self.owner.method
         causal, valid, chunk_positions = self.start_attention(query, attention_mask, position_ids, None)
         q_len = query.shape[2]
@@ -225,9 +223,9 @@ class LatentLayer(OwnedLayer):
             self.finish_forward(q_len)
         return output
 
-    def _view(self, stats: Any, keys: torch.Tensor, values: torch.Tensor, budget: int) -> Any:
-        from kvstack.contract import LayerView
-
+    def _view(self, stats: AttentionStats, keys: torch.Tensor, values: torch.Tensor, budget: int) -> LayerView:
+        """What the policy sees: the rebuilt ``keys`` and ``values`` ``[B, H, N, D]``, each token's position on
+        every head, the per-entry state and this forward's statistics."""
         return LayerView(
             kv_source=lambda: (keys, values), positions=self.positions.expand(-1, self.kv_heads, -1),
             next_position=self.next_position, state=self.state, stats=stats, layer_idx=self.layer_idx,
@@ -235,7 +233,7 @@ class LatentLayer(OwnedLayer):
             budget=budget, layer_state={},
         )
 
-    def _evict(self, view: Any) -> None:
+    def _evict(self, view: LayerView) -> None:
         """Keep the ``budget`` tokens with the highest scores summed over the KV heads; the rest leave memory."""
         method = self.owner.method
         budget = self.owner.layer_budget(self.layer_idx, self.owner.context_length or self.seen)
