@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from grid_runs import run_grid, stamp
+from grid_runs import run_grid, stamp, time_caches
 
 from kvstack.bench import BenchConfig, latest_results, plan_cells
 
@@ -193,6 +193,33 @@ def plot(data: dict[int, dict[str, list[tuple]]], path: Path) -> None:
     plt.close(fig)
 
 
+COST_SPECS = ["full", "minicache(start=25)", "minicache(start=21)", "minicache(start=15)", "kvsharer(layers=4)",
+              "kvsharer(layers=8)"]
+
+
+def cost(out: str, lengths: list[int], repeats: int) -> str:
+    """Prefill seconds and decode seconds per token of MiniCache and KVSharer against the full cache (their
+    base: neither evicts), interleaved in one process, medians of ``repeats``; written to ``cost.md``."""
+    import kvstack
+    from kvstack.prose import load_prose
+
+    ensure_maps(out)
+    model, tokenizer = kvstack.load_model(MODEL)
+    text_ids = tokenizer(load_prose(), return_tensors="pt").input_ids[0]
+    lines = ["| length | method | prefill s | decode ms/token | prefill / full | decode / full |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for length in lengths:
+        times = time_caches(model, text_ids[:length].unsqueeze(0), COST_SPECS, repeats)
+        base_prefill, base_decode = times["full"]
+        for spec, (prefill, step) in times.items():
+            lines.append(f"| {length} | `{spec}` | {prefill:.3f} | {step * 1000:.1f} | {prefill / base_prefill:.3f} | "
+                         f"{step / base_decode:.3f} |")
+    text = "\n".join(lines)
+    Path(out, "cost.md").write_text(f"Command: `python benchmarks/cross_layer_bench.py --cost --repeats {repeats}`; "
+                                    f"{stamp()}\n\n{text}\n")
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default="1024,2048")
@@ -201,8 +228,13 @@ def main() -> None:
     parser.add_argument("--out", default=OUT)
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--similarity", action="store_true", help="adjacent layers' cosine similarity (no grid)")
+    parser.add_argument("--cost", action="store_true", help="prefill and decode time against the full cache (no grid)")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.cost:
+        print(cost(args.out, [int(x) for x in args.lengths.split(",")], args.repeats))
+        return
     if args.similarity:
         print(similarity(args.out))
         return

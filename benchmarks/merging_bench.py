@@ -30,13 +30,10 @@ import json
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
-from grid_runs import run_grid, stamp
+from grid_runs import run_grid, stamp, time_caches
 
 from kvstack.bench import BenchConfig, latest_results, plan_cells
 
@@ -139,25 +136,10 @@ def cost(out: str, lengths: list[int], repeats: int) -> str:
     for length in lengths:
         ids = text_ids[:length].unsqueeze(0)
         specs = [t.format(ratio=0.75) for t in (BASE, *MERGING)]
-        times: dict[str, list[tuple[float, float]]] = {spec: [] for spec in specs}
-        for _ in range(repeats):
-            for spec in specs:
-                cache = kvstack.make_cache(model, spec)
-                with torch.no_grad():
-                    start = time.perf_counter()
-                    logits = kvstack.prefill(model, ids, cache)
-                    middle = time.perf_counter()
-                    token = logits.argmax(-1, keepdim=True)
-                    for _ in range(decode):
-                        logits = model(token, **kvstack.cache_kwargs(model, cache)).logits[:, -1]
-                        token = logits.argmax(-1, keepdim=True)
-                    end = time.perf_counter()
-                times[spec].append((middle - start, (end - middle) / decode))
-        base_prefill = statistics.median(t[0] for t in times[specs[0]])
-        base_decode = statistics.median(t[1] for t in times[specs[0]])
+        times = time_caches(model, ids, specs, repeats, decode)
+        base_prefill, base_decode = times[specs[0]]
         for spec in specs:
-            prefill = statistics.median(t[0] for t in times[spec])
-            step = statistics.median(t[1] for t in times[spec])
+            prefill, step = times[spec]
             lines.append(f"| {length} | `{spec}` | {prefill:.3f} | {step * 1000:.1f} | {prefill / base_prefill:.3f} | "
                          f"{step / base_decode:.3f} |")
     text = "\n".join(lines)
