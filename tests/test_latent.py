@@ -214,6 +214,18 @@ def test_snapkv_then_a_codec_on_latents_encodes_exactly_the_tokens_snapkv_keeps(
     assert cache.kv_bytes() < alone.kv_bytes()
 
 
+def test_a_compressing_latent_cache_used_without_the_kvstack_attention_says_so(model) -> None:
+    new, _ = kvstack.transform(model, "mla(rank=24, rope_dims=4)", calibration_ids=CALIBRATION)
+    for spec in ("kivi(bits=4, group_size=8)", "h2o(budget=16)"):
+        cache = kvstack.make_cache(new, spec)
+        new.set_attn_implementation("sdpa")  # the encoding or eviction after attention would never run
+        try:
+            with pytest.raises(RuntimeError, match="without the kvstack attention function"):
+                stepwise_logits(new, random_ids(20, seed=5), cache, steps=1)
+        finally:
+            new.set_attn_implementation("kvstack")
+
+
 def test_a_latent_model_refuses_storage_it_does_not_have_and_codecs_that_need_a_key_geometry(model) -> None:
     new, _ = kvstack.transform(model, "mla(rank=24, rope_dims=4)", calibration_ids=CALIBRATION)
     for spec, message in (("adakv(snapkv(ratio=0.5))", "evicts whole tokens by score and supports no per-head"),

@@ -144,6 +144,9 @@ class LatentLayer(OwnedLayer):
         (``[B, H, N, d]``, ``[B, 1, N, r]``), the encoded ones decoded."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.pending:  # the last forward's attention never reached this layer: its flush or eviction is lost
+            raise RuntimeError("kvstack cache used without the kvstack attention function; create caches with "
+                               "kvstack.make_cache(model, spec), which selects it")
         chunk = key_states.shape[2]
         self.seen += chunk
         if self.codec is not None:
@@ -163,6 +166,7 @@ class LatentLayer(OwnedLayer):
             return self.tokens()
         if self.codec is None:
             return self.keys, self.values
+        self.pending = True
         set_pending(self)  # the attention function calls finish_forward once the module has attended
         return self.tokens()
 
@@ -171,6 +175,7 @@ class LatentLayer(OwnedLayer):
     def finish_forward(self, query_length: int) -> None:
         """After this forward's attention, which read its own chunk exactly: encode what left the window (as a
         codec's flush follows attention in every kvstack layer); at the end of a prompt, drop spare chunks."""
+        self.pending = False
         if self.codec is None:
             return
         self._flush()
