@@ -279,6 +279,31 @@ def test_the_engine_serves_a_cla_model_as_transformers_generates_it_with_a_pool_
     assert Engine(base, memory_mb=1.0).namespace != Engine(new, memory_mb=1.0).namespace
 
 
+@pytest.mark.parametrize("spec", ["h2o(budget=12)", "snapkv(budget=16, window=4)", "streamingllm(budget=12, sinks=2)"])
+def test_the_engine_compresses_a_cla_model_as_its_kvstack_cache_does(spec: str) -> None:
+    from conftest import prompt_of
+
+    from kvstack.engine import Engine, SamplingParams
+
+    base = build_model(num_hidden_layers=4, vocab_size=200, max_position_embeddings=64, initializer_range=0.1)
+    new, _ = kvstack.transform(base, "cla(pairs='1:0,3:2')")
+    prompt = prompt_of(40, seed=1, vocab=200)
+    # with blocks of one token the engine compacts exactly when the core cache evicts: the same greedy tokens
+    ids = torch.tensor([prompt])
+    cache = kvstack.make_cache(new, spec)
+    expected = new.generate(ids, attention_mask=torch.ones_like(ids), **kvstack.cache_kwargs(new, cache),
+                            max_new_tokens=10, do_sample=False)[0, len(prompt):].tolist()
+    full = new.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                        do_sample=False)[0, len(prompt):].tolist()
+    engine = Engine(new, memory_mb=1.0, block_size=1, enable_prefix_caching=False)
+    rid = engine.add_request(prompt, SamplingParams(max_new_tokens=10), method=spec)
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.get_output(rid) == expected
+    assert engine.metrics()["compression_evicted_tokens"] > 0
+    assert expected != full  # eviction changed what the model read
+
+
 def _reference_run(model: torch.nn.Module, pairs: dict[int, int], ids: torch.Tensor) -> tuple:
     """The hook reference's logits on ``ids`` and its greedy 6 tokens after ``ids[:1]`` (hooks removed after)."""
     handles = hook_kv_sharing(model, pairs)
@@ -409,8 +434,8 @@ def test_bad_cla_input_is_one_line_each(capsys, tmp_path) -> None:
     from kvstack.engine import Engine
     from kvstack.errors import KVStackError
 
-    with pytest.raises(KVStackError, match=r"share keys and values \(cla\); the engine serves it with the full"):
-        Engine(new, memory_mb=1.0, block_size=4).add_request([1, 2, 3], method="snapkv(ratio=0.5)")
+    with pytest.raises(KVStackError, match=r"share keys and values \(cla\); the engine does not run quest"):
+        Engine(new, memory_mb=1.0, block_size=4).add_request([1, 2, 3], method="quest(budget=16, page=4)")
     err = usage_error(capsys, ["transform", "--spec", "cla(pairs='3:5')", "--out", str(tmp_path / "x")])
     assert "layer below" in err
 

@@ -125,9 +125,12 @@ class Engine:
         self.threads = ThreadGovernor(threads)
         geometry = model_geometry(model)
         latent = latent_geometry(model.config)
-        # Models a token-level policy cannot run on yet (make_cache refuses the same): what they are, for the error.
-        self._full_only = ("this model's layers share keys and values (cla)" if shared_layers(model.config) else
-                           "this model caches latents (mla)" if latent is not None else None)
+        # Models a token-level policy cannot run on in the engine yet: what they are, for the error. A cla model's
+        # storing layers compress as any layer (each sharing layer reads what its source keeps), but Quest's
+        # block summaries are not kept for its sharing layers.
+        self._full_only = "this model caches latents (mla)" if latent is not None else None
+        shares = bool(shared_layers(model.config))
+        self._no_page_reading = "this model's layers share keys and values (cla)" if shares else None
         namespace = default_namespace(model) if namespace is None else str(namespace)
         parameter = next(model.parameters())
         self.pool: PagedKVPool | PagedLatentPool
@@ -286,6 +289,9 @@ class Engine:
             raise KVStackError(f"{self._full_only}; the engine serves it with the full cache only for now, not "
                                f"{method!r}")
         if chosen.reads_pages:
+            if self._no_page_reading is not None:
+                raise KVStackError(f"{self._no_page_reading}; the engine does not run {chosen.label()} on it yet "
+                                   "(token-level eviction it does)")
             return None, chosen
         budget = chosen.layer_budget(len(prompt), 0, self.pool.num_layers)
         assert budget is not None

@@ -233,9 +233,10 @@ class PagedCacheLayer(CacheLayerMixin):
         if isinstance(owner.pool, PagedLatentPool):
             return self._attend_latents(query, scaling, module)
         for index, (chunk, offset) in enumerate(zip(owner.chunks, owner.offsets, strict=True)):
-            if chunk.stats:
+            # statistics per pool layer: a cla model's sharing layer keeps no slots of its own to choose from
+            if chunk.stats and self.source is None:
                 chunk_query = query[0, :, offset : offset + chunk.num_tokens]  # [Hq, q_i, D]
-                owner.stats[index][self.layer_idx] = chunk_statistics(
+                owner.stats[index][self.pool_layer] = chunk_statistics(
                     chunk_query, owner.pool, self.pool_layer, chunk, scaling
                 )
         output = paged_attention_packed(
