@@ -188,6 +188,21 @@ def test_an_evicting_policy_keeps_whole_tokens_of_a_latent_cache_and_attends_ove
     assert held == (16 if cache.method.dynamic else 16 + 3)  # a dynamic policy holds its budget at every step
 
 
+def test_a_latent_layer_keeps_the_tokens_whose_scores_summed_over_the_kv_heads_are_highest(model) -> None:
+    new, _ = kvstack.transform(model, "mla(rank=24, rope_dims=4)", calibration_ids=CALIBRATION)
+    ids = random_ids(40, batch=2, seed=9)
+    reference = DynamicCache()
+    stepwise_logits(new, ids, reference, steps=0)
+    cache = kvstack.make_cache(new, "keynorm(budget=12)")  # scores: minus each rebuilt key's norm, per head
+    stepwise_logits(new, ids, cache, steps=0)
+    for index in range(LAYERS):
+        module = new.model.layers[index].self_attn
+        keys, _ = module.rebuild(reference.layers[index].keys, reference.layers[index].values)  # [B, H, 40, D]
+        summed = -keys.float().norm(dim=-1).sum(dim=1)  # [B, 40]: the latent is one token for every head
+        expected = summed.topk(12, dim=-1).indices.sort(dim=-1).values
+        assert torch.equal(cache.layers[index].positions[:, 0].long(), expected)
+
+
 def test_snapkv_then_a_codec_on_latents_encodes_exactly_the_tokens_snapkv_keeps(model) -> None:
     new, _ = kvstack.transform(model, "mla(rank=24, rope_dims=4)", calibration_ids=CALIBRATION)
     ids = random_ids(90, batch=2, seed=3)
