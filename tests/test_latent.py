@@ -256,6 +256,35 @@ def test_a_latent_model_refuses_storage_it_does_not_have_and_codecs_that_need_a_
         assert "\n" not in str(info.value)
 
 
+def test_a_decoding_step_with_the_up_projection_absorbed_equals_attention_over_rebuilt_keys(model) -> None:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    new, _ = kvstack.transform(model, "mla(rank=24, rope_dims=4)", calibration_ids=CALIBRATION)
+    module = new.model.layers[1].self_attn
+    generator = torch.Generator().manual_seed(7)
+    for length, tokens in ((1, 30), (3, 9)):
+        query = torch.randn(2, 2 * HEADS, length, HEAD_DIM, generator=generator)
+        rotary_keys = torch.randn(2, HEADS, tokens, 4, generator=generator)
+        latents = torch.randn(2, 1, tokens, 24, generator=generator)
+        mask = torch.ones(2, 1, length, tokens, dtype=torch.bool)
+        mask[1, :, :, :4] = False  # left padding in the second sequence
+        keys, values = module.rebuild(rotary_keys, latents)
+        masked, everything = (mask, mask), (None, torch.ones_like(mask))
+        additive = (torch.zeros(2, 1, length, tokens).masked_fill(~mask, float("-inf")), mask)
+        for given, meaning in (masked, everything, additive):  # bool, none, additive float
+            expected, _ = sdpa_attention_forward(module, query, keys, values, meaning, scaling=module.scaling)
+            got = module.attend_absorbed(query, rotary_keys, latents, given, module.scaling)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    # decoding by absorbed steps, with transformers' cache and kvstack's, ends where one whole forward ends
+    ids = random_ids(20, batch=2, seed=3)
+    for cache in (DynamicCache(), kvstack.make_cache(new, "full")):
+        logits = stepwise_logits(new, ids, cache, steps=4)
+        tokens = torch.stack([step.argmax(-1) for step in logits[:-1]], dim=1)
+        with torch.no_grad():
+            whole = new(input_ids=torch.cat((ids, tokens), dim=1)).logits[:, -1]  # rebuilt keys and values
+        torch.testing.assert_close(logits[-1], whole, atol=1e-4, rtol=1e-4)
+
+
 def test_more_rank_and_more_rotary_dims_approach_the_original(model) -> None:
     ids = random_ids(24, batch=2, seed=9)
     with torch.no_grad():

@@ -30,8 +30,22 @@ def kvstack_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Attention for one layer. ``query`` ``[B, Hq, q, D]``; returns ``([B, q, Hq, D], None)``."""
+    """Attention for one layer. ``query`` ``[B, Hq, q, D]``; returns ``([B, q, Hq, D], None)``.
+
+    ``latents_given=True``: an mla module's decoding step hands the cached rotary keys ``[B, H, N, d]`` and
+    latents ``[B, 1, N, r]`` as ``key`` and ``value``; the module attends with its up-projection absorbed
+    (or rebuilds keys and values for a layer whose policy scores them), and the layer is told as usual."""
     layer = take_pending()
+    if kwargs.pop("latents_given", False):
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        if getattr(layer, "evicts", False):
+            keys, values = module.rebuild(key, value)
+            return layer.attend_rebuilt(query, keys, values, attention_mask, kwargs.get("position_ids"), scaling), None
+        output = module.attend_absorbed(query, key, value, attention_mask, scaling)
+        if layer is not None:
+            layer.finish_forward(query.shape[2])
+        return output, None
     if layer is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs

@@ -31,7 +31,7 @@ import torch
 
 from kvstack.cache.attention_stats import attention_with_stats
 from kvstack.cache.owned_layer import OwnedLayer
-from kvstack.cache.pending import set_pending
+from kvstack.cache.pending import set_pending, take_pending
 from kvstack.cache.quantized import growth_tokens
 from kvstack.cache.streams import PackedStream
 from kvstack.contract import STAT_WINDOW, AttentionStats, CodecSpec, LayerView
@@ -145,6 +145,7 @@ class LatentLayer(OwnedLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.pending:  # the last forward's attention never reached this layer: its flush or eviction is lost
+            take_pending()  # and no later attention on this thread may take a stale layer
             raise RuntimeError("kvstack cache used without the kvstack attention function; create caches with "
                                "kvstack.make_cache(model, spec), which selects it")
         chunk = key_states.shape[2]

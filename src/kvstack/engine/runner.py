@@ -259,9 +259,16 @@ class PagedCacheLayer(CacheLayerMixin):
                                "and values from latents (an mla model's LatentAttention can)")
         owner = self.owner
         outputs = []
+        absorbed = getattr(module, "attend_absorbed", None)
         for chunk, offset in zip(owner.chunks, owner.offsets, strict=True):
             rotary_keys, latents = owner.pool.gather(self.pool_layer, chunk.block_table, chunk.context_len)
-            keys, values = rebuild(rotary_keys[None].to(query.dtype), latents[None].to(query.dtype))  # [1, H, L, D]
+            rotary_keys, latents = rotary_keys[None].to(query.dtype), latents[None].to(query.dtype)
+            if chunk.num_tokens == 1 and absorbed is not None:
+                # a decoding step: the module reads the latents with its up-projection absorbed (the one query
+                # sees every slot), instead of rebuilding the whole context's keys and values
+                outputs.append(absorbed(query[:, :, offset : offset + 1], rotary_keys, latents, None, scaling)[0])
+                continue
+            keys, values = rebuild(rotary_keys, latents)  # [1, H, L, D]
             chunk_query = query[0, :, offset : offset + chunk.num_tokens].transpose(0, 1)  # [q, Hq, D]
             outputs.append(chunk_attention(chunk_query, keys[0], values[0], scaling))
         return torch.cat(outputs, dim=0).unsqueeze(0)  # [1, T, Hq, D]

@@ -244,6 +244,12 @@ def _linear(augmented: Any, bias: bool, like: Any) -> Any:
     return layer
 
 
+# attention implementations kvstack registers (kvstack.attention, kvstack.engine.runner), named here because a
+# transform imports neither: the cache's function takes the latents themselves, the engine's its own path
+KVSTACK_ATTENTION = "kvstack"
+PAGED_ATTENTION = "kvstack_paged"
+
+
 @functools.cache
 def _module_class() -> type:
     """``LatentAttention``, defined on first use so that importing transforms imports no torch."""
@@ -275,6 +281,8 @@ def _module_class() -> type:
             # in the state dict: a saved model rebuilt by another calibration still rotates the pairs it was fitted on
             self.register_buffer("rotary_index", per_kv_head.repeat_interleave(self.num_key_value_groups, 0))
             self.register_buffer("key_rotary_index", per_kv_head)
+            # decoding steps attend with the up-projection absorbed (False: rebuild the context, as prefill does)
+            self.absorb_decoding = True
 
         def rebuild(self, rotary_keys: Any, latents: Any) -> tuple[Any, Any]:
             """Keys and values ``[B, H, N, D]`` each (position-free dims first, then the rotary ones, as the
@@ -287,6 +295,32 @@ def _module_class() -> type:
                               rotary_keys), dim=-1)
             values = rebuilt[..., split:].view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
             return keys, values
+
+        def attend_absorbed(self, query: Any, rotary_keys: Any, latents: Any, attention_mask: Any,
+                            scaling: float) -> Any:
+            """``[B, q, Hq, D]`` attention of ``query`` ``[B, Hq, q, D]`` (position-free dims, then rotary) over the
+            cached rotary keys ``[B, H, N, d]`` and latents ``[B, 1, N, r]``, with ``kv_up`` absorbed: the query's
+            position-free part is mapped into the latent space (``W_k^T q``) and the probabilities weight the
+            latents before ``W_v`` maps them back, so no key or value of the context is rebuilt. For a few
+            queries over a long context this reads ``r + d`` numbers per token and query head instead of
+            rebuilding ``H (2D - d)`` per token. ``attention_mask``: ``[B, 1, q, N]`` bool (True attends) or
+            additive float, or None (every token)."""
+            batch, _, length, _ = query.shape
+            heads, free = self.kv_heads, self.head_dim - self.rope_dims
+            group = query.shape[1] // heads
+            weight = self.kv_up.weight  # [H (2D - d), r]
+            key_up = weight[: heads * free].view(heads, free, -1)  # [H, free, r]
+            value_up = weight[heads * free :].view(heads, self.head_dim, -1)  # [H, D, r]
+            grouped = query.view(batch, heads, group * length, self.head_dim)  # query head h G + g reads KV head h
+            absorbed = torch.einsum("bhnf,hfr->bhnr", grouped[..., :free], key_up)
+            scores = absorbed @ latents.transpose(-1, -2) + grouped[..., free:] @ rotary_keys.transpose(-1, -2)
+            scores = (scores.float() * scaling).view(batch, heads, group, length, -1)  # [B, H, G, q, N]
+            if attention_mask is not None:
+                mask = attention_mask[:, :, None]  # [B, 1, 1, q, N]
+                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            weights = scores.softmax(dim=-1).to(latents.dtype).view(batch, heads, group * length, -1)
+            output = torch.einsum("bhnr,hdr->bhnd", weights @ latents, value_up)  # [B, H, G q, D]
+            return output.reshape(batch, heads * group, length, self.head_dim).transpose(1, 2)
 
         def forward(self, hidden_states: Any, position_embeddings: tuple[Any, Any] | None = None,
                     attention_mask: Any = None, cache: Any = None, **kwargs: Any) -> tuple[Any, Any]:
@@ -307,12 +341,23 @@ def _module_class() -> type:
             rotary_keys = _rotate(rotary_keys.transpose(1, 2), cos, sin, self.key_rotary_index)
             if cache is not None:
                 rotary_keys, latents = cache.update(rotary_keys, latents, self.layer_idx)
-            keys, values = self.rebuild(rotary_keys, latents)
             query = torch.cat((query[..., :free], query_rotary), dim=-1)
-            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
-                                                                        eager_attention_forward)
-            output, weights = attention_interface(self, query, keys, values, attention_mask, dropout=0.0,
-                                                  scaling=self.scaling, **kwargs)
+            implementation = self.config._attn_implementation
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+            if length == 1 and self.absorb_decoding and implementation != PAGED_ATTENTION:
+                # a decoding step reads the latents with the up-projection absorbed instead of rebuilding the
+                # context; kvstack's attention function keeps its cache's handshake and asks this module
+                if implementation == KVSTACK_ATTENTION:
+                    output, weights = attention_interface(self, query, rotary_keys, latents, attention_mask,
+                                                          dropout=0.0, scaling=self.scaling, latents_given=True,
+                                                          **kwargs)
+                else:
+                    output, weights = self.attend_absorbed(query, rotary_keys, latents, attention_mask,
+                                                           self.scaling), None
+            else:
+                keys, values = self.rebuild(rotary_keys, latents)
+                output, weights = attention_interface(self, query, keys, values, attention_mask, dropout=0.0,
+                                                      scaling=self.scaling, **kwargs)
             return self.o_proj(output.reshape(batch, length, -1).contiguous()), weights
 
     def _rotate(states: Any, cos: Any, sin: Any, index: Any) -> Any:
