@@ -312,14 +312,18 @@ def _module_class() -> type:
             key_up = weight[: heads * free].view(heads, free, -1)  # [H, free, r]
             value_up = weight[heads * free :].view(heads, self.head_dim, -1)  # [H, D, r]
             grouped = query.view(batch, heads, group * length, self.head_dim)  # query head h G + g reads KV head h
-            absorbed = torch.einsum("bhnf,hfr->bhnr", grouped[..., :free], key_up)
-            scores = absorbed @ latents.transpose(-1, -2) + grouped[..., free:] @ rotary_keys.transpose(-1, -2)
+            absorbed = torch.einsum("bhnf,hfr->bhnr", grouped[..., :free], key_up)  # [B, H, G q, r]
+            # the latent is one per token for every head: the heads fold into one matmul, nothing is broadcast
+            rows = heads * group * length
+            scores = torch.bmm(absorbed.reshape(batch, rows, -1), latents[:, 0].transpose(1, 2))
+            scores = scores.view(batch, heads, group * length, -1) + grouped[..., free:] @ rotary_keys.transpose(-1, -2)
             scores = (scores.float() * scaling).view(batch, heads, group, length, -1)  # [B, H, G, q, N]
             if attention_mask is not None:
                 mask = attention_mask[:, :, None]  # [B, 1, 1, q, N]
                 scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-            weights = scores.softmax(dim=-1).to(latents.dtype).view(batch, heads, group * length, -1)
-            output = torch.einsum("bhnr,hdr->bhnd", weights @ latents, value_up)  # [B, H, G q, D]
+            weights = scores.softmax(dim=-1).to(latents.dtype).view(batch, rows, -1)
+            mixed = torch.bmm(weights, latents[:, 0]).view(batch, heads, group * length, -1)  # [B, H, G q, r]
+            output = torch.einsum("bhnr,hdr->bhnd", mixed, value_up)  # [B, H, G q, D]
             return output.reshape(batch, heads * group, length, self.head_dim).transpose(1, 2)
 
         def forward(self, hidden_states: Any, position_embeddings: tuple[Any, Any] | None = None,
