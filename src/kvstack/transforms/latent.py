@@ -1,8 +1,9 @@
 """Latent (MLA-style) KV caching (taxonomy §2, TransMLA / MHA2MLA): keys and values through one low-rank latent.
 
 ``mla(rank=r, rope_dims=d)`` converts every layer's attention so that its cache holds, per token, a latent of
-``r`` numbers shared by all KV heads and a small rotary key of ``d`` dimensions per KV head; attention rebuilds
-the keys and values from the latent (an up-projection), so nothing else is cached.
+``r`` numbers shared by all KV heads and a small rotary key of ``d`` dimensions per KV head; a prompt's attention
+rebuilds the keys and values from the latent (an up-projection), and a decoding step absorbs the up-projection
+into its query and output instead, so nothing else is cached and nothing is rebuilt per step.
 
 Two steps per layer, both training-free (``+ repair()`` fits the new projections afterwards):
 
