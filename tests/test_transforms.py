@@ -304,6 +304,27 @@ def test_the_engine_compresses_a_cla_model_as_its_kvstack_cache_does(spec: str) 
     assert expected != full  # eviction changed what the model read
 
 
+def test_quest_in_the_engine_reads_a_cla_model_s_blocks_by_each_layer_s_own_query() -> None:
+    from conftest import prompt_of
+
+    from kvstack.engine import Engine, SamplingParams
+
+    base = build_model(num_hidden_layers=4, vocab_size=200, max_position_embeddings=128, initializer_range=0.1)
+    new, _ = kvstack.transform(base, "cla(pairs='1:0,3:2')")
+    prompt = prompt_of(60, seed=1, vocab=200)
+
+    def run(method: str | None) -> list[int]:
+        engine = Engine(new, memory_mb=1.0, block_size=4, enable_prefix_caching=False)
+        rid = engine.add_request(prompt, SamplingParams(max_new_tokens=8), method=method)
+        while engine.has_unfinished():
+            engine.step()
+        return engine.get_output(rid)
+
+    full = run(None)
+    assert run("quest(budget=64, page=4)") == full  # a budget covering every block is the full attention
+    assert run("quest(budget=8, page=4)") != full  # two blocks of fifteen: each layer reads only what it selects
+
+
 def _reference_run(model: torch.nn.Module, pairs: dict[int, int], ids: torch.Tensor) -> tuple:
     """The hook reference's logits on ``ids`` and its greedy 6 tokens after ``ids[:1]`` (hooks removed after)."""
     handles = hook_kv_sharing(model, pairs)
@@ -434,8 +455,9 @@ def test_bad_cla_input_is_one_line_each(capsys, tmp_path) -> None:
     from kvstack.engine import Engine
     from kvstack.errors import KVStackError
 
-    with pytest.raises(KVStackError, match=r"share keys and values \(cla\); the engine does not run quest"):
-        Engine(new, memory_mb=1.0, block_size=4).add_request([1, 2, 3], method="quest(budget=16, page=4)")
+    with pytest.raises(KVStackError, match=r"share keys and values \(cla\); quest\(.*\) keeps dense layers"):
+        Engine(new, memory_mb=1.0, block_size=4).add_request([1, 2, 3], method="quest(budget=16, page=4, "
+                                                                            "dense_layers=1)")
     err = usage_error(capsys, ["transform", "--spec", "cla(pairs='3:5')", "--out", str(tmp_path / "x")])
     assert "layer below" in err
 

@@ -126,11 +126,10 @@ class Engine:
         geometry = model_geometry(model)
         latent = latent_geometry(model.config)
         # Models a token-level policy cannot run on in the engine yet: what they are, for the error. A cla model's
-        # storing layers compress as any layer (each sharing layer reads what its source keeps), but Quest's
-        # block summaries are not kept for its sharing layers.
+        # storing layers compress as any layer (each sharing layer reads what its source keeps), and Quest's
+        # sharing layers select their source's blocks by their own queries (the bounds are of the same keys).
         self._full_only = "this model caches latents (mla)" if latent is not None else None
-        shares = bool(shared_layers(model.config))
-        self._no_page_reading = "this model's layers share keys and values (cla)" if shares else None
+        self._shares_layers = bool(shared_layers(model.config))
         namespace = default_namespace(model) if namespace is None else str(namespace)
         parameter = next(model.parameters())
         self.pool: PagedKVPool | PagedLatentPool
@@ -289,9 +288,11 @@ class Engine:
             raise KVStackError(f"{self._full_only}; the engine serves it with the full cache only for now, not "
                                f"{method!r}")
         if chosen.reads_pages:
-            if self._no_page_reading is not None:
-                raise KVStackError(f"{self._no_page_reading}; the engine does not run {chosen.label()} on it yet "
-                                   "(token-level eviction it does)")
+            if self._shares_layers and getattr(chosen, "dense_layers", 0):
+                # dense layers are counted in the pool's layers, which on a cla model are not the model's
+                raise KVStackError(f"this model's layers share keys and values (cla); {chosen.label()} keeps "
+                                   "dense layers, which the engine does not map onto shared layers yet; use "
+                                   "dense_layers=0")
             return None, chosen
         budget = chosen.layer_budget(len(prompt), 0, self.pool.num_layers)
         assert budget is not None
