@@ -361,6 +361,30 @@ def test_the_engine_serves_an_mla_model_from_a_pool_of_latents_as_transformers_g
     assert torch.equal(engine.pool.export_block(1)["latents"], exported["latents"])
 
 
+@pytest.mark.parametrize("spec", ["h2o(budget=12)", "snapkv(budget=16, window=4)", "streamingllm(budget=12, sinks=2)",
+                                  "tova(budget=12)"])
+def test_the_engine_evicts_from_an_mla_pool_as_the_latent_cache_does(spec: str) -> None:
+    from conftest import prompt_of
+
+    from kvstack.engine import Engine, SamplingParams
+
+    base = build_model(vocab_size=200, max_position_embeddings=128, initializer_range=0.1)
+    new, _ = kvstack.transform(base, "mla(rank=24, rope_dims=4)", calibration_ids=CALIBRATION)
+    prompt = prompt_of(40, seed=1, vocab=200)
+    ids = torch.tensor([prompt])
+    cache = kvstack.make_cache(new, spec)
+    expected = new.generate(ids, attention_mask=torch.ones_like(ids), **kvstack.cache_kwargs(new, cache),
+                            max_new_tokens=10, do_sample=False)[0, len(prompt):].tolist()
+    # with blocks of one token the engine compacts exactly when the latent cache evicts: the same greedy tokens
+    engine = Engine(new, memory_mb=1.0, block_size=1, enable_prefix_caching=False)
+    rid = engine.add_request(prompt, SamplingParams(max_new_tokens=10), method=spec)
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.get_output(rid) == expected
+    assert engine.metrics()["compression_evicted_tokens"] > 0
+    assert engine.metrics()["compression_freed_blocks"] > 0  # the evicted tokens left the pool
+
+
 def test_bad_mla_input_is_one_line_each(model, capsys, tmp_path) -> None:
     with pytest.raises(TransformError, match=r"rank=64 is too large: .* the latent must be 1 to 47"):
         kvstack.transform(model, "mla(rank=64, rope_dims=8)", calibration_ids=CALIBRATION)
@@ -381,7 +405,7 @@ def test_bad_mla_input_is_one_line_each(model, capsys, tmp_path) -> None:
     from kvstack.engine import Engine
     from kvstack.errors import KVStackError
 
-    with pytest.raises(KVStackError, match="caches latents \\(mla\\); the engine serves it with the full cache"):
+    with pytest.raises(KVStackError, match="caches latents \\(mla\\); the engine keeps no block bounds over latents"):
         Engine(new, memory_mb=1.0, block_size=4).add_request([1, 2, 3], method="quest(budget=16, page=4)")
     err = usage_error(capsys, ["transform", "--spec", "mla(rope_dims=5)", "--out", str(tmp_path / "x")])
     assert "even number" in err

@@ -16,6 +16,7 @@ import torch
 
 from kvstack.cache.attention_stats import attention_with_stats
 from kvstack.contract import STAT_COLSUM, STAT_LAST, STAT_WINDOW, AttentionStats, LayerView
+from kvstack.engine.latent_pool import PagedLatentPool
 from kvstack.engine.paged import PagedKVPool
 from kvstack.errors import KVStackError
 from kvstack.methods.base import Composed, Method
@@ -174,20 +175,35 @@ class SequenceCompression:
             kv_source=kv_source,
         )
 
-    def choose(self, layer: int, view: LayerView) -> torch.Tensor:
-        """``[H, budget]`` sorted slots to keep in one layer."""
+    def choose(self, layer: int, view: LayerView, shared_heads: bool = False) -> torch.Tensor:
+        """``[H, budget]`` sorted slots to keep in one layer; ``shared_heads``: the same slots for every head (an
+        mla model's latent is one per token), those whose scores summed over the heads are highest."""
         scores = self.method.score(view).float()
         protect = self.method.protect(view)
         if protect is not None:
             scores = scores.masked_fill(protect, float("inf"))
-        return scores[0].topk(self.budget, dim=-1, sorted=False).indices.sort(dim=-1).values
+        scores = scores[0]  # [H, S]
+        if shared_heads:  # as kvstack.cache.latent_layer keeps whole tokens: protected on one head, kept for all
+            total = scores.clamp(min=torch.finfo(torch.float32).min).sum(0)
+            total = total.masked_fill(scores.isposinf().any(0), float("inf"))
+            keep = total.topk(self.budget, sorted=False).indices.sort().values
+            return keep.expand(scores.shape[0], -1)
+        return scores.topk(self.budget, dim=-1, sorted=False).indices.sort(dim=-1).values
 
-    def choose_all(self, pool: PagedKVPool, table: list[int], next_position: int, generator: torch.Generator,
-                   group_size: int) -> list[torch.Tensor]:
-        """``[H, budget]`` sorted slots to keep in every layer, for the sequence whose block table is ``table``."""
+    def choose_all(self, pool: PagedKVPool | PagedLatentPool, table: list[int], next_position: int,
+                   generator: torch.Generator, group_size: int,
+                   rebuild: Callable[[int, torch.Tensor, torch.Tensor], tuple] | None = None) -> list[torch.Tensor]:
+        """``[H, budget]`` sorted slots to keep in every layer, for the sequence whose block table is ``table``.
+
+        ``rebuild(layer, rotary_keys, latents)``: for an mla model's pool, its keys and values ``[H, S, D]``
+        (the policy scores them); every head then keeps the same slots."""
         kept: list[torch.Tensor] = []
         for layer in range(pool.num_layers):
-            gathered = functools.cache(functools.partial(pool.gather, layer, table, self.slots))  # [H, S, D] x 2, once
+            def load(layer: int = layer) -> tuple[torch.Tensor, torch.Tensor]:
+                stored = pool.gather(layer, table, self.slots)
+                return stored if rebuild is None else rebuild(layer, *stored)
+
+            gathered = functools.cache(load)  # [H, S, D] x 2, once
 
             def kv_source(gathered: Any = gathered) -> tuple[torch.Tensor, torch.Tensor]:
                 keys, values = gathered()
@@ -200,7 +216,7 @@ class SequenceCompression:
                 scaling = float(self.last_stats.get(layer, {}).get("scaling", keys.shape[-1] ** -0.5))
                 window = window_weights(queries, keys, values, scaling)
             view = self.view(layer, window, next_position, generator, group_size, kv_source)
-            kept.append(self.choose(layer, view))
+            kept.append(self.choose(layer, view, shared_heads=rebuild is not None))
         return kept
 
     def keep(self, kept: list[torch.Tensor], freed_blocks: int) -> None:
@@ -214,15 +230,18 @@ class SequenceCompression:
         self.freed_blocks += freed_blocks
 
 
-def compaction_copy(pool: PagedKVPool, kept: list[torch.Tensor], slots: int) -> Callable[[list[int], list[int]], None]:
+def compaction_copy(pool: PagedKVPool | PagedLatentPool, kept: list[torch.Tensor],
+                    slots: int) -> Callable[[list[int], list[int]], None]:
     """The ``copy(old_table, new_table)`` of a compaction: the ``kept[layer]`` (``[H, budget]``) of the first ``slots``
     slots of the old table, written into slots ``0 .. budget - 1`` of the new one, in every layer."""
 
     def copy(old_table: list[int], new_table: list[int]) -> None:
         for layer, index in enumerate(kept):
-            keys, values = pool.gather(layer, old_table, slots)  # [H, S, D]
-            expand = index[:, :, None].expand(-1, -1, keys.shape[-1])
-            pool.write(layer, new_table, 0, keys.gather(1, expand), values.gather(1, expand))
+            # [H, S, D] each; an mla pool's rotary keys [H, S, d] and latents [1, S, r] (every head kept alike)
+            keys, values = pool.gather(layer, old_table, slots)
+            value_index = index[: values.shape[0]]
+            pool.write(layer, new_table, 0, keys.gather(1, index[:, :, None].expand(-1, -1, keys.shape[-1])),
+                       values.gather(1, value_index[:, :, None].expand(-1, -1, values.shape[-1])))
 
     return copy
 

@@ -32,7 +32,7 @@ from kvstack.engine.threads import ThreadGovernor
 from kvstack.engine.tiers import TieredStore
 from kvstack.errors import KVStackError
 from kvstack.methods.base import Method
-from kvstack.models import model_geometry
+from kvstack.models import attention_modules, model_geometry
 from kvstack.transforms.latent import latent_geometry
 from kvstack.transforms.sharing import shared_layers
 
@@ -125,11 +125,12 @@ class Engine:
         self.threads = ThreadGovernor(threads)
         geometry = model_geometry(model)
         latent = latent_geometry(model.config)
-        # Models a token-level policy cannot run on in the engine yet: what they are, for the error. A cla model's
-        # storing layers compress as any layer (each sharing layer reads what its source keeps), and Quest's
-        # sharing layers select their source's blocks by their own queries (the bounds are of the same keys).
-        self._full_only = "this model caches latents (mla)" if latent is not None else None
+        # A cla model's storing layers compress as any layer (each sharing layer reads what its source keeps),
+        # and Quest's sharing layers select their source's blocks by their own queries (the bounds are of the
+        # same keys). An mla model's policy scores the keys its modules rebuild from the pool's latents, and
+        # keeps whole tokens; Quest has no bounds over latents.
         self._shares_layers = bool(shared_layers(model.config))
+        self._latent_modules = attention_modules(model) if latent is not None else None
         namespace = default_namespace(model) if namespace is None else str(namespace)
         parameter = next(model.parameters())
         self.pool: PagedKVPool | PagedLatentPool
@@ -284,10 +285,10 @@ class Engine:
         chosen = engine_method(method, len(prompt), self.pool.num_layers, self.pool.block_size)
         if chosen is None:
             return None, None
-        if self._full_only is not None:
-            raise KVStackError(f"{self._full_only}; the engine serves it with the full cache only for now, not "
-                               f"{method!r}")
         if chosen.reads_pages:
+            if self._latent_modules is not None:
+                raise KVStackError(f"this model caches latents (mla); the engine keeps no block bounds over latents, "
+                                   f"so {chosen.label()} does not run on it (eviction methods do)")
             if self._shares_layers and getattr(chosen, "dense_layers", 0):
                 # dense layers are counted in the pool's layers, which on a cla model are not the model's
                 raise KVStackError(f"this model's layers share keys and values (cla); {chosen.label()} keeps "
@@ -641,6 +642,15 @@ class Engine:
         return any(text in tail for text in stops)
 
     # ------------------------------------------------------------------ compression
+    def _rebuild(self, layer: int, rotary_keys: torch.Tensor, latents: torch.Tensor) -> tuple:
+        """An mla model's keys and values ``[H, S, D]`` of layer ``layer`` from its pool's rotary keys ``[H, S, d]``
+        and latents ``[1, S, r]``, for the policy to score."""
+        module = self._latent_modules[layer]
+        dtype = module.q_proj.weight.dtype
+        with torch.no_grad():
+            keys, values = module.rebuild(rotary_keys[None].to(dtype), latents[None].to(dtype))
+        return keys[0], values[0]
+
     def _maybe_compress(self, request_id: Hashable) -> None:
         """Compact a compressed request's KV down to its budget when it is due (see kvstack.engine.compression)."""
         compression = self._compression[request_id]
@@ -654,7 +664,7 @@ class Engine:
         slots = compression.slots
         table = self.block_manager.block_table(request_id)
         kept = compression.choose_all(self.pool, table, seq.num_computed_tokens, self._method_generator,
-                                      self._group_size)
+                                      self._group_size, rebuild=self._rebuild if self._latent_modules else None)
         try:
             freed = self.scheduler.compact(request_id, compression.budget, compaction_copy(self.pool, kept, slots))
         except OutOfBlocksError:

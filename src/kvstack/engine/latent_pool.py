@@ -118,6 +118,17 @@ class PagedLatentPool:
         entry = torch.cat((rotary_keys.transpose(0, 1).reshape(count, heads * dims), latents[0]), dim=-1)
         self._data[blocks, layer, slots] = entry.to(device=self.device, dtype=self.dtype)
 
+    def write(self, layer: int, block_table: BlockTable, start: int, rotary_keys: torch.Tensor,
+              latents: torch.Tensor) -> None:
+        """Store ``n`` consecutive tokens of one sequence from position ``start``: rotary keys ``[H, n, d]`` and
+        latents ``[1, n, r]`` (as :meth:`PagedKVPool.write` stores keys and values)."""
+        count = rotary_keys.shape[1]
+        needed = -(-(start + count) // self._block_size)
+        table = table_to_list(block_table, needed, self._num_blocks, f"writing {count} tokens from {start}")
+        positions = torch.arange(start, start + count, device=self.device)
+        blocks = torch.tensor(table, dtype=torch.long, device=self.device)[positions // self._block_size]
+        self.write_packed(layer, blocks, positions % self._block_size, rotary_keys, latents)
+
     def gather(self, layer: int, block_table: BlockTable, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``length`` tokens of one sequence in one layer: rotary keys ``[H, length, d]`` and latents
         ``[1, length, r]`` (new tensors)."""

@@ -91,7 +91,8 @@ class SequenceChunk:
 
 
 def chunk_statistics(
-    query: torch.Tensor, pool: PagedKVPool, layer: int, chunk: SequenceChunk, scaling: float
+    query: torch.Tensor, pool: PagedKVPool, layer: int, chunk: SequenceChunk, scaling: float,
+    keys_values: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Attention statistics of one chunk's queries over its sequence's slots (float32 tensors).
 
@@ -105,6 +106,8 @@ def chunk_statistics(
         ``[Hq, q, D]`` the chunk's queries (RoPE applied).
     pool, layer, chunk, scaling
         Where the sequence's keys are, and the logit multiplier.
+    keys_values : tuple of torch.Tensor, optional
+        ``[H, L, D]`` keys and values to use instead of the pool's (an mla model's, rebuilt from its latents).
 
     Returns
     -------
@@ -122,7 +125,7 @@ def chunk_statistics(
     needs = {name for name in (STAT_COLSUM, STAT_LAST) if name in wanted}
     if not needs:
         return result
-    keys, values = pool.gather(layer, chunk.block_table, chunk.context_len)  # [H, L, D]
+    keys, values = keys_values or pool.gather(layer, chunk.block_table, chunk.context_len)  # [H, L, D]
     # The chunk's q queries sit at slots first_slot .. context_len - 1, the last q of the L slots: query j
     # sees slots 0 .. first_slot + j. That is attention_with_stats's mask with causal=None and
     # past_valid=None (lower-triangular over the chunk, every earlier slot visible); an explicit mask
@@ -260,15 +263,20 @@ class PagedCacheLayer(CacheLayerMixin):
         owner = self.owner
         outputs = []
         absorbed = getattr(module, "attend_absorbed", None)
-        for chunk, offset in zip(owner.chunks, owner.offsets, strict=True):
+        for index, (chunk, offset) in enumerate(zip(owner.chunks, owner.offsets, strict=True)):
             rotary_keys, latents = owner.pool.gather(self.pool_layer, chunk.block_table, chunk.context_len)
             rotary_keys, latents = rotary_keys[None].to(query.dtype), latents[None].to(query.dtype)
-            if chunk.num_tokens == 1 and absorbed is not None:
+            if chunk.num_tokens == 1 and absorbed is not None and not chunk.stats:
                 # a decoding step: the module reads the latents with its up-projection absorbed (the one query
                 # sees every slot), instead of rebuilding the whole context's keys and values
                 outputs.append(absorbed(query[:, :, offset : offset + 1], rotary_keys, latents, None, scaling)[0])
                 continue
             keys, values = rebuild(rotary_keys, latents)  # [1, H, L, D]
+            if chunk.stats:  # a compressing request's statistics, over the rebuilt keys
+                owner.stats[index][self.pool_layer] = chunk_statistics(
+                    query[0, :, offset : offset + chunk.num_tokens], owner.pool, self.pool_layer, chunk, scaling,
+                    keys_values=(keys[0], values[0]),
+                )
             chunk_query = query[0, :, offset : offset + chunk.num_tokens].transpose(0, 1)  # [q, Hq, D]
             outputs.append(chunk_attention(chunk_query, keys[0], values[0], scaling))
         return torch.cat(outputs, dim=0).unsqueeze(0)  # [1, T, Hq, D]
