@@ -272,6 +272,30 @@ def reference_generate(reference: torch.nn.Module, prompt: list[int], max_new: i
     return output[0, len(prompt) :].tolist()
 
 
+def cache_generate(model: torch.nn.Module, prompt: list[int], spec: str | None, max_new: int) -> list[int]:
+    """Greedy tokens after ``prompt`` from transformers' ``generate`` with ``make_cache(model, spec)`` (None:
+    transformers' own cache)."""
+    ids = torch.tensor([prompt])
+    kwargs = {} if spec is None else kvstack.cache_kwargs(model, kvstack.make_cache(model, spec))
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
+                             **kwargs)
+    return out[0, len(prompt):].tolist()
+
+
+def engine_generate(model: torch.nn.Module, prompt: list[int], spec: str | None, max_new: int,
+                    **engine_kwargs: Any) -> tuple[list[int], dict[str, Any]]:
+    """Greedy tokens after ``prompt`` from one request carrying ``spec`` in a fresh paged engine (1 MB, no
+    prefix caching, ``engine_kwargs`` on top), and the engine's metrics."""
+    from kvstack.engine import Engine, SamplingParams
+
+    engine = Engine(model, **{"memory_mb": 1.0, "enable_prefix_caching": False, **engine_kwargs})
+    request = engine.add_request(prompt, SamplingParams(max_new_tokens=max_new), method=spec)
+    while engine.has_unfinished():
+        engine.step()
+    return engine.get_output(request), engine.metrics()
+
+
 def usage_error(capsys: Any, argv: list[str]) -> str:
     """Run ``kvstack argv``; assert exit 2 with one ``kvstack: error:`` line and no traceback; return it."""
     from kvstack import cli

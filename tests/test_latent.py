@@ -364,25 +364,17 @@ def test_the_engine_serves_an_mla_model_from_a_pool_of_latents_as_transformers_g
 @pytest.mark.parametrize("spec", ["h2o(budget=12)", "snapkv(budget=16, window=4)", "streamingllm(budget=12, sinks=2)",
                                   "tova(budget=12)"])
 def test_the_engine_evicts_from_an_mla_pool_as_the_latent_cache_does(spec: str) -> None:
-    from conftest import prompt_of
-
-    from kvstack.engine import Engine, SamplingParams
+    from conftest import cache_generate, engine_generate, prompt_of
 
     base = build_model(vocab_size=200, max_position_embeddings=128, initializer_range=0.1)
     new, _ = kvstack.transform(base, "mla(rank=24, rope_dims=4)", calibration_ids=CALIBRATION)
     prompt = prompt_of(40, seed=1, vocab=200)
-    ids = torch.tensor([prompt])
-    cache = kvstack.make_cache(new, spec)
-    expected = new.generate(ids, attention_mask=torch.ones_like(ids), **kvstack.cache_kwargs(new, cache),
-                            max_new_tokens=10, do_sample=False)[0, len(prompt):].tolist()
+    expected = cache_generate(new, prompt, spec, 10)
     # with blocks of one token the engine compacts exactly when the latent cache evicts: the same greedy tokens
-    engine = Engine(new, memory_mb=1.0, block_size=1, enable_prefix_caching=False)
-    rid = engine.add_request(prompt, SamplingParams(max_new_tokens=10), method=spec)
-    while engine.has_unfinished():
-        engine.step()
-    assert engine.get_output(rid) == expected
-    assert engine.metrics()["compression_evicted_tokens"] > 0
-    assert engine.metrics()["compression_freed_blocks"] > 0  # the evicted tokens left the pool
+    output, metrics = engine_generate(new, prompt, spec, 10, block_size=1)
+    assert output == expected
+    assert metrics["compression_evicted_tokens"] > 0
+    assert metrics["compression_freed_blocks"] > 0  # the evicted tokens left the pool
 
 
 def test_bad_mla_input_is_one_line_each(model, capsys, tmp_path) -> None:

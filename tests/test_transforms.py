@@ -281,48 +281,29 @@ def test_the_engine_serves_a_cla_model_as_transformers_generates_it_with_a_pool_
 
 @pytest.mark.parametrize("spec", ["h2o(budget=12)", "snapkv(budget=16, window=4)", "streamingllm(budget=12, sinks=2)"])
 def test_the_engine_compresses_a_cla_model_as_its_kvstack_cache_does(spec: str) -> None:
-    from conftest import prompt_of
-
-    from kvstack.engine import Engine, SamplingParams
+    from conftest import cache_generate, engine_generate, prompt_of
 
     base = build_model(num_hidden_layers=4, vocab_size=200, max_position_embeddings=64, initializer_range=0.1)
     new, _ = kvstack.transform(base, "cla(pairs='1:0,3:2')")
     prompt = prompt_of(40, seed=1, vocab=200)
     # with blocks of one token the engine compacts exactly when the core cache evicts: the same greedy tokens
-    ids = torch.tensor([prompt])
-    cache = kvstack.make_cache(new, spec)
-    expected = new.generate(ids, attention_mask=torch.ones_like(ids), **kvstack.cache_kwargs(new, cache),
-                            max_new_tokens=10, do_sample=False)[0, len(prompt):].tolist()
-    full = new.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
-                        do_sample=False)[0, len(prompt):].tolist()
-    engine = Engine(new, memory_mb=1.0, block_size=1, enable_prefix_caching=False)
-    rid = engine.add_request(prompt, SamplingParams(max_new_tokens=10), method=spec)
-    while engine.has_unfinished():
-        engine.step()
-    assert engine.get_output(rid) == expected
-    assert engine.metrics()["compression_evicted_tokens"] > 0
-    assert expected != full  # eviction changed what the model read
+    expected = cache_generate(new, prompt, spec, 10)
+    assert expected != cache_generate(new, prompt, None, 10)  # eviction changed what the model read
+    output, metrics = engine_generate(new, prompt, spec, 10, block_size=1)
+    assert output == expected
+    assert metrics["compression_evicted_tokens"] > 0
 
 
 def test_quest_in_the_engine_reads_a_cla_model_s_blocks_by_each_layer_s_own_query() -> None:
-    from conftest import prompt_of
-
-    from kvstack.engine import Engine, SamplingParams
+    from conftest import engine_generate, prompt_of
 
     base = build_model(num_hidden_layers=4, vocab_size=200, max_position_embeddings=128, initializer_range=0.1)
     new, _ = kvstack.transform(base, "cla(pairs='1:0,3:2')")
     prompt = prompt_of(60, seed=1, vocab=200)
-
-    def run(method: str | None) -> list[int]:
-        engine = Engine(new, memory_mb=1.0, block_size=4, enable_prefix_caching=False)
-        rid = engine.add_request(prompt, SamplingParams(max_new_tokens=8), method=method)
-        while engine.has_unfinished():
-            engine.step()
-        return engine.get_output(rid)
-
-    full = run(None)
-    assert run("quest(budget=64, page=4)") == full  # a budget covering every block is the full attention
-    assert run("quest(budget=8, page=4)") != full  # two blocks of fifteen: each layer reads only what it selects
+    full, _ = engine_generate(new, prompt, None, 8, block_size=4)
+    # a budget covering every block is the full attention; two blocks of fifteen read only what each selects
+    assert engine_generate(new, prompt, "quest(budget=64, page=4)", 8, block_size=4)[0] == full
+    assert engine_generate(new, prompt, "quest(budget=8, page=4)", 8, block_size=4)[0] != full
 
 
 def _reference_run(model: torch.nn.Module, pairs: dict[int, int], ids: torch.Tensor) -> tuple:
