@@ -156,9 +156,20 @@ def test_other_storage_paths_run_on_a_cla_model_and_hold_less(models, spec) -> N
         assert cache.kept_entries() < every
 
 
+def test_layer_budgets_are_spread_over_the_storing_layers_only(models) -> None:
+    _, new = models
+    ids = random_ids(30, batch=2, seed=9)
+    got, cache = _run(new, "d2o(h2o(ratio=0.5))", ids, None)
+    assert all(torch.isfinite(step).all() for step in got)
+    budgets = cache.layer_budgets
+    assert budgets[1] is None and budgets[3] is None  # the sharing layers hold nothing and take no budget
+    base = kvstack.parse("h2o(ratio=0.5)").layer_budget(cache.context_length, 0, 4)
+    assert budgets[0] + budgets[2] == 2 * base  # D2O spreads the two storing layers' budgets between them
+    assert cache.layers[0].kept_entries() == budgets[0] * ids.shape[0] * new.config.num_key_value_heads
+
+
 @pytest.mark.parametrize(("spec", "message"), [
     ("quest(budget=16, page=4)", "pages live in a slow tier"),
-    ("d2o(h2o(ratio=0.5))", "spreads a budget over every layer"),
     ("kvsharer(layers=1)", "links layers itself"),
 ])
 def test_methods_a_cla_model_cannot_take_are_refused_in_one_line(models, spec, message) -> None:

@@ -160,8 +160,6 @@ def shared_model_refusal(method: Method) -> str | None:
         return "it links layers itself; use a per-layer method"
     if method.reads_pages:
         return "its pages live in a slow tier that a sharing layer cannot read; use a method keeping entries resident"
-    if method.allocates_layers:
-        return "it spreads a budget over every layer, and the sharing layers hold nothing; use a per-layer budget"
     return None
 
 

@@ -77,7 +77,8 @@ class KVStackCache(Cache):
         self.context_length: int | None = None
         self.more_prompt_follows = False
         self.layer_statistics: dict[int, torch.Tensor] = {}  # layer -> [B] statistic of its first forward
-        self.layer_budgets: list[int] | None = None  # per-layer budgets a layer-allocating policy chose
+        # per-layer budgets a layer-allocating policy chose (None for a layer that reads another's entries)
+        self.layer_budgets: list[int | None] | None = None
         self.tier_dir = tier_dir
         if latent and (head_dim is None or layer_links or method.reads_pages):
             raise ValueError("a latent cache needs the head dimension, and takes no layer links or page tier")
@@ -133,13 +134,21 @@ class KVStackCache(Cache):
         return self.method.layer_budget(context_length, layer_idx, self.num_layers)
 
     def record_layer_statistic(self, layer_idx: int, statistic: torch.Tensor) -> None:
-        """Keep a layer's first-forward statistic (``[B]``); once every layer has one, the policy allocates
-        per-layer budgets (:meth:`Policy.allocate_layers`), which hold from the next eviction on."""
+        """Keep a layer's first-forward statistic (``[B]``); once every storing layer has one, the policy
+        allocates per-layer budgets (:meth:`Policy.allocate_layers`), which hold from the next eviction on.
+
+        A layer that reads another layer's entries (a cla model's sharing layer) stores nothing and takes no
+        budget: the policy spreads its budget over the storing layers only."""
         self.layer_statistics.setdefault(layer_idx, statistic.float().mean())
-        if len(self.layer_statistics) == self.num_layers:
-            statistics = torch.stack([self.layer_statistics[i] for i in range(self.num_layers)])
+        storing = [i for i in range(self.num_layers)
+                   if i not in self.layer_links or self.layer_links[i].kind != LINK_REUSE]
+        if all(i in self.layer_statistics for i in storing):
+            statistics = torch.stack([self.layer_statistics[i] for i in storing])
             context = self.context_length or self.layers[0].seen
-            self.layer_budgets = list(self.method.allocate_layers(statistics, context))
+            budgets: list[int | None] = [None] * self.num_layers
+            for layer, budget in zip(storing, self.method.allocate_layers(statistics, context), strict=True):
+                budgets[layer] = budget
+            self.layer_budgets = budgets
 
     def end_prompt(self) -> None:
         """Release spare capacity once the prompt has been read (called by :func:`kvstack.prefill`)."""
