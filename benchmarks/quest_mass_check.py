@@ -8,7 +8,10 @@ would be far below the second; if the page is too coarse for the budget, the ora
 
 Usage::
 
-    python benchmarks/quest_mass_check.py [--pages 16,8]
+    python benchmarks/quest_mass_check.py [--pages 16,8] [--task passkey --length 4096 --sample 1]
+
+Other tasks, lengths and samples (the budget is always 1/8 of the length) write
+``quest_mass_{task}_{length}.md`` beside the default's ``quest_mass.md``.
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ from kvstack.cache.page_tier import TieredLayer
 OUT = "benchmarks/results/retrieval/quest_mass.md"
 
 
-def shares(model: torch.nn.Module, ids: torch.Tensor, page: int) -> list[tuple[int, float, float, float]]:
+def shares(model: torch.nn.Module, ids: torch.Tensor, page: int,
+           budget: int = 512) -> list[tuple[int, float, float, float]]:
     """Per layer: (layer, share read by Quest, share an oracle reads with as many pages, share of the tier)."""
-    cache = kvstack.make_cache(model, f"quest(budget=512, page={page})")
+    cache = kvstack.make_cache(model, f"quest(budget={budget}, page={page})")
     rows: list[tuple[int, float, float, float]] = []
     attend = TieredLayer.attend
 
@@ -69,24 +73,33 @@ def shares(model: torch.nn.Module, ids: torch.Tensor, page: int) -> list[tuple[i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pages", default="16,8")
+    parser.add_argument("--task", default="passkey")
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--sample", type=int, default=1, help="the recall grid's sample index (seed 0)")
     args = parser.parse_args()
     model, tokenizer = kvstack.load_model("smollm2-135m")
-    task = get_task("passkey")
-    sample = task.generate(tokenizer, 4096, _sample_rng(0, task, 4096, 1), "after", chat=True, answer_prefix="")
+    task = get_task(args.task)
+    budget = args.length // 8
+    sample = task.generate(tokenizer, args.length, _sample_rng(0, task, args.length, args.sample), "after",
+                           chat=True, answer_prefix="")
     ids = torch.tensor([sample.input_ids])
     lines = ["| page | Quest's pages | oracle's pages (as many) | whole tier | worst layer: Quest / oracle |",
              "| --- | --- | --- | --- | --- |"]
     for page in (int(p) for p in args.pages.split(",")):
-        rows = shares(model, ids, page)
+        rows = shares(model, ids, page, budget)
         worst = min(rows, key=lambda r: r[1])
         lines.append(f"| {page} | {statistics.fmean(r[1] for r in rows):.3f} | "
                      f"{statistics.fmean(r[2] for r in rows):.3f} | {statistics.fmean(r[3] for r in rows):.3f} | "
                      f"layer {worst[0]}: {worst[1]:.3f} / {worst[2]:.3f} |")
         print(lines[-1], flush=True)
-    Path(OUT).write_text(f"Command: `python benchmarks/quest_mass_check.py --pages {args.pages}`; {stamp()}\n\n"
+    default = (args.task, args.length, args.sample) == ("passkey", 4096, 1)
+    out = OUT if default else str(Path(OUT).with_name(f"quest_mass_{args.task}_{args.length}.md"))
+    command = "python benchmarks/quest_mass_check.py --pages " + args.pages + (
+        "" if default else f" --task {args.task} --length {args.length} --sample {args.sample}")
+    Path(out).write_text(f"Command: `{command}`; {stamp()}\n\n"
                          "Share of the first decoding step's attention (mean over 30 layers and 3 KV heads) on one "
-                         f"4k passkey sample (answer {sample.answers[0]}), budget 512 tokens.\n\n"
-                         + "\n".join(lines) + "\n")
+                         f"{args.length}-token {args.task} sample (index {args.sample}, answer {sample.answers[0]}), "
+                         f"budget {budget} tokens.\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
