@@ -13,8 +13,9 @@ recent tokens stay in full precision; older tokens are encoded in whole chunks a
 decoded tokens (a transient copy, as block-wise attention decodes).
 
 The module attends over the keys and values it rebuilds, with a mask over every cached token (as
-transformers' ``DynamicLayer``); kvstack's attention function runs that attention as SDPA and then tells the
-layer its forward is done (:meth:`LatentLayer.finish_forward`).
+transformers' ``DynamicLayer``); kvstack's attention function runs that attention as SDPA (or, for a decoding
+step, asks the module to attend with its up-projection absorbed) and then tells the layer its forward is done
+(:meth:`LatentLayer.finish_forward`).
 
 With an evicting policy (``snapkv``, ``h2o``, ``streamingllm``, ...), the attention function hands the layer
 the query and the rebuilt keys and values (:meth:`LatentLayer.attend_rebuilt`): it attends with the
