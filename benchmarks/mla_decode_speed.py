@@ -15,30 +15,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
-from grid_runs import stamp
+from grid_runs import stamp, time_caches
 
 OUT = Path("benchmarks/results/model_level/mla_decode_speed.md")
 SPEC = "mla(rank=192, rope_dims=32)"
-
-
-def decode_seconds(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> float:
-    """Seconds per greedy token after ``ids`` ``[1, T]`` is read into a full kvstack cache."""
-    import kvstack
-
-    cache = kvstack.make_cache(model, "full")
-    with torch.no_grad():
-        logits = kvstack.prefill(model, ids, cache)
-        token = logits.argmax(-1, keepdim=True)
-        start = time.perf_counter()
-        for _ in range(steps):
-            token = model(token, **kvstack.cache_kwargs(model, cache)).logits[:, -1].argmax(-1, keepdim=True)
-    return (time.perf_counter() - start) / steps
 
 
 def main() -> None:
@@ -60,11 +43,11 @@ def main() -> None:
         ids = text[:, :length]
         times: dict[str, list[float]] = {"original": [], "rebuilt": [], "absorbed": []}
         for _ in range(args.repeats):
-            times["original"].append(decode_seconds(model, ids, args.decode))
+            times["original"].append(time_caches(model, ids, ["full"], 1, args.decode)["full"][1])
             for name, absorb in (("rebuilt", False), ("absorbed", True)):
                 for module in attention:
                     module.absorb_decoding = absorb
-                times[name].append(decode_seconds(latent, ids, args.decode))
+                times[name].append(time_caches(latent, ids, ["full"], 1, args.decode)["full"][1])
         median = {name: statistics.median(values) for name, values in times.items()}
         lines.append(f"| {length} | {median['original'] * 1000:.1f} | {median['rebuilt'] * 1000:.1f} | "
                      f"{median['absorbed'] * 1000:.1f} | {median['rebuilt'] / median['original']:.2f} | "

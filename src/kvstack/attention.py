@@ -36,16 +36,16 @@ def kvstack_attention(
     latents ``[B, 1, N, r]`` as ``key`` and ``value``; the module attends with its up-projection absorbed
     (or rebuilds keys and values for a layer whose policy scores them), and the layer is told as usual."""
     layer = take_pending()
-    if kwargs.pop("latents_given", False):
-        if scaling is None:
-            scaling = query.shape[-1] ** -0.5
-        if getattr(layer, "evicts", False):
-            keys, values = module.rebuild(key, value)
-            return layer.attend_rebuilt(query, keys, values, attention_mask, kwargs.get("position_ids"), scaling), None
+    latents_given = kwargs.pop("latents_given", False)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if latents_given and not getattr(layer, "evicts", False):
         output = module.attend_absorbed(query, key, value, attention_mask, scaling)
         if layer is not None:
             layer.finish_forward(query.shape[2])
         return output, None
+    if latents_given:  # a layer whose policy scores keys gets them rebuilt
+        key, value = module.rebuild(key, value)
     if layer is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
@@ -53,8 +53,6 @@ def kvstack_attention(
     if layer.layer_idx != getattr(module, "layer_idx", layer.layer_idx):
         raise RuntimeError(f"kvstack: cache layer {layer.layer_idx} updated but attention ran for {module.layer_idx}")
     if getattr(layer, "evicts", False):  # an mla layer under an evicting policy: scores the rebuilt keys
-        if scaling is None:
-            scaling = query.shape[-1] ** -0.5
         return layer.attend_rebuilt(query, key, value, attention_mask, kwargs.get("position_ids"), scaling), None
     if getattr(layer, "attends_rebuilt", False):
         # the module rebuilt ``key`` and ``value`` from what the layer returned (mla latents): attend over them
@@ -64,8 +62,6 @@ def kvstack_attention(
         )
         layer.finish_forward(query.shape[2])
         return output, None
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
     return layer.attend(query, attention_mask, kwargs.get("position_ids"), scaling), None
 
 

@@ -31,16 +31,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvstack.cache.attention_stats import attention_with_stats
+from kvstack.cache.layer import forward_plan
 from kvstack.cache.owned_layer import OwnedLayer
 from kvstack.cache.pending import set_pending, take_pending
 from kvstack.cache.quantized import growth_tokens
 from kvstack.cache.streams import PackedStream
-from kvstack.contract import STAT_WINDOW, AttentionStats, CodecSpec, LayerView
+from kvstack.contract import AttentionStats, CodecSpec, LayerView
 
 if TYPE_CHECKING:
     from kvstack.cache.cache import KVStackCache
 
-__all__ = ["LatentLayer", "latent_codec_refusal", "latent_policy_refusal"]
+__all__ = ["LatentLayer", "latent_codec_refusal", "latent_policy_refusal", "whole_token_scores"]
 
 
 def latent_codec_refusal(codec: CodecSpec) -> str | None:
@@ -79,6 +80,14 @@ def latent_policy_refusal(policy: Any, codec: CodecSpec | None) -> str | None:
     if policy.demotion_codec() is not None or policy.uses_cache_positions():
         return "a latent layer keeps no demoted entries and no in-cache positions"
     return None
+
+
+def whole_token_scores(scores: torch.Tensor) -> torch.Tensor:
+    """``[..., N]`` one score per token from a policy's per-head ``[..., H, N]`` scores, for storage whose
+    heads share each token (an mla latent): the sum over the heads (a token's attention from every query head,
+    for attention-based scores), and ``inf`` for a token protected (``inf``) on any head."""
+    total = scores.clamp(min=torch.finfo(torch.float32).min).sum(-2)
+    return total.masked_fill(scores.isposinf().any(-2), float("inf"))
 
 
 class LatentLayer(OwnedLayer):
@@ -212,11 +221,7 @@ class LatentLayer(OwnedLayer):
         q_len = query.shape[2]
         self.positions = torch.cat((self.positions, chunk_positions.unsqueeze(1)), dim=2)
         self.next_position = torch.maximum(self.next_position, chunk_positions.max(dim=-1).values.long() + 1)
-        due = not self.compressed and not self.owner.more_prompt_follows and (q_len > 1 or self.seen == q_len)
-        compress_now = method.dynamic or due
-        needs = set(method.needs) - {STAT_WINDOW} if (method.dynamic or method.state_names) else set()
-        if compress_now:
-            needs |= set(method.needs)
+        compress_now, needs = forward_plan(method, self.compressed, self.owner.more_prompt_follows, self.seen, q_len)
         past_valid = None
         if self.has_padding:
             past_valid = (self.positions[:, :, : self.positions.shape[2] - q_len] >= 0).expand(-1, self.kv_heads, -1)
@@ -253,11 +258,8 @@ class LatentLayer(OwnedLayer):
         protect = method.protect(view)
         if protect is not None:
             scores = scores.masked_fill(protect, float("inf"))
-        scores = scores.masked_fill(view.positions < 0, float("-inf"))
-        # protected on one head: kept for all (the heads share the token); padding: never kept over a real token
-        protected = scores.isposinf().any(1)
-        total = scores.clamp(min=torch.finfo(torch.float32).min).sum(1)  # [B, N]
-        total = total.masked_fill(protected, float("inf")).masked_fill(self.positions[:, 0] < 0, float("-inf"))
+        # padding: never kept over a real token
+        total = whole_token_scores(scores).masked_fill(self.positions[:, 0] < 0, float("-inf"))  # [B, N]
         keep = total.topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values  # [B, K]
         if self.codec is not None:  # no token is encoded yet (see attend_rebuilt): the sinks rejoin the others
             self.keys = torch.cat((self.sink_keys, self.keys), dim=2)

@@ -57,6 +57,24 @@ def chunk_masks(attention_mask: torch.Tensor | None, batch: int, q_len: int, dev
     return mask, valid
 
 
+def forward_plan(method: Any, compressed: bool, more_prompt_follows: bool, seen: int,
+                 q_len: int) -> tuple[bool, set[str]]:
+    """``(compress now, statistics needed)`` for a layer's forward of ``q_len`` new tokens (``seen`` counts
+    them): a dynamic method compresses at every forward, a static one once, when the prompt's last chunk has
+    been read; statistics a method accumulates are collected at every forward, the rest when it compresses."""
+    if not method.compresses():
+        compress_now = False
+    elif method.dynamic:
+        compress_now = True
+    else:
+        compress_now = not compressed and not more_prompt_follows and (q_len > 1 or seen == q_len)
+    accumulates = method.dynamic or bool(method.state_names)
+    needs = set(method.needs) - {STAT_WINDOW} if accumulates else set()
+    if compress_now:
+        needs |= set(method.needs)
+    return compress_now, needs
+
+
 CacheT = TypeVar("CacheT")
 
 
@@ -570,13 +588,7 @@ class KVStackLayer(LayerAttentionPaths, LayerEviction, CacheLayerMixin):
 
     def forward_needs(self, q_len: int) -> tuple[bool, set[str]]:
         """``(compress now, statistics needed)`` for a forward of ``q_len`` new tokens (already stored)."""
-        method = self.owner.method
-        compress_now = self._compression_due(q_len)
-        accumulates = method.dynamic or bool(method.state_names)
-        needs = set(method.needs) - {STAT_WINDOW} if accumulates else set()
-        if compress_now:
-            needs |= set(method.needs)
-        return compress_now, needs
+        return forward_plan(self.owner.method, self.compressed, self.owner.more_prompt_follows, self.seen, q_len)
 
     def holds_every_token(self) -> bool:
         """True while this layer holds every token it was given, unpadded, as dense full-precision slots: no
@@ -587,13 +599,5 @@ class KVStackLayer(LayerAttentionPaths, LayerEviction, CacheLayerMixin):
             self.ragged is None and not self.has_padding and self.key_basis is None and not self.encoded_entries()
             and (self.demoted is None or not self.demoted.length) and self.length == self.seen
         )
-
-    def _compression_due(self, q_len: int) -> bool:
-        method = self.owner.method
-        if not method.compresses():
-            return False
-        if method.dynamic:
-            return True
-        return not self.compressed and not self.owner.more_prompt_follows and (q_len > 1 or self.seen == q_len)
 
 

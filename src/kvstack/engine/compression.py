@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from kvstack.cache.attention_stats import attention_with_stats
+from kvstack.cache.latent_layer import whole_token_scores
 from kvstack.contract import STAT_COLSUM, STAT_LAST, STAT_WINDOW, AttentionStats, LayerView
 from kvstack.engine.latent_pool import PagedLatentPool
 from kvstack.engine.paged import PagedKVPool
@@ -183,10 +184,8 @@ class SequenceCompression:
         if protect is not None:
             scores = scores.masked_fill(protect, float("inf"))
         scores = scores[0]  # [H, S]
-        if shared_heads:  # as kvstack.cache.latent_layer keeps whole tokens: protected on one head, kept for all
-            total = scores.clamp(min=torch.finfo(torch.float32).min).sum(0)
-            total = total.masked_fill(scores.isposinf().any(0), float("inf"))
-            keep = total.topk(self.budget, sorted=False).indices.sort().values
+        if shared_heads:  # whole tokens, as kvstack.cache.latent_layer keeps them
+            keep = whole_token_scores(scores).topk(self.budget, sorted=False).indices.sort().values
             return keep.expand(scores.shape[0], -1)
         return scores.topk(self.budget, dim=-1, sorted=False).indices.sort(dim=-1).values
 
