@@ -34,6 +34,22 @@ from kvstack.cache.page_tier import TieredLayer
 OUT = "benchmarks/results/retrieval/quest_mass.md"
 
 
+def true_page_mass(layer: TieredLayer, query: torch.Tensor) -> torch.Tensor:
+    """``[B, H, P]`` the share of a decoding step's attention (``query`` ``[B, Hq, 1, D]``, averaged over each KV
+    head's query heads) that falls on each of the layer's tier pages, from every key in the tier (a diagnostic:
+    it reads the whole tier)."""
+    stored = layer.full_pages()
+    batch = query.shape[0]
+    keys, _ = layer.pages.read(torch.arange(stored).expand(batch, layer.heads, stored))  # [B, H, N, D]
+    group = query.shape[1] // layer.heads
+    grouped = query.view(batch, layer.heads, group, -1)
+    scale = query.shape[-1] ** -0.5
+    tier = torch.einsum("bhgd,bhnd->bhgn", grouped, keys.to(query.dtype)) * scale
+    resident = torch.einsum("bhgd,bhnd->bhgn", grouped, layer.tail_keys) * scale
+    weights = torch.cat((tier, resident), -1).softmax(-1)[..., : tier.shape[-1]]
+    return weights.view(batch, layer.heads, group, stored, layer.page).sum(-1).sum(2) / group
+
+
 def shares(model: torch.nn.Module, ids: torch.Tensor, page: int,
            budget: int = 512) -> list[tuple[int, float, float, float]]:
     """Per layer: (layer, share read by Quest, share an oracle reads with as many pages, share of the tier)."""
@@ -45,14 +61,8 @@ def shares(model: torch.nn.Module, ids: torch.Tensor, page: int,
         output = attend(layer, query, *args, **kwargs)
         stored = layer.full_pages()
         if query.shape[2] == 1 and stored:
-            keys, _ = layer.pages.read(torch.arange(stored).expand(1, layer.heads, stored))  # [1, H, N, D]
-            group = query.shape[1] // layer.heads
-            grouped = query.view(1, layer.heads, group, -1)
-            scale = query.shape[-1] ** -0.5
-            tier = torch.einsum("bhgd,bhnd->bhgn", grouped, keys) * scale
-            resident = torch.einsum("bhgd,bhnd->bhgn", grouped, layer.tail_keys) * scale
-            weights = torch.cat((tier, resident), -1).softmax(-1)[..., : tier.shape[-1]]
-            mass = weights.view(1, layer.heads, group, stored, layer.page).sum(-1).sum(2) / group  # [1, H, P]
+            mass = true_page_mass(layer, query)
+            grouped = query.view(1, layer.heads, query.shape[1] // layer.heads, -1)
             count = layer.owner.method.pages_read(stored)
             chosen = layer.owner.method.page_scores(grouped, layer.summary).topk(count, -1).indices
             best = mass.topk(count, -1).indices

@@ -200,7 +200,10 @@ RECALL_METHODS = {
     "quest": "quest(budget={budget})", "quest-p8": "quest(budget={budget}, page=8)",
     "quest-p8-bf16": "quest(budget={budget}, page=8, bounds='bfloat16')", "infllm": "infllm(budget={budget})",
     "infllm-b32": "infllm(budget={budget}, block=32)", "duo": f"duo(heads={1 / READ_FRACTION})",
-    "loki": "loki(budget={budget})", "snapkv": "snapkv(budget={budget})", "h2o": "h2o(budget={budget})",
+    "loki": "loki(budget={budget})",
+    # every score exact (rank = SmolLM2's head dimension): each query attends to its true top entries, the
+    # ceiling of any method that reads this many entries per step
+    "topk-exact": "loki(budget={budget}, rank=64)", "snapkv": "snapkv(budget={budget})", "h2o": "h2o(budget={budget})",
     # Quest's first two layers dense, as its paper evaluates it; on SmolLM2's 30 layers half the budget in the
     # other 28 reads as many entries per step as quest(budget) (28 L/16 + 2 L = 30 L/8)
     "quest-p8-d2": "quest(budget={half}, page=8, bounds='bfloat16', dense_layers=2)",

@@ -229,6 +229,70 @@ def test_snapkv_then_a_codec_on_latents_encodes_exactly_the_tokens_snapkv_keeps(
     assert cache.kv_bytes() < alone.kv_bytes()
 
 
+def _held_decoded_as_dynamic_cache(cache: object) -> DynamicCache:
+    """A transformers cache holding each kvstack latent layer's tokens as it attends to them (encoded ones
+    decoded), in its own order."""
+    reference = DynamicCache()
+    for index, layer in enumerate(cache.layers):
+        keys, latents = layer.tokens()
+        reference.update(keys.clone(), latents.clone(), index)
+    return reference
+
+
+@pytest.mark.parametrize("policy", ["streamingllm(budget=80)", "h2o(budget=80)"])
+def test_a_policy_evicting_while_decoding_beside_a_codec_on_latents_replaces_encoded_tokens(model, policy) -> None:
+    new, _ = kvstack.transform(model, "mla(rank=24, rope_dims=4)", calibration_ids=CALIBRATION)
+    ids = random_ids(120, batch=2, seed=8)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    alone = kvstack.make_cache(new, policy)
+    coded = kvstack.make_cache(new, policy + " + kivi(bits=8, group_size=8, residual=8, sinks=2)")
+    full = DynamicCache()  # every token, for the rows the kvstack caches should hold
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate gives them: a padded sequence's sinks are real
+    with torch.no_grad():
+        # the prompt in chunks of 32: the last chunk evicts 24 tokens per sequence when 64 are already encoded
+        for start in range(0, 120, 32):
+            chunk = slice(start, start + 32)
+            for cache in (alone, coded, full):
+                out = new(input_ids=ids[:, chunk], attention_mask=mask[:, : chunk.stop],
+                          position_ids=positions[:, chunk], use_cache=True, **kvstack.cache_kwargs(new, cache))
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        for step in range(12):  # each step one token leaves, most often an encoded one
+            layer = coded.layers[1]
+            assert layer.positions.shape[2] == 80 and layer.encoded > 0
+            positions = layer.positions[:, 0].long()
+            assert all(len(set(row.tolist())) == 80 for row in positions)
+            if policy.startswith("streamingllm"):  # the same tokens as without the codec: sinks and the newest
+                assert torch.equal(positions.sort(dim=-1).values, alone.layers[1].positions[:, 0].long())
+            # sequence 0 (no padding): each row the first layer holds is the token at its position (that layer's
+            # inputs are the embeddings, whatever was evicted), up to 8-bit rounding
+            first = coded.layers[0].positions[0, 0].long()
+            keys, latents = coded.layers[0].tokens()
+            for got, every in ((keys, full.layers[0].keys), (latents, full.layers[0].values)):
+                expected = every[0][:, first]
+                assert bool(((got[0] - expected).abs() <= 0.02 * expected.abs().amax()).all())
+            # the step attends to exactly the held rows (encoded ones decoded) and the new token
+            held = _held_decoded_as_dynamic_cache(coded)
+            next_position = layer.next_position.view(2, 1)
+            step_mask = torch.cat(((layer.positions[:, 0] >= 0).long(), torch.ones_like(token)), dim=1)
+            expected = new(input_ids=token, **kvstack.cache_kwargs(new, held), attention_mask=step_mask,
+                           position_ids=next_position).logits[:, -1]
+            step_mask = torch.cat((mask, torch.ones(2, step + 1, dtype=torch.long)), dim=1)
+            got = new(input_ids=token, **kvstack.cache_kwargs(new, coded), attention_mask=step_mask,
+                      position_ids=next_position, use_cache=True).logits[:, -1]
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            for cache in (alone, full):
+                new(input_ids=token, **kvstack.cache_kwargs(new, cache), attention_mask=step_mask,
+                    position_ids=next_position, use_cache=True)
+            token = got.argmax(-1, keepdim=True)
+    # an encoded victim's place went to a newer token: the encoded region is no longer in arrival order
+    layer = coded.layers[1]
+    sinks = layer.sink_keys.shape[2]
+    encoded = layer.positions[0, 0, sinks : sinks + layer.encoded]
+    assert not bool((encoded.diff() > 0).all())
+    assert coded.kv_bytes() < alone.kv_bytes()
+
+
 def test_a_compressing_latent_cache_used_without_the_kvstack_attention_says_so(model) -> None:
     new, _ = kvstack.transform(model, "mla(rank=24, rope_dims=4)", calibration_ids=CALIBRATION)
     for spec in ("kivi(bits=4, group_size=8)", "h2o(budget=16)"):
@@ -245,7 +309,6 @@ def test_a_latent_model_refuses_storage_it_does_not_have_and_codecs_that_need_a_
     new, _ = kvstack.transform(model, "mla(rank=24, rope_dims=4)", calibration_ids=CALIBRATION)
     for spec, message in (("adakv(snapkv(ratio=0.5))", "evicts whole tokens by score and supports no per-head"),
                           ("cam(h2o(ratio=0.5))", "evicts whole tokens by score and supports no per-head"),
-                          ("h2o(ratio=0.5) + kivi(bits=4)", "evicts while decoding and a codec together"),
                           ("kvquant(bits=4)", "kvquant does not apply: it un-rotates keys before encoding"),
                           ("gear(bits=4, group_size=8)", "does not apply: its low-rank residual"),
                           ("kivi(bits=4, rotate='hadamard')", "does not apply: it rotates, smooths"),

@@ -67,12 +67,8 @@ def latent_policy_refusal(policy: Any, codec: CodecSpec | None) -> str | None:
 
     A latent layer evicts whole tokens (its latent is shared by the KV heads), by the policy's scores of the
     rebuilt keys; what needs per-head storage, merged or demoted entries, pages, layer links, cache positions
-    or per-layer budgets from every layer's statistics does not apply to it yet, nor does a codec beside a
-    policy that evicts while decoding (its evictions would reach encoded tokens).
+    or per-layer budgets from every layer's statistics does not apply to it yet.
     """
-    if codec is not None and policy.dynamic:
-        return ("a policy that evicts while decoding and a codec together on latents are not supported yet; "
-                "use a prompt-compressing one (snapkv, pyramidkv) or one of them alone")
     flags = ("headwise", "merges", "sparse_attention", "reads_pages", "cross_layer", "allocates_layers",
              "uses_model_artefact")
     if any(getattr(policy, flag, False) for flag in flags) or policy.layer_state_names or policy.mass_state:
@@ -90,12 +86,23 @@ def whole_token_scores(scores: torch.Tensor) -> torch.Tensor:
     return total.masked_fill(scores.isposinf().any(-2), float("inf"))
 
 
+def gather_tokens(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` ``[B, K]`` of ``tensor`` ``[B, H, N]`` or ``[B, H, N, D]``, alike for every head: a new
+    tensor, so the storage of the tokens left out is freed."""
+    index = index.unsqueeze(1).expand(-1, tensor.shape[1], -1)
+    if tensor.dim() == 4:
+        index = index.unsqueeze(-1).expand(-1, -1, -1, tensor.shape[3])
+    return tensor.gather(2, index)
+
+
 class LatentLayer(OwnedLayer):
     """Every token's rotary keys ``[B, H, N, d]`` and latents ``[B, 1, N, r]``, in full precision or encoded.
 
     Token order is sinks (full precision, the codec's first tokens), then the encoded tokens (``encoded``
     of them, in two :class:`~kvstack.cache.streams.PackedStream`), then the recent tokens (full precision,
-    ``keys`` and ``values``). Without a codec every token is recent.
+    ``keys`` and ``values``). Without a codec every token is recent. A policy that evicts while decoding puts
+    the oldest recent token in an encoded victim's place (re-encoding its chunk), so encoded tokens need not
+    be in arrival order; ``positions`` say where each one is.
 
     Parameters
     ----------
@@ -261,22 +268,62 @@ class LatentLayer(OwnedLayer):
         # padding: never kept over a real token
         total = whole_token_scores(scores).masked_fill(self.positions[:, 0] < 0, float("-inf"))  # [B, N]
         keep = total.topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values  # [B, K]
-        if self.codec is not None:  # no token is encoded yet (see attend_rebuilt): the sinks rejoin the others
+        if self.codec is not None and self.encoded:  # a policy evicting while decoding reaches encoded tokens
+            leaving = torch.ones_like(total, dtype=torch.bool).scatter_(1, keep, False)
+            victims = leaving.nonzero()[:, 1].view(self.batch, held - budget)  # [B, held - budget] ascending
+            if victims.shape[1] == 1 and bool((victims >= self.sink_keys.shape[2]).all()):
+                self._replace_one(victims[:, 0])
+                return
+            self._unflush()  # many leave at once (a prompt chunk): decode, evict as below, encode again
+        if self.codec is not None:  # nothing is encoded now: the sinks rejoin the others
             self.keys = torch.cat((self.sink_keys, self.keys), dim=2)
             self.values = torch.cat((self.sink_latents, self.values), dim=2)
 
-        def take(tensor: torch.Tensor) -> torch.Tensor:
-            index = keep.unsqueeze(1).expand(-1, tensor.shape[1], -1)
-            if tensor.dim() == 4:
-                index = index.unsqueeze(-1).expand(-1, -1, -1, tensor.shape[3])
-            return tensor.gather(2, index)  # a new tensor: the evicted tokens' storage is freed
-
-        self.keys, self.values, self.positions = take(self.keys), take(self.values), take(self.positions)
-        self.state = {name: take(tensor) for name, tensor in self.state.items()}
+        self.keys, self.values = gather_tokens(self.keys, keep), gather_tokens(self.values, keep)
+        self.positions = gather_tokens(self.positions, keep)
+        self.state = {name: gather_tokens(tensor, keep) for name, tensor in self.state.items()}
         if self.codec is not None:  # the codec's sinks are the first tokens kept
             sinks = min(self.codec.sink_tokens(), budget)
             self.sink_keys, self.keys = self.keys[:, :, :sinks].clone(), self.keys[:, :, sinks:].clone()
             self.sink_latents, self.values = self.values[:, :, :sinks].clone(), self.values[:, :, sinks:].clone()
+
+    def _replace_one(self, victims: torch.Tensor) -> None:
+        """Evict one token per sequence (``victims`` ``[B]`` indices over sinks, encoded and recent tokens, none
+        a sink). A sequence whose victim is encoded puts its oldest recent token in the victim's place,
+        re-encoding that chunk (its other tokens keep their values up to one more rounding where a group's
+        range changes); every sequence then drops one recent token, so all keep the same counts."""
+        sinks, chunk = self.sink_keys.shape[2], self.codec.chunk_tokens()
+        first_recent = sinks + self.encoded
+        leaving = victims - first_recent  # [B] index among the recent tokens
+        for b, victim in enumerate(victims.tolist()):
+            if victim >= first_recent:
+                continue
+            slot = victim - sinks
+            start = slot // chunk * chunk
+            for stream, recent in ((self.key_stream, self.keys), (self.latent_stream, self.values)):
+                for h in range(stream.heads):
+                    rows = stream.decode_head(b, h, start, start + chunk, torch.float32)
+                    rows[slot - start] = recent[b, h, 0].float()
+                    stream.encode_head(b, h, rows, start)
+            self.positions[b, :, victim] = self.positions[b, :, first_recent]
+            for tensor in self.state.values():
+                tensor[b, :, victim] = tensor[b, :, first_recent]
+            leaving[b] = 0
+        recent = self.keys.shape[2]
+        stays = torch.ones(self.batch, recent, dtype=torch.bool, device=self.device)
+        stays[torch.arange(self.batch), leaving] = False
+        kept = stays.nonzero()[:, 1].view(self.batch, recent - 1)  # [B, n - 1]
+        kept_all = torch.cat((torch.arange(first_recent, device=self.device).expand(self.batch, -1),
+                              kept + first_recent), dim=-1)  # [B, N - 1] over every held token
+        self.keys, self.values = gather_tokens(self.keys, kept), gather_tokens(self.values, kept)
+        self.positions = gather_tokens(self.positions, kept_all)
+        self.state = {name: gather_tokens(tensor, kept_all) for name, tensor in self.state.items()}
+
+    def _unflush(self) -> None:
+        """Decode every encoded token back in front of the recent ones (before a many-token eviction)."""
+        self.keys = torch.cat((self.key_stream.decode(0, self.encoded, self.dtype), self.keys), dim=2)
+        self.values = torch.cat((self.latent_stream.decode(0, self.encoded, self.dtype), self.values), dim=2)
+        self.encoded = 0
 
     def _flush(self) -> None:
         """Encode the recent tokens older than the codec's residual window, in whole chunks."""

@@ -1,0 +1,108 @@
+"""Is Quest's recall limited by its bound or by reading pages at all? (issue 35: Quest with pages of 8 holds
+40 of the full cache's 100 on the 8k needle in noise.)
+
+Runs the recall grid's ``quest(budget=L/8, page=8)`` with one change: each decoding step reads the pages that
+truly hold the most of its attention (every key of the tier scored exactly: an oracle, not a method), in a
+results file of its own. Set beside Quest's own score (its bound) and the exact top entries
+(``topk-exact`` in the recall grid: per query head, entries rather than pages), it says which of the three
+limits recall at 1/8: the bound, the page, or the budget.
+
+Usage::
+
+    python benchmarks/quest_oracle_recall.py --length 7936 --task niah_single_noise [--max-minutes N]
+    python benchmarks/quest_oracle_recall.py --report
+
+Resumable (``results.jsonl`` under ``benchmarks/results/retrieval/quest_oracle/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from grid_runs import run_grid, stamp
+from quest_mass_check import true_page_mass
+
+import kvstack
+from kvstack.cache.page_tier import TieredLayer
+from kvstack.methods.retrieval import Quest
+
+OUT = "benchmarks/results/retrieval/quest_oracle"
+
+
+CHOOSER = {"name": "oracle", "rank": 8}
+
+
+def lowrank_page_scores(layer: TieredLayer, query: torch.Tensor, rank: int) -> torch.Tensor:
+    """``[B, H, P]`` each page's largest approximate score: every key's and the query's coordinates on the
+    head's top ``rank`` principal directions of its tier keys (Loki's scoring), the largest over the page's
+    keys and the group's query heads."""
+    stored = layer.full_pages()
+    batch = query.shape[0]
+    keys, _ = layer.pages.read(torch.arange(stored).expand(batch, layer.heads, stored))  # [B, H, N, D]
+    keys = keys.float()
+    _, vectors = torch.linalg.eigh(keys.transpose(-1, -2) @ keys)
+    basis = vectors[..., -rank:]  # [B, H, D, r]
+    grouped = query.view(batch, layer.heads, query.shape[1] // layer.heads, -1).float() @ basis
+    scores = grouped @ (keys @ basis).transpose(-1, -2)  # [B, H, G, N]
+    return scores.view(batch, layer.heads, -1, stored, layer.page).amax(-1).amax(2)
+
+
+def choose_by_true_mass() -> None:
+    """Make every Quest decoding step rank its pages by their true attention mass instead of the key bound."""
+    attend = TieredLayer.attend
+    current: dict[str, Any] = {}
+
+    def noting(layer: TieredLayer, query: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        current["layer"], current["query"] = layer, query
+        return attend(layer, query, *args, **kwargs)
+
+    def true_scores(self: Quest, query: torch.Tensor, summary: dict[str, torch.Tensor]) -> torch.Tensor:
+        if CHOOSER["name"] == "oracle":
+            return true_page_mass(current["layer"], current["query"])
+        return lowrank_page_scores(current["layer"], current["query"], CHOOSER["rank"])
+
+    TieredLayer.attend = noting
+    Quest.page_scores = true_scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--length", type=int, default=7936)
+    parser.add_argument("--task", default="niah_single_noise")
+    parser.add_argument("--page", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=20)
+    parser.add_argument("--max-minutes", type=float)
+    parser.add_argument("--report", action="store_true")
+    parser.add_argument("--choose", default="oracle", help="oracle, or lowrank-R (Loki's scores in R dims)")
+    args = parser.parse_args()
+    if args.choose != "oracle":
+        CHOOSER.update(name="lowrank", rank=int(args.choose.removeprefix("lowrank-")))
+    global OUT
+    OUT = OUT if args.choose == "oracle" else f"{OUT}_{args.choose}"
+    if args.report:
+        from kvstack.bench import latest_results
+
+        rows = latest_results(Path(OUT) / "results.jsonl")
+        print("| task | length | Quest's pages chosen by their true attention | samples |\n| --- | --- | --- | --- |")
+        for row in rows:
+            print(f"| {row['task']} | {row['length']} | {row['score']:.0f} | {row['samples']} |")
+        return
+    from kvstack.bench import BenchConfig
+
+    choose_by_true_mass()
+    model, tokenizer = kvstack.load_model("smollm2-135m")
+    spec = f"quest(budget={args.length // 8}, page={args.page})"
+    config = BenchConfig(methods=[spec], tasks=[args.task], lengths=[args.length], samples=args.samples,
+                         out_dir=OUT, progress=sys.stderr.isatty(), checkpoint_every=2, baseline=False, plots=False)
+    print(f"{stamp()}: {spec} with pages chosen by their true attention", flush=True)
+    run_grid(config, max_minutes=args.max_minutes, model=model, tokenizer=tokenizer)
+
+
+if __name__ == "__main__":
+    main()
