@@ -100,7 +100,8 @@ def main() -> None:
     spec = f"quest(budget={args.length // 8}, page={args.page})"
     config = BenchConfig(methods=[spec], tasks=[args.task], lengths=[args.length], samples=args.samples,
                          out_dir=OUT, progress=sys.stderr.isatty(), checkpoint_every=2, baseline=False, plots=False)
-    print(f"{stamp()}: {spec} with pages chosen by their true attention", flush=True)
+    chooser = "their true attention" if args.choose == "oracle" else f"Loki's scores in {CHOOSER['rank']} dimensions"
+    print(f"{stamp()}: {spec} with pages chosen by {chooser}", flush=True)
     run_grid(config, max_minutes=args.max_minutes, model=model, tokenizer=tokenizer)
 
 

@@ -198,7 +198,8 @@ def engine_speed(out: str, length: int, requests: int, decode: int, repeats: int
 # The recall grid's methods by name (``--methods`` picks some), each reading or keeping ``budget`` entries.
 RECALL_METHODS = {
     "quest": "quest(budget={budget})", "quest-p8": "quest(budget={budget}, page=8)",
-    "quest-p8-bf16": "quest(budget={budget}, page=8, bounds='bfloat16')", "infllm": "infllm(budget={budget})",
+    "quest-p8-bf16": "quest(budget={budget}, page=8, bounds='bfloat16')",
+    "quest-p8-lowrank": "quest(budget={budget}, page=8, select='lowrank')", "infllm": "infllm(budget={budget})",
     "infllm-b32": "infllm(budget={budget}, block=32)", "duo": f"duo(heads={1 / READ_FRACTION})",
     "loki": "loki(budget={budget})",
     # every score exact (rank = SmolLM2's head dimension): each query attends to its true top entries, the

@@ -147,6 +147,7 @@ def test_a_plan_sends_only_decoding_steps_that_read_less_than_everything_to_ques
     ("quest(budget=64, page=16)", "must be the engine's block size (4)"),
     ("infllm(budget=128)", "cannot run in the paged engine"),
     ("quest(budget=2, page=4)", "at least one page"),
+    ("quest(budget=8, page=4, select='lowrank')", "ranks pages by low-rank keys it does not keep"),
 ])
 def test_bad_quest_requests_are_refused_in_one_line(spec: str, needle: str) -> None:
     engine = Engine(tiny(), memory_mb=1.0, block_size=4)

@@ -62,10 +62,33 @@ def test_bfloat16_outward_never_rounds_inward_and_moves_at_most_one_step(values)
     assert bool(((up - exact) <= spacing).all()) and bool(((exact - down) <= spacing).all())
 
 
-def test_a_budget_covering_everything_is_exactly_the_full_cache(model) -> None:
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), pages=st.integers(1, 6), page=st.sampled_from([1, 2, 4, 8]),
+       group=st.integers(1, 3), rank=st.integers(1, 8))
+def test_lowrank_page_scores_are_each_pages_best_score_when_the_keys_span_rank_directions(
+        seed, pages, page, group, rank) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.linalg.qr(torch.randn(2, 3, 8, 8, generator=generator)).Q[..., :rank]  # [B, H, D, r]
+    keys = torch.randn(2, 3, pages, page, rank, generator=generator) @ directions.unsqueeze(2).transpose(-1, -2)
+    query = torch.randn(2, 3, group, 8, generator=generator)
+    quest = Quest(page=page, budget=page, select="lowrank", rank=rank)
+    valid = torch.ones(2, 1, pages, page, dtype=torch.bool)
+    summary = quest.page_summary(keys, valid, None, {})
+    assert summary["basis"].shape == (2, 3, 8, rank) and summary["coordinates"].dtype == torch.float16
+    true = torch.einsum("bhgd,bhpnd->bhgpn", query, keys).amax(dim=(2, 4))  # best key of each page, any query head
+    scale = torch.einsum("bhgd,bhpnd->bhgpn", query.abs(), keys.abs()).amax()
+    # keys in an r-dimensional subspace: r principal directions score them exactly (up to float16 coordinates)
+    torch.testing.assert_close(quest.page_scores(query, summary), true, atol=2e-3 * float(scale) + 1e-4, rtol=0)
+    # later pages are taken on the layer's basis, fitted once
+    later = quest.page_summary(keys.flip(2), valid, None, summary)
+    assert later["basis"] is summary["basis"]
+
+
+@pytest.mark.parametrize("spec", ["quest(budget=4096, page=8)", "quest(budget=4096, page=8, select='lowrank')"])
+def test_a_budget_covering_everything_is_exactly_the_full_cache(model, spec) -> None:
     ids = random_ids(70)
     want = stepwise_logits(model, ids, DynamicCache())
-    cache = kvstack.make_cache(model, "quest(budget=4096, page=8)")
+    cache = kvstack.make_cache(model, spec)
     got = stepwise_logits(model, ids, cache)
     for step_got, step_want in zip(got, want, strict=True):
         torch.testing.assert_close(step_got, step_want, atol=1e-5, rtol=1e-5)
@@ -210,6 +233,16 @@ def test_resident_and_tier_bytes_are_what_each_holds_and_the_file_goes_with_the_
     del cache, layer
     gc.collect()
     assert os.listdir(tmp_path) == []
+    # low-rank selection holds each entry's 4 float16 coordinates and the layer's basis instead of the bounds
+    lowrank = kvstack.make_cache(model, "quest(budget=32, page=16, select='lowrank', rank=4, "
+                                        f"tier_dir={str(tmp_path)!r})")
+    kvstack.prefill(model, ids, lowrank)
+    for layer in lowrank.layers:
+        coordinates, basis = heads * pages * 16 * 4 * 2, heads * dim * 4 * 4
+        assert layer.kv_bytes() == resident - 2 * heads * pages * dim * 4 + coordinates + basis
+    del lowrank, layer
+    gc.collect()
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_corrupt_page_is_refused_never_read(model, tmp_path) -> None:
@@ -231,7 +264,9 @@ def test_bad_quest_specs_are_one_line_each(model, tmp_path) -> None:
                           ("quest(budget=8, page=16)", "budget must be at least one page"),
                           ("quest(budget=64, page=8, cached=32)", r"cached must be 0 \(no page cache\) or at least"),
                           ("quest(bounds='float16')", "bounds must be 'float32' or 'bfloat16'"),
-                          ("quest(dense_layers=-1)", "dense_layers must be a number of layers >= 0")):
+                          ("quest(dense_layers=-1)", "dense_layers must be a number of layers >= 0"),
+                          ("quest(select='centroid')", "select must be one of 'bound', 'lowrank'"),
+                          ("quest(select='lowrank', rank=0)", "rank must be a number of principal directions")):
         with pytest.raises(SpecError, match=message):
             parse(spec)
     read_only = tmp_path / "ro"

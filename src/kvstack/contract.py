@@ -348,14 +348,20 @@ class Policy(Protocol):
     def cached_pages(self) -> int:
         """Page-reading policies: pages of the tier also kept resident, least recently read out first."""
 
-    def page_summary(self, keys: torch.Tensor, valid: torch.Tensor, importance: torch.Tensor | None
-                     ) -> dict[str, torch.Tensor]:
+    def layer_summary_names(self) -> tuple[str, ...]:
+        """Page-reading policies: the summary entries that are the layer's, not a page's (Quest's low-rank
+        basis): storage replaces them with what ``page_summary`` returns instead of appending along pages."""
+
+    def page_summary(self, keys: torch.Tensor, valid: torch.Tensor, importance: torch.Tensor | None,
+                     held: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Page-reading policies: what stays resident of pages about to move to the tier.
 
         ``keys`` ``[B, H, n, page, D]``, ``valid`` ``[B, 1, n, page]`` (not padding), ``importance``
         ``[B, H, n, page]`` (the attention each entry received while resident, when the policy needs
-        ``STAT_COLSUM``); returns tensors ``[B, H, n, ...]`` (Quest: key minima and maxima), kept in the
-        dtype returned (a policy may store them narrower than the cache) and counted in ``kv_bytes()``."""
+        ``STAT_COLSUM``), ``held`` the layer's summary so far (empty before its first pages); returns tensors
+        ``[B, H, n, ...]`` (Quest: key minima and maxima) and the layer-wide entries of
+        :meth:`layer_summary_names`, kept in the dtype returned (a policy may store them narrower than the
+        cache) and counted in ``kv_bytes()``."""
 
     def page_scores(self, query: torch.Tensor, summary: dict[str, torch.Tensor]) -> torch.Tensor:
         """Page-reading policies: ``[B, H, P]`` relevance of each page for one decoding step's ``query``

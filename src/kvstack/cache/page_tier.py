@@ -3,7 +3,8 @@
 For page-reading policies (Quest). Per layer:
 
 * resident: each full page's summary from the policy (Quest: element-wise key minimum and maximum,
-  ``[B, H, P, D]`` each; InfLLM: representative keys), each page block's checksum (``[P, B, H]`` uint64), the
+  ``[B, H, P, D]`` each, or its keys' low-rank coordinates and the layer's basis; InfLLM: representative
+  keys), each page block's checksum (``[P, B, H]`` uint64), the
   true positions of every entry (``[B, N]`` int32, padding ``-1``), the policy's sinks and window and the
   entries between them that do not fill a page yet, and an LRU of pages read recently (if the policy keeps
   one);
@@ -547,11 +548,13 @@ class TieredLayer(OwnedLayer):
             importance = self.tail_importance[:, :, sinks : sinks + full].reshape(self.batch, self.heads, count,
                                                                                  self.page)
         blocks = keys.reshape(self.batch, self.heads, count, self.page, self.head_dim)
-        summary = self.owner.method.page_summary(blocks, valid, importance)
+        method = self.owner.method
+        summary = method.page_summary(blocks, valid, importance, self.summary)
         self.pages.append(keys, values)
+        layer_wide = method.layer_summary_names()
         for name, tensor in summary.items():
             held = self.summary.get(name)
-            self.summary[name] = tensor if held is None else torch.cat((held, tensor), dim=2)
+            self.summary[name] = tensor if held is None or name in layer_wide else torch.cat((held, tensor), dim=2)
 
         def without_moved(tensor: torch.Tensor) -> torch.Tensor:
             return torch.cat((tensor[:, :, :sinks], tensor[:, :, sinks + full :]), dim=2)

@@ -289,6 +289,10 @@ class Engine:
             if self._latent_modules is not None:
                 raise KVStackError(f"this model caches latents (mla); the engine keeps no block bounds over latents, "
                                    f"so {chosen.label()} does not run on it (eviction methods do)")
+            if getattr(chosen, "select", "bound") != "bound":
+                raise KVStackError(f"the engine ranks blocks by the key bounds it keeps beside its pool; "
+                                   f"{chosen.label()} ranks pages by low-rank keys it does not keep; use "
+                                   "select='bound'")
             if self._shares_layers and getattr(chosen, "dense_layers", 0):
                 # dense layers are counted in the pool's layers, which on a cla model are not the model's
                 raise KVStackError(f"this model's layers share keys and values (cla); {chosen.label()} keeps "

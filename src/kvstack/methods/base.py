@@ -164,8 +164,12 @@ class Method:
         """Page-reading methods only: tier pages also kept resident (least recently read out first)."""
         return 0
 
-    def page_summary(self, keys: torch.Tensor, valid: torch.Tensor, importance: torch.Tensor | None
-                     ) -> dict[str, torch.Tensor]:
+    def layer_summary_names(self) -> tuple[str, ...]:
+        """Page-reading methods only: summary entries held once per layer, not per page (see the contract)."""
+        return ()
+
+    def page_summary(self, keys: torch.Tensor, valid: torch.Tensor, importance: torch.Tensor | None,
+                     held: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Page-reading methods only: what stays resident of pages moving to the tier (see the contract)."""
         raise NotImplementedError(f"{type(self).__name__} does not read pages")
 

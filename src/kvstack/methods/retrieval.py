@@ -74,6 +74,17 @@ class Quest(Method):
         The first layers that keep everything resident and attend to all of it (the paper's evaluation leaves
         its first two layers dense, ``dense_layers=2``: their attention is spread too thin for a few pages).
         They add their whole cache to the resident bytes and to what a step reads.
+    select:
+        How pages are ranked. ``'bound'`` (the paper's): the key minimum/maximum bound. ``'lowrank'``: each
+        page's largest approximate score, every key and the query taken on the head's top ``rank`` principal
+        directions (Loki's scoring, at page granularity; the basis is fitted per layer and head on the first
+        keys that move to the tier, the prompt's). Resident per page: its keys' ``rank`` coordinates in
+        float16 instead of two bounds (``2 rank`` bytes per entry and KV head: at ``rank=8`` half of what
+        bfloat16 bounds take with pages of 8, a quarter of float32 ones). Not a bound: a page can hold a key
+        scoring above its estimate. The engine ranks its blocks by their bounds only.
+    rank:
+        Principal directions per KV head for ``select='lowrank'`` (at least 1; the head dimension or more
+        scores exactly).
     """
 
     budget: int = 512
@@ -82,6 +93,8 @@ class Quest(Method):
     tier_dir: str | None = None
     bounds: str = "float32"
     dense_layers: int = 0
+    select: str = "bound"
+    rank: int = 8
 
     reads_pages: ClassVar[bool] = True
 
@@ -99,6 +112,10 @@ class Quest(Method):
             raise SpecError(f"bounds must be 'float32' or 'bfloat16', got {self.bounds!r}")
         if isinstance(self.dense_layers, bool) or not isinstance(self.dense_layers, int) or self.dense_layers < 0:
             raise SpecError(f"dense_layers must be a number of layers >= 0, got {self.dense_layers!r}")
+        if self.select not in QUEST_SELECTS:
+            raise SpecError(f"select must be one of {', '.join(map(repr, QUEST_SELECTS))}, got {self.select!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise SpecError(f"rank must be a number of principal directions >= 1, got {self.rank!r}")
 
     def compresses(self) -> bool:
         return False  # nothing is evicted: the bytes moved are the tier's
@@ -115,10 +132,17 @@ class Quest(Method):
     def reads_every_page(self, layer_idx: int) -> bool:
         return layer_idx < self.dense_layers
 
-    def page_summary(self, keys: torch.Tensor, valid: torch.Tensor, importance: torch.Tensor | None
-                     ) -> dict[str, torch.Tensor]:
+    def layer_summary_names(self) -> tuple[str, ...]:
+        return ("basis",) if self.select == "lowrank" else ()
+
+    def page_summary(self, keys: torch.Tensor, valid: torch.Tensor, importance: torch.Tensor | None,
+                     held: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Each page's element-wise key minimum and maximum ``[B, H, n, D]`` (padding left out; a page of padding
-        only gets bounds of 0: it may be read, and its entries are masked)."""
+        only gets bounds of 0: it may be read, and its entries are masked). With ``select='lowrank'``: its keys'
+        coordinates ``[B, H, n, page, r]`` float16 on the layer's ``basis`` ``[B, H, D, r]`` (fitted here on
+        the first pages, then ``held``); padding entries get zeros."""
+        if self.select == "lowrank":
+            return self._lowrank_summary(keys, valid, held or {})
         mask = ~valid.unsqueeze(-1)  # [B, 1, n, page, 1]
         low = keys.masked_fill(mask, float("inf")).amin(dim=3)
         high = keys.masked_fill(mask, float("-inf")).amax(dim=3)
@@ -127,19 +151,39 @@ class Quest(Method):
             low, high = bfloat16_outward(low, up=False), bfloat16_outward(high, up=True)
         return {"min": low, "max": high}
 
+    def _lowrank_summary(self, keys: torch.Tensor, valid: torch.Tensor, held: dict[str, torch.Tensor]
+                         ) -> dict[str, torch.Tensor]:
+        real = valid.unsqueeze(-1).to(keys.dtype)  # [B, 1, n, page, 1]
+        basis = held.get("basis")
+        if basis is None:  # each head's principal directions of these keys (eigenvectors of K^T K), largest last
+            flat = (keys.float() * real).flatten(2, 3)  # [B, H, n * page, D]
+            _, vectors = torch.linalg.eigh(flat.transpose(-1, -2) @ flat)
+            basis = vectors[..., -min(self.rank, keys.shape[-1]):].contiguous()  # [B, H, D, r]
+        coordinates = (keys.float() * real).flatten(2, 3) @ basis  # [B, H, n * page, r]
+        return {"basis": basis, "coordinates": coordinates.view(*keys.shape[:4], -1).to(torch.float16)}
+
     def page_scores(self, query: torch.Tensor, summary: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[B, H, P]``: the largest, over the group's query heads, of ``sum_d max(q_d min_d, q_d max_d)``.
 
         ``query`` ``[B, H, G, D]``; ``summary`` holds ``min`` and ``max`` ``[B, H, P, D]``. For any key ``k`` of
         a page, ``q . k <= bound``, since each ``q_d k_d`` is at most the larger of ``q_d min_d`` and
-        ``q_d max_d``.
+        ``q_d max_d``. With ``select='lowrank'``: the largest over the group's query heads and the page's keys
+        of the approximate score ``(q B) . (k B)`` (``summary`` holds ``basis`` ``B`` and ``coordinates``).
         """
+        if self.select == "lowrank":
+            coordinates = summary["coordinates"]  # [B, H, P, page, r]
+            batch, heads, pages, page, _ = coordinates.shape
+            approximate = (query.float() @ summary["basis"]) @ coordinates.flatten(2, 3).float().transpose(-1, -2)
+            return approximate.view(batch, heads, -1, pages, page).amax(dim=-1).amax(dim=2)
         # max(q_d min_d, q_d max_d) is q_d max_d where q_d > 0 and q_d min_d elsewhere: two matrix products.
         q = query.float()
         positive, negative = q.clamp(min=0), q.clamp(max=0)  # [B, H, G, D]
         low, high = summary["min"].float(), summary["max"].float()  # [B, H, P, D]
         bound = positive @ high.transpose(-1, -2) + negative @ low.transpose(-1, -2)  # [B, H, G, P]
         return bound.amax(dim=2)
+
+
+QUEST_SELECTS = ("bound", "lowrank")
 
 
 def bfloat16_outward(values: torch.Tensor, up: bool) -> torch.Tensor:
@@ -231,8 +275,8 @@ class InfLLM(Method):
     def cached_pages(self) -> int:
         return self.cached_blocks
 
-    def page_summary(self, keys: torch.Tensor, valid: torch.Tensor, importance: torch.Tensor | None
-                     ) -> dict[str, torch.Tensor]:
+    def page_summary(self, keys: torch.Tensor, valid: torch.Tensor, importance: torch.Tensor | None,
+                     held: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The keys ``[B, H, n, r, D]`` of each block's ``r`` most-attended valid entries (zeros for padding)."""
         assert importance is not None, "infllm needs the column-sum statistic"
         score = importance.float().masked_fill(~valid, float("-inf"))
