@@ -46,8 +46,10 @@ TRANSFORMS = {"mean": "gqa(kv_heads=1)", "similarity": "gqa(kv_heads=1, how='sim
               "mla-192": "mla(rank=192, rope_dims=32)", "mla-96-repair": "mla(rank=96, rope_dims=16) + repair()"}
 TOKEN_LEVEL = ["snapkv(ratio=0.67)", "kivi(bits=4)", "palu(rank=21)"]
 COMPOSED = "snapkv(ratio=0.5) + kivi(bits=4)"
-# an mla model's latents and rotary keys take a codec, or an evicting policy that scores the rebuilt keys
-LATENT_METHODS = ["kivi(bits=4)", "kivi(bits=2)", "snapkv(ratio=0.5)"]
+# an mla model's latents and rotary keys take a codec, an evicting policy that scores the rebuilt keys, or both
+# (one that evicts while decoding too: an encoded victim's place goes to the oldest full-precision token)
+LATENT_METHODS = ["kivi(bits=4)", "kivi(bits=2)", "snapkv(ratio=0.5)", "h2o(ratio=0.5)",
+                  "h2o(ratio=0.5) + kivi(bits=4)"]
 SUITE = ["passkey", "niah_single_noise", "niah_multikey", "vt"]
 SAMPLES = 20
 

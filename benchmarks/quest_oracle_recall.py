@@ -89,9 +89,14 @@ def main() -> None:
         from kvstack.bench import latest_results
 
         rows = latest_results(Path(OUT) / "results.jsonl")
-        print("| task | length | Quest's pages chosen by their true attention | samples |\n| --- | --- | --- | --- |")
-        for row in rows:
-            print(f"| {row['task']} | {row['length']} | {row['score']:.0f} | {row['samples']} |")
+        lines = ["| task | length | method | score with pages chosen by their true attention | samples |",
+                 "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['task']} | {r['length']} | `{r['method_spec']}` | {r['score']:.0f} | {r['samples']} |"
+                  for r in rows]
+        Path(f"{OUT}.md").write_text(
+            f"Command: `python benchmarks/quest_oracle_recall.py --length L --task T`, then `--report`; {stamp()} "
+            "(report written; the cells' own dates are in results.jsonl)\n\n" + "\n".join(lines) + "\n")
+        print("\n".join(lines))
         return
     from kvstack.bench import BenchConfig
 

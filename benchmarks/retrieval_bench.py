@@ -103,9 +103,14 @@ def fresh_process_rounds(flag: str, specs: list[str], repeats: int, *args: str) 
     return rows
 
 
-def speed(out: str, length: int, decode: int, repeats: int) -> str:
-    rows = fresh_process_rounds("--one", speed_specs(length), repeats, "--length", str(length), "--decode",
-                                str(decode))
+def speed(out: str, length: int, decode: int, repeats: int, specs: list[str] | None = None, tag: str = "") -> str:
+    """The speed table of ``specs`` (default :func:`speed_specs`; ``full`` is added first when absent), written
+    to ``speed_{length}.md`` or, for a chosen slice, ``speed_{length}_{tag}.md``."""
+    if specs is None:
+        specs = speed_specs(length)
+    elif "full" not in specs:
+        specs = ["full", *specs]
+    rows = fresh_process_rounds("--one", specs, repeats, "--length", str(length), "--decode", str(decode))
     full = rows["full"]
     lines = ["| method | decode ms/token | rounds | speed-up | prefill s | resident KV | of full | tier | "
              "peak RSS MB | RSS lower by | of what moved |", "|" + " --- |" * 11]
@@ -124,9 +129,11 @@ def speed(out: str, length: int, decode: int, repeats: int) -> str:
                      f"{held / whole:.3f} | {moved:.1f} MiB | {rss:.0f} | {lower:.0f} MB | {share} |")
     text = "\n".join(lines)
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / f"speed_{length}.md").write_text(
+    chosen = f" --speed-specs {';'.join(specs)!r} --tag {tag}" if tag else ""
+    (Path(out) / (f"speed_{length}_{tag}.md" if tag else f"speed_{length}.md")).write_text(
         f"Command: `python benchmarks/retrieval_bench.py --speed --length {length} --decode {decode} --repeats "
-        f"{repeats}`; {stamp()}\n\nSmolLM2-135M fp32, {length}-token prose prompt in chunks of {PREFILL_CHUNK}, "
+        f"{repeats}{chosen}`; {stamp()}\n\nSmolLM2-135M fp32, {length}-token prose prompt in chunks of "
+        f"{PREFILL_CHUNK}, "
         f"{decode} greedy decoding steps (median), each method in a fresh process, rounds interleaved; medians over "
         "rounds.\n\n"
         f"{text}\n")
@@ -199,7 +206,9 @@ def engine_speed(out: str, length: int, requests: int, decode: int, repeats: int
 RECALL_METHODS = {
     "quest": "quest(budget={budget})", "quest-p8": "quest(budget={budget}, page=8)",
     "quest-p8-bf16": "quest(budget={budget}, page=8, bounds='bfloat16')",
-    "quest-p8-lowrank": "quest(budget={budget}, page=8, select='lowrank')", "infllm": "infllm(budget={budget})",
+    "quest-p8-lowrank": "quest(budget={budget}, page=8, select='lowrank')",
+    "quest-p8-lowrank16": "quest(budget={budget}, page=8, select='lowrank', rank=16)",
+    "infllm": "infllm(budget={budget})",
     "infllm-b32": "infllm(budget={budget}, block=32)", "duo": f"duo(heads={1 / READ_FRACTION})",
     "loki": "loki(budget={budget})",
     # every score exact (rank = SmolLM2's head dimension): each query attends to its true top entries, the
@@ -307,7 +316,12 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(RECALL_TASKS),
                         help=f"the recall grid's tasks (of {', '.join(RECALL_TASKS)})")
     parser.add_argument("--out", default=OUT)
+    parser.add_argument("--speed-specs", default=None,
+                        help="--speed over these specs (';'-separated) instead of the default set, with --tag")
+    parser.add_argument("--tag", default="", help="names the --speed-specs table: speed_{length}_{tag}.md")
     args = parser.parse_args()
+    if args.speed_specs is not None and not args.tag:
+        parser.error("--speed-specs needs --tag (the table's file name), so the default speed table is kept")
     for flag, given, valid in (("--methods", args.methods, RECALL_METHODS), ("--tasks", args.tasks, RECALL_TASKS)):
         unknown = sorted(set(given.split(",")) - set(valid))
         if unknown:
@@ -319,7 +333,8 @@ def main() -> None:
     elif args.engine:
         print(engine_speed(args.out, args.length, args.requests, args.decode, args.repeats))
     elif args.speed:
-        print(speed(args.out, args.length, args.decode, args.repeats))
+        specs = None if args.speed_specs is None else args.speed_specs.split(";")
+        print(speed(args.out, args.length, args.decode, args.repeats, specs, args.tag))
     elif args.recall or args.recall_report:
         if args.recall:
             recall(args.out, [int(x) for x in args.lengths.split(",")], args.max_minutes, args.methods.split(","),
