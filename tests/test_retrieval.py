@@ -290,6 +290,8 @@ def test_cli_refuses_bad_quest_input_with_exit_2(capsys, tmp_path) -> None:
     assert "power of two" in err
     err = usage_error(capsys, ["generate", "--method", "quest(budget=2, page=4)", "--prompt", "hi"])
     assert "at least one page" in err
+    err = usage_error(capsys, ["generate", "--method", "quest(select='centroid')", "--prompt", "hi"])
+    assert "select must be one of 'bound', 'lowrank'" in err
 
 
 # ------------------------------------------------------------------------------------------------ InfLLM

@@ -174,7 +174,8 @@ class Quest(Method):
             coordinates = summary["coordinates"]  # [B, H, P, page, r]
             batch, heads, pages, page, _ = coordinates.shape
             approximate = (query.float() @ summary["basis"]) @ coordinates.flatten(2, 3).float().transpose(-1, -2)
-            return approximate.view(batch, heads, -1, pages, page).amax(dim=-1).amax(dim=2)
+            # [B, H, G, N]: the query heads first (a reduction over a middle dimension of G rows is the cheap one)
+            return approximate.amax(dim=2).view(batch, heads, pages, page).amax(dim=-1)
         # max(q_d min_d, q_d max_d) is q_d max_d where q_d > 0 and q_d min_d elsewhere: two matrix products.
         q = query.float()
         positive, negative = q.clamp(min=0), q.clamp(max=0)  # [B, H, G, D]
