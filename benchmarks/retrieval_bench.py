@@ -206,6 +206,7 @@ def engine_speed(out: str, length: int, requests: int, decode: int, repeats: int
 RECALL_METHODS = {
     "quest": "quest(budget={budget})", "quest-p8": "quest(budget={budget}, page=8)",
     "quest-p8-bf16": "quest(budget={budget}, page=8, bounds='bfloat16')",
+    "quest-lowrank": "quest(budget={budget}, select='lowrank')",
     "quest-p8-lowrank": "quest(budget={budget}, page=8, select='lowrank')",
     "quest-p8-lowrank16": "quest(budget={budget}, page=8, select='lowrank', rank=16)",
     "infllm": "infllm(budget={budget})",
