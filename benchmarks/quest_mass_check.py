@@ -6,6 +6,10 @@ entries) that falls on the tier pages Quest reads, against the share on the same
 oracle that knows each page's true attention, and on the whole tier. If Quest's bound chose badly, the first
 would be far below the second; if the page is too coarse for the budget, the oracle falls short too.
 
+A caution learnt on 12-06: nearly equal shares do not mean nearly the same pages for the task. At 8k Quest's
+pages held 86.2% against the oracle's 88.3%, yet Quest reading the oracle's pages answers 20 of 20 needles and
+its bound 8 (``quest_oracle_recall.py``). Judge a choice of pages by the task, with this as a diagnostic.
+
 Usage::
 
     python benchmarks/quest_mass_check.py [--pages 16,8] [--task passkey --length 4096 --sample 1]
