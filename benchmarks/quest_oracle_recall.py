@@ -35,24 +35,6 @@ from kvstack.methods.retrieval import Quest
 OUT = "benchmarks/results/retrieval/quest_oracle"
 
 
-CHOOSER = {"name": "oracle", "rank": 8}
-
-
-def lowrank_page_scores(layer: TieredLayer, query: torch.Tensor, rank: int) -> torch.Tensor:
-    """``[B, H, P]`` each page's largest approximate score: every key's and the query's coordinates on the
-    head's top ``rank`` principal directions of its tier keys (Loki's scoring), the largest over the page's
-    keys and the group's query heads."""
-    stored = layer.full_pages()
-    batch = query.shape[0]
-    keys, _ = layer.pages.read(torch.arange(stored).expand(batch, layer.heads, stored))  # [B, H, N, D]
-    keys = keys.float()
-    _, vectors = torch.linalg.eigh(keys.transpose(-1, -2) @ keys)
-    basis = vectors[..., -rank:]  # [B, H, D, r]
-    grouped = query.view(batch, layer.heads, query.shape[1] // layer.heads, -1).float() @ basis
-    scores = grouped @ (keys @ basis).transpose(-1, -2)  # [B, H, G, N]
-    return scores.view(batch, layer.heads, -1, stored, layer.page).amax(-1).amax(2)
-
-
 def choose_by_true_mass() -> None:
     """Make every Quest decoding step rank its pages by their true attention mass instead of the key bound."""
     attend = TieredLayer.attend
@@ -63,9 +45,7 @@ def choose_by_true_mass() -> None:
         return attend(layer, query, *args, **kwargs)
 
     def true_scores(self: Quest, query: torch.Tensor, summary: dict[str, torch.Tensor]) -> torch.Tensor:
-        if CHOOSER["name"] == "oracle":
-            return true_page_mass(current["layer"], current["query"])
-        return lowrank_page_scores(current["layer"], current["query"], CHOOSER["rank"])
+        return true_page_mass(current["layer"], current["query"])
 
     TieredLayer.attend = noting
     Quest.page_scores = true_scores
@@ -79,12 +59,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--max-minutes", type=float)
     parser.add_argument("--report", action="store_true")
-    parser.add_argument("--choose", default="oracle", help="oracle, or lowrank-R (Loki's scores in R dims)")
     args = parser.parse_args()
-    if args.choose != "oracle":
-        CHOOSER.update(name="lowrank", rank=int(args.choose.removeprefix("lowrank-")))
-    global OUT
-    OUT = OUT if args.choose == "oracle" else f"{OUT}_{args.choose}"
     if args.report:
         from kvstack.bench import latest_results
 
@@ -105,8 +80,7 @@ def main() -> None:
     spec = f"quest(budget={args.length // 8}, page={args.page})"
     config = BenchConfig(methods=[spec], tasks=[args.task], lengths=[args.length], samples=args.samples,
                          out_dir=OUT, progress=sys.stderr.isatty(), checkpoint_every=2, baseline=False, plots=False)
-    chooser = "their true attention" if args.choose == "oracle" else f"Loki's scores in {CHOOSER['rank']} dimensions"
-    print(f"{stamp()}: {spec} with pages chosen by {chooser}", flush=True)
+    print(f"{stamp()}: {spec} with pages chosen by their true attention", flush=True)
     run_grid(config, max_minutes=args.max_minutes, model=model, tokenizer=tokenizer)
 
 

@@ -154,12 +154,12 @@ class Quest(Method):
     def _lowrank_summary(self, keys: torch.Tensor, valid: torch.Tensor, held: dict[str, torch.Tensor]
                          ) -> dict[str, torch.Tensor]:
         real = valid.unsqueeze(-1).to(keys.dtype)  # [B, 1, n, page, 1]
+        flat = (keys.float() * real).flatten(2, 3)  # [B, H, n * page, D], padding entries zero
         basis = held.get("basis")
         if basis is None:  # each head's principal directions of these keys (eigenvectors of K^T K), largest last
-            flat = (keys.float() * real).flatten(2, 3)  # [B, H, n * page, D]
             _, vectors = torch.linalg.eigh(flat.transpose(-1, -2) @ flat)
             basis = vectors[..., -min(self.rank, keys.shape[-1]):].contiguous()  # [B, H, D, r]
-        coordinates = (keys.float() * real).flatten(2, 3) @ basis  # [B, H, n * page, r]
+        coordinates = flat @ basis  # [B, H, n * page, r]
         return {"basis": basis, "coordinates": coordinates.view(*keys.shape[:4], -1).to(torch.float16)}
 
     def page_scores(self, query: torch.Tensor, summary: dict[str, torch.Tensor]) -> torch.Tensor:
