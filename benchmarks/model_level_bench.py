@@ -35,6 +35,8 @@ OUT = "benchmarks/results/model_level"
 MODEL = "smollm2-135m"
 TRANSFORMS = {"mean": "gqa(kv_heads=1)", "similarity": "gqa(kv_heads=1, how='similarity')",
               "svd": "gqa(kv_heads=1, how='svd')", "svd-repair": "gqa(kv_heads=1, how='svd') + repair()",
+              # the repair bounded by the 30 minutes, as many whole-model steps as fit
+              "svd-repair-30": "gqa(kv_heads=1, how='svd') + repair(steps=1000, minutes=30)",
               "mean-repair": "gqa(kv_heads=1) + repair()", "cla-4": "cla(layers=4, choose='attention')",
               "cla-8": "cla(layers=8, choose='attention')",
               "cla-15": "cla(layers=15, choose='attention')",

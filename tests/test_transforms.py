@@ -190,15 +190,9 @@ def test_repair_fits_only_the_changed_projections_and_leaves_the_teacher_alone(m
 
 
 def test_repair_pulls_perturbed_projections_back_toward_the_teacher() -> None:
-    from kvstack.transforms.base import attention_layers
     from kvstack.transforms.repair import Repair
 
-    teacher = build_peaky(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4)
-    student = copy.deepcopy(teacher)
-    noise = torch.Generator().manual_seed(5)
-    for module in attention_layers(student):  # the known optimum is the teacher's own projections
-        for weight in (module.k_proj.weight, module.v_proj.weight):
-            weight.add_(0.5 * weight.std() * torch.randn(weight.shape, generator=noise))
+    teacher, student = _perturbed_pair()
     unseen = random_ids(32, batch=4, seed=77)
     perturbed = _kl(student, teacher, unseen)
     record = Repair(local_steps=40, steps=40, lr=0.01).fit(student, teacher, random_ids(32, batch=12, seed=21),
@@ -206,6 +200,76 @@ def test_repair_pulls_perturbed_projections_back_toward_the_teacher() -> None:
     assert record["held_out_local_error"][1] < 0.6 * record["held_out_local_error"][0]
     assert record["held_out_kl"][1] < record["held_out_kl"][0]
     assert _kl(student, teacher, unseen) < 0.8 * perturbed
+
+
+def _perturbed_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A teacher and a student whose k and v projections carry noise (the optimum is known: the teacher's)."""
+    from kvstack.transforms.base import attention_layers
+
+    teacher = build_peaky(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4)
+    student = copy.deepcopy(teacher)
+    noise = torch.Generator().manual_seed(5)
+    for module in attention_layers(student):
+        for weight in (module.k_proj.weight, module.v_proj.weight):
+            weight.add_(0.5 * weight.std() * torch.randn(weight.shape, generator=noise))
+    return teacher, student
+
+
+def test_a_repair_begun_past_its_time_bound_changes_nothing() -> None:
+    import time
+
+    from kvstack.transforms.repair import Repair
+
+    teacher, student = _perturbed_pair()
+    before = {name: p.clone() for name, p in student.named_parameters()}
+    record = Repair(local_steps=5, steps=5, minutes=1).fit(
+        student, teacher, random_ids(32, batch=8, seed=21), {0: ["k_proj", "v_proj"], 1: ["k_proj", "v_proj"]},
+        started=time.perf_counter() - 120)
+    assert (record["steps"], record["layers_fitted"]) == (0, 0)
+    assert all(torch.equal(p, before[name]) for name, p in student.named_parameters())
+
+
+def test_a_time_bounded_repair_runs_the_steps_that_fit_and_anneals_over_them(monkeypatch) -> None:
+    from kvstack.transforms import repair as repair_module
+
+    class Clock:  # every reading advances one second: the run's length in readings is what is bounded
+        now = 0.0
+
+        def perf_counter(self) -> float:
+            self.now += 1.0
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(repair_module, "time", clock)
+    rates: list[float] = []
+    original = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):  # the learning rate of every whole-model step
+        if len(self.param_groups[0]["params"]) == 4:
+            rates.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    teacher, student = _perturbed_pair()
+    record = repair_module.Repair(local_steps=2, steps=1000, lr=0.01, minutes=1).fit(
+        student, teacher, random_ids(32, batch=8, seed=21), {0: ["k_proj", "v_proj"], 1: ["k_proj", "v_proj"]},
+        started=0.0)
+    assert record["layers_fitted"] == 2
+    assert repair_module.TIMED_STEPS < record["steps"] < 1000
+    assert len(rates) == record["steps"]
+    assert clock.now <= 60 + 3  # the bound, give or take the closing readings
+    assert rates[-1] < 0.01 * max(rates)  # the cosine decay was laid over the steps that ran, not over 1000
+
+
+def test_repair_multiplies_in_bf16_only_where_the_hardware_does(monkeypatch) -> None:
+    from kvstack.transforms import repair as repair_module
+
+    for native in (False, True):
+        monkeypatch.setattr(repair_module, "fast_bf16", lambda device, native=native: native)
+        with repair_module._autocast(torch.device("cpu")):
+            assert torch.is_autocast_enabled("cpu") == native
+    with pytest.raises(kvstack.SpecError, match=r"minutes must be a time bound in \[0, 1440\)"):
+        kvstack.parse("repair(minutes=-1)")
 
 
 def test_repair_after_svd_trains_the_folded_query_and_output_too(model) -> None:

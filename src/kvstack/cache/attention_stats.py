@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from kvstack.cache import kernels
 from kvstack.contract import STAT_BELOW_MEAN, STAT_COLSUM, STAT_LAST, STAT_WINDOW, AttentionStats
+from kvstack.hardware import cpu_has_fast_bf16
 
 QUERY_BLOCK = 256  # queries per block when attention weights are materialised
 
@@ -289,22 +290,10 @@ def stats_precision() -> str:
     return value
 
 
-@functools.lru_cache(maxsize=1)
-def _cpu_has_fast_bf16() -> bool:
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in ("AVX512", "AMX"):
-        return False
-    try:
-        flags = open("/proc/cpuinfo", encoding="ascii", errors="ignore").read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def _use_bf16_stats(entries: int) -> bool:
     mode = stats_precision()
     if mode == "auto":
-        return entries >= BF16_STATS_MIN_ENTRIES and _cpu_has_fast_bf16()
+        return entries >= BF16_STATS_MIN_ENTRIES and cpu_has_fast_bf16()
     return mode == "bf16"
 
 

@@ -68,7 +68,8 @@ def transform(model: Any, spec: str | Transform | TransformChain, *, tokenizer: 
         step_started = time.perf_counter()
         if getattr(step, "is_repair", False):
             ids = repair_data(model, step, tokenizer=tokenizer, source=source, calibration_ids=calibration_ids)
-            record = step.fit(new, model, ids, {index: sorted(names) for index, names in changed.items()})
+            record = step.fit(new, model, ids, {index: sorted(names) for index, names in changed.items()},
+                              started=step_started)
         else:
             step.check(new)
             inputs = None

@@ -13,7 +13,13 @@ original model, which it treats as the teacher, in two stages (see ``docs/method
 Nothing else of the model is trained: the embeddings, norms, MLPs and unchanged projections keep their
 values exactly. The data are, by default, the teacher's own samples continuing short seeds of the
 calibration text (``data='generated'``), or a calibration source read as it is. Matmuls run in bfloat16
-autocast (fp32 master weights), which is what makes the stage fit in minutes on a CPU with AMX.
+autocast (fp32 master weights) where the hardware multiplies bf16 natively (a GPU, a CPU with AMX or
+AVX512-BF16), which is what makes the stage fit in minutes on such a CPU; elsewhere they stay float32, since
+emulated bf16 is tens of times slower (``kvstack.hardware``).
+
+``minutes`` bounds the whole repair in wall-clock time, its data included: the whole-model stage times its
+first steps and runs as many as fit before the deadline (at most ``steps``), with the learning-rate schedule
+laid over that number, so a time-bounded repair still anneals; the record says how many it ran.
 
 Shapes: ``N`` sequences of ``T`` tokens, ``h`` hidden size, ``V`` vocabulary.
 """
@@ -26,6 +32,7 @@ import sys
 import time
 from typing import Any, ClassVar
 
+from kvstack.hardware import fast_bf16
 from kvstack.lazy_import import lazy_module
 from kvstack.spec import SpecError, register
 from kvstack.transforms.base import Transform, TransformError, attention_layers
@@ -37,6 +44,7 @@ __all__ = ["Repair", "repair_data"]
 SEED_TOKENS = 16  # tokens of calibration text each generated sequence continues
 HELD_OUT = 4  # sequences kept out of training, on which the record's before/after losses are measured
 WARMUP = 10  # steps of linear warm-up before the cosine decay
+TIMED_STEPS = 3  # whole-model steps timed before a time-bounded repair fixes its step count (< WARMUP)
 
 
 def say(message: str) -> None:
@@ -80,6 +88,10 @@ class Repair(Transform):
         source (a name in ``kvstack.calibration.SOURCES`` or a text file) read as it is.
     seed:
         Seed of the sampling and of the batch order.
+    minutes:
+        Wall-clock bound of the whole repair, data included (0: none). The whole-model stage runs as many of
+        its ``steps`` as fit; a layer-wise stage that reaches the deadline leaves its remaining layers as the
+        transform made them.
     """
 
     local_steps: int = 150
@@ -90,6 +102,7 @@ class Repair(Transform):
     lr: float = 2e-4
     data: str = "generated"
     seed: int = 0
+    minutes: float = 0.0
 
     is_repair: ClassVar[bool] = True
 
@@ -104,22 +117,29 @@ class Repair(Transform):
             raise SpecError(f"lr must be a learning rate in (0, 1), got {self.lr!r}")
         if not isinstance(self.data, str) or not self.data:
             raise SpecError(f"data must be 'generated' or a calibration source, got {self.data!r}")
+        if (isinstance(self.minutes, bool) or not isinstance(self.minutes, (int, float))
+                or not 0 <= self.minutes < 24 * 60):
+            raise SpecError(f"minutes must be a time bound in [0, 1440) (0: none), got {self.minutes!r}")
         if self.local_steps == 0 and self.steps == 0:
             raise SpecError("repair with local_steps=0 and steps=0 trains nothing; give one of them")
 
     def check(self, model: Any) -> None:
         """Nothing to refuse beyond the architecture check the transform already made."""
 
-    def fit(self, student: Any, teacher: Any, ids: Any, changed: dict[int, list[str]]) -> dict[str, Any]:
+    def fit(self, student: Any, teacher: Any, ids: Any, changed: dict[int, list[str]],
+            started: float | None = None) -> dict[str, Any]:
         """Train ``student``'s ``changed`` projections (``{layer: ['k_proj', ...]}``) toward ``teacher``.
 
         ``ids`` ``[N, T]`` are the training sequences, the last ``HELD_OUT`` held out (or all of them when
-        there are too few). Returns the record: steps, seconds, and the held-out losses before and after.
+        there are too few). ``started`` (``time.perf_counter()``, default now) is when the repair began, its
+        data included: ``minutes`` counts from there. Returns the record: steps, seconds, and the held-out
+        losses before and after.
         """
         if not changed:
             raise TransformError("repair found no changed projections to fit: the transforms before it changed "
                                  "nothing")
-        started = time.perf_counter()
+        started = time.perf_counter() if started is None else started
+        deadline = started + 60 * self.minutes if self.minutes else None
         student_layers = attention_layers(student)
         held_out = ids[-HELD_OUT:] if len(ids) > HELD_OUT else ids
         train = ids[:-HELD_OUT] if len(ids) > HELD_OUT else ids
@@ -142,10 +162,16 @@ class Repair(Transform):
             captured = _capture(teacher, train, sorted(changed), self.batch)
             held = _capture(teacher, held_out, sorted(changed), self.batch)
             local_before = _local_errors(student_layers, held, changed)
+            evaluation_started = time.perf_counter()
             kl_before = _kl(student, teacher, held, self.batch)
+            evaluation_seconds = time.perf_counter() - evaluation_started  # the closing _kl costs as much
+            layers_fitted = 0
             for index in sorted(changed):
                 if hasattr(student_layers[index], "source_index"):
                     continue  # a cla layer reading the layer below: only the whole-model stage can fit it
+                if deadline is not None and time.perf_counter() + evaluation_seconds > deadline:
+                    say(f"repair: the {self.minutes:g}-minute bound is reached; layer {index} on are not fitted")
+                    break
                 for parameter in parameters[index]:
                     parameter.requires_grad_(True)
                 with torch.enable_grad():  # a caller's no_grad must not silently stop the training
@@ -153,12 +179,15 @@ class Repair(Transform):
                 say(f"repair: layer {index} fitted ({time.perf_counter() - started:.0f} s)")
                 for parameter in parameters[index]:
                     parameter.requires_grad_(False)
+                layers_fitted += 1
             local_seconds = time.perf_counter() - started
             local_after = _local_errors(student_layers, held, changed)
             for parameter in trained:
                 parameter.requires_grad_(True)
+            # the closing measurements (held-out local errors and KL) cost about two opening KLs
+            model_deadline = None if deadline is None else deadline - 2 * evaluation_seconds
             with torch.enable_grad():
-                self._fit_model(student, teacher, captured, trained, generator)
+                model_steps = self._fit_model(student, teacher, captured, trained, generator, model_deadline)
             kl_after = _kl(student, teacher, held, self.batch)
         finally:
             for parameter, flag in zip(student.parameters(), frozen, strict=True):
@@ -167,16 +196,19 @@ class Repair(Transform):
                 parameter.requires_grad_(flag)
             student.train(was_training)
         return {"changed": {str(k): v for k, v in sorted(changed.items())}, "local_steps": self.local_steps,
-                "steps": self.steps, "train_tokens": int(train.numel()), "data": self.data,
+                "steps": model_steps, "layers_fitted": layers_fitted, "minutes": self.minutes,
+                "autocast_bf16": fast_bf16(ids.device), "train_tokens": int(train.numel()), "data": self.data,
                 "held_out_local_error": [_mean(local_before), _mean(local_after)],
                 "held_out_kl": [kl_before, kl_after], "local_seconds": local_seconds,
                 "seconds": time.perf_counter() - started}
 
-    def _schedule(self, optimizer: Any, total: int) -> Any:
+    def _schedule(self, optimizer: Any, total: list[int]) -> Any:
+        """Linear warm-up, then cosine decay to zero at ``total[0]`` steps (read at every step, so a
+        time-bounded stage may set it during the warm-up)."""
         def factor(step: int) -> float:
             if step < WARMUP:
                 return (step + 1) / WARMUP
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - WARMUP) / max(1, total - WARMUP))))
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - WARMUP) / max(1, total[0] - WARMUP))))
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     def _fit_layer(self, module: Any, captured: dict[str, Any], index: int, parameters: list[Any],
@@ -186,7 +218,7 @@ class Repair(Transform):
             return
         inputs, outputs = captured["inputs"][index], captured["outputs"][index]
         optimizer = torch.optim.Adam(parameters, lr=self.lr)
-        scheduler = self._schedule(optimizer, self.local_steps)
+        scheduler = self._schedule(optimizer, [self.local_steps])
         for _ in range(self.local_steps):
             rows = torch.randint(0, len(inputs), (min(self.batch, len(inputs)),), generator=generator)
             loss = _relative_error(module, inputs[rows.to(inputs.device)], outputs[rows.to(inputs.device)],
@@ -197,22 +229,34 @@ class Repair(Transform):
             scheduler.step()
 
     def _fit_model(self, student: Any, teacher: Any, captured: dict[str, Any], parameters: list[Any],
-                   generator: Any) -> None:
-        """Whole-model stage: the student's next-token distribution toward the teacher's."""
-        if self.steps == 0:
-            return
+                   generator: Any, deadline: float | None) -> int:
+        """Whole-model stage: the student's next-token distribution toward the teacher's. With a
+        ``deadline`` (``time.perf_counter()``), the first ``TIMED_STEPS`` steps fix how many fit before it.
+        Returns the number of steps run."""
+        total = [self.steps]
+        if self.steps == 0 or (deadline is not None and time.perf_counter() >= deadline):
+            return 0
         ids, final = captured["ids"], captured["final"]
         optimizer = torch.optim.Adam(parameters, lr=self.lr)
-        scheduler = self._schedule(optimizer, self.steps)
-        for step in range(self.steps):
+        scheduler = self._schedule(optimizer, total)
+        step_started = time.perf_counter()
+        step = 0
+        while step < total[0]:
             rows = torch.randint(0, len(ids), (min(self.batch, len(ids)),), generator=generator).to(ids.device)
             loss = _distillation_loss(student, teacher, ids[rows], final[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            if (step + 1) % 25 == 0 or step + 1 == self.steps:
-                say(f"repair: whole model, step {step + 1} of {self.steps}, KL {float(loss.detach()):.3f}")
+            step += 1
+            if deadline is not None and step == TIMED_STEPS:
+                per_step = (time.perf_counter() - step_started) / TIMED_STEPS
+                total[0] = max(step, min(self.steps, step + int((deadline - time.perf_counter()) / per_step)))
+                say(f"repair: whole model, {per_step:.1f} s a step: {total[0]} of {self.steps} steps fit the "
+                    f"{self.minutes:g} minutes")
+            if step % 25 == 0 or step == total[0]:
+                say(f"repair: whole model, step {step} of {total[0]}, KL {float(loss.detach()):.3f}")
+        return step
 
 
 def _mean(values: list[float]) -> float:
@@ -220,8 +264,9 @@ def _mean(values: list[float]) -> float:
 
 
 def _autocast(device: Any) -> Any:
-    """bfloat16 autocast on the model's device (the matmuls; weights and optimiser state stay fp32)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    """bfloat16 autocast on the model's device (the matmuls; weights and optimiser state stay fp32) where
+    it multiplies bf16 natively; float32 (no autocast) elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast_bf16(device))
 
 
 def _capture(teacher: Any, ids: Any, layers: list[int], batch: int) -> dict[str, Any]:
@@ -283,7 +328,7 @@ def _distillation_loss(student: Any, teacher: Any, ids: Any, final: Any) -> Any:
     """Mean KL(teacher || student) per token, the teacher's logits from its final hidden states ``final``."""
     with _autocast(ids.device):
         with torch.no_grad():
-            target = torch.log_softmax(teacher.lm_head(final).float(), dim=-1)
+            target = torch.log_softmax(teacher.lm_head(final.float()).float(), dim=-1)
         hidden = student.model(input_ids=ids, use_cache=False).last_hidden_state
         predicted = torch.log_softmax(student.lm_head(hidden).float(), dim=-1)
     return (target.exp() * (target - predicted)).sum(-1).mean()
