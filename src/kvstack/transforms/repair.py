@@ -170,7 +170,8 @@ class Repair(Transform):
                 if hasattr(student_layers[index], "source_index"):
                     continue  # a cla layer reading the layer below: only the whole-model stage can fit it
                 if deadline is not None and time.perf_counter() + evaluation_seconds > deadline:
-                    say(f"repair: the {self.minutes:g}-minute bound is reached; layer {index} on are not fitted")
+                    say(f"repair: the {self.minutes:g}-minute bound is reached; layers from {index} on stay as the "
+                        "transform made them")
                     break
                 for parameter in parameters[index]:
                     parameter.requires_grad_(True)
