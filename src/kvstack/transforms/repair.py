@@ -138,8 +138,8 @@ class Repair(Transform):
         if not changed:
             raise TransformError("repair found no changed projections to fit: the transforms before it changed "
                                  "nothing")
-        started = time.perf_counter() if started is None else started
-        deadline = started + 60 * self.minutes if self.minutes else None
+        fit_started = time.perf_counter()  # the record's times, as before the bound: from here
+        deadline = (fit_started if started is None else started) + 60 * self.minutes if self.minutes else None
         student_layers = attention_layers(student)
         held_out = ids[-HELD_OUT:] if len(ids) > HELD_OUT else ids
         train = ids[:-HELD_OUT] if len(ids) > HELD_OUT else ids
@@ -177,11 +177,11 @@ class Repair(Transform):
                     parameter.requires_grad_(True)
                 with torch.enable_grad():  # a caller's no_grad must not silently stop the training
                     self._fit_layer(student_layers[index], captured, index, parameters[index], generator)
-                say(f"repair: layer {index} fitted ({time.perf_counter() - started:.0f} s)")
+                say(f"repair: layer {index} fitted ({time.perf_counter() - fit_started:.0f} s)")
                 for parameter in parameters[index]:
                     parameter.requires_grad_(False)
                 layers_fitted += 1
-            local_seconds = time.perf_counter() - started
+            local_seconds = time.perf_counter() - fit_started
             local_after = _local_errors(student_layers, held, changed)
             for parameter in trained:
                 parameter.requires_grad_(True)
@@ -201,7 +201,7 @@ class Repair(Transform):
                 "autocast_bf16": fast_bf16(ids.device), "train_tokens": int(train.numel()), "data": self.data,
                 "held_out_local_error": [_mean(local_before), _mean(local_after)],
                 "held_out_kl": [kl_before, kl_after], "local_seconds": local_seconds,
-                "seconds": time.perf_counter() - started}
+                "seconds": time.perf_counter() - fit_started}
 
     def _schedule(self, optimizer: Any, total: list[int]) -> Any:
         """Linear warm-up, then cosine decay to zero at ``total[0]`` steps (read at every step, so a
