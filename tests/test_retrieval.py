@@ -474,6 +474,65 @@ def test_the_page_cache_returns_the_tiers_blocks_and_keeps_the_most_recently_rea
         assert min(last_read[r] for r in held) >= max((last_read[r] for r in set(last_read) - held), default=-1)
 
 
+@pytest.mark.skipif(not page_tier.kernels.available(), reason="the fused kernels do not compile here")
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), capacity=st.integers(1, 4),
+       reads=st.lists(st.lists(st.integers(0, 7), min_size=1, max_size=4, unique=True), min_size=1, max_size=8))
+def test_the_fused_page_cache_read_returns_the_tiers_blocks_and_keeps_the_most_recently_read(
+        seed, capacity, reads, tmp_path_factory) -> None:
+    from kvstack.cache.page_tier import PageCache, PageFile
+
+    batch, heads = 2, 3
+    store = PageFile(str(tmp_path_factory.mktemp("tier")), batch, heads, page=2, head_dim=4, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    keys, values = torch.randn(batch, heads, 16, 4, generator=generator), torch.randn(batch, heads, 16, 4,
+                                                                                     generator=generator)
+    store.append(keys, values)  # eight pages of two entries
+    cache = PageCache(capacity * batch * heads, page=2, head_dim=4, dtype=torch.float32, device=torch.device("cpu"))
+    last_read: dict[int, int] = {}  # record -> the read that last used it
+    for step, chosen in enumerate(reads):
+        pages = torch.tensor(chosen[:capacity]).expand(batch, heads, -1)  # every (sequence, head) reads these
+        slots = cache.locate_pages(pages, store)
+        want_keys, want_values = store.read(pages)  # [B, H, k * page, D]
+        assert torch.equal(cache.slots[0][slots].flatten(2, 3), want_keys)
+        assert torch.equal(cache.slots[1][slots].flatten(2, 3), want_values)
+        records = store.records(pages).tolist()
+        last_read.update(dict.fromkeys(records, step))
+        held = set(cache.record_of[cache.record_of >= 0].tolist())
+        assert len(held) == min(cache.capacity, len(last_read)) and set(records) <= held
+        assert min(last_read[r] for r in held) >= max((last_read[r] for r in set(last_read) - held), default=-1)
+        assert all(cache.slot_of[r] == s for s, r in enumerate(cache.record_of.tolist()) if r >= 0)
+    store.close()
+
+
+@pytest.mark.skipif(not page_tier.kernels.available(), reason="the fused kernels do not compile here")
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), pages=st.integers(2, 40), page=st.sampled_from([1, 2, 4, 8, 16, 32]),
+       group=st.integers(1, 4), rank=st.integers(1, 12), select=st.sampled_from(["bound", "lowrank"]),
+       data=st.data())
+def test_the_fused_page_selection_picks_the_top_pages_of_the_policys_scores(
+        seed, pages, page, group, rank, select, data) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(2, 3, pages, page, 16, generator=generator)
+    query = torch.randn(2, 3, group, 16, generator=generator)
+    count = data.draw(st.integers(1, pages - 1))
+    quest = Quest(page=page, budget=page, select=select, rank=rank)
+    summary = quest.page_summary(keys, torch.ones(2, 1, pages, page, dtype=torch.bool), None, {})
+    cache = KVStackCache(quest, num_layers=1, num_q_heads=3 * group, num_kv_heads=3, label="quest",
+                         tier_dir=tempfile.gettempdir())
+    layer = cache.layers[0]
+    layer.summary = summary  # what a layer holds once these pages have moved to the tier
+    chosen = layer._top_pages(query, count)
+    scores = quest.page_scores(query, summary)  # [B, H, P]
+    assert chosen.shape == (2, 3, count) and chosen.dtype == torch.long
+    assert all(len(set(row)) == count for row in chosen.flatten(0, 1).tolist())  # distinct pages
+    picked = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True)
+    lowest_picked = scores.masked_fill(~picked, float("inf")).amin(dim=-1)
+    highest_left = scores.masked_fill(picked, float("-inf")).amax(dim=-1)
+    # the top `count` pages, up to float rounding between the kernel's sums and the policy's matrix products
+    assert bool((lowest_picked >= highest_left - 1e-4 * scores.abs().amax()).all())
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["kernel", "pytorch"])
 def test_blocks_read_into_the_page_slots_are_the_tiers_and_a_corrupt_one_is_refused_and_forgotten(
         fused, monkeypatch, tmp_path) -> None:

@@ -28,6 +28,9 @@ __all__ = [
     "LINK_KINDS",
     "LINK_MAGNITUDE",
     "LINK_REUSE",
+    "PAGE_SCORE_FORMS",
+    "PAGE_SCORE_KEY_BOUND",
+    "PAGE_SCORE_LOWRANK",
     "STAT_BELOW_MEAN",
     "STAT_COLSUM",
     "STAT_LAST",
@@ -165,6 +168,16 @@ class MergeUpdate:
     values: torch.Tensor | None = None
     state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
+
+# Page scores of a standard form, which storage may compute with a fused kernel instead of calling the policy's
+# page_scores (the pages chosen are the same: the top ones, equal scores to the lower page).
+# key_bound: summary "min", "max" [B, H, P, D]; page p scores max over the G query heads of
+#   sum_d max(q_d min_pd, q_d max_pd) (Quest's bound).
+# lowrank: summary "basis" [B, H, D, r] and "coordinates" [B, H, P, r, S] (a page's S keys on the basis,
+#   coordinate-major); page p scores the max over the query heads and its keys of (q basis) . coordinates.
+PAGE_SCORE_KEY_BOUND = "key_bound"
+PAGE_SCORE_LOWRANK = "lowrank"
+PAGE_SCORE_FORMS = (PAGE_SCORE_KEY_BOUND, PAGE_SCORE_LOWRANK)
 
 LINK_REUSE = "reuse"  # the layer attends over its source layer's entries and stores nothing (KVSharer, CLA)
 LINK_MAGNITUDE = "magnitude"  # the layer stores per-entry magnitudes over its source's entries (MiniCache)
@@ -367,6 +380,10 @@ class Policy(Protocol):
         """Page-reading policies: ``[B, H, P]`` relevance of each page for one decoding step's ``query``
         ``[B, H, G, D]`` (the ``G`` query heads of each KV head), from the summaries of all ``P`` pages;
         the top pages are read."""
+
+    def page_score_form(self) -> str | None:
+        """Page-reading policies: the standard form (``PAGE_SCORE_FORMS``) that ``page_scores`` computes, which
+        storage may compute fused instead; None when it is the policy's own."""
 
 
 class CodecSpec(Protocol):

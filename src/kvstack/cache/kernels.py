@@ -45,8 +45,9 @@ from typing import Any
 import torch
 
 __all__ = [
-    "attention_with_column_sums", "available", "packed_scores", "packed_weighted_values", "paged_attention_forward",
-    "read_file_blocks", "selected_page_attention",
+    "attention_with_column_sums", "available", "key_bound_top_pages", "lowrank_top_pages", "packed_scores",
+    "packed_weighted_values", "page_cache_read", "paged_attention_forward", "read_file_blocks",
+    "selected_page_attention",
 ]
 
 ENV = "KVSTACK_KERNELS"
@@ -54,8 +55,14 @@ ENV = "KVSTACK_KERNELS"
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cstring>
+#include <limits>
+#include <numeric>
 #include <sys/uio.h>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 #include <unistd.h>
 
 // Unpack one token's D codes (2, 4 or 8 bits each, consecutive codes from the lowest bits) into floats.
@@ -418,26 +425,141 @@ torch::Tensor selected_page_attention(torch::Tensor query, torch::Tensor key_pag
   return out;
 }
 
+// The k largest of score[0 .. P) (ties to the lower index), in no particular order, into out.
+static void top_k_indices(const std::vector<float>& score, std::vector<int64_t>& order, int64_t k, int64_t* out) {
+  std::iota(order.begin(), order.end(), 0);
+  std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), [&](int64_t a, int64_t b) {
+    return score[a] > score[b] || (score[a] == score[b] && a < b);
+  });
+  std::copy(order.begin(), order.begin() + k, out);
+}
+
+// Page selection of one decoding step, the key-bound form: the score of page p for (sequence b, KV head h) is
+// the largest over its G query heads of sum_d max(q_d low_pd, q_d high_pd) (never below any of its keys' q . k).
+// query [B, H, G, D], low, high [B, H, P, D] float32 contiguous. Returns [B, H, k] int64: the k best pages.
+torch::Tensor key_bound_top_pages(torch::Tensor query, torch::Tensor low, torch::Tensor high, int64_t k) {
+  const int64_t B = query.size(0), H = query.size(1), G = query.size(2), D = query.size(3), P = low.size(2);
+  auto out = torch::empty({B, H, k}, torch::kLong);
+  const float* qp = query.data_ptr<float>();
+  const float* lp = low.data_ptr<float>();
+  const float* hp = high.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> score(P);
+    std::vector<int64_t> order(P);
+    for (int64_t task = begin; task < end; ++task) {
+      const float* q = qp + task * G * D;
+      for (int64_t p = 0; p < P; ++p) {
+        const float* __restrict lo = lp + (task * P + p) * D;
+        const float* __restrict hi = hp + (task * P + p) * D;
+        float best = -std::numeric_limits<float>::infinity();
+        for (int64_t g = 0; g < G; ++g) {
+          const float* __restrict qg = q + g * D;
+          float bound = 0.f;
+          for (int64_t d = 0; d < D; ++d) bound += std::max(qg[d] * lo[d], qg[d] * hi[d]);
+          best = std::max(best, bound);
+        }
+        score[p] = best;
+      }
+      top_k_indices(score, order, k, op + task * k);
+    }
+  });
+  return out;
+}
+
+// The low-rank score of each of P pages (S keys each; see lowrank_top_pages) for one (sequence, KV head):
+// q [G, r] float32, c [P, r, S] float16, into score [P]; page [r * S] is scratch.
+static void lowrank_page_scores(const float* __restrict q, const at::Half* __restrict c, int64_t G, int64_t r,
+                                int64_t P, int64_t S, float* __restrict score, float* __restrict page) {
+  for (int64_t p = 0; p < P; ++p) {
+    for (int64_t i = 0; i < r * S; ++i) page[i] = static_cast<float>(c[p * r * S + i]);
+    float best = -std::numeric_limits<float>::infinity();
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t s = 0; s < S; ++s) {
+        float dot = 0.f;
+        for (int64_t i = 0; i < r; ++i) dot += q[g * r + i] * page[i * S + s];
+        best = std::max(best, dot);
+      }
+    }
+    score[p] = best;
+  }
+}
+
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+// The same with pages of S = 8 W keys and r <= 64: a page's coordinates widened into r W registers' worth of
+// rows, each query head's S dot products W registers of fused multiply-adds (about 8x the loop above, which
+// the compiler does not keep in registers).
+template <int W>
+static void lowrank_page_scores_avx(const float* __restrict q, const at::Half* __restrict c, int64_t G, int64_t r,
+                                    int64_t P, float* __restrict score) {
+  __m256 rows[64 * W];
+  for (int64_t p = 0; p < P; ++p) {
+    const at::Half* page = c + p * r * 8 * W;
+    for (int64_t i = 0; i < r * W; ++i)
+      rows[i] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(page + 8 * i)));
+    __m256 best = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 acc[W];
+      for (int w = 0; w < W; ++w) acc[w] = _mm256_setzero_ps();
+      for (int64_t i = 0; i < r; ++i) {
+        const __m256 qi = _mm256_set1_ps(q[g * r + i]);
+        for (int w = 0; w < W; ++w) acc[w] = _mm256_fmadd_ps(qi, rows[i * W + w], acc[w]);
+      }
+      for (int w = 0; w < W; ++w) best = _mm256_max_ps(best, acc[w]);
+    }
+    __m128 half = _mm_max_ps(_mm256_castps256_ps128(best), _mm256_extractf128_ps(best, 1));
+    half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+    score[p] = _mm_cvtss_f32(_mm_max_ss(half, _mm_shuffle_ps(half, half, 1)));
+  }
+}
+#endif
+
+// Page selection of one decoding step, the low-rank form: the score of page p for (sequence b, KV head h) is the
+// largest over its G query heads and its S keys of the query's and the key's coordinates' dot product.
+// query_coordinates [B, H, G, r] float32, coordinates [B, H, P, r, S] float16 (coordinate-major within a page,
+// so each query head's S dot products run along the keys), contiguous. Returns [B, H, k].
+torch::Tensor lowrank_top_pages(torch::Tensor query_coordinates, torch::Tensor coordinates, int64_t k) {
+  const int64_t B = query_coordinates.size(0), H = query_coordinates.size(1), G = query_coordinates.size(2);
+  const int64_t r = query_coordinates.size(3), P = coordinates.size(2), S = coordinates.size(4);
+  auto out = torch::empty({B, H, k}, torch::kLong);
+  const float* qp = query_coordinates.data_ptr<float>();
+  const at::Half* cp = coordinates.data_ptr<at::Half>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> score(P), page(S * r);
+    std::vector<int64_t> order(P);
+    for (int64_t task = begin; task < end; ++task) {
+      const float* q = qp + task * G * r;
+      const at::Half* c = cp + task * P * r * S;
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+      if (r <= 64 && (S == 8 || S == 16 || S == 32)) {
+        if (S == 8) lowrank_page_scores_avx<1>(q, c, G, r, P, score.data());
+        if (S == 16) lowrank_page_scores_avx<2>(q, c, G, r, P, score.data());
+        if (S == 32) lowrank_page_scores_avx<4>(q, c, G, r, P, score.data());
+      } else
+#endif
+      lowrank_page_scores(q, c, G, r, P, S, score.data(), page.data());
+      top_k_indices(score, order, k, op + task * k);
+    }
+  });
+  return out;
+}
+
 // Read blocks `records` [n] (ascending) of `block_bytes` bytes each from the file `fd` into rows `rows` [n] of
 // `dest` (rows at least block_bytes long), one preadv per run of consecutive records, then check each block's
 // checksum (low half: the sum of its 32-bit words mod 2^32; high half: their xor) against `expected` [n].
 // Returns -1 when every block is whole and matches, i >= 0 for the first block that does not match, or
 // -2 - i when the file ends before block i.
-int64_t read_file_blocks(int64_t fd, torch::Tensor records, int64_t block_bytes, torch::Tensor dest,
-                         torch::Tensor rows, torch::Tensor expected) {
-  const int64_t n = records.size(0);
-  const int64_t* rec = records.data_ptr<int64_t>();
-  const int64_t* row = rows.data_ptr<int64_t>();
-  const int64_t* want = expected.data_ptr<int64_t>();
-  char* base = static_cast<char*>(dest.data_ptr());
-  const int64_t stride = dest.stride(0) * dest.element_size();
+// The reads and checks of read_file_blocks over raw arrays; want[i] is block i's expected checksum.
+static int64_t read_blocks(int fd, const int64_t* rec, const int64_t* row, int64_t n, int64_t block_bytes,
+                           char* base, int64_t stride, const int64_t* want) {
   std::vector<struct iovec> iov;
   for (int64_t first = 0; first < n;) {
     int64_t stop = first + 1;
     while (stop < n && rec[stop] == rec[stop - 1] + 1 && stop - first < 512) ++stop;
     iov.clear();
     for (int64_t i = first; i < stop; ++i) iov.push_back({base + row[i] * stride, (size_t)block_bytes});
-    const ssize_t got = preadv((int)fd, iov.data(), (int)iov.size(), (off_t)(rec[first] * block_bytes));
+    const ssize_t got = preadv(fd, iov.data(), (int)iov.size(), (off_t)(rec[first] * block_bytes));
     if (got != (ssize_t)((stop - first) * block_bytes)) return -2 - first;
     first = stop;
   }
@@ -449,12 +571,94 @@ int64_t read_file_blocks(int64_t fd, torch::Tensor records, int64_t block_bytes,
   }
   return -1;
 }
+
+int64_t read_file_blocks(int64_t fd, torch::Tensor records, int64_t block_bytes, torch::Tensor dest,
+                         torch::Tensor rows, torch::Tensor expected) {
+  return read_blocks((int)fd, records.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), records.size(0), block_bytes,
+                     static_cast<char*>(dest.data_ptr()), dest.stride(0) * dest.element_size(),
+                     expected.data_ptr<int64_t>());
+}
+
+// One decoding step's reads through a page-reading layer's LRU of tier blocks (PageCache.locate, fused): the slots
+// [B, H, k] int64 that hold pages [B, H, k] (distinct per (sequence, head); block (page, b, h) is record
+// (page * B + b) * H + h), the records not cached read from the two tier files (key_fd, value_fd) into the least
+// recently used slots of slots [2, C, ...] (rows of block_bytes), each checked against checksums [2, R] int64.
+// slot_of [> every record], record_of [C] and stamp [C] (int64, -1: never used) are updated in place; `reads`
+// is this read's stamp. Returns {slots, status [4] int64}: status[0] is -1 when all is well, else the file
+// (0 keys, 1 values) whose block failed, status[1] >= 0 for a checksum mismatch (-1: the file was short),
+// status[2] the record; status[3] the blocks read. A failed read leaves its slots empty and first to go.
+std::vector<torch::Tensor> page_cache_read(torch::Tensor pages, torch::Tensor slot_of, torch::Tensor record_of,
+                                           torch::Tensor stamp, int64_t reads, int64_t key_fd, int64_t value_fd,
+                                           int64_t block_bytes, torch::Tensor slots, torch::Tensor checksums) {
+  const int64_t B = pages.size(0), H = pages.size(1), k = pages.size(2), C = record_of.size(0);
+  auto out = torch::empty({B, H, k}, torch::kLong);
+  auto status = torch::full({4}, -1, torch::kLong);
+  const int64_t* pg = pages.data_ptr<int64_t>();
+  int64_t* o = out.data_ptr<int64_t>();
+  int64_t* so = slot_of.data_ptr<int64_t>();
+  int64_t* ro = record_of.data_ptr<int64_t>();
+  int64_t* st = stamp.data_ptr<int64_t>();
+  int64_t* stat = status.data_ptr<int64_t>();
+  std::vector<std::pair<int64_t, int64_t>> missing;  // (record, position in out)
+  for (int64_t i = 0; i < B * H * k; ++i) {
+    const int64_t b = i / (H * k), h = (i / k) % H, record = (pg[i] * B + b) * H + h, slot = so[record];
+    if (slot >= 0) {
+      st[slot] = reads;
+      o[i] = slot;
+    } else {
+      missing.emplace_back(record, i);
+    }
+  }
+  const int64_t m = (int64_t)missing.size();
+  stat[3] = m;
+  if (m == 0) return {out, status};
+  std::sort(missing.begin(), missing.end());  // runs of consecutive records are read with one preadv
+  std::vector<int64_t> victims(C);
+  std::iota(victims.begin(), victims.end(), 0);
+  if (m < C)
+    std::nth_element(victims.begin(), victims.begin() + (m - 1), victims.end(), [&](int64_t a, int64_t b) {
+      return st[a] < st[b] || (st[a] == st[b] && a < b);
+    });
+  victims.resize(m);
+  std::vector<int64_t> records(m), expected(m);
+  for (int64_t j = 0; j < m; ++j) {
+    const int64_t v = victims[j];
+    if (ro[v] >= 0) so[ro[v]] = -1;
+    ro[v] = -1;
+    records[j] = missing[j].first;
+  }
+  const int64_t R = checksums.size(1);
+  const int64_t* sums = checksums.data_ptr<int64_t>();
+  const int fds[2] = {(int)key_fd, (int)value_fd};
+  for (int64_t file = 0; file < 2; ++file) {
+    for (int64_t j = 0; j < m; ++j) expected[j] = sums[file * R + records[j]];
+    char* base = static_cast<char*>(slots[file].data_ptr());
+    const int64_t failed = read_blocks(fds[file], records.data(), victims.data(), m, block_bytes, base,
+                                       slots.stride(1) * slots.element_size(), expected.data());
+    if (failed != -1) {
+      for (int64_t v : victims) st[v] = -1;
+      stat[0] = file;
+      stat[1] = failed >= 0 ? failed : -1;
+      stat[2] = failed >= 0 ? records[failed] : -1;
+      return {out, status};
+    }
+  }
+  for (int64_t j = 0; j < m; ++j) {
+    const int64_t v = victims[j];
+    ro[v] = records[j];
+    so[records[j]] = v;
+    st[v] = reads;
+    o[missing[j].second] = v;
+  }
+  return {out, status};
+}
 """
 
 
-_MODULE_NAME = "kvstack_kernels_v7"  # the C++ is compiled as this module: its PyInit_ symbol carries the name
+_MODULE_NAME = "kvstack_kernels_v8"  # the C++ is compiled as this module: its PyInit_ symbol carries the name
 _FUNCTIONS = ("packed_scores", "packed_weighted_values", "paged_attention_forward", "attention_with_column_sums",
-              "selected_page_attention", "read_file_blocks")
+              "selected_page_attention", "read_file_blocks", "key_bound_top_pages", "lowrank_top_pages",
+              "page_cache_read")
 _CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
 _LIBRARY = _MODULE_NAME + (".pyd" if sys.platform == "win32" else ".so")  # what load_inline writes
@@ -489,7 +693,7 @@ def _build_fingerprint() -> str:
 
 def build_directory() -> pathlib.Path:
     """Where the compiled kernels are published for this machine:
-    ``kvstack_kernels_v7-py3XX-torchX.Y.Z-<cpu hash>-<build hash>`` under ``$TORCH_EXTENSIONS_DIR`` when
+    ``kvstack_kernels_v8-py3XX-torchX.Y.Z-<cpu hash>-<build hash>`` under ``$TORCH_EXTENSIONS_DIR`` when
     set, else under PyTorch's default extension root.
 
     The CPU hash keeps a ``-march=native`` build from being loaded on another CPU model that shares the
@@ -687,6 +891,31 @@ def selected_page_attention(
                                              resident_keys, resident_values, resident_counts.contiguous(), scaling)
 
 
+@without_cpu_autocast
+def key_bound_top_pages(query: torch.Tensor, low: torch.Tensor, high: torch.Tensor, count: int) -> torch.Tensor:
+    """``[B, H, count]`` int64, in no particular order: the pages with the largest key-bound scores.
+
+    ``query`` ``[B, H, G, D]``, ``low`` and ``high`` ``[B, H, P, D]`` float32 (each page's key minima and
+    maxima); page ``p``'s score is the largest over the ``G`` query heads of ``sum_d max(q_d low_d, q_d high_d)``
+    (:data:`kvstack.contract.PAGE_SCORE_KEY_BOUND`); equal scores go to the lower page. ``1 <= count <= P``.
+    """
+    return _module().key_bound_top_pages(query.float().contiguous(), low.float().contiguous(),
+                                         high.float().contiguous(), count)
+
+
+@without_cpu_autocast
+def lowrank_top_pages(query_coordinates: torch.Tensor, coordinates: torch.Tensor, count: int) -> torch.Tensor:
+    """``[B, H, count]`` int64, in no particular order: the pages with the largest low-rank scores.
+
+    ``query_coordinates`` ``[B, H, G, r]`` float32 (the query heads on the layer's basis), ``coordinates``
+    ``[B, H, P, r, S]`` float16 (each page's ``S`` keys on it, coordinate by coordinate); page ``p``'s score is
+    the largest over the query heads and its keys of their dot product
+    (:data:`kvstack.contract.PAGE_SCORE_LOWRANK`); equal scores go to the lower page. ``1 <= count <= P``.
+    """
+    return _module().lowrank_top_pages(query_coordinates.float().contiguous(),
+                                       coordinates.to(torch.float16).contiguous(), count)
+
+
 def read_file_blocks(fd: int, records: torch.Tensor, block_bytes: int, dest: torch.Tensor, rows: torch.Tensor,
                      expected: torch.Tensor) -> int:
     """Read blocks ``records`` ``[n]`` int64 (ascending) of file ``fd`` into rows ``rows`` ``[n]`` of ``dest``.
@@ -697,6 +926,23 @@ def read_file_blocks(fd: int, records: torch.Tensor, block_bytes: int, dest: tor
     block ``i``.
     """
     return int(_module().read_file_blocks(fd, records, block_bytes, dest, rows, expected))
+
+
+def page_cache_read(pages: torch.Tensor, slot_of: torch.Tensor, record_of: torch.Tensor, stamp: torch.Tensor,
+                    reads: int, fds: tuple[int, int], block_bytes: int, slots: torch.Tensor,
+                    checksums: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """One decoding step's page reads through an LRU of tier blocks, in one call (see ``PageCache.locate_pages``).
+
+    ``pages`` ``[B, H, k]`` int64 (distinct per sequence and head); ``slot_of``, ``record_of``, ``stamp`` the
+    cache's int64 maps, updated in place; ``fds`` the tier's key and value files; ``slots`` ``[2, C, page, D]``;
+    ``checksums`` ``[2, records]`` int64. Returns the slots ``[B, H, k]`` and ``[file, mismatch, record, read]``:
+    ``file`` is -1 when every block read is whole and matches, else the file (0 keys, 1 values) of the first that
+    is not, ``mismatch`` >= 0 for a checksum mismatch (-1: the file ended), ``record`` its record; ``read`` is
+    how many blocks came from the tier.
+    """
+    out, status = _module().page_cache_read(pages.contiguous(), slot_of, record_of, stamp, reads, fds[0], fds[1],
+                                            block_bytes, slots, checksums)
+    return out, status.tolist()
 
 
 COLUMN_SUM_TILE_ROWS = 64  # query rows per task: G * 64 rows of scores stay in cache while they are used

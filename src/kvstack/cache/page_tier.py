@@ -12,7 +12,9 @@ For page-reading policies (Quest). Per layer:
   head)``, in a file read with ``preadv`` (:class:`PageFile`, the CPU case) or in host memory when the model runs
   on a GPU (:class:`HostPages`).
 
-A decoding step (one new token) asks the policy to score each page from its summary, reads the top pages
+A decoding step (one new token) asks the policy to score each page from its summary (or, when the policy says
+its scores have a standard form of the contract's ``PAGE_SCORE_FORMS``, scores and ranks them in one fused
+kernel call), reads the top pages
 (checked against their checksums) and attends exactly over them and the resident entries; a prompt chunk
 reads every page, :data:`PROMPT_READ_TOKENS` entries at a time with an online softmax (exact attention whose
 transient is one group of pages, not the layer). Full pages leave the resident set after the forward that filled them.
@@ -34,7 +36,7 @@ from kvstack.cache import kernels
 from kvstack.cache.attention_stats import attention_with_stats
 from kvstack.cache.blockwise import Block, blockwise_attention
 from kvstack.cache.owned_layer import OwnedLayer
-from kvstack.contract import STAT_COLSUM
+from kvstack.contract import PAGE_SCORE_KEY_BOUND, PAGE_SCORE_LOWRANK, STAT_COLSUM
 from kvstack.errors import KVStackError
 
 if TYPE_CHECKING:
@@ -170,18 +172,18 @@ class PageFile(PageStore):
         starts = np.concatenate(([0], breaks))
         stops = np.concatenate((breaks, [len(ordered)]))
         out = []
-        for index, fd in enumerate(self._descriptors()):
+        for index, fd in enumerate(self.descriptors()):
             raw = np.empty((len(records), self.block_bytes), dtype=np.uint8)  # in record order, below
             for first, stop in zip(starts.tolist(), stops.tolist(), strict=True):
                 want = (stop - first) * self.block_bytes
                 got = os.preadv(fd, [memoryview(raw[first:stop]).cast("B")], int(ordered[first]) * self.block_bytes)
                 if got != want:
-                    raise self._refused(index, None)
+                    raise self.refused(index, None)
             if not np.array_equal(order, np.arange(len(records))):
                 raw = raw[np.argsort(order)]
             bad = np.nonzero(block_checksums(raw.view(np.uint32)) != self.checksums[index, records])[0]
             if bad.size:
-                raise self._refused(index, int(records[bad[0]]))
+                raise self.refused(index, int(records[bad[0]]))
             out.append(torch.from_numpy(raw).view(self.dtype).view(len(records), self.page, self.head_dim))
         return out[0], out[1]
 
@@ -194,21 +196,21 @@ class PageFile(PageStore):
         order = np.argsort(records, kind="stable")
         ordered = torch.from_numpy(np.ascontiguousarray(records[order]))
         into = torch.from_numpy(np.ascontiguousarray(rows[order]))
-        for index, fd in enumerate(self._descriptors()):
+        for index, fd in enumerate(self.descriptors()):
             expected = torch.from_numpy(np.ascontiguousarray(self.checksums[index, records[order]]).view(np.int64))
             failed = kernels.read_file_blocks(fd, ordered, self.block_bytes, slots[index], into, expected)
             if failed >= 0:
-                raise self._refused(index, int(ordered[failed]))
+                raise self.refused(index, int(ordered[failed]))
             if failed != -1:
-                raise self._refused(index, None)
+                raise self.refused(index, None)
 
-    def _descriptors(self) -> list[int]:
+    def descriptors(self) -> list[int]:
         """Read descriptors of the keys' and values' files, opened on the first read."""
         if not self._fds:
             self._fds = [os.open(path, os.O_RDONLY) for path in self.paths]
         return self._fds
 
-    def _refused(self, index: int, record: int | None) -> TierError:
+    def refused(self, index: int, record: int | None) -> TierError:
         """The error for a block of file ``index`` that fails its checksum (``record``) or is cut short (None)."""
         if record is None:
             return TierError(f"the slow tier {self.paths[index]} is shorter than its pages; it is refused")
@@ -311,6 +313,28 @@ class PageCache:
             self.misses += int(wanted.size)
         return slots
 
+    def locate_pages(self, pages: torch.Tensor, store: PageStore) -> torch.Tensor:
+        """``[B, H, k]`` the slots holding ``pages`` ``[B, H, k]`` (distinct per sequence and head, ``B H k <=
+        capacity``), reading the misses: :meth:`locate` of their records, in one fused call
+        (:func:`kernels.page_cache_read`, the same choices) for a file tier and CPU slots."""
+        fused = isinstance(store, PageFile) and self.slots.device.type == "cpu" and self.slots.is_contiguous()
+        if not (fused and kernels.available()):
+            return torch.from_numpy(self.locate(store.records(pages), store)).view(pages.shape)
+        records = store.pages * store.batch * store.heads  # every record is below this
+        if self.slot_of.size < records:
+            grown = np.full(max(records, 2 * self.slot_of.size), -1, dtype=np.int64)
+            grown[: self.slot_of.size] = self.slot_of
+            self.slot_of = grown
+        self.reads += 1
+        slots, (file, mismatch, record, read) = kernels.page_cache_read(
+            pages, torch.from_numpy(self.slot_of), torch.from_numpy(self.record_of), torch.from_numpy(self.stamp),
+            self.reads, store.descriptors(), store.block_bytes, self.slots,
+            torch.from_numpy(store.checksums.view(np.int64)))
+        if file >= 0:
+            raise store.refused(file, record if mismatch >= 0 else None)
+        self.misses += read
+        return slots
+
     def read(self, records: np.ndarray, store: PageStore) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[n, page, D]`` of the ``n`` distinct ``records`` (``n <= capacity``)."""
         slots = self.locate(records, store)
@@ -405,17 +429,17 @@ class TieredLayer(OwnedLayer):
             pages = torch.arange(stored).expand(batch, self.heads, stored)
         else:
             grouped = query.view(batch, self.heads, q_heads // self.heads, self.head_dim)
-            scores = method.page_scores(grouped, self.summary)  # [B, H, P]
-            pages = scores.topk(count, dim=-1).indices.cpu()  # [B, H, count]
             if self._attends_in_place(query, count):  # in any order: the softmax is over a set
+                pages = self._top_pages(grouped, count)
                 lru = self._page_cache()
-                slot_index = torch.from_numpy(lru.locate(self.pages.records(pages), self.pages))
+                slot_index = lru.locate_pages(pages, self.pages)
                 output = kernels.selected_page_attention(
                     query.reshape(batch, q_heads, self.head_dim), lru.slots[0].unsqueeze(1), lru.slots[1].unsqueeze(1),
-                    slot_index.view(batch, self.heads, count), self.tail_keys, self.tail_values, scaling)
+                    slot_index, self.tail_keys, self.tail_values, scaling)
                 self._flush()
                 return output.view(batch, 1, q_heads, self.head_dim)
-            pages = pages.sort(dim=-1).values  # in arrival order, as the entries' positions are kept
+            scores = method.page_scores(grouped, self.summary)  # [B, H, P]
+            pages = scores.topk(count, dim=-1).indices.cpu().sort(dim=-1).values  # in arrival order, as kept
         read_keys, read_values = self._read(pages)
         sinks = self.sink_count()
         if read_keys.shape[2] == 0:  # nothing in the tier yet (a first prompt chunk): no copy
@@ -500,6 +524,18 @@ class TieredLayer(OwnedLayer):
         if query.dtype != torch.float32 or self.dtype != torch.float32:
             return False
         return self.owner.method.cached_pages() >= count and kernels.available()
+
+    def _top_pages(self, query: torch.Tensor, count: int) -> torch.Tensor:
+        """``[B, H, count]`` the pages with the highest scores for ``query`` ``[B, H, G, D]``, in no particular
+        order: with a fused kernel when the policy's scores have a standard form (and its summary is float32 or
+        narrower), else from its ``page_scores``."""
+        form = self.owner.method.page_score_form()
+        if form == PAGE_SCORE_KEY_BOUND:
+            return kernels.key_bound_top_pages(query, self.summary["min"], self.summary["max"], count)
+        if form == PAGE_SCORE_LOWRANK:
+            query_coordinates = query.float() @ self.summary["basis"].float()
+            return kernels.lowrank_top_pages(query_coordinates, self.summary["coordinates"], count)
+        return self.owner.method.page_scores(query, self.summary).topk(count, dim=-1).indices
 
     def _page_cache(self) -> PageCache:
         """The cache of recently read pages (made on first use): ``cached_pages()`` per (sequence, head)."""

@@ -15,6 +15,8 @@ import math
 from typing import Any, ClassVar
 
 from kvstack.contract import (  # noqa: F401  (re-exported: methods import them from here)
+    PAGE_SCORE_KEY_BOUND,
+    PAGE_SCORE_LOWRANK,
     STAT_BELOW_MEAN,
     STAT_COLSUM,
     STAT_LAST,
@@ -176,6 +178,10 @@ class Method:
     def page_scores(self, query: torch.Tensor, summary: dict[str, torch.Tensor]) -> torch.Tensor:
         """Page-reading methods only: ``[B, H, P]`` relevance of each page (see the contract)."""
         raise NotImplementedError(f"{type(self).__name__} does not read pages")
+
+    def page_score_form(self) -> str | None:
+        """Page-reading methods only: the standard form of ``page_scores``, if it has one (see the contract)."""
+        return None
 
     def compresses(self) -> bool:
         """False for methods that keep everything (``full``)."""

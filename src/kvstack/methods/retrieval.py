@@ -22,7 +22,14 @@ import dataclasses
 from typing import ClassVar
 
 from kvstack.lazy_import import lazy_module
-from kvstack.methods.base import STAT_COLSUM, LayerView, Method, check_sizes
+from kvstack.methods.base import (
+    PAGE_SCORE_KEY_BOUND,
+    PAGE_SCORE_LOWRANK,
+    STAT_COLSUM,
+    LayerView,
+    Method,
+    check_sizes,
+)
 from kvstack.spec import SpecError, register
 
 torch = lazy_module("torch")
@@ -139,8 +146,8 @@ class Quest(Method):
                      held: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Each page's element-wise key minimum and maximum ``[B, H, n, D]`` (padding left out; a page of padding
         only gets bounds of 0: it may be read, and its entries are masked). With ``select='lowrank'``: its keys'
-        coordinates ``[B, H, n, page, r]`` float16 on the layer's ``basis`` ``[B, H, D, r]`` (fitted here on
-        the first pages, then ``held``); padding entries get zeros."""
+        coordinates ``[B, H, n, r, page]`` float16 (coordinate-major within a page) on the layer's ``basis``
+        ``[B, H, D, r]`` (fitted here on the first pages, then ``held``); padding entries get zeros."""
         if self.select == "lowrank":
             return self._lowrank_summary(keys, valid, held or {})
         mask = ~valid.unsqueeze(-1)  # [B, 1, n, page, 1]
@@ -159,8 +166,9 @@ class Quest(Method):
         if basis is None:  # each head's principal directions of these keys (eigenvectors of K^T K), largest last
             _, vectors = torch.linalg.eigh(flat.transpose(-1, -2) @ flat)
             basis = vectors[..., -min(self.rank, keys.shape[-1]):].contiguous()  # [B, H, D, r]
-        coordinates = flat @ basis  # [B, H, n * page, r]
-        return {"basis": basis, "coordinates": coordinates.view(*keys.shape[:4], -1).to(torch.float16)}
+        coordinates = (flat @ basis).view(*keys.shape[:4], -1)  # [B, H, n, page, r]
+        # held coordinate-major within each page, [B, H, n, r, page]: a page's score then runs along its keys
+        return {"basis": basis, "coordinates": coordinates.transpose(-1, -2).to(torch.float16).contiguous()}
 
     def page_scores(self, query: torch.Tensor, summary: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[B, H, P]``: the largest, over the group's query heads, of ``sum_d max(q_d min_d, q_d max_d)``.
@@ -171,10 +179,11 @@ class Quest(Method):
         of the approximate score ``(q B) . (k B)`` (``summary`` holds ``basis`` ``B`` and ``coordinates``).
         """
         if self.select == "lowrank":
-            coordinates = summary["coordinates"]  # [B, H, P, page, r]
-            batch, heads, pages, page, _ = coordinates.shape
-            approximate = (query.float() @ summary["basis"]) @ coordinates.flatten(2, 3).float().transpose(-1, -2)
-            # [B, H, G, N]: the query heads first (a reduction over a middle dimension of G rows is the cheap one)
+            coordinates = summary["coordinates"]  # [B, H, P, r, page]
+            batch, heads, pages, rank, page = coordinates.shape
+            by_coordinate = coordinates.float().transpose(2, 3).reshape(batch, heads, rank, pages * page)
+            approximate = (query.float() @ summary["basis"]) @ by_coordinate  # [B, H, G, P * page]
+            # the query heads first (a reduction over a middle dimension of G rows is the cheap one)
             return approximate.amax(dim=2).view(batch, heads, pages, page).amax(dim=-1)
         # max(q_d min_d, q_d max_d) is q_d max_d where q_d > 0 and q_d min_d elsewhere: two matrix products.
         q = query.float()
@@ -182,6 +191,10 @@ class Quest(Method):
         low, high = summary["min"].float(), summary["max"].float()  # [B, H, P, D]
         bound = positive @ high.transpose(-1, -2) + negative @ low.transpose(-1, -2)  # [B, H, G, P]
         return bound.amax(dim=2)
+
+    def page_score_form(self) -> str | None:
+        """Storage may score pages with a fused kernel: the bound or the low-rank estimate, as above."""
+        return PAGE_SCORE_LOWRANK if self.select == "lowrank" else PAGE_SCORE_KEY_BOUND
 
 
 QUEST_SELECTS = ("bound", "lowrank")
