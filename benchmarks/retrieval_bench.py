@@ -209,6 +209,9 @@ RECALL_METHODS = {
     "quest-lowrank": "quest(budget={budget}, select='lowrank')",
     "quest-p8-lowrank": "quest(budget={budget}, page=8, select='lowrank')",
     "quest-p8-lowrank16": "quest(budget={budget}, page=8, select='lowrank', rank=16)",
+    # finer pages or more directions, for multi-key at 4k (exact top-k at 1/8 scores one sample above the bar)
+    "quest-p4-lowrank16": "quest(budget={budget}, page=4, select='lowrank', rank=16)",
+    "quest-p8-lowrank32": "quest(budget={budget}, page=8, select='lowrank', rank=32)",
     "infllm": "infllm(budget={budget})",
     "infllm-b32": "infllm(budget={budget}, block=32)", "duo": f"duo(heads={1 / READ_FRACTION})",
     "loki": "loki(budget={budget})",
