@@ -214,6 +214,8 @@ RECALL_METHODS = {
     "quest-p8-lowrank32": "quest(budget={budget}, page=8, select='lowrank', rank=32)",
     "infllm": "infllm(budget={budget})",
     "infllm-b32": "infllm(budget={budget}, block=32)", "duo": f"duo(heads={1 / READ_FRACTION})",
+    # InfLLM reading 1/8 in all: 16 sinks, a window of a quarter of the read, the rest in blocks of 32
+    "infllm-eighth": "infllm(budget={infllm_blocks}, block=32, sinks=16, window={infllm_window})",
     "loki": "loki(budget={budget})",
     # every score exact (rank = SmolLM2's head dimension): each query attends to its true top entries, the
     # ceiling of any method that reads this many entries per step
@@ -238,7 +240,10 @@ def recall(out: str, lengths: list[int], max_minutes: float | None, names: list[
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     for length in lengths:  # one grid per length: each reads 1/8 of its own context
         budget = length // READ_FRACTION
-        methods = [RECALL_METHODS[name].format(budget=budget, half=budget // 2) for name in names]
+        window = budget // 4
+        blocks = (budget - 16 - window) // 32 * 32
+        methods = [RECALL_METHODS[name].format(budget=budget, half=budget // 2, infllm_blocks=blocks,
+                                               infllm_window=window) for name in names]
         config = BenchConfig(methods=methods, tasks=tasks, lengths=[length], samples=20, out_dir=out,
                              progress=sys.stderr.isatty(), share_prefill=True, checkpoint_every=2)
         if not run_grid(config, deadline=deadline, model=model, tokenizer=tokenizer):

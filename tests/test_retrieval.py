@@ -223,13 +223,13 @@ def test_resident_and_tier_bytes_are_what_each_holds_and_the_file_goes_with_the_
     heads, dim = model.config.num_key_value_heads, model.config.hidden_size // model.config.num_attention_heads
     pages = 100 // 16
     for layer in cache.layers:
-        assert layer.tier_bytes() == pages * heads * 2 * 16 * dim * 4 == sum(map(os.path.getsize, layer.pages.paths))
+        assert layer.tier_bytes() == pages * heads * 2 * 16 * dim * 4 == os.path.getsize(layer.pages.path)
         resident = 2 * heads * pages * dim * 4 + 2 * pages * heads * 8 + 100 * 4 + 2 * heads * (100 % 16) * dim * 4
         assert layer.kv_bytes() == resident  # bounds, checksums, positions, the newest 4 entries
     assert cache.kv_bytes() + cache.tier_bytes() > full.kv_bytes() * 0.9
     assert cache.kv_bytes() < 0.25 * full.kv_bytes()
     assert cache.summary()["tier_bytes"] == cache.tier_bytes()
-    assert len(os.listdir(tmp_path)) == 4  # keys and values of each layer
+    assert len(os.listdir(tmp_path)) == 2  # one file per layer (keys and values of each record together)
     del cache, layer
     gc.collect()
     assert os.listdir(tmp_path) == []
@@ -506,6 +506,36 @@ def test_the_fused_page_cache_read_returns_the_tiers_blocks_and_keeps_the_most_r
 
 
 @pytest.mark.skipif(not page_tier.kernels.available(), reason="the fused kernels do not compile here")
+def test_the_fused_page_cache_read_refuses_a_corrupt_or_cut_page_and_forgets_its_slots(tmp_path) -> None:
+    from kvstack.cache.page_tier import PageCache, PageFile
+
+    generator = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(1, 2, 48, 8, generator=generator), torch.randn(1, 2, 48, 8, generator=generator)
+    file = PageFile(str(tmp_path), 1, 2, 8, 8, torch.float32)
+    file.append(keys, values)  # six pages of two heads: (page, head) -> record 2 * page + head
+    cache = PageCache(4, page=8, head_dim=8, dtype=torch.float32, device=torch.device("cpu"))
+    first = torch.tensor([[[0, 1], [0, 1]]])  # records 0, 2 (head 0) and 1, 3 (head 1)
+    cache.locate_pages(first, file)
+    with open(file.path, "r+b") as handle:  # flip a bit of record 6's keys (page 3, head 0)
+        handle.seek(2 * 6 * 8 * 8 * 4 + 3)
+        byte = handle.read(1)
+        handle.seek(2 * 6 * 8 * 8 * 4 + 3)
+        handle.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(TierError, match=r"page 3 of the slow tier .*\(keys\) fails its checksum; it is refused"):
+        cache.locate_pages(torch.tensor([[[3, 0], [2, 1]]]), file)  # records 6, 0 (cached) and 5, 3 (cached)
+    assert set(cache.record_of[cache.record_of >= 0].tolist()) == {0, 3}  # the slots read into hold nothing
+    assert (cache.slot_of[[5, 6]] == -1).all()
+    slots = cache.locate_pages(first, file)  # what the cache holds is still the tier's
+    want_keys, want_values = file.read(first)
+    assert torch.equal(cache.slots[0][slots].flatten(2, 3), want_keys)
+    assert torch.equal(cache.slots[1][slots].flatten(2, 3), want_values)
+    os.truncate(file.path, 2 * 10 * 8 * 8 * 4)  # records 10 and 11 (page 5) cut off
+    with pytest.raises(TierError, match="is shorter than its pages; it is refused"):
+        cache.locate_pages(torch.tensor([[[5], [4]]]), file)
+    file.close()
+
+
+@pytest.mark.skipif(not page_tier.kernels.available(), reason="the fused kernels do not compile here")
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**16), pages=st.integers(2, 40), page=st.sampled_from([1, 2, 4, 8, 16, 32]),
        group=st.integers(1, 4), rank=st.integers(1, 12), select=st.sampled_from(["bound", "lowrank"]),
@@ -551,10 +581,10 @@ def test_blocks_read_into_the_page_slots_are_the_tiers_and_a_corrupt_one_is_refu
     want_keys, want_values = file.read_records(records)
     assert torch.equal(got_keys, want_keys) and torch.equal(got_values, want_values)
     assert torch.equal(got_keys[0], keys[0, 1, 32:40])  # record 9: page 4, head 1
-    with open(file.paths[1], "r+b") as handle:  # flip a bit of record 6's values
-        handle.seek(6 * 8 * 8 * 4 + 17)
+    with open(file.path, "r+b") as handle:  # flip a bit of record 6's values (each record: keys, then values)
+        handle.seek((2 * 6 + 1) * 8 * 8 * 4 + 17)
         byte = handle.read(1)
-        handle.seek(6 * 8 * 8 * 4 + 17)
+        handle.seek((2 * 6 + 1) * 8 * 8 * 4 + 17)
         handle.write(bytes([byte[0] ^ 0x04]))
     with pytest.raises(TierError, match=r"page 3 of the slow tier .*values.* fails its checksum; it is refused"):
         cache.read(np.array([5, 6]), file)

@@ -550,45 +550,59 @@ torch::Tensor lowrank_top_pages(torch::Tensor query_coordinates, torch::Tensor c
 // checksum (low half: the sum of its 32-bit words mod 2^32; high half: their xor) against `expected` [n].
 // Returns -1 when every block is whole and matches, i >= 0 for the first block that does not match, or
 // -2 - i when the file ends before block i.
-// The reads and checks of read_file_blocks over raw arrays; want[i] is block i's expected checksum.
+// Read records rec[0 .. n) (ascending) of the tier file fd, where record r is its keys' block then its values'
+// block, block_bytes each, at offset 2 r block_bytes, into row row[i] of key_base and of value_base (rows `stride`
+// bytes apart): one preadv per run of consecutive records. Then check each block against its expected checksum
+// (low half: the sum of its 32-bit words mod 2^32; high half: their xor), key_want[i] and value_want[i].
+// Returns -1 when all is well, 2 i + half for the first block that does not match (half 0 keys, 1 values), or
+// -2 - i when the file ends before record i.
 static int64_t read_blocks(int fd, const int64_t* rec, const int64_t* row, int64_t n, int64_t block_bytes,
-                           char* base, int64_t stride, const int64_t* want) {
+                           char* key_base, char* value_base, int64_t stride, const int64_t* key_want,
+                           const int64_t* value_want) {
   std::vector<struct iovec> iov;
   for (int64_t first = 0; first < n;) {
     int64_t stop = first + 1;
     while (stop < n && rec[stop] == rec[stop - 1] + 1 && stop - first < 512) ++stop;
     iov.clear();
-    for (int64_t i = first; i < stop; ++i) iov.push_back({base + row[i] * stride, (size_t)block_bytes});
-    const ssize_t got = preadv(fd, iov.data(), (int)iov.size(), (off_t)(rec[first] * block_bytes));
-    if (got != (ssize_t)((stop - first) * block_bytes)) return -2 - first;
+    for (int64_t i = first; i < stop; ++i) {
+      iov.push_back({key_base + row[i] * stride, (size_t)block_bytes});
+      iov.push_back({value_base + row[i] * stride, (size_t)block_bytes});
+    }
+    const ssize_t got = preadv(fd, iov.data(), (int)iov.size(), (off_t)(rec[first] * 2 * block_bytes));
+    if (got != (ssize_t)((stop - first) * 2 * block_bytes)) return -2 - first;
     first = stop;
   }
   for (int64_t i = 0; i < n; ++i) {
-    const uint32_t* words = reinterpret_cast<const uint32_t*>(base + row[i] * stride);
-    uint32_t sum = 0, mix = 0;
-    for (int64_t w = 0; w < block_bytes / 4; ++w) { sum += words[w]; mix ^= words[w]; }
-    if ((int64_t)((uint64_t)sum | ((uint64_t)mix << 32)) != want[i]) return i;
+    for (int64_t half = 0; half < 2; ++half) {
+      const uint32_t* words = reinterpret_cast<const uint32_t*>((half ? value_base : key_base) + row[i] * stride);
+      uint32_t sum = 0, mix = 0;
+      for (int64_t w = 0; w < block_bytes / 4; ++w) { sum += words[w]; mix ^= words[w]; }
+      if ((int64_t)((uint64_t)sum | ((uint64_t)mix << 32)) != (half ? value_want[i] : key_want[i])) return 2 * i + half;
+    }
   }
   return -1;
 }
 
+// read_blocks into rows `rows` of dest [2, C, ...] (keys, values), against expected [2, n] int64.
 int64_t read_file_blocks(int64_t fd, torch::Tensor records, int64_t block_bytes, torch::Tensor dest,
                          torch::Tensor rows, torch::Tensor expected) {
-  return read_blocks((int)fd, records.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), records.size(0), block_bytes,
-                     static_cast<char*>(dest.data_ptr()), dest.stride(0) * dest.element_size(),
-                     expected.data_ptr<int64_t>());
+  const int64_t n = records.size(0);
+  return read_blocks((int)fd, records.data_ptr<int64_t>(), rows.data_ptr<int64_t>(), n, block_bytes,
+                     static_cast<char*>(dest[0].data_ptr()), static_cast<char*>(dest[1].data_ptr()),
+                     dest.stride(1) * dest.element_size(), expected.data_ptr<int64_t>(),
+                     expected.data_ptr<int64_t>() + n);
 }
 
 // One decoding step's reads through a page-reading layer's LRU of tier blocks (PageCache.locate, fused): the slots
 // [B, H, k] int64 that hold pages [B, H, k] (distinct per (sequence, head); block (page, b, h) is record
-// (page * B + b) * H + h), the records not cached read from the two tier files (key_fd, value_fd) into the least
-// recently used slots of slots [2, C, ...] (rows of block_bytes), each checked against checksums [2, R] int64.
+// (page * B + b) * H + h), the records not cached read from the tier file fd (see read_blocks) into the least
+// recently used slots of slots [2, C, ...] (rows of block_bytes), each half checked against checksums [2, R].
 // slot_of [> every record], record_of [C] and stamp [C] (int64, -1: never used) are updated in place; `reads`
-// is this read's stamp. Returns {slots, status [4] int64}: status[0] is -1 when all is well, else the file
+// is this read's stamp. Returns {slots, status [4] int64}: status[0] is -1 when all is well, else the half
 // (0 keys, 1 values) whose block failed, status[1] >= 0 for a checksum mismatch (-1: the file was short),
-// status[2] the record; status[3] the blocks read. A failed read leaves its slots empty and first to go.
+// status[2] the record; status[3] the records read. A failed read leaves its slots empty and first to go.
 std::vector<torch::Tensor> page_cache_read(torch::Tensor pages, torch::Tensor slot_of, torch::Tensor record_of,
-                                           torch::Tensor stamp, int64_t reads, int64_t key_fd, int64_t value_fd,
+                                           torch::Tensor stamp, int64_t reads, int64_t fd,
                                            int64_t block_bytes, torch::Tensor slots, torch::Tensor checksums) {
   const int64_t B = pages.size(0), H = pages.size(1), k = pages.size(2), C = record_of.size(0);
   auto out = torch::empty({B, H, k}, torch::kLong);
@@ -620,7 +634,7 @@ std::vector<torch::Tensor> page_cache_read(torch::Tensor pages, torch::Tensor sl
       return st[a] < st[b] || (st[a] == st[b] && a < b);
     });
   victims.resize(m);
-  std::vector<int64_t> records(m), expected(m);
+  std::vector<int64_t> records(m);
   for (int64_t j = 0; j < m; ++j) {
     const int64_t v = victims[j];
     if (ro[v] >= 0) so[ro[v]] = -1;
@@ -629,19 +643,20 @@ std::vector<torch::Tensor> page_cache_read(torch::Tensor pages, torch::Tensor sl
   }
   const int64_t R = checksums.size(1);
   const int64_t* sums = checksums.data_ptr<int64_t>();
-  const int fds[2] = {(int)key_fd, (int)value_fd};
-  for (int64_t file = 0; file < 2; ++file) {
-    for (int64_t j = 0; j < m; ++j) expected[j] = sums[file * R + records[j]];
-    char* base = static_cast<char*>(slots[file].data_ptr());
-    const int64_t failed = read_blocks(fds[file], records.data(), victims.data(), m, block_bytes, base,
-                                       slots.stride(1) * slots.element_size(), expected.data());
-    if (failed != -1) {
-      for (int64_t v : victims) st[v] = -1;
-      stat[0] = file;
-      stat[1] = failed >= 0 ? failed : -1;
-      stat[2] = failed >= 0 ? records[failed] : -1;
-      return {out, status};
-    }
+  std::vector<int64_t> key_want(m), value_want(m);
+  for (int64_t j = 0; j < m; ++j) {
+    key_want[j] = sums[records[j]];
+    value_want[j] = sums[R + records[j]];
+  }
+  const int64_t failed = read_blocks((int)fd, records.data(), victims.data(), m, block_bytes,
+                                     static_cast<char*>(slots[0].data_ptr()), static_cast<char*>(slots[1].data_ptr()),
+                                     slots.stride(1) * slots.element_size(), key_want.data(), value_want.data());
+  if (failed != -1) {
+    for (int64_t v : victims) st[v] = -1;
+    stat[0] = failed >= 0 ? failed % 2 : 0;
+    stat[1] = failed >= 0 ? failed / 2 : -1;
+    stat[2] = failed >= 0 ? records[failed / 2] : -1;
+    return {out, status};
   }
   for (int64_t j = 0; j < m; ++j) {
     const int64_t v = victims[j];
@@ -917,31 +932,36 @@ def lowrank_top_pages(query_coordinates: torch.Tensor, coordinates: torch.Tensor
 
 
 def read_file_blocks(fd: int, records: torch.Tensor, block_bytes: int, dest: torch.Tensor, rows: torch.Tensor,
-                     expected: torch.Tensor) -> int:
-    """Read blocks ``records`` ``[n]`` int64 (ascending) of file ``fd`` into rows ``rows`` ``[n]`` of ``dest``.
+                     expected: torch.Tensor) -> tuple[int, int | None] | None:
+    """Read records ``records`` ``[n]`` int64 (ascending) of the tier file ``fd`` into rows ``rows`` ``[n]`` of
+    ``dest`` ``[2, C, ...]`` (keys, values).
 
-    One ``preadv`` per run of consecutive records; then each block's checksum (see
-    :func:`kvstack.cache.page_tier.block_checksums`) is compared with ``expected`` ``[n]`` (int64 bit patterns).
-    Returns -1 when all match, ``i`` for the first block that does not, ``-2 - i`` when the file ends before
-    block ``i``.
+    Record ``r`` is its keys' block, then its values', ``block_bytes`` each, at byte ``2 r block_bytes``; one
+    ``preadv`` per run of consecutive records. Each block's checksum (see
+    :func:`kvstack.cache.page_tier.block_checksums`) is compared with ``expected`` ``[2, n]`` (int64 bit
+    patterns). Returns None when all match, else ``(half, i)``: the half (0 keys, 1 values) and index of the
+    first block that does not, ``i`` None when the file ends before the records do.
     """
-    return int(_module().read_file_blocks(fd, records, block_bytes, dest, rows, expected))
+    failed = int(_module().read_file_blocks(fd, records, block_bytes, dest, rows, expected))
+    if failed == -1:
+        return None
+    return (failed % 2, failed // 2) if failed >= 0 else (0, None)
 
 
 def page_cache_read(pages: torch.Tensor, slot_of: torch.Tensor, record_of: torch.Tensor, stamp: torch.Tensor,
-                    reads: int, fds: tuple[int, int], block_bytes: int, slots: torch.Tensor,
+                    reads: int, fd: int, block_bytes: int, slots: torch.Tensor,
                     checksums: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """One decoding step's page reads through an LRU of tier blocks, in one call (see ``PageCache.locate_pages``).
 
     ``pages`` ``[B, H, k]`` int64 (distinct per sequence and head); ``slot_of``, ``record_of``, ``stamp`` the
-    cache's int64 maps, updated in place; ``fds`` the tier's key and value files; ``slots`` ``[2, C, page, D]``;
-    ``checksums`` ``[2, records]`` int64. Returns the slots ``[B, H, k]`` and ``[file, mismatch, record, read]``:
-    ``file`` is -1 when every block read is whole and matches, else the file (0 keys, 1 values) of the first that
-    is not, ``mismatch`` >= 0 for a checksum mismatch (-1: the file ended), ``record`` its record; ``read`` is
-    how many blocks came from the tier.
+    cache's int64 maps, updated in place; ``fd`` the tier's file (record ``r``: its keys' block, then its
+    values', ``block_bytes`` each); ``slots`` ``[2, C, page, D]``; ``checksums`` ``[2, records]`` int64.
+    Returns the slots ``[B, H, k]`` and ``[half, mismatch, record, read]``: ``half`` is -1 when every block read
+    is whole and matches, else the half (0 keys, 1 values) of the first that is not, ``mismatch`` >= 0 for a
+    checksum mismatch (-1: the file ended), ``record`` its record; ``read`` is how many records came from the tier.
     """
-    out, status = _module().page_cache_read(pages.contiguous(), slot_of, record_of, stamp, reads, fds[0], fds[1],
-                                            block_bytes, slots, checksums)
+    out, status = _module().page_cache_read(pages.contiguous(), slot_of, record_of, stamp, reads, fd, block_bytes,
+                                            slots, checksums)
     return out, status.tolist()
 
 

@@ -9,7 +9,7 @@ For page-reading policies (Quest). Per layer:
   entries between them that do not fill a page yet, and an LRU of pages read recently (if the policy keeps
   one);
 * in the tier: every full page, one block of ``[2, page, D]`` (keys then values) per ``(page, sequence,
-  head)``, in a file read with ``preadv`` (:class:`PageFile`, the CPU case) or in host memory when the model runs
+  head)``, in one file read with ``preadv`` (:class:`PageFile`, the CPU case) or in host memory when the model runs
   on a GPU (:class:`HostPages`).
 
 A decoding step (one new token) asks the policy to score each page from its summary (or, when the policy says
@@ -113,33 +113,31 @@ class PageStore:
 
 
 class PageFile(PageStore):
-    """Full pages in two files, keys and values: block ``(page, sequence, head)`` is ``[page, D]``
-    in each, record ``(page * B + sequence) * H + head``; each block has a checksum.
+    """Full pages in one file: record ``(page * B + sequence) * H + head`` is block ``(page, sequence, head)``, its
+    keys ``[page, D]`` then its values ``[page, D]`` (so one read brings both); each half has a checksum.
 
-    The files are removed when the object is collected.
+    The file is removed when the object is collected.
     """
+
+    HALVES = ("keys", "values")
 
     def __init__(self, directory: str, batch: int, heads: int, page: int, head_dim: int, dtype: torch.dtype) -> None:
         self.batch, self.heads, self.page, self.head_dim, self.dtype = batch, heads, page, head_dim, dtype
         self.element = torch.empty((), dtype=dtype).element_size()
         if self.element not in (2, 4):
             raise TierError(f"the slow tier holds 16- or 32-bit entries, not {dtype}")
-        self.block_bytes = page * head_dim * self.element  # one block of keys (or of values)
+        self.block_bytes = page * head_dim * self.element  # one half of a record: its keys (or its values)
         if self.block_bytes % 4:
             raise TierError(f"a page block of {self.block_bytes} bytes does not hold whole 32-bit words")
-        self.paths = []
-        for kind in ("keys", "values"):
-            fd, path = tempfile.mkstemp(prefix=f"kvstack-tier-{kind}-", suffix=".pages", dir=directory)
-            os.close(fd)
-            self.paths.append(path)
-        self.path = self.paths[0]
-        self._finalizer = weakref.finalize(self, _remove, *self.paths)
+        fd, self.path = tempfile.mkstemp(prefix="kvstack-tier-", suffix=".pages", dir=directory)
+        os.close(fd)
+        self._finalizer = weakref.finalize(self, _remove, self.path)
         self.pages = 0
         self.checksums = np.empty((2, 0), dtype=np.uint64)  # keys, values: [2, records]
-        self._fds: list[int] = []  # read descriptors of the two files, opened on the first read
+        self._fd: int | None = None  # the read descriptor, opened on the first read
 
     def nbytes(self) -> int:
-        """Bytes the files hold."""
+        """Bytes the file holds."""
         return 2 * self.pages * self.batch * self.heads * self.block_bytes
 
     def checksum_nbytes(self) -> int:
@@ -148,19 +146,17 @@ class PageFile(PageStore):
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write full pages: ``keys``, ``values`` ``[B, H, n * page, D]``."""
         count = keys.shape[2] // self.page
-        sums = []
-        for path, tensor in zip(self.paths, (keys, values), strict=True):
-            blocks = tensor.reshape(self.batch, self.heads, count, self.page, self.head_dim)
-            blocks = blocks.permute(2, 0, 1, 3, 4).contiguous().cpu()  # [n, B, H, page, D]
-            raw = blocks.view(torch.uint8).numpy().reshape(count * self.batch * self.heads, -1)
-            sums.append(block_checksums(raw.view(np.uint32)))
-            with open(path, "ab") as handle:
-                handle.write(raw.data)
+        both = torch.stack((keys, values), dim=2).reshape(self.batch, self.heads, 2, count, self.page, self.head_dim)
+        blocks = both.permute(3, 0, 1, 2, 4, 5).contiguous().cpu()  # [n, B, H, 2, page, D]
+        raw = blocks.view(torch.uint8).numpy().reshape(count * self.batch * self.heads, 2, self.block_bytes)
+        sums = np.stack([block_checksums(raw[:, half].view(np.uint32)) for half in (0, 1)])
+        with open(self.path, "ab") as handle:
+            handle.write(raw.data)
         self.pages += count
-        self.checksums = np.concatenate((self.checksums, np.stack(sums)), axis=1)
+        self.checksums = np.concatenate((self.checksums, sums), axis=1)
 
     def read_records(self, records: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[n, page, D]`` of blocks ``records``, each checked against its checksum first.
+        """Keys and values ``[n, page, D]`` of blocks ``records``, each checked against its checksums first.
 
         Read with ``preadv``, one call per run of consecutive records, straight into the answer's buffer: the
         pages go through the OS's file cache and never enter this process's mappings (a memory map would let
@@ -171,20 +167,22 @@ class PageFile(PageStore):
         breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
         starts = np.concatenate(([0], breaks))
         stops = np.concatenate((breaks, [len(ordered)]))
+        raw = np.empty((len(records), 2, self.block_bytes), dtype=np.uint8)  # in record order, below
+        fd = self.descriptor()
+        for first, stop in zip(starts.tolist(), stops.tolist(), strict=True):
+            want = (stop - first) * 2 * self.block_bytes
+            got = os.preadv(fd, [memoryview(raw[first:stop]).cast("B")], int(ordered[first]) * 2 * self.block_bytes)
+            if got != want:
+                raise self.refused(0, None)
+        if not np.array_equal(order, np.arange(len(records))):
+            raw = raw[np.argsort(order)]
         out = []
-        for index, fd in enumerate(self.descriptors()):
-            raw = np.empty((len(records), self.block_bytes), dtype=np.uint8)  # in record order, below
-            for first, stop in zip(starts.tolist(), stops.tolist(), strict=True):
-                want = (stop - first) * self.block_bytes
-                got = os.preadv(fd, [memoryview(raw[first:stop]).cast("B")], int(ordered[first]) * self.block_bytes)
-                if got != want:
-                    raise self.refused(index, None)
-            if not np.array_equal(order, np.arange(len(records))):
-                raw = raw[np.argsort(order)]
-            bad = np.nonzero(block_checksums(raw.view(np.uint32)) != self.checksums[index, records])[0]
+        for half in (0, 1):
+            bad = np.nonzero(block_checksums(raw[:, half].view(np.uint32)) != self.checksums[half, records])[0]
             if bad.size:
-                raise self.refused(index, int(records[bad[0]]))
-            out.append(torch.from_numpy(raw).view(self.dtype).view(len(records), self.page, self.head_dim))
+                raise self.refused(half, int(records[bad[0]]))
+            block = np.ascontiguousarray(raw[:, half])
+            out.append(torch.from_numpy(block).view(self.dtype).view(len(records), self.page, self.head_dim))
         return out[0], out[1]
 
     def read_into(self, records: np.ndarray, slots: torch.Tensor, rows: np.ndarray) -> None:
@@ -196,32 +194,31 @@ class PageFile(PageStore):
         order = np.argsort(records, kind="stable")
         ordered = torch.from_numpy(np.ascontiguousarray(records[order]))
         into = torch.from_numpy(np.ascontiguousarray(rows[order]))
-        for index, fd in enumerate(self.descriptors()):
-            expected = torch.from_numpy(np.ascontiguousarray(self.checksums[index, records[order]]).view(np.int64))
-            failed = kernels.read_file_blocks(fd, ordered, self.block_bytes, slots[index], into, expected)
-            if failed >= 0:
-                raise self.refused(index, int(ordered[failed]))
-            if failed != -1:
-                raise self.refused(index, None)
+        expected = torch.from_numpy(np.ascontiguousarray(self.checksums[:, records[order]]).view(np.int64))
+        failed = kernels.read_file_blocks(self.descriptor(), ordered, self.block_bytes, slots, into, expected)
+        if failed is not None:
+            half, index = failed
+            raise self.refused(half, None if index is None else int(ordered[index]))
 
-    def descriptors(self) -> list[int]:
-        """Read descriptors of the keys' and values' files, opened on the first read."""
-        if not self._fds:
-            self._fds = [os.open(path, os.O_RDONLY) for path in self.paths]
-        return self._fds
+    def descriptor(self) -> int:
+        """The file's read descriptor, opened on the first read."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
 
-    def refused(self, index: int, record: int | None) -> TierError:
-        """The error for a block of file ``index`` that fails its checksum (``record``) or is cut short (None)."""
+    def refused(self, half: int, record: int | None) -> TierError:
+        """The error for a record whose keys (``half`` 0) or values (1) fail their checksum (``record``), or for a
+        file cut short (None)."""
         if record is None:
-            return TierError(f"the slow tier {self.paths[index]} is shorter than its pages; it is refused")
+            return TierError(f"the slow tier {self.path} is shorter than its pages; it is refused")
         page = record // (self.batch * self.heads)
-        return TierError(f"page {page} of the slow tier {self.paths[index]} fails its checksum; it is refused, "
-                         "not read")
+        return TierError(f"page {page} of the slow tier {self.path} ({self.HALVES[half]}) fails its checksum; it is "
+                         "refused, not read")
 
     def close(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self._finalizer()
 
 
@@ -326,12 +323,12 @@ class PageCache:
             grown[: self.slot_of.size] = self.slot_of
             self.slot_of = grown
         self.reads += 1
-        slots, (file, mismatch, record, read) = kernels.page_cache_read(
+        slots, (half, mismatch, record, read) = kernels.page_cache_read(
             pages, torch.from_numpy(self.slot_of), torch.from_numpy(self.record_of), torch.from_numpy(self.stamp),
-            self.reads, store.descriptors(), store.block_bytes, self.slots,
+            self.reads, store.descriptor(), store.block_bytes, self.slots,
             torch.from_numpy(store.checksums.view(np.int64)))
-        if file >= 0:
-            raise store.refused(file, record if mismatch >= 0 else None)
+        if half >= 0:
+            raise store.refused(half, record if mismatch >= 0 else None)
         self.misses += read
         return slots
 
@@ -527,8 +524,7 @@ class TieredLayer(OwnedLayer):
 
     def _top_pages(self, query: torch.Tensor, count: int) -> torch.Tensor:
         """``[B, H, count]`` the pages with the highest scores for ``query`` ``[B, H, G, D]``, in no particular
-        order: with a fused kernel when the policy's scores have a standard form (and its summary is float32 or
-        narrower), else from its ``page_scores``."""
+        order: with a fused kernel when the policy's scores have a standard form, else from its ``page_scores``."""
         form = self.owner.method.page_score_form()
         if form == PAGE_SCORE_KEY_BOUND:
             return kernels.key_bound_top_pages(query, self.summary["min"], self.summary["max"], count)
