@@ -439,6 +439,7 @@ static void top_k_indices(const std::vector<float>& score, std::vector<int64_t>&
 // query [B, H, G, D], low, high [B, H, P, D] float32 contiguous. Returns [B, H, k] int64: the k best pages.
 torch::Tensor key_bound_top_pages(torch::Tensor query, torch::Tensor low, torch::Tensor high, int64_t k) {
   const int64_t B = query.size(0), H = query.size(1), G = query.size(2), D = query.size(3), P = low.size(2);
+  TORCH_CHECK(k >= 1 && k <= P, "key_bound_top_pages: choose 1 to ", P, " pages, not ", k);
   auto out = torch::empty({B, H, k}, torch::kLong);
   const float* qp = query.data_ptr<float>();
   const float* lp = low.data_ptr<float>();
@@ -521,6 +522,7 @@ static void lowrank_page_scores_avx(const float* __restrict q, const at::Half* _
 torch::Tensor lowrank_top_pages(torch::Tensor query_coordinates, torch::Tensor coordinates, int64_t k) {
   const int64_t B = query_coordinates.size(0), H = query_coordinates.size(1), G = query_coordinates.size(2);
   const int64_t r = query_coordinates.size(3), P = coordinates.size(2), S = coordinates.size(4);
+  TORCH_CHECK(k >= 1 && k <= P, "lowrank_top_pages: choose 1 to ", P, " pages, not ", k);
   auto out = torch::empty({B, H, k}, torch::kLong);
   const float* qp = query_coordinates.data_ptr<float>();
   const at::Half* cp = coordinates.data_ptr<at::Half>();
@@ -605,6 +607,7 @@ std::vector<torch::Tensor> page_cache_read(torch::Tensor pages, torch::Tensor sl
                                            torch::Tensor stamp, int64_t reads, int64_t fd,
                                            int64_t block_bytes, torch::Tensor slots, torch::Tensor checksums) {
   const int64_t B = pages.size(0), H = pages.size(1), k = pages.size(2), C = record_of.size(0);
+  TORCH_CHECK(B * H * k <= C, "page_cache_read: ", B * H * k, " pages do not fit ", C, " slots");
   auto out = torch::empty({B, H, k}, torch::kLong);
   auto status = torch::full({4}, -1, torch::kLong);
   const int64_t* pg = pages.data_ptr<int64_t>();
