@@ -212,6 +212,10 @@ RECALL_METHODS = {
     # finer pages or more directions, for multi-key at 4k (exact top-k at 1/8 scores one sample above the bar)
     "quest-p4-lowrank16": "quest(budget={budget}, page=4, select='lowrank', rank=16)",
     "quest-p8-lowrank32": "quest(budget={budget}, page=8, select='lowrank', rank=32)",
+    # between the two: rank 32's coordinates alone are 1/8 of the full cache's bytes, rank 24's 3/32
+    "quest-p8-lowrank24": "quest(budget={budget}, page=8, select='lowrank', rank=24)",
+    # rank 32 in half the bytes: int8 coordinates with a scale per page
+    "quest-p8-lowrank32-int8": "quest(budget={budget}, page=8, select='lowrank', rank=32, coordinates='int8')",
     "infllm": "infllm(budget={budget})",
     "infllm-b32": "infllm(budget={budget}, block=32)", "duo": f"duo(heads={1 / READ_FRACTION})",
     # InfLLM reading 1/8 in all: 16 sinks, a window of a quarter of the read, the rest in blocks of 32

@@ -64,21 +64,30 @@ def test_bfloat16_outward_never_rounds_inward_and_moves_at_most_one_step(values)
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**16), pages=st.integers(1, 6), page=st.sampled_from([1, 2, 4, 8]),
-       group=st.integers(1, 3), rank=st.integers(1, 8))
+       group=st.integers(1, 3), rank=st.integers(1, 8), held=st.sampled_from(["float16", "int8"]))
 def test_lowrank_page_scores_are_each_pages_best_score_when_the_keys_span_rank_directions(
-        seed, pages, page, group, rank) -> None:
+        seed, pages, page, group, rank, held) -> None:
     generator = torch.Generator().manual_seed(seed)
     directions = torch.linalg.qr(torch.randn(2, 3, 8, 8, generator=generator)).Q[..., :rank]  # [B, H, D, r]
     keys = torch.randn(2, 3, pages, page, rank, generator=generator) @ directions.unsqueeze(2).transpose(-1, -2)
     query = torch.randn(2, 3, group, 8, generator=generator)
-    quest = Quest(page=page, budget=page, select="lowrank", rank=rank)
+    quest = Quest(page=page, budget=page, select="lowrank", rank=rank, coordinates=held)
     valid = torch.ones(2, 1, pages, page, dtype=torch.bool)
     summary = quest.page_summary(keys, valid, None, {})
-    assert summary["basis"].shape == (2, 3, 8, rank) and summary["coordinates"].dtype == torch.float16
+    assert summary["basis"].shape == (2, 3, 8, rank) and summary["coordinates"].dtype == getattr(torch, held)
     true = torch.einsum("bhgd,bhpnd->bhgpn", query, keys).amax(dim=(2, 4))  # best key of each page, any query head
-    scale = torch.einsum("bhgd,bhpnd->bhgpn", query.abs(), keys.abs()).amax()
-    # keys in an r-dimensional subspace: r principal directions score them exactly (up to float16 coordinates)
-    torch.testing.assert_close(quest.page_scores(query, summary), true, atol=2e-3 * float(scale) + 1e-4, rtol=0)
+    if held == "float16":
+        scale = torch.einsum("bhgd,bhpnd->bhgpn", query.abs(), keys.abs()).amax()
+        tolerance = 2e-3 * float(scale) + 1e-4
+    else:  # each coordinate within half a step of its page's scale: a score within scale/2 times |q B| summed
+        assert summary["scale"].shape == (2, 3, pages)
+        exact = (keys @ summary["basis"].unsqueeze(2)).transpose(-1, -2)  # [B, H, P, r, page]
+        steps = summary["coordinates"].float() * summary["scale"][..., None, None]
+        assert bool(((steps - exact).abs() <= summary["scale"][..., None, None] * 0.5001 + 1e-6).all())
+        query_sum = (query @ summary["basis"]).abs().sum(-1).amax()
+        tolerance = 0.5001 * float(summary["scale"].amax() * query_sum) + 1e-4
+    # keys in an r-dimensional subspace: r principal directions score them exactly (up to the coordinates' rounding)
+    torch.testing.assert_close(quest.page_scores(query, summary), true, atol=tolerance, rtol=0)
     # later pages are taken on the layer's basis, fitted once
     later = quest.page_summary(keys.flip(2), valid, None, summary)
     assert later["basis"] is summary["basis"]
@@ -240,7 +249,14 @@ def test_resident_and_tier_bytes_are_what_each_holds_and_the_file_goes_with_the_
     for layer in lowrank.layers:
         coordinates, basis = heads * pages * 16 * 4 * 2, heads * dim * 4 * 4
         assert layer.kv_bytes() == resident - 2 * heads * pages * dim * 4 + coordinates + basis
-    del lowrank, layer
+    # int8 coordinates: one byte each, and a float32 scale per page and head
+    halved = kvstack.make_cache(model, "quest(budget=32, page=16, select='lowrank', rank=4, coordinates='int8', "
+                                       f"tier_dir={str(tmp_path)!r})")
+    kvstack.prefill(model, ids, halved)
+    for layer in halved.layers:
+        coordinates, scales, basis = heads * pages * 16 * 4, heads * pages * 4, heads * dim * 4 * 4
+        assert layer.kv_bytes() == resident - 2 * heads * pages * dim * 4 + coordinates + scales + basis
+    del lowrank, halved, layer
     gc.collect()
     assert os.listdir(tmp_path) == []
 
@@ -266,7 +282,9 @@ def test_bad_quest_specs_are_one_line_each(model, tmp_path) -> None:
                           ("quest(bounds='float16')", "bounds must be 'float32' or 'bfloat16'"),
                           ("quest(dense_layers=-1)", "dense_layers must be a number of layers >= 0"),
                           ("quest(select='centroid')", "select must be one of 'bound', 'lowrank'"),
-                          ("quest(select='lowrank', rank=0)", "rank must be a number of principal directions")):
+                          ("quest(select='lowrank', rank=0)", "rank must be a number of principal directions"),
+                          ("quest(select='lowrank', coordinates='int4')",
+                           "coordinates must be one of 'float16', 'int8'")):
         with pytest.raises(SpecError, match=message):
             parse(spec)
     read_only = tmp_path / "ro"
@@ -537,16 +555,18 @@ def test_the_fused_page_cache_read_refuses_a_corrupt_or_cut_page_and_forgets_its
 
 @pytest.mark.skipif(not page_tier.kernels.available(), reason="the fused kernels do not compile here")
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**16), pages=st.integers(2, 40), page=st.sampled_from([1, 2, 4, 8, 16, 32]),
-       group=st.integers(1, 4), rank=st.integers(1, 12), select=st.sampled_from(["bound", "lowrank"]),
-       data=st.data())
+@given(seed=st.integers(0, 2**16), pages=st.integers(2, 150), page=st.sampled_from([1, 2, 4, 8, 16, 32]),
+       group=st.integers(1, 6), rank=st.integers(1, 12), select=st.sampled_from(["bound", "lowrank"]),
+       head_dim=st.sampled_from([12, 16]), held=st.sampled_from(["float16", "int8"]), data=st.data())
 def test_the_fused_page_selection_picks_the_top_pages_of_the_policys_scores(
-        seed, pages, page, group, rank, select, data) -> None:
+        seed, pages, page, group, rank, select, head_dim, held, data) -> None:
+    # up to 150 pages: several of the kernels' chunks of 64 per head; up to 6 query heads: a group of four and the
+    # rest; head dimensions of 12 and 16: the scalar and the vector key-bound paths
     generator = torch.Generator().manual_seed(seed)
-    keys = torch.randn(2, 3, pages, page, 16, generator=generator)
-    query = torch.randn(2, 3, group, 16, generator=generator)
+    keys = torch.randn(2, 3, pages, page, head_dim, generator=generator)
+    query = torch.randn(2, 3, group, head_dim, generator=generator)
     count = data.draw(st.integers(1, pages - 1))
-    quest = Quest(page=page, budget=page, select=select, rank=rank)
+    quest = Quest(page=page, budget=page, select=select, rank=rank, coordinates=held)
     summary = quest.page_summary(keys, torch.ones(2, 1, pages, page, dtype=torch.bool), None, {})
     cache = KVStackCache(quest, num_layers=1, num_q_heads=3 * group, num_kv_heads=3, label="quest",
                          tier_dir=tempfile.gettempdir())

@@ -434,6 +434,95 @@ static void top_k_indices(const std::vector<float>& score, std::vector<int64_t>&
   std::copy(order.begin(), order.begin() + k, out);
 }
 
+// Pages scored per task of the selection kernels: a task's pages of one (sequence, KV head), so that a few KV
+// heads spread evenly over the threads (three heads on two threads would leave one thread a third idle).
+static constexpr int64_t SCORE_CHUNK = 64;
+
+// The scores [B * H, P] of every page, chunk by chunk in parallel (score_pages(task, first, stop, out) fills
+// out[first .. stop)), then each (sequence, head)'s k best into out [B * H, k].
+template <typename ScorePages>
+static void top_pages_in_parallel(int64_t tasks, int64_t P, int64_t k, int64_t* out, const ScorePages& score_pages) {
+  std::vector<float> score(tasks * P);
+  const int64_t chunks = (P + SCORE_CHUNK - 1) / SCORE_CHUNK;
+  at::parallel_for(0, tasks * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t task = i / chunks, first = (i % chunks) * SCORE_CHUNK, stop = std::min(P, first + SCORE_CHUNK);
+      score_pages(task, first, stop, score.data() + task * P);
+    }
+  });
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(P);
+    std::vector<int64_t> order(P);
+    for (int64_t task = begin; task < end; ++task) {
+      std::copy(score.begin() + task * P, score.begin() + (task + 1) * P, row.begin());
+      top_k_indices(row, order, k, out + task * k);
+    }
+  });
+}
+
+static void key_bound_page_scores(const float* __restrict q, const float* __restrict lo, const float* __restrict hi,
+                                  int64_t G, int64_t D, int64_t first, int64_t stop, float* __restrict score) {
+  for (int64_t p = first; p < stop; ++p) {
+    float best = -std::numeric_limits<float>::infinity();
+    for (int64_t g = 0; g < G; ++g) {
+      const float* __restrict qg = q + g * D;
+      float bound = 0.f;
+      for (int64_t d = 0; d < D; ++d) bound += std::max(qg[d] * lo[p * D + d], qg[d] * hi[p * D + d]);
+      best = std::max(best, bound);
+    }
+    score[p] = best;
+  }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+static inline float horizontal_max(__m256 v) {
+  __m128 half = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_max_ss(half, _mm_shuffle_ps(half, half, 1)));
+}
+
+static inline float horizontal_sum(__m256 v) {
+  __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(half, _mm_shuffle_ps(half, half, 1)));
+}
+
+// The key bounds of N query heads q [N, D] for one page (lo, hi [D], D a multiple of 8): N independent sums of
+// 8 lanes each, so the additions do not wait on one another.
+template <int N>
+static inline float key_bound_best(const float* __restrict q, const float* __restrict lo, const float* __restrict hi,
+                                   int64_t D, float best) {
+  __m256 acc[N];
+  for (int j = 0; j < N; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 l = _mm256_loadu_ps(lo + d), h = _mm256_loadu_ps(hi + d);
+    for (int j = 0; j < N; ++j) {
+      const __m256 qj = _mm256_loadu_ps(q + j * D + d);
+      acc[j] = _mm256_add_ps(acc[j], _mm256_max_ps(_mm256_mul_ps(qj, l), _mm256_mul_ps(qj, h)));
+    }
+  }
+  for (int j = 0; j < N; ++j) best = std::max(best, horizontal_sum(acc[j]));
+  return best;
+}
+
+static void key_bound_page_scores_avx(const float* __restrict q, const float* __restrict lo,
+                                      const float* __restrict hi, int64_t G, int64_t D, int64_t first, int64_t stop,
+                                      float* __restrict score) {
+  for (int64_t p = first; p < stop; ++p) {
+    float best = -std::numeric_limits<float>::infinity();
+    int64_t g = 0;
+    for (; g + 4 <= G; g += 4) best = key_bound_best<4>(q + g * D, lo + p * D, hi + p * D, D, best);
+    switch (G - g) {
+      case 3: best = key_bound_best<3>(q + g * D, lo + p * D, hi + p * D, D, best); break;
+      case 2: best = key_bound_best<2>(q + g * D, lo + p * D, hi + p * D, D, best); break;
+      case 1: best = key_bound_best<1>(q + g * D, lo + p * D, hi + p * D, D, best); break;
+      default: break;
+    }
+    score[p] = best;
+  }
+}
+#endif
+
 // Page selection of one decoding step, the key-bound form: the score of page p for (sequence b, KV head h) is
 // the largest over its G query heads of sum_d max(q_d low_pd, q_d high_pd) (never below any of its keys' q . k).
 // query [B, H, G, D], low, high [B, H, P, D] float32 contiguous. Returns [B, H, k] int64: the k best pages.
@@ -444,35 +533,24 @@ torch::Tensor key_bound_top_pages(torch::Tensor query, torch::Tensor low, torch:
   const float* qp = query.data_ptr<float>();
   const float* lp = low.data_ptr<float>();
   const float* hp = high.data_ptr<float>();
-  int64_t* op = out.data_ptr<int64_t>();
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> score(P);
-    std::vector<int64_t> order(P);
-    for (int64_t task = begin; task < end; ++task) {
-      const float* q = qp + task * G * D;
-      for (int64_t p = 0; p < P; ++p) {
-        const float* __restrict lo = lp + (task * P + p) * D;
-        const float* __restrict hi = hp + (task * P + p) * D;
-        float best = -std::numeric_limits<float>::infinity();
-        for (int64_t g = 0; g < G; ++g) {
-          const float* __restrict qg = q + g * D;
-          float bound = 0.f;
-          for (int64_t d = 0; d < D; ++d) bound += std::max(qg[d] * lo[d], qg[d] * hi[d]);
-          best = std::max(best, bound);
-        }
-        score[p] = best;
-      }
-      top_k_indices(score, order, k, op + task * k);
-    }
+  top_pages_in_parallel(B * H, P, k, out.data_ptr<int64_t>(), [&](int64_t task, int64_t first, int64_t stop,
+                                                                   float* score) {
+    const float *q = qp + task * G * D, *lo = lp + task * P * D, *hi = hp + task * P * D;
+#if defined(__AVX2__) && defined(__FMA__)
+    if (D % 8 == 0) return key_bound_page_scores_avx(q, lo, hi, G, D, first, stop, score);
+#endif
+    key_bound_page_scores(q, lo, hi, G, D, first, stop, score);
   });
   return out;
 }
 
-// The low-rank score of each of P pages (S keys each; see lowrank_top_pages) for one (sequence, KV head):
-// q [G, r] float32, c [P, r, S] float16, into score [P]; page [r * S] is scratch.
-static void lowrank_page_scores(const float* __restrict q, const at::Half* __restrict c, int64_t G, int64_t r,
-                                int64_t P, int64_t S, float* __restrict score, float* __restrict page) {
-  for (int64_t p = 0; p < P; ++p) {
+// The low-rank score of pages [first, stop) (S keys each; see lowrank_top_pages) for one (sequence, KV head):
+// q [G, r] float32, c [P, r, S] float16 or int8, into score [P]; page [r * S] is scratch.
+template <typename T>
+static void lowrank_page_scores(const float* __restrict q, const T* __restrict c, int64_t G, int64_t r,
+                                int64_t S, int64_t first, int64_t stop, float* __restrict score,
+                                float* __restrict page) {
+  for (int64_t p = first; p < stop; ++p) {
     for (int64_t i = 0; i < r * S; ++i) page[i] = static_cast<float>(c[p * r * S + i]);
     float best = -std::numeric_limits<float>::infinity();
     for (int64_t g = 0; g < G; ++g) {
@@ -487,62 +565,102 @@ static void lowrank_page_scores(const float* __restrict q, const at::Half* __res
 }
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-// The same with pages of S = 8 W keys and r <= 64: a page's coordinates widened into r W registers' worth of
-// rows, each query head's S dot products W registers of fused multiply-adds (about 8x the loop above, which
-// the compiler does not keep in registers).
-template <int W>
-static void lowrank_page_scores_avx(const float* __restrict q, const at::Half* __restrict c, int64_t G, int64_t r,
-                                    int64_t P, float* __restrict score) {
-  __m256 rows[64 * W];
-  for (int64_t p = 0; p < P; ++p) {
-    const at::Half* page = c + p * r * 8 * W;
-    for (int64_t i = 0; i < r * W; ++i)
-      rows[i] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(page + 8 * i)));
-    __m256 best = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t g = 0; g < G; ++g) {
-      __m256 acc[W];
-      for (int w = 0; w < W; ++w) acc[w] = _mm256_setzero_ps();
-      for (int64_t i = 0; i < r; ++i) {
-        const __m256 qi = _mm256_set1_ps(q[g * r + i]);
-        for (int w = 0; w < W; ++w) acc[w] = _mm256_fmadd_ps(qi, rows[i * W + w], acc[w]);
+// N query heads' (q [N, r]) dot products with a page's keys held widened in rows [r * W] (8 W keys, W registers per
+// coordinate): two sums per head and register, over the even and the odd coordinates, so that 2 N W chains of
+// fused multiply-adds run side by side instead of one waiting on the last.
+template <int W, int N>
+static inline __m256 lowrank_best(const float* __restrict q, const __m256* __restrict rows, int64_t r, __m256 best) {
+  __m256 even[N][W], odd[N][W];
+  for (int j = 0; j < N; ++j)
+    for (int w = 0; w < W; ++w) even[j][w] = odd[j][w] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 2 <= r; i += 2) {
+    for (int j = 0; j < N; ++j) {
+      const __m256 a = _mm256_broadcast_ss(q + j * r + i), b = _mm256_broadcast_ss(q + j * r + i + 1);
+      for (int w = 0; w < W; ++w) {
+        even[j][w] = _mm256_fmadd_ps(a, rows[i * W + w], even[j][w]);
+        odd[j][w] = _mm256_fmadd_ps(b, rows[(i + 1) * W + w], odd[j][w]);
       }
-      for (int w = 0; w < W; ++w) best = _mm256_max_ps(best, acc[w]);
     }
-    __m128 half = _mm_max_ps(_mm256_castps256_ps128(best), _mm256_extractf128_ps(best, 1));
-    half = _mm_max_ps(half, _mm_movehl_ps(half, half));
-    score[p] = _mm_cvtss_f32(_mm_max_ss(half, _mm_shuffle_ps(half, half, 1)));
+  }
+  if (i < r) {
+    for (int j = 0; j < N; ++j) {
+      const __m256 a = _mm256_broadcast_ss(q + j * r + i);
+      for (int w = 0; w < W; ++w) even[j][w] = _mm256_fmadd_ps(a, rows[i * W + w], even[j][w]);
+    }
+  }
+  for (int j = 0; j < N; ++j)
+    for (int w = 0; w < W; ++w) best = _mm256_max_ps(best, _mm256_add_ps(even[j][w], odd[j][w]));
+  return best;
+}
+
+// Eight coordinates widened to float32: float16 ones, or int8 ones.
+static inline __m256 widen8(const at::Half* c) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+}
+static inline __m256 widen8(const int8_t* c) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c))));
+}
+
+// lowrank_page_scores for pages of S = 8 W keys and r <= 64: a page's coordinates widened once, then the query
+// heads four at a time.
+template <int W, typename T>
+static void lowrank_page_scores_avx(const float* __restrict q, const T* __restrict c, int64_t G, int64_t r,
+                                    int64_t first, int64_t stop, float* __restrict score) {
+  __m256 rows[64 * W];
+  for (int64_t p = first; p < stop; ++p) {
+    const T* page = c + p * r * 8 * W;
+    for (int64_t i = 0; i < r * W; ++i) rows[i] = widen8(page + 8 * i);
+    __m256 best = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    int64_t g = 0;
+    for (; g + 4 <= G; g += 4) best = lowrank_best<W, 4>(q + g * r, rows, r, best);
+    switch (G - g) {
+      case 3: best = lowrank_best<W, 3>(q + g * r, rows, r, best); break;
+      case 2: best = lowrank_best<W, 2>(q + g * r, rows, r, best); break;
+      case 1: best = lowrank_best<W, 1>(q + g * r, rows, r, best); break;
+      default: break;
+    }
+    score[p] = horizontal_max(best);
   }
 }
 #endif
 
+// The low-rank scores of pages [first, stop) of one (sequence, KV head), coordinates of element type T.
+template <typename T>
+static void lowrank_scores_of(const float* q, const T* c, int64_t G, int64_t r, int64_t S, int64_t first,
+                              int64_t stop, float* score) {
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+  if (r <= 64 && S == 8) return lowrank_page_scores_avx<1>(q, c, G, r, first, stop, score);
+  if (r <= 64 && S == 16) return lowrank_page_scores_avx<2>(q, c, G, r, first, stop, score);
+  if (r <= 64 && S == 32) return lowrank_page_scores_avx<4>(q, c, G, r, first, stop, score);
+#endif
+  std::vector<float> page(S * r);
+  lowrank_page_scores(q, c, G, r, S, first, stop, score, page.data());
+}
+
 // Page selection of one decoding step, the low-rank form: the score of page p for (sequence b, KV head h) is the
-// largest over its G query heads and its S keys of the query's and the key's coordinates' dot product.
-// query_coordinates [B, H, G, r] float32, coordinates [B, H, P, r, S] float16 (coordinate-major within a page,
-// so each query head's S dot products run along the keys), contiguous. Returns [B, H, k].
-torch::Tensor lowrank_top_pages(torch::Tensor query_coordinates, torch::Tensor coordinates, int64_t k) {
+// largest over its G query heads and its S keys of the query's and the key's coordinates' dot product, times the
+// page's scale when the coordinates are int8 (a scale >= 0 commutes with the largest).
+// query_coordinates [B, H, G, r] float32, coordinates [B, H, P, r, S] float16 or int8 (coordinate-major within a
+// page, so each query head's S dot products run along the keys), scale [B, H, P] float32 for int8 coordinates
+// (empty for float16), contiguous. Returns [B, H, k].
+torch::Tensor lowrank_top_pages(torch::Tensor query_coordinates, torch::Tensor coordinates, torch::Tensor scale,
+                                int64_t k) {
   const int64_t B = query_coordinates.size(0), H = query_coordinates.size(1), G = query_coordinates.size(2);
   const int64_t r = query_coordinates.size(3), P = coordinates.size(2), S = coordinates.size(4);
   TORCH_CHECK(k >= 1 && k <= P, "lowrank_top_pages: choose 1 to ", P, " pages, not ", k);
+  const bool quantized = coordinates.scalar_type() == torch::kChar;
+  TORCH_CHECK(!quantized || scale.numel() == B * H * P, "lowrank_top_pages: int8 coordinates need a scale per page");
   auto out = torch::empty({B, H, k}, torch::kLong);
   const float* qp = query_coordinates.data_ptr<float>();
-  const at::Half* cp = coordinates.data_ptr<at::Half>();
-  int64_t* op = out.data_ptr<int64_t>();
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> score(P), page(S * r);
-    std::vector<int64_t> order(P);
-    for (int64_t task = begin; task < end; ++task) {
-      const float* q = qp + task * G * r;
-      const at::Half* c = cp + task * P * r * S;
-#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-      if (r <= 64 && (S == 8 || S == 16 || S == 32)) {
-        if (S == 8) lowrank_page_scores_avx<1>(q, c, G, r, P, score.data());
-        if (S == 16) lowrank_page_scores_avx<2>(q, c, G, r, P, score.data());
-        if (S == 32) lowrank_page_scores_avx<4>(q, c, G, r, P, score.data());
-      } else
-#endif
-      lowrank_page_scores(q, c, G, r, P, S, score.data(), page.data());
-      top_k_indices(score, order, k, op + task * k);
-    }
+  top_pages_in_parallel(B * H, P, k, out.data_ptr<int64_t>(), [&](int64_t task, int64_t first, int64_t stop,
+                                                                   float* score) {
+    const float* q = qp + task * G * r;
+    if (!quantized) return lowrank_scores_of(q, coordinates.data_ptr<at::Half>() + task * P * r * S, G, r, S,
+                                             first, stop, score);
+    lowrank_scores_of(q, coordinates.data_ptr<int8_t>() + task * P * r * S, G, r, S, first, stop, score);
+    const float* page_scale = scale.data_ptr<float>() + task * P;
+    for (int64_t p = first; p < stop; ++p) score[p] *= page_scale[p];
   });
   return out;
 }
@@ -673,7 +791,7 @@ std::vector<torch::Tensor> page_cache_read(torch::Tensor pages, torch::Tensor sl
 """
 
 
-_MODULE_NAME = "kvstack_kernels_v8"  # the C++ is compiled as this module: its PyInit_ symbol carries the name
+_MODULE_NAME = "kvstack_kernels_v9"  # the C++ is compiled as this module: its PyInit_ symbol carries the name
 _FUNCTIONS = ("packed_scores", "packed_weighted_values", "paged_attention_forward", "attention_with_column_sums",
               "selected_page_attention", "read_file_blocks", "key_bound_top_pages", "lowrank_top_pages",
               "page_cache_read")
@@ -711,7 +829,7 @@ def _build_fingerprint() -> str:
 
 def build_directory() -> pathlib.Path:
     """Where the compiled kernels are published for this machine:
-    ``kvstack_kernels_v8-py3XX-torchX.Y.Z-<cpu hash>-<build hash>`` under ``$TORCH_EXTENSIONS_DIR`` when
+    ``kvstack_kernels_v9-py3XX-torchX.Y.Z-<cpu hash>-<build hash>`` under ``$TORCH_EXTENSIONS_DIR`` when
     set, else under PyTorch's default extension root.
 
     The CPU hash keeps a ``-march=native`` build from being loaded on another CPU model that shares the
@@ -922,16 +1040,24 @@ def key_bound_top_pages(query: torch.Tensor, low: torch.Tensor, high: torch.Tens
 
 
 @without_cpu_autocast
-def lowrank_top_pages(query_coordinates: torch.Tensor, coordinates: torch.Tensor, count: int) -> torch.Tensor:
+def lowrank_top_pages(query_coordinates: torch.Tensor, coordinates: torch.Tensor, count: int,
+                      scale: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, H, count]`` int64, in no particular order: the pages with the largest low-rank scores.
 
     ``query_coordinates`` ``[B, H, G, r]`` float32 (the query heads on the layer's basis), ``coordinates``
-    ``[B, H, P, r, S]`` float16 (each page's ``S`` keys on it, coordinate by coordinate); page ``p``'s score is
-    the largest over the query heads and its keys of their dot product
-    (:data:`kvstack.contract.PAGE_SCORE_LOWRANK`); equal scores go to the lower page. ``1 <= count <= P``.
+    ``[B, H, P, r, S]`` float16, or int8 with ``scale`` ``[B, H, P]`` (each page's ``S`` keys on it, coordinate
+    by coordinate); page ``p``'s score is the largest over the query heads and its keys of their dot product,
+    times the page's scale for int8 (:data:`kvstack.contract.PAGE_SCORE_LOWRANK`); equal scores go to the lower
+    page. ``1 <= count <= P``.
     """
-    return _module().lowrank_top_pages(query_coordinates.float().contiguous(),
-                                       coordinates.to(torch.float16).contiguous(), count)
+    if coordinates.dtype == torch.int8:
+        if scale is None:
+            raise ValueError("lowrank_top_pages: int8 coordinates need their pages' scale [B, H, P]")
+        scale = scale.float().contiguous()
+    else:
+        coordinates, scale = coordinates.to(torch.float16), torch.empty(0)
+    return _module().lowrank_top_pages(query_coordinates.float().contiguous(), coordinates.contiguous(), scale,
+                                       count)
 
 
 def read_file_blocks(fd: int, records: torch.Tensor, block_bytes: int, dest: torch.Tensor, rows: torch.Tensor,

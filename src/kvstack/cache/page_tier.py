@@ -530,7 +530,8 @@ class TieredLayer(OwnedLayer):
             return kernels.key_bound_top_pages(query, self.summary["min"], self.summary["max"], count)
         if form == PAGE_SCORE_LOWRANK:
             query_coordinates = query.float() @ self.summary["basis"].float()
-            return kernels.lowrank_top_pages(query_coordinates, self.summary["coordinates"], count)
+            return kernels.lowrank_top_pages(query_coordinates, self.summary["coordinates"], count,
+                                             self.summary.get("scale"))
         return self.owner.method.page_scores(query, self.summary).topk(count, dim=-1).indices
 
     def _page_cache(self) -> PageCache:

@@ -92,6 +92,11 @@ class Quest(Method):
     rank:
         Principal directions per KV head for ``select='lowrank'`` (at least 1; the head dimension or more
         scores exactly).
+    coordinates:
+        ``'float16'`` or ``'int8'``: how ``select='lowrank'`` keeps its coordinates. ``'int8'`` halves them
+        (``rank`` bytes per entry and KV head, plus one float32 scale per page and head: the page's largest
+        coordinate over 127, rounded to the nearest step); a step's scoring reads half as many bytes. The
+        rounding moves a score by at most ``scale / 2`` times the query's coordinates' absolute sum.
     """
 
     budget: int = 512
@@ -102,6 +107,7 @@ class Quest(Method):
     dense_layers: int = 0
     select: str = "bound"
     rank: int = 8
+    coordinates: str = "float16"
 
     reads_pages: ClassVar[bool] = True
 
@@ -123,6 +129,9 @@ class Quest(Method):
             raise SpecError(f"select must be one of {', '.join(map(repr, QUEST_SELECTS))}, got {self.select!r}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise SpecError(f"rank must be a number of principal directions >= 1, got {self.rank!r}")
+        if self.coordinates not in QUEST_COORDINATES:
+            raise SpecError(f"coordinates must be one of {', '.join(map(repr, QUEST_COORDINATES))}, "
+                            f"got {self.coordinates!r}")
 
     def compresses(self) -> bool:
         return False  # nothing is evicted: the bytes moved are the tier's
@@ -147,7 +156,8 @@ class Quest(Method):
         """Each page's element-wise key minimum and maximum ``[B, H, n, D]`` (padding left out; a page of padding
         only gets bounds of 0: it may be read, and its entries are masked). With ``select='lowrank'``: its keys'
         coordinates ``[B, H, n, r, page]`` float16 (coordinate-major within a page) on the layer's ``basis``
-        ``[B, H, D, r]`` (fitted here on the first pages, then ``held``); padding entries get zeros."""
+        ``[B, H, D, r]`` (fitted here on the first pages, then ``held``); padding entries get zeros. With
+        ``coordinates='int8'`` they are int8, beside each page's ``scale`` ``[B, H, n]`` float32."""
         if self.select == "lowrank":
             return self._lowrank_summary(keys, valid, held or {})
         mask = ~valid.unsqueeze(-1)  # [B, 1, n, page, 1]
@@ -168,7 +178,13 @@ class Quest(Method):
             basis = vectors[..., -min(self.rank, keys.shape[-1]):].contiguous()  # [B, H, D, r]
         coordinates = (flat @ basis).view(*keys.shape[:4], -1)  # [B, H, n, page, r]
         # held coordinate-major within each page, [B, H, n, r, page]: a page's score then runs along its keys
-        return {"basis": basis, "coordinates": coordinates.transpose(-1, -2).to(torch.float16).contiguous()}
+        coordinates = coordinates.transpose(-1, -2)
+        if self.coordinates == "float16":
+            return {"basis": basis, "coordinates": coordinates.to(torch.float16).contiguous()}
+        scale = coordinates.abs().amax(dim=(-2, -1)) / 127  # [B, H, n]; 0 for a page of zeros
+        steps = coordinates / scale.clamp_min(torch.finfo(torch.float32).tiny)[..., None, None]
+        return {"basis": basis, "coordinates": steps.round().clamp(-127, 127).to(torch.int8).contiguous(),
+                "scale": scale.contiguous()}
 
     def page_scores(self, query: torch.Tensor, summary: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[B, H, P]``: the largest, over the group's query heads, of ``sum_d max(q_d min_d, q_d max_d)``.
@@ -179,9 +195,11 @@ class Quest(Method):
         of the approximate score ``(q B) . (k B)`` (``summary`` holds ``basis`` ``B`` and ``coordinates``).
         """
         if self.select == "lowrank":
-            coordinates = summary["coordinates"]  # [B, H, P, r, page]
+            coordinates = summary["coordinates"].float()  # [B, H, P, r, page]
+            if "scale" in summary:  # int8 steps of a scale per page
+                coordinates = coordinates * summary["scale"][..., None, None]
             batch, heads, pages, rank, page = coordinates.shape
-            by_coordinate = coordinates.float().transpose(2, 3).reshape(batch, heads, rank, pages * page)
+            by_coordinate = coordinates.transpose(2, 3).reshape(batch, heads, rank, pages * page)
             approximate = (query.float() @ summary["basis"]) @ by_coordinate  # [B, H, G, P * page]
             # the query heads first (a reduction over a middle dimension of G rows is the cheap one)
             return approximate.amax(dim=2).view(batch, heads, pages, page).amax(dim=-1)
@@ -198,6 +216,7 @@ class Quest(Method):
 
 
 QUEST_SELECTS = ("bound", "lowrank")
+QUEST_COORDINATES = ("float16", "int8")
 
 
 def bfloat16_outward(values: torch.Tensor, up: bool) -> torch.Tensor:
