@@ -307,8 +307,10 @@ def recall_report(out: str) -> str:
                 cells.append(f"{record['score']:.0f}")
                 if base["score"] >= 50:
                     verdicts.append(record["score"] >= RECALL_BAR * base["score"])
-            done = len(mine) == len(RECALL_TASKS)
-            verdict = ("met" if all(verdicts) else "not met") if done and verdicts else "not all run"
+            # run where the bar applies: every cell of the full cache, and this method's where that scores >= 50
+            applies = [task for task in RECALL_TASKS if (task, length) in full and full[(task, length)]["score"] >= 50]
+            done = all((task, length) in full for task in RECALL_TASKS) and all(task in mine for task in applies)
+            verdict = "not met" if not all(verdicts) else "met" if done and verdicts else "not all run"
             ratio = f"{statistics.fmean(held):.3f}" if held else "-"
             lines.append(f"| {length} | `{spec}` | {read_share(spec, length):.3f} | {ratio} | " + " | ".join(cells)
                          + f" | {verdict} |")
@@ -362,7 +364,8 @@ def main() -> None:
             f"Command: `python benchmarks/retrieval_bench.py --recall-report` (cells from `--recall`); {stamp()}\n\n"
             "Suite scores (20 samples per cell) of each method reading or keeping 1/8 of the context, beside the "
             "full cache; bytes held are resident bytes for Quest and InfLLM (the tier holds the rest). Bar: at "
-            f"least {RECALL_BAR:.0%} of the full cache's score on every cell where it scores at least 50.\n\n"
+            f"least {RECALL_BAR:.0%} of the full cache's score on every cell where it scores at least 50 (the "
+            "others need not run).\n\n"
             f"{table}\n")
         print(table)
     else:
