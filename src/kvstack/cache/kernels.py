@@ -426,7 +426,7 @@ torch::Tensor selected_page_attention(torch::Tensor query, torch::Tensor key_pag
 }
 
 // The k largest of score[0 .. P) (ties to the lower index), in no particular order, into out.
-static void top_k_indices(const std::vector<float>& score, std::vector<int64_t>& order, int64_t k, int64_t* out) {
+static void top_k_indices(const float* score, std::vector<int64_t>& order, int64_t k, int64_t* out) {
   std::iota(order.begin(), order.end(), 0);
   std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), [&](int64_t a, int64_t b) {
     return score[a] > score[b] || (score[a] == score[b] && a < b);
@@ -451,12 +451,8 @@ static void top_pages_in_parallel(int64_t tasks, int64_t P, int64_t k, int64_t* 
     }
   });
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(P);
     std::vector<int64_t> order(P);
-    for (int64_t task = begin; task < end; ++task) {
-      std::copy(score.begin() + task * P, score.begin() + (task + 1) * P, row.begin());
-      top_k_indices(row, order, k, out + task * k);
-    }
+    for (int64_t task = begin; task < end; ++task) top_k_indices(score.data() + task * P, order, k, out + task * k);
   });
 }
 
