@@ -339,6 +339,28 @@ def test_infllm_representatives_are_each_blocks_most_attended_keys() -> None:
             torch.testing.assert_close(chosen[0, head, block], keys[0, head, block, top])
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), group=st.integers(1, 3), reps=st.integers(1, 4), padded=st.integers(0, 7))
+def test_infllm_max_scores_a_block_by_its_best_representative_and_padding_never_raises_it(seed, group, reps,
+                                                                                          padded) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(1, 2, 3, 8, 4, generator=generator) * 2
+    importance = torch.rand(1, 2, 3, 8, generator=generator)
+    query = torch.randn(1, 2, group, 4, generator=generator)
+    valid = torch.ones(1, 1, 3, 8, dtype=torch.bool)
+    valid[0, 0, 1, :padded] = False  # block 1 partly padding: fewer real keys than representatives, maybe
+    for aggregate in ("sum", "max"):
+        method = InfLLM(block=8, budget=8, representatives=reps, aggregate=aggregate)
+        got = method.page_scores(query, method.page_summary(keys, valid, importance))  # [B, H, P]
+        for head in range(2):
+            for block in range(3):
+                real = valid[0, 0, block]
+                order = importance[0, head, block].masked_fill(~real, -1.0).topk(min(reps, int(real.sum()))).indices
+                dots = query[0, head] @ keys[0, head, block, order].T  # [G, r] over the real representatives
+                want = dots.amax(dim=-1) if aggregate == "max" else dots.sum(dim=-1)
+                torch.testing.assert_close(got[0, head, block], want.mean(), atol=1e-5, rtol=1e-5)
+
+
 def test_infllm_decoding_attends_to_sinks_window_and_the_top_blocks_through_an_lru() -> None:
     method = InfLLM(budget=8, block=4, representatives=1, sinks=2, window=4, cached_blocks=3)
     cache = KVStackCache(method, num_layers=1, num_q_heads=2, num_kv_heads=1, label="infllm",
@@ -382,7 +404,8 @@ def test_bad_infllm_specs_are_one_line_each() -> None:
     for spec, message in (("infllm(block=100)", "block must be a positive power of two"),
                           ("infllm(budget=64, block=128)", "budget must be at least one block"),
                           ("infllm(block=4, budget=8, representatives=5)", "representatives must be 1 to block=4"),
-                          ("infllm(sinks=-1)", "sinks")):
+                          ("infllm(sinks=-1)", "sinks"),
+                          ("infllm(aggregate='mean')", "aggregate must be one of sum, max, got 'mean'")):
         with pytest.raises(SpecError, match=message):
             parse(spec)
 

@@ -20,6 +20,7 @@ from kvstack.bench.engine_cli import add_engine_bench_parser
 from kvstack.errors import KVStackError
 
 USAGE_ERROR = 2
+RETRIEVAL_HEAD_METHODS = ("probe", "gates")  # calibrate --retrieval-heads: how duo's heads are scored
 
 
 class UsageError(KVStackError):
@@ -114,6 +115,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise UsageError(f"--sequence-length must be >= 1, got {args.sequence_length}")
     check_source(args.source)
 
+    if args.retrieval_heads == "gates" and args.gate_steps < 1:
+        raise UsageError(f"--gate-steps must be >= 1, got {args.gate_steps}")
     if args.kvsharer is not None:
         if args.kvsharer < 1:
             raise UsageError(f"--kvsharer must be >= 1 layer to share, got {args.kvsharer}")
@@ -153,7 +156,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _calibrate_retrieval_heads(args: argparse.Namespace, model: Any, tokenizer: Any) -> int:
-    """Score every KV head with the retrieval probe and write the artefact (``calibrate --retrieval-heads``)."""
+    """Score every KV head (the retrieval probe, or DuoAttention's gates) and write duo's artefact
+    (``calibrate --retrieval-heads [probe|gates]``)."""
     import time
 
     from kvstack.calibration import model_key
@@ -165,12 +169,18 @@ def _calibrate_retrieval_heads(args: argparse.Namespace, model: Any, tokenizer: 
         print(f"retrieval heads: {path} (existing; --force to redo)")
         return 0
     start = time.perf_counter()
-    record = probe_retrieval_heads(model, tokenizer, source=args.source)
+    if args.retrieval_heads == "gates":
+        from kvstack.calibration.head_gates import fit_retrieval_gates
+
+        record = fit_retrieval_gates(model, tokenizer, steps=args.gate_steps, source=args.source)
+        how = f"{args.gate_steps} gate-fit steps, final distance {record['final_distance']:.3f}"
+    else:
+        record = probe_retrieval_heads(model, tokenizer, source=args.source)
+        how = f"{record['copy_steps']} copy steps"
     save_head_scores(record, path)
     scores = [(score, layer, head) for layer, row in enumerate(record["scores"]) for head, score in enumerate(row)]
     best = ", ".join(f"L{layer}.H{head} {score:.2f}" for score, layer, head in sorted(scores, reverse=True)[:5])
-    print(f"retrieval heads: {path} (written; {time.perf_counter() - start:.1f} s, {record['copy_steps']} copy "
-          f"steps); strongest: {best}")
+    print(f"retrieval heads: {path} (written; {time.perf_counter() - start:.1f} s, {how}); strongest: {best}")
     return 0
 
 
@@ -368,8 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--kvsharer-threshold", type=float, default=0.9,
                      help="KVSharer: least cosine similarity of the last hidden states to the full model's "
                           "(default 0.9)")
-    cal.add_argument("--retrieval-heads", action="store_true",
-                     help="instead: score every KV head with the retrieval probe (duo's artefact)")
+    cal.add_argument("--retrieval-heads", nargs="?", const="probe", choices=RETRIEVAL_HEAD_METHODS, default=None,
+                     help="instead: score every KV head for duo's artefact, with the retrieval probe (probe, the "
+                          "default; seconds) or DuoAttention's gates fitted with the model frozen (gates; minutes)")
+    cal.add_argument("--gate-steps", type=int, default=120,
+                     help="--retrieval-heads gates: optimiser steps, one synthetic passkey prompt each (default 120)")
     cal.add_argument("--force", action="store_true", help="recalibrate even when an artefact exists")
     cal.add_argument("--no-progress", action="store_true", help="no progress bar")
     cal.set_defaults(func=cmd_calibrate)

@@ -250,8 +250,9 @@ class InfLLM(Method):
     The first ``sinks`` and the newest ``window`` entries always stay resident. Older entries move to the
     slow tier in blocks of ``block`` tokens; each block keeps, resident, the keys of its ``representatives``
     entries that received the most attention while resident (accumulated column sums). A decoding step
-    scores each block by the sum of its representatives' dot products with the query (averaged over the
-    query heads of a KV group), reads the top ``budget // block`` blocks (those among the ``cached_blocks``
+    scores each block by the sum of its representatives' dot products with the query (the paper's; or their
+    maximum, ``aggregate='max'``, so one matching key is not diluted by the others; averaged over the query
+    heads of a KV group), reads the top ``budget // block`` blocks (those among the ``cached_blocks``
     most recently read come from memory, the rest from the tier) and attends exactly over them, the sinks
     and the window. Positions stay the true ones (the paper's memory positions are for extrapolating beyond
     the trained context, which kvstack does not do).
@@ -264,6 +265,8 @@ class InfLLM(Method):
         Entries per block, a power of two.
     representatives:
         Keys kept resident per block to score it.
+    aggregate:
+        ``'sum'`` (the paper's) or ``'max'`` of the representatives' dot products with the query.
     sinks, window:
         Entries always resident at the start and at the end.
     cached_blocks:
@@ -275,6 +278,7 @@ class InfLLM(Method):
     budget: int = 512
     block: int = 128
     representatives: int = 4
+    aggregate: str = "sum"
     sinks: int = 64
     window: int = 512
     cached_blocks: int = 16
@@ -290,6 +294,8 @@ class InfLLM(Method):
         if isinstance(self.representatives, bool) or not isinstance(self.representatives, int) or not (
                 1 <= self.representatives <= self.block):
             raise SpecError(f"representatives must be 1 to block={self.block} keys, got {self.representatives!r}")
+        if self.aggregate not in INFLLM_AGGREGATES:
+            raise SpecError(f"aggregate must be one of {', '.join(INFLLM_AGGREGATES)}, got {self.aggregate!r}")
         check_sizes(sinks=self.sinks, window=self.window, cached_blocks=self.cached_blocks)
         _check_tier_dir(self.tier_dir)
 
@@ -310,19 +316,27 @@ class InfLLM(Method):
 
     def page_summary(self, keys: torch.Tensor, valid: torch.Tensor, importance: torch.Tensor | None,
                      held: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """The keys ``[B, H, n, r, D]`` of each block's ``r`` most-attended valid entries (zeros for padding)."""
+        """The keys ``[B, H, n, r, D]`` of each block's ``r`` most-attended valid entries (padding: zeros under
+        ``sum``, the block's top key under ``max``)."""
         assert importance is not None, "infllm needs the column-sum statistic"
         score = importance.float().masked_fill(~valid, float("-inf"))
         top = score.topk(self.representatives, dim=-1).indices  # [B, H, n, r]
         chosen = keys.gather(3, top.unsqueeze(-1).expand(-1, -1, -1, -1, keys.shape[-1]))
         real = valid.expand_as(score).gather(3, top).unsqueeze(-1)
+        if self.aggregate == "max":  # a padding slot repeats the block's top key, so it never raises the maximum
+            return {"representatives": torch.where(real, chosen, chosen[:, :, :, :1]) * real[:, :, :, :1]}
         return {"representatives": chosen * real}
 
     def page_scores(self, query: torch.Tensor, summary: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[B, H, P]``: sum over a block's representatives of ``q . k``, averaged over the group's query heads."""
+        """``[B, H, P]``: sum (or maximum) over a block's representatives of ``q . k``, averaged over the group's
+        query heads (``query`` is ``[B, H, G, D]``)."""
         representatives = summary["representatives"].float()  # [B, H, P, r, D]
-        scores = torch.einsum("bhgd,bhprd->bhgp", query.float(), representatives)
-        return scores.mean(dim=2)
+        scores = torch.einsum("bhgd,bhprd->bhgpr", query.float(), representatives)
+        combined = scores.sum(dim=-1) if self.aggregate == "sum" else scores.amax(dim=-1)
+        return combined.mean(dim=2)
+
+
+INFLLM_AGGREGATES = ("sum", "max")
 
 
 @register(

@@ -1,0 +1,194 @@
+"""DuoAttention's retrieval gates, fitted with the model frozen (the other way to make duo's artefact).
+
+DuoAttention (Xiao et al., 2024) gives every KV head a gate ``alpha`` in ``[0, 1]`` and mixes, per head, the
+output of full attention with that of streaming attention (the first ``sinks`` and last ``recent`` keys, what
+``duo(...)`` keeps on a streaming head): ``alpha * full + (1 - alpha) * streaming``. With every weight of the
+model frozen, the gates are fitted by gradient descent on synthetic passkey prompts (several pass keys hidden
+in calibration text, then asked for in order, the answer teacher-forced): the loss is the squared distance
+between the gated model's last hidden states and the full model's on the answer's tokens, plus ``reg`` times
+the sum of the gates, which pulls every head towards streaming; a head the answer needs whole resists. Each
+prompt is a noisy sample of that pull, so the scores are the gates averaged over the second half of the fit
+(Polyak averaging), not the last step's; the last step's are kept as ``final_gates``. The scores go in the
+same artefact the probe writes (:mod:`.head_map`), with ``"method": "duo-gates"``; ``duo(heads=f)`` keeps
+whole the fraction ``f`` of KV heads with the largest.
+
+The probe (:mod:`.head_probe`) asks where each head's strongest attention lands while the model copies a
+needle; the gates ask what the answer loses when a head streams, which also counts heads that carry the
+needle's content without looking at it hardest. The fit is a forward and a backward pass per step on 2 CPU
+cores (a 1024-token prompt: about a second and a half on SmolLM2-135M).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from kvstack.calibration.head_map import HEADS_FORMAT
+
+__all__ = ["GATED_ATTENTION_NAME", "fit_retrieval_gates", "gated_attention", "passkey_prompt", "streaming_mask"]
+
+GATED_ATTENTION_NAME = "kvstack_duo_gates"
+
+
+class _GateState:
+    """The gates ``[L, H_kv]`` the gated attention mixes with, and the streaming heads' sinks and recent."""
+
+    def __init__(self, gates: torch.Tensor, sinks: int, recent: int) -> None:
+        self.gates, self.sinks, self.recent = gates, sinks, recent
+
+
+_ACTIVE: list[_GateState] = []
+
+
+def streaming_mask(length: int, sinks: int, recent: int, device: torch.device | None = None) -> torch.Tensor:
+    """``[length, length]`` boolean: query ``i`` sees key ``j <= i`` when ``j < sinks`` or ``i - j < recent``."""
+    rows = torch.arange(length, device=device).unsqueeze(1)
+    cols = torch.arange(length, device=device).unsqueeze(0)
+    return (cols <= rows) & ((cols < sinks) | (rows - cols < recent))
+
+
+def gated_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                    **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """One layer's attention over a whole prompt (no cache, batch without padding): per query head the mix
+    ``gate * full + (1 - gate) * streaming`` with its KV head's gate. ``query`` ``[B, Hq, q, D]``, ``key`` and
+    ``value`` ``[B, H_kv, q, D]``; returns ``([B, q, Hq, D], None)``."""
+    if not _ACTIVE:
+        raise RuntimeError(f"{GATED_ATTENTION_NAME} attention runs only inside fit_retrieval_gates")
+    state = _ACTIVE[-1]
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    length = query.shape[2]
+    if key.shape[2] != length:
+        raise RuntimeError("the gated attention fits on whole prompts, without a cache")
+    full = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+    streaming = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=streaming_mask(length, state.sinks, state.recent, query.device), scale=scaling)
+    gate = state.gates[module.layer_idx].repeat_interleave(group).view(1, -1, 1, 1).to(query.dtype)
+    mixed = gate * full + (1 - gate) * streaming
+    return mixed.transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    """The gated attention builds its own masks (causal and streaming)."""
+    return None
+
+
+AttentionInterface.register(GATED_ATTENTION_NAME, gated_attention)
+AttentionMaskInterface.register(GATED_ATTENTION_NAME, _no_mask)
+
+
+@contextlib.contextmanager
+def _gated(model: Any, gates: torch.Tensor, sinks: int, recent: int) -> Iterator[None]:
+    previous = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    _ACTIVE.append(_GateState(gates, sinks, recent))
+    model.set_attn_implementation(GATED_ATTENTION_NAME)
+    try:
+        yield
+    finally:
+        _ACTIVE.pop()
+        model.set_attn_implementation(previous)
+
+
+def passkey_prompt(tokenizer: Any, haystack: list[int], passkeys: int, digits: int,
+                   generator: torch.Generator) -> tuple[list[int], int]:
+    """A training prompt: ``passkeys`` numbered pass keys of ``digits`` digits at sorted random depths of
+    ``haystack``, the question, and the answer (every key, in order). Returns the ids and where the answer
+    starts; the prompt is ``len(haystack)`` tokens plus the needles, question and answer."""
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    keys = ["".join(str(int(d)) for d in torch.randint(0, 10, (digits,), generator=generator))
+            for _ in range(passkeys)]
+    depths = sorted(int(d) for d in torch.randint(len(haystack) // 20, len(haystack) * 19 // 20, (passkeys,),
+                                                  generator=generator))
+    sequence: list[int] = []
+    start = 0
+    for number, (depth, key) in enumerate(zip(depths, keys, strict=True), 1):
+        sequence += haystack[start:depth] + ids(f" Pass key {number} is {key}. Remember it.")
+        start = depth
+    sequence += haystack[start:] + ids(" What are the pass keys, in order? The pass keys are")
+    answer_start = len(sequence)
+    return sequence + ids(" " + ", ".join(keys) + "."), answer_start
+
+
+def fit_retrieval_gates(model: Any, tokenizer: Any, *, steps: int = 120, length: int = 1024, passkeys: int = 4,
+                        digits: int = 8, sinks: int = 16, recent: int = 64, lr: float = 0.02, reg: float = 0.05,
+                        source: str = "python-docs", seed: int = 0,
+                        progress: Callable[[int, float, float], None] | None = None) -> dict[str, Any]:
+    """Fit DuoAttention's gates; returns the retrieval-head artefact's record (scores: the gates ``[L][H_kv]``).
+
+    Parameters
+    ----------
+    steps:
+        Optimiser steps, one new prompt each.
+    length:
+        Haystack tokens per prompt (the needles, question and answer come on top).
+    passkeys, digits:
+        Pass keys per prompt and digits per key.
+    sinks, recent:
+        The streaming attention the gates mix in (duo's defaults).
+    lr, reg:
+        Adam's learning rate, and the weight of the sum of the gates in the loss (DuoAttention's 0.02, 0.05).
+    progress:
+        Called after each step with ``(step, distillation loss, mean gate)``.
+    """
+    from kvstack.calibration.artefact import CalibrationError
+    from kvstack.calibration.identity import model_key
+    from kvstack.calibration.text import calibration_text_ids
+    from kvstack.models import model_geometry
+
+    if steps < 1 or length < 4 * (sinks + recent) or passkeys < 1 or digits < 1:
+        raise CalibrationError(f"the gate fit needs steps >= 1, passkeys >= 1, digits >= 1 and a haystack of at "
+                               f"least 4 x (sinks + recent) = {4 * (sinks + recent)} tokens")
+    geometry = model_geometry(model)
+    device = next(model.parameters()).device
+    pool, description = calibration_text_ids(tokenizer, 16 * length, source)
+    generator = torch.Generator().manual_seed(seed)
+    gates = torch.ones(geometry.num_layers, geometry.num_kv_heads, device=device, requires_grad=True)
+    optimiser = torch.optim.Adam([gates], lr=lr)
+    body = model.base_model  # the decoder stack: its last hidden states, without the vocabulary projection
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for parameter, _ in frozen:
+        parameter.requires_grad_(False)
+    distances: list[float] = []
+    averaged = torch.zeros_like(gates, requires_grad=False)  # the gates summed over the second half of the fit
+    try:
+        for step in range(steps):
+            offset = int(torch.randint(0, len(pool) - length + 1, (1,), generator=generator))
+            ids, answer_start = passkey_prompt(tokenizer, pool[offset:offset + length], passkeys, digits, generator)
+            sequence = torch.tensor([ids], device=device)
+            answer = slice(answer_start - 1, len(ids) - 1)  # the positions that predict the answer's tokens
+            with torch.no_grad():
+                target = body(input_ids=sequence, use_cache=False).last_hidden_state[0, answer]
+            with _gated(model, gates, sinks, recent), torch.enable_grad():  # callers may hold no_grad
+                mixed = body(input_ids=sequence, use_cache=False).last_hidden_state[0, answer]
+                distance = (mixed.float() - target.float()).pow(2).sum(-1).mean()
+                loss = distance + reg * gates.sum()
+                optimiser.zero_grad()
+                loss.backward()
+            optimiser.step()
+            with torch.no_grad():
+                gates.clamp_(0.0, 1.0)
+                if step >= steps // 2:
+                    averaged += gates
+            distances.append(distance.item())
+            if progress is not None:
+                progress(step + 1, distances[-1], gates.mean().item())
+    finally:
+        for parameter, wanted in frozen:
+            parameter.requires_grad_(wanted)
+    averaged /= steps - steps // 2
+    if not torch.isfinite(averaged).all():
+        raise CalibrationError("the gate fit diverged (non-finite gates); try a smaller lr")
+    return {"format": HEADS_FORMAT, "version": 1, "method": "duo-gates", "model_key": model_key(model),
+            "source": description, "steps": steps, "length": length, "passkeys": passkeys, "digits": digits,
+            "sinks": sinks, "recent": recent, "lr": lr, "reg": reg, "seed": seed,
+            "final_distance": sum(distances[-10:]) / len(distances[-10:]),
+            "final_gates": gates.detach().cpu().tolist(), "scores": averaged.cpu().tolist()}
