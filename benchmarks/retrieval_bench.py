@@ -245,7 +245,7 @@ RECALL_METHODS = {
     # 23.1% at 8k): the bar's "at the same resident bytes"
     "snapkv-quest-bytes": "snapkv(budget={quest_bytes})", "h2o-quest-bytes": "h2o(budget={quest_bytes})",
 }
-GATE_STEPS = 120
+GATE_STEPS = 80
 
 
 def fit_gates(model: Any, tokenizer: Any) -> None:

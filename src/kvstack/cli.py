@@ -381,8 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--retrieval-heads", nargs="?", const="probe", choices=RETRIEVAL_HEAD_METHODS, default=None,
                      help="instead: score every KV head for duo's artefact, with the retrieval probe (probe, the "
                           "default; seconds) or DuoAttention's gates fitted with the model frozen (gates; minutes)")
-    cal.add_argument("--gate-steps", type=int, default=120,
-                     help="--retrieval-heads gates: optimiser steps, one synthetic passkey prompt each (default 120)")
+    cal.add_argument("--gate-steps", type=int, default=80,
+                     help="--retrieval-heads gates: optimiser steps, one synthetic passkey prompt each (default 80)")
     cal.add_argument("--force", action="store_true", help="recalibrate even when an artefact exists")
     cal.add_argument("--no-progress", action="store_true", help="no progress bar")
     cal.set_defaults(func=cmd_calibrate)

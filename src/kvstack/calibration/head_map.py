@@ -5,12 +5,13 @@ Factuality", as RazorAttention and HeadKV use it): synthetic needle prompts are 
 with a random number inserted at a random depth, and the model is asked to repeat it. At every decoding step
 whose greedy token is a token of the needle, a query head *retrieves* when its strongest attention falls on
 that token inside the needle. A query head's score is the fraction of such steps it retrieves; a KV head's
-is the largest over its group's query heads (its cache serves them all). No weights are trained: DuoAttention
-fits a gate per head by gradient descent with the model frozen, which is hours on 2 CPU cores; the probe is a
-few forwards, and ranks the heads the same way the gates are meant to.
+is the largest over its group's query heads (its cache serves them all). The other way to score them,
+DuoAttention's gates fitted with the model frozen (:mod:`.head_gates`), writes the same artefact with the
+gates as scores and ``"method": "duo-gates"``.
 
 The scores are a JSON artefact keyed by the model under ``<kvstack_home()>/calibration/<model_key>.heads.json``
-(``kvstack calibrate --retrieval-heads``); ``duo(...)`` refuses one made for another model with one line.
+(``kvstack calibrate --retrieval-heads [probe|gates]``); ``duo(...)`` refuses one made for another model with
+one line.
 """
 
 from __future__ import annotations
