@@ -313,16 +313,43 @@ def test_cli_refuses_bad_quest_input_with_exit_2(capsys, tmp_path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ InfLLM
-def test_infllm_with_a_budget_covering_everything_is_exactly_the_full_cache(model) -> None:
+@pytest.mark.parametrize("options", ["", ", aggregate='max', precision='int8'"])
+def test_infllm_with_a_budget_covering_everything_is_exactly_the_full_cache(model, options) -> None:
     ids = random_ids(90)
     want = stepwise_logits(model, ids, DynamicCache(), steps=12)
-    cache = kvstack.make_cache(model, "infllm(budget=4096, block=8, representatives=2, sinks=4, window=16)")
+    cache = kvstack.make_cache(model, f"infllm(budget=4096, block=8, representatives=2, sinks=4, window=16{options})")
     got = stepwise_logits(model, ids, cache, steps=12)
     for step_got, step_want in zip(got, want, strict=True):
         torch.testing.assert_close(step_got, step_want, atol=1e-5, rtol=1e-5)
     layer = cache.layers[0]
     assert layer.full_pages() == (90 + 12 - 4 - 16) // 8 and layer.sink_count() == 4
     assert layer.summary["representatives"].shape[2:] == (layer.full_pages(), 2, layer.head_dim)
+    if options:  # int8 codes and a float32 scale per representative, all counted as resident
+        assert layer.summary["representatives"].dtype == torch.int8
+        assert layer.summary["scale"].shape[2:] == (layer.full_pages(), 2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), group=st.integers(1, 3), reps=st.integers(1, 8), spread=st.floats(0.01, 50))
+def test_infllm_int8_representatives_score_within_half_a_step_of_the_full_ones(seed, group, reps, spread) -> None:
+    """Each coordinate rounds by at most half its key's step, so a score moves by at most half a step times
+    the query's L1 norm (summed over the representatives under ``sum``; the largest under ``max``)."""
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(1, 2, 3, 8, 16, generator=generator) * spread
+    importance = torch.rand(1, 2, 3, 8, generator=generator)
+    query = torch.randn(1, 2, group, 16, generator=generator)
+    valid = torch.ones(1, 1, 3, 8, dtype=torch.bool)
+    for aggregate in ("sum", "max"):
+        exact, narrow = (InfLLM(block=8, budget=8, representatives=reps, aggregate=aggregate, precision=precision)
+                         for precision in ("full", "int8"))
+        held = narrow.page_summary(keys, valid, importance)
+        assert held["representatives"].dtype == torch.int8 and held["scale"].dtype == torch.float32
+        full = exact.page_summary(keys, valid, importance)["representatives"]
+        step = full.abs().amax(dim=-1) / 127  # [B, H, P, r]
+        slack = 0.5 * step.unsqueeze(2) * query.abs().sum(-1)[:, :, :, None, None]  # [B, H, G, P, r]
+        bound = (slack.sum(-1) if aggregate == "sum" else slack.amax(-1)).amax(dim=2)  # [B, H, P]
+        gap = (narrow.page_scores(query, held) - exact.page_scores(query, {"representatives": full})).abs()
+        assert bool((gap <= bound * 1.001 + 1e-4).all())
 
 
 def test_infllm_representatives_are_each_blocks_most_attended_keys() -> None:
@@ -405,7 +432,8 @@ def test_bad_infllm_specs_are_one_line_each() -> None:
                           ("infllm(budget=64, block=128)", "budget must be at least one block"),
                           ("infllm(block=4, budget=8, representatives=5)", "representatives must be 1 to block=4"),
                           ("infllm(sinks=-1)", "sinks"),
-                          ("infllm(aggregate='mean')", "aggregate must be one of sum, max, got 'mean'")):
+                          ("infllm(aggregate='mean')", "aggregate must be one of sum, max, got 'mean'"),
+                          ("infllm(precision='int4')", "precision must be one of full, int8, got 'int4'")):
         with pytest.raises(SpecError, match=message):
             parse(spec)
 

@@ -31,7 +31,8 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from kvstack.calibration.head_map import HEADS_FORMAT
 
-__all__ = ["GATED_ATTENTION_NAME", "fit_retrieval_gates", "gated_attention", "passkey_prompt", "streaming_mask"]
+__all__ = ["GATED_ATTENTION_NAME", "PROMPT_KINDS", "fit_retrieval_gates", "gated_attention", "passkey_prompt",
+           "streaming_mask"]
 
 GATED_ATTENTION_NAME = "kvstack_duo_gates"
 
@@ -96,11 +97,19 @@ def _gated(model: Any, gates: torch.Tensor, sinks: int, recent: int) -> Iterator
         model.set_attn_implementation(previous)
 
 
-def passkey_prompt(tokenizer: Any, haystack: list[int], passkeys: int, digits: int,
-                   generator: torch.Generator) -> tuple[list[int], int]:
-    """A training prompt: ``passkeys`` numbered pass keys of ``digits`` digits at sorted random depths of
-    ``haystack``, the question, and the answer (every key, in order). Returns the ids and where the answer
-    starts; the prompt is ``len(haystack)`` tokens plus the needles, question and answer."""
+PROMPT_KINDS = ("ordered", "keyed")
+_KEY_NAMES = ("amber", "birch", "cobalt", "delta", "ember", "falcon", "granite", "harbor", "indigo", "juniper",
+              "kestrel", "lantern", "meadow", "nickel", "orchid", "pepper", "quartz", "raven", "saffron", "thistle",
+              "umber", "violet", "walnut", "yarrow", "zephyr", "basil", "cedar", "dune", "fern", "glacier")
+
+
+def passkey_prompt(tokenizer: Any, haystack: list[int], passkeys: int, digits: int, generator: torch.Generator,
+                   kind: str = "ordered") -> tuple[list[int], int]:
+    """A training prompt: ``passkeys`` pass keys of ``digits`` digits at sorted random depths of ``haystack``,
+    then the answer, teacher-forced. ``ordered`` (DuoAttention's): numbered keys, asked for in order.
+    ``keyed``: each key belongs to a name, and the answer recalls them by name in a shuffled order, so a head
+    must find a needle by its name rather than by its place. Returns the ids and where the answer starts;
+    the prompt is ``len(haystack)`` tokens plus the needles, question and answer."""
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -108,19 +117,25 @@ def passkey_prompt(tokenizer: Any, haystack: list[int], passkeys: int, digits: i
             for _ in range(passkeys)]
     depths = sorted(int(d) for d in torch.randint(len(haystack) // 20, len(haystack) * 19 // 20, (passkeys,),
                                                   generator=generator))
+    names = [_KEY_NAMES[int(i)] for i in torch.randperm(len(_KEY_NAMES), generator=generator)[:passkeys]]
+    needles = ([f" Pass key {n} is {key}. Remember it." for n, key in enumerate(keys, 1)] if kind == "ordered"
+               else [f" The pass key for {name} is {key}." for name, key in zip(names, keys, strict=True)])
     sequence: list[int] = []
     start = 0
-    for number, (depth, key) in enumerate(zip(depths, keys, strict=True), 1):
-        sequence += haystack[start:depth] + ids(f" Pass key {number} is {key}. Remember it.")
+    for depth, needle in zip(depths, needles, strict=True):
+        sequence += haystack[start:depth] + ids(needle)
         start = depth
-    sequence += haystack[start:] + ids(" What are the pass keys, in order? The pass keys are")
-    answer_start = len(sequence)
-    return sequence + ids(" " + ", ".join(keys) + "."), answer_start
+    if kind == "ordered":
+        sequence += haystack[start:] + ids(" What are the pass keys, in order? The pass keys are")
+        return sequence + ids(" " + ", ".join(keys) + "."), len(sequence)
+    sequence += haystack[start:] + ids(" Recall every pass key.")
+    order = torch.randperm(passkeys, generator=generator).tolist()
+    return sequence + ids("".join(f" The pass key for {names[i]} is {keys[i]}." for i in order)), len(sequence)
 
 
 def fit_retrieval_gates(model: Any, tokenizer: Any, *, steps: int = 80, length: int = 512, passkeys: int = 4,
                         digits: int = 8, sinks: int = 16, recent: int = 64, lr: float = 0.05, reg: float = 0.5,
-                        source: str = "python-docs", seed: int = 0,
+                        source: str = "python-docs", seed: int = 0, prompts: str = "ordered",
                         progress: Callable[[int, float, float], None] | None = None) -> dict[str, Any]:
     """Fit DuoAttention's gates; returns the retrieval-head artefact's record (scores: the gates ``[L][H_kv]``).
 
@@ -132,6 +147,9 @@ def fit_retrieval_gates(model: Any, tokenizer: Any, *, steps: int = 80, length: 
         Haystack tokens per prompt (the needles, question and answer come on top).
     passkeys, digits:
         Pass keys per prompt and digits per key.
+    prompts:
+        ``ordered`` (DuoAttention's: numbered keys recalled in order) or ``keyed`` (named keys recalled by name,
+        shuffled): see :func:`passkey_prompt`.
     sinks, recent:
         The streaming attention the gates mix in (duo's defaults).
     lr, reg:
@@ -147,6 +165,8 @@ def fit_retrieval_gates(model: Any, tokenizer: Any, *, steps: int = 80, length: 
     from kvstack.calibration.text import calibration_text_ids
     from kvstack.models import model_geometry
 
+    if prompts not in PROMPT_KINDS:
+        raise CalibrationError(f"prompts must be one of {', '.join(PROMPT_KINDS)}, got {prompts!r}")
     if steps < 1 or length < 4 * (sinks + recent) or passkeys < 1 or digits < 1:
         raise CalibrationError(f"the gate fit needs steps >= 1, passkeys >= 1, digits >= 1 and a haystack of at "
                                f"least 4 x (sinks + recent) = {4 * (sinks + recent)} tokens")
@@ -165,7 +185,8 @@ def fit_retrieval_gates(model: Any, tokenizer: Any, *, steps: int = 80, length: 
     try:
         for step in range(steps):
             offset = int(torch.randint(0, len(pool) - length + 1, (1,), generator=generator))
-            ids, answer_start = passkey_prompt(tokenizer, pool[offset:offset + length], passkeys, digits, generator)
+            ids, answer_start = passkey_prompt(tokenizer, pool[offset:offset + length], passkeys, digits, generator,
+                                               prompts)
             sequence = torch.tensor([ids], device=device)
             answer = slice(answer_start - 1, len(ids) - 1)  # the positions that predict the answer's tokens
             with torch.no_grad():
@@ -192,6 +213,6 @@ def fit_retrieval_gates(model: Any, tokenizer: Any, *, steps: int = 80, length: 
         raise CalibrationError("the gate fit diverged (non-finite gates); try a smaller lr")
     return {"format": HEADS_FORMAT, "version": 1, "method": "duo-gates", "model_key": model_key(model),
             "source": description, "steps": steps, "length": length, "passkeys": passkeys, "digits": digits,
-            "sinks": sinks, "recent": recent, "lr": lr, "reg": reg, "seed": seed,
+            "prompts": prompts, "sinks": sinks, "recent": recent, "lr": lr, "reg": reg, "seed": seed,
             "final_distance": sum(distances[-10:]) / len(distances[-10:]),
             "final_gates": gates.detach().cpu().tolist(), "scores": averaged.cpu().tolist()}

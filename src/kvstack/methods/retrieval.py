@@ -267,6 +267,9 @@ class InfLLM(Method):
         Keys kept resident per block to score it.
     aggregate:
         ``'sum'`` (the paper's) or ``'max'`` of the representatives' dot products with the query.
+    precision:
+        The representatives as the cache holds them (``'full'``) or in ``'int8'`` with a float32 scale per
+        key (its largest coordinate over 127): a quarter of the bytes (fp32 cache), so a block can keep more.
     sinks, window:
         Entries always resident at the start and at the end.
     cached_blocks:
@@ -279,6 +282,7 @@ class InfLLM(Method):
     block: int = 128
     representatives: int = 4
     aggregate: str = "sum"
+    precision: str = "full"
     sinks: int = 64
     window: int = 512
     cached_blocks: int = 16
@@ -296,6 +300,8 @@ class InfLLM(Method):
             raise SpecError(f"representatives must be 1 to block={self.block} keys, got {self.representatives!r}")
         if self.aggregate not in INFLLM_AGGREGATES:
             raise SpecError(f"aggregate must be one of {', '.join(INFLLM_AGGREGATES)}, got {self.aggregate!r}")
+        if self.precision not in INFLLM_PRECISIONS:
+            raise SpecError(f"precision must be one of {', '.join(INFLLM_PRECISIONS)}, got {self.precision!r}")
         check_sizes(sinks=self.sinks, window=self.window, cached_blocks=self.cached_blocks)
         _check_tier_dir(self.tier_dir)
 
@@ -317,26 +323,35 @@ class InfLLM(Method):
     def page_summary(self, keys: torch.Tensor, valid: torch.Tensor, importance: torch.Tensor | None,
                      held: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The keys ``[B, H, n, r, D]`` of each block's ``r`` most-attended valid entries (padding: zeros under
-        ``sum``, the block's top key under ``max``)."""
+        ``sum``, the block's top key under ``max``); under ``int8``, their codes and ``scale`` ``[B, H, n, r]``."""
         assert importance is not None, "infllm needs the column-sum statistic"
         score = importance.float().masked_fill(~valid, float("-inf"))
         top = score.topk(self.representatives, dim=-1).indices  # [B, H, n, r]
         chosen = keys.gather(3, top.unsqueeze(-1).expand(-1, -1, -1, -1, keys.shape[-1]))
         real = valid.expand_as(score).gather(3, top).unsqueeze(-1)
         if self.aggregate == "max":  # a padding slot repeats the block's top key, so it never raises the maximum
-            return {"representatives": torch.where(real, chosen, chosen[:, :, :, :1]) * real[:, :, :, :1]}
-        return {"representatives": chosen * real}
+            chosen = torch.where(real, chosen, chosen[:, :, :, :1]) * real[:, :, :, :1]
+        else:
+            chosen = chosen * real
+        if self.precision == "full":
+            return {"representatives": chosen}
+        scale = chosen.float().abs().amax(dim=-1) / 127  # [B, H, n, r]
+        codes = (chosen.float() / scale.clamp_min(1e-30).unsqueeze(-1)).round().clamp(-127, 127)
+        return {"representatives": codes.to(torch.int8), "scale": scale}
 
     def page_scores(self, query: torch.Tensor, summary: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[B, H, P]``: sum (or maximum) over a block's representatives of ``q . k``, averaged over the group's
         query heads (``query`` is ``[B, H, G, D]``)."""
         representatives = summary["representatives"].float()  # [B, H, P, r, D]
+        if "scale" in summary:  # int8 codes
+            representatives = representatives * summary["scale"].unsqueeze(-1)
         scores = torch.einsum("bhgd,bhprd->bhgpr", query.float(), representatives)
         combined = scores.sum(dim=-1) if self.aggregate == "sum" else scores.amax(dim=-1)
         return combined.mean(dim=2)
 
 
 INFLLM_AGGREGATES = ("sum", "max")
+INFLLM_PRECISIONS = ("full", "int8")
 
 
 @register(
