@@ -227,6 +227,8 @@ RECALL_METHODS = {
     "duo-eighth": "duo(heads=0.1)",
     # the same heads count, the heads chosen by DuoAttention's gates fitted here (committed artefact)
     "duo-gates-eighth": f"duo(heads=0.1, artefact='{GATES_ARTEFACT}')",
+    # a quarter of the heads whole (probe): where duo's multi-key score comes back, for the record
+    "duo-quarter": "duo(heads=0.25)",
     # InfLLM with each block scored by its best representative instead of their sum, and with more of them
     "infllm-eighth-max": "infllm(budget={infllm_blocks}, block=32, sinks=16, window={infllm_window}, aggregate='max')",
     "infllm-eighth-max-r8": ("infllm(budget={infllm_blocks}, block=32, sinks=16, window={infllm_window}, "

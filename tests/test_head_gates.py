@@ -87,6 +87,22 @@ def test_the_passkey_prompt_hides_every_key_in_order_and_answers_with_them(token
     assert len(ids) > len(haystack) + 20
 
 
+def test_keyed_prompts_recall_each_key_by_its_name_in_a_shuffled_order(tokenizer) -> None:
+    import re
+
+    haystack = tokenizer(" plain words" * 200, add_special_tokens=False)["input_ids"][:300]
+    orders = set()
+    for seed in range(6):
+        ids, answer_start = passkey_prompt(tokenizer, haystack, passkeys=4, digits=5,
+                                           generator=torch.Generator().manual_seed(seed), kind="keyed")
+        hidden = dict(re.findall(r"The pass key for (\w+) is (\d+)\.", tokenizer.decode(ids[:answer_start])))
+        recalled = re.findall(r"The pass key for (\w+) is (\d+)\.", tokenizer.decode(ids[answer_start:]))
+        assert len(hidden) == 4 and dict(recalled) == hidden and len(recalled) == 4
+        assert tokenizer.decode(ids[:answer_start]).endswith("Recall every pass key.")
+        orders.add(tuple(list(hidden).index(name) for name, _ in recalled))  # the recall order, by needle
+    assert len(orders) > 1 and orders != {(0, 1, 2, 3)}  # shuffled: not the needles' order every time
+
+
 def test_with_every_gate_open_the_fit_sees_no_distance_and_only_the_penalty_moves_the_gates(tokenizer) -> None:
     """Gates at 1 are the full model exactly (distance 0), so Adam's first step moves every gate by ``lr``."""
     model = build_model(num_hidden_layers=2, vocab_size=len(tokenizer), max_position_embeddings=1024)
@@ -122,5 +138,7 @@ def test_a_bad_gate_fit_is_one_line(tokenizer, capsys) -> None:
     model = build_model(num_hidden_layers=1, vocab_size=len(tokenizer))
     with pytest.raises(CalibrationError, match="haystack of at least"):
         fit_retrieval_gates(model, tokenizer, steps=1, length=100)
+    with pytest.raises(CalibrationError, match="prompts must be one of ordered, keyed, got 'random'"):
+        fit_retrieval_gates(model, tokenizer, steps=1, prompts="random")
     message = usage_error(capsys, ["calibrate", "--retrieval-heads", "gates", "--gate-steps", "0"])
     assert "--gate-steps must be >= 1" in message
