@@ -237,6 +237,11 @@ RECALL_METHODS = {
     # keys miss the needle a multi-key question names (10 samples at 4k: 10 with 4 of 32, 30 with 8, 60 with 32)
     "infllm-eighth-all-int8": ("infllm(budget={infllm_blocks}, block=32, sinks=16, window={infllm_window}, "
                                "representatives=32, aggregate='max', precision='int8')"),
+    # the same with a window of 64 (more of the read left to blocks): in blocks of 32, and of 16
+    "infllm-eighth-all-int8-w64": ("infllm(budget={infllm_blocks_w64}, block=32, sinks=16, window=64, "
+                                   "representatives=32, aggregate='max', precision='int8')"),
+    "infllm-eighth-all-int8-b16": ("infllm(budget={infllm_blocks_w64_b16}, block=16, sinks=16, window=64, "
+                                   "representatives=16, aggregate='max', precision='int8')"),
     "infllm-eighth-r16-int8": ("infllm(budget={infllm_blocks}, block=32, sinks=16, window={infllm_window}, "
                                "representatives=16, aggregate='max', precision='int8')"),
     # InfLLM reading 1/8 in all: 16 sinks, a window of a quarter of the read, the rest in blocks of 32
@@ -296,7 +301,10 @@ def recall(out: str, lengths: list[int], max_minutes: float | None, names: list[
         blocks = (budget - 16 - window) // 32 * 32
         quest_bytes = round(QUEST_RESIDENT_SHARE * length / 16) * 16
         methods = [RECALL_METHODS[name].format(budget=budget, half=budget // 2, infllm_blocks=blocks,
-                                               infllm_window=window, quest_bytes=quest_bytes) for name in names]
+                                               infllm_window=window, quest_bytes=quest_bytes,
+                                               infllm_blocks_w64=(budget - 16 - 64) // 32 * 32,
+                                               infllm_blocks_w64_b16=(budget - 16 - 64) // 16 * 16)
+                   for name in names]
         config = BenchConfig(methods=methods, tasks=tasks, lengths=[length], samples=20, out_dir=out,
                              progress=sys.stderr.isatty(), share_prefill=True, checkpoint_every=2)
         if not run_grid(config, deadline=deadline, model=model, tokenizer=tokenizer):

@@ -384,8 +384,8 @@ def test_infllm_max_scores_a_block_by_its_best_representative_and_padding_never_
                 real = valid[0, 0, block]
                 order = importance[0, head, block].masked_fill(~real, -1.0).topk(min(reps, int(real.sum()))).indices
                 dots = query[0, head] @ keys[0, head, block, order].T  # [G, r] over the real representatives
-                want = dots.amax(dim=-1) if aggregate == "max" else dots.sum(dim=-1)
-                torch.testing.assert_close(got[0, head, block], want.mean(), atol=1e-5, rtol=1e-5)
+                want = dots.amax() if aggregate == "max" else dots.sum(dim=-1).mean()
+                torch.testing.assert_close(got[0, head, block], want, atol=1e-5, rtol=1e-5)
 
 
 def test_infllm_decoding_attends_to_sinks_window_and_the_top_blocks_through_an_lru() -> None:

@@ -250,9 +250,10 @@ class InfLLM(Method):
     The first ``sinks`` and the newest ``window`` entries always stay resident. Older entries move to the
     slow tier in blocks of ``block`` tokens; each block keeps, resident, the keys of its ``representatives``
     entries that received the most attention while resident (accumulated column sums). A decoding step
-    scores each block by the sum of its representatives' dot products with the query (the paper's; or their
-    maximum, ``aggregate='max'``, so one matching key is not diluted by the others; averaged over the query
-    heads of a KV group), reads the top ``budget // block`` blocks (those among the ``cached_blocks``
+    scores each block by the sum of its representatives' dot products with the query, averaged over the query
+    heads of a KV group (the paper's), or by the largest over the representatives and the group's query
+    heads (``aggregate='max'``, as Quest ranks its pages: one matching key is not diluted by the others, nor
+    one retrieving query head by the rest of its group), reads the top ``budget // block`` blocks (those among the ``cached_blocks``
     most recently read come from memory, the rest from the tier) and attends exactly over them, the sinks
     and the window. Positions stay the true ones (the paper's memory positions are for extrapolating beyond
     the trained context, which kvstack does not do).
@@ -266,7 +267,8 @@ class InfLLM(Method):
     representatives:
         Keys kept resident per block to score it.
     aggregate:
-        ``'sum'`` (the paper's) or ``'max'`` of the representatives' dot products with the query.
+        ``'sum'`` (the paper's) or ``'max'`` of the representatives' dot products with the query (``max``: also
+        over the group's query heads).
     precision:
         The representatives as the cache holds them (``'full'``) or in ``'int8'`` with a float32 scale per
         key (its largest coordinate over 127): a quarter of the bytes (fp32 cache), so a block can keep more.
@@ -340,14 +342,16 @@ class InfLLM(Method):
         return {"representatives": codes.to(torch.int8), "scale": scale}
 
     def page_scores(self, query: torch.Tensor, summary: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[B, H, P]``: sum (or maximum) over a block's representatives of ``q . k``, averaged over the group's
-        query heads (``query`` is ``[B, H, G, D]``)."""
+        """``[B, H, P]`` from ``query`` ``[B, H, G, D]``: under ``sum``, the sum over a block's representatives of
+        ``q . k``, averaged over the group's query heads (the paper's); under ``max``, the largest ``q . k`` over
+        the representatives and the group's query heads."""
         representatives = summary["representatives"].float()  # [B, H, P, r, D]
         if "scale" in summary:  # int8 codes
             representatives = representatives * summary["scale"].unsqueeze(-1)
         scores = torch.einsum("bhgd,bhprd->bhgpr", query.float(), representatives)
-        combined = scores.sum(dim=-1) if self.aggregate == "sum" else scores.amax(dim=-1)
-        return combined.mean(dim=2)
+        if self.aggregate == "sum":
+            return scores.sum(dim=-1).mean(dim=2)
+        return scores.amax(dim=(2, 4))  # one query head of the group matching one key is enough, as Quest's
 
 
 INFLLM_AGGREGATES = ("sum", "max")
