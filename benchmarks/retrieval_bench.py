@@ -229,12 +229,13 @@ RECALL_METHODS = {
     "duo-gates-eighth": f"duo(heads=0.1, artefact='{GATES_ARTEFACT}')",
     # a quarter of the heads whole (probe): where duo's multi-key score comes back, for the record
     "duo-quarter": "duo(heads=0.25)",
-    # InfLLM with each block scored by its best representative instead of their sum, and with more of them
+    # InfLLM with each block scored by its best representative for any query head of the group, not the sum
+    # averaged over the group; and with more representatives
     "infllm-eighth-max": "infllm(budget={infllm_blocks}, block=32, sinks=16, window={infllm_window}, aggregate='max')",
     "infllm-eighth-max-r8": ("infllm(budget={infllm_blocks}, block=32, sinks=16, window={infllm_window}, "
                              "representatives=8, aggregate='max')"),
-    # every key of a block its representative, in int8 (13% of the full cache's bytes): a few most-attended
-    # keys miss the needle a multi-key question names (10 samples at 4k: 10 with 4 of 32, 30 with 8, 60 with 32)
+    # every key of a block its representative, in int8 (13% of the full cache's bytes): a block's few
+    # most-attended keys at prefill miss the needle a multi-key question names
     "infllm-eighth-all-int8": ("infllm(budget={infllm_blocks}, block=32, sinks=16, window={infllm_window}, "
                                "representatives=32, aggregate='max', precision='int8')"),
     # the same with a window of 64 (more of the read left to blocks): in blocks of 32, and of 16

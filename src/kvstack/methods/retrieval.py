@@ -253,10 +253,10 @@ class InfLLM(Method):
     scores each block by the sum of its representatives' dot products with the query, averaged over the query
     heads of a KV group (the paper's), or by the largest over the representatives and the group's query
     heads (``aggregate='max'``, as Quest ranks its pages: one matching key is not diluted by the others, nor
-    one retrieving query head by the rest of its group), reads the top ``budget // block`` blocks (those among the ``cached_blocks``
-    most recently read come from memory, the rest from the tier) and attends exactly over them, the sinks
-    and the window. Positions stay the true ones (the paper's memory positions are for extrapolating beyond
-    the trained context, which kvstack does not do).
+    one retrieving query head by the rest of its group), reads the top ``budget // block`` blocks (those
+    among the ``cached_blocks`` most recently read come from memory, the rest from the tier) and attends
+    exactly over them, the sinks and the window. Positions stay the true ones (the paper's memory positions
+    are for extrapolating beyond the trained context, which kvstack does not do).
 
     Parameters
     ----------
