@@ -172,7 +172,12 @@ def _calibrate_retrieval_heads(args: argparse.Namespace, model: Any, tokenizer: 
     if args.retrieval_heads == "gates":
         from kvstack.calibration.head_gates import fit_retrieval_gates
 
-        record = fit_retrieval_gates(model, tokenizer, steps=args.gate_steps, source=args.source)
+        def report(step: int, distance: float, mean_gate: float) -> None:  # a fit is minutes: say where it is
+            if not args.no_progress and (step % 10 == 0 or step == args.gate_steps):
+                print(f"gate fit: step {step}/{args.gate_steps}, distance {distance:.3f}, mean gate "
+                      f"{mean_gate:.3f}", file=sys.stderr, flush=True)
+
+        record = fit_retrieval_gates(model, tokenizer, steps=args.gate_steps, source=args.source, progress=report)
         how = f"{args.gate_steps} gate-fit steps, final distance {record['final_distance']:.3f}"
     else:
         record = probe_retrieval_heads(model, tokenizer, source=args.source)
