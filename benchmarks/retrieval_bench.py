@@ -274,6 +274,11 @@ def fit_gates(model: Any, tokenizer: Any) -> None:
         "step distance mean_gate seconds\n" + "\n".join(log) + "\n")
 
 
+def infllm_blocks(budget: int, window: int, block: int) -> int:
+    """InfLLM's block budget in the grid: what 16 sinks and the window leave of ``budget``, in whole blocks."""
+    return (budget - 16 - window) // block * block
+
+
 QUEST_RESIDENT_SHARE = 0.23  # quest-p8-lowrank24's resident bytes over the full cache's, measured
 
 
@@ -293,12 +298,12 @@ def recall(out: str, lengths: list[int], max_minutes: float | None, names: list[
     for length in lengths:  # one grid per length: each reads 1/8 of its own context
         budget = length // READ_FRACTION
         window = budget // 4
-        blocks = (budget - 16 - window) // 32 * 32
+        blocks = infllm_blocks(budget, window, 32)
         quest_bytes = round(QUEST_RESIDENT_SHARE * length / 16) * 16
         methods = [RECALL_METHODS[name].format(budget=budget, half=budget // 2, infllm_blocks=blocks,
                                                infllm_window=window, quest_bytes=quest_bytes,
-                                               infllm_blocks_w64=(budget - 16 - 64) // 32 * 32,
-                                               infllm_blocks_w64_b16=(budget - 16 - 64) // 16 * 16)
+                                               infllm_blocks_w64=infllm_blocks(budget, 64, 32),
+                                               infllm_blocks_w64_b16=infllm_blocks(budget, 64, 16))
                    for name in names]
         config = BenchConfig(methods=methods, tasks=tasks, lengths=[length], samples=20, out_dir=out,
                              progress=sys.stderr.isatty(), share_prefill=True, checkpoint_every=2)

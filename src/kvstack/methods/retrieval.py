@@ -346,9 +346,9 @@ class InfLLM(Method):
         ``q . k``, averaged over the group's query heads (the paper's); under ``max``, the largest ``q . k`` over
         the representatives and the group's query heads."""
         representatives = summary["representatives"].float()  # [B, H, P, r, D]
-        if "scale" in summary:  # int8 codes
-            representatives = representatives * summary["scale"].unsqueeze(-1)
         scores = torch.einsum("bhgd,bhprd->bhgpr", query.float(), representatives)
+        if "scale" in summary:  # int8 codes: a key's scale multiplies its dot products, not its D coordinates
+            scores = scores * summary["scale"].unsqueeze(2)
         if self.aggregate == "sum":
             return scores.sum(dim=-1).mean(dim=2)
         return scores.amax(dim=(2, 4))  # one query head of the group matching one key is enough, as Quest's
