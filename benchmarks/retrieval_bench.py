@@ -327,8 +327,8 @@ def read_share(spec: str, length: int) -> float:
         return (method.dense_layers + (MODEL_LAYERS - method.dense_layers) * paged) / MODEL_LAYERS
     if name == "infllm":
         return min(length, method.budget + method.sinks + method.window) / length
-    if name == "duo":
-        return method.heads + (1 - method.heads) * (method.sinks + method.recent) / length
+    if name == "duo":  # a streaming head's compensation token is one entry more
+        return method.heads + (1 - method.heads) * (method.sinks + method.recent + method.compensation) / length
     return min(length, method.budget) / length if getattr(method, "budget", None) else 1.0
 
 

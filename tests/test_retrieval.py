@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import tempfile
 
@@ -19,6 +20,7 @@ import kvstack
 from kvstack.cache import page_tier
 from kvstack.cache.cache import KVStackCache
 from kvstack.cache.page_tier import TieredLayer, TierError
+from kvstack.cache.ragged import RaggedHeads
 from kvstack.calibration import CalibrationError, model_key
 from kvstack.calibration.head_map import HEADS_FORMAT
 from kvstack.calibration.head_probe import probe_retrieval_heads
@@ -490,6 +492,89 @@ def test_duo_refuses_scores_from_another_model_or_geometry(model, tmp_path) -> N
         parse("duo(heads=0)")
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), length=st.integers(1, 40), sinks=st.integers(0, 6), recent=st.integers(0, 12))
+def test_duo_compensation_is_the_mean_of_what_each_head_drops_weighing_as_their_count(seed, length, sinks,
+                                                                                     recent) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    positions = torch.arange(length).expand(3, length).clone()
+    padded = torch.rand(3, length, generator=generator) < 0.2
+    scores = positions.float().masked_fill(padded, float("-inf"))
+    scores[0] = torch.where(padded[0], scores[0], torch.full((length,), float("inf")))  # head 0 retrieves
+    positions = positions.masked_fill(padded, -1)
+    keys, values = torch.randn(3, length, 4, generator=generator), torch.randn(3, length, 4, generator=generator)
+    method = Duo(sinks=sinks, recent=recent, compensation=True)
+    keep = method.allocate_heads(scores, length)
+    extra = method.compensate_heads(keys, values, positions, keep)
+    assert not bool(extra.present[0])  # a retrieval head drops nothing
+    for head in (1, 2):
+        dropped = [i for i in range(length) if positions[head, i] >= 0 and not keep[head, i]]
+        assert bool(extra.present[head]) == bool(dropped)
+        if dropped:
+            torch.testing.assert_close(extra.keys[head], keys[head, dropped].mean(dim=0))
+            torch.testing.assert_close(extra.values[head], values[head, dropped].mean(dim=0))
+            assert math.isclose(float(extra.log_mass[head]), math.log(len(dropped)), rel_tol=1e-6)
+            assert int(extra.positions[head]) == dropped[0]
+    assert Duo(sinks=sinks, recent=recent).compensate_heads(keys, values, positions, keep) is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), before=st.integers(0, 5), after=st.integers(0, 5), copies=st.integers(1, 9),
+       q_len=st.integers(1, 3))
+def test_a_merged_entry_attends_as_the_identical_entries_it_stands_for(seed, before, after, copies, q_len) -> None:
+    """RaggedHeads with one entry of log mass log(n) gives what n copies of that entry give, with no mass."""
+    generator = torch.Generator().manual_seed(seed)
+    dim, group = 8, 2
+    keys = torch.randn(before + 1 + after, dim, generator=generator)
+    values = torch.randn(before + 1 + after, dim, generator=generator)
+    repeat = torch.tensor([1] * before + [copies] + [1] * after)
+    merged = RaggedHeads(1, 1, dim, torch.float32, torch.device("cpu"))
+    log_mass = torch.zeros(before + 1 + after)
+    log_mass[before] = math.log(copies)
+    merged.set_head(0, 0, keys, values, torch.arange(before + 1 + after, dtype=torch.int32), log_mass)
+    copied = RaggedHeads(1, 1, dim, torch.float32, torch.device("cpu"))
+    copied.set_head(0, 0, keys.repeat_interleave(repeat, dim=0), values.repeat_interleave(repeat, dim=0),
+                    torch.arange(int(repeat.sum()), dtype=torch.int32))
+    new_keys, new_values = torch.randn(2, 1, 1, q_len, dim, generator=generator)
+    query = torch.randn(1, group, q_len, dim, generator=generator)
+    outputs = []
+    for heads in (merged, copied):
+        heads.append(new_keys, new_values, torch.arange(q_len, dtype=torch.int32).view(1, q_len) + 100)
+        outputs.append(heads.attend(query, None, 0.5))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+    assert merged.nbytes() > RaggedHeads(1, 1, dim, torch.float32, torch.device("cpu")).nbytes()
+
+
+def test_duo_compensation_adds_one_entry_per_streaming_head_and_is_exact_when_nothing_is_dropped(
+        model, tmp_path) -> None:
+    scores = [[0.9, 0.0], [0.1, 0.8]]
+    artefact = _write_heads(tmp_path / "heads.json", model_key(model), scores)
+    plain = kvstack.make_cache(model, f"duo(heads=0.5, sinks=2, recent=5, artefact={artefact!r})")
+    folded = kvstack.make_cache(model, f"duo(heads=0.5, sinks=2, recent=5, artefact={artefact!r}, "
+                                       "compensation=True)")
+    ids = random_ids(40)
+    kvstack.prefill(model, ids, plain)
+    kvstack.prefill(model, ids, folded)
+    assert folded.layers[0].head_lengths().tolist() == [[40, 8]]
+    assert folded.layers[1].head_lengths().tolist() == [[8, 40]]
+    assert folded.kv_bytes() > plain.kv_bytes()
+    step = torch.tensor([[7]])
+    with torch.no_grad():
+        logits = [model(input_ids=step, **kvstack.cache_kwargs(model, cache), use_cache=True).logits
+                  for cache in (plain, folded)]
+    assert not torch.allclose(logits[0], logits[1])  # the dropped 33 entries reach the output through one
+    covering = f"duo(heads=0.5, sinks=20, recent=30, artefact={artefact!r}, compensation=True)"
+    short = random_ids(30, seed=8)
+    for got, want in zip(stepwise_logits(model, short, kvstack.make_cache(model, covering)),
+                         stepwise_logits(model, short, DynamicCache()), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(SpecError, match="folds what each head drops into one entry") as err:
+        parse("duo(compensation=True) + kivi(bits=2)")
+    assert "\n" not in str(err.value)
+    with pytest.raises(SpecError, match="compensation must be True or False"):
+        parse("duo(compensation=1)")
+
+
 def test_the_probe_finds_heads_that_retrieve_on_the_default_model() -> None:
     """One short needle prompt on SmolLM2: some KV head's strongest attention lands on the copied digits."""
     real, tokenizer = kvstack.load_model("smollm2-135m")
@@ -498,6 +583,39 @@ def test_the_probe_finds_heads_that_retrieve_on_the_default_model() -> None:
     assert scores.shape == (30, 3) and record["copy_steps"] > 0
     assert bool(((scores >= 0) & (scores <= 1)).all()) and float(scores.max()) >= 0.5
     assert record["model_key"] == model_key(real)
+    keyed = probe_retrieval_heads(real, tokenizer, prompts=2, length=512, digits=8, kind="keyed", needles=4)
+    assert keyed["method"] == "probe-keyed" and keyed["needles"] == 4 and keyed["copy_steps"] > 0
+    assert torch.tensor(keyed["scores"]).shape == (30, 3)
+    with pytest.raises(CalibrationError, match="the probe's kind must be one of single, keyed") as err:
+        probe_retrieval_heads(real, tokenizer, kind="named")
+    assert "\n" not in str(err.value)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), needles=st.integers(1, 6))
+def test_a_keyed_probe_prompt_asks_for_one_named_needle_among_look_alikes(seed, needles) -> None:
+    """The span the probe scores is the needle of the name the question asks for, and every needle is there."""
+    from kvstack.calibration.head_probe import KEY_NAMES, _needle_prompt
+
+    class Words:  # a tokenizer of whitespace-separated words, so spans can be read back
+        def __init__(self) -> None:
+            self.vocabulary: dict[str, int] = {}
+
+        def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+            return {"input_ids": [self.vocabulary.setdefault(w, len(self.vocabulary)) for w in text.split()]}
+
+    words = Words()
+    text = words(" ".join(f"filler{i}" for i in range(200)))["input_ids"]
+    ids, span = _needle_prompt(words, text, "keyed", needles, 6, torch.Generator().manual_seed(seed))
+    back = {index: word for word, index in words.vocabulary.items()}
+    said = [back[i] for i in ids]
+    needle = said[span.start : span.stop]
+    asked = said[-2]  # "What is the special magic number for NAME? The special magic number for NAME is"
+    assert needle[:5] == ["The", "special", "magic", "number", "for"] and said[-1] == "is"
+    assert needle[5] == asked and said[-8] == f"{asked}?"
+    assert sum(w == "magic" for w in said) == needles + 2  # the needles, and the question's two mentions
+    assert [w for w in said if w.startswith("filler")] == [f"filler{i}" for i in range(200)]
+    assert asked in KEY_NAMES
 
 
 def test_host_pages_read_what_the_file_tier_reads() -> None:

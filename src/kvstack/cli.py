@@ -20,7 +20,7 @@ from kvstack.bench.engine_cli import add_engine_bench_parser
 from kvstack.errors import KVStackError
 
 USAGE_ERROR = 2
-RETRIEVAL_HEAD_METHODS = ("probe", "gates")  # calibrate --retrieval-heads: how duo's heads are scored
+RETRIEVAL_HEAD_METHODS = ("probe", "keyed", "gates")  # calibrate --retrieval-heads: how duo's heads are scored
 
 
 class UsageError(KVStackError):
@@ -157,12 +157,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _calibrate_retrieval_heads(args: argparse.Namespace, model: Any, tokenizer: Any) -> int:
     """Score every KV head (the retrieval probe, or DuoAttention's gates) and write duo's artefact
-    (``calibrate --retrieval-heads [probe|gates]``)."""
+    (``calibrate --retrieval-heads [probe|keyed|gates]``)."""
     import time
 
     from kvstack.calibration import model_key
     from kvstack.calibration.head_map import head_map_path, save_head_scores
-    from kvstack.calibration.head_probe import probe_retrieval_heads
+    from kvstack.calibration.head_probe import KEYED_PROBE, probe_retrieval_heads
 
     path = head_map_path(model_key(model))
     if path.is_file() and not args.force:
@@ -180,7 +180,9 @@ def _calibrate_retrieval_heads(args: argparse.Namespace, model: Any, tokenizer: 
         record = fit_retrieval_gates(model, tokenizer, steps=args.gate_steps, source=args.source, progress=report)
         how = f"{args.gate_steps} gate-fit steps, final distance {record['final_distance']:.3f}"
     else:
-        record = probe_retrieval_heads(model, tokenizer, source=args.source)
+        kind = "keyed" if args.retrieval_heads == "keyed" else "single"
+        record = probe_retrieval_heads(model, tokenizer, source=args.source, kind=kind, **KEYED_PROBE
+                                       if kind == "keyed" else {})
         how = f"{record['copy_steps']} copy steps"
     save_head_scores(record, path)
     scores = [(score, layer, head) for layer, row in enumerate(record["scores"]) for head, score in enumerate(row)]
@@ -385,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default 0.9)")
     cal.add_argument("--retrieval-heads", nargs="?", const="probe", choices=RETRIEVAL_HEAD_METHODS, default=None,
                      help="instead: score every KV head for duo's artefact, with the retrieval probe (probe, the "
-                          "default; seconds) or DuoAttention's gates fitted with the model frozen (gates; minutes)")
+                          "default; seconds), the probe on prompts of several named needles asking for one (keyed; "
+                          "a minute), or DuoAttention's gates fitted with the model frozen (gates; minutes)")
     cal.add_argument("--gate-steps", type=int, default=80,
                      help="--retrieval-heads gates: optimiser steps, one synthetic passkey prompt each (default 80)")
     cal.add_argument("--force", action="store_true", help="recalibrate even when an artefact exists")

@@ -39,6 +39,7 @@ __all__ = [
     "AttentionStats",
     "CodecError",
     "CodecSpec",
+    "HeadCompensation",
     "LayerLink",
     "LayerPairMerge",
     "LayerView",
@@ -167,6 +168,31 @@ class MergeUpdate:
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
     state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class HeadCompensation:
+    """What a head-wise policy folds the entries a head drops into: one extra entry per KV head of a sequence
+    (RazorAttention's compensation token), stored among the head's entries by its position and weighing in
+    attention as the ``exp(log_mass)`` tokens it stands for.
+
+    Attributes
+    ----------
+    keys, values:
+        ``[H, D]`` the extra entry of each head (keys after RoPE).
+    positions:
+        ``[H]`` int the position it is stored at (its place among the head's entries, oldest first).
+    log_mass:
+        ``[H]`` float32 log of how many entries it stands for.
+    present:
+        ``[H]`` bool: the heads that get one (a head that dropped nothing gets none).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    log_mass: torch.Tensor
+    present: torch.Tensor
 
 
 # Page scores of a standard form, which storage may compute with a fused kernel instead of calling the policy's
@@ -309,6 +335,12 @@ class Policy(Protocol):
 
     def allocate_heads(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
         """Head-wise policies: ``[H, L]`` bool of what each head of one sequence keeps."""
+
+    def compensate_heads(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                         keep: torch.Tensor) -> HeadCompensation | None:
+        """Head-wise policies: given one sequence's ``[H, L, D]`` keys and values, ``[H, L]`` positions (``< 0``:
+        padding) and what :meth:`allocate_heads` keeps, the entry each head folds its dropped ones into, or
+        None (they are simply dropped)."""
 
     def demotion_codec(self) -> Any | None:
         """A codec that keeps what the policy evicts at low precision (MiKV), or None (evicted = dropped)."""

@@ -186,12 +186,25 @@ class LayerEviction:
         live = self.length
         for b in range(self.batch):
             keep = method.allocate_heads(scores[b], budget)  # [H, L]
+            extra = method.compensate_heads(self.keys[b, :, :live], self.values[b, :, :live],
+                                            self.positions[b, :, :live], keep)
+            if extra is not None and codec is not None:
+                raise ValueError(f"{method.label()} folds dropped entries into one per head, which a codec would "
+                                 "encode away; use it without a codec")
             for h in range(self.heads):
                 index = keep[h].nonzero().squeeze(-1)
-                ragged.set_head(
-                    b, h, self.keys[b, h, :live][index], self.values[b, h, :live][index],
-                    self.positions[b, h, :live][index],
-                )
+                keys, values = self.keys[b, h, :live][index], self.values[b, h, :live][index]
+                positions = self.positions[b, h, :live][index]
+                log_mass = None
+                if extra is not None and bool(extra.present[h]):  # the merged entry goes in by its position
+                    slot = int((positions < extra.positions[h]).sum())
+                    keys = torch.cat((keys[:slot], extra.keys[h : h + 1].to(keys.dtype), keys[slot:]))
+                    values = torch.cat((values[:slot], extra.values[h : h + 1].to(values.dtype), values[slot:]))
+                    positions = torch.cat((positions[:slot], extra.positions[h : h + 1].to(positions.dtype),
+                                           positions[slot:]))
+                    log_mass = torch.zeros(positions.shape[0], dtype=torch.float32, device=keys.device)
+                    log_mass[slot] = extra.log_mass[h]
+                ragged.set_head(b, h, keys, values, positions, log_mass)
         self.ragged = ragged
         self.keys = self.keys.new_empty((self.batch, self.heads, 0, self.head_dim))
         self.values = self.values.new_empty((self.batch, self.heads, 0, self.head_dim))

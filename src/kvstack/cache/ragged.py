@@ -19,6 +19,10 @@ class RaggedHeads:
     entries encoded in its own region, a whole number of chunks, and the rest (its sinks and the newest
     ``residual`` to ``residual + chunk - 1`` entries) in full precision, exactly as a uniform layer does
     per layer.
+
+    A head may hold merged entries (RazorAttention's compensation token): its ``log_mass`` ``[capacity_i]``
+    float32 is the log of how many tokens each entry stands for (0 for an ordinary one), added to the entry's
+    attention logit. Merged entries and a codec do not mix (the codec would encode the mass away).
     """
 
     def __init__(
@@ -31,14 +35,20 @@ class RaggedHeads:
         self.values: list[torch.Tensor] = list(self.keys)
         self.positions: list[torch.Tensor] = [torch.empty(0, dtype=torch.int32, device=device)] * count
         self.lengths: list[int] = [0] * count  # full-precision entries per head
+        self.log_mass: list[torch.Tensor | None] = [None] * count  # only heads holding a merged entry
         self.regions: list[QuantizedRegion] | None = None
         if head_region is not None:
             self.regions = [head_region() for _ in range(count)]
 
-    def set_head(self, b: int, h: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
-        """Store exactly these entries (``[n, D]``, ``[n, D]``, ``[n]``, oldest first) for one head."""
+    def set_head(self, b: int, h: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                 log_mass: torch.Tensor | None = None) -> None:
+        """Store exactly these entries (``[n, D]``, ``[n, D]``, ``[n]``, oldest first) for one head, with the
+        ``[n]`` log of how many tokens each stands for when some are merged (None: one each)."""
         i = b * self.heads + h
+        if log_mass is not None and self.regions is not None:
+            raise ValueError("merged entries cannot be stored beside a codec, which would encode their mass away")
         self.keys[i], self.values[i], self.positions[i] = keys.clone(), values.clone(), positions.clone()
+        self.log_mass[i] = None if log_mass is None else log_mass.to(torch.float32).clone()
         self.lengths[i] = keys.shape[0]
         self._flush(i, room=0)  # the prompt is complete: hold exactly what is kept
         if self.regions is not None:
@@ -57,6 +67,7 @@ class RaggedHeads:
 
     def nbytes(self) -> int:
         total = sum(t.nbytes for group in (self.keys, self.values, self.positions) for t in group)
+        total += sum(t.nbytes for t in self.log_mass if t is not None)
         return total + (sum(region.nbytes() for region in self.regions) if self.regions is not None else 0)
 
     def _flush(self, i: int, room: int | None = None) -> None:
@@ -93,11 +104,16 @@ class RaggedHeads:
                 needed = length + q_len
                 if needed > self.keys[i].shape[0]:
                     capacity = needed + growth_slack(needed)
-                    for store in (self.keys, self.values, self.positions):
+                    for store in (self.keys, self.values, self.positions, self.log_mass):
                         old = store[i]
+                        if old is None:
+                            continue
                         new = old.new_empty((capacity, *old.shape[1:]))
                         new[:length] = old[:length]
                         store[i] = new
+                mass = self.log_mass[i]
+                if mass is not None:
+                    mass[length:needed] = 0.0  # new tokens stand for themselves
                 self.keys[i][length:needed] = keys[b, h]
                 self.values[i][length:needed] = values[b, h]
                 self.positions[i][length:needed] = positions[b]
@@ -134,9 +150,12 @@ class RaggedHeads:
                         region, q, keys, values, mask, scaling
                     )
                     continue
+                mass = self.log_mass[i]
+                attn_mask = mask if mass is None else torch.where(
+                    mask, mass[:length].view(1, 1, length).to(q.dtype), float("-inf"))
                 out[b, h * group : (h + 1) * group] = F.scaled_dot_product_attention(
                     q, keys.unsqueeze(0).expand(group, -1, -1), values.unsqueeze(0).expand(group, -1, -1),
-                    attn_mask=mask, scale=scaling,
+                    attn_mask=attn_mask, scale=scaling,
                 )
         return out.transpose(1, 2)
 

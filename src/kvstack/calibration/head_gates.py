@@ -33,6 +33,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from kvstack.calibration.head_map import HEADS_FORMAT
+from kvstack.calibration.head_probe import KEY_NAMES
 
 __all__ = ["GATED_ATTENTION_NAME", "PROMPT_KINDS", "fit_retrieval_gates", "gated_attention", "passkey_prompt",
            "streaming_mask"]
@@ -101,9 +102,6 @@ def _gated(model: Any, gates: torch.Tensor, sinks: int, recent: int) -> Iterator
 
 
 PROMPT_KINDS = ("ordered", "keyed")
-_KEY_NAMES = ("amber", "birch", "cobalt", "delta", "ember", "falcon", "granite", "harbor", "indigo", "juniper",
-              "kestrel", "lantern", "meadow", "nickel", "orchid", "pepper", "quartz", "raven", "saffron", "thistle",
-              "umber", "violet", "walnut", "yarrow", "zephyr", "basil", "cedar", "dune", "fern", "glacier")
 
 
 def passkey_prompt(tokenizer: Any, haystack: list[int], passkeys: int, digits: int, generator: torch.Generator,
@@ -120,7 +118,7 @@ def passkey_prompt(tokenizer: Any, haystack: list[int], passkeys: int, digits: i
             for _ in range(passkeys)]
     depths = sorted(int(d) for d in torch.randint(len(haystack) // 20, len(haystack) * 19 // 20, (passkeys,),
                                                   generator=generator))
-    names = [_KEY_NAMES[int(i)] for i in torch.randperm(len(_KEY_NAMES), generator=generator)[:passkeys]]
+    names = [KEY_NAMES[int(i)] for i in torch.randperm(len(KEY_NAMES), generator=generator)[:passkeys]]
     needles = ([f" Pass key {n} is {key}. Remember it." for n, key in enumerate(keys, 1)] if kind == "ordered"
                else [f" The pass key for {name} is {key}." for name, key in zip(names, keys, strict=True)])
     sequence: list[int] = []

@@ -7,12 +7,60 @@ from typing import Any
 from kvstack.calibration.artefact import CalibrationError
 from kvstack.calibration.head_map import HEADS_FORMAT
 
-__all__ = ["probe_retrieval_heads"]
+__all__ = ["KEYED_PROBE", "KEY_NAMES", "PROBE_KINDS", "probe_retrieval_heads"]
+
+PROBE_KINDS = ("single", "keyed")
+KEYED_PROBE = {"prompts": 16, "length": 1536, "needles": 4}  # calibrate --retrieval-heads keyed
+# names a keyed needle belongs to (also the gate fit's keyed prompts)
+KEY_NAMES = ("amber", "birch", "cobalt", "delta", "ember", "falcon", "granite", "harbor", "indigo", "juniper",
+             "kestrel", "lantern", "meadow", "nickel", "orchid", "pepper", "quartz", "raven", "saffron", "thistle",
+             "umber", "violet", "walnut", "yarrow", "zephyr", "basil", "cedar", "dune", "fern", "glacier")
+
+
+def _needle_prompt(tokenizer: Any, text: list[int], kind: str, needles: int, digits: int,
+                   generator: Any) -> tuple[list[int], range]:
+    """One probe prompt: ``text`` with the needle(s) in it and the question last; returns the ids and the span
+    of the needle the question asks for. ``single``: one magic number. ``keyed``: ``needles`` numbers, each
+    belonging to a name, and the question names one, so the span to copy from sits among look-alikes."""
+    import torch
+
+    def ids(words: str) -> list[int]:
+        return tokenizer(words, add_special_tokens=False)["input_ids"]
+
+    count = 1 if kind == "single" else needles
+    numbers = ["".join(str(int(d)) for d in torch.randint(0, 10, (digits,), generator=generator))
+               for _ in range(count)]
+    depths = sorted(int(d) for d in torch.randint(len(text) // 10, len(text) * 9 // 10, (count,),
+                                                  generator=generator))
+    if kind == "single":
+        needle_texts = [f" The special magic number is {numbers[0]}. Remember it."]
+        question, asked = " What is the special magic number? The special magic number is", 0
+    else:
+        names = [KEY_NAMES[int(i)] for i in torch.randperm(len(KEY_NAMES), generator=generator)[:count]]
+        needle_texts = [f" The special magic number for {name} is {number}." for name, number in zip(
+            names, numbers, strict=True)]
+        asked = int(torch.randint(0, count, (1,), generator=generator))
+        question = (f" What is the special magic number for {names[asked]}? The special magic number for "
+                    f"{names[asked]} is")
+    sequence: list[int] = []
+    start, span = 0, range(0)
+    for index, (depth, needle) in enumerate(zip(depths, needle_texts, strict=True)):
+        sequence += text[start:depth]
+        if index == asked:
+            span = range(len(sequence), len(sequence) + len(ids(needle)))
+        sequence += ids(needle)
+        start = depth
+    return sequence + text[start:] + ids(question), span
 
 
 def probe_retrieval_heads(model: Any, tokenizer: Any, *, prompts: int = 8, length: int = 768, digits: int = 12,
-                          source: str = "python-docs", seed: int = 0) -> dict[str, Any]:
-    """Run the probe: ``prompts`` needle prompts of about ``length`` tokens; returns the artefact's record."""
+                          source: str = "python-docs", seed: int = 0, kind: str = "single",
+                          needles: int = 4) -> dict[str, Any]:
+    """Run the probe: ``prompts`` needle prompts of about ``length`` tokens; returns the artefact's record.
+
+    ``kind='single'`` hides one number (Wu et al.'s probe); ``'keyed'`` hides ``needles`` numbers by name and
+    asks for one, so only a head that finds the named needle among look-alikes scores (what a multi-key
+    question needs)."""
     import torch
 
     from kvstack.api import cache_kwargs
@@ -20,6 +68,10 @@ def probe_retrieval_heads(model: Any, tokenizer: Any, *, prompts: int = 8, lengt
     from kvstack.calibration.text import calibration_text_ids
     from kvstack.models import model_geometry
 
+    if kind not in PROBE_KINDS:
+        raise CalibrationError(f"the probe's kind must be one of {', '.join(PROBE_KINDS)}, got {kind!r}")
+    if not 1 <= needles <= len(KEY_NAMES):
+        raise CalibrationError(f"needles must be between 1 and {len(KEY_NAMES)}, got {needles}")
     geometry = model_geometry(model)
     group = geometry.num_q_heads // geometry.num_kv_heads
     hay, description = calibration_text_ids(tokenizer, prompts * length, source)
@@ -30,14 +82,8 @@ def probe_retrieval_heads(model: Any, tokenizer: Any, *, prompts: int = 8, lengt
     model.set_attn_implementation("eager")  # attention weights come back only from the eager path
     try:
         for index in range(prompts):
-            number = "".join(str(int(d)) for d in torch.randint(0, 10, (digits,), generator=generator))
-            needle = tokenizer(f" The special magic number is {number}. Remember it.", add_special_tokens=False)
-            question = tokenizer(" What is the special magic number? The special magic number is",
-                                 add_special_tokens=False)
-            text = hay[index * length : (index + 1) * length]
-            depth = int(torch.randint(len(text) // 10, len(text) * 9 // 10, (1,), generator=generator))
-            ids = text[:depth] + needle["input_ids"] + text[depth:] + question["input_ids"]
-            span = range(depth, depth + len(needle["input_ids"]))
+            ids, span = _needle_prompt(tokenizer, hay[index * length : (index + 1) * length], kind, needles,
+                                       digits, generator)
             needle_tokens = {ids[p] for p in span}
             sequence = torch.tensor([ids], device=next(model.parameters()).device)
             with torch.no_grad():
@@ -63,5 +109,8 @@ def probe_retrieval_heads(model: Any, tokenizer: Any, *, prompts: int = 8, lengt
                                "retrieval heads can be scored")
     per_query_head = hits / steps
     per_kv_head = per_query_head.view(geometry.num_layers, geometry.num_kv_heads, group).amax(dim=-1)
-    return {"format": HEADS_FORMAT, "version": 1, "model_key": model_key(model), "source": description,
-            "prompts": prompts, "length": length, "copy_steps": steps, "scores": per_kv_head.tolist()}
+    record = {"format": HEADS_FORMAT, "version": 1, "model_key": model_key(model), "source": description,
+              "prompts": prompts, "length": length, "copy_steps": steps, "scores": per_kv_head.tolist()}
+    if kind != "single":  # the single-needle probe's record stays as it was
+        record.update(method="probe-keyed", needles=needles)
+    return record

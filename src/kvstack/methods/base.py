@@ -22,6 +22,7 @@ from kvstack.contract import (  # noqa: F401  (re-exported: methods import them 
     STAT_LAST,
     STAT_WINDOW,
     AttentionStats,
+    HeadCompensation,
     LayerLink,
     LayerPairMerge,
     LayerView,
@@ -98,6 +99,12 @@ class Method:
         ``scores`` ``[H, L]`` (``+inf`` protected, ``-inf`` padding); ``budget`` the average per head.
         """
         raise NotImplementedError(f"{type(self).__name__} is not head-wise")
+
+    def compensate_heads(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                         keep: torch.Tensor) -> HeadCompensation | None:
+        """Head-wise methods: the entry each head folds what it drops into (``keys``/``values`` ``[H, L, D]``,
+        ``positions`` and ``keep`` ``[H, L]``), or None: dropped entries are gone."""
+        return None
 
     def demotion_codec(self) -> Any | None:
         """The low-precision codec that keeps what this method evicts (MiKV), or None: evicted entries are dropped."""

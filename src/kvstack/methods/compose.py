@@ -32,6 +32,11 @@ def compose(terms: list[Any], spec: str) -> Composed:
             f"cannot compose {names}: {selection.label()} already stores what it evicts at low precision; use it "
             "without a codec"
         )
+    if getattr(selection, "compensation", False) is True:
+        raise SpecError(
+            f"cannot compose {names}: {selection.label()} folds what each head drops into one entry, which a codec "
+            "would encode away; use it without a codec, or with compensation=False"
+        )
     return Composed(selection, codecs[0])
 
 

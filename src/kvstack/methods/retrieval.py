@@ -26,6 +26,7 @@ from kvstack.methods.base import (
     PAGE_SCORE_KEY_BOUND,
     PAGE_SCORE_LOWRANK,
     STAT_COLSUM,
+    HeadCompensation,
     LayerView,
     Method,
     check_sizes,
@@ -384,12 +385,18 @@ class Duo(Method):
         What the other heads keep.
     artefact:
         Path of a retrieval-head artefact; None reads the model's own.
+    compensation:
+        RazorAttention's compensation token (Tang et al., 2024): each streaming head folds the entries it drops
+        into one entry, their mean key and mean value, which weighs in attention as the ``n`` entries it stands
+        for (``log n`` added to its logit), so a uniform share of the dropped context still reaches the output.
+        One entry more per streaming head; not with a codec.
     """
 
     heads: float = 0.5
     sinks: int = 16
     recent: int = 64
     artefact: str | None = None
+    compensation: bool = False
 
     headwise: ClassVar[bool] = True
     uses_model_artefact: ClassVar[bool] = True
@@ -400,6 +407,8 @@ class Duo(Method):
         check_sizes(sinks=self.sinks, recent=self.recent)
         if self.artefact is not None and (not isinstance(self.artefact, str) or not self.artefact):
             raise SpecError(f"artefact must be the path of a retrieval-head file, got {self.artefact!r}")
+        if not isinstance(self.compensation, bool):
+            raise SpecError(f"compensation must be True or False, got {self.compensation!r}")
         self.retrieval: list[list[bool]] | None = None  # [L][H], set by load_artefacts
 
     def load_artefacts(self, model_key: str | None, num_layers: int, num_kv_heads: int) -> None:
@@ -433,3 +442,19 @@ class Duo(Method):
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(scores.shape[-1]).expand_as(order))
         streaming = (rank < self.sinks) | (rank >= (counts.unsqueeze(-1) - self.recent))
         return torch.where(whole.any(dim=-1, keepdim=True), keep, streaming & valid)
+
+    def compensate_heads(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                         keep: torch.Tensor) -> HeadCompensation | None:
+        """With ``compensation``: each head's dropped entries (valid, not in ``keep`` ``[H, L]``) become one
+        entry, the mean of their keys and of their values (``[H, L, D]`` in), weighing as their count and stored
+        at the first dropped position (between the sinks and the recent entries)."""
+        if not self.compensation:
+            return None
+        dropped = (positions >= 0) & ~keep  # [H, L]
+        count = dropped.sum(dim=-1)  # [H]
+        weights = dropped.to(keys.dtype) / count.clamp_min(1).unsqueeze(-1).to(keys.dtype)  # [H, L]
+        first = torch.where(dropped, positions, positions.max() + 1).amin(dim=-1)
+        return HeadCompensation(
+            keys=torch.einsum("hl,hld->hd", weights, keys), values=torch.einsum("hl,hld->hd", weights, values),
+            positions=first, log_mass=count.clamp_min(1).float().log(), present=count > 0,
+        )
