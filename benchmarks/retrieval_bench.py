@@ -204,6 +204,7 @@ def engine_speed(out: str, length: int, requests: int, decode: int, repeats: int
 
 
 GATES_ARTEFACT = "benchmarks/results/retrieval/heads/duo_gates.json"  # kvstack calibrate --retrieval-heads gates
+KEYED_ARTEFACT = "benchmarks/results/retrieval/heads/probe_keyed.json"  # kvstack calibrate --retrieval-heads keyed
 
 
 # The recall grid's methods by name (``--methods`` picks some), each reading or keeping ``budget`` entries.
@@ -227,8 +228,16 @@ RECALL_METHODS = {
     "duo-eighth": "duo(heads=0.1)",
     # the same heads count, the heads chosen by DuoAttention's gates fitted here (committed artefact)
     "duo-gates-eighth": f"duo(heads=0.1, artefact='{GATES_ARTEFACT}')",
+    # the same heads count, chosen by the probe on prompts of several named needles (committed artefact)
+    "duo-keyed-eighth": f"duo(heads=0.1, artefact='{KEYED_ARTEFACT}')",
+    # the streaming heads' recent entries filling the eighth (0.1248 of a 4k context with the token below),
+    # without and with RazorAttention's compensation token
+    "duo-eighth-r96": "duo(heads=0.1, recent=96)",
+    "duo-eighth-razor": "duo(heads=0.1, recent=96, compensation=True)",
     # a quarter of the heads whole (probe): where duo's multi-key score comes back, for the record
     "duo-quarter": "duo(heads=0.25)",
+    # between the eighth and the quarter: how many heads the multi-key cell needs
+    "duo-heads15": "duo(heads=0.15)", "duo-heads20": "duo(heads=0.2)",
     # every key of a block its representative, in int8 (13% of the full cache's bytes): a block's few
     # most-attended keys at prefill miss the needle a multi-key question names
     "infllm-eighth-all-int8": ("infllm(budget={infllm_blocks}, block=32, sinks=16, window={infllm_window}, "
@@ -294,6 +303,12 @@ def recall(out: str, lengths: list[int], max_minutes: float | None, names: list[
         save_head_scores(probe_retrieval_heads(model, tokenizer), head_map_path(model_key(model)))
     if any(name.startswith("duo-gates") for name in names) and not Path(GATES_ARTEFACT).is_file():
         fit_gates(model, tokenizer)
+    if any(name.startswith("duo-keyed") for name in names) and not Path(KEYED_ARTEFACT).is_file():
+        from kvstack.calibration.head_probe import KEYED_PROBE
+
+        record = probe_retrieval_heads(model, tokenizer, kind="keyed", **KEYED_PROBE)
+        record["probed"] = stamp()
+        save_head_scores(record, Path(KEYED_ARTEFACT))
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     for length in lengths:  # one grid per length: each reads 1/8 of its own context
         budget = length // READ_FRACTION

@@ -10,7 +10,7 @@ from kvstack.calibration.head_map import HEADS_FORMAT
 __all__ = ["KEYED_PROBE", "KEY_NAMES", "PROBE_KINDS", "probe_retrieval_heads"]
 
 PROBE_KINDS = ("single", "keyed")
-KEYED_PROBE = {"prompts": 16, "length": 1536, "needles": 4}  # calibrate --retrieval-heads keyed
+KEYED_PROBE = {"prompts": 16, "length": 1536, "needles": 4, "digits": 8}  # calibrate --retrieval-heads keyed
 # names a keyed needle belongs to (also the gate fit's keyed prompts)
 KEY_NAMES = ("amber", "birch", "cobalt", "delta", "ember", "falcon", "granite", "harbor", "indigo", "juniper",
              "kestrel", "lantern", "meadow", "nickel", "orchid", "pepper", "quartz", "raven", "saffron", "thistle",
