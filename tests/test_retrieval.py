@@ -589,6 +589,13 @@ def test_the_probe_finds_heads_that_retrieve_on_the_default_model() -> None:
     with pytest.raises(CalibrationError, match="the probe's kind must be one of single, keyed") as err:
         probe_retrieval_heads(real, tokenizer, kind="named")
     assert "\n" not in str(err.value)
+    with pytest.raises(CalibrationError, match="the probe's score must be one of argmax, mass"):
+        probe_retrieval_heads(real, tokenizer, score="top")
+    mass = probe_retrieval_heads(real, tokenizer, prompts=1, length=256, digits=8, score="mass")
+    weights = torch.tensor(mass["scores"])  # the mean attention weight on the copied token: a share, in [0, 1]
+    assert mass["score"] == "mass" and bool(((weights >= 0) & (weights <= 1)).all())
+    argmax_heads = set(scores.flatten().topk(3).indices.tolist())
+    assert argmax_heads & set(weights.flatten().topk(9).indices.tolist())  # where a head looks hardest, it weighs
 
 
 @settings(max_examples=30, deadline=None)

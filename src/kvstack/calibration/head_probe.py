@@ -7,9 +7,10 @@ from typing import Any
 from kvstack.calibration.artefact import CalibrationError
 from kvstack.calibration.head_map import HEADS_FORMAT
 
-__all__ = ["KEYED_PROBE", "KEY_NAMES", "PROBE_KINDS", "probe_retrieval_heads"]
+__all__ = ["KEYED_PROBE", "KEY_NAMES", "PROBE_KINDS", "PROBE_SCORES", "probe_retrieval_heads"]
 
 PROBE_KINDS = ("single", "keyed")
+PROBE_SCORES = ("argmax", "mass")
 KEYED_PROBE = {"prompts": 16, "length": 1536, "needles": 4, "digits": 8}  # calibrate --retrieval-heads keyed
 # names a keyed needle belongs to (also the gate fit's keyed prompts)
 KEY_NAMES = ("amber", "birch", "cobalt", "delta", "ember", "falcon", "granite", "harbor", "indigo", "juniper",
@@ -55,12 +56,14 @@ def _needle_prompt(tokenizer: Any, text: list[int], kind: str, needles: int, dig
 
 def probe_retrieval_heads(model: Any, tokenizer: Any, *, prompts: int = 8, length: int = 768, digits: int = 12,
                           source: str = "python-docs", seed: int = 0, kind: str = "single",
-                          needles: int = 4) -> dict[str, Any]:
+                          needles: int = 4, score: str = "argmax") -> dict[str, Any]:
     """Run the probe: ``prompts`` needle prompts of about ``length`` tokens; returns the artefact's record.
 
     ``kind='single'`` hides one number (Wu et al.'s probe); ``'keyed'`` hides ``needles`` numbers by name and
     asks for one, so only a head that finds the named needle among look-alikes scores (what a multi-key
-    question needs)."""
+    question needs). ``score='argmax'`` counts a copy step when a head's strongest attention lands on the copied
+    token in the needle (Wu et al.); ``'mass'`` adds the attention weight the head puts there (HeadKV's
+    refinement: a head splitting its attention over the token and its neighbours still counts)."""
     import torch
 
     from kvstack.api import cache_kwargs
@@ -70,6 +73,8 @@ def probe_retrieval_heads(model: Any, tokenizer: Any, *, prompts: int = 8, lengt
 
     if kind not in PROBE_KINDS:
         raise CalibrationError(f"the probe's kind must be one of {', '.join(PROBE_KINDS)}, got {kind!r}")
+    if score not in PROBE_SCORES:
+        raise CalibrationError(f"the probe's score must be one of {', '.join(PROBE_SCORES)}, got {score!r}")
     if not 1 <= needles <= len(KEY_NAMES):
         raise CalibrationError(f"needles must be between 1 and {len(KEY_NAMES)}, got {needles}")
     geometry = model_geometry(model)
@@ -97,6 +102,9 @@ def probe_retrieval_heads(model: Any, tokenizer: Any, *, prompts: int = 8, lengt
                         steps += 1
                         targets = torch.tensor([p for p in span if ids[p] == generated])
                         for layer, weights in enumerate(attentions):  # [1, Hq, 1, L]
+                            if score == "mass":
+                                hits[layer] += weights[0, :, -1, targets].float().sum(-1).cpu()
+                                continue
                             strongest = weights[0, :, -1, : len(ids)].argmax(-1).cpu()
                             hits[layer] += torch.isin(strongest, targets).float()
                     out = model(input_ids=token, **cache_kwargs(model, cache), use_cache=True, output_attentions=True)
@@ -113,4 +121,6 @@ def probe_retrieval_heads(model: Any, tokenizer: Any, *, prompts: int = 8, lengt
               "prompts": prompts, "length": length, "copy_steps": steps, "scores": per_kv_head.tolist()}
     if kind != "single":  # the single-needle probe's record stays as it was
         record.update(method="probe-keyed", needles=needles)
+    if score != "argmax":
+        record["score"] = score
     return record
