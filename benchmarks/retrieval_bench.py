@@ -230,6 +230,8 @@ RECALL_METHODS = {
     "duo-gates-eighth": f"duo(heads=0.1, artefact='{GATES_ARTEFACT}')",
     # the same heads count, chosen by the probe on prompts of several named needles (committed artefact)
     "duo-keyed-eighth": f"duo(heads=0.1, artefact='{KEYED_ARTEFACT}')",
+    # the keyed probe on 32 prompts (KEYED_PROBE's count now): twice the copy steps, less noise in the order
+    "duo-keyed32-eighth": "duo(heads=0.1, artefact='benchmarks/results/retrieval/heads/probe_keyed32.json')",
     # the streaming heads' recent entries filling the eighth (0.1248 of a 4k context with the token below),
     # without and with RazorAttention's compensation token
     "duo-eighth-r96": "duo(heads=0.1, recent=96)",

@@ -142,3 +142,43 @@ def test_a_bad_gate_fit_is_one_line(tokenizer, capsys) -> None:
         fit_retrieval_gates(model, tokenizer, steps=1, prompts="random")
     message = usage_error(capsys, ["calibrate", "--retrieval-heads", "gates", "--gate-steps", "0"])
     assert "--gate-steps must be >= 1" in message
+
+
+def test_greedy_selection_takes_the_head_whose_opening_most_lowers_the_answers_loss(tokenizer) -> None:
+    """The first round's gain of each head matches a finite difference of the answer's loss in its gate, the
+    head with the largest joins first, and the chosen heads are duo's top scores in the order chosen."""
+    import re
+
+    import torch.nn.functional as F
+
+    from kvstack.calibration.head_gates import select_retrieval_heads
+    from kvstack.calibration.head_probe import _needle_prompt
+    from kvstack.calibration.text import calibration_text_ids
+
+    model = build_model(num_hidden_layers=2, vocab_size=len(tokenizer), max_position_embeddings=1024)
+    seen: list[tuple[int, tuple[int, int], float]] = []
+    record = select_retrieval_heads(model, tokenizer, count=3, prompts=1, length=352, needles=2, digits=4,
+                                    progress=lambda *row: seen.append(row))
+    pool, _ = calibration_text_ids(tokenizer, 352)
+    ids, span = _needle_prompt(tokenizer, pool[:352], "keyed", 2, 4, torch.Generator().manual_seed(0))
+    number = re.findall(r"\d+", tokenizer.decode(ids[span.start : span.stop]))[-1]
+    answer = tokenizer(f" {number}", add_special_tokens=False)["input_ids"]
+    sequence = torch.tensor([ids + answer])
+
+    def loss(gates: torch.Tensor) -> float:
+        with _gated(model, gates, 16, 64), torch.no_grad():
+            logits = model(input_ids=sequence, use_cache=False).logits[0, len(ids) - 1 : -1]
+        return F.cross_entropy(logits.float(), sequence[0, len(ids):]).item()
+
+    streaming = loss(torch.zeros(2, 2))
+    assert abs(seen[0][2] - streaming) < 1e-4  # round 1 runs every head streaming
+    step = 1e-2
+    gains = torch.tensor([(streaming - loss(torch.eye(4)[h].view(2, 2) * step)) / step for h in range(4)])
+    assert divmod(int(gains.argmax()), 2) == tuple(record["chosen"][0]) == seen[0][1]
+    chosen = [layer * 2 + head for layer, head in record["chosen"]]
+    assert len(set(chosen)) == 3
+    scores = torch.tensor(record["scores"]).flatten()
+    assert scores.argsort(descending=True)[:3].tolist() == chosen and record["method"] == "duo-greedy"
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(CalibrationError, match="1 <= count <= 4"):
+        select_retrieval_heads(model, tokenizer, count=5, length=352)

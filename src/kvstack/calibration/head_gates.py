@@ -217,3 +217,83 @@ def fit_retrieval_gates(model: Any, tokenizer: Any, *, steps: int = 80, length: 
             "prompts": prompts, "sinks": sinks, "recent": recent, "lr": lr, "reg": reg, "seed": seed,
             "final_distance": sum(distances[-10:]) / len(distances[-10:]),
             "final_gates": gates.detach().cpu().tolist(), "scores": averaged.cpu().tolist()}
+
+
+def select_retrieval_heads(model: Any, tokenizer: Any, *, count: int = 9, prompts: int = 4, length: int = 1024,
+                           needles: int = 4, digits: int = 8, sinks: int = 16, recent: int = 64,
+                           source: str = "python-docs", seed: int = 0,
+                           progress: Callable[[int, tuple[int, int], float], None] | None = None) -> dict[str, Any]:
+    """Choose ``count`` retrieval heads greedily, each from the gradient at the split duo would run.
+
+    Start with every KV head streaming (gates 0: duo's sinks and recent entries). Each round runs ``prompts``
+    keyed needle prompts (several numbers under names, one asked for: :func:`.head_probe._needle_prompt`) with
+    the answer teacher-forced, through the gated attention with the heads chosen so far whole (gate 1) and
+    the rest streaming (gate 0), and takes the gradient of the cross-entropy of the answer's tokens with
+    respect to every gate: ``-d loss / d gate`` is how much the answer gains, to first order, when that head
+    starts to read everything. The head with the largest gain joins, and the next round starts from the new
+    split. Unlike DuoAttention's fit (:func:`fit_retrieval_gates`, linearised around every head whole, on the
+    distance of hidden states), each step is taken at the split itself and on the answer's tokens.
+
+    Returns the retrieval-head artefact's record: the chosen heads score ``1`` down to ``0.5`` in the order
+    chosen, the others below ``0.5`` by their gain in the last round, so ``duo(heads=f)`` with ``f`` of at
+    most ``count`` heads keeps chosen ones. Cost: ``count`` rounds of ``prompts`` forward and backward passes.
+    """
+    import re
+
+    from kvstack.calibration.artefact import CalibrationError
+    from kvstack.calibration.head_probe import _needle_prompt
+    from kvstack.calibration.identity import model_key
+    from kvstack.calibration.text import calibration_text_ids
+    from kvstack.models import model_geometry
+
+    geometry = model_geometry(model)
+    total = geometry.num_layers * geometry.num_kv_heads
+    if not 1 <= count <= total or prompts < 1 or length < 4 * (sinks + recent):
+        raise CalibrationError(f"the head selection needs 1 <= count <= {total}, prompts >= 1 and a haystack of at "
+                               f"least 4 x (sinks + recent) = {4 * (sinks + recent)} tokens")
+    device = next(model.parameters()).device
+    pool, description = calibration_text_ids(tokenizer, prompts * length, source)
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for index in range(prompts):
+        ids, span = _needle_prompt(tokenizer, pool[index * length : (index + 1) * length], "keyed", needles, digits,
+                                   generator)
+        number = re.findall(r"\d+", tokenizer.decode(ids[span.start : span.stop]))[-1]
+        answer = tokenizer(f" {number}", add_special_tokens=False)["input_ids"]
+        batches.append((torch.tensor([ids + answer], device=device), len(ids)))
+    chosen: list[int] = []
+    gain = torch.zeros(total)
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for parameter, _ in frozen:
+        parameter.requires_grad_(False)
+    try:
+        for _ in range(count):
+            gates = torch.zeros(total, device=device)
+            gates[chosen] = 1.0
+            gates = gates.view(geometry.num_layers, geometry.num_kv_heads).requires_grad_(True)
+            loss_sum = 0.0
+            with _gated(model, gates, sinks, recent), torch.enable_grad():
+                for sequence, answer_start in batches:
+                    logits = model(input_ids=sequence, use_cache=False).logits[0, answer_start - 1 : -1]
+                    loss = F.cross_entropy(logits.float(), sequence[0, answer_start:]) / len(batches)
+                    loss.backward()
+                    loss_sum += loss.item()
+            gain = -gates.grad.detach().flatten().cpu()
+            gain[chosen] = float("-inf")
+            best = int(gain.argmax())
+            chosen.append(best)
+            if progress is not None:
+                progress(len(chosen), divmod(best, geometry.num_kv_heads), loss_sum)
+    finally:
+        for parameter, wanted in frozen:
+            parameter.requires_grad_(wanted)
+    rest = gain.clone()
+    rest[chosen] = float("nan")
+    order = rest.nan_to_num(float("-inf")).argsort().argsort().float()  # rank of the last round's gain
+    scores = 0.5 * order / total
+    scores[chosen] = torch.linspace(1.0, 0.5, len(chosen)) if len(chosen) > 1 else torch.tensor([1.0])
+    return {"format": HEADS_FORMAT, "version": 1, "method": "duo-greedy", "model_key": model_key(model),
+            "source": description, "count": count, "prompts": prompts, "length": length, "needles": needles,
+            "digits": digits, "sinks": sinks, "recent": recent, "seed": seed,
+            "chosen": [list(divmod(head, geometry.num_kv_heads)) for head in chosen],
+            "scores": scores.view(geometry.num_layers, geometry.num_kv_heads).tolist()}
