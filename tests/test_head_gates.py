@@ -182,3 +182,8 @@ def test_greedy_selection_takes_the_head_whose_opening_most_lowers_the_answers_l
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(CalibrationError, match="1 <= count <= 4"):
         select_retrieval_heads(model, tokenizer, count=5, length=352)
+
+
+def test_a_bad_greedy_head_count_is_a_usage_error(capsys) -> None:
+    message = usage_error(capsys, ["calibrate", "--retrieval-heads", "greedy", "--greedy-heads", "0"])
+    assert "--greedy-heads must be >= 1, got 0" in message

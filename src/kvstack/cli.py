@@ -20,7 +20,7 @@ from kvstack.bench.engine_cli import add_engine_bench_parser
 from kvstack.errors import KVStackError
 
 USAGE_ERROR = 2
-RETRIEVAL_HEAD_METHODS = ("probe", "keyed", "gates")  # calibrate --retrieval-heads: how duo's heads are scored
+RETRIEVAL_HEAD_METHODS = ("probe", "keyed", "gates", "greedy")  # calibrate --retrieval-heads: how heads are scored
 
 
 class UsageError(KVStackError):
@@ -117,6 +117,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if args.retrieval_heads == "gates" and args.gate_steps < 1:
         raise UsageError(f"--gate-steps must be >= 1, got {args.gate_steps}")
+    if args.retrieval_heads == "greedy" and args.greedy_heads < 1:
+        raise UsageError(f"--greedy-heads must be >= 1, got {args.greedy_heads}")
     if args.kvsharer is not None:
         if args.kvsharer < 1:
             raise UsageError(f"--kvsharer must be >= 1 layer to share, got {args.kvsharer}")
@@ -157,7 +159,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _calibrate_retrieval_heads(args: argparse.Namespace, model: Any, tokenizer: Any) -> int:
     """Score every KV head (the retrieval probe, or DuoAttention's gates) and write duo's artefact
-    (``calibrate --retrieval-heads [probe|keyed|gates]``)."""
+    (``calibrate --retrieval-heads [probe|keyed|gates|greedy]``)."""
     import time
 
     from kvstack.calibration import model_key
@@ -179,6 +181,17 @@ def _calibrate_retrieval_heads(args: argparse.Namespace, model: Any, tokenizer: 
 
         record = fit_retrieval_gates(model, tokenizer, steps=args.gate_steps, source=args.source, progress=report)
         how = f"{args.gate_steps} gate-fit steps, final distance {record['final_distance']:.3f}"
+    elif args.retrieval_heads == "greedy":
+        from kvstack.calibration.head_gates import select_retrieval_heads
+
+        def chosen(count: int, head: tuple[int, int], loss: float) -> None:  # a round is a minute: say each
+            if not args.no_progress:
+                print(f"greedy: head {count}/{args.greedy_heads} L{head[0]}.H{head[1]} (answer loss before it "
+                      f"{loss:.3f})", file=sys.stderr, flush=True)
+
+        record = select_retrieval_heads(model, tokenizer, count=args.greedy_heads, source=args.source,
+                                        progress=chosen)
+        how = f"{args.greedy_heads} heads chosen greedily"
     else:
         kind = "keyed" if args.retrieval_heads == "keyed" else "single"
         record = probe_retrieval_heads(model, tokenizer, source=args.source, kind=kind, **KEYED_PROBE
@@ -388,9 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--retrieval-heads", nargs="?", const="probe", choices=RETRIEVAL_HEAD_METHODS, default=None,
                      help="instead: score every KV head for duo's artefact, with the retrieval probe (probe, the "
                           "default; seconds), the probe on prompts of several named needles asking for one (keyed; "
-                          "a minute), or DuoAttention's gates fitted with the model frozen (gates; minutes)")
+                          "minutes), DuoAttention's gates fitted with the model frozen (gates; minutes), or heads "
+                          "chosen one by one by the answer's gradient at duo's split (greedy; a minute a head)")
     cal.add_argument("--gate-steps", type=int, default=80,
                      help="--retrieval-heads gates: optimiser steps, one synthetic passkey prompt each (default 80)")
+    cal.add_argument("--greedy-heads", type=int, default=9,
+                     help="--retrieval-heads greedy: heads to choose, one round each (default 9: a tenth of "
+                          "SmolLM2-135M's 90 KV heads)")
     cal.add_argument("--force", action="store_true", help="recalibrate even when an artefact exists")
     cal.add_argument("--no-progress", action="store_true", help="no progress bar")
     cal.set_defaults(func=cmd_calibrate)
