@@ -204,7 +204,9 @@ def engine_speed(out: str, length: int, requests: int, decode: int, repeats: int
 
 
 GATES_ARTEFACT = "benchmarks/results/retrieval/heads/duo_gates.json"  # kvstack calibrate --retrieval-heads gates
-KEYED_ARTEFACT = "benchmarks/results/retrieval/heads/probe_keyed.json"  # kvstack calibrate --retrieval-heads keyed
+# the keyed probe's heads (kvstack calibrate --retrieval-heads keyed) by its number of prompts
+KEYED_ARTEFACTS = {16: "benchmarks/results/retrieval/heads/probe_keyed.json",
+                   32: "benchmarks/results/retrieval/heads/probe_keyed32.json"}
 
 
 # The recall grid's methods by name (``--methods`` picks some), each reading or keeping ``budget`` entries.
@@ -229,9 +231,9 @@ RECALL_METHODS = {
     # the same heads count, the heads chosen by DuoAttention's gates fitted here (committed artefact)
     "duo-gates-eighth": f"duo(heads=0.1, artefact='{GATES_ARTEFACT}')",
     # the same heads count, chosen by the probe on prompts of several named needles (committed artefact)
-    "duo-keyed-eighth": f"duo(heads=0.1, artefact='{KEYED_ARTEFACT}')",
-    # the keyed probe on 32 prompts (KEYED_PROBE's count now): twice the copy steps, less noise in the order
-    "duo-keyed32-eighth": "duo(heads=0.1, artefact='benchmarks/results/retrieval/heads/probe_keyed32.json')",
+    "duo-keyed-eighth": f"duo(heads=0.1, artefact='{KEYED_ARTEFACTS[16]}')",
+    # the keyed probe on 32 prompts: twice the copy steps, less noise in the order
+    "duo-keyed32-eighth": f"duo(heads=0.1, artefact='{KEYED_ARTEFACTS[32]}')",
     # the streaming heads' recent entries filling the eighth (0.1248 of a 4k context with the token below),
     # without and with RazorAttention's compensation token
     "duo-eighth-r96": "duo(heads=0.1, recent=96)",
@@ -305,12 +307,13 @@ def recall(out: str, lengths: list[int], max_minutes: float | None, names: list[
         save_head_scores(probe_retrieval_heads(model, tokenizer), head_map_path(model_key(model)))
     if any(name.startswith("duo-gates") for name in names) and not Path(GATES_ARTEFACT).is_file():
         fit_gates(model, tokenizer)
-    if any(name.startswith("duo-keyed") for name in names) and not Path(KEYED_ARTEFACT).is_file():
-        from kvstack.calibration.head_probe import KEYED_PROBE
+    for prompts, path in KEYED_ARTEFACTS.items():
+        if any(KEYED_ARTEFACTS[prompts] in RECALL_METHODS[name] for name in names) and not Path(path).is_file():
+            from kvstack.calibration.head_probe import KEYED_PROBE
 
-        record = probe_retrieval_heads(model, tokenizer, kind="keyed", **KEYED_PROBE)
-        record["probed"] = stamp()
-        save_head_scores(record, Path(KEYED_ARTEFACT))
+            record = probe_retrieval_heads(model, tokenizer, kind="keyed", **{**KEYED_PROBE, "prompts": prompts})
+            record["probed"] = stamp()
+            save_head_scores(record, Path(path))
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     for length in lengths:  # one grid per length: each reads 1/8 of its own context
         budget = length // READ_FRACTION

@@ -1,4 +1,5 @@
-"""DuoAttention's retrieval gates, fitted with the model frozen (the other way to make duo's artefact).
+"""DuoAttention's retrieval gates, fitted with the model frozen, and a greedy choice of heads by the gates'
+gradient at duo's split (two more ways to make duo's artefact; :func:`select_retrieval_heads` for the second).
 
 DuoAttention (Xiao et al., 2024) gives every KV head a gate ``alpha`` in ``[0, 1]`` and mixes, per head, the
 output of full attention with that of streaming attention (the first ``sinks`` and last ``recent`` keys, what

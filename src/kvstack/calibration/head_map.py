@@ -5,13 +5,14 @@ Factuality", as RazorAttention and HeadKV use it): synthetic needle prompts are 
 with a random number inserted at a random depth, and the model is asked to repeat it. At every decoding step
 whose greedy token is a token of the needle, a query head *retrieves* when its strongest attention falls on
 that token inside the needle. A query head's score is the fraction of such steps it retrieves; a KV head's
-is the largest over its group's query heads (its cache serves them all). The other way to score them,
-DuoAttention's gates fitted with the model frozen (:mod:`.head_gates`), writes the same artefact with the
-gates as scores and ``"method": "duo-gates"``.
+is the largest over its group's query heads (its cache serves them all). The probe's keyed prompts hide
+several numbers under names and ask for one (``"method": "probe-keyed"``). DuoAttention's gates fitted with
+the model frozen, and a greedy choice by the answer's gradient at duo's split (:mod:`.head_gates`), write the
+same artefact with ``"method": "duo-gates"`` and ``"duo-greedy"``.
 
 The scores are a JSON artefact keyed by the model under ``<kvstack_home()>/calibration/<model_key>.heads.json``
-(``kvstack calibrate --retrieval-heads [probe|gates]``); ``duo(...)`` refuses one made for another model with
-one line.
+(``kvstack calibrate --retrieval-heads [probe|keyed|gates|greedy]``); ``duo(...)`` refuses one made for
+another model with one line.
 """
 
 from __future__ import annotations
