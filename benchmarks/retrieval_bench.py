@@ -234,6 +234,8 @@ RECALL_METHODS = {
     "duo-keyed-eighth": f"duo(heads=0.1, artefact='{KEYED_ARTEFACTS[16]}')",
     # the keyed probe on 32 prompts: twice the copy steps, less noise in the order
     "duo-keyed32-eighth": f"duo(heads=0.1, artefact='{KEYED_ARTEFACTS[32]}')",
+    # the same heads with the streaming heads' recent entries filling the eighth (0.1248 of a 4k context)
+    "duo-keyed32-eighth-r96": f"duo(heads=0.1, recent=96, artefact='{KEYED_ARTEFACTS[32]}')",
     # the streaming heads' recent entries filling the eighth (0.1248 of a 4k context with the token below),
     # without and with RazorAttention's compensation token
     "duo-eighth-r96": "duo(heads=0.1, recent=96)",

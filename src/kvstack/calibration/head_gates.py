@@ -47,6 +47,14 @@ class _GateState:
 
     def __init__(self, gates: torch.Tensor, sinks: int, recent: int) -> None:
         self.gates, self.sinks, self.recent = gates, sinks, recent
+        self._masks: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def streaming_mask(self, length: int, device: torch.device) -> torch.Tensor:
+        """The streaming mask for ``length`` tokens, built once per forward's length (every layer asks)."""
+        key = (length, device)
+        if key not in self._masks:
+            self._masks = {key: streaming_mask(length, self.sinks, self.recent, device)}
+        return self._masks[key]
 
 
 _ACTIVE: list[_GateState] = []
@@ -66,7 +74,8 @@ def gated_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     ``gate * full + (1 - gate) * streaming`` with its KV head's gate. ``query`` ``[B, Hq, q, D]``, ``key`` and
     ``value`` ``[B, H_kv, q, D]``; returns ``([B, q, Hq, D], None)``."""
     if not _ACTIVE:
-        raise RuntimeError(f"{GATED_ATTENTION_NAME} attention runs only inside fit_retrieval_gates")
+        raise RuntimeError(f"{GATED_ATTENTION_NAME} attention runs only inside fit_retrieval_gates or "
+                           "select_retrieval_heads")
     state = _ACTIVE[-1]
     group = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
@@ -75,7 +84,7 @@ def gated_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         raise RuntimeError("the gated attention fits on whole prompts, without a cache")
     full = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
     streaming = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=streaming_mask(length, state.sinks, state.recent, query.device), scale=scaling)
+        query, key, value, attn_mask=state.streaming_mask(length, query.device), scale=scaling)
     gate = state.gates[module.layer_idx].repeat_interleave(group).view(1, -1, 1, 1).to(query.dtype)
     mixed = gate * full + (1 - gate) * streaming
     return mixed.transpose(1, 2).contiguous(), None
