@@ -236,6 +236,8 @@ RECALL_METHODS = {
     "duo-keyed32-eighth": f"duo(heads=0.1, artefact='{KEYED_ARTEFACTS[32]}')",
     # the same heads with the streaming heads' recent entries filling the eighth (0.1248 of a 4k context)
     "duo-keyed32-eighth-r96": f"duo(heads=0.1, recent=96, artefact='{KEYED_ARTEFACTS[32]}')",
+    # ... or with more of them sinks (the read is the same)
+    "duo-keyed32-eighth-s32": f"duo(heads=0.1, sinks=32, recent=80, artefact='{KEYED_ARTEFACTS[32]}')",
     # the streaming heads' recent entries filling the eighth (0.1248 of a 4k context with the token below),
     # without and with RazorAttention's compensation token
     "duo-eighth-r96": "duo(heads=0.1, recent=96)",
