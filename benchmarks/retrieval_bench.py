@@ -312,7 +312,7 @@ def recall(out: str, lengths: list[int], max_minutes: float | None, names: list[
     if any(name.startswith("duo-gates") for name in names) and not Path(GATES_ARTEFACT).is_file():
         fit_gates(model, tokenizer)
     for prompts, path in KEYED_ARTEFACTS.items():
-        if any(KEYED_ARTEFACTS[prompts] in RECALL_METHODS[name] for name in names) and not Path(path).is_file():
+        if any(path in RECALL_METHODS[name] for name in names) and not Path(path).is_file():
             from kvstack.calibration.head_probe import KEYED_PROBE
 
             record = probe_retrieval_heads(model, tokenizer, kind="keyed", **{**KEYED_PROBE, "prompts": prompts})

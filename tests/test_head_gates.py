@@ -160,8 +160,8 @@ def test_greedy_selection_takes_the_head_whose_opening_most_lowers_the_answers_l
     record = select_retrieval_heads(model, tokenizer, count=3, prompts=1, length=352, needles=2, digits=4,
                                     progress=lambda *row: seen.append(row))
     pool, _ = calibration_text_ids(tokenizer, 352)
-    ids, span = _needle_prompt(tokenizer, pool[:352], "keyed", 2, 4, torch.Generator().manual_seed(0))
-    number = re.findall(r"\d+", tokenizer.decode(ids[span.start : span.stop]))[-1]
+    ids, span, number = _needle_prompt(tokenizer, pool[:352], "keyed", 2, 4, torch.Generator().manual_seed(0))
+    assert re.findall(r"\d+", tokenizer.decode(ids[span.start : span.stop]))[-1] == number  # the asked needle's
     answer = tokenizer(f" {number}", add_special_tokens=False)["input_ids"]
     sequence = torch.tensor([ids + answer])
 

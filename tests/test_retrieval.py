@@ -613,13 +613,13 @@ def test_a_keyed_probe_prompt_asks_for_one_named_needle_among_look_alikes(seed, 
 
     words = Words()
     text = words(" ".join(f"filler{i}" for i in range(200)))["input_ids"]
-    ids, span = _needle_prompt(words, text, "keyed", needles, 6, torch.Generator().manual_seed(seed))
+    ids, span, number = _needle_prompt(words, text, "keyed", needles, 6, torch.Generator().manual_seed(seed))
     back = {index: word for word, index in words.vocabulary.items()}
     said = [back[i] for i in ids]
     needle = said[span.start : span.stop]
     asked = said[-2]  # "What is the special magic number for NAME? The special magic number for NAME is"
     assert needle[:5] == ["The", "special", "magic", "number", "for"] and said[-1] == "is"
-    assert needle[5] == asked and said[-8] == f"{asked}?"
+    assert needle[5] == asked and said[-8] == f"{asked}?" and needle[7] == f"{number}."
     assert sum(w == "magic" for w in said) == needles + 2  # the needles, and the question's two mentions
     assert [w for w in said if w.startswith("filler")] == [f"filler{i}" for i in range(200)]
     assert asked in KEY_NAMES

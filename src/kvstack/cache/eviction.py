@@ -198,10 +198,9 @@ class LayerEviction:
                 log_mass = None
                 if extra is not None and bool(extra.present[h]):  # the merged entry goes in by its position
                     slot = int((positions < extra.positions[h]).sum())
-                    keys = torch.cat((keys[:slot], extra.keys[h : h + 1].to(keys.dtype), keys[slot:]))
-                    values = torch.cat((values[:slot], extra.values[h : h + 1].to(values.dtype), values[slot:]))
-                    positions = torch.cat((positions[:slot], extra.positions[h : h + 1].to(positions.dtype),
-                                           positions[slot:]))
+                    keys = _insert_row(keys, slot, extra.keys[h : h + 1])
+                    values = _insert_row(values, slot, extra.values[h : h + 1])
+                    positions = _insert_row(positions, slot, extra.positions[h : h + 1])
                     log_mass = torch.zeros(positions.shape[0], dtype=torch.float32, device=keys.device)
                     log_mass[slot] = extra.log_mass[h]
                 ragged.set_head(b, h, keys, values, positions, log_mass)
@@ -212,3 +211,8 @@ class LayerEviction:
         self.state = {}
         self.length = 0
         self.capacity = 0
+
+
+def _insert_row(rows: torch.Tensor, slot: int, row: torch.Tensor) -> torch.Tensor:
+    """``rows`` ``[n, ...]`` with ``row`` ``[1, ...]`` (cast to their dtype) placed at index ``slot``."""
+    return torch.cat((rows[:slot], row.to(rows.dtype), rows[slot:]))

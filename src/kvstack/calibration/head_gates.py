@@ -111,6 +111,19 @@ def _gated(model: Any, gates: torch.Tensor, sinks: int, recent: int) -> Iterator
         model.set_attn_implementation(previous)
 
 
+@contextlib.contextmanager
+def _frozen(model: Any) -> Iterator[None]:
+    """Every weight of ``model`` without gradients inside (only the gates learn); as they were after."""
+    wanted = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    for parameter, _ in wanted:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in wanted:
+            parameter.requires_grad_(flag)
+
+
 PROMPT_KINDS = ("ordered", "keyed")
 
 
@@ -188,12 +201,9 @@ def fit_retrieval_gates(model: Any, tokenizer: Any, *, steps: int = 80, length: 
     gates = torch.ones(geometry.num_layers, geometry.num_kv_heads, device=device, requires_grad=True)
     optimiser = torch.optim.Adam([gates], lr=lr)
     body = model.base_model  # the decoder stack: its last hidden states, without the vocabulary projection
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
-    for parameter, _ in frozen:
-        parameter.requires_grad_(False)
     distances: list[float] = []
     averaged = torch.zeros_like(gates, requires_grad=False)  # the gates summed over the second half of the fit
-    try:
+    with _frozen(model):
         for step in range(steps):
             offset = int(torch.randint(0, len(pool) - length + 1, (1,), generator=generator))
             ids, answer_start = passkey_prompt(tokenizer, pool[offset:offset + length], passkeys, digits, generator,
@@ -216,9 +226,6 @@ def fit_retrieval_gates(model: Any, tokenizer: Any, *, steps: int = 80, length: 
             distances.append(distance.item())
             if progress is not None:
                 progress(step + 1, distances[-1], gates.mean().item())
-    finally:
-        for parameter, wanted in frozen:
-            parameter.requires_grad_(wanted)
     averaged /= steps - steps // 2
     if not torch.isfinite(averaged).all():
         raise CalibrationError("the gate fit diverged (non-finite gates); try a smaller lr")
@@ -248,8 +255,6 @@ def select_retrieval_heads(model: Any, tokenizer: Any, *, count: int = 9, prompt
     chosen, the others below ``0.5`` by their gain in the last round, so ``duo(heads=f)`` with ``f`` of at
     most ``count`` heads keeps chosen ones. Cost: ``count`` rounds of ``prompts`` forward and backward passes.
     """
-    import re
-
     from kvstack.calibration.artefact import CalibrationError
     from kvstack.calibration.head_probe import _needle_prompt
     from kvstack.calibration.identity import model_key
@@ -266,17 +271,13 @@ def select_retrieval_heads(model: Any, tokenizer: Any, *, count: int = 9, prompt
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for index in range(prompts):
-        ids, span = _needle_prompt(tokenizer, pool[index * length : (index + 1) * length], "keyed", needles, digits,
-                                   generator)
-        number = re.findall(r"\d+", tokenizer.decode(ids[span.start : span.stop]))[-1]
+        ids, _, number = _needle_prompt(tokenizer, pool[index * length : (index + 1) * length], "keyed", needles,
+                                        digits, generator)
         answer = tokenizer(f" {number}", add_special_tokens=False)["input_ids"]
         batches.append((torch.tensor([ids + answer], device=device), len(ids)))
     chosen: list[int] = []
     gain = torch.zeros(total)
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
-    for parameter, _ in frozen:
-        parameter.requires_grad_(False)
-    try:
+    with _frozen(model):
         for _ in range(count):
             gates = torch.zeros(total, device=device)
             gates[chosen] = 1.0
@@ -294,12 +295,8 @@ def select_retrieval_heads(model: Any, tokenizer: Any, *, count: int = 9, prompt
             chosen.append(best)
             if progress is not None:
                 progress(len(chosen), divmod(best, geometry.num_kv_heads), loss_sum)
-    finally:
-        for parameter, wanted in frozen:
-            parameter.requires_grad_(wanted)
-    rest = gain.clone()
-    rest[chosen] = float("nan")
-    order = rest.nan_to_num(float("-inf")).argsort().argsort().float()  # rank of the last round's gain
+    gain[chosen] = float("-inf")  # the last round's gain of the heads left streaming
+    order = gain.argsort().argsort().float()
     scores = 0.5 * order / total
     scores[chosen] = torch.linspace(1.0, 0.5, len(chosen)) if len(chosen) > 1 else torch.tensor([1.0])
     return {"format": HEADS_FORMAT, "version": 1, "method": "duo-greedy", "model_key": model_key(model),

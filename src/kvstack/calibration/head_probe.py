@@ -20,10 +20,11 @@ KEY_NAMES = ("amber", "birch", "cobalt", "delta", "ember", "falcon", "granite", 
 
 
 def _needle_prompt(tokenizer: Any, text: list[int], kind: str, needles: int, digits: int,
-                   generator: Any) -> tuple[list[int], range]:
-    """One probe prompt: ``text`` with the needle(s) in it and the question last; returns the ids and the span
-    of the needle the question asks for. ``single``: one magic number. ``keyed``: ``needles`` numbers, each
-    belonging to a name, and the question names one, so the span to copy from sits among look-alikes."""
+                   generator: Any) -> tuple[list[int], range, str]:
+    """One probe prompt: ``text`` with the needle(s) in it and the question last; returns the ids, the span
+    of the needle the question asks for and its number (the answer). ``single``: one magic number.
+    ``keyed``: ``needles`` numbers, each belonging to a name, and the question names one, so the span to copy
+    from sits among look-alikes."""
     import torch
 
     def ids(words: str) -> list[int]:
@@ -52,7 +53,7 @@ def _needle_prompt(tokenizer: Any, text: list[int], kind: str, needles: int, dig
             span = range(len(sequence), len(sequence) + len(ids(needle)))
         sequence += ids(needle)
         start = depth
-    return sequence + text[start:] + ids(question), span
+    return sequence + text[start:] + ids(question), span, numbers[asked]
 
 
 def probe_retrieval_heads(model: Any, tokenizer: Any, *, prompts: int = 8, length: int = 768, digits: int = 12,
@@ -88,8 +89,8 @@ def probe_retrieval_heads(model: Any, tokenizer: Any, *, prompts: int = 8, lengt
     model.set_attn_implementation("eager")  # attention weights come back only from the eager path
     try:
         for index in range(prompts):
-            ids, span = _needle_prompt(tokenizer, hay[index * length : (index + 1) * length], kind, needles,
-                                       digits, generator)
+            ids, span, _ = _needle_prompt(tokenizer, hay[index * length : (index + 1) * length], kind, needles,
+                                          digits, generator)
             needle_tokens = {ids[p] for p in span}
             sequence = torch.tensor([ids], device=next(model.parameters()).device)
             with torch.no_grad():
