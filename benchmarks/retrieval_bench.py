@@ -207,6 +207,8 @@ GATES_ARTEFACT = "benchmarks/results/retrieval/heads/duo_gates.json"  # kvstack 
 # the keyed probe's heads (kvstack calibrate --retrieval-heads keyed) by its number of prompts
 KEYED_ARTEFACTS = {16: "benchmarks/results/retrieval/heads/probe_keyed.json",
                    32: "benchmarks/results/retrieval/heads/probe_keyed32.json"}
+# heads chosen by the answer's loss at duo's split (kvstack calibrate --retrieval-heads search)
+SEARCH_ARTEFACT = "benchmarks/results/retrieval/heads/search.json"
 
 
 # The recall grid's methods by name (``--methods`` picks some), each reading or keeping ``budget`` entries.
@@ -234,6 +236,8 @@ RECALL_METHODS = {
     "duo-keyed-eighth": f"duo(heads=0.1, artefact='{KEYED_ARTEFACTS[16]}')",
     # the keyed probe on 32 prompts: twice the copy steps, less noise in the order
     "duo-keyed32-eighth": f"duo(heads=0.1, artefact='{KEYED_ARTEFACTS[32]}')",
+    # nine heads chosen one at a time by the answer's loss with each candidate whole (committed artefact)
+    "duo-search-eighth": f"duo(heads=0.1, artefact='{SEARCH_ARTEFACT}')",
     # the same heads with the streaming heads' recent entries filling the eighth (0.1248 of a 4k context)
     "duo-keyed32-eighth-r96": f"duo(heads=0.1, recent=96, artefact='{KEYED_ARTEFACTS[32]}')",
     # ... or with more of them sinks (the read is the same)
@@ -318,6 +322,12 @@ def recall(out: str, lengths: list[int], max_minutes: float | None, names: list[
             record = probe_retrieval_heads(model, tokenizer, kind="keyed", **{**KEYED_PROBE, "prompts": prompts})
             record["probed"] = stamp()
             save_head_scores(record, Path(path))
+    if any(SEARCH_ARTEFACT in RECALL_METHODS[name] for name in names) and not Path(SEARCH_ARTEFACT).is_file():
+        from kvstack.calibration.head_search import search_retrieval_heads
+
+        record = search_retrieval_heads(model, tokenizer)
+        record["searched"] = stamp()
+        save_head_scores(record, Path(SEARCH_ARTEFACT))
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     for length in lengths:  # one grid per length: each reads 1/8 of its own context
         budget = length // READ_FRACTION

@@ -20,7 +20,8 @@ from kvstack.bench.engine_cli import add_engine_bench_parser
 from kvstack.errors import KVStackError
 
 USAGE_ERROR = 2
-RETRIEVAL_HEAD_METHODS = ("probe", "keyed", "gates", "greedy")  # calibrate --retrieval-heads: how heads are scored
+# calibrate --retrieval-heads: how heads are scored
+RETRIEVAL_HEAD_METHODS = ("probe", "keyed", "gates", "greedy", "search")
 
 
 class UsageError(KVStackError):
@@ -117,8 +118,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if args.retrieval_heads == "gates" and args.gate_steps < 1:
         raise UsageError(f"--gate-steps must be >= 1, got {args.gate_steps}")
-    if args.retrieval_heads == "greedy" and args.greedy_heads < 1:
+    if args.retrieval_heads in ("greedy", "search") and args.greedy_heads < 1:
         raise UsageError(f"--greedy-heads must be >= 1, got {args.greedy_heads}")
+    if args.out is not None and not args.retrieval_heads:
+        raise UsageError("--out is for --retrieval-heads (the head map's path); other calibrations go to the "
+                         "model's own file")
+    if args.out is not None:
+        _check_writable(Path(args.out), "--out")  # before minutes of calibration, not after
     if args.kvsharer is not None:
         if args.kvsharer < 1:
             raise UsageError(f"--kvsharer must be >= 1 layer to share, got {args.kvsharer}")
@@ -157,16 +163,30 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_writable(path: Path, flag: str) -> None:
+    """Refuse, with one line, a file path that cannot be written (a directory, or no rights there)."""
+    import tempfile
+
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; give the path of a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".kvstack-check-"):
+            pass
+    except OSError as err:
+        raise UsageError(f"{flag} {path}: cannot write there ({err.strerror or err})") from None
+
+
 def _calibrate_retrieval_heads(args: argparse.Namespace, model: Any, tokenizer: Any) -> int:
     """Score every KV head (the retrieval probe, or DuoAttention's gates) and write duo's artefact
-    (``calibrate --retrieval-heads [probe|keyed|gates|greedy]``)."""
+    (``calibrate --retrieval-heads [probe|keyed|gates|greedy|search]``), to the model's own file or ``--out``."""
     import time
 
     from kvstack.calibration import model_key
     from kvstack.calibration.head_map import head_map_path, save_head_scores
     from kvstack.calibration.head_probe import KEYED_PROBE, probe_retrieval_heads
 
-    path = head_map_path(model_key(model))
+    path = Path(args.out) if args.out is not None else head_map_path(model_key(model))
     if path.is_file() and not args.force:
         print(f"retrieval heads: {path} (existing; --force to redo)")
         return 0
@@ -192,6 +212,18 @@ def _calibrate_retrieval_heads(args: argparse.Namespace, model: Any, tokenizer: 
         record = select_retrieval_heads(model, tokenizer, count=args.greedy_heads, source=args.source,
                                         progress=chosen)
         how = f"{args.greedy_heads} heads chosen greedily"
+    elif args.retrieval_heads == "search":
+        from kvstack.calibration.head_search import search_retrieval_heads
+
+        def joined(count: int, head: tuple[int, int], loss: float) -> None:  # a round is minutes: say each
+            if not args.no_progress:
+                print(f"search: head {count}/{args.greedy_heads} L{head[0]}.H{head[1]} (answer loss with it "
+                      f"{loss:.3f})", file=sys.stderr, flush=True)
+
+        record = search_retrieval_heads(model, tokenizer, count=args.greedy_heads, source=args.source,
+                                        progress=joined)
+        how = (f"{args.greedy_heads} heads chosen by the answer's loss, {record['loss_streaming']:.3f} with none "
+               f"whole to {record['losses'][-1]:.3f} (every head whole: {record['loss_whole']:.3f})")
     else:
         kind = "keyed" if args.retrieval_heads == "keyed" else "single"
         record = probe_retrieval_heads(model, tokenizer, source=args.source, kind=kind, **KEYED_PROBE
@@ -402,12 +434,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="instead: score every KV head for duo's artefact, with the retrieval probe (probe, the "
                           "default; seconds), the probe on prompts of several named needles asking for one (keyed; "
                           "minutes), DuoAttention's gates fitted with the model frozen (gates; minutes), or heads "
-                          "chosen one by one by the answer's gradient at duo's split (greedy; a minute a head)")
+                          "chosen one by one by the answer's gradient at duo's split (greedy; a minute a head), or "
+                          "by the answer's loss with every candidate head whole (search; minutes a head)")
     cal.add_argument("--gate-steps", type=int, default=80,
                      help="--retrieval-heads gates: optimiser steps, one synthetic passkey prompt each (default 80)")
     cal.add_argument("--greedy-heads", type=int, default=9,
-                     help="--retrieval-heads greedy: heads to choose, one round each (default 9: a tenth of "
+                     help="--retrieval-heads greedy or search: heads to choose, one round each (default 9: a tenth of "
                           "SmolLM2-135M's 90 KV heads)")
+    cal.add_argument("--out", default=None, metavar="PATH",
+                     help="--retrieval-heads: write the head map here (duo(artefact=PATH) reads it) instead of the "
+                          "model's own file")
     cal.add_argument("--force", action="store_true", help="recalibrate even when an artefact exists")
     cal.add_argument("--no-progress", action="store_true", help="no progress bar")
     cal.set_defaults(func=cmd_calibrate)
