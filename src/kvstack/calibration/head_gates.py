@@ -37,7 +37,7 @@ from kvstack.calibration.head_map import HEADS_FORMAT
 from kvstack.calibration.head_probe import KEY_NAMES
 
 __all__ = ["GATED_ATTENTION_NAME", "PROMPT_KINDS", "fit_retrieval_gates", "gated_attention", "passkey_prompt",
-           "streaming_mask"]
+           "ranked_scores", "select_retrieval_heads", "streaming_mask"]
 
 GATED_ATTENTION_NAME = "kvstack_duo_gates"
 
@@ -122,6 +122,17 @@ def _frozen(model: Any) -> Iterator[None]:
     finally:
         for parameter, flag in wanted:
             parameter.requires_grad_(flag)
+
+
+def ranked_scores(chosen: list[int], merit: torch.Tensor) -> torch.Tensor:
+    """A greedy choice as head-map scores ``[L * H_kv]``: the ``chosen`` heads ``1`` down to ``0.5`` in the order
+    chosen, every other head below ``0.5`` ranked by ``merit`` (higher is better), so ``duo(heads=f)`` keeping
+    at most ``len(chosen)`` heads keeps chosen ones, the first chosen first."""
+    merit = merit.clone()
+    merit[chosen] = float("-inf")
+    scores = 0.5 * merit.argsort().argsort().float() / merit.numel()
+    scores[chosen] = torch.linspace(1.0, 0.5, len(chosen)) if len(chosen) > 1 else torch.tensor([1.0])
+    return scores
 
 
 PROMPT_KINDS = ("ordered", "keyed")
@@ -256,9 +267,8 @@ def select_retrieval_heads(model: Any, tokenizer: Any, *, count: int = 9, prompt
     most ``count`` heads keeps chosen ones. Cost: ``count`` rounds of ``prompts`` forward and backward passes.
     """
     from kvstack.calibration.artefact import CalibrationError
-    from kvstack.calibration.head_probe import _needle_prompt
+    from kvstack.calibration.head_probe import keyed_answers
     from kvstack.calibration.identity import model_key
-    from kvstack.calibration.text import calibration_text_ids
     from kvstack.models import model_geometry
 
     geometry = model_geometry(model)
@@ -267,14 +277,8 @@ def select_retrieval_heads(model: Any, tokenizer: Any, *, count: int = 9, prompt
         raise CalibrationError(f"the head selection needs 1 <= count <= {total}, prompts >= 1 and a haystack of at "
                                f"least 4 x (sinks + recent) = {4 * (sinks + recent)} tokens")
     device = next(model.parameters()).device
-    pool, description = calibration_text_ids(tokenizer, prompts * length, source)
-    generator = torch.Generator().manual_seed(seed)
-    batches = []
-    for index in range(prompts):
-        ids, _, number = _needle_prompt(tokenizer, pool[index * length : (index + 1) * length], "keyed", needles,
-                                        digits, generator)
-        answer = tokenizer(f" {number}", add_special_tokens=False)["input_ids"]
-        batches.append((torch.tensor([ids + answer], device=device), len(ids)))
+    cases, description = keyed_answers(tokenizer, prompts, length, needles, digits, source, seed)
+    batches = [(torch.tensor([ids + answer], device=device), len(ids)) for ids, answer in cases]
     chosen: list[int] = []
     gain = torch.zeros(total)
     with _frozen(model):
@@ -295,10 +299,7 @@ def select_retrieval_heads(model: Any, tokenizer: Any, *, count: int = 9, prompt
             chosen.append(best)
             if progress is not None:
                 progress(len(chosen), divmod(best, geometry.num_kv_heads), loss_sum)
-    gain[chosen] = float("-inf")  # the last round's gain of the heads left streaming
-    order = gain.argsort().argsort().float()
-    scores = 0.5 * order / total
-    scores[chosen] = torch.linspace(1.0, 0.5, len(chosen)) if len(chosen) > 1 else torch.tensor([1.0])
+    scores = ranked_scores(chosen, gain)  # the others by the last round's gain
     return {"format": HEADS_FORMAT, "version": 1, "method": "duo-greedy", "model_key": model_key(model),
             "source": description, "count": count, "prompts": prompts, "length": length, "needles": needles,
             "digits": digits, "sinks": sinks, "recent": recent, "seed": seed,

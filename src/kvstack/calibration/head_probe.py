@@ -7,7 +7,7 @@ from typing import Any
 from kvstack.calibration.artefact import CalibrationError
 from kvstack.calibration.head_map import HEADS_FORMAT
 
-__all__ = ["KEYED_PROBE", "KEY_NAMES", "PROBE_KINDS", "PROBE_SCORES", "probe_retrieval_heads"]
+__all__ = ["KEYED_PROBE", "KEY_NAMES", "PROBE_KINDS", "PROBE_SCORES", "keyed_answers", "probe_retrieval_heads"]
 
 PROBE_KINDS = ("single", "keyed")
 PROBE_SCORES = ("argmax", "mass")
@@ -54,6 +54,25 @@ def _needle_prompt(tokenizer: Any, text: list[int], kind: str, needles: int, dig
         sequence += ids(needle)
         start = depth
     return sequence + text[start:] + ids(question), span, numbers[asked]
+
+
+def keyed_answers(tokenizer: Any, prompts: int, length: int, needles: int, digits: int, source: str,
+                  seed: int) -> tuple[list[tuple[list[int], list[int]]], str]:
+    """``prompts`` keyed needle prompts (:func:`_needle_prompt`) on consecutive ``length``-token stretches of
+    calibration text, each with the ids of its answer (`` <number>``); and the text's description. What the
+    greedy head choices (by gradient, or by evaluating every candidate) teacher-force."""
+    import torch
+
+    from kvstack.calibration.text import calibration_text_ids
+
+    pool, description = calibration_text_ids(tokenizer, prompts * length, source)
+    generator = torch.Generator().manual_seed(seed)
+    cases = []
+    for index in range(prompts):
+        ids, _, number = _needle_prompt(tokenizer, pool[index * length : (index + 1) * length], "keyed", needles,
+                                        digits, generator)
+        cases.append((ids, tokenizer(f" {number}", add_special_tokens=False)["input_ids"]))
+    return cases, description
 
 
 def probe_retrieval_heads(model: Any, tokenizer: Any, *, prompts: int = 8, length: int = 768, digits: int = 12,

@@ -148,9 +148,9 @@ def search_retrieval_heads(model: Any, tokenizer: Any, *, count: int = 9, prompt
     ``loss_whole`` the loss with no head whole and with every head whole.
     """
     from kvstack.calibration.artefact import CalibrationError
-    from kvstack.calibration.head_probe import KEY_NAMES, _needle_prompt
+    from kvstack.calibration.head_gates import ranked_scores
+    from kvstack.calibration.head_probe import KEY_NAMES, keyed_answers
     from kvstack.calibration.identity import model_key
-    from kvstack.calibration.text import calibration_text_ids
     from kvstack.models import model_geometry
 
     geometry = model_geometry(model)
@@ -161,14 +161,8 @@ def search_retrieval_heads(model: Any, tokenizer: Any, *, count: int = 9, prompt
     if not 1 <= needles <= len(KEY_NAMES) or digits < 2:
         raise CalibrationError(f"the head search needs 1 <= needles <= {len(KEY_NAMES)} and digits >= 2")
     device = next(model.parameters()).device
-    pool, description = calibration_text_ids(tokenizer, prompts * length, source)
-    generator = torch.Generator().manual_seed(seed)
-    cases = []
-    for index in range(prompts):
-        ids, _, number = _needle_prompt(tokenizer, pool[index * length : (index + 1) * length], "keyed", needles,
-                                        digits, generator)
-        answer = tokenizer(f" {number}", add_special_tokens=False)["input_ids"]
-        cases.append((prompt_cache(model, ids), answer))
+    prompts_and_answers, description = keyed_answers(tokenizer, prompts, length, needles, digits, source, seed)
+    cases = [(prompt_cache(model, ids), answer) for ids, answer in prompts_and_answers]
 
     def mean_loss(splits: torch.Tensor) -> torch.Tensor:
         """``[B]``: the loss of each split ``[B, total]``, averaged over the prompts."""
@@ -197,10 +191,7 @@ def search_retrieval_heads(model: Any, tokenizer: Any, *, count: int = 9, prompt
         best_losses.append(float(round_losses.min()))
         if progress is not None:
             progress(len(chosen), divmod(best, geometry.num_kv_heads), best_losses[-1])
-    losses[chosen] = float("inf")
-    order = (-losses).argsort().argsort().float()  # the last round's lowest loss ranks highest
-    scores = 0.5 * order / total
-    scores[chosen] = torch.linspace(1.0, 0.5, len(chosen)) if len(chosen) > 1 else torch.tensor([1.0])
+    scores = ranked_scores(chosen, -losses)  # the others by the last round's loss, lowest first
     return {"format": HEADS_FORMAT, "version": 1, "method": "duo-search", "model_key": model_key(model),
             "source": description, "count": count, "prompts": prompts, "length": length, "needles": needles,
             "digits": digits, "sinks": sinks, "recent": recent, "seed": seed,
