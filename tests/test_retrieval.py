@@ -584,7 +584,8 @@ def test_the_probe_finds_heads_that_retrieve_on_the_default_model() -> None:
     assert bool(((scores >= 0) & (scores <= 1)).all()) and float(scores.max()) >= 0.5
     assert record["model_key"] == model_key(real)
     keyed = probe_retrieval_heads(real, tokenizer, prompts=2, length=512, digits=8, kind="keyed", needles=4)
-    assert keyed["method"] == "probe-keyed" and keyed["needles"] == 4 and keyed["copy_steps"] > 0
+    assert keyed["method"] == "probe-keyed" and keyed["needles"] == 4 and keyed["digits"] == 8
+    assert keyed["copy_steps"] > 0
     assert torch.tensor(keyed["scores"]).shape == (30, 3)
     with pytest.raises(CalibrationError, match="the probe's kind must be one of single, keyed") as err:
         probe_retrieval_heads(real, tokenizer, kind="named")

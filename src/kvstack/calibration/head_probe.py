@@ -141,7 +141,7 @@ def probe_retrieval_heads(model: Any, tokenizer: Any, *, prompts: int = 8, lengt
     record = {"format": HEADS_FORMAT, "version": 1, "model_key": model_key(model), "source": description,
               "prompts": prompts, "length": length, "copy_steps": steps, "scores": per_kv_head.tolist()}
     if kind != "single":  # the single-needle probe's record stays as it was
-        record.update(method="probe-keyed", needles=needles)
+        record.update(method="probe-keyed", needles=needles, digits=digits)
     if score != "argmax":
         record["score"] = score
     return record
