@@ -415,12 +415,37 @@ def recall_report(out: str) -> str:
     return "\n".join(lines)
 
 
+def recall_samples(out: str, task: str, length: int) -> str:
+    """Which samples of one recall cell each method answers (``x``) or misses (``.``), beside the full cache:
+    whether methods at the same score miss the same questions, and which the full cache answers that they
+    do not."""
+    from kvstack.bench import latest_results
+
+    records = [r for r in latest_results(Path(out) / "results.jsonl") if r["task"] == task and r["length"] == length]
+    full = next((r for r in records if r["method"] == "full"), None)
+    if full is None:
+        raise SystemExit(f"no full-cache cell for {task} at {length} in {out}; run --recall first")
+    lines = [f"| method | samples 0 to {len(full['per_sample']) - 1} | score | full answers, it misses | it answers, "
+             "full misses |", "| --- | --- | --- | --- | --- |"]
+    right_full = [sample["score"] == 100 for sample in full["per_sample"]]
+    for record in sorted(records, key=lambda r: (r["method"] != "full", -r["score"], r["method_spec"])):
+        right = [sample["score"] == 100 for sample in record["per_sample"]]
+        lost = [str(i) for i, (a, b) in enumerate(zip(right_full, right, strict=True)) if a and not b]
+        gained = [str(i) for i, (a, b) in enumerate(zip(right_full, right, strict=True)) if b and not a]
+        pattern = "".join("x" if hit else "." for hit in right)
+        lines.append(f"| `{record['method_spec']}` | `{pattern}` | {record['score']:.0f} | {' '.join(lost) or '-'} | "
+                     f"{' '.join(gained) or '-'} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--speed", action="store_true")
     parser.add_argument("--recall", action="store_true")
     parser.add_argument("--engine", action="store_true")
     parser.add_argument("--recall-report", action="store_true", help="the recall table of what has run")
+    parser.add_argument("--recall-samples", default=None, metavar="TASK:LENGTH",
+                        help="which samples of one recall cell each method answers, beside the full cache")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--engine-one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--requests", type=int, default=4)
@@ -453,6 +478,17 @@ def main() -> None:
     elif args.speed:
         specs = None if args.speed_specs is None else args.speed_specs.split(";")
         print(speed(args.out, args.length, args.decode, args.repeats, specs, args.tag))
+    elif args.recall_samples is not None:
+        task, _, length = args.recall_samples.partition(":")
+        if task not in RECALL_TASKS or not length.isdigit():
+            parser.error(f"--recall-samples takes TASK:LENGTH with TASK one of {', '.join(RECALL_TASKS)}, got "
+                         f"{args.recall_samples!r}")
+        table = recall_samples(args.out, task, int(length))
+        Path(args.out, f"recall_samples_{task}_{length}.md").write_text(
+            f"Command: `python benchmarks/retrieval_bench.py --recall-samples {args.recall_samples}` (cells from "
+            f"`--recall`); {stamp()}\n\nEach sample of the cell (20 per cell): `x` answered exactly, `.` missed.\n\n"
+            f"{table}\n")
+        print(table)
     elif args.recall or args.recall_report:
         if args.recall:
             recall(args.out, [int(x) for x in args.lengths.split(",")], args.max_minutes, args.methods.split(","),
@@ -467,7 +503,7 @@ def main() -> None:
             f"{table}\n")
         print(table)
     else:
-        parser.error("give --speed, --engine, --recall or --recall-report")
+        parser.error("give --speed, --engine, --recall, --recall-report or --recall-samples")
 
 
 if __name__ == "__main__":
