@@ -15,8 +15,10 @@ the model as one batch sharing the prompt's cache (broadcast, never copied). The
 the prefill's logits, which no split changes, so the loss is the cross-entropy of the answer's later tokens.
 
 The prompts are the keyed probe's (several numbers hidden under names, one asked for), so a head earns its
-place by finding the named needle among look-alikes, what a multi-key question needs. Cost on SmolLM2-135M,
-one CPU thread: a prompt's prefill plus about a second per round per thousand prompt tokens.
+place by finding the named needle among look-alikes, what a multi-key question needs. Cost on SmolLM2-135M
+with two CPU threads: about 10 s per prompt per round at 2048 tokens, 24 minutes for the defaults (16
+prompts, nine rounds); 41 minutes at 4096 tokens. On 4k multi-key its heads score as the keyed probe's
+(``benchmarks/results/retrieval/README.md``).
 """
 
 from __future__ import annotations
