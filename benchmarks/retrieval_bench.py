@@ -207,10 +207,12 @@ GATES_ARTEFACT = "benchmarks/results/retrieval/heads/duo_gates.json"  # kvstack 
 # the keyed probe's heads (kvstack calibrate --retrieval-heads keyed) by its number of prompts
 KEYED_ARTEFACTS = {16: "benchmarks/results/retrieval/heads/probe_keyed.json",
                    32: "benchmarks/results/retrieval/heads/probe_keyed32.json"}
-# heads chosen by the answer's loss at duo's split (kvstack calibrate --retrieval-heads search), by the
-# length of its prompts
-SEARCH_ARTEFACTS = {2048: "benchmarks/results/retrieval/heads/search.json",
-                    4096: "benchmarks/results/retrieval/heads/search4k.json"}
+# heads chosen by the answer's loss at duo's split (kvstack calibrate --retrieval-heads search): each artefact
+# and the search_retrieval_heads arguments that make it
+SEARCH = "benchmarks/results/retrieval/heads/search.json"
+SEARCH_4K = "benchmarks/results/retrieval/heads/search4k.json"
+SEARCH_2WORDS = "benchmarks/results/retrieval/heads/search_2words.json"
+SEARCH_ARTEFACTS = {SEARCH: {"length": 2048}, SEARCH_4K: {"length": 4096}, SEARCH_2WORDS: {"key_words": 2}}
 
 
 # The recall grid's methods by name (``--methods`` picks some), each reading or keeping ``budget`` entries.
@@ -239,10 +241,12 @@ RECALL_METHODS = {
     # the keyed probe on 32 prompts: twice the copy steps, less noise in the order
     "duo-keyed32-eighth": f"duo(heads=0.1, artefact='{KEYED_ARTEFACTS[32]}')",
     # nine heads chosen one at a time by the answer's loss with each candidate whole (committed artefact)
-    "duo-search-eighth": f"duo(heads=0.1, artefact='{SEARCH_ARTEFACTS[2048]}')",
+    "duo-search-eighth": f"duo(heads=0.1, artefact='{SEARCH}')",
     # ... on prompts of the 4k cells' length, where the 2048-token prompts' loss is within 0.012 of the full
     # model's with the nine whole and no longer tells the heads apart
-    "duo-search4k-eighth": f"duo(heads=0.1, artefact='{SEARCH_ARTEFACTS[4096]}')",
+    "duo-search4k-eighth": f"duo(heads=0.1, artefact='{SEARCH_4K}')",
+    # ... on prompts whose keys are two words, often sharing the first (RULER's keys are two words)
+    "duo-search2w-eighth": f"duo(heads=0.1, artefact='{SEARCH_2WORDS}')",
     # the same heads with the streaming heads' recent entries filling the eighth (0.1248 of a 4k context)
     "duo-keyed32-eighth-r96": f"duo(heads=0.1, recent=96, artefact='{KEYED_ARTEFACTS[32]}')",
     # ... or with more of them sinks (the read is the same)
@@ -332,12 +336,12 @@ def recall(out: str, lengths: list[int], max_minutes: float | None, names: list[
             record = probe_retrieval_heads(model, tokenizer, kind="keyed", **{**KEYED_PROBE, "prompts": prompts})
             record["probed"] = stamp()
             save_head_scores(record, Path(path))
-    for length, path in SEARCH_ARTEFACTS.items():
+    for path, arguments in SEARCH_ARTEFACTS.items():
         if any(path in RECALL_METHODS[name] for name in names) and not Path(path).is_file():
             from kvstack.calibration.head_search import search_retrieval_heads
 
             started = time.perf_counter()
-            record = search_retrieval_heads(model, tokenizer, length=length, progress=print_progress)
+            record = search_retrieval_heads(model, tokenizer, **arguments, progress=print_progress)
             record["searched"] = f"{stamp()}; {time.perf_counter() - started:.0f} s"
             save_head_scores(record, Path(path))
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes

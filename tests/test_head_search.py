@@ -129,3 +129,25 @@ def test_bad_search_arguments_are_usage_errors(capsys, tmp_path) -> None:
     assert "is a directory" in message
     message = usage_error(capsys, ["calibrate", "--retrieval-heads", "--out", "/proc/kvstack/heads.json"])
     assert "cannot write there" in message
+
+
+def test_two_word_keys_share_few_first_words_and_the_question_names_its_needle(tokenizer) -> None:
+    import re
+
+    from kvstack.calibration.head_probe import KEY_NAMES, _needle_prompt
+    from kvstack.calibration.text import calibration_text_ids
+
+    pool, _ = calibration_text_ids(tokenizer, 3200)
+    generator = torch.Generator().manual_seed(3)
+    for index in range(8):
+        ids, span, number = _needle_prompt(tokenizer, pool[index * 400 : (index + 1) * 400], "keyed", 4, 7,
+                                           generator, key_words=2)
+        text = tokenizer.decode(ids)
+        planted = dict(re.findall(r"The special magic number for ([a-z]+-[a-z]+) is (\d+)\.", text))
+        assert len(planted) == 4 and all(name.split("-")[0] in KEY_NAMES[:6] for name in planted)
+        asked = re.findall(r"What is the special magic number for ([a-z]+-[a-z]+)\?", text)
+        assert len(asked) == 1 and planted[asked[0]] == number
+        assert f"for {asked[0]} is {number}" in tokenizer.decode(ids[span.start : span.stop])
+    model = build_model(num_hidden_layers=LAYERS, num_key_value_heads=KV_HEADS, vocab_size=len(tokenizer))
+    with pytest.raises(CalibrationError, match="key_words 1 or 2"):
+        search_retrieval_heads(model, tokenizer, count=1, length=64, sinks=4, recent=8, key_words=3)

@@ -20,11 +20,12 @@ KEY_NAMES = ("amber", "birch", "cobalt", "delta", "ember", "falcon", "granite", 
 
 
 def _needle_prompt(tokenizer: Any, text: list[int], kind: str, needles: int, digits: int,
-                   generator: Any) -> tuple[list[int], range, str]:
+                   generator: Any, key_words: int = 1) -> tuple[list[int], range, str]:
     """One probe prompt: ``text`` with the needle(s) in it and the question last; returns the ids, the span
     of the needle the question asks for and its number (the answer). ``single``: one magic number.
     ``keyed``: ``needles`` numbers, each belonging to a name, and the question names one, so the span to copy
-    from sits among look-alikes."""
+    from sits among look-alikes. ``key_words=2`` makes each name two words (``amber-falcon``), the first drawn
+    from only six, so names in one prompt often share it and a head must tell them apart by the second."""
     import torch
 
     def ids(words: str) -> list[int]:
@@ -40,6 +41,9 @@ def _needle_prompt(tokenizer: Any, text: list[int], kind: str, needles: int, dig
         question, asked = " What is the special magic number? The special magic number is", 0
     else:
         names = [KEY_NAMES[int(i)] for i in torch.randperm(len(KEY_NAMES), generator=generator)[:count]]
+        if key_words == 2:
+            firsts = torch.randint(0, 6, (count,), generator=generator).tolist()
+            names = [f"{KEY_NAMES[first]}-{name}" for first, name in zip(firsts, names, strict=True)]
         needle_texts = [f" The special magic number for {name} is {number}." for name, number in zip(
             names, numbers, strict=True)]
         asked = int(torch.randint(0, count, (1,), generator=generator))
@@ -57,7 +61,7 @@ def _needle_prompt(tokenizer: Any, text: list[int], kind: str, needles: int, dig
 
 
 def keyed_answers(tokenizer: Any, prompts: int, length: int, needles: int, digits: int, source: str,
-                  seed: int) -> tuple[list[tuple[list[int], list[int]]], str]:
+                  seed: int, key_words: int = 1) -> tuple[list[tuple[list[int], list[int]]], str]:
     """``prompts`` keyed needle prompts (:func:`_needle_prompt`) on consecutive ``length``-token stretches of
     calibration text, each with the ids of its answer (`` <number>``); and the text's description. What the
     greedy head choices (by gradient, or by evaluating every candidate) teacher-force."""
@@ -70,7 +74,7 @@ def keyed_answers(tokenizer: Any, prompts: int, length: int, needles: int, digit
     cases = []
     for index in range(prompts):
         ids, _, number = _needle_prompt(tokenizer, pool[index * length : (index + 1) * length], "keyed", needles,
-                                        digits, generator)
+                                        digits, generator, key_words)
         cases.append((ids, tokenizer(f" {number}", add_special_tokens=False)["input_ids"]))
     return cases, description
 

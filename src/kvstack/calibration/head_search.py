@@ -134,15 +134,15 @@ def evaluate_splits(model: Any, cache: list[tuple[torch.Tensor, torch.Tensor]], 
 
 def search_retrieval_heads(model: Any, tokenizer: Any, *, count: int = 9, prompts: int = 16, length: int = 2048,
                            needles: int = 4, digits: int = 7, sinks: int = 16, recent: int = 64, batch: int = 32,
-                           source: str = "python-docs", seed: int = 0,
+                           source: str = "python-docs", seed: int = 0, key_words: int = 1,
                            progress: Callable[[int, tuple[int, int], float], None] | None = None) -> dict[str, Any]:
     """Choose ``count`` retrieval heads greedily, each by evaluating every candidate split exactly.
 
     Every KV head starts streaming (duo's ``sinks`` and ``recent`` entries). Each round, for every head not yet
     chosen, the split "chosen so far plus that head whole" decodes the answers of ``prompts`` keyed needle
     prompts of about ``length`` tokens (``needles`` numbers of ``digits`` digits under names, one asked for:
-    :func:`.head_probe._needle_prompt`) teacher-forced, and the head whose split gives the lowest mean
-    cross-entropy joins. ``batch`` candidates go through the model at once.
+    :func:`.head_probe._needle_prompt`; names of ``key_words`` words, 1 or 2) teacher-forced, and the head
+    whose split gives the lowest mean cross-entropy joins. ``batch`` candidates go through the model at once.
 
     Returns the retrieval-head artefact's record: the chosen heads score ``1`` down to ``0.5`` in the order
     chosen, the others below ``0.5`` by their loss in the last round, so ``duo(heads=f)`` with ``f`` of at most
@@ -160,10 +160,12 @@ def search_retrieval_heads(model: Any, tokenizer: Any, *, count: int = 9, prompt
     if not 1 <= count <= total or prompts < 1 or batch < 1 or length < 4 * (sinks + recent):
         raise CalibrationError(f"the head search needs 1 <= count <= {total}, prompts >= 1, batch >= 1 and a "
                                f"haystack of at least 4 x (sinks + recent) = {4 * (sinks + recent)} tokens")
-    if not 1 <= needles <= len(KEY_NAMES) or digits < 2:
-        raise CalibrationError(f"the head search needs 1 <= needles <= {len(KEY_NAMES)} and digits >= 2")
+    if not 1 <= needles <= len(KEY_NAMES) or digits < 2 or key_words not in (1, 2):
+        raise CalibrationError(f"the head search needs 1 <= needles <= {len(KEY_NAMES)}, digits >= 2 and key_words "
+                               f"1 or 2")
     device = next(model.parameters()).device
-    prompts_and_answers, description = keyed_answers(tokenizer, prompts, length, needles, digits, source, seed)
+    prompts_and_answers, description = keyed_answers(tokenizer, prompts, length, needles, digits, source, seed,
+                                                     key_words)
     cases = [(prompt_cache(model, ids), answer) for ids, answer in prompts_and_answers]
 
     def mean_loss(splits: torch.Tensor) -> torch.Tensor:
@@ -198,5 +200,5 @@ def search_retrieval_heads(model: Any, tokenizer: Any, *, count: int = 9, prompt
             "source": description, "count": count, "prompts": prompts, "length": length, "needles": needles,
             "digits": digits, "sinks": sinks, "recent": recent, "seed": seed,
             "chosen": [list(divmod(head, geometry.num_kv_heads)) for head in chosen], "losses": best_losses,
-            "loss_streaming": float(ends[0]), "loss_whole": float(ends[1]),
+            "loss_streaming": float(ends[0]), "loss_whole": float(ends[1]), "key_words": key_words,
             "scores": scores.view(geometry.num_layers, geometry.num_kv_heads).tolist()}
