@@ -178,7 +178,7 @@ def _check_writable(path: Path, flag: str) -> None:
 
 
 def _calibrate_retrieval_heads(args: argparse.Namespace, model: Any, tokenizer: Any) -> int:
-    """Score every KV head (the retrieval probe, or DuoAttention's gates) and write duo's artefact
+    """Score every KV head (a probe, DuoAttention's gates, or a greedy choice) and write duo's artefact
     (``calibrate --retrieval-heads [probe|keyed|gates|greedy|search]``), to the model's own file or ``--out``."""
     import time
 

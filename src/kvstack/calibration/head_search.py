@@ -162,7 +162,7 @@ def search_retrieval_heads(model: Any, tokenizer: Any, *, count: int = 9, prompt
                                f"haystack of at least 4 x (sinks + recent) = {4 * (sinks + recent)} tokens")
     if not 1 <= needles <= len(KEY_NAMES) or digits < 2 or key_words not in (1, 2):
         raise CalibrationError(f"the head search needs 1 <= needles <= {len(KEY_NAMES)}, digits >= 2 and key_words "
-                               f"1 or 2")
+                               "1 or 2")
     device = next(model.parameters()).device
     prompts_and_answers, description = keyed_answers(tokenizer, prompts, length, needles, digits, source, seed,
                                                      key_words)
@@ -181,7 +181,7 @@ def search_retrieval_heads(model: Any, tokenizer: Any, *, count: int = 9, prompt
     ends = mean_loss(torch.tensor([[False] * total, [True] * total], device=device))
     chosen: list[int] = []
     best_losses: list[float] = []
-    losses = torch.zeros(total)
+    losses = torch.empty(0)  # the last round's, by head (count >= 1: the loop sets it)
     for _ in range(count):
         candidates = [head for head in range(total) if head not in chosen]
         splits = torch.zeros(len(candidates), total, dtype=torch.bool, device=device)
