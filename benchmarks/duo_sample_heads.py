@@ -25,7 +25,9 @@ import kvstack
 from kvstack.bench.runner import _sample_rng
 from kvstack.bench.tasks import get_task
 from kvstack.calibration import model_key
+from kvstack.calibration.head_map import HEADS_FORMAT
 from kvstack.calibration.head_search import evaluate_splits, prompt_cache
+from kvstack.models import model_geometry
 
 sys.path.insert(0, str(Path(__file__).parent))
 from grid_runs import stamp
@@ -37,7 +39,7 @@ def decode(model: torch.nn.Module, tokenizer: object, prompt: list[int], whole: 
     """Greedy answer through duo's own cache with exactly the heads of ``whole`` ``[L, H_kv]`` kept whole."""
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "heads.json"
-        path.write_text(json.dumps({"format": "kvstack-retrieval-heads", "version": 1, "model_key": model_key(model),
+        path.write_text(json.dumps({"format": HEADS_FORMAT, "version": 1, "model_key": model_key(model),
                                     "scores": whole.float().tolist()}))
         cache = kvstack.make_cache(model, f"duo(heads={int(whole.sum()) / whole.numel()}, artefact='{path}')")
         ids = torch.tensor([prompt])
@@ -61,7 +63,9 @@ def main() -> None:
     args = parser.parse_args()
     model, tokenizer = kvstack.load_model("smollm2-135m")
     method = kvstack.parse(f"duo(heads={args.heads}, artefact={args.artefact!r})")
-    method.load_artefacts(model_key(model), 30, 3)
+    geometry = model_geometry(model)
+    layers, kv_heads = geometry.num_layers, geometry.num_kv_heads
+    method.load_artefacts(model_key(model), layers, kv_heads)
     base = torch.tensor(method.retrieval)  # [L, H_kv]
     task = get_task(args.task)
     lines = [f"Command: `python benchmarks/duo_sample_heads.py --task {args.task} --length {args.length} --samples "
@@ -77,12 +81,13 @@ def main() -> None:
         splits = base.flatten().repeat(len(candidates), 1)
         splits[torch.arange(len(candidates)), candidates] = True
         ends = evaluate_splits(model, cache, answer, torch.stack([base, torch.ones_like(base)]))
-        losses = torch.cat([evaluate_splits(model, cache, answer, part.view(-1, 30, 3))
+        losses = torch.cat([evaluate_splits(model, cache, answer, part.view(-1, layers, kv_heads))
                             for part in splits.split(32)])
         rows = [("duo's split", float(ends[0]), base), ("every head whole", float(ends[1]), torch.ones_like(base))]
         for order in losses.argsort()[: args.top].tolist():
             head = candidates[order]
-            rows.append((f"+ {head // 3}.{head % 3}", float(losses[order]), splits[order].view(30, 3)))
+            rows.append((f"+ {head // kv_heads}.{head % kv_heads}", float(losses[order]),
+                         splits[order].view(layers, kv_heads)))
         for name, loss, whole in rows:
             said = decode(model, tokenizer, sample.input_ids, whole, len(answer) + 1).strip()
             lines.append(f"| {index} | {sample.answers[0]} | {name} | {loss:.3f} | `{said}` |")

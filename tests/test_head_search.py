@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import kvstack
 from kvstack.calibration import CalibrationError, model_key
+from kvstack.calibration.head_map import HEADS_FORMAT
 from kvstack.calibration.head_search import evaluate_splits, prompt_cache, search_retrieval_heads, split_attention
 
 LAYERS, KV_HEADS = 2, 2
@@ -29,7 +30,7 @@ def _duo_loss(model: torch.nn.Module, prompt: list[int], answer: list[int], whol
     """The answer's cross-entropy after its first token, decoded token by token through duo's own cache with
     exactly the heads of ``whole`` ``[L, H_kv]`` kept whole."""
     path = directory / "split.json"
-    path.write_text(json.dumps({"format": "kvstack-retrieval-heads", "version": 1, "model_key": model_key(model),
+    path.write_text(json.dumps({"format": HEADS_FORMAT, "version": 1, "model_key": model_key(model),
                                 "scores": whole.float().tolist()}))
     fraction = int(whole.sum()) / whole.numel()
     cache = kvstack.make_cache(model, f"duo(heads={fraction}, sinks={sinks}, recent={recent}, artefact='{path}')")

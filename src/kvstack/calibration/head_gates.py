@@ -91,7 +91,7 @@ def gated_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:
-    """The gated attention builds its own masks (causal and streaming)."""
+    """The gated attention builds its own masks (causal and streaming), as the head search's does."""
     return None
 
 
@@ -100,15 +100,21 @@ AttentionMaskInterface.register(GATED_ATTENTION_NAME, _no_mask)
 
 
 @contextlib.contextmanager
-def _gated(model: Any, gates: torch.Tensor, sinks: int, recent: int) -> Iterator[None]:
+def _using_attention(model: Any, name: str, active: list[Any], state: Any) -> Iterator[None]:
+    """Inside: ``model`` attends with the registered function ``name``, which reads ``state`` from the top of
+    its ``active`` stack; after: the implementation it had (also for the head search's split attention)."""
     previous = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    _ACTIVE.append(_GateState(gates, sinks, recent))
-    model.set_attn_implementation(GATED_ATTENTION_NAME)
+    active.append(state)
+    model.set_attn_implementation(name)
     try:
         yield
     finally:
-        _ACTIVE.pop()
+        active.pop()
         model.set_attn_implementation(previous)
+
+
+def _gated(model: Any, gates: torch.Tensor, sinks: int, recent: int) -> contextlib.AbstractContextManager[None]:
+    return _using_attention(model, GATED_ATTENTION_NAME, _ACTIVE, _GateState(gates, sinks, recent))
 
 
 @contextlib.contextmanager

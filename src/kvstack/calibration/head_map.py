@@ -8,11 +8,12 @@ that token inside the needle. A query head's score is the fraction of such steps
 is the largest over its group's query heads (its cache serves them all). The probe's keyed prompts hide
 several numbers under names and ask for one (``"method": "probe-keyed"``). DuoAttention's gates fitted with
 the model frozen, and a greedy choice by the answer's gradient at duo's split (:mod:`.head_gates`), write the
-same artefact with ``"method": "duo-gates"`` and ``"duo-greedy"``.
+same artefact with ``"method": "duo-gates"`` and ``"duo-greedy"``; the head search, a greedy choice by the
+answer's loss with each candidate whole (:mod:`.head_search`), with ``"duo-search"``.
 
 The scores are a JSON artefact keyed by the model under ``<kvstack_home()>/calibration/<model_key>.heads.json``
-(``kvstack calibrate --retrieval-heads [probe|keyed|gates|greedy]``); ``duo(...)`` refuses one made for
-another model with one line.
+(``kvstack calibrate --retrieval-heads [probe|keyed|gates|greedy|search]``, or ``--out PATH``); ``duo(...)``
+refuses one made for another model with one line.
 """
 
 from __future__ import annotations

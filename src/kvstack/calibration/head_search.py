@@ -23,8 +23,7 @@ prompts, nine rounds); 41 minutes at 4096 tokens. On 4k multi-key its heads scor
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from kvstack.calibration.head_gates import _no_mask, _using_attention, ranked_scores
 from kvstack.calibration.head_map import HEADS_FORMAT
 
 __all__ = ["SPLIT_ATTENTION_NAME", "evaluate_splits", "search_retrieval_heads", "split_attention"]
@@ -83,25 +83,8 @@ def split_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     return out.view(batch, query_heads, count, dim).transpose(1, 2).contiguous(), None
 
 
-def _no_mask(*args: Any, **kwargs: Any) -> None:
-    """The split attention builds its own masks."""
-    return None
-
-
 AttentionInterface.register(SPLIT_ATTENTION_NAME, split_attention)
-AttentionMaskInterface.register(SPLIT_ATTENTION_NAME, _no_mask)
-
-
-@contextlib.contextmanager
-def _splits(model: Any, state: _SplitState) -> Iterator[None]:
-    previous = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    _ACTIVE.append(state)
-    model.set_attn_implementation(SPLIT_ATTENTION_NAME)
-    try:
-        yield
-    finally:
-        _ACTIVE.pop()
-        model.set_attn_implementation(previous)
+AttentionMaskInterface.register(SPLIT_ATTENTION_NAME, _no_mask)  # it builds its own masks
 
 
 def prompt_cache(model: Any, prompt: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -127,7 +110,8 @@ def evaluate_splits(model: Any, cache: list[tuple[torch.Tensor, torch.Tensor]], 
     inputs = torch.tensor(answer[:-1], device=device).expand(batch, -1)
     positions = torch.arange(length, length + len(answer) - 1, device=device).expand(batch, -1)
     targets = torch.tensor(answer[1:], device=device).expand(batch, -1)
-    with _splits(model, _SplitState(cache, whole, sinks, recent)), torch.no_grad():
+    with _using_attention(model, SPLIT_ATTENTION_NAME, _ACTIVE, _SplitState(cache, whole, sinks, recent)), \
+            torch.no_grad():
         logits = model(input_ids=inputs, position_ids=positions, use_cache=False).logits
     return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none").mean(dim=-1)
 
@@ -150,7 +134,6 @@ def search_retrieval_heads(model: Any, tokenizer: Any, *, count: int = 9, prompt
     ``loss_whole`` the loss with no head whole and with every head whole.
     """
     from kvstack.calibration.artefact import CalibrationError
-    from kvstack.calibration.head_gates import ranked_scores
     from kvstack.calibration.head_probe import KEY_NAMES, keyed_answers
     from kvstack.calibration.identity import model_key
     from kvstack.models import model_geometry
