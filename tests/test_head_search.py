@@ -152,3 +152,32 @@ def test_two_word_keys_share_few_first_words_and_the_question_names_its_needle(t
     model = build_model(num_hidden_layers=LAYERS, num_key_value_heads=KV_HEADS, vocab_size=len(tokenizer))
     with pytest.raises(CalibrationError, match="key_words 1 or 2"):
         search_retrieval_heads(model, tokenizer, count=1, length=64, sinks=4, recent=8, key_words=3)
+
+
+def test_the_command_line_passes_the_search_its_prompt_options(tokenizer, tmp_path, capsys) -> None:
+    """``calibrate --retrieval-heads search --prompts --prompt-length --key-words`` reach the search: the written
+    record says so, and a tiny model's search with them chooses the heads asked for."""
+    from kvstack import cli
+
+    model = build_model(num_hidden_layers=LAYERS, num_key_value_heads=KV_HEADS, vocab_size=len(tokenizer),
+                        max_position_embeddings=1024)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "heads.json"
+    code = cli.main(["calibrate", "--model", str(tmp_path / "tiny"), "--device", "cpu", "--retrieval-heads", "search",
+                     "--greedy-heads", "1", "--prompts", "1", "--prompt-length", "320", "--key-words", "2",
+                     "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr()
+    record = json.loads(out.read_text())
+    assert (record["prompts"], record["length"], record["key_words"], len(record["chosen"])) == (1, 320, 2, 1)
+
+
+def test_bad_search_prompt_options_are_usage_errors(capsys) -> None:
+    message = usage_error(capsys, ["calibrate", "--retrieval-heads", "search", "--prompts", "0"])
+    assert "--prompts must be >= 1, got 0" in message
+    message = usage_error(capsys, ["calibrate", "--retrieval-heads", "search", "--prompt-length", "100"])
+    assert "--prompt-length must be >= 320" in message
+    message = usage_error(capsys, ["calibrate", "--retrieval-heads", "keyed", "--prompts", "8"])
+    assert "--prompts: for --retrieval-heads greedy or search only" in message
+    message = usage_error(capsys, ["calibrate", "--retrieval-heads", "greedy", "--key-words", "2"])
+    assert "--key-words is for --retrieval-heads search only" in message

@@ -120,6 +120,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise UsageError(f"--gate-steps must be >= 1, got {args.gate_steps}")
     if args.retrieval_heads in ("greedy", "search") and args.greedy_heads < 1:
         raise UsageError(f"--greedy-heads must be >= 1, got {args.greedy_heads}")
+    head_prompt_flags = [flag for flag, value in (("--prompts", args.prompts), ("--prompt-length", args.prompt_length),
+                                                  ("--key-words", args.key_words)) if value is not None]
+    if head_prompt_flags and args.retrieval_heads not in ("greedy", "search"):
+        raise UsageError(f"{', '.join(head_prompt_flags)}: for --retrieval-heads greedy or search only")
+    if args.key_words is not None and args.retrieval_heads != "search":
+        raise UsageError("--key-words is for --retrieval-heads search only")
+    if args.prompts is not None and args.prompts < 1:
+        raise UsageError(f"--prompts must be >= 1, got {args.prompts}")
+    if args.prompt_length is not None and args.prompt_length < 320:
+        raise UsageError(f"--prompt-length must be >= 320 tokens (4 x duo's 16 sinks + 64 recent), got "
+                         f"{args.prompt_length}")
     if args.out is not None and not args.retrieval_heads:
         raise UsageError("--out is for --retrieval-heads (the head map's path); other calibrations go to the "
                          "model's own file")
@@ -210,7 +221,7 @@ def _calibrate_retrieval_heads(args: argparse.Namespace, model: Any, tokenizer: 
                       f"{loss:.3f})", file=sys.stderr, flush=True)
 
         record = select_retrieval_heads(model, tokenizer, count=args.greedy_heads, source=args.source,
-                                        progress=chosen)
+                                        progress=chosen, **_head_prompt_options(args))
         how = f"{args.greedy_heads} heads chosen greedily"
     elif args.retrieval_heads == "search":
         from kvstack.calibration.head_search import search_retrieval_heads
@@ -221,7 +232,7 @@ def _calibrate_retrieval_heads(args: argparse.Namespace, model: Any, tokenizer: 
                       f"{loss:.3f})", file=sys.stderr, flush=True)
 
         record = search_retrieval_heads(model, tokenizer, count=args.greedy_heads, source=args.source,
-                                        progress=joined)
+                                        progress=joined, **_head_prompt_options(args))
         how = (f"{args.greedy_heads} heads chosen by the answer's loss, {record['loss_streaming']:.3f} with none "
                f"whole to {record['losses'][-1]:.3f} (every head whole: {record['loss_whole']:.3f})")
     else:
@@ -234,6 +245,12 @@ def _calibrate_retrieval_heads(args: argparse.Namespace, model: Any, tokenizer: 
     best = ", ".join(f"L{layer}.H{head} {score:.2f}" for score, layer, head in sorted(scores, reverse=True)[:5])
     print(f"retrieval heads: {path} (written; {time.perf_counter() - start:.1f} s, {how}); strongest: {best}")
     return 0
+
+
+def _head_prompt_options(args: argparse.Namespace) -> dict[str, int]:
+    """The greedy choice's or head search's prompt options the command line set (the rest keep their defaults)."""
+    given = {"prompts": args.prompts, "length": args.prompt_length, "key_words": args.key_words}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _calibrate_kvsharer(args: argparse.Namespace, model: Any, tokenizer: Any) -> int:
@@ -441,6 +458,15 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--greedy-heads", type=int, default=9,
                      help="--retrieval-heads greedy or search: heads to choose, one round each (default 9: a tenth of "
                           "SmolLM2-135M's 90 KV heads)")
+    cal.add_argument("--prompts", type=int, default=None,
+                     help="--retrieval-heads greedy or search: keyed needle prompts each round reads (default: 4 for "
+                          "greedy, 16 for search)")
+    cal.add_argument("--prompt-length", type=int, default=None, metavar="TOKENS",
+                     help="--retrieval-heads greedy or search: haystack tokens per prompt (default: 1024 for greedy, "
+                          "2048 for search)")
+    cal.add_argument("--key-words", type=int, default=None, choices=(1, 2),
+                     help="--retrieval-heads search: words per needle's name, 2 for names like amber-falcon as "
+                          "RULER's keys (default 1)")
     cal.add_argument("--out", default=None, metavar="PATH",
                      help="--retrieval-heads: write the head map here (duo(artefact=PATH) reads it) instead of the "
                           "model's own file")
