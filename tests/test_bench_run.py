@@ -817,3 +817,42 @@ def test_an_installed_package_s_tasks_load_from_their_entry_point(tmp_path, monk
     assert "shade" not in tasks.TASKS
     (task,) = tasks.make_tasks(["shade"])  # an unknown name loads the plugins, then resolves
     assert task.name == "shade" and tasks.load_task_plugins() == []  # each entry point loads once
+
+
+def test_a_cell_whose_head_map_changed_is_measured_again(tmp_path, model, tokenizer, prose_file):  # noqa: F811
+    """A record names the calibration files its caches were built from by their sha256; resuming measures the
+    cell again when one now holds other bytes (the old record moved to stale.jsonl), and leaves it when the
+    file is unchanged or gone (nothing to compare with)."""
+    import hashlib
+
+    from kvstack.bench.results import STALE_FILE
+    from kvstack.calibration import model_key
+    from kvstack.calibration.head_map import HEADS_FORMAT
+
+    heads = tmp_path / "heads.json"
+
+    def write_heads(whole: int) -> str:
+        scores = [[0.0, 0.0], [0.0, 0.0]]
+        scores[0][whole] = 1.0  # duo(heads=0.25) keeps this head of layer 0 whole
+        heads.write_text(json.dumps({"format": HEADS_FORMAT, "version": 1, "model_key": model_key(model),
+                                     "scores": scores}))
+        return hashlib.sha256(heads.read_bytes()).hexdigest()
+
+    first = write_heads(0)
+    spec = f"duo(heads=0.25, sinks=2, recent=8, artefact={str(heads)!r})"
+    config = small_config(tmp_path / "out", prose_file, methods=[spec], tasks=["passkey"], lengths=[160])
+    assert run_bench(config, model, tokenizer).ran == 2
+    records = {r["method"]: r for r in read_results(tmp_path / "out" / RESULTS_FILE)}
+    assert records[spec]["artefacts"] == {str(heads.resolve()): first} and "artefacts" not in records["full"]
+    assert run_bench(config, model, tokenizer).ran == 0
+
+    second = write_heads(1)
+    again = run_bench(config, model, tokenizer)
+    assert (again.ran, again.skipped, again.changed_artefacts) == (1, 1, [str(heads.resolve())])
+    records = read_results(tmp_path / "out" / RESULTS_FILE)
+    assert sorted(r["method"] for r in records) == sorted([spec, "full"])
+    assert [r["artefacts"] for r in records if r["method"] == spec] == [{str(heads.resolve()): second}]
+    assert [r["artefacts"] for r in read_results(tmp_path / "out" / STALE_FILE)] == [{str(heads.resolve()): first}]
+
+    heads.unlink()
+    assert run_bench(config, model, tokenizer).ran == 0

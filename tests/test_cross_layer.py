@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -246,6 +248,7 @@ def test_kvsharer_with_a_codec_equals_the_model_storing_the_shared_layers_copies
     ids = random_ids(40, batch=2, seed=3)
     codec = "kivi(bits=4, group_size=8, residual=8)"
     cache = kvstack.make_cache(model, f"kvsharer(layers=2, artefact={artefact!r}) + {codec}")
+    assert cache.artefacts == {str(Path(artefact).resolve()): hashlib.sha256(Path(artefact).read_bytes()).hexdigest()}
     got = stepwise_logits(model, ids, cache, steps=10)
     handles = hook_kv_sharing(model, share)
     try:

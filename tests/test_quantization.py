@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 from conftest import build_model, random_ids
@@ -760,6 +762,10 @@ def test_palu_at_full_rank_reconstructs_exactly(calibrated):
         prefill(calibrated, ids, cache)
         logits[spec] = calibrated(follow, **kvstack.cache_kwargs(calibrated, cache), use_cache=True).logits
     torch.testing.assert_close(logits["palu(rank=32, residual=0)"], logits["full"], atol=2e-4, rtol=1e-3)
+    from kvstack.calibration import calibration_path, model_key
+
+    statistics = calibration_path(model_key(calibrated))  # what the bench records palu's results were made with
+    assert cache.artefacts == {str(statistics.resolve()): hashlib.sha256(statistics.read_bytes()).hexdigest()}
 
 
 def test_palu_at_half_rank_holds_about_half_the_bytes_and_costs_accuracy_gracefully(calibrated):

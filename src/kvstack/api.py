@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -100,10 +101,12 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
         if codec.pre_rope() and geometry.rope_inv_freq is None:
             raise InputError(f"{codec.label()} quantizes keys before RoPE and needs a model with plain RoPE")
     calibration = None
+    artefact_files: list[Path] = []  # the calibration files the cache is built from
     if codec is not None and codec.needs_calibration():
-        from kvstack.calibration import get_calibration
+        from kvstack.calibration import calibration_path, get_calibration, model_key
 
         calibration = get_calibration(model)  # a missing or foreign artefact is a one-line CalibrationError
+        artefact_files.append(calibration_path(model_key(model)))
     if method.demotion_codec() is not None:  # mikv: its low-precision groups must tile the head dimension
         method.demotion_codec().check(geometry.head_dim)
     if method.sparse_attention and method.rank > geometry.head_dim:
@@ -120,6 +123,7 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
             method.load_artefacts(key, geometry.num_layers, geometry.num_kv_heads)
         if method.cross_layer:
             layer_links = method.layer_links(geometry.num_layers, key)
+        artefact_files.extend(method.artefact_files(key))
     if shared:  # a cla model: its sharing layers read what the layer below keeps, and hold nothing
         layer_links = {upper: LayerLink(lower, LINK_REUSE) for upper, lower in shared.items()}
     tier_dir = None
@@ -148,7 +152,15 @@ def make_cache(model: torch.nn.Module, spec: str | Method = "full", *, seed: int
         tier_dir=tier_dir,
         latent=latent is not None,
         head_dim=geometry.head_dim,
+        artefacts=_artefact_digests(artefact_files),
     )
+
+
+def _artefact_digests(files: list[Path]) -> dict[str, str]:
+    """``{path: sha256}`` of the calibration files a cache was built from (read just now, so they exist)."""
+    from kvstack.calibration.artefact import file_digest
+
+    return {str(path.resolve()): file_digest(path) for path in files}
 
 
 def shared_model_refusal(method: Method) -> str | None:

@@ -132,6 +132,7 @@ def _generation_sample(model: torch.nn.Module, tokenizer: Any, cell: Cell, sampl
         "decode_s": end - first,
         "cache_prefill": after_prompt,
         "cache": cache.summary(),
+        "cache_artefacts": cache.artefacts,
         "metadata": sample.metadata,
     }
 
@@ -181,6 +182,7 @@ def _perplexity_sample(model: torch.nn.Module, cell: Cell, sample: Sample, chunk
         "stream_s": end - prefilled_at,
         "cache_prefill": after_prompt,
         "cache": cache.summary(),
+        "cache_artefacts": cache.artefacts,
         "metadata": sample.metadata,
     }
 

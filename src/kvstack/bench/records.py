@@ -69,7 +69,7 @@ def cell_record(cell: Cell, rows: list[dict[str, Any]], memory: PeakMemory, wall
     full_prompt = sum(r["cache_prefill"]["full_kv_bytes"] for r in rows)
     per_sample = []
     for index, r in enumerate(rows):
-        entry = {k: v for k, v in r.items() if k not in ("cache", "cache_prefill")}
+        entry = {k: v for k, v in r.items() if k not in ("cache", "cache_prefill", "cache_artefacts")}
         entry["index"] = index
         entry["kv_bytes"] = r["cache"]["kv_bytes"]
         entry["compression_ratio"] = r["cache"]["compression_ratio"]
@@ -119,6 +119,9 @@ def cell_record(cell: Cell, rows: list[dict[str, Any]], memory: PeakMemory, wall
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(terse=True),
         "config": cell.config,
+        # {path: sha256} of the calibration files the caches were built from: a resumed run measures the cell
+        # again when one has changed since (bench.runner)
+        **({"artefacts": rows[0]["cache_artefacts"]} if rows[0].get("cache_artefacts") else {}),
         "per_sample": per_sample,
     }
 

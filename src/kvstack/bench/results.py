@@ -23,6 +23,7 @@ from kvstack.bench.config import BenchConfig, BenchError
 __all__ = [
     "CHECKPOINT_FILE",
     "RESULTS_FILE",
+    "STALE_FILE",
     "append_result",
     "cell_identity",
     "checkpoint_record",
@@ -33,6 +34,7 @@ __all__ = [
     "read_results",
     "reported_results",
     "save_checkpoints",
+    "set_aside_stale",
     "write_run_config",
 ]
 
@@ -41,6 +43,10 @@ RESULTS_FILE = "results.jsonl"
 CHECKPOINT_FILE = "partial.jsonl"
 """Where :attr:`BenchConfig.checkpoint_every` saves cells still under way: one record per such cell, with the
 samples done so far (its ``config`` and ``key`` say that sample count), removed once the cell is finished."""
+
+STALE_FILE = "stale.jsonl"
+"""Where :func:`set_aside_stale` moves the records of cells measured with calibration files that have changed
+since, before the cells are measured again."""
 
 
 def read_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -199,13 +205,52 @@ def save_checkpoints(path: str | os.PathLike[str], records: Sequence[dict[str, A
     kept += list(records)
     if not kept and not file.exists():
         return
+    _rewrite(file, kept)
+
+
+def _rewrite(file: Path, records: Sequence[dict[str, Any]]) -> None:
+    """Replace ``file`` by the JSON lines of ``records``, atomically (written beside it, fsynced, renamed)."""
     tmp = file.with_name(file.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
-        for record in kept:
+        for record in records:
             fh.write(json.dumps(record, default=_json_default, allow_nan=True) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, file)
+
+
+def set_aside_stale(out_dir: Path, cell_configs: Sequence[dict[str, Any]]) -> list[str]:
+    """Take out of ``results.jsonl`` and ``partial.jsonl`` the records of the cells of ``cell_configs`` whose
+    calibration files (a record's ``artefacts``: ``{path: sha256}``) now hold other bytes, so those cells are
+    measured again. Finished records are appended to ``stale.jsonl`` first (nothing is lost), checkpoints
+    dropped. A file that is gone cannot be checked, and its records stay. Returns the paths that changed."""
+    from kvstack.calibration.artefact import file_digest
+
+    planned = {key_without_samples(config) for config in cell_configs}
+    digests: dict[str, str | None] = {}
+
+    def changed(record: dict[str, Any]) -> list[str]:
+        config = record.get("config")
+        if not record.get("artefacts") or not config or key_without_samples(config) not in planned:
+            return []
+        for path in record["artefacts"]:
+            if path not in digests:
+                digests[path] = file_digest(Path(path)) if Path(path).is_file() else None
+        return [path for path, digest in record["artefacts"].items() if digests[path] not in (None, digest)]
+
+    changed_paths: dict[str, None] = {}
+    for name in (RESULTS_FILE, CHECKPOINT_FILE):
+        file = out_dir / name
+        records = read_results(file)
+        stale = [record for record in records if changed(record)]
+        if not stale:
+            continue
+        for record in stale:
+            changed_paths.update(dict.fromkeys(changed(record)))
+            if name == RESULTS_FILE:
+                append_result(out_dir / STALE_FILE, record)
+        _rewrite(file, [record for record in records if not changed(record)])
+    return list(changed_paths)
 
 
 def checkpoint_record(record: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import hashlib
 import random
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from kvstack.bench.records import merge_records
 from kvstack.bench.results import (
     CHECKPOINT_FILE,
     RESULTS_FILE,
+    STALE_FILE,
     append_result,
     checkpoint_record,
     ensure_output_dir,
@@ -42,6 +44,7 @@ from kvstack.bench.results import (
     read_results,
     reported_results,
     save_checkpoints,
+    set_aside_stale,
     write_run_config,
 )
 from kvstack.bench.tasks import Sample, Task
@@ -94,6 +97,9 @@ class BenchResult:
     left_out:
         Records in ``results.jsonl`` the reports leave out: other measurements (another seed, sample count,
         setting or harness version) of a cell identity shown.
+    changed_artefacts:
+        Calibration files (head maps, layer maps, statistics) that hold other bytes than when some of this
+        run's cells were measured: those cells were measured again, their old records moved to ``stale.jsonl``.
     """
 
     out_dir: Path
@@ -102,6 +108,7 @@ class BenchResult:
     skipped: int
     files: list[Path]
     left_out: int = 0
+    changed_artefacts: list[str] = dataclasses.field(default_factory=list)
 
 
 def _sample_rng(seed: int, task: Task, length: int, index: int) -> random.Random:
@@ -148,6 +155,10 @@ def run_bench(
     validate_config(config)
     cells = plan_cells(config, device=None if model is None else next(model.parameters()).device)
     out_dir = ensure_output_dir(config.out_dir)
+    changed_artefacts = set_aside_stale(out_dir, [cell.config for cell in cells])
+    if changed_artefacts:
+        print(f"kvstack: {', '.join(changed_artefacts)} changed since some of these cells were measured; they are "
+              f"measured again (their old records are in {out_dir / STALE_FILE})", file=sys.stderr)
     finished = read_results(out_dir / RESULTS_FILE)
     done = {record["key"] for record in finished}
     pending = [cell for cell in cells if cell.key not in done]
@@ -156,7 +167,8 @@ def run_bench(
     if pending:
         model, tokenizer = _ready_model(model, tokenizer, cells, config)
         ran = _run_pending(model, tokenizer, pending, prefix, config, out_dir, on_cell, on_checkpoint)
-    return _report(out_dir, config, cells, ran=ran, skipped=len(cells) - len(pending))
+    result = _report(out_dir, config, cells, ran=ran, skipped=len(cells) - len(pending))
+    return dataclasses.replace(result, changed_artefacts=changed_artefacts)
 
 
 def _records_to_extend(pending: Sequence[Cell], finished: Sequence[dict[str, Any]], out_dir: Path,

@@ -47,6 +47,9 @@ class KVStackCache(Cache):
         ``latent``: the model's attention caches latents and rotary keys (an ``mla`` model); every layer is
         then a :class:`~kvstack.cache.latent_layer.LatentLayer`, whose uncompressed reference has
         ``num_kv_heads`` heads of ``head_dim``.
+    artefacts:
+        ``{path: sha256 of its bytes}`` of the calibration files the method and codec were built from (head
+        maps, layer maps, statistics), kept as :attr:`artefacts` for results to record.
     """
 
     def __init__(
@@ -65,8 +68,10 @@ class KVStackCache(Cache):
         tier_dir: str | None = None,
         latent: bool = False,
         head_dim: int | None = None,
+        artefacts: dict[str, str] | None = None,
     ) -> None:
         self.method = method
+        self.artefacts = dict(artefacts or {})
         self._label = label
         self.codec = codec
         self.calibration = calibration

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from kvstack.errors import KVStackError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Calibration", "CalibrationError"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "Calibration", "CalibrationError", "file_digest"]
 
 FORMAT = "kvstack-calibration"
 FORMAT_VERSION = 1
@@ -31,6 +33,15 @@ TENSOR_FIELDS: tuple[str, ...] = (
 
 class CalibrationError(KVStackError):
     """A calibration artefact is missing, corrupt or made for another model; the message is one line."""
+
+
+def file_digest(path: Path) -> str:
+    """The sha256 of the file's bytes, in hex: what a result records of the artefacts it was measured with."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclasses.dataclass

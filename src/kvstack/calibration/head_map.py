@@ -26,7 +26,7 @@ from kvstack.calibration.artefact import CalibrationError
 from kvstack.calibration.json_artefact import write_json_atomically
 from kvstack.models import kvstack_home
 
-__all__ = ["HEADS_FORMAT", "head_map_path", "load_head_scores", "save_head_scores"]
+__all__ = ["HEADS_FORMAT", "head_map_file", "head_map_path", "load_head_scores", "save_head_scores"]
 
 HEADS_FORMAT = "kvstack-retrieval-heads"
 
@@ -35,13 +35,18 @@ def head_map_path(model_key: str) -> Path:
     return kvstack_home() / "calibration" / f"{model_key}.heads.json"
 
 
+def head_map_file(model_key: str, path: str | None = None) -> Path:
+    """The head map duo reads: ``path`` (user directory expanded), or the model's own file."""
+    return Path(path).expanduser() if path is not None else head_map_path(model_key)
+
+
 def load_head_scores(model_key: str | None, num_layers: int, num_kv_heads: int,
                      path: str | None = None) -> list[list[float]]:
     """``[L][H]`` retrieval scores from the artefact at ``path`` (None: the model's own file); one line if it is
     missing, unreadable, made for another model or shaped for another geometry."""
     if model_key is None:
         raise CalibrationError("duo needs the model's identity to find its retrieval heads")
-    target = Path(path).expanduser() if path is not None else head_map_path(model_key)
+    target = head_map_file(model_key, path)
     hint = "make it with `kvstack calibrate --model MODEL --retrieval-heads`"
     if not target.is_file():
         raise CalibrationError(f"no retrieval-head scores at {target}; {hint}")

@@ -24,7 +24,7 @@ from kvstack.calibration.artefact import CalibrationError
 from kvstack.calibration.json_artefact import write_json_atomically
 from kvstack.models import kvstack_home
 
-__all__ = ["MAP_FORMAT", "MAP_VERSION", "layer_map_path", "load_layer_map", "save_layer_map"]
+__all__ = ["MAP_FORMAT", "MAP_VERSION", "layer_map_file", "layer_map_path", "load_layer_map", "save_layer_map"]
 
 MAP_FORMAT = "kvstack-kvsharer-map"
 MAP_VERSION = 1
@@ -33,6 +33,11 @@ MAP_VERSION = 1
 def layer_map_path(model_key: str, layers: int, threshold: float) -> Path:
     """Where the model's map for ``layers`` shared layers at ``threshold`` lives."""
     return kvstack_home() / "calibration" / f"{model_key}.kvsharer-{layers}-{threshold:g}.json"
+
+
+def layer_map_file(model_key: str, layers: int, threshold: float, path: str | None = None) -> Path:
+    """The layer map kvsharer reads: ``path`` (user directory expanded), or the model's own file."""
+    return Path(path).expanduser() if path is not None else layer_map_path(model_key, layers, threshold)
 
 
 def _make_hint(layers: int, threshold: float) -> str:
@@ -48,7 +53,7 @@ def load_layer_map(model_key: str | None, num_layers: int, layers: int, threshol
     """
     if model_key is None:
         raise CalibrationError("kvsharer needs the model's identity to find its layer map")
-    target = Path(path).expanduser() if path is not None else layer_map_path(model_key, layers, threshold)
+    target = layer_map_file(model_key, layers, threshold, path)
     if not target.is_file():
         raise CalibrationError(f"no kvsharer map at {target}; make it with `{_make_hint(layers, threshold)}`")
     try:

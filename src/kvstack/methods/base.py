@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any, ClassVar
 
 from kvstack.contract import (  # noqa: F401  (re-exported: methods import them from here)
@@ -151,6 +152,11 @@ class Method:
 
     def load_artefacts(self, model_key: str | None, num_layers: int, num_kv_heads: int) -> None:
         """Artefact-reading methods only: read this model's artefact when the cache is built."""
+
+    def artefact_files(self, model_key: str) -> tuple[Path, ...]:
+        """The calibration files :meth:`load_artefacts` or :meth:`layer_links` read for the model ``model_key``
+        (none for most methods): a result records their digests, so it is measured again when one changes."""
+        return ()
 
     def page_size(self) -> int:
         """Page-reading methods only: entries per page."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any, ClassVar
 
 from kvstack.contract import LINK_MAGNITUDE, LINK_REUSE, LayerLink, LayerPairMerge
@@ -174,6 +175,11 @@ class KVSharer(Method):
 
     def compresses(self) -> bool:
         return False  # nothing is evicted: the shared layers' caches are never stored
+
+    def artefact_files(self, model_key: str) -> tuple[Path, ...]:
+        from kvstack.calibration.layer_map import layer_map_file
+
+        return (layer_map_file(model_key, self.layers, self.threshold, self.artefact),)
 
     def layer_links(self, num_layers: int, model_key: str | None) -> dict[int, LayerLink]:
         from kvstack.calibration.layer_map import load_layer_map

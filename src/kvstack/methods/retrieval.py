@@ -19,6 +19,7 @@ Shapes: ``B`` batch, ``H`` KV heads, ``G`` query heads per KV head, ``P`` pages,
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import ClassVar
 
 from kvstack.lazy_import import lazy_module
@@ -419,6 +420,11 @@ class Duo(Method):
         chosen = torch.zeros(scores.numel(), dtype=torch.bool)
         chosen[scores.flatten().topk(count).indices] = True
         self.retrieval = chosen.view(num_layers, num_kv_heads).tolist()
+
+    def artefact_files(self, model_key: str) -> tuple[Path, ...]:
+        from kvstack.calibration.head_map import head_map_file
+
+        return (head_map_file(model_key, self.artefact),)
 
     def layer_budget(self, context_length: int, layer_idx: int, num_layers: int) -> int | None:
         return context_length  # compress once, after the prompt; each head's count is allocate_heads'
