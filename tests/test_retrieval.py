@@ -24,6 +24,7 @@ from kvstack.cache.ragged import RaggedHeads
 from kvstack.calibration import CalibrationError, model_key
 from kvstack.calibration.head_map import HEADS_FORMAT
 from kvstack.calibration.head_probe import probe_retrieval_heads
+from kvstack.contract import PAGE_SCORE_LOWRANK
 from kvstack.methods.retrieval import Duo, InfLLM, Quest
 from kvstack.spec import SpecError, parse
 
@@ -315,20 +316,25 @@ def test_cli_refuses_bad_quest_input_with_exit_2(capsys, tmp_path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ InfLLM
-@pytest.mark.parametrize("options", ["", ", aggregate='max', precision='int8'"])
+@pytest.mark.parametrize("options", ["representatives=2", "representatives=2, aggregate='max', precision='int8'",
+                                     "representatives=8, aggregate='max', precision='int8'"])
 def test_infllm_with_a_budget_covering_everything_is_exactly_the_full_cache(model, options) -> None:
     ids = random_ids(90)
     want = stepwise_logits(model, ids, DynamicCache(), steps=12)
-    cache = kvstack.make_cache(model, f"infllm(budget=4096, block=8, representatives=2, sinks=4, window=16{options})")
+    cache = kvstack.make_cache(model, f"infllm(budget=4096, block=8, sinks=4, window=16, {options})")
     got = stepwise_logits(model, ids, cache, steps=12)
     for step_got, step_want in zip(got, want, strict=True):
         torch.testing.assert_close(step_got, step_want, atol=1e-5, rtol=1e-5)
     layer = cache.layers[0]
     assert layer.full_pages() == (90 + 12 - 4 - 16) // 8 and layer.sink_count() == 4
-    assert layer.summary["representatives"].shape[2:] == (layer.full_pages(), 2, layer.head_dim)
-    if options:  # int8 codes and a float32 scale per representative, all counted as resident
-        assert layer.summary["representatives"].dtype == torch.int8
-        assert layer.summary["scale"].shape[2:] == (layer.full_pages(), 2)
+    reps = int(options.split(",")[0].split("=")[1])
+    assert layer.tracks_importance == (reps < 8)  # every key representing its block: no statistics to collect
+    if "int8" in options:  # int8 codes (coordinate-major) and a float32 scale per representative, all resident
+        assert layer.summary["coordinates"].shape[2:] == (layer.full_pages(), layer.head_dim, reps)
+        assert layer.summary["coordinates"].dtype == torch.int8
+        assert layer.summary["scale"].shape[2:] == (layer.full_pages(), reps)
+    else:
+        assert layer.summary["representatives"].shape[2:] == (layer.full_pages(), 2, layer.head_dim)
 
 
 @settings(max_examples=40, deadline=None)
@@ -345,13 +351,31 @@ def test_infllm_int8_representatives_score_within_half_a_step_of_the_full_ones(s
         exact, narrow = (InfLLM(block=8, budget=8, representatives=reps, aggregate=aggregate, precision=precision)
                          for precision in ("full", "int8"))
         held = narrow.page_summary(keys, valid, importance)
-        assert held["representatives"].dtype == torch.int8 and held["scale"].dtype == torch.float32
+        assert held["coordinates"].dtype == torch.int8 and held["scale"].dtype == torch.float32
         full = exact.page_summary(keys, valid, importance)["representatives"]
         step = full.abs().amax(dim=-1) / 127  # [B, H, P, r]
         slack = 0.5 * step.unsqueeze(2) * query.abs().sum(-1)[:, :, :, None, None]  # [B, H, G, P, r]
         bound = (slack.sum(-1) if aggregate == "sum" else slack.amax(-1)).amax(dim=2)  # [B, H, P]
         gap = (narrow.page_scores(query, held) - exact.page_scores(query, {"representatives": full})).abs()
         assert bool((gap <= bound * 1.001 + 1e-4).all())
+
+
+def test_infllm_with_every_key_a_representative_needs_no_attention_statistics() -> None:
+    """With ``representatives=block`` a block's summary and scores do not depend on which keys were attended:
+    without the column sums (None) they are those made with any importance, padding included."""
+    generator = torch.Generator().manual_seed(4)
+    keys = torch.randn(2, 3, 5, 8, 16, generator=generator)
+    query = torch.randn(2, 3, 3, 16, generator=generator)
+    valid = torch.ones(2, 1, 5, 8, dtype=torch.bool)
+    valid[1, 0, 2, :3] = False
+    for precision in ("full", "int8"):
+        method = InfLLM(block=8, budget=8, representatives=8, aggregate="max", precision=precision)
+        assert method.needs == frozenset()
+        blind = method.page_scores(query, method.page_summary(keys, valid, None))
+        for _ in range(3):
+            importance = torch.rand(2, 3, 5, 8, generator=generator)
+            torch.testing.assert_close(method.page_scores(query, method.page_summary(keys, valid, importance)), blind)
+    assert InfLLM(block=8, budget=8, representatives=4).needs == frozenset({"colsum"})
 
 
 def test_infllm_representatives_are_each_blocks_most_attended_keys() -> None:
@@ -733,18 +757,27 @@ def test_the_fused_page_cache_read_refuses_a_corrupt_or_cut_page_and_forgets_its
 @pytest.mark.skipif(not page_tier.kernels.available(), reason="the fused kernels do not compile here")
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**16), pages=st.integers(2, 150), page=st.sampled_from([1, 2, 4, 8, 16, 32]),
-       group=st.integers(1, 6), rank=st.integers(1, 12), select=st.sampled_from(["bound", "lowrank"]),
+       group=st.integers(1, 6), rank=st.integers(1, 12), select=st.sampled_from(["bound", "lowrank", "infllm"]),
        head_dim=st.sampled_from([12, 16]), held=st.sampled_from(["float16", "int8"]), data=st.data())
 def test_the_fused_page_selection_picks_the_top_pages_of_the_policys_scores(
         seed, pages, page, group, rank, select, head_dim, held, data) -> None:
     # up to 150 pages: several of the kernels' chunks of 64 per head; up to 6 query heads: a group of four and the
-    # rest; head dimensions of 12 and 16: the scalar and the vector key-bound paths
+    # rest; head dimensions of 12 and 16: the scalar and the vector key-bound paths; InfLLM's int8 keys with the
+    # maximum: the low-rank form without a basis, a scale per key (per page when a block has one representative)
     generator = torch.Generator().manual_seed(seed)
-    keys = torch.randn(2, 3, pages, page, head_dim, generator=generator)
+    norms = torch.rand(2, 3, pages, page, 1, generator=generator) * 4  # keys of different lengths: per-key scales
+    keys = torch.randn(2, 3, pages, page, head_dim, generator=generator) * norms
     query = torch.randn(2, 3, group, head_dim, generator=generator)
     count = data.draw(st.integers(1, pages - 1))
-    quest = Quest(page=page, budget=page, select=select, rank=rank, coordinates=held)
-    summary = quest.page_summary(keys, torch.ones(2, 1, pages, page, dtype=torch.bool), None, {})
+    if select == "infllm":
+        quest = InfLLM(block=page, budget=page, representatives=data.draw(st.integers(1, page)), aggregate="max",
+                       precision="int8")
+        importance = torch.rand(2, 3, pages, page, generator=generator)
+        summary = quest.page_summary(keys, torch.ones(2, 1, pages, page, dtype=torch.bool), importance, {})
+        assert quest.page_score_form() == PAGE_SCORE_LOWRANK and "basis" not in summary
+    else:
+        quest = Quest(page=page, budget=page, select=select, rank=rank, coordinates=held)
+        summary = quest.page_summary(keys, torch.ones(2, 1, pages, page, dtype=torch.bool), None, {})
     cache = KVStackCache(quest, num_layers=1, num_q_heads=3 * group, num_kv_heads=3, label="quest",
                          tier_dir=tempfile.gettempdir())
     layer = cache.layers[0]

@@ -200,8 +200,9 @@ class HeadCompensation:
 # key_bound: summary "min", "max" [B, H, P, D]; page p scores max over the G query heads of
 #   sum_d max(q_d min_pd, q_d max_pd) (Quest's bound).
 # lowrank: summary "basis" [B, H, D, r] and "coordinates" [B, H, P, r, S] (a page's S keys on the basis,
-#   coordinate-major; float16, or int8 with a "scale" [B, H, P] >= 0 per page); page p scores the max over the
-#   query heads and its keys of (q basis) . coordinates, times its scale for int8.
+#   coordinate-major; float16, or int8 with a "scale" >= 0, [B, H, P] per page or [B, H, P, S] per key); page p
+#   scores the max over the query heads and its keys of (q basis) . coordinates, each key's times its scale or
+#   the max times the page's for int8. Without a "basis" the coordinates are the keys themselves (r = D).
 PAGE_SCORE_KEY_BOUND = "key_bound"
 PAGE_SCORE_LOWRANK = "lowrank"
 PAGE_SCORE_FORMS = (PAGE_SCORE_KEY_BOUND, PAGE_SCORE_LOWRANK)

@@ -541,11 +541,12 @@ torch::Tensor key_bound_top_pages(torch::Tensor query, torch::Tensor low, torch:
 }
 
 // The low-rank score of pages [first, stop) (S keys each; see lowrank_top_pages) for one (sequence, KV head):
-// q [G, r] float32, c [P, r, S] float16 or int8, into score [P]; page [r * S] is scratch.
+// q [G, r] float32, c [P, r, S] float16 or int8, each key's dot product times its scale ks [P, S] when given
+// (nullptr: none), into score [P]; page [r * S] is scratch.
 template <typename T>
-static void lowrank_page_scores(const float* __restrict q, const T* __restrict c, int64_t G, int64_t r,
-                                int64_t S, int64_t first, int64_t stop, float* __restrict score,
-                                float* __restrict page) {
+static void lowrank_page_scores(const float* __restrict q, const T* __restrict c, const float* __restrict ks,
+                                int64_t G, int64_t r, int64_t S, int64_t first, int64_t stop,
+                                float* __restrict score, float* __restrict page) {
   for (int64_t p = first; p < stop; ++p) {
     for (int64_t i = 0; i < r * S; ++i) page[i] = static_cast<float>(c[p * r * S + i]);
     float best = -std::numeric_limits<float>::infinity();
@@ -553,7 +554,7 @@ static void lowrank_page_scores(const float* __restrict q, const T* __restrict c
       for (int64_t s = 0; s < S; ++s) {
         float dot = 0.f;
         for (int64_t i = 0; i < r; ++i) dot += q[g * r + i] * page[i * S + s];
-        best = std::max(best, dot);
+        best = std::max(best, ks ? dot * ks[p * S + s] : dot);
       }
     }
     score[p] = best;
@@ -564,8 +565,9 @@ static void lowrank_page_scores(const float* __restrict q, const T* __restrict c
 // N query heads' (q [N, r]) dot products with a page's keys held widened in rows [r * W] (8 W keys, W registers per
 // coordinate): two sums per head and register, over the even and the odd coordinates, so that 2 N W chains of
 // fused multiply-adds run side by side instead of one waiting on the last.
-template <int W, int N>
-static inline __m256 lowrank_best(const float* __restrict q, const __m256* __restrict rows, int64_t r, __m256 best) {
+template <int W, int N, bool KEY_SCALE>
+static inline __m256 lowrank_best(const float* __restrict q, const __m256* __restrict rows, int64_t r,
+                                  const __m256* __restrict key_scale, __m256 best) {
   __m256 even[N][W], odd[N][W];
   for (int j = 0; j < N; ++j)
     for (int w = 0; w < W; ++w) even[j][w] = odd[j][w] = _mm256_setzero_ps();
@@ -585,8 +587,12 @@ static inline __m256 lowrank_best(const float* __restrict q, const __m256* __res
       for (int w = 0; w < W; ++w) even[j][w] = _mm256_fmadd_ps(a, rows[i * W + w], even[j][w]);
     }
   }
-  for (int j = 0; j < N; ++j)
-    for (int w = 0; w < W; ++w) best = _mm256_max_ps(best, _mm256_add_ps(even[j][w], odd[j][w]));
+  for (int j = 0; j < N; ++j) {
+    for (int w = 0; w < W; ++w) {
+      const __m256 dot = _mm256_add_ps(even[j][w], odd[j][w]);
+      best = _mm256_max_ps(best, KEY_SCALE ? _mm256_mul_ps(dot, key_scale[w]) : dot);
+    }
+  }
   return best;
 }
 
@@ -598,63 +604,79 @@ static inline __m256 widen8(const int8_t* c) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c))));
 }
 
-// lowrank_page_scores for pages of S = 8 W keys and r <= 64: a page's coordinates widened once, then the query
-// heads four at a time.
-template <int W, typename T>
-static void lowrank_page_scores_avx(const float* __restrict q, const T* __restrict c, int64_t G, int64_t r,
-                                    int64_t first, int64_t stop, float* __restrict score) {
+// lowrank_page_scores for pages of S = 8 W keys and r <= 64: a page's coordinates (and its keys' scales, with
+// KEY_SCALE) widened once, then the query heads four at a time.
+template <int W, bool KEY_SCALE, typename T>
+static void lowrank_page_scores_avx(const float* __restrict q, const T* __restrict c, const float* __restrict ks,
+                                    int64_t G, int64_t r, int64_t first, int64_t stop, float* __restrict score) {
   __m256 rows[64 * W];
+  __m256 key_scale[W];
   for (int64_t p = first; p < stop; ++p) {
     const T* page = c + p * r * 8 * W;
     for (int64_t i = 0; i < r * W; ++i) rows[i] = widen8(page + 8 * i);
+    if (KEY_SCALE)
+      for (int w = 0; w < W; ++w) key_scale[w] = _mm256_loadu_ps(ks + p * 8 * W + 8 * w);
     __m256 best = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
     int64_t g = 0;
-    for (; g + 4 <= G; g += 4) best = lowrank_best<W, 4>(q + g * r, rows, r, best);
+    for (; g + 4 <= G; g += 4) best = lowrank_best<W, 4, KEY_SCALE>(q + g * r, rows, r, key_scale, best);
     switch (G - g) {
-      case 3: best = lowrank_best<W, 3>(q + g * r, rows, r, best); break;
-      case 2: best = lowrank_best<W, 2>(q + g * r, rows, r, best); break;
-      case 1: best = lowrank_best<W, 1>(q + g * r, rows, r, best); break;
+      case 3: best = lowrank_best<W, 3, KEY_SCALE>(q + g * r, rows, r, key_scale, best); break;
+      case 2: best = lowrank_best<W, 2, KEY_SCALE>(q + g * r, rows, r, key_scale, best); break;
+      case 1: best = lowrank_best<W, 1, KEY_SCALE>(q + g * r, rows, r, key_scale, best); break;
       default: break;
     }
     score[p] = horizontal_max(best);
   }
 }
+
+template <int W, typename T>
+static void lowrank_page_scores_avx(const float* q, const T* c, const float* ks, int64_t G, int64_t r,
+                                    int64_t first, int64_t stop, float* score) {
+  if (ks) return lowrank_page_scores_avx<W, true>(q, c, ks, G, r, first, stop, score);
+  lowrank_page_scores_avx<W, false>(q, c, ks, G, r, first, stop, score);
+}
 #endif
 
-// The low-rank scores of pages [first, stop) of one (sequence, KV head), coordinates of element type T.
+// The low-rank scores of pages [first, stop) of one (sequence, KV head), coordinates of element type T, each
+// key's dot products times its scale ks [P, S] when given (nullptr: none).
 template <typename T>
-static void lowrank_scores_of(const float* q, const T* c, int64_t G, int64_t r, int64_t S, int64_t first,
-                              int64_t stop, float* score) {
+static void lowrank_scores_of(const float* q, const T* c, const float* ks, int64_t G, int64_t r, int64_t S,
+                              int64_t first, int64_t stop, float* score) {
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-  if (r <= 64 && S == 8) return lowrank_page_scores_avx<1>(q, c, G, r, first, stop, score);
-  if (r <= 64 && S == 16) return lowrank_page_scores_avx<2>(q, c, G, r, first, stop, score);
-  if (r <= 64 && S == 32) return lowrank_page_scores_avx<4>(q, c, G, r, first, stop, score);
+  if (r <= 64 && S == 8) return lowrank_page_scores_avx<1>(q, c, ks, G, r, first, stop, score);
+  if (r <= 64 && S == 16) return lowrank_page_scores_avx<2>(q, c, ks, G, r, first, stop, score);
+  if (r <= 64 && S == 32) return lowrank_page_scores_avx<4>(q, c, ks, G, r, first, stop, score);
 #endif
   std::vector<float> page(S * r);
-  lowrank_page_scores(q, c, G, r, S, first, stop, score, page.data());
+  lowrank_page_scores(q, c, ks, G, r, S, first, stop, score, page.data());
 }
 
 // Page selection of one decoding step, the low-rank form: the score of page p for (sequence b, KV head h) is the
-// largest over its G query heads and its S keys of the query's and the key's coordinates' dot product, times the
-// page's scale when the coordinates are int8 (a scale >= 0 commutes with the largest).
+// largest over its G query heads and its S keys of the query's and the key's coordinates' dot product; int8
+// coordinates carry a scale per page (it multiplies the largest: a scale >= 0 commutes with it) or per key (it
+// multiplies each key's dot products before the largest).
 // query_coordinates [B, H, G, r] float32, coordinates [B, H, P, r, S] float16 or int8 (coordinate-major within a
-// page, so each query head's S dot products run along the keys), scale [B, H, P] float32 for int8 coordinates
-// (empty for float16), contiguous. Returns [B, H, k].
+// page, so each query head's S dot products run along the keys), scale float32 [B, H, P] or [B, H, P, S] for int8
+// coordinates (empty for float16), contiguous. Returns [B, H, k].
 torch::Tensor lowrank_top_pages(torch::Tensor query_coordinates, torch::Tensor coordinates, torch::Tensor scale,
                                 int64_t k) {
   const int64_t B = query_coordinates.size(0), H = query_coordinates.size(1), G = query_coordinates.size(2);
   const int64_t r = query_coordinates.size(3), P = coordinates.size(2), S = coordinates.size(4);
   TORCH_CHECK(k >= 1 && k <= P, "lowrank_top_pages: choose 1 to ", P, " pages, not ", k);
   const bool quantized = coordinates.scalar_type() == torch::kChar;
-  TORCH_CHECK(!quantized || scale.numel() == B * H * P, "lowrank_top_pages: int8 coordinates need a scale per page");
+  const bool per_key = quantized && scale.numel() == B * H * P * S && S > 1;
+  TORCH_CHECK(!quantized || per_key || scale.numel() == B * H * P,
+              "lowrank_top_pages: int8 coordinates need a scale per page or per key");
   auto out = torch::empty({B, H, k}, torch::kLong);
   const float* qp = query_coordinates.data_ptr<float>();
   top_pages_in_parallel(B * H, P, k, out.data_ptr<int64_t>(), [&](int64_t task, int64_t first, int64_t stop,
                                                                    float* score) {
     const float* q = qp + task * G * r;
-    if (!quantized) return lowrank_scores_of(q, coordinates.data_ptr<at::Half>() + task * P * r * S, G, r, S,
-                                             first, stop, score);
-    lowrank_scores_of(q, coordinates.data_ptr<int8_t>() + task * P * r * S, G, r, S, first, stop, score);
+    if (!quantized) return lowrank_scores_of(q, coordinates.data_ptr<at::Half>() + task * P * r * S, nullptr, G, r,
+                                             S, first, stop, score);
+    const float* key_scale = per_key ? scale.data_ptr<float>() + task * P * S : nullptr;
+    lowrank_scores_of(q, coordinates.data_ptr<int8_t>() + task * P * r * S, key_scale, G, r, S, first, stop, score);
+    if (per_key) return;
     const float* page_scale = scale.data_ptr<float>() + task * P;
     for (int64_t p = first; p < stop; ++p) score[p] *= page_scale[p];
   });
@@ -1041,14 +1063,15 @@ def lowrank_top_pages(query_coordinates: torch.Tensor, coordinates: torch.Tensor
     """``[B, H, count]`` int64, in no particular order: the pages with the largest low-rank scores.
 
     ``query_coordinates`` ``[B, H, G, r]`` float32 (the query heads on the layer's basis), ``coordinates``
-    ``[B, H, P, r, S]`` float16, or int8 with ``scale`` ``[B, H, P]`` (each page's ``S`` keys on it, coordinate
-    by coordinate); page ``p``'s score is the largest over the query heads and its keys of their dot product,
-    times the page's scale for int8 (:data:`kvstack.contract.PAGE_SCORE_LOWRANK`); equal scores go to the lower
-    page. ``1 <= count <= P``.
+    ``[B, H, P, r, S]`` float16, or int8 with ``scale`` ``[B, H, P]`` (a page's) or ``[B, H, P, S]`` (a key's)
+    (each page's ``S`` keys on it, coordinate by coordinate); page ``p``'s score is the largest over the query
+    heads and its keys of their dot product, each key's times its scale or the largest times the page's for int8
+    (:data:`kvstack.contract.PAGE_SCORE_LOWRANK`); equal scores go to the lower page. ``1 <= count <= P``.
     """
     if coordinates.dtype == torch.int8:
-        if scale is None:
-            raise ValueError("lowrank_top_pages: int8 coordinates need their pages' scale [B, H, P]")
+        if scale is None or scale.shape not in (coordinates.shape[:3], coordinates.shape[:3] + coordinates.shape[4:]):
+            raise ValueError("lowrank_top_pages: int8 coordinates [B, H, P, r, S] need a scale [B, H, P] per page "
+                             "or [B, H, P, S] per key")
         scale = scale.float().contiguous()
     else:
         coordinates, scale = coordinates.to(torch.float16), torch.empty(0)

@@ -529,7 +529,8 @@ class TieredLayer(OwnedLayer):
         if form == PAGE_SCORE_KEY_BOUND:
             return kernels.key_bound_top_pages(query, self.summary["min"], self.summary["max"], count)
         if form == PAGE_SCORE_LOWRANK:
-            query_coordinates = query.float() @ self.summary["basis"].float()
+            basis = self.summary.get("basis")  # none: the coordinates are the keys themselves
+            query_coordinates = query.float() if basis is None else query.float() @ basis.float()
             return kernels.lowrank_top_pages(query_coordinates, self.summary["coordinates"], count,
                                              self.summary.get("scale"))
         return self.owner.method.page_scores(query, self.summary).topk(count, dim=-1).indices

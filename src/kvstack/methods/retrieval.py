@@ -274,6 +274,11 @@ class InfLLM(Method):
     precision:
         The representatives as the cache holds them (``'full'``) or in ``'int8'`` with a float32 scale per
         key (its largest coordinate over 127): a quarter of the bytes (fp32 cache), so a block can keep more.
+        With ``aggregate='max'`` the int8 scores are the contract's low-rank form without a basis, which
+        storage computes and ranks in one fused call.
+
+    With ``representatives=block`` every key of a block represents it, so which keys were attended does not
+    matter: the cache then collects no attention statistics, and decoding attends through the fused kernel.
     sinks, window:
         Entries always resident at the start and at the end.
     cached_blocks:
@@ -293,7 +298,11 @@ class InfLLM(Method):
     tier_dir: str | None = None
 
     reads_pages: ClassVar[bool] = True
-    needs: ClassVar[frozenset[str]] = frozenset({STAT_COLSUM})
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        """The column sums choose each block's representatives; with every key one, nothing is needed."""
+        return frozenset() if self.representatives == self.block else frozenset({STAT_COLSUM})
 
     def __post_init__(self) -> None:
         _check_page("block", self.block)
@@ -326,9 +335,13 @@ class InfLLM(Method):
 
     def page_summary(self, keys: torch.Tensor, valid: torch.Tensor, importance: torch.Tensor | None,
                      held: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """The keys ``[B, H, n, r, D]`` of each block's ``r`` most-attended valid entries (padding: zeros under
-        ``sum``, the block's top key under ``max``); under ``int8``, their codes and ``scale`` ``[B, H, n, r]``."""
-        assert importance is not None, "infllm needs the column-sum statistic"
+        """``representatives``: the keys ``[B, H, n, r, D]`` of each block's ``r`` most-attended valid entries
+        (padding: zeros under ``sum``, the block's top key under ``max``); under ``int8``, their codes
+        coordinate-major as ``coordinates`` ``[B, H, n, D, r]`` (the contract's low-rank layout) and ``scale``
+        ``[B, H, n, r]``. ``importance`` is None when every key represents its block."""
+        if importance is None:  # representatives == block: every valid key, in any order
+            assert self.representatives == self.block, "infllm needs the column-sum statistic"
+            importance = torch.zeros(keys.shape[:-1], device=keys.device)
         score = importance.float().masked_fill(~valid, float("-inf"))
         top = score.topk(self.representatives, dim=-1).indices  # [B, H, n, r]
         chosen = keys.gather(3, top.unsqueeze(-1).expand(-1, -1, -1, -1, keys.shape[-1]))
@@ -341,19 +354,24 @@ class InfLLM(Method):
             return {"representatives": chosen}
         scale = chosen.float().abs().amax(dim=-1) / 127  # [B, H, n, r]
         codes = (chosen.float() / scale.clamp_min(1e-30).unsqueeze(-1)).round().clamp(-127, 127)
-        return {"representatives": codes.to(torch.int8), "scale": scale}
+        return {"coordinates": codes.to(torch.int8).transpose(-1, -2).contiguous(), "scale": scale}
 
     def page_scores(self, query: torch.Tensor, summary: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[B, H, P]`` from ``query`` ``[B, H, G, D]``: under ``sum``, the sum over a block's representatives of
         ``q . k``, averaged over the group's query heads (the paper's); under ``max``, the largest ``q . k`` over
         the representatives and the group's query heads."""
-        representatives = summary["representatives"].float()  # [B, H, P, r, D]
-        scores = torch.einsum("bhgd,bhprd->bhgpr", query.float(), representatives)
-        if "scale" in summary:  # int8 codes: a key's scale multiplies its dot products, not its D coordinates
+        if "coordinates" in summary:  # int8 codes [B, H, P, D, r]: a key's scale multiplies its dot products
+            scores = torch.einsum("bhgd,bhpdr->bhgpr", query.float(), summary["coordinates"].float())
             scores = scores * summary["scale"].unsqueeze(2)
+        else:
+            scores = torch.einsum("bhgd,bhprd->bhgpr", query.float(), summary["representatives"].float())
         if self.aggregate == "sum":
             return scores.sum(dim=-1).mean(dim=2)
         return scores.amax(dim=(2, 4))  # one query head of the group matching one key is enough, as Quest's
+
+    def page_score_form(self) -> str | None:
+        """int8 keys with the maximum: the contract's low-rank form without a basis (a scale per key)."""
+        return PAGE_SCORE_LOWRANK if self.precision == "int8" and self.aggregate == "max" else None
 
 
 INFLLM_AGGREGATES = ("sum", "max")
