@@ -459,9 +459,13 @@ def test_bad_infllm_specs_are_one_line_each() -> None:
                           ("infllm(block=4, budget=8, representatives=5)", "representatives must be 1 to block=4"),
                           ("infllm(sinks=-1)", "sinks"),
                           ("infllm(aggregate='mean')", "aggregate must be one of sum, max, got 'mean'"),
-                          ("infllm(precision='int4')", "precision must be one of full, int8, got 'int4'")):
+                          ("infllm(precision='int4')", "precision must be one of full, int8, got 'int4'"),
+                          ("infllm(budget=704, block=32, cached_blocks=16)",
+                           r"cached_blocks must be 0 \(no block cache\) or at least the 22 blocks one step reads")):
         with pytest.raises(SpecError, match=message):
             parse(spec)
+    assert parse("infllm(budget=704, block=32)").cached_pages() == 22  # by default, what one step reads
+    assert parse("infllm(budget=704, block=32, cached_blocks=0)").cached_pages() == 0
 
 
 # ------------------------------------------------------------------------------------------------ retrieval heads

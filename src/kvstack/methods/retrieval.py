@@ -258,7 +258,9 @@ class InfLLM(Method):
     one retrieving query head by the rest of its group), reads the top ``budget // block`` blocks (those
     among the ``cached_blocks`` most recently read come from memory, the rest from the tier) and attends
     exactly over them, the sinks and the window. Positions stay the true ones (the paper's memory positions
-    are for extrapolating beyond the trained context, which kvstack does not do).
+    are for extrapolating beyond the trained context, which kvstack does not do). With ``representatives=block``
+    every key of a block represents it, so which keys were attended does not matter: the cache then collects no
+    attention statistics, and decoding attends through the fused kernel.
 
     Parameters
     ----------
@@ -276,13 +278,11 @@ class InfLLM(Method):
         key (its largest coordinate over 127): a quarter of the bytes (fp32 cache), so a block can keep more.
         With ``aggregate='max'`` the int8 scores are the contract's low-rank form without a basis, which
         storage computes and ranks in one fused call.
-
-    With ``representatives=block`` every key of a block represents it, so which keys were attended does not
-    matter: the cache then collects no attention statistics, and decoding attends through the fused kernel.
     sinks, window:
         Entries always resident at the start and at the end.
     cached_blocks:
-        Blocks read recently that stay resident (an LRU; 0 reads every block from the tier).
+        Blocks read recently that stay resident (an LRU): None, the blocks one step reads; 0, every block read
+        from the tier; otherwise at least one step's blocks (a smaller LRU would never be used).
     tier_dir:
         Directory of the tier's files (None: the system's temporary directory).
     """
@@ -294,7 +294,7 @@ class InfLLM(Method):
     precision: str = "full"
     sinks: int = 64
     window: int = 512
-    cached_blocks: int = 16
+    cached_blocks: int | None = None
     tier_dir: str | None = None
 
     reads_pages: ClassVar[bool] = True
@@ -315,7 +315,12 @@ class InfLLM(Method):
             raise SpecError(f"aggregate must be one of {', '.join(INFLLM_AGGREGATES)}, got {self.aggregate!r}")
         if self.precision not in INFLLM_PRECISIONS:
             raise SpecError(f"precision must be one of {', '.join(INFLLM_PRECISIONS)}, got {self.precision!r}")
-        check_sizes(sinks=self.sinks, window=self.window, cached_blocks=self.cached_blocks)
+        check_sizes(sinks=self.sinks, window=self.window)
+        if self.cached_blocks is not None:
+            check_sizes(cached_blocks=self.cached_blocks)
+            if 0 < self.cached_blocks < self.budget // self.block:  # a step's blocks must fit the LRU, or it is unused
+                raise SpecError(f"cached_blocks must be 0 (no block cache) or at least the {self.budget // self.block} "
+                                f"blocks one step reads (budget // block), got {self.cached_blocks}")
         _check_tier_dir(self.tier_dir)
 
     def compresses(self) -> bool:
@@ -331,7 +336,7 @@ class InfLLM(Method):
         return self.sinks, self.window
 
     def cached_pages(self) -> int:
-        return self.cached_blocks
+        return self.budget // self.block if self.cached_blocks is None else self.cached_blocks
 
     def page_summary(self, keys: torch.Tensor, valid: torch.Tensor, importance: torch.Tensor | None,
                      held: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
