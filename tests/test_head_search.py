@@ -172,12 +172,11 @@ def test_the_command_line_passes_the_search_its_prompt_options(tokenizer, tmp_pa
     assert (record["prompts"], record["length"], record["key_words"], len(record["chosen"])) == (1, 320, 2, 1)
 
 
-def test_bad_search_prompt_options_are_usage_errors(capsys) -> None:
-    message = usage_error(capsys, ["calibrate", "--retrieval-heads", "search", "--prompts", "0"])
-    assert "--prompts must be >= 1, got 0" in message
-    message = usage_error(capsys, ["calibrate", "--retrieval-heads", "search", "--prompt-length", "100"])
-    assert "--prompt-length must be >= 320" in message
-    message = usage_error(capsys, ["calibrate", "--retrieval-heads", "keyed", "--prompts", "8"])
-    assert "--prompts: for --retrieval-heads greedy or search only" in message
-    message = usage_error(capsys, ["calibrate", "--retrieval-heads", "greedy", "--key-words", "2"])
-    assert "--key-words is for --retrieval-heads search only" in message
+@pytest.mark.parametrize(("way", "flags", "message"), [
+    ("search", ["--prompts", "0"], "--prompts must be >= 1, got 0"),
+    ("search", ["--prompt-length", "100"], "--prompt-length must be >= 320"),
+    ("keyed", ["--prompts", "8"], "--prompts: for --retrieval-heads greedy or search only"),
+    ("greedy", ["--key-words", "2"], "--key-words is for --retrieval-heads search only"),
+])
+def test_bad_search_prompt_options_are_usage_errors(capsys, way, flags, message) -> None:
+    assert message in usage_error(capsys, ["calibrate", "--retrieval-heads", way, *flags])
