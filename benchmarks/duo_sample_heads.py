@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import kvstack
-from kvstack.bench.runner import _sample_rng
+from kvstack.bench.runner import sample_rng
 from kvstack.bench.tasks import get_task
 from kvstack.calibration import model_key
 from kvstack.calibration.head_map import HEADS_FORMAT
@@ -74,7 +74,7 @@ def main() -> None:
              "digits, teacher-forced as duo decodes. A diagnosis on test samples, not a choice of heads.", "",
              "| sample | answer | split | loss | greedy answer |", "| --- | --- | --- | --- | --- |"]
     for index in (int(i) for i in args.samples.split(",")):
-        sample = task.generate(tokenizer, args.length, _sample_rng(0, task, args.length, index), "after")
+        sample = task.generate(tokenizer, args.length, sample_rng(0, task, args.length, index), "after")
         answer = tokenizer(f" {sample.answers[0]}", add_special_tokens=False)["input_ids"]
         cache = prompt_cache(model, sample.input_ids)
         candidates = [h for h in range(base.numel()) if not base.flatten()[h]]

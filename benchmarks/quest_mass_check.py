@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from grid_runs import stamp
 
 import kvstack
-from kvstack.bench.runner import _sample_rng
+from kvstack.bench.runner import sample_rng
 from kvstack.bench.tasks import get_task
 from kvstack.cache.page_tier import TieredLayer
 
@@ -94,7 +94,7 @@ def main() -> None:
     model, tokenizer = kvstack.load_model("smollm2-135m")
     task = get_task(args.task)
     budget = args.length // 8
-    sample = task.generate(tokenizer, args.length, _sample_rng(0, task, args.length, args.sample), "after",
+    sample = task.generate(tokenizer, args.length, sample_rng(0, task, args.length, args.sample), "after",
                            chat=True, answer_prefix="")
     ids = torch.tensor([sample.input_ids])
     lines = ["| page | Quest's pages | oracle's pages (as many) | whole tier | worst layer: Quest / oracle |",

@@ -70,6 +70,7 @@ __all__ = [
     "run_bench",
     "run_cell",
     "run_cells_shared",
+    "sample_rng",
     "score_settled",
     "shares_prefill",
 ]
@@ -111,7 +112,9 @@ class BenchResult:
     changed_artefacts: list[str] = dataclasses.field(default_factory=list)
 
 
-def _sample_rng(seed: int, task: Task, length: int, index: int) -> random.Random:
+def sample_rng(seed: int, task: Task, length: int, index: int) -> random.Random:
+    """The generator sample ``index`` of a ``task`` cell at ``length`` draws from: it depends on nothing else, so
+    every method of a grid sees the same samples, and a script can rebuild any one of them."""
     text = f"{seed}|{task.name}|{task.variant}|{length}|{index}"
     return random.Random(int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big"))
 
@@ -316,7 +319,7 @@ def _prefill_batches(members: Sequence[Cell], prefix: dict[str, dict[str, Any]],
 
 
 def _make_sample(cell: Cell, tokenizer: Any, config: BenchConfig, index: int) -> Sample:
-    rng = _sample_rng(config.seed, cell.task, cell.length, index)
+    rng = sample_rng(config.seed, cell.task, cell.length, index)
     mode = "after" if cell.query_mode == "n/a" else cell.query_mode
     return cell.task.generate(tokenizer, cell.length, rng, mode, chat=config.chat,
                               answer_prefix=config.answer_prefix)
