@@ -41,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +213,9 @@ KEYED_ARTEFACTS = {16: "benchmarks/results/retrieval/heads/probe_keyed.json",
 SEARCH = "benchmarks/results/retrieval/heads/search.json"
 SEARCH_4K = "benchmarks/results/retrieval/heads/search4k.json"
 SEARCH_2WORDS = "benchmarks/results/retrieval/heads/search_2words.json"
-SEARCH_ARTEFACTS = {SEARCH: {"length": 2048}, SEARCH_4K: {"length": 4096}, SEARCH_2WORDS: {"key_words": 2}}
+SEARCH_KJV = "benchmarks/results/retrieval/heads/search_kjv.json"
+SEARCH_ARTEFACTS = {SEARCH: {"length": 2048}, SEARCH_4K: {"length": 4096}, SEARCH_2WORDS: {"key_words": 2},
+                    SEARCH_KJV: {"key_words": 2, "source": "kjv-end"}}
 
 
 # The recall grid's methods by name (``--methods`` picks some), each reading or keeping ``budget`` entries.
@@ -247,6 +250,9 @@ RECALL_METHODS = {
     "duo-search4k-eighth": f"duo(heads=0.1, artefact='{SEARCH_4K}')",
     # ... on prompts whose keys are two words, often sharing the first (RULER's keys are two words)
     "duo-search2w-eighth": f"duo(heads=0.1, artefact='{SEARCH_2WORDS}')",
+    # ... with the needles hidden in the last chapters of the KJV (prose, as the grid's haystack, which is KJV
+    # text from elsewhere) instead of the Python docs
+    "duo-searchkjv-eighth": f"duo(heads=0.1, artefact='{SEARCH_KJV}')",
     # the same heads with the streaming heads' recent entries filling the eighth (0.1248 of a 4k context)
     "duo-keyed32-eighth-r96": f"duo(heads=0.1, recent=96, artefact='{KEYED_ARTEFACTS[32]}')",
     # ... or with more of them sinks (the read is the same)
@@ -291,10 +297,9 @@ def print_progress(count: int, head: tuple[int, int], loss: float) -> None:
     print(f"search: head {count} L{head[0]}.H{head[1]} (answer loss with it {loss:.3f})", flush=True)
 
 
-def fit_gates(model: Any, tokenizer: Any) -> None:
-    """Fit DuoAttention's gates (``GATE_STEPS`` steps) into ``GATES_ARTEFACT``, with a log of the fit beside it."""
+def fit_gates(model: Any, tokenizer: Any) -> dict:
+    """Fit DuoAttention's gates (``GATE_STEPS`` steps) for ``GATES_ARTEFACT``, with a log of the fit beside it."""
     from kvstack.calibration.head_gates import fit_retrieval_gates
-    from kvstack.calibration.head_map import save_head_scores
 
     start, log = time.monotonic(), []
 
@@ -304,9 +309,41 @@ def fit_gates(model: Any, tokenizer: Any) -> None:
 
     record = fit_retrieval_gates(model, tokenizer, steps=GATE_STEPS, progress=note)
     record["fitted"] = stamp()
-    save_head_scores(record, Path(GATES_ARTEFACT))
+    Path(GATES_ARTEFACT).parent.mkdir(parents=True, exist_ok=True)
     Path(GATES_ARTEFACT).with_suffix(".log").write_text(
         "step distance mean_gate seconds\n" + "\n".join(log) + "\n")
+    return record
+
+
+def keyed_probe(prompts: int) -> Callable[[Any, Any], dict]:
+    """Makes the keyed probe's artefact on ``prompts`` prompts."""
+    def make(model: Any, tokenizer: Any) -> dict:
+        from kvstack.calibration.head_probe import KEYED_PROBE, probe_retrieval_heads
+
+        record = probe_retrieval_heads(model, tokenizer, kind="keyed", **{**KEYED_PROBE, "prompts": prompts})
+        record["probed"] = stamp()
+        return record
+    return make
+
+
+def head_search(arguments: dict[str, Any]) -> Callable[[Any, Any], dict]:
+    """Makes a head search's artefact with these ``search_retrieval_heads`` arguments."""
+    def make(model: Any, tokenizer: Any) -> dict:
+        from kvstack.calibration.head_search import search_retrieval_heads
+
+        started = time.perf_counter()
+        record = search_retrieval_heads(model, tokenizer, **arguments, progress=print_progress)
+        record["searched"] = f"{stamp()}; {time.perf_counter() - started:.0f} s"
+        return record
+    return make
+
+
+# how the grid makes each committed head map it reads, when the file is missing
+ARTEFACT_MAKERS: dict[str, Callable[[Any, Any], dict]] = {
+    GATES_ARTEFACT: fit_gates,
+    **{path: keyed_probe(prompts) for prompts, path in KEYED_ARTEFACTS.items()},
+    **{path: head_search(arguments) for path, arguments in SEARCH_ARTEFACTS.items()},
+}
 
 
 def infllm_blocks(budget: int, window: int, block: int) -> int:
@@ -327,23 +364,9 @@ def recall(out: str, lengths: list[int], max_minutes: float | None, names: list[
     model, tokenizer = kvstack.load_model(MODEL)
     if not head_map_path(model_key(model)).is_file():  # duo's artefact: the retrieval-head probe
         save_head_scores(probe_retrieval_heads(model, tokenizer), head_map_path(model_key(model)))
-    if any(name.startswith("duo-gates") for name in names) and not Path(GATES_ARTEFACT).is_file():
-        fit_gates(model, tokenizer)
-    for prompts, path in KEYED_ARTEFACTS.items():
+    for path, make in ARTEFACT_MAKERS.items():
         if any(path in RECALL_METHODS[name] for name in names) and not Path(path).is_file():
-            from kvstack.calibration.head_probe import KEYED_PROBE
-
-            record = probe_retrieval_heads(model, tokenizer, kind="keyed", **{**KEYED_PROBE, "prompts": prompts})
-            record["probed"] = stamp()
-            save_head_scores(record, Path(path))
-    for path, arguments in SEARCH_ARTEFACTS.items():
-        if any(path in RECALL_METHODS[name] for name in names) and not Path(path).is_file():
-            from kvstack.calibration.head_search import search_retrieval_heads
-
-            started = time.perf_counter()
-            record = search_retrieval_heads(model, tokenizer, **arguments, progress=print_progress)
-            record["searched"] = f"{stamp()}; {time.perf_counter() - started:.0f} s"
-            save_head_scores(record, Path(path))
+            save_head_scores(make(model, tokenizer), Path(path))
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     for length in lengths:  # one grid per length: each reads 1/8 of its own context
         budget = length // READ_FRACTION
