@@ -16,7 +16,7 @@ import torch
 
 from kvstack.cache import kernels
 from kvstack.engine.paged import PagedKVPool
-from kvstack.methods.base import Method
+from kvstack.methods.base import PAGE_SCORE_KEY_BOUND, Method
 
 __all__ = ["quest_blocks_read", "quest_decode_attention", "quest_decode_batch", "select_blocks"]
 
@@ -78,7 +78,8 @@ def quest_decode_batch(query: torch.Tensor, pool: PagedKVPool, layer: int,
     ``steps`` holds each sequence's ``(block table, context length, reader)``; every step reads fewer blocks
     than it has full (:func:`quest_blocks_read`). Steps whose readers are of one kind and read as many blocks
     are scored and attended together: one gather of their candidate blocks' bounds (padded to the widest), one
-    ``page_scores``, one top-k and one kernel call, instead of one of each per sequence.
+    ``page_scores`` and one top-k (with Quest's bound: one fused selection call per context length among them)
+    and one kernel call, instead of one of each per sequence.
     """
     output = torch.empty(query.shape, dtype=torch.float32, device=query.device)
     counts = [quest_blocks_read(reader, context_len, pool.block_size) for _, context_len, reader in steps]
@@ -101,11 +102,22 @@ def _decode_group(query: torch.Tensor, pool: PagedKVPool, layer: int, steps: lis
     candidates = torch.tensor([table[:full] + [table[0]] * (widest - full) for (table, _, _), full in
                                zip(steps, fulls, strict=True)], dtype=torch.long, device=pool.device)  # [S, C]
     bounds = pool.block_key_bounds(layer, candidates.flatten()).view(count, widest, 2, heads, dim)
-    summary = {"min": bounds[:, :, 0].transpose(1, 2), "max": bounds[:, :, 1].transpose(1, 2)}  # [S, H, C, D]
-    scores = steps[0][2].page_scores(query.view(count, heads, -1, dim), summary)  # [S, H, C]
-    padding = torch.arange(widest, device=pool.device) >= torch.tensor(fulls, device=pool.device)[:, None]
-    scores = scores.masked_fill(padding[:, None, :], float("-inf"))
-    picked = scores.topk(read, dim=-1).indices  # [S, H, read], in any order: the softmax is over a set
+    low, high = bounds[:, :, 0].transpose(1, 2), bounds[:, :, 1].transpose(1, 2)  # [S, H, C, D]
+    grouped = query.view(count, heads, -1, dim)  # [S, H, G, D]
+    if steps[0][2].page_score_form() == PAGE_SCORE_KEY_BOUND:
+        # the bound scored and ranked in one fused call per candidate count (no padding to mask), as the core
+        # cache does; the pages chosen are the top ones of page_scores
+        picked = torch.empty((count, heads, read), dtype=torch.long, device=pool.device)
+        by_full: dict[int, list[int]] = {}
+        for index, full in enumerate(fulls):
+            by_full.setdefault(full, []).append(index)
+        for full, rows in by_full.items():
+            picked[rows] = kernels.key_bound_top_pages(grouped[rows], low[rows, :, :full], high[rows, :, :full], read)
+    else:
+        scores = steps[0][2].page_scores(grouped, {"min": low, "max": high})  # [S, H, C]
+        padding = torch.arange(widest, device=pool.device) >= torch.tensor(fulls, device=pool.device)[:, None]
+        scores = scores.masked_fill(padding[:, None, :], float("-inf"))
+        picked = scores.topk(read, dim=-1).indices  # [S, H, read], in any order: the softmax is over a set
     blocks = candidates.gather(1, picked.flatten(1)).view(count, heads, read)
     newest = pool.kv[torch.tensor([table[full] for (table, _, _), full in zip(steps, fulls, strict=True)]), layer]
     counts = torch.tensor([context_len - full * size for (_, context_len, _), full in zip(steps, fulls, strict=True)])
