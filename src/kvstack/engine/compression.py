@@ -49,8 +49,9 @@ def engine_method(spec: str | Method, prompt_length: int, num_layers: int, block
         raise KVStackError(f"expected a method spec such as 'snapkv(budget=256)', got {type(method).__name__}")
     if method.reads_pages:
         if method.spec_name != "quest":
-            raise KVStackError(f"{method.label()} cannot run in the paged engine: its blocks are summarised by "
-                               "attention the pool does not collect; the engine runs quest, or use "
+            raise KVStackError(f"{method.label()} cannot run in the paged engine: its blocks are scored through "
+                               "summaries (representative keys, attention statistics) the pool does not keep; "
+                               "the engine runs quest, or use "
                                f"{method.spec_name} with kvstack.make_cache")
         if block_size is not None and method.page_size() != block_size:
             raise KVStackError(f"quest's page ({method.page_size()}) must be the engine's block size ({block_size}): "
