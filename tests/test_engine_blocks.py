@@ -323,6 +323,25 @@ def test_pool_evicts_the_least_recently_released_cached_block_first():
         pool.check_invariants()
 
 
+def test_on_release_hears_of_a_block_when_it_is_freed_or_evicted_and_not_when_it_is_cached():
+    pool = BlockPool(num_blocks=4, block_size=2)
+    released: list[int] = []
+    pool.on_release = released.append
+    hashed, plain, shared = pool.allocate(3)
+    assert pool.register(hashed, block_hash(None, [1, 1], "ns"))
+    pool.incref(shared)
+    pool.decref(hashed)  # cached: it still holds its tokens
+    pool.decref(plain)  # free
+    pool.decref(shared)  # another reference remains
+    assert released == [plain]
+    pool.decref(shared)
+    assert released == [plain, shared]
+    pool.allocate(3)  # the one never used, the two free ones, then the cached one evicted
+    assert released == [plain, shared]
+    pool.allocate(1)
+    assert released == [plain, shared, hashed]
+
+
 def test_a_hit_on_the_oldest_cached_block_is_not_evicted_by_its_own_prompt():
     manager = BlockManager(num_blocks=4, block_size=2)
     manager.allocate_prompt("a", [1, 2, 3])

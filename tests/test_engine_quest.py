@@ -115,24 +115,62 @@ def test_decode_attention_reads_the_top_blocks_per_head_and_the_newest(kernel_pa
             torch.testing.assert_close(output[head * 3 + g, 0], weights @ values[head, slots])
 
 
-@settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 2**16), writes=st.lists(st.integers(0, 5), min_size=1, max_size=6))
-def test_block_bounds_follow_every_write_and_copy(seed, writes) -> None:
+# one operation on a pool of 6 blocks: ("ask", blocks asked about), ("write", block), ("copy", block), ("release",
+# block)
+OPERATION = st.one_of(
+    st.tuples(st.just("ask"), st.lists(st.integers(0, 5), min_size=1, max_size=6)),
+    st.tuples(st.sampled_from(["write", "copy", "release"]), st.integers(0, 5)),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), operations=st.lists(OPERATION, min_size=1, max_size=12))
+def test_block_bounds_follow_every_write_copy_and_release(seed, operations) -> None:
     generator = torch.Generator().manual_seed(seed)
     pool = PagedKVPool(num_blocks=6, num_layers=2, num_kv_heads=2, head_dim=4, block_size=2)
-    every = torch.arange(6)
-    for step, block in enumerate(writes):
-        pool.block_key_bounds(step % 2, every)  # bounds computed before the write must not be served after it
-        if step % 3 == 2:
-            pool.copy_block(block, (block + 1) % 6)
-        else:
+    bounded: set[int] = set()
+    for step, (kind, argument) in enumerate(operations):
+        layer = step % 2
+        if kind == "ask":
+            got = pool.block_key_bounds(layer, torch.tensor(argument))
+            stored = pool.kv[argument, layer, 0]  # [n, H, size, D]
+            assert torch.equal(got, torch.stack((stored.amin(dim=2), stored.amax(dim=2)), dim=1))
+            bounded.update(argument)
+        elif kind == "write":
             keys = torch.randn(2, 2, 4, generator=generator)
-            pool.write(step % 2, [block], 0, keys, keys)
-        for layer in range(2):
-            stored = pool.kv[:, layer, 0]  # [blocks, H, size, D]
-            want = torch.stack((stored.amin(dim=2), stored.amax(dim=2)), dim=1)
-            assert torch.equal(pool.block_key_bounds(layer, every), want)
-    assert pool.bounds_nbytes() == 2 * 6 * 2 * 2 * 4 * 4
+            pool.write(layer, [argument], 0, keys, keys)
+        elif kind == "copy":
+            pool.copy_block(argument, (argument + 1) % 6)
+        else:
+            pool.release_block_bounds(argument)
+            bounded.discard(argument)
+        assert pool.bounded_blocks() == len(bounded)
+    # every block is asked about once more, on both layers: nothing computed before a write is served after it
+    for layer in range(2):
+        stored = pool.kv[:, layer, 0]
+        want = torch.stack((stored.amin(dim=2), stored.amax(dim=2)), dim=1)
+        assert torch.equal(pool.block_key_bounds(layer, torch.arange(6)), want)
+    assert pool.bounds_nbytes() == 2 * 6 * 2 * 2 * 4 * 4  # the table never holds more rows than blocks
+
+
+def test_the_bounds_cover_only_the_blocks_quest_requests_read_and_leave_with_them() -> None:
+    engine = Engine(tiny(), memory_mb=2.0, block_size=4, enable_prefix_caching=False)
+    per_block = engine.pool.num_layers * 2 * engine.pool.num_kv_heads * engine.pool.head_dim * 4  # float32
+    full = [engine.add_request(prompt_of(40, seed, VOCAB), SamplingParams(max_new_tokens=3)) for seed in range(3)]
+    spec = "quest(budget=8, page=4)"
+    quest = engine.add_request(prompt_of(40, 7, VOCAB), SamplingParams(max_new_tokens=3), method=spec)
+    while engine.has_unfinished():
+        engine.step()
+    assert all(len(engine.get_output(rid)) == 3 for rid in [*full, quest])
+    # one request of 40 + 2 tokens has at most 10 full blocks; the pool holds many more
+    assert 0 < engine.pool.bounds_nbytes() <= 10 * per_block < engine.pool.num_blocks * per_block // 4
+    assert engine.pool.bounded_blocks() == 0  # finished: its blocks were freed, and their bounds with them
+    table_bytes = engine.pool.bounds_nbytes()
+    again = engine.add_request(prompt_of(40, 8, VOCAB), SamplingParams(max_new_tokens=3), method=spec)
+    while engine.has_unfinished():
+        engine.step()
+    assert len(engine.get_output(again)) == 3
+    assert engine.pool.bounds_nbytes() == table_bytes  # the freed rows were used again
 
 
 def test_a_plan_sends_only_decoding_steps_that_read_less_than_everything_to_quest() -> None:

@@ -43,6 +43,9 @@ class BlockPool:
     on_evict : callable or None
         Called as ``on_evict(block_id, hash)`` just before a cached block is evicted to be reused (the
         engine writes its KV to the host tier there); None by default.
+    on_release : callable or None
+        Called as ``on_release(block_id)`` when a block stops holding what it held: it becomes free, or it is
+        evicted from the cache to be reused (the engine drops the block's Quest bounds there); None by default.
 
     Notes
     -----
@@ -61,6 +64,7 @@ class BlockPool:
         self._num_used = 0
         self._evictions = 0
         self.on_evict: Callable[[int, bytes], None] | None = None
+        self.on_release: Callable[[int], None] | None = None
 
     # ------------------------------------------------------------------ counts
     @property
@@ -159,6 +163,8 @@ class BlockPool:
                     del self._hash_to_block[evicted_hash]
                 self._hashes[block_id] = None
                 self._evictions += 1
+                if self.on_release is not None:
+                    self.on_release(block_id)
             self._ref_counts[block_id] = 1
             self._num_used += 1
             blocks.append(block_id)
@@ -198,6 +204,8 @@ class BlockPool:
                 self._lru[block_id] = None
             else:
                 self._free.append(block_id)
+                if self.on_release is not None:
+                    self.on_release(block_id)
 
     def touch(self, block_id: int) -> None:
         """Reuse a block found by :meth:`lookup`: cached -> used with ``ref_count`` 1 (leaves the LRU); used -> incref.

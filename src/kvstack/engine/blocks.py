@@ -83,6 +83,8 @@ class BlockManager:
     tiers : BlockTiers or None, optional
         Lower storage tiers (prefix caching only): evicted cached blocks are offloaded there, and a prompt
         whose prefix misses the pool continues its lookup there, loading each hit into a new block.
+    on_release : callable or None, optional
+        Called as ``on_release(block_id)`` when a block is freed or evicted (:attr:`BlockPool.on_release`).
 
     Attributes
     ----------
@@ -102,8 +104,10 @@ class BlockManager:
         namespace: str = "",
         enable_prefix_caching: bool = True,
         tiers: BlockTiers | None = None,
+        on_release: Callable[[int], None] | None = None,
     ) -> None:
         self._pool = BlockPool(num_blocks, block_size)
+        self._pool.on_release = on_release
         self._tiers = tiers if enable_prefix_caching else None
         if self._tiers is not None:
             self._pool.on_evict = self._tiers.offload

@@ -158,6 +158,8 @@ class Engine:
         self.block_manager = BlockManager(
             self.pool.num_blocks, block_size, namespace=namespace, enable_prefix_caching=enable_prefix_caching,
             tiers=self._tiers,
+            # Quest's block bounds are kept only while their block holds what they bound
+            on_release=self.pool.release_block_bounds if isinstance(self.pool, PagedKVPool) else None,
         )
         self.scheduler = Scheduler(
             self.block_manager,

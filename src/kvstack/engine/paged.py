@@ -108,10 +108,15 @@ class PagedKVPool:
         self._kv = torch.zeros(
             (num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim), dtype=dtype, device=device
         )
-        # Per (layer, block) key minimum and maximum for page-reading policies (Quest), allocated on first use;
-        # a write marks the block's bounds stale and they are recomputed when next asked for.
-        self._bounds: torch.Tensor | None = None  # [L, num_blocks, 2, H, D]
-        self._stale: torch.Tensor | None = None  # [L, num_blocks] bool
+        # Per (layer, block) key minimum and maximum for page-reading policies (Quest), only for the blocks a
+        # policy has asked about: each such block holds a row of the bounds table until it is released (freed
+        # or evicted by the allocator), so a pool serving few Quest requests keeps few bounds. A write marks the
+        # block's bounds stale and they are recomputed when next asked for.
+        self._bound_rows = torch.full((num_blocks,), -1, dtype=torch.long, device=device)  # [num_blocks]
+        self._free_bound_rows: list[int] = []
+        self._row_owner = torch.empty(0, dtype=torch.long, device=device)  # [rows]: the block holding a row, or -1
+        self._bounds: torch.Tensor | None = None  # [L, rows, 2, H, D]
+        self._stale: torch.Tensor | None = None  # [L, rows] bool
 
     @classmethod
     def from_budget(
@@ -412,30 +417,76 @@ class PagedKVPool:
 
         Notes
         -----
-        Kept beside the pool, ``[L, num_blocks, 2, H, D]`` (``2 / block_size`` of the keys' bytes), allocated the
-        first time a policy asks; a block's bounds are recomputed when asked after any write to it.
+        Kept beside the pool only for the blocks asked about (``2 / block_size`` of their keys' bytes), in a
+        table that grows by half when full and keeps its rows until :meth:`release_block_bounds`; a block's
+        bounds are recomputed when asked after any write to it.
         """
         self._check_layer(layer)
-        if self._bounds is None or self._stale is None:
-            shape = (self._num_layers, self._num_blocks, 2, self._num_kv_heads, self._head_dim)
-            self._bounds = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            self._stale = torch.ones((self._num_layers, self._num_blocks), dtype=torch.bool, device=self.device)
         blocks = blocks.to(device=self.device, dtype=torch.long)
-        stale = blocks[self._stale[layer, blocks]]
+        rows = self._bound_rows[blocks]
+        if bool((rows < 0).any()):
+            self._assign_bound_rows(blocks[rows < 0].unique())
+            rows = self._bound_rows[blocks]
+        assert self._bounds is not None and self._stale is not None
+        stale = rows[self._stale[layer, rows]].unique()
         if stale.numel():
-            keys = self._kv[:, layer, 0].index_select(0, stale)  # [s, H, block_size, D]
+            keys = self._kv[:, layer, 0].index_select(0, self._row_owner[stale])  # [s, H, block_size, D]
             self._bounds[layer, stale, 0] = keys.amin(dim=2)
             self._bounds[layer, stale, 1] = keys.amax(dim=2)
             self._stale[layer, stale] = False
-        return self._bounds[layer, blocks]
+        return self._bounds[layer, rows]
+
+    def release_block_bounds(self, block_id: int) -> None:
+        """Forget a block's bounds (the allocator freed or evicted it): its row goes back to the table."""
+        row = int(self._bound_rows[block_id])
+        if row >= 0:
+            self._bound_rows[block_id] = -1
+            self._row_owner[row] = -1
+            self._free_bound_rows.append(row)
 
     def bounds_nbytes(self) -> int:
-        """Bytes of the block bounds kept beside the pool (0 until a page-reading policy asked for them)."""
+        """Bytes of the block bounds kept beside the pool (0 until a page-reading policy asked for them): the
+        table's rows, in use or free, so the high-water mark of the blocks bounded at once (plus growth)."""
         return 0 if self._bounds is None else int(self._bounds.nbytes)
+
+    def bounded_blocks(self) -> int:
+        """How many blocks hold a row of the bounds table now."""
+        return int((self._bound_rows >= 0).sum())
+
+    def _assign_bound_rows(self, blocks: torch.Tensor) -> None:
+        """Give each of ``blocks`` (``[m]``, without a row) a row of the bounds table, marked stale."""
+        needed = blocks.numel() - len(self._free_bound_rows)
+        if needed > 0:
+            self._grow_bounds(needed)
+        rows = torch.tensor([self._free_bound_rows.pop() for _ in range(blocks.numel())], dtype=torch.long,
+                            device=self.device)
+        self._bound_rows[blocks] = rows
+        self._row_owner[rows] = blocks
+        assert self._stale is not None
+        self._stale[:, rows] = True
+
+    def _grow_bounds(self, needed: int) -> None:
+        old = 0 if self._bounds is None else self._bounds.shape[1]
+        size = min(self._num_blocks, max(old + needed, old + old // 2))
+        shape = (self._num_layers, size, 2, self._num_kv_heads, self._head_dim)
+        bounds = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        stale = torch.ones((self._num_layers, size), dtype=torch.bool, device=self.device)
+        owner = torch.full((size,), -1, dtype=torch.long, device=self.device)
+        if self._bounds is not None and self._stale is not None:
+            bounds[:, :old] = self._bounds
+            stale[:, :old] = self._stale
+            owner[:old] = self._row_owner
+        self._bounds, self._stale, self._row_owner = bounds, stale, owner
+        self._free_bound_rows.extend(range(size - 1, old - 1, -1))
 
     def _mark_written(self, layer: int | slice, blocks: torch.Tensor | int) -> None:
         if self._stale is not None:
-            self._stale[layer, blocks] = True
+            rows = self._bound_rows[blocks]
+            if isinstance(rows, torch.Tensor) and rows.dim():
+                rows = rows[rows >= 0]
+            elif int(rows) < 0:
+                return
+            self._stale[layer, rows] = True
 
     # ------------------------------------------------------------------------------------------------
     # Helpers
