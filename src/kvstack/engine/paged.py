@@ -418,8 +418,9 @@ class PagedKVPool:
         Notes
         -----
         Kept beside the pool only for the blocks asked about (``2 / block_size`` of their keys' bytes), in a
-        table that grows by half when full and keeps its rows until :meth:`release_block_bounds`; a block's
-        bounds are recomputed when asked after any write to it.
+        table that grows by half when full; a block keeps its row until :meth:`release_block_bounds`, and the
+        table is freed when no block holds one. A block's bounds are recomputed when asked after any write to
+        it.
         """
         self._check_layer(layer)
         blocks = blocks.to(device=self.device, dtype=torch.long)
@@ -437,16 +438,22 @@ class PagedKVPool:
         return self._bounds[layer, rows]
 
     def release_block_bounds(self, block_id: int) -> None:
-        """Forget a block's bounds (the allocator freed or evicted it): its row goes back to the table."""
+        """Forget a block's bounds (the allocator freed or evicted it): its row goes back to the table, and the
+        table itself is freed when no block holds a row."""
         row = int(self._bound_rows[block_id])
-        if row >= 0:
-            self._bound_rows[block_id] = -1
-            self._row_owner[row] = -1
-            self._free_bound_rows.append(row)
+        if row < 0:
+            return
+        self._bound_rows[block_id] = -1
+        self._row_owner[row] = -1
+        self._free_bound_rows.append(row)
+        if len(self._free_bound_rows) == self._row_owner.numel():
+            self._bounds = self._stale = None
+            self._row_owner = self._row_owner.new_empty(0)
+            self._free_bound_rows = []
 
     def bounds_nbytes(self) -> int:
-        """Bytes of the block bounds kept beside the pool (0 until a page-reading policy asked for them): the
-        table's rows, in use or free, so the high-water mark of the blocks bounded at once (plus growth)."""
+        """Bytes of the block bounds kept beside the pool: the table's rows, in use or free (the most blocks
+        bounded at once since the table was last empty, plus growth); 0 while no block is bounded."""
         return 0 if self._bounds is None else int(self._bounds.nbytes)
 
     def bounded_blocks(self) -> int:
