@@ -134,6 +134,23 @@ def test_duo_reads_fitted_gates_as_its_head_map(tokenizer, tmp_path) -> None:
     assert method.retrieval == [[False, True], [False, False]]
 
 
+def test_the_command_line_passes_the_gate_fit_its_prompt_length(tokenizer, tmp_path, capsys) -> None:
+    """``calibrate --retrieval-heads gates --prompt-length`` reaches the fit: the written record says so."""
+    import json
+
+    from kvstack import cli
+
+    model = build_model(num_hidden_layers=2, vocab_size=len(tokenizer), max_position_embeddings=1024)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "gates.json"
+    code = cli.main(["calibrate", "--model", str(tmp_path / "tiny"), "--device", "cpu", "--retrieval-heads", "gates",
+                     "--gate-steps", "1", "--prompt-length", "352", "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr()
+    record = json.loads(out.read_text())
+    assert (record["method"], record["steps"], record["length"]) == ("duo-gates", 1, 352)
+
+
 def test_a_bad_gate_fit_is_one_line(tokenizer, capsys) -> None:
     model = build_model(num_hidden_layers=1, vocab_size=len(tokenizer))
     with pytest.raises(CalibrationError, match="haystack of at least"):

@@ -176,6 +176,9 @@ def test_the_command_line_passes_the_search_its_prompt_options(tokenizer, tmp_pa
     ("search", ["--prompts", "0"], "--prompts must be >= 1, got 0"),
     ("search", ["--prompt-length", "100"], "--prompt-length must be >= 320"),
     ("keyed", ["--prompts", "8"], "--prompts: for --retrieval-heads greedy or search only"),
+    ("gates", ["--prompts", "8"], "--prompts: for --retrieval-heads greedy or search only"),
+    ("probe", ["--prompt-length", "2048"], "--prompt-length: for --retrieval-heads gates, greedy or search only"),
+    ("gates", ["--prompt-length", "100"], "--prompt-length must be >= 320"),
     ("greedy", ["--key-words", "2"], "--key-words is for --retrieval-heads search only"),
 ])
 def test_bad_search_prompt_options_are_usage_errors(capsys, way, flags, message) -> None:

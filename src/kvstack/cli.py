@@ -120,10 +120,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise UsageError(f"--gate-steps must be >= 1, got {args.gate_steps}")
     if args.retrieval_heads in ("greedy", "search") and args.greedy_heads < 1:
         raise UsageError(f"--greedy-heads must be >= 1, got {args.greedy_heads}")
-    head_prompt_flags = [flag for flag, value in (("--prompts", args.prompts), ("--prompt-length", args.prompt_length),
-                                                  ("--key-words", args.key_words)) if value is not None]
-    if head_prompt_flags and args.retrieval_heads not in ("greedy", "search"):
-        raise UsageError(f"{', '.join(head_prompt_flags)}: for --retrieval-heads greedy or search only")
+    if args.prompt_length is not None and args.retrieval_heads not in ("gates", "greedy", "search"):
+        raise UsageError("--prompt-length: for --retrieval-heads gates, greedy or search only")
+    if args.prompts is not None and args.retrieval_heads not in ("greedy", "search"):
+        raise UsageError("--prompts: for --retrieval-heads greedy or search only")
     if args.key_words is not None and args.retrieval_heads != "search":
         raise UsageError("--key-words is for --retrieval-heads search only")
     if args.prompts is not None and args.prompts < 1:
@@ -210,7 +210,9 @@ def _calibrate_retrieval_heads(args: argparse.Namespace, model: Any, tokenizer: 
                 print(f"gate fit: step {step}/{args.gate_steps}, distance {distance:.3f}, mean gate "
                       f"{mean_gate:.3f}", file=sys.stderr, flush=True)
 
-        record = fit_retrieval_gates(model, tokenizer, steps=args.gate_steps, source=args.source, progress=report)
+        length = {} if args.prompt_length is None else {"length": args.prompt_length}
+        record = fit_retrieval_gates(model, tokenizer, steps=args.gate_steps, source=args.source, progress=report,
+                                     **length)
         how = f"{args.gate_steps} gate-fit steps, final distance {record['final_distance']:.3f}"
     elif args.retrieval_heads == "greedy":
         from kvstack.calibration.head_gates import select_retrieval_heads
@@ -462,8 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="--retrieval-heads greedy or search: keyed needle prompts each round reads (default: 4 for "
                           "greedy, 16 for search)")
     cal.add_argument("--prompt-length", type=int, default=None, metavar="TOKENS",
-                     help="--retrieval-heads greedy or search: haystack tokens per prompt (default: 1024 for greedy, "
-                          "2048 for search)")
+                     help="--retrieval-heads gates, greedy or search: haystack tokens per prompt (default: 512 for "
+                          "gates, 1024 for greedy, 2048 for search)")
     cal.add_argument("--key-words", type=int, default=None, choices=(1, 2),
                      help="--retrieval-heads search: words per needle's name, 2 for names like amber-falcon as "
                           "RULER's keys (default 1)")
