@@ -134,8 +134,9 @@ def test_duo_reads_fitted_gates_as_its_head_map(tokenizer, tmp_path) -> None:
     assert method.retrieval == [[False, True], [False, False]]
 
 
-def test_the_command_line_passes_the_gate_fit_its_prompt_length(tokenizer, tmp_path, capsys) -> None:
-    """``calibrate --retrieval-heads gates --prompt-length`` reaches the fit: the written record says so."""
+def test_the_command_line_passes_the_gate_fit_its_options(tokenizer, tmp_path, capsys) -> None:
+    """``calibrate --retrieval-heads gates --prompt-length --gate-lr --gate-reg`` reach the fit: the written record
+    says so."""
     import json
 
     from kvstack import cli
@@ -145,10 +146,12 @@ def test_the_command_line_passes_the_gate_fit_its_prompt_length(tokenizer, tmp_p
     tokenizer.save_pretrained(tmp_path / "tiny")
     out = tmp_path / "gates.json"
     code = cli.main(["calibrate", "--model", str(tmp_path / "tiny"), "--device", "cpu", "--retrieval-heads", "gates",
-                     "--gate-steps", "1", "--prompt-length", "352", "--out", str(out), "--no-progress"])
+                     "--gate-steps", "1", "--prompt-length", "352", "--gate-lr", "0.02", "--gate-reg", "0.05",
+                     "--out", str(out), "--no-progress"])
     assert code == 0, capsys.readouterr()
     record = json.loads(out.read_text())
-    assert (record["method"], record["steps"], record["length"]) == ("duo-gates", 1, 352)
+    assert (record["method"], record["steps"], record["length"], record["lr"], record["reg"]) == (
+        "duo-gates", 1, 352, 0.02, 0.05)
 
 
 def test_a_bad_gate_fit_is_one_line(tokenizer, capsys) -> None:
@@ -159,6 +162,15 @@ def test_a_bad_gate_fit_is_one_line(tokenizer, capsys) -> None:
         fit_retrieval_gates(model, tokenizer, steps=1, prompts="random")
     message = usage_error(capsys, ["calibrate", "--retrieval-heads", "gates", "--gate-steps", "0"])
     assert "--gate-steps must be >= 1" in message
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--retrieval-heads", "gates", "--gate-lr", "0"], "--gate-lr must be a positive number, got 0.0"),
+    (["--retrieval-heads", "gates", "--gate-reg", "nan"], "--gate-reg must be a positive number, got nan"),
+    (["--retrieval-heads", "search", "--gate-lr", "0.02"], "--gate-lr is for --retrieval-heads gates only"),
+])
+def test_bad_gate_fit_options_are_usage_errors(capsys, flags, message) -> None:
+    assert message in usage_error(capsys, ["calibrate", *flags])
 
 
 def test_greedy_selection_takes_the_head_whose_opening_most_lowers_the_answers_loss(tokenizer) -> None:

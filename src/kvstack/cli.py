@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if args.retrieval_heads == "gates" and args.gate_steps < 1:
         raise UsageError(f"--gate-steps must be >= 1, got {args.gate_steps}")
+    for flag, value in (("--gate-lr", args.gate_lr), ("--gate-reg", args.gate_reg)):
+        if value is not None and args.retrieval_heads != "gates":
+            raise UsageError(f"{flag} is for --retrieval-heads gates only")
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise UsageError(f"{flag} must be a positive number, got {value}")
     if args.retrieval_heads in ("greedy", "search") and args.greedy_heads < 1:
         raise UsageError(f"--greedy-heads must be >= 1, got {args.greedy_heads}")
     if args.prompt_length is not None and args.retrieval_heads not in ("gates", "greedy", "search"):
@@ -210,9 +216,9 @@ def _calibrate_retrieval_heads(args: argparse.Namespace, model: Any, tokenizer: 
                 print(f"gate fit: step {step}/{args.gate_steps}, distance {distance:.3f}, mean gate "
                       f"{mean_gate:.3f}", file=sys.stderr, flush=True)
 
-        length = {} if args.prompt_length is None else {"length": args.prompt_length}
+        given = {"length": args.prompt_length, "lr": args.gate_lr, "reg": args.gate_reg}
         record = fit_retrieval_gates(model, tokenizer, steps=args.gate_steps, source=args.source, progress=report,
-                                     **length)
+                                     **{name: value for name, value in given.items() if value is not None})
         how = f"{args.gate_steps} gate-fit steps, final distance {record['final_distance']:.3f}"
     elif args.retrieval_heads == "greedy":
         from kvstack.calibration.head_gates import select_retrieval_heads
@@ -457,6 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "by the answer's loss with every candidate head whole (search; minutes a head)")
     cal.add_argument("--gate-steps", type=int, default=80,
                      help="--retrieval-heads gates: optimiser steps, one synthetic passkey prompt each (default 80)")
+    cal.add_argument("--gate-lr", type=float, default=None,
+                     help="--retrieval-heads gates: Adam's learning rate (default 0.05, for 80 steps; DuoAttention's "
+                          "2000-step fit uses 0.02)")
+    cal.add_argument("--gate-reg", type=float, default=None,
+                     help="--retrieval-heads gates: weight of the gates' sum in the loss (default 0.5, for 80 steps; "
+                          "DuoAttention's uses 0.05)")
     cal.add_argument("--greedy-heads", type=int, default=9,
                      help="--retrieval-heads greedy or search: heads to choose, one round each (default 9: a tenth of "
                           "SmolLM2-135M's 90 KV heads)")
