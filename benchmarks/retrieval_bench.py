@@ -205,6 +205,9 @@ def engine_speed(out: str, length: int, requests: int, decode: int, repeats: int
 
 
 GATES_ARTEFACT = "benchmarks/results/retrieval/heads/duo_gates.json"  # kvstack calibrate --retrieval-heads gates
+# the same fit five times longer (kvstack calibrate --retrieval-heads gates --gate-steps 400)
+GATES_400 = "benchmarks/results/retrieval/heads/duo_gates400.json"
+GATE_FITS = {GATES_ARTEFACT: {"steps": 80}, GATES_400: {"steps": 400}}  # each artefact's fit_retrieval_gates arguments
 # the keyed probe's heads (kvstack calibrate --retrieval-heads keyed) by its number of prompts
 KEYED_ARTEFACTS = {16: "benchmarks/results/retrieval/heads/probe_keyed.json",
                    32: "benchmarks/results/retrieval/heads/probe_keyed32.json"}
@@ -239,6 +242,7 @@ RECALL_METHODS = {
     "duo-eighth": "duo(heads=0.1)",
     # the same heads count, the heads chosen by DuoAttention's gates fitted here (committed artefact)
     "duo-gates-eighth": f"duo(heads=0.1, artefact='{GATES_ARTEFACT}')",
+    "duo-gates400-eighth": f"duo(heads=0.1, artefact='{GATES_400}')",
     # the same heads count, chosen by the probe on prompts of several named needles (committed artefact)
     "duo-keyed-eighth": f"duo(heads=0.1, artefact='{KEYED_ARTEFACTS[16]}')",
     # the keyed probe on 32 prompts: twice the copy steps, less noise in the order
@@ -289,7 +293,6 @@ RECALL_METHODS = {
     # 23.1% at 8k): the bar's "at the same resident bytes"
     "snapkv-quest-bytes": "snapkv(budget={quest_bytes})", "h2o-quest-bytes": "h2o(budget={quest_bytes})",
 }
-GATE_STEPS = 80
 
 
 def print_progress(count: int, head: tuple[int, int], loss: float) -> None:
@@ -297,22 +300,24 @@ def print_progress(count: int, head: tuple[int, int], loss: float) -> None:
     print(f"search: head {count} L{head[0]}.H{head[1]} (answer loss with it {loss:.3f})", flush=True)
 
 
-def fit_gates(model: Any, tokenizer: Any) -> dict:
-    """Fit DuoAttention's gates (``GATE_STEPS`` steps) for ``GATES_ARTEFACT``, with a log of the fit beside it."""
-    from kvstack.calibration.head_gates import fit_retrieval_gates
+def gate_fit(path: str, arguments: dict[str, Any]) -> Callable[[Any, Any], dict]:
+    """Makes DuoAttention's gates for ``path`` with these ``fit_retrieval_gates`` arguments, writing a log of the
+    fit beside it."""
+    def make(model: Any, tokenizer: Any) -> dict:
+        from kvstack.calibration.head_gates import fit_retrieval_gates
 
-    start, log = time.monotonic(), []
+        start, log = time.monotonic(), []
 
-    def note(step: int, distance: float, mean_gate: float) -> None:
-        log.append(f"{step} {distance:.4f} {mean_gate:.4f} {time.monotonic() - start:.0f}")
-        print(f"gate fit step {log[-1]}", file=sys.stderr, flush=True)
+        def note(step: int, distance: float, mean_gate: float) -> None:
+            log.append(f"{step} {distance:.4f} {mean_gate:.4f} {time.monotonic() - start:.0f}")
+            print(f"gate fit step {log[-1]}", file=sys.stderr, flush=True)
 
-    record = fit_retrieval_gates(model, tokenizer, steps=GATE_STEPS, progress=note)
-    record["fitted"] = stamp()
-    Path(GATES_ARTEFACT).parent.mkdir(parents=True, exist_ok=True)
-    Path(GATES_ARTEFACT).with_suffix(".log").write_text(
-        "step distance mean_gate seconds\n" + "\n".join(log) + "\n")
-    return record
+        record = fit_retrieval_gates(model, tokenizer, **arguments, progress=note)
+        record["fitted"] = stamp()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).with_suffix(".log").write_text("step distance mean_gate seconds\n" + "\n".join(log) + "\n")
+        return record
+    return make
 
 
 def keyed_probe(prompts: int) -> Callable[[Any, Any], dict]:
@@ -340,7 +345,7 @@ def head_search(arguments: dict[str, Any]) -> Callable[[Any, Any], dict]:
 
 # how the grid makes each committed head map it reads, when the file is missing
 ARTEFACT_MAKERS: dict[str, Callable[[Any, Any], dict]] = {
-    GATES_ARTEFACT: fit_gates,
+    **{path: gate_fit(path, arguments) for path, arguments in GATE_FITS.items()},
     **{path: keyed_probe(prompts) for prompts, path in KEYED_ARTEFACTS.items()},
     **{path: head_search(arguments) for path, arguments in SEARCH_ARTEFACTS.items()},
 }

@@ -440,6 +440,8 @@ class PagedKVPool:
     def release_block_bounds(self, block_id: int) -> None:
         """Forget a block's bounds (the allocator freed or evicted it): its row goes back to the table, and the
         table itself is freed when no block holds a row."""
+        if self._bounds is None:  # no block is bounded: the common case, free of any tensor access
+            return
         row = int(self._bound_rows[block_id])
         if row < 0:
             return
