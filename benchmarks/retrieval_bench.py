@@ -207,7 +207,10 @@ def engine_speed(out: str, length: int, requests: int, decode: int, repeats: int
 GATES_ARTEFACT = "benchmarks/results/retrieval/heads/duo_gates.json"  # kvstack calibrate --retrieval-heads gates
 # the same fit five times longer (kvstack calibrate --retrieval-heads gates --gate-steps 400)
 GATES_400 = "benchmarks/results/retrieval/heads/duo_gates400.json"
-GATE_FITS = {GATES_ARTEFACT: {"steps": 80}, GATES_400: {"steps": 400}}  # each artefact's fit_retrieval_gates arguments
+# ... and with DuoAttention's learning rate and gate weight, on prompts twice as long
+GATES_400_DUO = "benchmarks/results/retrieval/heads/duo_gates400_duo.json"
+GATE_FITS = {GATES_ARTEFACT: {"steps": 80}, GATES_400: {"steps": 400},  # each artefact's fit_retrieval_gates arguments
+             GATES_400_DUO: {"steps": 400, "length": 1024, "lr": 0.02, "reg": 0.05}}
 # the keyed probe's heads (kvstack calibrate --retrieval-heads keyed) by its number of prompts
 KEYED_ARTEFACTS = {16: "benchmarks/results/retrieval/heads/probe_keyed.json",
                    32: "benchmarks/results/retrieval/heads/probe_keyed32.json"}
@@ -243,6 +246,7 @@ RECALL_METHODS = {
     # the same heads count, the heads chosen by DuoAttention's gates fitted here (committed artefact)
     "duo-gates-eighth": f"duo(heads=0.1, artefact='{GATES_ARTEFACT}')",
     "duo-gates400-eighth": f"duo(heads=0.1, artefact='{GATES_400}')",
+    "duo-gates400duo-eighth": f"duo(heads=0.1, artefact='{GATES_400_DUO}')",
     # the same heads count, chosen by the probe on prompts of several named needles (committed artefact)
     "duo-keyed-eighth": f"duo(heads=0.1, artefact='{KEYED_ARTEFACTS[16]}')",
     # the keyed probe on 32 prompts: twice the copy steps, less noise in the order
