@@ -296,6 +296,22 @@ def engine_generate(model: torch.nn.Module, prompt: list[int], spec: str | None,
     return engine.get_output(request), engine.metrics()
 
 
+def calibrate_tiny(model: Any, tokenizer: Any, tmp_path: Any, capsys: Any, flags: list[str]) -> dict:
+    """Save ``model`` and ``tokenizer`` under ``tmp_path``, run ``kvstack calibrate`` on them with ``flags`` and
+    ``--out``; assert it succeeded and return the record it wrote."""
+    import json
+
+    from kvstack import cli
+
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "calibrated.json"
+    code = cli.main(["calibrate", "--model", str(tmp_path / "tiny"), "--device", "cpu", *flags, "--out", str(out),
+                     "--no-progress"])
+    assert code == 0, capsys.readouterr()
+    return json.loads(out.read_text())
+
+
 def usage_error(capsys: Any, argv: list[str]) -> str:
     """Run ``kvstack argv``; assert exit 2 with one ``kvstack: error:`` line and no traceback; return it."""
     from kvstack import cli

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_model, usage_error
+from conftest import build_model, calibrate_tiny, usage_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -137,19 +137,10 @@ def test_duo_reads_fitted_gates_as_its_head_map(tokenizer, tmp_path) -> None:
 def test_the_command_line_passes_the_gate_fit_its_options(tokenizer, tmp_path, capsys) -> None:
     """``calibrate --retrieval-heads gates --prompt-length --gate-lr --gate-reg`` reach the fit: the written record
     says so."""
-    import json
-
-    from kvstack import cli
-
     model = build_model(num_hidden_layers=2, vocab_size=len(tokenizer), max_position_embeddings=1024)
-    model.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
-    out = tmp_path / "gates.json"
-    code = cli.main(["calibrate", "--model", str(tmp_path / "tiny"), "--device", "cpu", "--retrieval-heads", "gates",
-                     "--gate-steps", "1", "--prompt-length", "352", "--gate-lr", "0.02", "--gate-reg", "0.05",
-                     "--out", str(out), "--no-progress"])
-    assert code == 0, capsys.readouterr()
-    record = json.loads(out.read_text())
+    record = calibrate_tiny(model, tokenizer, tmp_path, capsys, [
+        "--retrieval-heads", "gates", "--gate-steps", "1", "--prompt-length", "352", "--gate-lr", "0.02",
+        "--gate-reg", "0.05"])
     assert (record["method"], record["steps"], record["length"], record["lr"], record["reg"]) == (
         "duo-gates", 1, 352, 0.02, 0.05)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, build_model, usage_error
+from conftest import VOCAB, build_model, calibrate_tiny, usage_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -157,18 +157,11 @@ def test_two_word_keys_share_few_first_words_and_the_question_names_its_needle(t
 def test_the_command_line_passes_the_search_its_prompt_options(tokenizer, tmp_path, capsys) -> None:
     """``calibrate --retrieval-heads search --prompts --prompt-length --key-words`` reach the search: the written
     record says so, and a tiny model's search with them chooses the heads asked for."""
-    from kvstack import cli
-
     model = build_model(num_hidden_layers=LAYERS, num_key_value_heads=KV_HEADS, vocab_size=len(tokenizer),
                         max_position_embeddings=1024)
-    model.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
-    out = tmp_path / "heads.json"
-    code = cli.main(["calibrate", "--model", str(tmp_path / "tiny"), "--device", "cpu", "--retrieval-heads", "search",
-                     "--greedy-heads", "1", "--prompts", "1", "--prompt-length", "320", "--key-words", "2",
-                     "--out", str(out), "--no-progress"])
-    assert code == 0, capsys.readouterr()
-    record = json.loads(out.read_text())
+    record = calibrate_tiny(model, tokenizer, tmp_path, capsys, [
+        "--retrieval-heads", "search", "--greedy-heads", "1", "--prompts", "1", "--prompt-length", "320",
+        "--key-words", "2"])
     assert (record["prompts"], record["length"], record["key_words"], len(record["chosen"])) == (1, 320, 2, 1)
 
 
