@@ -216,9 +216,8 @@ def _calibrate_retrieval_heads(args: argparse.Namespace, model: Any, tokenizer: 
                 print(f"gate fit: step {step}/{args.gate_steps}, distance {distance:.3f}, mean gate "
                       f"{mean_gate:.3f}", file=sys.stderr, flush=True)
 
-        given = {"length": args.prompt_length, "lr": args.gate_lr, "reg": args.gate_reg}
         record = fit_retrieval_gates(model, tokenizer, steps=args.gate_steps, source=args.source, progress=report,
-                                     **{name: value for name, value in given.items() if value is not None})
+                                     **_given(length=args.prompt_length, lr=args.gate_lr, reg=args.gate_reg))
         how = f"{args.gate_steps} gate-fit steps, final distance {record['final_distance']:.3f}"
     elif args.retrieval_heads == "greedy":
         from kvstack.calibration.head_gates import select_retrieval_heads
@@ -256,9 +255,13 @@ def _calibrate_retrieval_heads(args: argparse.Namespace, model: Any, tokenizer: 
 
 
 def _head_prompt_options(args: argparse.Namespace) -> dict[str, int]:
-    """The greedy choice's or head search's prompt options the command line set (the rest keep their defaults)."""
-    given = {"prompts": args.prompts, "length": args.prompt_length, "key_words": args.key_words}
-    return {name: value for name, value in given.items() if value is not None}
+    """The greedy choice's or head search's prompt options the command line set."""
+    return _given(prompts=args.prompts, length=args.prompt_length, key_words=args.key_words)
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    """The options the command line set (not None); the others keep the called function's defaults."""
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def _calibrate_kvsharer(args: argparse.Namespace, model: Any, tokenizer: Any) -> int:

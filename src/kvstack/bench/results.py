@@ -242,14 +242,15 @@ def set_aside_stale(out_dir: Path, cell_configs: Sequence[dict[str, Any]]) -> li
     for name in (RESULTS_FILE, CHECKPOINT_FILE):
         file = out_dir / name
         records = read_results(file)
-        stale = [record for record in records if changed(record)]
-        if not stale:
+        changes = [changed(record) for record in records]
+        if not any(changes):
             continue
-        for record in stale:
-            changed_paths.update(dict.fromkeys(changed(record)))
-            if name == RESULTS_FILE:
-                append_result(out_dir / STALE_FILE, record)
-        _rewrite(file, [record for record in records if not changed(record)])
+        for record, paths in zip(records, changes, strict=True):
+            if paths:
+                changed_paths.update(dict.fromkeys(paths))
+                if name == RESULTS_FILE:
+                    append_result(out_dir / STALE_FILE, record)
+        _rewrite(file, [record for record, paths in zip(records, changes, strict=True) if not paths])
     return list(changed_paths)
 
 
